@@ -1,0 +1,1 @@
+"""Fused ops: autograd functions, backend dispatch, input validation and the chunked PyTorch backend."""

@@ -1,0 +1,40 @@
+"""Token-chunk sizing for the chunked PyTorch backend: the ``[chunk, V]`` logits live one chunk at a time."""
+from __future__ import annotations
+
+import os
+
+CHUNK_BUDGET_ENV = "FASTALIGN_CHUNK_BUDGET_MB"
+DEFAULT_CHUNK_BUDGET_MB = 64
+"""Default memory for the ``[chunk, V]`` fp32 temporaries of one chunk, in MiB (override with $FASTALIGN_CHUNK_BUDGET_MB).
+
+64 MiB keeps a chunk's matmuls large enough to run at full speed on CPU and GPU (256 rows at V=32k with two
+buffers), while the whole op stays far below the naive ``[N, V]`` logits (512 MiB at N=4k, V=32k)."""
+
+
+def chunk_budget_bytes() -> int:
+    """The chunk memory budget in bytes, from $FASTALIGN_CHUNK_BUDGET_MB or the default."""
+    raw = os.environ.get(CHUNK_BUDGET_ENV)
+    if raw is None:
+        return DEFAULT_CHUNK_BUDGET_MB << 20
+    try:
+        megabytes = float(raw)
+    except ValueError:
+        raise ValueError(f"${CHUNK_BUDGET_ENV}: expected a number of MiB, got {raw!r}") from None
+    if megabytes <= 0:
+        raise ValueError(f"${CHUNK_BUDGET_ENV}: expected a positive number of MiB, got {raw!r}")
+    return int(megabytes * (1 << 20))
+
+
+def rows_per_chunk(num_rows: int, vocab_size: int, *, chunk_size: int | None = None, buffers: int = 2,
+                   element_bytes: int = 4) -> int:
+    """Tokens per chunk: ``chunk_size`` when given, else as many as fit ``buffers`` ``[rows, V]`` temporaries in the budget.
+
+    Always at least 1 and at most ``num_rows``.
+    """
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
+        rows = chunk_size
+    else:
+        rows = chunk_budget_bytes() // max(1, buffers * vocab_size * element_bytes)
+    return max(1, min(rows, num_rows))

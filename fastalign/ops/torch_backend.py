@@ -1,0 +1,270 @@
+"""Chunked PyTorch backend of the fused linear log-prob ops: the same math as ``fastalign.kernels``, any device.
+
+Tokens are processed ``chunk`` rows at a time (``fastalign.ops.chunking``), so the ``[chunk, V]`` logits are the
+only vocabulary-sized temporaries. Logits ``z = (hidden @ weight.T + bias) * inv_temperature`` are formed in fp32
+(float64 stays float64), reductions and the weight gradient are accumulated in that dtype.
+
+The three entry points mirror the kernels and share their per-row statistics (mergeable across vocab shards):
+``linear_lse_forward`` (log-sum-exp, target logit, expected logit), ``linear_logprobs_backward`` (recompute the
+logits, then the gradients), and ``linear_logprobs_fused`` (a loss whose per-token gradient is known in the forward:
+logits, ``d hidden`` and ``d weight`` in one pass, three matmuls).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .chunking import rows_per_chunk
+
+TokenGrads = Callable[[slice, Tensor, Tensor | None], tuple[Tensor, Tensor | None]]
+"""``(rows, logprobs [C], entropy [C] | None) -> (d loss / d logprobs [C], d loss / d entropy [C] | None)``."""
+
+
+class RowStats(NamedTuple):
+    """Per-row statistics of the tempered logits, each ``[N]``: mergeable across vocabulary shards."""
+
+    lse: Tensor
+    target_logit: Tensor  # 0 where the target is ignored or outside this shard
+    expected_logit: Tensor | None  # sum_v softmax(z)_v z_v, only when entropy is asked for
+
+
+class LinearGrads(NamedTuple):
+    """Gradients in the compute dtype (fp32, or float64): ``[N, H]``, ``[V, H]``, ``[V]``; None where not needed."""
+
+    hidden: Tensor | None
+    weight: Tensor | None
+    bias: Tensor | None
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp32/fp16/bf16 inputs, float64 for float64 (gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _Linear:
+    """The lm_head operands prepared once per call, and the chunk-level products with fp32 accumulation."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, inv_temperature: float):
+        self.dtype = compute_dtype(weight.dtype)
+        # No fp32 output for low-precision matmuls on CPU: upcast the weight once per call there.
+        upcast = weight.device.type != "cuda" and weight.dtype != self.dtype
+        self.weight = weight.to(self.dtype) if upcast else weight
+        self.bias = None if bias is None else bias.to(self.dtype)
+        self.inv_temperature = inv_temperature
+
+    def _mm(self, a: Tensor, b: Tensor) -> Tensor:
+        if a.dtype == self.dtype:
+            return a @ b
+        return torch.mm(a, b, out_dtype=self.dtype)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Tempered logits ``[C, V]`` of a chunk of rows ``hidden [C, H]``."""
+        h = hidden.to(self.weight.dtype)
+        if self.bias is not None and h.dtype == self.dtype:
+            z = torch.addmm(self.bias, h, self.weight.t())
+        else:
+            z = self._mm(h, self.weight.t())
+            if self.bias is not None:
+                z.add_(self.bias)
+        if self.inv_temperature != 1.0:
+            z.mul_(self.inv_temperature)
+        return z
+
+    def times_weight(self, rows: Tensor) -> Tensor:
+        """``rows [C, V] @ weight [V, H]`` -> ``[C, H]`` in the compute dtype."""
+        return self._mm(rows.to(self.weight.dtype), self.weight)
+
+
+class _Targets(NamedTuple):
+    """Targets of a chunk relative to this vocabulary shard."""
+
+    index: Tensor  # [C, 1] int64, a safe column (0) where not valid
+    valid: Tensor  # [C] bool: not ignored and inside [vocab_start, vocab_start + V)
+
+    @classmethod
+    def of(cls, targets: Tensor, ignore_index: int, vocab_start: int, vocab_size: int) -> _Targets:
+        local = targets - vocab_start
+        valid = (targets != ignore_index) & (local >= 0) & (local < vocab_size)
+        return cls(torch.where(valid, local, 0).unsqueeze(1), valid)
+
+
+def _chunks(num_rows: int, rows: int) -> Iterator[slice]:
+    for start in range(0, num_rows, rows):
+        yield slice(start, min(start + rows, num_rows))
+
+
+def _row_stats(z: Tensor, tgt: _Targets, with_entropy: bool) -> RowStats:
+    """Statistics of one chunk of tempered logits ``z [C, V]`` (left unchanged)."""
+    target_logit = z.gather(1, tgt.index).squeeze(1).masked_fill(~tgt.valid, 0.0)
+    if not with_entropy:
+        return RowStats(torch.logsumexp(z, dim=1), target_logit, None)
+    row_max = z.amax(dim=1, keepdim=True)
+    unnormalized = (z - row_max).exp_()  # exp(z - max): one exp pass serves lse and entropy
+    sum_exp = unnormalized.sum(dim=1)
+    # sum_v exp(z_v - max) * z_v as a batched dot product: no second [C, V] temporary
+    weighted = torch.bmm(unnormalized.unsqueeze(1), z.unsqueeze(2)).view(-1)
+    return RowStats(row_max.squeeze(1) + sum_exp.log(), target_logit, weighted / sum_exp)
+
+
+def _logit_grads(z: Tensor, stats: RowStats, tgt: _Targets, grad_logprobs: Tensor, grad_entropy: Tensor | None,
+                 inv_temperature: float) -> Tensor:
+    """Gradient w.r.t. the raw logits ``[C, V]``, computed in place of ``z``.
+
+    ``dz = g_lp (onehot - p) - g_ent p (z - E_p[z])`` (entropy ``H = lse - E_p[z]``), times ``inv_temperature``.
+    """
+    log_p = z.sub_(stats.lse.unsqueeze(1))
+    if grad_entropy is None:
+        grad = log_p.exp_().mul_(-grad_logprobs.unsqueeze(1))
+    else:
+        p = log_p.exp()
+        # z - E[z] = log p + lse - E[z]; then -(g_lp + g_ent (z - E[z])) p
+        shift = (stats.lse - stats.expected_logit).unsqueeze(1)
+        grad = log_p.add_(shift).mul_(grad_entropy.unsqueeze(1)).add_(grad_logprobs.unsqueeze(1)).mul_(p).neg_()
+    grad.scatter_add_(1, tgt.index, torch.where(tgt.valid, grad_logprobs, 0.0).unsqueeze(1).to(grad.dtype))
+    if inv_temperature != 1.0:
+        grad.mul_(inv_temperature)
+    return grad
+
+
+class _GradAccumulator:
+    """Buffers for ``d hidden [N, H]``, ``d weight [V, H]``, ``d bias [V]`` (compute dtype), filled chunk by chunk."""
+
+    def __init__(self, hidden: Tensor, lin: _Linear, need_hidden: bool, need_weight: bool, need_bias: bool):
+        kw = dict(dtype=lin.dtype, device=hidden.device)
+        vocab, width = lin.weight.shape
+        self.lin = lin
+        self.hidden = torch.empty(hidden.shape[0], width, **kw) if need_hidden else None
+        self.weight = torch.zeros(vocab, width, **kw) if need_weight else None
+        self.bias = torch.zeros(vocab, **kw) if need_bias else None
+
+    def add(self, rows: slice, hidden_rows: Tensor, logit_grads: Tensor) -> None:
+        if self.hidden is not None:
+            self.hidden[rows] = self.lin.times_weight(logit_grads)
+        if self.weight is not None:
+            self.weight.addmm_(logit_grads.t(), hidden_rows.to(self.lin.dtype))
+        if self.bias is not None:
+            self.bias.add_(logit_grads.sum(dim=0))
+
+    def result(self) -> LinearGrads:
+        return LinearGrads(self.hidden, self.weight, self.bias)
+
+
+def linear_lse_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *,
+                       inv_temperature: float, ignore_index: int, vocab_start: int = 0, with_entropy: bool = False,
+                       chunk_size: int | None = None) -> RowStats:
+    """Row statistics of ``(hidden [N, H] @ weight[V, H].T + bias) * inv_temperature``, one token chunk at a time."""
+    lin = _Linear(weight, bias, inv_temperature)
+    n, vocab = hidden.shape[0], weight.shape[0]
+    lse = torch.empty(n, dtype=lin.dtype, device=hidden.device)
+    target_logit = torch.empty_like(lse)
+    expected = torch.empty_like(lse) if with_entropy else None
+    for rows in _chunks(n, rows_per_chunk(n, vocab, chunk_size=chunk_size, buffers=2 if with_entropy else 1)):
+        stats = _row_stats(lin.logits(hidden[rows]), _Targets.of(targets[rows], ignore_index, vocab_start, vocab),
+                           with_entropy)
+        lse[rows], target_logit[rows] = stats.lse, stats.target_logit
+        if expected is not None:
+            expected[rows] = stats.expected_logit
+    return RowStats(lse, target_logit, expected)
+
+
+def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, stats: RowStats,
+                             grad_logprobs: Tensor, grad_entropy: Tensor | None = None, *, inv_temperature: float,
+                             ignore_index: int, vocab_start: int = 0, need_grad_hidden: bool = True,
+                             need_grad_weight: bool = True, need_grad_bias: bool = False,
+                             chunk_size: int | None = None) -> LinearGrads:
+    """Gradients for upstream ``grad_logprobs [N]`` (and ``grad_entropy [N]``), recomputing the logits chunk by chunk.
+
+    ``stats`` are the (global) row statistics of the forward. Callers zero the upstream gradients at ignored rows.
+    """
+    lin = _Linear(weight, bias, inv_temperature)
+    n, vocab = hidden.shape[0], weight.shape[0]
+    acc = _GradAccumulator(hidden, lin, need_grad_hidden, need_grad_weight, need_grad_bias)
+    buffers = 2 if grad_entropy is not None else 1
+    for rows in _chunks(n, rows_per_chunk(n, vocab, chunk_size=chunk_size, buffers=buffers)):
+        chunk_stats = RowStats(*(None if s is None else s[rows] for s in stats))
+        dz = _logit_grads(lin.logits(hidden[rows]), chunk_stats,
+                          _Targets.of(targets[rows], ignore_index, vocab_start, vocab), grad_logprobs[rows],
+                          None if grad_entropy is None else grad_entropy[rows], inv_temperature)
+        acc.add(rows, hidden[rows], dz)
+    return acc.result()
+
+
+class FusedResult(NamedTuple):
+    """Per-token outputs ``[N]`` (0 at ignored rows) and the gradients of the loss."""
+
+    logprobs: Tensor
+    entropy: Tensor | None
+    grads: LinearGrads
+
+
+def linear_logprobs_fused(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+                          token_grads: TokenGrads, *, inv_temperature: float, ignore_index: int,
+                          with_entropy: bool = False, need_grad_hidden: bool = True, need_grad_weight: bool = True,
+                          need_grad_bias: bool = False, chunk_size: int | None = None) -> FusedResult:
+    """Log-probs (and entropy) and, in the same pass, the gradients of a loss whose per-token gradient is known.
+
+    ``token_grads(rows, logprobs, entropy)`` returns ``d loss / d logprobs`` (and ``d loss / d entropy``) for the
+    chunk ``rows``; it must give 0 at ignored rows. Three matmuls per chunk: logits, ``d hidden``, ``d weight``.
+    """
+    lin = _Linear(weight, bias, inv_temperature)
+    n, vocab = hidden.shape[0], weight.shape[0]
+    acc = _GradAccumulator(hidden, lin, need_grad_hidden, need_grad_weight, need_grad_bias)
+    logprobs = torch.empty(n, dtype=lin.dtype, device=hidden.device)
+    entropy = torch.empty_like(logprobs) if with_entropy else None
+    for rows in _chunks(n, rows_per_chunk(n, vocab, chunk_size=chunk_size, buffers=2 if with_entropy else 1)):
+        tgt = _Targets.of(targets[rows], ignore_index, 0, vocab)
+        z = lin.logits(hidden[rows])
+        stats = _row_stats(z, tgt, with_entropy)
+        logprobs[rows] = torch.where(tgt.valid, stats.target_logit - stats.lse, 0.0)
+        if entropy is not None:
+            entropy[rows] = torch.where(tgt.valid, stats.lse - stats.expected_logit, 0.0)
+        grad_lp, grad_ent = token_grads(rows, logprobs[rows], None if entropy is None else entropy[rows])
+        acc.add(rows, hidden[rows], _logit_grads(z, stats, tgt, grad_lp, grad_ent, inv_temperature))
+    return FusedResult(logprobs, entropy, acc.result())
+
+
+class WeightMoments(NamedTuple):
+    """Per-row ``[N, H]`` softmax moments of the weight rows: what ``d hidden`` needs when the weight is frozen."""
+
+    mean: Tensor  # sum_v p_v W_v
+    entropy: Tensor | None  # sum_v p_v (z_v - E_p[z]) W_v
+
+
+def linear_weight_moments(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *,
+                          inv_temperature: float, ignore_index: int, with_entropy: bool = False,
+                          chunk_size: int | None = None) -> tuple[RowStats, WeightMoments]:
+    """Forward statistics plus the weight moments, so that with a frozen weight the backward is elementwise:
+
+    ``d hidden = inv_temperature * (g_lp (W_y - mean) - g_ent entropy)``. Two matmuls (three with entropy).
+    """
+    lin = _Linear(weight, bias, inv_temperature)
+    n, vocab = hidden.shape[0], weight.shape[0]
+    lse = torch.empty(n, dtype=lin.dtype, device=hidden.device)
+    target_logit = torch.empty_like(lse)
+    expected = torch.empty_like(lse) if with_entropy else None
+    mean = torch.empty(n, weight.shape[1], dtype=lin.dtype, device=hidden.device)
+    ent = torch.empty_like(mean) if with_entropy else None
+    for rows in _chunks(n, rows_per_chunk(n, vocab, chunk_size=chunk_size, buffers=3 if with_entropy else 2)):
+        z = lin.logits(hidden[rows])
+        stats = _row_stats(z, _Targets.of(targets[rows], ignore_index, 0, vocab), with_entropy)
+        lse[rows], target_logit[rows] = stats.lse, stats.target_logit
+        p = (z - stats.lse.unsqueeze(1)).exp_()
+        mean[rows] = lin.times_weight(p)
+        if with_entropy:
+            expected[rows] = stats.expected_logit
+            ent[rows] = lin.times_weight(z.sub_(stats.expected_logit.unsqueeze(1)).mul_(p))
+    return RowStats(lse, target_logit, expected), WeightMoments(mean, ent)
+
+
+def hidden_grad_from_moments(weight: Tensor, targets: Tensor, moments: WeightMoments, grad_logprobs: Tensor,
+                             grad_entropy: Tensor | None, *, inv_temperature: float, ignore_index: int) -> Tensor:
+    """Elementwise ``d hidden [N, H]`` from the moments of ``linear_weight_moments`` (no matmul over V)."""
+    valid = targets != ignore_index
+    target_rows = weight[torch.where(valid, targets, 0)].to(moments.mean.dtype)
+    grad = (target_rows - moments.mean).mul_(grad_logprobs.unsqueeze(1))
+    if grad_entropy is not None:
+        grad.sub_(moments.entropy * grad_entropy.unsqueeze(1))
+    return grad.mul_(inv_temperature) if inv_temperature != 1.0 else grad

@@ -1,0 +1,105 @@
+"""Input validation shared by every fused op: each error names the argument, what was expected and what was given."""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+class LinearInputs(NamedTuple):
+    """The lm_head problem flattened to rows: ``hidden [N, H]``, ``weight [V, H]``, ``bias [V]``, ``targets [N]``."""
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    targets: Tensor  # int64
+    lead_shape: torch.Size  # the leading shape of hidden / targets, to restore per-token outputs
+
+
+def require_tensor(name: str, value, *, dtypes=None, dim: int | None = None) -> Tensor:
+    """``value`` as a tensor of one of ``dtypes`` and ``dim`` dimensions, or a TypeError / ValueError."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if dtypes is not None and value.dtype not in dtypes:
+        raise TypeError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {value.dtype}")
+    if dim is not None and value.dim() != dim:
+        raise ValueError(f"{name}: expected a {dim}-D tensor, got shape {tuple(value.shape)}")
+    return value
+
+
+def require_same_device(reference: Tensor, **tensors: Tensor | None) -> None:
+    """Every given tensor on ``reference``'s device."""
+    for name, t in tensors.items():
+        if t is not None and t.device != reference.device:
+            raise ValueError(f"{name}: expected a tensor on {reference.device} (the device of hidden), got {t.device}")
+
+
+def require_shape(name: str, value: Tensor, shape: tuple[int, ...], what: str) -> None:
+    """``value.shape == shape``, or a ValueError saying ``what`` fixes the expectation."""
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)} ({what}), got {tuple(value.shape)}")
+
+
+def require_finite(name: str, value: Tensor | None) -> None:
+    """No NaN or inf in ``value`` (pass ``check_finite=False`` to an op to skip this check)."""
+    if value is not None and not bool(torch.isfinite(value).all()):
+        bad = int((~torch.isfinite(value)).sum())
+        raise ValueError(f"{name}: expected finite values, got {bad} NaN/inf entries "
+                         f"(pass check_finite=False to skip this check)")
+
+
+def check_temperature(temperature) -> float:
+    """A positive finite temperature, as a float."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature: expected a positive finite number, got {temperature!r}")
+    return float(temperature)
+
+
+def validate_linear_inputs(hidden, weight, targets, bias=None, *, ignore_index: int = -100,
+                           check_finite: bool = True) -> LinearInputs:
+    """Check the lm_head inputs of an op and flatten them to rows.
+
+    ``hidden [..., H]`` float, ``weight [V, H]`` and ``bias [V]`` of hidden's dtype, ``targets [...]`` integer in
+    ``[0, V)`` or ``ignore_index``, all on one device, at least one row.
+    """
+    hidden = require_tensor("hidden", hidden, dtypes=FLOAT_DTYPES)
+    weight = require_tensor("weight", weight, dim=2)
+    targets = require_tensor("targets", targets)
+    if hidden.dim() < 1:
+        raise ValueError(f"hidden: expected shape [..., H], got a 0-D tensor")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight: expected dtype {hidden.dtype} (the dtype of hidden), got {weight.dtype}")
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype not in INT_DTYPES:
+        raise TypeError(f"targets: expected an integer tensor (int64), got {targets.dtype}")
+    vocab, width = weight.shape
+    if hidden.shape[-1] != width:
+        raise ValueError(f"hidden: expected last dimension H={width} (weight is [V={vocab}, H={width}]), "
+                         f"got shape {tuple(hidden.shape)}")
+    if width == 0 or vocab == 0:
+        raise ValueError(f"weight: expected a non-empty [V, H] matrix, got shape {tuple(weight.shape)}")
+    require_shape("targets", targets, hidden.shape[:-1], f"the leading dimensions of hidden {tuple(hidden.shape)}")
+    if bias is not None:
+        bias = require_tensor("bias", bias, dim=1)
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias: expected dtype {hidden.dtype} (the dtype of hidden), got {bias.dtype}")
+        require_shape("bias", bias, (vocab,), "one entry per row of weight")
+    require_same_device(hidden, weight=weight, targets=targets, bias=bias)
+    if targets.numel() == 0:
+        raise ValueError(f"hidden: expected at least one token, got an empty batch of shape {tuple(hidden.shape)}")
+    targets = targets.reshape(-1).long()
+    out_of_range = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+    if bool(out_of_range.any()):
+        first = int(targets[out_of_range][0])
+        raise ValueError(f"targets: expected ids in [0, {vocab}) or ignore_index={ignore_index}, "
+                         f"got {int(out_of_range.sum())} out of range (e.g. {first})")
+    if check_finite:
+        require_finite("hidden", hidden)
+        require_finite("weight", weight)
+        require_finite("bias", bias)
+    return LinearInputs(hidden.reshape(-1, width), weight, bias, targets, hidden.shape[:-1])
