@@ -1,0 +1,27 @@
+# Two entry points, both doing their own set-up in .venv (idempotent: a second run skips what is installed).
+#   make demo   - the main job
+#   make test   - the whole test suite (what CI runs)
+# The venv sees the system site-packages, so an existing torch (e.g. a CUDA build) is kept; only when no torch is
+# importable is torch==2.13.0 installed (the CPU build on this kind of machine).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: demo test bench setup
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -q -e ".[hf,dev]"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/fastalign demo
+
+bench: setup
+	$(VENV)/bin/fastalign bench
+
+test: setup
+	$(PY) -m pytest
