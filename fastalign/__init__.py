@@ -1,6 +1,7 @@
 """fastalign: fused kernels for LLM alignment losses, computed from hidden states without materializing logits."""
-from .functional import fused_linear_logprobs
+from .functional import fused_linear_logprobs, fused_linear_ppo_loss
 from .modules import FusedLinearLogProbs
+from .ops.ppo import PPOLossOutput
 
-__all__ = ["fused_linear_logprobs", "FusedLinearLogProbs"]
+__all__ = ["fused_linear_logprobs", "fused_linear_ppo_loss", "FusedLinearLogProbs", "PPOLossOutput"]
 __version__ = "0.1.0"

@@ -103,3 +103,15 @@ def validate_linear_inputs(hidden, weight, targets, bias=None, *, ignore_index: 
         require_finite("weight", weight)
         require_finite("bias", bias)
     return LinearInputs(hidden.reshape(-1, width), weight, bias, targets, hidden.shape[:-1])
+
+
+def validate_token_tensor(name: str, value, shape: torch.Size, device: torch.device, *, check_finite: bool = True,
+                          dtypes=FLOAT_DTYPES) -> Tensor:
+    """A per-token tensor of ``shape`` (the shape of ``targets``) on ``device``."""
+    value = require_tensor(name, value, dtypes=dtypes)
+    require_shape(name, value, tuple(shape), "the shape of targets")
+    if value.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (the device of hidden), got {value.device}")
+    if check_finite and value.is_floating_point():
+        require_finite(name, value)
+    return value

@@ -1,0 +1,1 @@
+"""Alignment objectives (PPO, DPO) as plain PyTorch: the single source of truth for every formula."""

@@ -1,0 +1,242 @@
+"""Fused PPO loss from hidden states: the clipped surrogate, KL and entropy terms with their gradient formed in the
+forward pass (the loss is a scalar, so each token's gradient weight is known there), plus the value loss."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..objectives.aggregation import aggregation_weights, masked_mean
+from ..objectives.ppo import PPOLossConfig, clipped_value_loss, ppo_token_losses
+from . import torch_backend
+from .linear import LinearOptions, logprobs_backward, lse_forward
+from .logprobs import token_outputs
+from .validation import (FLOAT_DTYPES, LinearInputs, require_finite, require_same_device, require_shape,
+                         require_tensor)
+
+
+class PPOTokens(NamedTuple):
+    """Per-token PPO inputs, flat ``[N]``: ``weights`` are the aggregation weights (0 where masked)."""
+
+    old_logprobs: Tensor
+    advantages: Tensor
+    ref_logprobs: Tensor | None
+    weights: Tensor
+
+    def rows(self, rows: slice) -> PPOTokens:
+        return PPOTokens(*(None if t is None else t[rows] for t in self))
+
+
+def policy_token_grads(tokens: PPOTokens, config: PPOLossConfig, logprobs: Tensor,
+                       entropy: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """``d policy_loss / d logprobs`` and ``d policy_loss / d entropy`` per token, by autograd on the objectives.
+
+    The entropy gradient is None when ``entropy_coef`` is 0 (the backward then skips the entropy term).
+    """
+    train_entropy = entropy is not None and config.entropy_coef != 0
+    with torch.enable_grad():
+        logprobs = logprobs.detach().requires_grad_(True)
+        if train_entropy:
+            entropy = entropy.detach().requires_grad_(True)
+        token_loss = ppo_token_losses(logprobs, tokens.old_logprobs, tokens.advantages, config,
+                                      ref_logprobs=tokens.ref_logprobs, entropy=entropy).loss
+        grads = torch.autograd.grad((tokens.weights * token_loss).sum(), [logprobs, entropy] if train_entropy
+                                    else [logprobs])
+    return grads[0], (grads[1] if train_entropy else None)
+
+
+class LinearPPOPolicy(torch.autograd.Function):
+    """``(hidden [N, H], weight [V, H], bias [V] | None, targets [N], tokens) -> (policy_loss, logprobs, entropy)``.
+
+    The gradient of the policy loss is formed during the forward and only scaled in the backward. On the torch
+    backend that is one pass of three matmuls per chunk; on triton, the log-sum-exp kernel then the gradient kernel.
+    ``logprobs [N]`` and ``entropy [N]`` are returned detached (fp32).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, tokens: PPOTokens,
+                config: PPOLossConfig, opts: LinearOptions, with_entropy: bool):
+        need = dict(zip(("need_hidden", "need_weight", "need_bias"), ctx.needs_input_grad[:3]))
+        if opts.backend == "torch":
+            out = torch_backend.linear_logprobs_fused(
+                hidden, weight, bias, targets,
+                lambda rows, lp, ent: policy_token_grads(tokens.rows(rows), config, lp, ent),
+                inv_temperature=opts.inv_temperature, ignore_index=opts.ignore_index, with_entropy=with_entropy,
+                need_grad_hidden=need["need_hidden"], need_grad_weight=need["need_weight"],
+                need_grad_bias=need["need_bias"], chunk_size=opts.chunk_size)
+            logprobs, entropy, grads = out
+        else:
+            stats = lse_forward(hidden, weight, bias, targets, opts, with_entropy=with_entropy)
+            logprobs, entropy = token_outputs(stats, targets != opts.ignore_index, with_entropy)
+            grad_lp, grad_ent = policy_token_grads(tokens, config, logprobs, entropy)
+            grads = logprobs_backward(hidden, weight, bias, targets, stats, grad_lp, grad_ent, opts, **need)
+        loss = policy_loss_value(tokens, config, logprobs, entropy)
+        ctx.save_for_backward(*(g for g in grads if g is not None))
+        ctx.present = [g is not None for g in grads]
+        ctx.input_dtypes = (hidden.dtype, weight.dtype, weight.dtype)
+        ctx.mark_non_differentiable(logprobs, *([entropy] if entropy is not None else []))
+        return loss, logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, *_unused):
+        saved = iter(ctx.saved_tensors)
+        grads = [next(saved) if present else None for present in ctx.present]
+        scaled = [None if g is None else (g * grad_loss.to(g.dtype)).to(dtype)
+                  for g, dtype in zip(grads, ctx.input_dtypes)]
+        return (*scaled, None, None, None, None, None)
+
+
+def policy_loss_value(tokens: PPOTokens, config: PPOLossConfig, logprobs: Tensor, entropy: Tensor | None) -> Tensor:
+    """The aggregated policy-side loss (surrogate + KL + entropy terms) for given per-token log-probs."""
+    token_loss = ppo_token_losses(logprobs, tokens.old_logprobs, tokens.advantages, config,
+                                  ref_logprobs=tokens.ref_logprobs, entropy=entropy).loss
+    return (tokens.weights * token_loss).sum()
+
+
+def ppo_metrics(tokens: PPOTokens, config: PPOLossConfig, mask: Tensor, logprobs: Tensor, entropy: Tensor | None,
+                value_terms: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Detached scalar metrics under TRL's names, masked means over the response tokens."""
+    parts = ppo_token_losses(logprobs, tokens.old_logprobs, tokens.advantages, config,
+                             ref_logprobs=tokens.ref_logprobs, entropy=entropy)
+    log_ratio = logprobs - tokens.old_logprobs
+    metrics = {
+        "loss/policy": (tokens.weights * parts.pg_loss).sum(),
+        "policy/approxkl": masked_mean(0.5 * log_ratio ** 2, mask),
+        "policy/clipfrac": masked_mean(parts.clipped.to(logprobs.dtype), mask),
+        "policy/ratio_mean": masked_mean(parts.ratio, mask),
+    }
+    if config.dual_clip is not None:
+        metrics["policy/dual_clipfrac"] = masked_mean(parts.dual_clipped.to(logprobs.dtype), mask)
+    if parts.kl is not None:
+        metrics["objective/kl"] = masked_mean(parts.kl, mask)
+    if entropy is not None:
+        metrics["objective/entropy"] = masked_mean(entropy, mask)
+    metrics.update(value_terms)
+    return {k: v.detach().float() for k, v in metrics.items()}
+
+
+class ValueHeadInputs(NamedTuple):
+    """A linear value head ``weight [K, H]``, ``bias [K]`` and its targets ``old_values``, ``returns`` ``[..., K]``
+    (``[...]`` for a scalar head)."""
+
+    weight: Tensor
+    bias: Tensor | None
+    old_values: Tensor
+    returns: Tensor
+
+
+class ValueTerms(NamedTuple):
+    loss: Tensor  # aggregated value loss (differentiable w.r.t. hidden and the value head)
+    metrics: dict[str, Tensor]
+    values: Tensor  # [N, K] detached
+
+
+def value_loss_terms(hidden: Tensor, head: ValueHeadInputs, weights: Tensor, mask: Tensor,
+                     cliprange_value: float) -> ValueTerms:
+    """Clipped value loss of a linear value head on ``hidden [N, H]``: values ``[N, K]``.
+
+    One ``[N, H] x [H, K]`` product from the same hidden rows (K is 1 for a scalar head); the per-token loss is the
+    mean over the K outputs, aggregated with the policy's weights.
+    """
+    dtype = weights.dtype
+    k = head.weight.shape[0]
+    values = torch.nn.functional.linear(hidden.to(dtype), head.weight.to(dtype),
+                                        None if head.bias is None else head.bias.to(dtype))
+    old_values, returns = head.old_values.reshape(-1, k).to(dtype), head.returns.reshape(-1, k).to(dtype)
+    vl = clipped_value_loss(values, old_values, returns, cliprange_value=cliprange_value)
+    per_token = vl.loss.mean(dim=1)
+    mask_k = mask.unsqueeze(1).expand_as(vl.clipped)
+    metrics = {
+        "loss/value": (weights * per_token.detach()).sum(),
+        "val/clipfrac": masked_mean(vl.clipped.to(dtype), mask_k),
+        "val/vpred": masked_mean(values.detach(), mask_k),
+        "val/error": masked_mean((values.detach() - returns) ** 2, mask_k),
+    }
+    return ValueTerms((weights * per_token).sum(), metrics, values.detach())
+
+
+def linear_ppo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, tokens: PPOTokens,
+                    config: PPOLossConfig, opts: LinearOptions, with_entropy: bool
+                    ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Policy loss (scalar), detached log-probs ``[N]`` and entropy ``[N]``, through autograd only when needed."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
+        return LinearPPOPolicy.apply(hidden, weight, bias, targets, tokens, config, opts, with_entropy)
+    stats = lse_forward(hidden, weight, bias, targets, opts, with_entropy=with_entropy)
+    logprobs, entropy = token_outputs(stats, targets != opts.ignore_index, with_entropy)
+    return policy_loss_value(tokens, config, logprobs, entropy), logprobs, entropy
+
+
+class PPOLossOutput(NamedTuple):
+    """What :func:`fastalign.fused_linear_ppo_loss` returns."""
+
+    loss: Tensor  # scalar: policy loss + vf_coef * value loss, differentiable
+    metrics: dict[str, Tensor]  # detached scalars, TRL names
+    logprobs: Tensor  # [B, T] detached fp32 log-probs (0 at ignored positions)
+    entropy: Tensor | None  # [B, T] detached, when computed
+    values: Tensor | None  # [B, T] (or [B, T, K]) detached value predictions, with a value head
+
+
+def ppo_loss(inputs: LinearInputs, opts: LinearOptions, config: PPOLossConfig, *, old_logprobs: Tensor,
+             advantages: Tensor, mask: Tensor, ref_logprobs: Tensor | None, value_head: ValueHeadInputs | None,
+             num_tokens, num_sequences, with_entropy: bool) -> PPOLossOutput:
+    """The fused PPO loss on validated inputs (``mask [..., T]`` already combined with the ignored targets)."""
+    dtype = torch.float64 if inputs.hidden.dtype == torch.float64 else torch.float32
+    weights = aggregation_weights(mask, config.loss_agg, num_tokens=num_tokens, num_sequences=num_sequences,
+                                  dtype=dtype).reshape(-1)
+    flat = lambda t: None if t is None else t.reshape(-1).to(dtype)  # noqa: E731
+    tokens = PPOTokens(flat(old_logprobs), flat(advantages), flat(ref_logprobs), weights)
+    flat_mask = mask.reshape(-1) != 0
+    policy_loss, logprobs, entropy = linear_ppo_loss(inputs.hidden, inputs.weight, inputs.bias, inputs.targets,
+                                                     tokens, config, opts, with_entropy)
+    loss, value_metrics, values = policy_loss, {}, None
+    if value_head is not None:
+        vt = value_loss_terms(inputs.hidden, value_head, weights, flat_mask, config.cliprange_value)
+        loss = loss + config.vf_coef * vt.loss
+        value_metrics, values = vt.metrics, vt.values.reshape(value_head.old_values.shape)
+    with torch.no_grad():
+        metrics = ppo_metrics(tokens, config, flat_mask, logprobs, entropy, value_metrics)
+        metrics["loss/total"] = loss.detach().float()
+    shape = inputs.lead_shape
+    return PPOLossOutput(loss, metrics, logprobs.view(shape),
+                         None if entropy is None else entropy.view(shape), values)
+
+
+def validate_value_head(weight, bias, old_values, returns, inputs: LinearInputs, token_shape: torch.Size,
+                        check_finite: bool) -> ValueHeadInputs | None:
+    """The value head arguments of the PPO op: all absent, or a head ``[H]``/``[K, H]`` with its targets."""
+    if weight is None:
+        given = [n for n, v in (("value_head_bias", bias), ("old_values", old_values), ("returns", returns))
+                 if v is not None]
+        if given:
+            raise ValueError(f"value_head_weight: required when {', '.join(given)} given, got None")
+        return None
+    weight = require_tensor("value_head_weight", weight, dtypes=FLOAT_DTYPES)
+    width = inputs.hidden.shape[1]
+    if weight.dim() not in (1, 2) or weight.shape[-1] != width:
+        raise ValueError(f"value_head_weight: expected shape [H={width}] or [K, H={width}], got {tuple(weight.shape)}")
+    head = weight.reshape(-1, width)
+    k = head.shape[0]
+    if bias is not None:
+        bias = require_tensor("value_head_bias", bias, dtypes=FLOAT_DTYPES)
+        if bias.numel() != k:
+            raise ValueError(f"value_head_bias: expected {k} element(s), one per value output, got shape "
+                             f"{tuple(bias.shape)}")
+        bias = bias.reshape(k)
+    for name, value in (("old_values", old_values), ("returns", returns)):
+        if value is None:
+            raise ValueError(f"{name}: required with a value head (value_head_weight given), got None")
+    shapes = [tuple(token_shape) + (k,)] + ([tuple(token_shape)] if k == 1 else [])
+    for name, value in (("old_values", old_values), ("returns", returns)):
+        value = require_tensor(name, value, dtypes=FLOAT_DTYPES)
+        if tuple(value.shape) not in shapes:
+            raise ValueError(f"{name}: expected shape {' or '.join(map(str, shapes))} (targets' shape, K={k} "
+                             f"value outputs), got {tuple(value.shape)}")
+        if check_finite:
+            require_finite(name, value)
+    if old_values.shape != returns.shape:
+        raise ValueError(f"returns: expected the shape of old_values {tuple(old_values.shape)}, "
+                         f"got {tuple(returns.shape)}")
+    require_same_device(inputs.hidden, value_head_weight=head, value_head_bias=bias, old_values=old_values,
+                        returns=returns)
+    return ValueHeadInputs(head, bias, old_values, returns)
