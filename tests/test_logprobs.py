@@ -129,15 +129,18 @@ def test_gradient_through_entropy_only(backend):
     torch.testing.assert_close(gw.double(), rw, **F32)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_inputs(backend, dtype):
-    if backend == "triton" and dtype == torch.bfloat16:
-        pytest.skip("the Triton interpreter has no bf16 (DESIGN.md); bf16 kernels are covered by the compile check")
-    hidden, weight, targets, bias = make_problem((3, 7), 32, 61, dtype=dtype, bias=True, ignore_frac=0.2)
+def test_fp16_inputs(backend):
+    hidden, weight, targets, bias = make_problem((3, 7), 32, 61, dtype=torch.float16, bias=True, ignore_frac=0.2)
     # The reference sees the same rounded inputs; what remains is fp32 accumulation vs float64 and the rounding
-    # of gradients to the input dtype (bf16 has 8 mantissa bits).
-    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=5e-3, atol=5e-3)
-    check_against_reference(backend, hidden, weight, targets, bias, tol=tol)
+    # of gradients to fp16.
+    check_against_reference(backend, hidden, weight, targets, bias, tol=dict(rtol=5e-3, atol=5e-3))
+
+
+def test_bf16_inputs_torch_backend():
+    # bf16 (8 mantissa bits) on the torch backend; the Triton interpreter has no bf16 (DESIGN.md), the bf16
+    # kernels are covered by the sm_80/sm_90 compile check.
+    hidden, weight, targets, bias = make_problem((3, 7), 32, 61, dtype=torch.bfloat16, bias=True, ignore_frac=0.2)
+    check_against_reference("torch", hidden, weight, targets, bias, tol=dict(rtol=2e-2, atol=2e-2))
 
 
 def test_no_grad_saves_nothing(backend):

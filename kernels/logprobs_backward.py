@@ -1,0 +1,193 @@
+"""Backward of the fused linear log-softmax (log-prob and entropy gradients) without materializing the logits.
+
+Each program recomputes one [BLOCK_N, BLOCK_V] logit tile, turns it into the logit gradient dz and adds
+dz @ weight[tile] to grad_hidden and dz.T @ hidden[tile] to grad_weight, one H chunk at a time.
+
+Scheme: one kernel over all (token block, vocab block) tiles with fp32 atomic adds, as in apple/ml-cross-entropy.
+Each logit tile is computed once (3 tile matmuls: logits, d hidden, d weight) and every tile is a program, so the
+GPU fills even at small N. The price is run-to-run nondeterminism in the last bits (atomic order). The deterministic
+alternative, one kernel owning token blocks for grad_hidden and another owning vocab blocks for grad_weight,
+recomputes every logit tile twice (4 tile matmuls, a third more work) and leaves the GPU idle at small N or V.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class LogprobsBackwardConfig:
+    """Tile sizes and launch options of `_logprobs_backward_kernel` (the compile test builds exactly these)."""
+
+    BLOCK_N: int
+    BLOCK_V: int
+    BLOCK_H: int
+    GROUP_N: int
+    DOT_PRECISION: str
+    num_warps: int
+    num_stages: int
+
+    def constexprs(self) -> dict:
+        return {"BLOCK_N": self.BLOCK_N, "BLOCK_V": self.BLOCK_V, "BLOCK_H": self.BLOCK_H, "GROUP_N": self.GROUP_N,
+                "DOT_PRECISION": self.DOT_PRECISION}
+
+    def launch_options(self) -> dict:
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages, "enable_fp_fusion": True}
+
+
+def logprobs_backward_config(dtype: torch.dtype, interpret: bool = False) -> LogprobsBackwardConfig:
+    """GPU config for inputs of `dtype`; `interpret=True` gives small tiles that keep the CPU interpreter fast.
+
+    fp32 inputs use 3xTF32 tensor-core dots (about fp32 accuracy, plain TF32 would not be), whose split operands
+    need smaller tiles to stay clear of spills. Registers per thread (sm_80 / sm_90, from the compile test):
+    16-bit about 161 / 127, fp32 about 192 / 170; 128x128x64 16-bit tiles reach 255 on both.
+    """
+    precision = "tf32x3" if dtype == torch.float32 else "tf32"  # the precision only matters for fp32 operands
+    if interpret:
+        return LogprobsBackwardConfig(16, 32, 16, 2, precision, num_warps=1, num_stages=1)
+    if dtype == torch.float32:
+        return LogprobsBackwardConfig(128, 32, 16, 8, precision, num_warps=8, num_stages=3)
+    return LogprobsBackwardConfig(128, 64, 32, 8, precision, num_warps=8, num_stages=3)
+
+
+@triton.jit
+def _logprobs_backward_kernel(
+    hidden_ptr, weight_ptr, bias_ptr, targets_ptr,  # [N, H], [V, H], [V], [N] (all contiguous)
+    lse_ptr, grad_logprobs_ptr, grad_entropy_ptr, entropy_ptr,  # fp32 [N]
+    grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr,  # fp32 [N, H], [V, H], [V], zero-initialized
+    N, V, H, vocab_start, ignore_index, inv_temperature,
+    HAS_BIAS: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
+    COMPUTE_GRAD_HIDDEN: tl.constexpr, COMPUTE_GRAD_WEIGHT: tl.constexpr, COMPUTE_GRAD_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Program p: one (token block, vocab block) tile; adds its share to the gradients with atomics."""
+    # 1-D grid; consecutive programs walk GROUP_N token blocks down one vocab block, so programs running together
+    # share hidden and weight tiles in L2 and spread their atomics over several blocks of rows.
+    pid = tl.program_id(0)
+    num_v_blocks = tl.cdiv(V, BLOCK_V)
+    pid_n, pid_v = tl.swizzle2d(pid // num_v_blocks, pid % num_v_blocks, tl.cdiv(N, BLOCK_N), num_v_blocks, GROUP_N)
+
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_ok = rows < N
+    col_ok = cols < V
+    rows64 = rows.to(tl.int64)  # int64: rows * H and cols * H overflow int32 at scale
+    cols64 = cols.to(tl.int64)
+
+    # Recompute the logit tile z = (hidden @ weight.T + bias) * inv_temperature, fp32 accumulator.
+    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    for k0 in range(0, H, BLOCK_H):
+        ks = k0 + tl.arange(0, BLOCK_H)
+        k_ok = ks < H
+        h = tl.load(hidden_ptr + rows64[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(weight_ptr + cols64[:, None] * H + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    z = acc * inv_temperature
+
+    # Shard-local target column (int32: compared over a whole tile). Ignored rows and targets past V match
+    # nothing that survives the `keep` mask below.
+    t = tl.load(targets_ptr + rows, mask=row_ok, other=ignore_index)
+    y = (t - vocab_start).to(tl.int32)
+
+    # dz = g_lp * (onehot(y) - p) - g_ent * p * (z - lse + entropy), with p = softmax(z) from the global lse.
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    g_lp = tl.load(grad_logprobs_ptr + rows, mask=row_ok, other=0.0)
+    p = tl.exp(z - lse[:, None])
+    dz = tl.where(cols[None, :] == y[:, None], g_lp[:, None], 0.0) - g_lp[:, None] * p
+    if HAS_ENTROPY_GRAD:
+        g_ent = tl.load(grad_entropy_ptr + rows, mask=row_ok, other=0.0)
+        entropy = tl.load(entropy_ptr + rows, mask=row_ok, other=0.0)
+        dz -= g_ent[:, None] * p * (z - lse[:, None] + entropy[:, None])
+    # Chain rule through the temperature. Padding and ignored rows (whose lse may be anything) and padding
+    # columns contribute nothing: where() also drops an inf/nan p there.
+    keep = (row_ok & (t != ignore_index))[:, None] & col_ok[None, :]
+    dz = tl.where(keep, dz * inv_temperature, 0.0)
+
+    if COMPUTE_GRAD_BIAS:
+        tl.atomic_add(grad_bias_ptr + cols, tl.sum(dz, axis=0), mask=col_ok, sem="relaxed")
+    dz_in = dz.to(hidden_ptr.dtype.element_ty)  # tensor-core operand in the input dtype, fp32 accumulation
+    if COMPUTE_GRAD_HIDDEN:
+        # grad_hidden[rows] += dz @ weight[cols], one H chunk at a time.
+        for k0 in range(0, H, BLOCK_H):
+            ks = k0 + tl.arange(0, BLOCK_H)
+            k_ok = ks < H
+            w = tl.load(weight_ptr + cols64[:, None] * H + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            tl.atomic_add(grad_hidden_ptr + rows64[:, None] * H + ks[None, :],
+                          tl.dot(dz_in, w, input_precision=DOT_PRECISION),
+                          mask=row_ok[:, None] & k_ok[None, :], sem="relaxed")
+    if COMPUTE_GRAD_WEIGHT:
+        # grad_weight[cols] += dz.T @ hidden[rows], one H chunk at a time.
+        dz_t = tl.trans(dz_in)
+        for k0 in range(0, H, BLOCK_H):
+            ks = k0 + tl.arange(0, BLOCK_H)
+            k_ok = ks < H
+            h = tl.load(hidden_ptr + rows64[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            tl.atomic_add(grad_weight_ptr + cols64[:, None] * H + ks[None, :],
+                          tl.dot(dz_t, h, input_precision=DOT_PRECISION),
+                          mask=col_ok[:, None] & k_ok[None, :], sem="relaxed")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, lse: Tensor,
+                             grad_logprobs: Tensor, grad_entropy: Tensor | None = None,
+                             entropy: Tensor | None = None, *, inv_temperature: float, ignore_index: int,
+                             vocab_start: int = 0, need_grad_hidden: bool = True, need_grad_weight: bool = True,
+                             need_grad_bias: bool = False) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of sum_n g_lp[n] * logprob[n] + g_ent[n] * entropy[n] w.r.t. hidden, weight and bias.
+
+    hidden [N, H], weight [V, H] (rows are global vocab ids vocab_start ..), bias [V] or None, all of one dtype
+    (fp32/fp16/bf16); targets [N] int64; lse, grad_logprobs and (both or neither) grad_entropy, entropy: fp32 [N],
+    lse and entropy being the GLOBAL per-row values. Callers zero the upstream gradients at ignored rows; those rows
+    get exactly 0 either way. Non-contiguous inputs are copied (`.contiguous()`).
+    Returns fp32 grad_hidden [N, H], grad_weight [V, H], grad_bias [V], each None unless asked for.
+
+    Writes: program p of the 1-D grid cdiv(N, BLOCK_N) * cdiv(V, BLOCK_V) owns one (token block, vocab block)
+    tile and adds into grad_hidden[token block], grad_weight[vocab block] and grad_bias[vocab block] with fp32
+    atomic adds only (outputs start at zero); nothing else is written.
+    """
+    if hidden.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"fastalign.kernels: expected CUDA tensors (or TRITON_INTERPRET=1), got {hidden.device}")
+    if (grad_entropy is None) != (entropy is None):
+        raise ValueError("grad_entropy and entropy: expected both or neither, got only one")
+    hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    lse, grad_logprobs = lse.float().contiguous(), grad_logprobs.float().contiguous()
+    if grad_entropy is not None:
+        grad_entropy, entropy = grad_entropy.float().contiguous(), entropy.float().contiguous()
+    (n, h), v = hidden.shape, weight.shape[0]
+    need_grad_bias = need_grad_bias and bias is not None
+
+    def zeros_if(needed: bool, *shape: int) -> Tensor | None:
+        return torch.zeros(*shape, device=hidden.device, dtype=torch.float32) if needed else None
+
+    grad_hidden, grad_weight, grad_bias = zeros_if(need_grad_hidden, n, h), zeros_if(need_grad_weight, v, h), \
+        zeros_if(need_grad_bias, v)
+    if n == 0 or not (need_grad_hidden or need_grad_weight or need_grad_bias):
+        return grad_hidden, grad_weight, grad_bias
+
+    cfg = logprobs_backward_config(hidden.dtype, interpret=_interpreting())
+    grid = (triton.cdiv(n, cfg.BLOCK_N) * triton.cdiv(v, cfg.BLOCK_V),)
+    unused = lse  # stands in for the pointers a constexpr flag switches off (never dereferenced)
+    _logprobs_backward_kernel[grid](
+        hidden, weight, bias if bias is not None else unused, targets,
+        lse, grad_logprobs, grad_entropy if grad_entropy is not None else unused,
+        entropy if entropy is not None else unused,
+        grad_hidden if grad_hidden is not None else unused, grad_weight if grad_weight is not None else unused,
+        grad_bias if grad_bias is not None else unused,
+        n, v, h, vocab_start, ignore_index, float(inv_temperature),
+        HAS_BIAS=bias is not None, HAS_ENTROPY_GRAD=grad_entropy is not None,
+        COMPUTE_GRAD_HIDDEN=need_grad_hidden, COMPUTE_GRAD_WEIGHT=need_grad_weight, COMPUTE_GRAD_BIAS=need_grad_bias,
+        **cfg.constexprs(), **cfg.launch_options(),
+    )
+    return grad_hidden, grad_weight, grad_bias

@@ -1,0 +1,178 @@
+"""Forward of the fused linear log-softmax: per-row log-sum-exp, target logit and expected logit of
+z = (hidden @ weight.T + bias) * inv_temperature, one [BLOCK_N, BLOCK_V] logit tile at a time.
+
+The three statistics merge across vocabulary shards (and across the vocab splits of one launch):
+log-prob = target_logit - lse and entropy = lse - expected_logit once they are merged.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class LseForwardConfig:
+    """Tile sizes and launch options of `_lse_forward_kernel` (the compile test builds exactly these)."""
+
+    BLOCK_N: int
+    BLOCK_V: int
+    BLOCK_H: int
+    DOT_PRECISION: str
+    num_warps: int
+    num_stages: int
+
+    def constexprs(self) -> dict:
+        return {"BLOCK_N": self.BLOCK_N, "BLOCK_V": self.BLOCK_V, "BLOCK_H": self.BLOCK_H,
+                "DOT_PRECISION": self.DOT_PRECISION}
+
+    def launch_options(self) -> dict:
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages, "enable_fp_fusion": True}
+
+
+def lse_forward_config(dtype: torch.dtype, interpret: bool = False) -> LseForwardConfig:
+    """GPU config for inputs of `dtype`; `interpret=True` gives small tiles that keep the CPU interpreter fast.
+
+    fp32 inputs use 3xTF32 tensor-core dots (about fp32 accuracy, plain TF32 would not be), whose split operands
+    need a smaller H chunk to stay clear of spills. Registers per thread (sm_80 / sm_90, from the compile test):
+    16-bit about 174 / 141, fp32 about 128 / 152; 128x128 tiles reach 255 and spill on sm_80.
+    """
+    precision = "tf32x3" if dtype == torch.float32 else "tf32"  # the precision only matters for fp32 operands
+    if interpret:
+        return LseForwardConfig(16, 32, 16, precision, num_warps=1, num_stages=1)
+    block_h = 16 if dtype == torch.float32 else 64
+    return LseForwardConfig(128, 64, block_h, precision, num_warps=8, num_stages=3)
+
+
+@triton.jit
+def _lse_forward_kernel(
+    hidden_ptr, weight_ptr, bias_ptr, targets_ptr,  # [N, H], [V, H], [V], [N] (all contiguous)
+    max_ptr, sumexp_ptr, sum_pz_ptr, target_logit_ptr,  # partial statistics, fp32 [num_splits, N]
+    N, V, H, tiles_per_split, vocab_start, ignore_index, inv_temperature,
+    HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Program (i, s): rows [i*BLOCK_N, (i+1)*BLOCK_N) against the s-th run of `tiles_per_split` vocab tiles."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    hidden_rows = hidden_ptr + rows.to(tl.int64)[:, None] * H  # int64: rows * H overflows int32 at scale
+
+    # Shard-local target column; -1 when the row is ignored or its target lives in another shard.
+    t = tl.load(targets_ptr + rows, mask=row_ok, other=ignore_index)
+    y = t - vocab_start
+    y = tl.where((t != ignore_index) & (y >= 0) & (y < V), y, -1).to(tl.int32)  # int32: compared over a whole tile
+
+    # Online softmax state per row: running max m, sum of exp(z - m), sum of exp(z - m) * z, target logit.
+    m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    sumexp = tl.zeros([BLOCK_N], tl.float32)
+    sum_pz = tl.zeros([BLOCK_N], tl.float32)
+    target_logit = tl.zeros([BLOCK_N], tl.float32)
+
+    v_begin = split * tiles_per_split * BLOCK_V
+    v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, V)
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_ok = cols < V
+        weight_rows = weight_ptr + cols.to(tl.int64)[:, None] * H
+
+        # Logit tile: hidden[rows] @ weight[cols].T over H chunks, fp32 accumulator.
+        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+        for k0 in range(0, H, BLOCK_H):
+            ks = k0 + tl.arange(0, BLOCK_H)
+            k_ok = ks < H
+            h = tl.load(hidden_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(weight_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        z = acc * inv_temperature
+
+        # At most one column of the whole vocabulary matches y, so summing picks it.
+        target_logit += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
+
+        # Columns past V take no part in the softmax: they enter as -inf, so their exp is 0.
+        z_soft = tl.where(col_ok[None, :], z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z_soft, axis=1))
+        # Rescale the sums gathered under the old max (exp(-inf) = 0 on the first tile).
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(z_soft - m_new[:, None])
+        sumexp = sumexp * alpha + tl.sum(e, axis=1)
+        if WITH_ENTROPY:
+            sum_pz = sum_pz * alpha + tl.sum(e * z, axis=1)
+        m = m_new
+
+    out = split.to(tl.int64) * N + rows
+    tl.store(max_ptr + out, m, mask=row_ok)
+    tl.store(sumexp_ptr + out, sumexp, mask=row_ok)
+    tl.store(target_logit_ptr + out, target_logit, mask=row_ok)
+    if WITH_ENTROPY:
+        tl.store(sum_pz_ptr + out, sum_pz, mask=row_ok)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _num_vocab_splits(n_row_blocks: int, n_vocab_tiles: int, device: torch.device) -> int:
+    """How many runs of vocab tiles to split each token block into, so that small N still fills the GPU.
+
+    Aims at about two programs per SM (4 under the interpreter, to exercise the merge); every split is non-empty.
+    """
+    wanted = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    splits = min(n_vocab_tiles, max(1, math.ceil(wanted / n_row_blocks)))
+    return math.ceil(n_vocab_tiles / math.ceil(n_vocab_tiles / splits))
+
+
+def linear_lse_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *,
+                       inv_temperature: float, ignore_index: int, vocab_start: int = 0,
+                       with_entropy: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per-row statistics of z = (hidden @ weight.T + bias) * inv_temperature without materializing z.
+
+    hidden [N, H], weight [V, H] (rows are global vocab ids vocab_start .. vocab_start + V - 1), bias [V] or None,
+    all of one dtype (fp32/fp16/bf16); targets [N] int64 global vocab ids. Non-contiguous inputs are copied
+    (`.contiguous()`). Returns fp32 [N] tensors:
+      lse            logsumexp_v z,
+      target_logit   z[targets - vocab_start], 0 when the row is ignored or its target is outside this shard,
+      expected_logit sum_v softmax(z)_v * z_v (only with `with_entropy`, else None).
+
+    Writes: program (i, s) of grid (cdiv(N, BLOCK_N), num_splits) alone writes the partial statistics of rows
+    i*BLOCK_N .. (i+1)*BLOCK_N - 1 for vocab split s; the splits are merged here in PyTorch (no atomics).
+    """
+    if hidden.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"fastalign.kernels: expected CUDA tensors (or TRITON_INTERPRET=1), got {hidden.device}")
+    hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    (n, h), v = hidden.shape, weight.shape[0]
+    cfg = lse_forward_config(hidden.dtype, interpret=_interpreting())
+
+    n_row_blocks = triton.cdiv(n, cfg.BLOCK_N)
+    n_vocab_tiles = triton.cdiv(v, cfg.BLOCK_V)
+    splits = _num_vocab_splits(max(n_row_blocks, 1), n_vocab_tiles, hidden.device)
+    tiles_per_split = triton.cdiv(n_vocab_tiles, splits)
+
+    part_max, part_sumexp, part_sum_pz, part_target = (
+        torch.empty(splits, n, device=hidden.device, dtype=torch.float32) for _ in range(4))
+    if n > 0:
+        _lse_forward_kernel[(n_row_blocks, splits)](
+            hidden, weight, bias if bias is not None else hidden, targets,
+            part_max, part_sumexp, part_sum_pz, part_target,
+            n, v, h, tiles_per_split, vocab_start, ignore_index, float(inv_temperature),
+            HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy,
+            **cfg.constexprs(), **cfg.launch_options(),
+        )
+
+    # Merge the splits: rescale each split's sums to the global max (the same merge a vocab-parallel caller does).
+    m = part_max.amax(dim=0)
+    scale = torch.exp(part_max - m)
+    sumexp = (part_sumexp * scale).sum(dim=0)
+    lse = m + torch.log(sumexp)
+    expected_logit = (part_sum_pz * scale).sum(dim=0) / sumexp if with_entropy else None
+    return lse, part_target.sum(dim=0), expected_logit
