@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -131,20 +132,27 @@ def _num_vocab_splits(n_row_blocks: int, n_vocab_tiles: int, device: torch.devic
     return math.ceil(n_vocab_tiles / math.ceil(n_vocab_tiles / splits))
 
 
-def linear_lse_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *,
-                       inv_temperature: float, ignore_index: int, vocab_start: int = 0,
-                       with_entropy: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Per-row statistics of z = (hidden @ weight.T + bias) * inv_temperature without materializing z.
+class LsePartials(NamedTuple):
+    """Per-(vocab split, row) statistics of one `lse_forward_partials` launch, fp32 [num_splits, N] each."""
+
+    max: Tensor  # max_v z over the split's columns
+    sumexp: Tensor  # sum_v exp(z - max)
+    sum_pz: Tensor | None  # sum_v exp(z - max) * z (only with entropy)
+    target_logit: Tensor  # z[target] when the target lies in the split, else 0
+
+
+def lse_forward_partials(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *,
+                         inv_temperature: float, ignore_index: int, vocab_start: int = 0,
+                         with_entropy: bool = False) -> LsePartials:
+    """Split statistics of z = (hidden @ weight.T + bias) * inv_temperature without materializing z.
 
     hidden [N, H], weight [V, H] (rows are global vocab ids vocab_start .. vocab_start + V - 1), bias [V] or None,
     all of one dtype (fp32/fp16/bf16); targets [N] int64 global vocab ids. Non-contiguous inputs are copied
-    (`.contiguous()`). Returns fp32 [N] tensors:
-      lse            logsumexp_v z,
-      target_logit   z[targets - vocab_start], 0 when the row is ignored or its target is outside this shard,
-      expected_logit sum_v softmax(z)_v * z_v (only with `with_entropy`, else None).
+    (`.contiguous()`). Returns the fp32 [num_splits, N] partials, to merge with `merge_lse_partials` (or in the
+    PPO epilogue kernel); `sum_pz` is None without `with_entropy`.
 
     Writes: program (i, s) of grid (cdiv(N, BLOCK_N), num_splits) alone writes the partial statistics of rows
-    i*BLOCK_N .. (i+1)*BLOCK_N - 1 for vocab split s; the splits are merged here in PyTorch (no atomics).
+    i*BLOCK_N .. (i+1)*BLOCK_N - 1 for vocab split s (no atomics).
     """
     if hidden.device.type != "cuda" and not _interpreting():
         raise ValueError(f"fastalign.kernels: expected CUDA tensors (or TRITON_INTERPRET=1), got {hidden.device}")
@@ -158,21 +166,46 @@ def linear_lse_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targ
     splits = _num_vocab_splits(max(n_row_blocks, 1), n_vocab_tiles, hidden.device)
     tiles_per_split = triton.cdiv(n_vocab_tiles, splits)
 
-    part_max, part_sumexp, part_sum_pz, part_target = (
-        torch.empty(splits, n, device=hidden.device, dtype=torch.float32) for _ in range(4))
+    def buffer() -> Tensor:
+        return torch.empty(splits, n, device=hidden.device, dtype=torch.float32)
+
+    partials = LsePartials(buffer(), buffer(), buffer() if with_entropy else None, buffer())
     if n > 0:
         _lse_forward_kernel[(n_row_blocks, splits)](
             hidden, weight, bias if bias is not None else hidden, targets,
-            part_max, part_sumexp, part_sum_pz, part_target,
+            partials.max, partials.sumexp, partials.sum_pz if with_entropy else partials.max, partials.target_logit,
             n, v, h, tiles_per_split, vocab_start, ignore_index, float(inv_temperature),
             HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy,
             **cfg.constexprs(), **cfg.launch_options(),
         )
+    return partials
 
-    # Merge the splits: rescale each split's sums to the global max (the same merge a vocab-parallel caller does).
-    m = part_max.amax(dim=0)
-    scale = torch.exp(part_max - m)
-    sumexp = (part_sumexp * scale).sum(dim=0)
+
+def merge_lse_partials(partials: LsePartials) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Merge the splits: rescale each split's sums to the global max (the same merge a vocab-parallel caller does).
+
+    Returns fp32 [N] lse, target_logit and expected_logit (None when the partials hold no `sum_pz`).
+    """
+    m = partials.max.amax(dim=0)
+    scale = torch.exp(partials.max - m)
+    sumexp = (partials.sumexp * scale).sum(dim=0)
     lse = m + torch.log(sumexp)
-    expected_logit = (part_sum_pz * scale).sum(dim=0) / sumexp if with_entropy else None
-    return lse, part_target.sum(dim=0), expected_logit
+    expected_logit = None if partials.sum_pz is None else (partials.sum_pz * scale).sum(dim=0) / sumexp
+    return lse, partials.target_logit.sum(dim=0), expected_logit
+
+
+def linear_lse_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *,
+                       inv_temperature: float, ignore_index: int, vocab_start: int = 0,
+                       with_entropy: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per-row statistics of z = (hidden @ weight.T + bias) * inv_temperature without materializing z.
+
+    Inputs as `lse_forward_partials`. Returns fp32 [N] tensors:
+      lse            logsumexp_v z,
+      target_logit   z[targets - vocab_start], 0 when the row is ignored or its target is outside this shard,
+      expected_logit sum_v softmax(z)_v * z_v (only with `with_entropy`, else None).
+
+    Writes: as `lse_forward_partials`; the splits are then merged here in PyTorch (`merge_lse_partials`).
+    """
+    return merge_lse_partials(lse_forward_partials(hidden, weight, bias, targets, inv_temperature=inv_temperature,
+                                                   ignore_index=ignore_index, vocab_start=vocab_start,
+                                                   with_entropy=with_entropy))

@@ -2,10 +2,12 @@
 constexprs and launch options the launchers use on a GPU (their config functions, `interpret=False`).
 
 Fails on a compile error, on any register spill (cubin STACK or LOCAL non-zero), on shared memory past what one
-block may use, and when the SASS holds no tensor-core instruction (HMMA on sm_80, HGMMA or HMMA on sm_90; fp32
-inputs use 3xTF32 tensor-core dots, so they are held to this too). A new kernel is one entry in VARIANTS.
+block may use, and, for kernels with a matmul, when the SASS holds no tensor-core instruction (HMMA on sm_80, HGMMA
+or HMMA on sm_90; fp32 inputs use 3xTF32 tensor-core dots, so they are held to this too). A new kernel is one entry
+in VARIANTS.
 """
 from functools import partial
+from typing import Callable, NamedTuple
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from aot import CompileSpec, compile_kernels
 
 from fastalign.kernels.logprobs_backward import _logprobs_backward_kernel, logprobs_backward_config
 from fastalign.kernels.lse_forward import _lse_forward_kernel, lse_forward_config
+from fastalign.kernels.ppo_epilogue import _ppo_epilogue_kernel, ppo_epilogue_config
 
 ARCHS = (80, 90)
 DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -21,11 +24,11 @@ TENSOR_CORE_OPS = {80: ("HMMA",), 90: ("HGMMA", "HMMA")}
 
 
 def _spec(kernel, types: dict, constexprs: dict, config, arch: int) -> CompileSpec:
-    """Spec in the kernel's argument order; pointers and the hidden size H specialized as multiples of 16,
+    """Spec in the kernel's argument order; pointers and the hidden size H (if any) specialized as multiples of 16,
     as the JIT does for torch allocations and usual hidden sizes."""
     constexprs = {**constexprs, **config.constexprs()}
     signature = {name: "constexpr" if name in constexprs else types[name] for name in kernel.arg_names}
-    aligned = tuple(name for name, ty in signature.items() if ty.startswith("*")) + ("H",)
+    aligned = tuple(name for name, ty in signature.items() if ty.startswith("*") or name == "H")
     return CompileSpec(kernel, signature, constexprs, config.num_warps, config.num_stages, arch, aligned)
 
 
@@ -52,22 +55,47 @@ def logprobs_backward_spec(dtype: torch.dtype, arch: int, *, has_bias: bool, ent
     return _spec(_logprobs_backward_kernel, types, flags, logprobs_backward_config(dtype), arch)
 
 
-# name -> (dtype, arch) -> CompileSpec. The heaviest variant of each kernel, and the commonest lighter one.
+def ppo_epilogue_spec(dtype: torch.dtype, arch: int, *, dual_clip: bool, kl_estimator: str | None,
+                      with_entropy: bool) -> CompileSpec:
+    """`dtype` is that of the partials and per-token inputs: fp32 whatever the lm_head's dtype."""
+    f = "*" + DTYPES[dtype]
+    types = {"max_ptr": f, "sumexp_ptr": f, "sum_pz_ptr": f, "target_logit_ptr": f, "targets_ptr": "*i64",
+             "old_logprobs_ptr": f, "advantages_ptr": f, "ref_logprobs_ptr": f, "weights_ptr": f,
+             "logprobs_ptr": f, "entropy_ptr": f, "lse_ptr": f, "loss_ptr": f, "grad_logprobs_ptr": f,
+             "grad_entropy_ptr": f, "clipped_ptr": "*i1", "dual_clipped_ptr": "*i1",
+             "N": "i32", "num_splits": "i32", "ignore_index": "i32", "clip_low": "fp32", "clip_high": "fp32",
+             "dual_clip": "fp32", "kl_coef": "fp32", "entropy_coef": "fp32", "log_ratio_clamp": "fp32"}
+    flags = {"HAS_DUAL_CLIP": dual_clip, "HAS_REF": kl_estimator is not None, "KL_ESTIMATOR": kl_estimator or "k3",
+             "WITH_ENTROPY": with_entropy}
+    return _spec(_ppo_epilogue_kernel, types, flags, ppo_epilogue_config(), arch)
+
+
+class Variant(NamedTuple):
+    spec: Callable[[torch.dtype, int], CompileSpec]
+    dtypes: tuple = tuple(DTYPES)  # the input dtypes it is built for
+    tensor_cores: bool = True  # False for kernels without a matmul (the elementwise epilogues)
+
+
+# name -> Variant. The heaviest variant of each kernel, and the commonest lighter one.
 VARIANTS = {
-    "lse_forward[bias,entropy]": partial(lse_forward_spec, has_bias=True, with_entropy=True),
-    "lse_forward[plain]": partial(lse_forward_spec, has_bias=False, with_entropy=False),
-    "logprobs_backward[all]": partial(logprobs_backward_spec, has_bias=True, entropy_grad=True, grad_hidden=True,
-                                      grad_weight=True, grad_bias=True),
-    "logprobs_backward[frozen_weight]": partial(logprobs_backward_spec, has_bias=False, entropy_grad=False,
-                                                grad_hidden=True, grad_weight=False, grad_bias=False),
+    "lse_forward[bias,entropy]": Variant(partial(lse_forward_spec, has_bias=True, with_entropy=True)),
+    "lse_forward[plain]": Variant(partial(lse_forward_spec, has_bias=False, with_entropy=False)),
+    "logprobs_backward[all]": Variant(partial(logprobs_backward_spec, has_bias=True, entropy_grad=True,
+                                              grad_hidden=True, grad_weight=True, grad_bias=True)),
+    "logprobs_backward[frozen_weight]": Variant(partial(logprobs_backward_spec, has_bias=False, entropy_grad=False,
+                                                        grad_hidden=True, grad_weight=False, grad_bias=False)),
+    "ppo_epilogue[dual_clip,k3,entropy]": Variant(partial(ppo_epilogue_spec, dual_clip=True, kl_estimator="k3",
+                                                          with_entropy=True), (torch.float32,), tensor_cores=False),
+    "ppo_epilogue[plain]": Variant(partial(ppo_epilogue_spec, dual_clip=False, kl_estimator=None,
+                                           with_entropy=False), (torch.float32,), tensor_cores=False),
 }
-CASES = [(name, dtype, arch) for name in VARIANTS for dtype in DTYPES for arch in ARCHS]
+CASES = [(name, dtype, arch) for name, variant in VARIANTS.items() for dtype in variant.dtypes for arch in ARCHS]
 
 
 @pytest.fixture(scope="session")
 def compiled() -> dict:
     """Every case compiled once per session (in parallel; Triton's disk cache makes later sessions quick)."""
-    specs = {case: VARIANTS[case[0]](case[1], case[2]) for case in CASES}
+    specs = {case: VARIANTS[case[0]].spec(case[1], case[2]) for case in CASES}
     results = compile_kernels(list(specs.values()))
     return {case: results[spec] for case, spec in specs.items()}
 
@@ -79,4 +107,6 @@ def test_compiles_without_spills_and_on_tensor_cores(compiled, name, dtype, arch
             f"shared {r.shared}"
     assert not r.spills, f"register spill: {usage}"
     assert r.shared <= MAX_SHARED[arch], f"shared memory over the per-block limit {MAX_SHARED[arch]}: {usage}"
-    assert r.count(*TENSOR_CORE_OPS[arch]) > 0, f"no tensor-core instruction {TENSOR_CORE_OPS[arch]} in SASS: {usage}"
+    if VARIANTS[name].tensor_cores:
+        assert r.count(*TENSOR_CORE_OPS[arch]) > 0, \
+            f"no tensor-core instruction {TENSOR_CORE_OPS[arch]} in SASS: {usage}"

@@ -1,10 +1,12 @@
-"""The lm_head primitives on either backend, behind one signature: row statistics forward, log-prob backward."""
+"""The lm_head primitives on either backend, behind one signature: row statistics forward, log-prob backward;
+and the triton-only pieces of the fused PPO op (the PPO epilogue forward, the backward from a given lse)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from torch import Tensor
 
+from ..objectives.ppo import LOG_RATIO_CLAMP, PPOLossConfig
 from . import torch_backend
 from .torch_backend import LinearGrads, RowStats
 
@@ -41,14 +43,43 @@ def logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targe
                       need_hidden: bool, need_weight: bool, need_bias: bool) -> LinearGrads:
     """Gradients of ``hidden``, ``weight`` and ``bias`` for upstream per-token gradients (0 at ignored rows)."""
     if opts.backend == "triton":
-        from fastalign.kernels.logprobs_backward import linear_logprobs_backward
-
         entropy = None if grad_entropy is None else stats.lse - stats.expected_logit
-        return LinearGrads(*linear_logprobs_backward(
-            hidden, weight, bias, targets, stats.lse, grad_logprobs, grad_entropy, entropy,
-            inv_temperature=opts.inv_temperature, ignore_index=opts.ignore_index, need_grad_hidden=need_hidden,
-            need_grad_weight=need_weight, need_grad_bias=need_bias))
+        return triton_logprobs_backward(hidden, weight, bias, targets, stats.lse, entropy, grad_logprobs,
+                                        grad_entropy, opts, need_hidden=need_hidden, need_weight=need_weight,
+                                        need_bias=need_bias)
     return torch_backend.linear_logprobs_backward(
         hidden, weight, bias, targets, stats, grad_logprobs, grad_entropy, inv_temperature=opts.inv_temperature,
         ignore_index=opts.ignore_index, need_grad_hidden=need_hidden, need_grad_weight=need_weight,
         need_grad_bias=need_bias, chunk_size=opts.chunk_size)
+
+
+def triton_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, lse: Tensor,
+                             entropy: Tensor | None, grad_logprobs: Tensor, grad_entropy: Tensor | None,
+                             opts: LinearOptions, *, need_hidden: bool, need_weight: bool,
+                             need_bias: bool) -> LinearGrads:
+    """Triton: ``logprobs_backward`` from the global per-row ``lse`` and ``entropy`` ``[N]`` (the entropy is only
+    used with ``grad_entropy``)."""
+    from fastalign.kernels.logprobs_backward import linear_logprobs_backward
+
+    return LinearGrads(*linear_logprobs_backward(
+        hidden, weight, bias, targets, lse, grad_logprobs, grad_entropy, None if grad_entropy is None else entropy,
+        inv_temperature=opts.inv_temperature, ignore_index=opts.ignore_index, need_grad_hidden=need_hidden,
+        need_grad_weight=need_weight, need_grad_bias=need_bias))
+
+
+def triton_ppo_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, opts: LinearOptions,
+                       config: PPOLossConfig, *, old_logprobs: Tensor, advantages: Tensor,
+                       ref_logprobs: Tensor | None, weights: Tensor, with_entropy: bool):
+    """Triton: the log-sum-exp partials of the lm_head, then the PPO epilogue kernel on them, which merges the vocab
+    splits and forms each token's weighted loss and its gradients. Returns the epilogue's per-token ``[N]`` outputs
+    (``fastalign.kernels.ppo_epilogue.PPOEpilogueOutput``)."""
+    from fastalign.kernels.lse_forward import lse_forward_partials
+    from fastalign.kernels.ppo_epilogue import ppo_epilogue
+
+    partials = lse_forward_partials(hidden, weight, bias, targets, inv_temperature=opts.inv_temperature,
+                                    ignore_index=opts.ignore_index, with_entropy=with_entropy)
+    return ppo_epilogue(partials, targets, old_logprobs, advantages, ref_logprobs, weights,
+                        ignore_index=opts.ignore_index, cliprange=config.cliprange,
+                        cliprange_high=config.cliprange_high, dual_clip=config.dual_clip, kl_coef=config.kl_coef,
+                        kl_estimator=config.kl_estimator, entropy_coef=config.entropy_coef,
+                        log_ratio_clamp=LOG_RATIO_CLAMP, with_entropy=with_entropy)

@@ -10,7 +10,7 @@ from torch import Tensor
 from ..objectives.aggregation import aggregation_weights, masked_mean
 from ..objectives.ppo import PPOLossConfig, clipped_value_loss, ppo_token_losses
 from . import torch_backend
-from .linear import LinearOptions, logprobs_backward, lse_forward
+from .linear import LinearOptions, lse_forward, triton_logprobs_backward, triton_ppo_forward
 from .logprobs import token_outputs
 from .validation import (FLOAT_DTYPES, LinearInputs, require_finite, require_same_device, require_shape,
                          require_tensor)
@@ -50,7 +50,8 @@ class LinearPPOPolicy(torch.autograd.Function):
     """``(hidden [N, H], weight [V, H], bias [V] | None, targets [N], tokens) -> (policy_loss, logprobs, entropy)``.
 
     The gradient of the policy loss is formed during the forward and only scaled in the backward. On the torch
-    backend that is one pass of three matmuls per chunk; on triton, the log-sum-exp kernel then the gradient kernel.
+    backend that is one pass of three matmuls per chunk; on triton, the log-sum-exp kernel (split partials), the PPO
+    epilogue kernel (merge, per-token loss and gradient weights), then the gradient kernel.
     ``logprobs [N]`` and ``entropy [N]`` are returned detached (fp32).
     """
 
@@ -66,12 +67,15 @@ class LinearPPOPolicy(torch.autograd.Function):
                 need_grad_hidden=need["need_hidden"], need_grad_weight=need["need_weight"],
                 need_grad_bias=need["need_bias"], chunk_size=opts.chunk_size)
             logprobs, entropy, grads = out
+            loss = policy_loss_value(tokens, config, logprobs, entropy)
         else:
-            stats = lse_forward(hidden, weight, bias, targets, opts, with_entropy=with_entropy)
-            logprobs, entropy = token_outputs(stats, targets != opts.ignore_index, with_entropy)
-            grad_lp, grad_ent = policy_token_grads(tokens, config, logprobs, entropy)
-            grads = logprobs_backward(hidden, weight, bias, targets, stats, grad_lp, grad_ent, opts, **need)
-        loss = policy_loss_value(tokens, config, logprobs, entropy)
+            out = triton_ppo_forward(hidden, weight, bias, targets, opts, config, with_entropy=with_entropy,
+                                     **tokens._asdict())
+            # A zero entropy gradient (entropy computed for the metrics only) is left out of the backward.
+            grad_ent = out.grad_entropy if config.entropy_coef != 0 else None
+            grads = triton_logprobs_backward(hidden, weight, bias, targets, out.lse, out.entropy, out.grad_logprobs,
+                                             grad_ent, opts, **need)
+            logprobs, entropy, loss = out.logprobs, out.entropy, out.loss.sum()
         ctx.save_for_backward(*(g for g in grads if g is not None))
         ctx.present = [g is not None for g in grads]
         ctx.input_dtypes = (hidden.dtype, weight.dtype, weight.dtype)
