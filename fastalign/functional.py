@@ -6,7 +6,9 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from .objectives.dpo import DPOOptions
 from .objectives.ppo import PPOLossConfig
+from .ops.dpo import DPOConfig, DPOLossOutput, fused_dpo_loss, validate_pair_layout, validate_reference
 from .ops.logprobs import linear_logprobs, prepare_linear
 from .ops.ppo import PPOLossOutput, ppo_loss, validate_value_head
 from .ops.validation import FLOAT_DTYPES, INT_DTYPES, validate_token_tensor
@@ -103,3 +105,65 @@ def fused_linear_ppo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_l
     return ppo_loss(inputs, opts, config, old_logprobs=old_logprobs, advantages=advantages, mask=mask,
                     ref_logprobs=ref_logprobs, value_head=value_head, num_tokens=num_tokens,
                     num_sequences=num_sequences, with_entropy=with_entropy)
+
+
+def fused_linear_dpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,
+                          ref_chosen_logps: Tensor | None = None, ref_rejected_logps: Tensor | None = None,
+                          ref_hidden: Tensor | None = None, ref_weight: Tensor | None = None,
+                          ref_bias: Tensor | None = None, beta: float = 0.1, loss_type: str = "sigmoid",
+                          label_smoothing: float = 0.0, average_log_prob: bool | None = None,
+                          rpo_alpha: float | None = None, reference_free: bool = False, temperature: float = 1.0,
+                          ignore_index: int = -100, backend: str = "auto", chunk_size: int | None = None,
+                          check_finite: bool = True) -> DPOLossOutput:
+    """DPO loss from hidden states: sequence log-prob sums, implicit rewards and the loss, without the logits.
+
+    Each sequence's log-prob is the sum over its response tokens (``targets != ignore_index``) of the token
+    log-probs, or their mean with ``average_log_prob``; the loss of those ``[B]`` numbers for the policy and the
+    reference is TRL's (formulas: ``fastalign.objectives.dpo``). Prompt and padding tokens cost no logits. On the
+    torch backend a chunk holds whole pairs when the largest pair's ``[tokens, V]`` logits fit the memory budget
+    (one pass, three matmuls), else the op makes two passes (four matmuls, memory O(chunk) however long a pair is);
+    the triton backend always makes two passes, O(tile) memory.
+
+    Args:
+        hidden: ``[2B, T, H]`` last hidden states of the policy: rows ``0 .. B-1`` the chosen sequences, rows
+            ``B .. 2B-1`` the rejected ones of the same pairs (TRL's and Liger's layout).
+        weight: ``[V, H]`` lm_head weight; ``bias``: optional ``[V]``. Same dtype as ``hidden``.
+        targets: ``[2B, T]`` next-token ids, ``ignore_index`` on prompt and padding positions.
+        ref_chosen_logps, ref_rejected_logps: precomputed reference log-probs ``[B]`` (sums, or means with
+            ``average_log_prob``: the same reduction as the policy's), e.g. computed once per dataset; or
+        ref_hidden, ref_weight, ref_bias: the reference model's ``[2B, T, H]`` hidden states, ``[V, H]`` lm_head
+            weight (pass ``weight`` when it is shared) and ``[V]`` bias: its log-probs are computed here, forward
+            only and without gradient. Exactly one of the two, unless ``reference_free``.
+        beta, loss_type, label_smoothing, rpo_alpha, reference_free: TRL's ``DPOConfig`` options. ``loss_type`` in
+            ``sigmoid``, ``robust``, ``hinge``, ``ipo``, ``sppo_hard``, ``nca_pair``, ``apo_zero``, ``apo_down``;
+            ``rpo_alpha`` adds ``rpo_alpha *`` the mean NLL per chosen token (RPO); ``reference_free`` takes the
+            reference log-probs as 0.
+        average_log_prob: mean instead of sum of the token log-probs per sequence (a sequence without response
+            tokens counts 0). Default None: as TRL, means for ``ipo`` and sums for every other loss type.
+        temperature: positive divisor of the logits, policy and reference alike.
+        backend: ``"auto"`` (triton on CUDA, torch elsewhere; ``$FASTALIGN_BACKEND`` overrides), ``"triton"``,
+            ``"torch"``.
+        chunk_size: tokens per chunk on the torch backend, which then holds whole pairs only when a pair has at
+            most that many response tokens; None sizes chunks from ``$FASTALIGN_CHUNK_BUDGET_MB``.
+        check_finite: raise on NaN/inf in the float inputs.
+
+    Returns:
+        ``DPOLossOutput(loss, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, metrics)``: ``loss``
+        a scalar differentiable w.r.t. ``hidden``, ``weight`` and ``bias``; the rewards ``beta * (policy -
+        reference)`` ``[B]``; the policy's sequence log-probs ``[B]`` (sums or means); ``metrics`` with TRL's
+        names ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``,
+        ``logps/chosen``, ``logps/rejected`` and, with RPO, ``nll_loss``. All but ``loss`` are detached, fp32
+        (float64 for float64 inputs).
+    """
+    validate_pair_layout(hidden, targets)
+    inputs, opts = prepare_linear(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
+                                  backend=backend, chunk_size=chunk_size, check_finite=check_finite)
+    options = DPOOptions(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+                         reference_free=reference_free, rpo_alpha=rpo_alpha)
+    if average_log_prob is not None and not isinstance(average_log_prob, bool):
+        raise TypeError(f"average_log_prob: expected a bool or None, got {type(average_log_prob).__name__}")
+    config = DPOConfig(options, loss_type == "ipo" if average_log_prob is None else average_log_prob)
+    reference = validate_reference(inputs, opts, config, ref_chosen_logps=ref_chosen_logps,
+                                   ref_rejected_logps=ref_rejected_logps, ref_hidden=ref_hidden,
+                                   ref_weight=ref_weight, ref_bias=ref_bias, check_finite=check_finite)
+    return fused_dpo_loss(inputs, opts, config, reference)

@@ -11,7 +11,7 @@ logits, ``d hidden`` and ``d weight`` in one pass, three matmuls).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -54,6 +54,7 @@ class _Linear:
         self.weight = weight.to(self.dtype) if upcast else weight
         self.bias = None if bias is None else bias.to(self.dtype)
         self.inv_temperature = inv_temperature
+        self._logits: Tensor | None = None  # [rows, V] buffer reused by every chunk (see ``logits``)
 
     def _mm(self, a: Tensor, b: Tensor) -> Tensor:
         if a.dtype == self.dtype:
@@ -61,11 +62,23 @@ class _Linear:
         return torch.mm(a, b, out_dtype=self.dtype)
 
     def logits(self, hidden: Tensor) -> Tensor:
-        """Tempered logits ``[C, V]`` of a chunk of rows ``hidden [C, H]``."""
+        """Tempered logits ``[C, V]`` of a chunk of rows ``hidden [C, H]``, valid until the next call.
+
+        They are written into one buffer reused by every chunk: on CPU, a fresh ``[C, V]`` tensor per chunk costs
+        page faults worth a fifth of the matmul.
+        """
         h = hidden.to(self.weight.dtype)
-        if self.bias is not None and h.dtype == self.dtype:
-            z = torch.addmm(self.bias, h, self.weight.t())
-        else:
+        if h.dtype == self.dtype:
+            rows = h.shape[0]
+            if self._logits is None or self._logits.shape[0] < rows:
+                self._logits = None  # free the smaller buffer first
+                self._logits = torch.empty(rows, self.weight.shape[0], dtype=self.dtype, device=h.device)
+            z = self._logits[:rows]
+            if self.bias is not None:
+                torch.addmm(self.bias, h, self.weight.t(), out=z)
+            else:
+                torch.mm(h, self.weight.t(), out=z)
+        else:  # low-precision matmul with an fp32 output (CUDA): no out= variant
             z = self._mm(h, self.weight.t())
             if self.bias is not None:
                 z.add_(self.bias)
@@ -96,9 +109,18 @@ def _chunks(num_rows: int, rows: int) -> Iterator[slice]:
         yield slice(start, min(start + rows, num_rows))
 
 
-def _row_stats(z: Tensor, tgt: _Targets, with_entropy: bool) -> RowStats:
-    """Statistics of one chunk of tempered logits ``z [C, V]`` (left unchanged)."""
+def _row_stats(z: Tensor, tgt: _Targets, with_entropy: bool, in_place: str | None = None) -> RowStats:
+    """Statistics of one chunk of tempered logits ``z [C, V]``, left unchanged unless ``in_place`` (no entropy):
+    ``"scratch"`` overwrites it (only the statistics are needed), ``"softmax"`` replaces it by ``softmax(z)``. In
+    place, one exp pass and no ``[C, V]`` temporary serve the lse (and the probabilities): cheaper than
+    ``torch.logsumexp``."""
     target_logit = z.gather(1, tgt.index).squeeze(1).masked_fill(~tgt.valid, 0.0)
+    if in_place is not None and not with_entropy:
+        row_max = z.amax(dim=1, keepdim=True)
+        sum_exp = z.sub_(row_max).exp_().sum(dim=1, keepdim=True)  # z <- exp(z - max)
+        if in_place == "softmax":
+            z.div_(sum_exp)
+        return RowStats((row_max + sum_exp.log()).squeeze(1), target_logit, None)
     if not with_entropy:
         return RowStats(torch.logsumexp(z, dim=1), target_logit, None)
     row_max = z.amax(dim=1, keepdim=True)
@@ -110,15 +132,17 @@ def _row_stats(z: Tensor, tgt: _Targets, with_entropy: bool) -> RowStats:
 
 
 def _logit_grads(z: Tensor, stats: RowStats, tgt: _Targets, grad_logprobs: Tensor, grad_entropy: Tensor | None,
-                 inv_temperature: float) -> Tensor:
-    """Gradient w.r.t. the raw logits ``[C, V]``, computed in place of ``z``.
+                 inv_temperature: float, z_is_softmax: bool = False) -> Tensor:
+    """Gradient w.r.t. the raw logits ``[C, V]``, computed in place of ``z`` (or of ``softmax(z)``, without entropy).
 
     ``dz = g_lp (onehot - p) - g_ent p (z - E_p[z])`` (entropy ``H = lse - E_p[z]``), times ``inv_temperature``.
     """
-    log_p = z.sub_(stats.lse.unsqueeze(1))
-    if grad_entropy is None:
-        grad = log_p.exp_().mul_(-grad_logprobs.unsqueeze(1))
+    if z_is_softmax:
+        grad = z.mul_(-grad_logprobs.unsqueeze(1))
+    elif grad_entropy is None:
+        grad = z.sub_(stats.lse.unsqueeze(1)).exp_().mul_(-grad_logprobs.unsqueeze(1))
     else:
+        log_p = z.sub_(stats.lse.unsqueeze(1))
         p = log_p.exp()
         # z - E[z] = log p + lse - E[z]; then -(g_lp + g_ent (z - E[z])) p
         shift = (stats.lse - stats.expected_logit).unsqueeze(1)
@@ -163,7 +187,7 @@ def linear_lse_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targ
     expected = torch.empty_like(lse) if with_entropy else None
     for rows in _chunks(n, rows_per_chunk(n, vocab, chunk_size=chunk_size, buffers=2 if with_entropy else 1)):
         stats = _row_stats(lin.logits(hidden[rows]), _Targets.of(targets[rows], ignore_index, vocab_start, vocab),
-                           with_entropy)
+                           with_entropy, in_place="scratch")
         lse[rows], target_logit[rows] = stats.lse, stats.target_logit
         if expected is not None:
             expected[rows] = stats.expected_logit
@@ -203,26 +227,33 @@ class FusedResult(NamedTuple):
 def linear_logprobs_fused(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
                           token_grads: TokenGrads, *, inv_temperature: float, ignore_index: int,
                           with_entropy: bool = False, need_grad_hidden: bool = True, need_grad_weight: bool = True,
-                          need_grad_bias: bool = False, chunk_size: int | None = None) -> FusedResult:
+                          need_grad_bias: bool = False, chunk_size: int | None = None,
+                          chunks: Sequence[slice] | None = None) -> FusedResult:
     """Log-probs (and entropy) and, in the same pass, the gradients of a loss whose per-token gradient is known.
 
     ``token_grads(rows, logprobs, entropy)`` returns ``d loss / d logprobs`` (and ``d loss / d entropy``) for the
     chunk ``rows``; it must give 0 at ignored rows. Three matmuls per chunk: logits, ``d hidden``, ``d weight``.
+    ``chunks``: the row ranges to walk, in this order, together covering every row once (e.g. whole sequences);
+    default: equal chunks of ``chunk_size`` rows or sized from the memory budget.
     """
     lin = _Linear(weight, bias, inv_temperature)
     n, vocab = hidden.shape[0], weight.shape[0]
     acc = _GradAccumulator(hidden, lin, need_grad_hidden, need_grad_weight, need_grad_bias)
     logprobs = torch.empty(n, dtype=lin.dtype, device=hidden.device)
     entropy = torch.empty_like(logprobs) if with_entropy else None
-    for rows in _chunks(n, rows_per_chunk(n, vocab, chunk_size=chunk_size, buffers=2 if with_entropy else 1)):
+    if chunks is None:
+        chunks = _chunks(n, rows_per_chunk(n, vocab, chunk_size=chunk_size, buffers=2 if with_entropy else 1))
+    for rows in chunks:
         tgt = _Targets.of(targets[rows], ignore_index, 0, vocab)
         z = lin.logits(hidden[rows])
-        stats = _row_stats(z, tgt, with_entropy)
+        stats = _row_stats(z, tgt, with_entropy, in_place="softmax")
         logprobs[rows] = torch.where(tgt.valid, stats.target_logit - stats.lse, 0.0)
         if entropy is not None:
             entropy[rows] = torch.where(tgt.valid, stats.lse - stats.expected_logit, 0.0)
         grad_lp, grad_ent = token_grads(rows, logprobs[rows], None if entropy is None else entropy[rows])
-        acc.add(rows, hidden[rows], _logit_grads(z, stats, tgt, grad_lp, grad_ent, inv_temperature))
+        acc.add(rows, hidden[rows], _logit_grads(z, stats, tgt, grad_lp, grad_ent, inv_temperature,
+                                                 z_is_softmax=not with_entropy))
+        del z  # chunks may grow (whole sequences): free this chunk's logits before a larger buffer is allocated
     return FusedResult(logprobs, entropy, acc.result())
 
 
