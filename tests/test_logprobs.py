@@ -265,3 +265,21 @@ class TestBadInput:
     def test_not_a_tensor(self):
         with pytest.raises(TypeError, match="hidden: expected a torch.Tensor, got list"):
             self.call(hidden=[[1.0] * 8])
+
+
+@pytest.mark.parametrize("train", [("hidden", "weight", "bias"), ("hidden",), ("weight",)], ids="+".join)
+@pytest.mark.parametrize("entropy", [False, True])
+def test_torch_backend_vocabulary_tiles(monkeypatch, train, entropy):
+    """Vocabulary tiles (here of 16 columns, V not a multiple) merge to the untiled result, forward and backward."""
+    from fastalign.ops import torch_backend
+
+    monkeypatch.setattr(torch_backend, "VOCAB_TILE", 16)
+    hidden, weight, targets, bias = make_problem((3, 7), 8, 61, bias=True, ignore_frac=0.3)
+    check_against_reference("torch", hidden, weight, targets, bias, temperature=0.8, entropy=entropy,
+                            train=train, chunk_size=4)
+
+
+def test_torch_backend_large_vocabulary_tiles():
+    hidden, weight, targets, bias = make_problem((9,), 8, 3 * 4096 + 5, bias=True, ignore_frac=0.2)
+    check_against_reference("torch", hidden, weight, targets, bias, entropy=False, train=("hidden",))
+    check_against_reference("torch", hidden, weight, targets, bias, entropy=False)

@@ -176,10 +176,35 @@ class _GradAccumulator:
         return LinearGrads(self.hidden, self.weight, self.bias)
 
 
+VOCAB_TILE = 4096
+TILE_ROWS = 512
+"""CPU tiles (vocabulary tiles outer, token chunks inner): a ``[512, 4096]`` fp32 block of logits (8 MiB) is still in
+cache for the elementwise passes after its matmul; a whole ``[chunk, V]`` block (64 MiB) streams from DRAM in each."""
+
+
+def merge_row_stats(a: RowStats, b: RowStats) -> RowStats:
+    """Row statistics over the union of two disjoint vocabulary shards (what vocab parallelism all-reduces)."""
+    lse = torch.logaddexp(a.lse, b.lse)
+    expected = None
+    if a.expected_logit is not None:
+        expected = a.expected_logit * (a.lse - lse).exp() + b.expected_logit * (b.lse - lse).exp()
+    return RowStats(lse, a.target_logit + b.target_logit, expected)
+
+
 def linear_lse_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *,
                        inv_temperature: float, ignore_index: int, vocab_start: int = 0, with_entropy: bool = False,
                        chunk_size: int | None = None) -> RowStats:
     """Row statistics of ``(hidden [N, H] @ weight[V, H].T + bias) * inv_temperature``, one token chunk at a time."""
+    if weight.shape[0] > VOCAB_TILE:
+        stats = None
+        for start in range(0, weight.shape[0], VOCAB_TILE):
+            tile = slice(start, start + VOCAB_TILE)
+            part = linear_lse_forward(hidden, weight[tile], None if bias is None else bias[tile], targets,
+                                      inv_temperature=inv_temperature, ignore_index=ignore_index,
+                                      vocab_start=vocab_start + start, with_entropy=with_entropy,
+                                      chunk_size=chunk_size or TILE_ROWS)
+            stats = part if stats is None else merge_row_stats(stats, part)
+        return stats
     lin = _Linear(weight, bias, inv_temperature)
     n, vocab = hidden.shape[0], weight.shape[0]
     lse = torch.empty(n, dtype=lin.dtype, device=hidden.device)
@@ -203,6 +228,12 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
 
     ``stats`` are the (global) row statistics of the forward. Callers zero the upstream gradients at ignored rows.
     """
+    if grad_entropy is None and weight.shape[0] > VOCAB_TILE:
+        return _tiled_logprobs_backward(hidden, weight, bias, targets, stats.lse, grad_logprobs,
+                                        inv_temperature=inv_temperature, ignore_index=ignore_index,
+                                        vocab_start=vocab_start, need_grad_hidden=need_grad_hidden,
+                                        need_grad_weight=need_grad_weight, need_grad_bias=need_grad_bias,
+                                        chunk_size=chunk_size or TILE_ROWS)
     lin = _Linear(weight, bias, inv_temperature)
     n, vocab = hidden.shape[0], weight.shape[0]
     acc = _GradAccumulator(hidden, lin, need_grad_hidden, need_grad_weight, need_grad_bias)
@@ -214,6 +245,46 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
                           None if grad_entropy is None else grad_entropy[rows], inv_temperature)
         acc.add(rows, hidden[rows], dz)
     return acc.result()
+
+
+def _tiled_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, lse: Tensor,
+                             grad_logprobs: Tensor, *, inv_temperature: float, ignore_index: int, vocab_start: int,
+                             need_grad_hidden: bool, need_grad_weight: bool, need_grad_bias: bool,
+                             chunk_size: int) -> LinearGrads:
+    """``linear_logprobs_backward`` without entropy, vocabulary tiles outer and token chunks inner (the
+    ``[chunk, tile]`` probabilities stay in cache). ``dz = g (onehot - p)`` is never formed: the per-row ``-g``
+    goes to the ``[N, H]`` side of the products, the one-hot term to a row gather and an ``index_add_``."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    dtype = compute_dtype(weight.dtype)
+    kw = dict(dtype=dtype, device=hidden.device)
+    g = grad_logprobs.to(dtype) * inv_temperature
+    h = hidden.to(dtype)
+    neg_gh = h * (-g).unsqueeze(1) if need_grad_weight else None
+    probs_times_weight = torch.zeros(n, weight.shape[1], **kw) if need_grad_hidden else None  # sum_v p_v W_v
+    d_weight = torch.zeros(vocab, weight.shape[1], **kw) if need_grad_weight else None
+    d_bias = torch.zeros(vocab, **kw) if need_grad_bias else None
+    for start in range(0, vocab, VOCAB_TILE):
+        tile = slice(start, start + VOCAB_TILE)
+        lin = _Linear(weight[tile], None if bias is None else bias[tile], inv_temperature)
+        for rows in _chunks(n, chunk_size):
+            probs = lin.logits(hidden[rows]).sub_(lse[rows].unsqueeze(1)).exp_()
+            if probs_times_weight is not None:
+                probs_times_weight[rows] += lin.times_weight(probs)
+            if d_weight is not None:
+                d_weight[tile].addmm_(probs.t(), neg_gh[rows])
+            if d_bias is not None:
+                d_bias[tile].addmv_(probs.t(), -g[rows])
+    tgt = _Targets.of(targets, ignore_index, vocab_start, vocab)
+    index, g_target = tgt.index.squeeze(1), torch.where(tgt.valid, g, 0.0)
+    d_hidden = None
+    if probs_times_weight is not None:
+        target_rows = weight[index].to(dtype)
+        d_hidden = probs_times_weight.mul_((-g).unsqueeze(1)).add_(target_rows.mul_(g_target.unsqueeze(1)))
+    if d_weight is not None:
+        d_weight.index_add_(0, index, h * g_target.unsqueeze(1))
+    if d_bias is not None:
+        d_bias.index_add_(0, index, g_target)
+    return LinearGrads(d_hidden, d_weight, d_bias)
 
 
 class FusedResult(NamedTuple):
@@ -271,6 +342,9 @@ def linear_weight_moments(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
 
     ``d hidden = inv_temperature * (g_lp (W_y - mean) - g_ent entropy)``. Two matmuls (three with entropy).
     """
+    if not with_entropy and weight.shape[0] > VOCAB_TILE:
+        return _tiled_weight_moments(hidden, weight, bias, targets, inv_temperature=inv_temperature,
+                                     ignore_index=ignore_index, chunk_size=chunk_size or TILE_ROWS)
     lin = _Linear(weight, bias, inv_temperature)
     n, vocab = hidden.shape[0], weight.shape[0]
     lse = torch.empty(n, dtype=lin.dtype, device=hidden.device)
@@ -278,9 +352,15 @@ def linear_weight_moments(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
     expected = torch.empty_like(lse) if with_entropy else None
     mean = torch.empty(n, weight.shape[1], dtype=lin.dtype, device=hidden.device)
     ent = torch.empty_like(mean) if with_entropy else None
-    for rows in _chunks(n, rows_per_chunk(n, vocab, chunk_size=chunk_size, buffers=3 if with_entropy else 2)):
+    for rows in _chunks(n, rows_per_chunk(n, vocab, chunk_size=chunk_size, buffers=3 if with_entropy else 1)):
         z = lin.logits(hidden[rows])
-        stats = _row_stats(z, _Targets.of(targets[rows], ignore_index, 0, vocab), with_entropy)
+        tgt = _Targets.of(targets[rows], ignore_index, 0, vocab)
+        if not with_entropy:
+            stats = _row_stats(z, tgt, False, in_place="softmax")  # z <- p: one exp pass, no [C, V] temporary
+            lse[rows], target_logit[rows] = stats.lse, stats.target_logit
+            mean[rows] = lin.times_weight(z)
+            continue
+        stats = _row_stats(z, tgt, with_entropy)
         lse[rows], target_logit[rows] = stats.lse, stats.target_logit
         p = (z - stats.lse.unsqueeze(1)).exp_()
         mean[rows] = lin.times_weight(p)
@@ -288,6 +368,34 @@ def linear_weight_moments(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
             expected[rows] = stats.expected_logit
             ent[rows] = lin.times_weight(z.sub_(stats.expected_logit.unsqueeze(1)).mul_(p))
     return RowStats(lse, target_logit, expected), WeightMoments(mean, ent)
+
+
+def _tiled_weight_moments(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *,
+                          inv_temperature: float, ignore_index: int,
+                          chunk_size: int) -> tuple[RowStats, WeightMoments]:
+    """``linear_weight_moments`` without entropy, vocabulary tiles outer and token chunks inner, so that each
+    ``[chunk, tile]`` block of logits is reduced while in cache: online softmax (running max ``m``, sum ``s``) and
+    ``acc = sum_v exp(z_v - m) W_v``, rescaled when the running max grows; ``mean = acc / s`` at the end."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    dtype = compute_dtype(weight.dtype)
+    kw = dict(dtype=dtype, device=hidden.device)
+    row_max, sum_exp = torch.full((n,), float("-inf"), **kw), torch.zeros(n, **kw)
+    target_logit, acc = torch.zeros(n, **kw), torch.zeros(n, weight.shape[1], **kw)
+    for start in range(0, vocab, VOCAB_TILE):
+        tile = slice(start, start + VOCAB_TILE)
+        lin = _Linear(weight[tile], None if bias is None else bias[tile], inv_temperature)
+        for rows in _chunks(n, chunk_size):
+            z = lin.logits(hidden[rows])
+            tgt = _Targets.of(targets[rows], ignore_index, start, lin.weight.shape[0])
+            target_logit[rows] += z.gather(1, tgt.index).squeeze(1).masked_fill_(~tgt.valid, 0.0)
+            new_max = torch.maximum(row_max[rows], z.amax(dim=1))
+            rescale = (row_max[rows] - new_max).exp_()
+            unnormalized = z.sub_(new_max.unsqueeze(1)).exp_()  # exp(z - running max), in place
+            sum_exp[rows] = sum_exp[rows].mul_(rescale).add_(unnormalized.sum(dim=1))
+            acc[rows] = acc[rows].mul_(rescale.unsqueeze(1)).add_(lin.times_weight(unnormalized))
+            row_max[rows] = new_max
+    lse = row_max + sum_exp.log()
+    return RowStats(lse, target_logit, None), WeightMoments(acc.div_(sum_exp.unsqueeze(1)), None)
 
 
 def hidden_grad_from_moments(weight: Tensor, targets: Tensor, moments: WeightMoments, grad_logprobs: Tensor,

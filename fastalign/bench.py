@@ -1,0 +1,565 @@
+"""Benchmark harness: each fused op against naive PyTorch and plain-matmul floors, in time and extra peak memory.
+
+What is compared is data: ``REGISTRY`` maps an op name to its inputs builder and its modes; a mode (forward only,
+fwd+bwd with a trainable or frozen weight...) holds its variants (``name -> factory``), which of them is the
+candidate, the baseline and the floor, and the targets the candidate must meet. Adding an op is a few lines:
+an inputs builder (its inputs need ``hidden`` and ``weight`` for the matmul floors), one variant factory per
+implementation, one ``Mode`` per mode, e.g.::
+
+    REGISTRY["ppo"] = OpBench(make_ppo_inputs, {"fwd+bwd": Mode(
+        "PPO loss, fwd+bwd", {"fused": fused_ppo, "naive": naive_ppo, "3 matmuls": matmul_floor(3)},
+        floor="3 matmuls", targets=(Target("memory", "naive", 0.10), Target("time", "3 matmuls", 1.15)))})
+
+Measurements:
+  * time: the variants of a mode run interleaved in one process, ``rounds`` times after one warm-up call each;
+    the minimum per variant is kept (the machine is noisy: the same call can swing 30%).
+  * memory: each variant runs once in a fresh subprocess (``python -m fastalign.bench --memory-worker ...``).
+    Extra peak memory is the peak during the call minus what was in use once the inputs were allocated: peak RSS
+    (``VmHWM`` after resetting it through ``/proc/self/clear_refs``) on Linux CPUs, ``max_memory_allocated`` on CUDA.
+
+``python -m fastalign.bench --help`` (or ``fastalign bench --help``) lists the options.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .functional import fused_linear_logprobs
+
+Step = Callable[[], object]
+"""One measured call of a variant; its result is dropped."""
+VariantFactory = Callable[[Any], Step]
+"""``factory(inputs) -> step``: untimed set-up of a variant on an op's inputs, returning the step to measure."""
+
+MiB = 1 << 20
+BUSY_SHARE = 0.10
+"""Above this share of the CPUs used by other processes while timing, the table warns that its timings are unreliable."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One benchmark size and placement: ``hidden [tokens, hidden_size]``, ``weight [vocab_size, hidden_size]``."""
+
+    tokens: int
+    hidden_size: int
+    vocab_size: int
+    dtype: str = "float32"
+    device: str = "cpu"
+    bias: bool = False
+    seed: int = 0
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def backend(self) -> str:
+        """The fused ops' backend: the chunked torch backend on CPU (never the Triton interpreter), auto elsewhere."""
+        return "torch" if self.device == "cpu" else "auto"
+
+    def describe(self) -> str:
+        return (f"N={self.tokens} tokens, H={self.hidden_size}, V={self.vocab_size}, {self.dtype}"
+                f"{', with bias' if self.bias else ''}, {self.device}, {self.backend} backend")
+
+
+ISSUE_PROBLEM = Problem(tokens=4096, hidden_size=512, vocab_size=32768)
+"""The sizes at which the targets are set (fp32, N=4096, H=512, V=32768)."""
+QUICK_PROBLEM = Problem(tokens=256, hidden_size=64, vocab_size=2048)
+"""Tiny sizes: the whole table in seconds (timings there are dominated by overheads)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """The candidate's ``metric`` ("time" or "memory") must be at most ``limit`` times that of ``reference``."""
+
+    metric: str
+    reference: str
+    limit: float
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One way of calling an op: its variants in table order, and how the candidate is judged."""
+
+    title: str
+    variants: dict[str, VariantFactory]
+    floor: str  # the variant that is the compute floor (plain matmuls)
+    targets: tuple[Target, ...]
+    candidate: str = "fused"
+    baseline: str = "naive"
+
+    @property
+    def memory_variants(self) -> tuple[str, str]:
+        """Variants whose extra peak memory is measured (the floors' is not of interest)."""
+        return self.candidate, self.baseline
+
+
+@dataclass(frozen=True)
+class OpBench:
+    """An op's inputs builder (``Problem -> inputs``, shared by all its variants) and its modes."""
+
+    make_inputs: Callable[[Problem], Any]
+    modes: dict[str, Mode]
+
+
+def matmul_floor(count: int) -> VariantFactory:
+    """``count`` plain ``[N, H] x [H, V]`` matmuls (``torch.mm``) into a ``[N, V]`` buffer allocated and touched at
+    set-up: the compute floor of an op that needs ``count`` matmuls of that size. Inputs need ``hidden``, ``weight``."""
+
+    def factory(inputs) -> Step:
+        hidden, weight_t = inputs.hidden, inputs.weight.t()
+        out = torch.mm(hidden, weight_t)
+
+        def step():
+            for _ in range(count):
+                torch.mm(hidden, weight_t, out=out)
+
+        return step
+
+    return factory
+
+
+# --- log-probs -----------------------------------------------------------------------------------------------
+
+class LogprobInputs(NamedTuple):
+    """Inputs of the log-prob op (no tensor requires grad; the variants make their own leaves)."""
+
+    hidden: Tensor  # [N, H]
+    weight: Tensor  # [V, H]
+    bias: Tensor | None  # [V]
+    targets: Tensor  # [N] int64
+    grad_logprobs: Tensor  # [N] fp32 random upstream gradient on the log-probs
+    backend: str
+
+
+def make_logprob_inputs(problem: Problem) -> LogprobInputs:
+    """Random inputs with logits of unit scale, from ``problem.seed``."""
+    gen = torch.Generator().manual_seed(problem.seed)
+    n, h, v = problem.tokens, problem.hidden_size, problem.vocab_size
+
+    def place(t: Tensor) -> Tensor:
+        return t.to(device=problem.device, dtype=problem.torch_dtype if t.is_floating_point() else t.dtype)
+
+    hidden = place(torch.randn(n, h, generator=gen))
+    weight = place(torch.randn(v, h, generator=gen) * h ** -0.5)
+    bias = place(torch.randn(v, generator=gen)) if problem.bias else None
+    targets = place(torch.randint(0, v, (n,), generator=gen))
+    grad_logprobs = torch.randn(n, generator=gen).to(problem.device)
+    return LogprobInputs(hidden, weight, bias, targets, grad_logprobs, problem.backend)
+
+
+def fused_logprobs(x: LogprobInputs, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``[N]`` log-probs from the fused op."""
+    return fused_linear_logprobs(hidden, weight, x.targets, bias, backend=x.backend)
+
+
+def naive_logprobs(x: LogprobInputs, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``[N]`` log-probs in plain PyTorch: the ``[N, V]`` logits and log-softmax are materialized."""
+    logits = F.linear(hidden, weight, bias)
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, x.targets.unsqueeze(-1)).squeeze(-1)
+
+
+LogprobImpl = Callable[[LogprobInputs, Tensor, Tensor, Tensor | None], Tensor]
+
+
+def logprobs_forward(impl: LogprobImpl) -> VariantFactory:
+    """Forward only, under ``torch.no_grad()``."""
+
+    def factory(x: LogprobInputs) -> Step:
+        def step():
+            with torch.no_grad():
+                return impl(x, x.hidden, x.weight, x.bias)
+
+        return step
+
+    return factory
+
+
+def logprobs_forward_backward(impl: LogprobImpl, *, train_weight: bool) -> VariantFactory:
+    """Forward, then the gradients for the random upstream gradient: of ``hidden``, and of ``weight`` and ``bias``
+    when ``train_weight`` (otherwise they are frozen)."""
+
+    def factory(x: LogprobInputs) -> Step:
+        hidden = x.hidden.detach().requires_grad_(True)
+        weight = x.weight.detach().requires_grad_(train_weight)
+        bias = None if x.bias is None else x.bias.detach().requires_grad_(train_weight)
+        leaves = [t for t in (hidden, weight, bias) if t is not None and t.requires_grad]
+
+        def step():
+            return torch.autograd.grad(impl(x, hidden, weight, bias), leaves, x.grad_logprobs)
+
+        return step
+
+    return factory
+
+
+REGISTRY: dict[str, OpBench] = {
+    "logprobs": OpBench(make_logprob_inputs, {
+        "trainable": Mode(
+            "fwd+bwd, trainable weight",
+            {"fused": logprobs_forward_backward(fused_logprobs, train_weight=True),
+             "naive": logprobs_forward_backward(naive_logprobs, train_weight=True),
+             "4 matmuls": matmul_floor(4)},
+            floor="4 matmuls", targets=(Target("memory", "naive", 0.10), Target("time", "4 matmuls", 1.15))),
+        "frozen": Mode(
+            "fwd+bwd, frozen weight",
+            {"fused": logprobs_forward_backward(fused_logprobs, train_weight=False),
+             "naive": logprobs_forward_backward(naive_logprobs, train_weight=False),
+             "2 matmuls": matmul_floor(2)},
+            floor="2 matmuls", targets=(Target("memory", "naive", 0.10), Target("time", "2 matmuls", 1.20))),
+        "forward": Mode(
+            "forward only (no_grad)",
+            {"fused": logprobs_forward(fused_logprobs),
+             "naive": logprobs_forward(naive_logprobs),
+             "1 matmul": matmul_floor(1)},
+            floor="1 matmul", targets=(Target("memory", "naive", 0.10), Target("time", "1 matmul", 1.20))),
+    }),
+}
+
+
+# --- measuring -------------------------------------------------------------------------------------------------
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_mode(op: str, mode: str, problem: Problem, rounds: int, *, inputs=None) -> dict[str, list[float]]:
+    """Seconds per call of every variant of ``mode``, ``rounds`` each, interleaved (round-robin) after a warm-up."""
+    spec = REGISTRY[op]
+    inputs = spec.make_inputs(problem) if inputs is None else inputs
+    device = torch.device(problem.device)
+    steps = {name: factory(inputs) for name, factory in spec.modes[mode].variants.items()}
+    for step in steps.values():
+        step()
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            gc.collect()
+            _synchronize(device)
+            start = time.perf_counter()
+            step()
+            _synchronize(device)
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.MULTILINE).group(1))
+
+
+def extra_peak_bytes(step: Step, device: torch.device) -> int:
+    """Peak memory during ``step()`` minus the memory in use just before it, in bytes.
+
+    CUDA: ``max_memory_allocated`` after a reset. Linux CPU: ``VmHWM`` (peak RSS) after resetting it to the
+    current RSS by writing "5" to ``/proc/self/clear_refs``. Meaningful in a fresh process whose allocator returns
+    freed blocks to the system (``memory_in_subprocess`` sees to it).
+    """
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    if not os.path.exists("/proc/self/clear_refs"):
+        raise RuntimeError("measuring CPU memory needs Linux (/proc/self/clear_refs); pass --no-memory")
+    before = _proc_status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    step()
+    return max(0, _proc_status_kib("VmHWM") - before) * 1024
+
+
+def memory_worker(op: str, mode: str, variant: str, problem: Problem) -> int:
+    """Extra peak bytes of one variant in this process: a tiny warm-up call (libraries, threads), then the real one."""
+    factory = REGISTRY[op].modes[mode].variants[variant]
+    tiny = replace(problem, tokens=4, hidden_size=8, vocab_size=16)
+    factory(REGISTRY[op].make_inputs(tiny))()
+    step = factory(REGISTRY[op].make_inputs(problem))
+    return extra_peak_bytes(step, torch.device(problem.device))
+
+
+def memory_in_subprocess(op: str, mode: str, variant: str, problem: Problem) -> int:
+    """``memory_worker`` in a fresh ``python -m fastalign.bench --memory-worker`` process; extra peak bytes.
+
+    glibc's mmap threshold is pinned at 64 KiB there, so that freed tensors go back to the system at once and
+    RSS follows the live tensors (with its default dynamic threshold, freed blocks may stay resident). The worker
+    starts in the directory holding this very ``fastalign`` package, so that it imports the same code.
+    """
+    command = [sys.executable, "-m", "fastalign.bench", "--memory-worker", "--op", op, "--mode", mode,
+               "--variant", variant, *problem_arguments(problem)]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    package_parent = Path(__file__).resolve().parents[1]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=package_parent)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory worker failed ({' '.join(command)}):\n{done.stderr}")
+    return int(json.loads(done.stdout.strip().splitlines()[-1])["extra_peak_bytes"])
+
+
+class OthersCpuShare:
+    """Context manager: the share of all CPUs that other processes kept busy while it was open (``share``, 0..1).
+
+    From the machine's busy time in ``/proc/stat`` minus this process's own CPU time; None where there is no
+    ``/proc/stat``. On a shared machine this tells whether the timings measured the code or the neighbours.
+    """
+
+    share: float | None = None
+
+    @staticmethod
+    def _machine_busy_seconds() -> float | None:
+        if not os.path.exists("/proc/stat"):
+            return None
+        with open("/proc/stat") as stat:
+            ticks = [int(x) for x in stat.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own_cpu_seconds() -> float:
+        own = os.times()
+        return own.user + own.system
+
+    def __enter__(self) -> OthersCpuShare:
+        self._start = (time.perf_counter(), self._machine_busy_seconds(), self._own_cpu_seconds())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall, busy, own = time.perf_counter(), self._machine_busy_seconds(), self._own_cpu_seconds()
+        wall0, busy0, own0 = self._start
+        if busy is not None and wall > wall0:
+            others = (busy - busy0) - (own - own0)
+            self.share = min(1.0, max(0.0, others / ((wall - wall0) * os.cpu_count())))
+
+
+def machine_facts(device: str) -> dict:
+    """CPU count, load average, torch build and threads, device name: the context a timing needs."""
+    facts = {"nproc": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+             "platform": platform.platform(), "python": platform.python_version()}
+    if hasattr(os, "getloadavg"):
+        facts["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read(), re.MULTILINE)
+        if model:
+            facts["cpu"] = model.group(1).strip()
+    if device.startswith("cuda"):
+        facts["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return facts
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return numerator / denominator
+
+
+def summarize_mode(mode: Mode, seconds: dict[str, list[float]], memory: dict[str, int]) -> dict:
+    """The JSON record of one mode: per-variant best time and memory, the candidate's ratios and its targets."""
+    variants = {name: {"seconds": min(seconds[name]), "round_seconds": seconds[name],
+                       "extra_peak_bytes": memory.get(name)} for name in mode.variants}
+
+    def ratio(metric: str, reference: str) -> float | None:
+        key = "seconds" if metric == "time" else "extra_peak_bytes"
+        return _ratio(variants[mode.candidate][key], variants[reference][key])
+
+    targets = []
+    for target in mode.targets:
+        value = ratio(target.metric, target.reference)
+        targets.append({**asdict(target), "ratio": value, "passed": None if value is None else value <= target.limit})
+    return {
+        "title": mode.title, "candidate": mode.candidate, "baseline": mode.baseline, "floor": mode.floor,
+        "variants": variants,
+        "ratios": {"time_vs_baseline": ratio("time", mode.baseline), "time_vs_floor": ratio("time", mode.floor),
+                   "memory_vs_baseline": ratio("memory", mode.baseline)},
+        "targets": targets,
+    }
+
+
+def run_benchmark(op: str = "logprobs", problem: Problem = ISSUE_PROBLEM, *, rounds: int = 3, memory: bool = True,
+                  log: Callable[[str], None] | None = None) -> dict:
+    """Time every mode of ``op`` (and measure memory in subprocesses); the results as a JSON-ready dict."""
+    if op not in REGISTRY:
+        raise ValueError(f"op: expected one of {sorted(REGISTRY)}, got {op!r}")
+    if rounds < 1:
+        raise ValueError(f"rounds: expected a positive int, got {rounds!r}")
+    log = log or (lambda message: None)
+    spec = REGISTRY[op]
+    memory_bytes: dict[str, dict[str, int]] = {name: {} for name in spec.modes}
+    if memory:
+        jobs = [(mode_name, variant) for mode_name, mode in spec.modes.items() for variant in mode.memory_variants]
+        log(f"memory: {len(jobs)} variants, each in a fresh process, {os.cpu_count()} at a time")
+        with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+            measured = pool.map(lambda job: memory_in_subprocess(op, *job, problem), jobs)
+            for (mode_name, variant), extra in zip(jobs, measured):
+                memory_bytes[mode_name][variant] = extra
+    inputs = spec.make_inputs(problem)
+    modes = {}
+    with OthersCpuShare() as contention:
+        for mode_name, mode in spec.modes.items():
+            log(f"time: {mode.title}, {len(mode.variants)} variants x {rounds} rounds (+1 warm-up)")
+            seconds = time_mode(op, mode_name, problem, rounds, inputs=inputs)
+            modes[mode_name] = summarize_mode(mode, seconds, memory_bytes[mode_name])
+    machine = {**machine_facts(problem.device), "others_cpu_share_while_timing": contention.share}
+    return {"op": op, "problem": asdict(problem), "at_issue_sizes": _same_sizes(problem, ISSUE_PROBLEM),
+            "rounds": rounds, "memory_measured": memory, "machine": machine, "modes": modes}
+
+
+def _same_sizes(problem: Problem, other: Problem) -> bool:
+    keys = ("tokens", "hidden_size", "vocab_size", "dtype")
+    return all(getattr(problem, k) == getattr(other, k) for k in keys)
+
+
+# --- rendering -------------------------------------------------------------------------------------------------
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _setting_lines(results: dict) -> list[str]:
+    problem, machine = Problem(**results["problem"]), results["machine"]
+    load = " ".join(f"{x:.2f}" for x in machine.get("load_average", [])) or "?"
+    others = machine["others_cpu_share_while_timing"]
+    lines = [
+        f"{problem.describe()}. Time: best of {results['rounds']} rounds, the variants of a mode interleaved in one "
+        f"process; spread: slowest round over the best. Extra peak memory: peak during the call minus the inputs "
+        f"(gradients included), one fresh process per variant.",
+        f"Machine: {machine.get('cpu', 'unknown CPU')}{', ' + machine['gpu'] if 'gpu' in machine else ''}; "
+        f"{machine['nproc']} CPUs, {machine['torch_threads']} torch threads, torch {machine['torch']}; "
+        f"load average (1, 5, 15 min) {load} after the run; other processes used "
+        f"{'?' if others is None else format(others, '.0%')} of the CPUs while timing.",
+    ]
+    if others is not None and others > BUSY_SHARE:
+        lines.append(f"**Busy machine**: other processes used {others:.0%} of the CPUs while timing; the timings and "
+                     f"their ratios are unreliable.")
+    return lines
+
+
+def _variant_rows(mode: dict) -> list[str]:
+    variants = mode["variants"]
+    baseline, floor = variants[mode["baseline"]], variants[mode["floor"]]
+    rows = []
+    for i, (name, v) in enumerate(variants.items()):
+        memory = v["extra_peak_bytes"]
+        rows.append(f"| {mode['title'] if i == 0 else ''} | {name} | {v['seconds']:.3f} "
+                    f"| {max(v['round_seconds']) / v['seconds'] - 1:.0%} "
+                    f"| {_fmt(_ratio(v['seconds'], baseline['seconds']), '.2f')} "
+                    f"| {_fmt(_ratio(v['seconds'], floor['seconds']), '.2f')} "
+                    f"| {_fmt(None if memory is None else memory / MiB, '.1f')} "
+                    f"| {_fmt(_ratio(memory, baseline['extra_peak_bytes']), '.3f')} |")
+    return rows
+
+
+def _target_rows(mode: dict) -> list[str]:
+    rows = []
+    for t in mode["targets"]:
+        what = "extra peak memory" if t["metric"] == "memory" else "time"
+        result = {True: "PASS", False: "**FAIL**", None: "not measured"}[t["passed"]]
+        rows.append(f"| {mode['title']}: {what} / {t['reference']} | {_fmt(t['ratio'], '.3f')} "
+                    f"| <= {t['limit']:.2f} | {result} |")
+    versus_baseline = mode["ratios"]["time_vs_baseline"]
+    rows.append(f"| {mode['title']}: time / {mode['baseline']} | {versus_baseline:.3f} | no target "
+                f"| {'slower' if versus_baseline > 1 else 'faster'} than {mode['baseline']} |")
+    return rows
+
+
+def render_markdown(results: dict) -> str:
+    """The results as Markdown: the setting and machine, a table of variants, a table of targets (PASS/FAIL)."""
+    modes = results["modes"].values()
+    lines = [f"### fastalign bench: {results['op']}", "", *_setting_lines(results), "",
+             "| mode | variant | time (s) | spread | time / naive | time / floor | extra peak memory (MiB) "
+             "| memory / naive |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+             *(row for mode in modes for row in _variant_rows(mode)), "",
+             "| target (candidate: fused) | measured | limit | result |",
+             "| --- | ---: | ---: | --- |",
+             *(row for mode in modes for row in _target_rows(mode))]
+    if not results["at_issue_sizes"]:
+        issue = ISSUE_PROBLEM
+        lines += ["", f"The targets are set at N={issue.tokens}, H={issue.hidden_size}, V={issue.vocab_size}, "
+                      f"{issue.dtype}; at these sizes the marks are indicative only."]
+    return "\n".join(lines) + "\n"
+
+
+# --- command line ----------------------------------------------------------------------------------------------
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``fastalign bench`` and ``python -m fastalign.bench``."""
+    parser.add_argument("--op", choices=sorted(REGISTRY), default="logprobs", help="which fused op to benchmark")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help=f"N, tokens in the batch (default {ISSUE_PROBLEM.tokens})")
+    parser.add_argument("--hidden", type=int, default=None,
+                        help=f"H, hidden size of the model (default {ISSUE_PROBLEM.hidden_size})")
+    parser.add_argument("--vocab", type=int, default=None,
+                        help=f"V, vocabulary size (default {ISSUE_PROBLEM.vocab_size})")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="dtype of hidden states and weight (the targets are set for float32)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where to run: cpu or cuda (default: cuda when available)")
+    parser.add_argument("--bias", action="store_true", help="give the lm_head a bias")
+    parser.add_argument("--rounds", type=int, default=3, help="timing rounds; the best is kept (default 3)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement (one process each)")
+    parser.add_argument("--json-out", metavar="PATH", help="also write the results as JSON to PATH")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"tiny sizes that run in seconds (N={QUICK_PROBLEM.tokens}, H={QUICK_PROBLEM.hidden_size},"
+                             f" V={QUICK_PROBLEM.vocab_size}); explicit --tokens/--hidden/--vocab still win")
+
+
+def problem_from_arguments(args: argparse.Namespace) -> Problem:
+    base = QUICK_PROBLEM if args.quick else ISSUE_PROBLEM
+    return Problem(tokens=args.tokens or base.tokens, hidden_size=args.hidden or base.hidden_size,
+                   vocab_size=args.vocab or base.vocab_size, dtype=args.dtype, device=args.device, bias=args.bias)
+
+
+def problem_arguments(problem: Problem) -> list[str]:
+    """The command-line options that rebuild ``problem`` (for the memory worker)."""
+    return ["--tokens", str(problem.tokens), "--hidden", str(problem.hidden_size), "--vocab", str(problem.vocab_size),
+            "--dtype", problem.dtype, "--device", problem.device, *(["--bias"] if problem.bias else [])]
+
+
+def run_from_arguments(args: argparse.Namespace) -> dict:
+    """Run the benchmark the options describe, print its Markdown table, write the JSON if asked; the results."""
+    problem = problem_from_arguments(args)
+    results = run_benchmark(args.op, problem, rounds=args.rounds, memory=not args.no_memory,
+                            log=lambda message: print(f"[bench] {message}", file=sys.stderr, flush=True))
+    print(render_markdown(results))
+    if args.json_out:
+        with open(args.json_out, "w") as out:
+            json.dump(results, out, indent=2)
+            out.write("\n")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastalign.bench", description=__doc__.split("\n")[0])
+    add_bench_arguments(parser)
+    parser.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_worker:
+        extra = memory_worker(args.op, args.mode, args.variant, problem_from_arguments(args))
+        print(json.dumps({"extra_peak_bytes": extra}))
+    else:
+        run_from_arguments(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

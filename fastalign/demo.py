@@ -1,0 +1,220 @@
+"""``fastalign demo``: DPO, then PPO, on a tiny Llama built in code and a built-in counting task, on the CPU.
+
+Nothing is downloaded. The model (``fastalign.trainers.tiny``) starts from random weights; the task
+(``fastalign.trainers.tasks.CountingTask``) asks to continue a count (``"3 4 5 :"`` -> ``"6 7 8 9"``), and its
+rejected answers turn around, get a number wrong or do not stop. Steps:
+
+1. DPO with RPO's NLL term (``rpo_alpha=1``; there is no SFT stage, so the NLL term is what teaches the model to
+   write answers while the DPO term teaches which ones are preferred); reward accuracy on held-out prompts.
+2. PPO from the DPO policy with the task's rule-based reward (fraction of positions right), on the training
+   prompts; the mean score of sampled answers to held-out prompts before and after.
+3. Peak memory of one DPO training step at 2 x 8192 tokens with a 32k vocabulary, fused vs reference loss, each in
+   a fresh process.
+
+Then a summary, a PNG of the curves and the memory bars, and optionally the results as JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .trainers import DPOConfig, DPOTrainer, PPOConfig, PPOTrainer
+from .trainers.tasks import CountingTask
+from .trainers.tiny import tiny_llama, word_tokenizer
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Sizes of a demo run."""
+
+    dpo_steps: int
+    ppo_steps: int
+    memory_tokens: int  # tokens per sequence of the memory comparison (2 sequences: one pair)
+    memory_vocab: int = 32768
+    train_pairs: int = 4000
+    heldout_pairs: int = 300
+    heldout_prompts: int = 256
+
+
+FULL = DemoSettings(dpo_steps=120, ppo_steps=200, memory_tokens=8192)
+QUICK = DemoSettings(dpo_steps=120, ppo_steps=100, memory_tokens=512)
+
+
+def dpo_config(output_dir: str, steps: int) -> DPOConfig:
+    return DPOConfig(output_dir=output_dir, max_steps=steps, learning_rate=3e-3, warmup_ratio=0.1,
+                     per_device_train_batch_size=16, per_device_eval_batch_size=64, beta=0.1, rpo_alpha=1.0,
+                     logging_steps=5, eval_steps=25, max_length=32, max_prompt_length=16)
+
+
+def ppo_config(output_dir: str, steps: int) -> PPOConfig:
+    return PPOConfig(output_dir=output_dir, max_steps=steps, learning_rate=3e-4, warmup_ratio=0.05,
+                     per_device_train_batch_size=32, per_device_eval_batch_size=128, num_ppo_epochs=4,
+                     response_length=6, temperature=1.0, missing_eos_penalty=1.0, kl_coef=0.05, logging_steps=5,
+                     eval_steps=25)
+
+
+def dpo_step_memory(loss_backend: str, tokens: int, vocab_size: int) -> dict:
+    """Extra peak memory of one DPO training step (forward, backward, AdamW step) of the tiny Llama on one pair of
+    ``tokens``-token sequences with a ``vocab_size`` vocabulary, in this process (call it in a fresh one)."""
+    from .bench import extra_peak_bytes
+
+    words = [f"w{i}" for i in range(vocab_size - 3)]  # + <pad> <eos> <unk>
+    tokenizer = word_tokenizer(words)
+    torch.manual_seed(0)
+    model = tiny_llama(tokenizer, max_position_embeddings=tokens)
+    rng = random.Random(0)
+    prompt_length = tokens // 16
+    record = {"prompt": " ".join(rng.choices(words, k=prompt_length)),
+              "chosen": " ".join(rng.choices(words, k=tokens - prompt_length - 1)),
+              "rejected": " ".join(rng.choices(words, k=tokens - prompt_length - 1))}
+    with tempfile.TemporaryDirectory() as output_dir:
+        config = DPOConfig(output_dir=output_dir, max_length=tokens, max_prompt_length=prompt_length,
+                           per_device_train_batch_size=1, loss_backend=loss_backend, disable_tqdm=True)
+        trainer = DPOTrainer(model, tokenizer, [record], config)  # reference log-probs: computed here, not measured
+    trainer.setup_optimizer(2)
+    batch = trainer.batch(trainer.train_pairs, trainer.train_ref, [0])
+    short = {k: v[:, :64] if v.dim() == 2 else v for k, v in batch.items()}
+
+    def step(b):
+        loss, _ = trainer.compute_loss(b)
+        loss.backward()
+        trainer.optimizer_step(True)
+
+    step(short)  # warm-up: libraries, threads, AdamW state
+    extra = extra_peak_bytes(lambda: step(batch), torch.device("cpu"))
+    return {"loss_backend": loss_backend, "extra_peak_bytes": extra}
+
+
+def measure_memory(tokens: int, vocab_size: int) -> dict:
+    """``dpo_step_memory`` for both loss backends, each in a fresh Python process; sizes in MiB."""
+    out = {"tokens": 2 * tokens, "sequence_length": tokens, "vocab_size": vocab_size}
+    for backend in ("fused", "reference"):
+        code = (f"import json; from fastalign.demo import dpo_step_memory; "
+                f"print(json.dumps(dpo_step_memory({backend!r}, {tokens}, {vocab_size})))")
+        # Freed tensors go back to the system at once, so that RSS follows the live tensors (see fastalign.bench).
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            raise RuntimeError(f"memory measurement ({backend}) failed:\n{done.stderr}")
+        out[f"{backend}_mb"] = json.loads(done.stdout.strip().splitlines()[-1])["extra_peak_bytes"] / MiB
+    out["ratio"] = out["fused_mb"] / out["reference_mb"]
+    return out
+
+
+def plot(path: str, dpo_history: list[dict], ppo_history: list[dict], memory: dict) -> None:
+    """Training curves (DPO loss and reward accuracy/margin, PPO score and KL) and the memory bars, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(history, key):
+        points = [(r["step"], r[key]) for r in history if key in r]
+        return [p[0] for p in points], [p[1] for p in points]
+
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    ax = axes[0]
+    ax.plot(*series(dpo_history, "loss"), label="train loss")
+    ax.plot(*series(dpo_history, "eval_loss"), "o-", label="held-out loss")
+    ax.set(title="DPO (+RPO) loss", xlabel="step")
+    ax.legend()
+    ax = axes[1]
+    ax.plot(*series(dpo_history, "rewards/accuracies"), label="train accuracy")
+    ax.plot(*series(dpo_history, "eval_rewards/accuracies"), "o-", label="held-out accuracy")
+    ax.plot(*series(dpo_history, "eval_rewards/margins"), "s--", label="held-out margin")
+    ax.set(title="DPO implicit reward", xlabel="step")
+    ax.legend()
+    ax = axes[2]
+    ax.plot(*series(ppo_history, "objective/scores"), label="rollout score")
+    ax.plot(*series(ppo_history, "eval_objective/scores"), "o-", label="held-out score")
+    ax.plot(*series(ppo_history, "objective/kl"), label="KL to reference")
+    ax.set(title="PPO (rule-based reward)", xlabel="step")
+    ax.legend()
+    ax = axes[3]
+    bars = ax.bar(["fused", "reference"], [memory["fused_mb"], memory["reference_mb"]], color=["C2", "C3"])
+    ax.bar_label(bars, fmt="%.0f MiB")
+    ax.margins(y=0.15)
+    ax.set(title=f"DPO step, 2 x {memory['sequence_length']} tokens, V={memory['vocab_size']}",
+           ylabel="extra peak memory (MiB)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_demo(json_out: str | None = None, out_dir: str = "fastalign-demo", quick: bool = False) -> dict:
+    """Run the demo (``quick``: shorter training and a 2 x 1024-token memory comparison); write ``out_dir/demo.png``
+    and the trainers' outputs under ``out_dir``, and the results to ``json_out`` if given. Returns the results:
+    ``{"dpo": {"reward_accuracy", "reward_margin"}, "ppo": {"score_start", "score_end"}, "memory": {"tokens",
+    "fused_mb", "reference_mb", ...}, "seconds": ...}``."""
+    settings = QUICK if quick else FULL
+    os.makedirs(out_dir, exist_ok=True)
+    start = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: one thread beats two (no OpenMP hand-offs on small matmuls)
+    try:
+        task = CountingTask()
+        tokenizer = word_tokenizer(task.words)
+        torch.manual_seed(0)
+        model = tiny_llama(tokenizer)
+        print(f"[1/3] DPO: tiny Llama ({sum(p.numel() for p in model.parameters()) / 1e3:.0f}k parameters, random "
+              f"init) on the counting task ('3 4 5 :' -> '6 7 8 9'), {settings.dpo_steps} steps", flush=True)
+        dpo = DPOTrainer(model, tokenizer, task.preference_data(settings.train_pairs, seed=1),
+                         dpo_config(os.path.join(out_dir, "dpo"), settings.dpo_steps),
+                         eval_dataset=task.preference_data(settings.heldout_pairs, seed=2, heldout=True))
+        dpo_history = dpo.train()
+        final = dpo_history[-1]
+        print(f"[2/3] PPO from the DPO policy, rule-based reward, {settings.ppo_steps} steps", flush=True)
+        ppo = PPOTrainer(model, tokenizer, task.prompts(settings.train_pairs, seed=3), task.score,
+                         ppo_config(os.path.join(out_dir, "ppo"), settings.ppo_steps),
+                         eval_dataset=task.prompts(settings.heldout_prompts, seed=4, heldout=True))
+        score_start = ppo.evaluate()["eval_objective/scores"]
+        ppo_history = ppo.train()
+    finally:
+        torch.set_num_threads(threads)
+    rollout_scores = [r["objective/scores"] for r in ppo_history if "objective/scores" in r]
+    tokens, vocab = settings.memory_tokens, settings.memory_vocab
+    print(f"[3/3] peak memory of a DPO step at 2 x {tokens} tokens, V={vocab}: fused vs reference loss "
+          f"(fresh processes)", flush=True)
+    memory = measure_memory(tokens, vocab)
+    results = {
+        "dpo": {"reward_accuracy": final["eval_rewards/accuracies"], "reward_margin": final["eval_rewards/margins"],
+                "steps": settings.dpo_steps},
+        "ppo": {"score_start": score_start, "score_end": ppo_history[-1]["eval_objective/scores"],
+                "rollout_score_start": rollout_scores[0], "rollout_score_end": rollout_scores[-1],
+                "steps": settings.ppo_steps},
+        "memory": memory,
+        "seconds": time.perf_counter() - start,
+        "plot": os.path.join(out_dir, "demo.png"),
+    }
+    plot(results["plot"], dpo_history, [{"step": 0, "eval_objective/scores": score_start}, *ppo_history], memory)
+    print(summary(results), flush=True)
+    if json_out:
+        with open(json_out, "w") as out:
+            json.dump(results, out, indent=2)
+            out.write("\n")
+    return results
+
+
+def summary(results: dict) -> str:
+    dpo, ppo, memory = results["dpo"], results["ppo"], results["memory"]
+    return "\n".join([
+        "",
+        "fastalign demo: summary",
+        f"  DPO  held-out reward accuracy {dpo['reward_accuracy']:.3f}, reward margin {dpo['reward_margin']:.2f}",
+        f"  PPO  held-out mean score {ppo['score_start']:.3f} -> {ppo['score_end']:.3f} "
+        f"(training rollouts {ppo['rollout_score_start']:.3f} -> {ppo['rollout_score_end']:.3f})",
+        f"  memory, one DPO step at 2 x {memory['sequence_length']} tokens, V={memory['vocab_size']}, fp32: "
+        f"fused {memory['fused_mb']:.0f} MiB vs reference {memory['reference_mb']:.0f} MiB extra peak "
+        f"({memory['ratio']:.2f}x)",
+        f"  plot {results['plot']}; {results['seconds']:.0f} s in all",
+    ])

@@ -1,0 +1,224 @@
+"""Hugging Face glue: the last hidden states and the lm_head of a ``transformers`` causal LM, without the logits.
+
+Works with any decoder-only ``PreTrainedModel`` whose lm_head is a plain linear map of the backbone's last hidden
+state (Llama, Qwen2, Mistral, GPT-2, tied embeddings or not), and with a ``peft`` model wrapping one (LoRA on the
+backbone; the lm_head itself must not be adapted). The backbone is called directly, so the lm_head's forward
+never runs.
+
+A :class:`ValueHead` (``[H] -> 1``) attaches to a causal LM as its ``value_head`` submodule (it moves, trains and
+checkpoints with it); :func:`save_pretrained` / :func:`load_pretrained` write and read it next to the model.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from typing import NamedTuple
+
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+ADAPTER_FILE = "adapter_model.safetensors"
+
+# Config fields that put a transform between the lm_head and the log-softmax (Gemma 2 soft-capping, Cohere and
+# Granite logit scales): the fused ops would compute different log-probs, so such models are refused.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+class LMHead(NamedTuple):
+    """The lm_head of a causal LM: ``weight [V, H]`` (the embedding matrix when tied) and ``bias [V]`` or None."""
+
+    weight: Tensor
+    bias: Tensor | None
+
+
+class CausalLMParts(NamedTuple):
+    """What a fused op needs for next-token log-probs, shifted as in training: position ``t`` predicts ``t + 1``.
+
+    hidden ``[B, T-1, H]``, weight ``[V, H]``, bias ``[V]`` or None, targets ``[B, T-1]`` (-100 where ignored).
+    """
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    targets: Tensor
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a ``peft`` wrapper (``PeftModel`` and subclasses)."""
+    return callable(getattr(model, "get_base_model", None)) and hasattr(model, "peft_config")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The ``transformers`` causal LM inside ``model`` (the peft base model, whose layers carry the adapters)."""
+    return model.get_base_model() if is_peft_model(model) else model
+
+
+def get_backbone(model: nn.Module) -> nn.Module:
+    """The decoder stack that returns the last hidden states (``model.model`` for Llama, ``.transformer`` for GPT-2)."""
+    causal_lm = unwrap_model(model)
+    backbone = getattr(causal_lm, "base_model", None)
+    if backbone is None or backbone is causal_lm:
+        raise TypeError(f"model: expected a transformers causal LM with a backbone (base_model_prefix), "
+                        f"got {type(causal_lm).__name__}")
+    return backbone
+
+
+def get_lm_head(model: nn.Module) -> LMHead:
+    """The lm_head weight ``[V, H]`` and bias of ``model`` (shared with the input embeddings when tied)."""
+    causal_lm = unwrap_model(model)
+    config = getattr(causal_lm, "config", None)
+    for name in _LOGIT_TRANSFORMS:
+        value = getattr(config, name, None)
+        if value not in (None, 1, 1.0):
+            raise ValueError(f"model: {type(causal_lm).__name__} transforms its logits ({name}={value}), "
+                             f"which the fused ops do not support")
+    head = causal_lm.get_output_embeddings()
+    if head is None:
+        raise TypeError(f"model: {type(causal_lm).__name__} has no output embeddings (lm_head)")
+    if hasattr(head, "base_layer"):
+        raise ValueError("model: the lm_head is wrapped by a peft adapter; leave lm_head out of the adapter's "
+                         "target_modules (the fused ops take a plain weight)")
+    if not isinstance(getattr(head, "weight", None), Tensor) or head.weight.dim() != 2:
+        raise TypeError(f"model: expected a linear lm_head with a [V, H] weight, got {type(head).__name__}")
+    return LMHead(head.weight, getattr(head, "bias", None))
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """``[B, T]`` positions counting real tokens only, so left-padded rows start at 0 as in generation."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """Last hidden states ``[B, T, H]`` (after the final norm) of ``input_ids [B, T]``; the lm_head is not called.
+
+    With an ``attention_mask`` the positions count real tokens only (left or right padding both work).
+    """
+    kwargs = {}
+    if attention_mask is not None:
+        kwargs = dict(attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask))
+    out = get_backbone(model)(input_ids=input_ids, use_cache=False, **kwargs)
+    return out.last_hidden_state
+
+
+def shifted_labels(input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None,
+                   ignore_index: int = -100) -> Tensor:
+    """Targets ``[B, T-1]``: ``labels[:, 1:]`` (default ``input_ids`` with padding set to ``ignore_index``)."""
+    if labels is None:
+        labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, ignore_index)
+    return labels[:, 1:]
+
+
+def causal_lm_parts(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None,
+                    labels: Tensor | None = None, ignore_index: int = -100) -> CausalLMParts:
+    """Hidden states of positions ``0..T-2`` and the targets ``1..T-1``, with the lm_head: the inputs of the fused
+    ops for a causal LM's loss on ``input_ids [B, T]`` (``labels [B, T]`` as for ``model(..., labels=labels)``)."""
+    hidden = hidden_states(model, input_ids, attention_mask)[:, :-1]
+    weight, bias = get_lm_head(model)
+    return CausalLMParts(hidden, weight, bias, shifted_labels(input_ids, attention_mask, labels, ignore_index))
+
+
+# --- value head ------------------------------------------------------------------------------------------------
+
+class ValueHead(nn.Module):
+    """A linear value head ``hidden [..., H] -> values [...]`` (``weight [1, H]``, ``bias [1]``)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.summary = nn.Linear(hidden_size, 1)
+        # TRL's layer_init for the critic's output layer: small weights, zero bias.
+        nn.init.normal_(self.summary.weight, std=1.0 / (hidden_size + 1) ** 0.5)
+        nn.init.zeros_(self.summary.bias)
+
+    @property
+    def weight(self) -> Tensor:
+        return self.summary.weight
+
+    @property
+    def bias(self) -> Tensor:
+        return self.summary.bias
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.summary(hidden.to(self.weight.dtype)).squeeze(-1)
+
+
+def get_value_head(model: nn.Module) -> ValueHead | None:
+    """The value head attached to ``model``, or None."""
+    return getattr(unwrap_model(model), "value_head", None)
+
+
+def attach_value_head(model: nn.Module, directory: str | None = None) -> ValueHead:
+    """Attach a value head to ``model`` as ``value_head`` (new, or loaded from a :func:`save_pretrained` directory).
+
+    The head goes on the causal LM (inside a peft wrapper), on the lm_head's device and dtype; an attached head is
+    returned as is unless ``directory`` is given.
+    """
+    causal_lm = unwrap_model(model)
+    head = get_value_head(model)
+    if head is None:
+        weight = get_lm_head(model).weight
+        head = ValueHead(weight.shape[1]).to(device=weight.device, dtype=weight.dtype)
+        causal_lm.value_head = head
+    if directory is not None:
+        path = os.path.join(directory, VALUE_HEAD_FILE)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"directory: no {VALUE_HEAD_FILE} in {directory}")
+        head.load_state_dict(load_file(path, device=str(head.weight.device)))
+    return head
+
+
+def save_pretrained(model: nn.Module, directory: str, tokenizer=None) -> None:
+    """``model.save_pretrained(directory)`` (the adapters only for peft), the tokenizer, and the value head in
+    ``value_head.safetensors``; the model files stay a plain ``transformers`` checkpoint."""
+    head = get_value_head(model)
+    if head is not None and not is_peft_model(model):
+        state = {k: v for k, v in model.state_dict().items() if not k.startswith("value_head.")}
+        model.save_pretrained(directory, state_dict=state)
+    else:
+        model.save_pretrained(directory)
+    if head is not None:
+        save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()},
+                  os.path.join(directory, VALUE_HEAD_FILE))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+def load_pretrained(directory: str, **kwargs) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained(directory, **kwargs)`` with its value head attached, if saved."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    if os.path.exists(os.path.join(directory, VALUE_HEAD_FILE)):
+        attach_value_head(model, directory)
+    return model
+
+
+def load_weights(model: nn.Module, directory: str) -> None:
+    """Load in place the weights :func:`save_pretrained` wrote (resuming a run): the adapters of a peft model or
+    every weight of a plain one, and the value head. Raises if a weight is missing (tied ones excepted)."""
+    device = str(get_lm_head(model).weight.device)
+    if is_peft_model(model):
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(os.path.join(directory, ADAPTER_FILE), device=device))
+        unexpected = result.unexpected_keys
+    else:
+        files = [f for f in glob.glob(os.path.join(directory, "*.safetensors"))
+                 if os.path.basename(f) != VALUE_HEAD_FILE]
+        if not files:
+            raise FileNotFoundError(f"directory: no model *.safetensors in {directory}")
+        state = {}
+        for f in files:
+            state.update(load_file(f, device=device))
+        result = unwrap_model(model).load_state_dict(state, strict=False)
+        loaded = {t.data_ptr() for name, t in unwrap_model(model).state_dict().items() if name in state}
+        params = dict(unwrap_model(model).named_parameters(remove_duplicate=False))
+        missing = [k for k in result.missing_keys if not k.startswith("value_head.")
+                   and not (k in params and params[k].data_ptr() in loaded)]
+        if missing:
+            raise ValueError(f"directory: {directory} lacks weights {missing}")
+        unexpected = result.unexpected_keys
+    if unexpected:
+        raise ValueError(f"directory: {directory} holds weights the model does not have: {unexpected}")
+    if get_value_head(model) is not None:
+        attach_value_head(model, directory)

@@ -1,0 +1,295 @@
+"""``fastalign dpo --config FILE.yaml`` and ``fastalign ppo --config FILE.yaml``: the trainers from a YAML file.
+
+The file names a model, a tokenizer, data files and, under ``config:``, the fields of :class:`DPOConfig` /
+:class:`PPOConfig`. ``example_config(kind)`` is a commented example that runs as is (tiny model, built-in data).
+Mistakes (a missing file, an unknown or ill-typed field) raise :class:`ConfigError` or ``FileNotFoundError`` with a
+message that says what to fix.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib
+import os
+import sys
+import typing
+from dataclasses import fields
+
+from .dpo import DPOConfig, DPOTrainer
+from .ppo import PPOConfig, PPOTrainer
+from .tasks import CountingTask
+
+BUILTIN = "builtin:"
+BUILTIN_DATA = ("counting", "counting-heldout")
+TOKENIZERS = ("char", "counting")
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be run as written."""
+
+
+EXAMPLES = {
+    "dpo": """\
+# fastalign dpo --config dpo.yaml      (relative paths are relative to the current directory)
+model: tiny                 # "tiny": a tiny Llama built in code (random init), or a transformers model directory
+# tiny: {hidden_size: 64, num_hidden_layers: 2}   # LlamaConfig fields for model: tiny
+tokenizer: counting         # "char" (one token per character), "counting" (the built-in task's words), or a
+                            # tokenizer directory; default: the model directory, or "char" for model: tiny
+train_file: builtin:counting            # JSONL, one {"prompt": .., "chosen": .., "rejected": ..} per line
+eval_file: builtin:counting-heldout     # optional, same format
+config:                     # DPOConfig fields, TRL's names (see `pydoc fastalign.trainers.DPOConfig`)
+  output_dir: fastalign-dpo
+  max_steps: 120
+  learning_rate: 3.0e-3
+  warmup_ratio: 0.1
+  per_device_train_batch_size: 16
+  beta: 0.1
+  loss_type: sigmoid        # sigmoid, robust, hinge, ipo, sppo_hard, nca_pair, apo_zero, apo_down
+  rpo_alpha: 1.0            # adds the NLL of the chosen answers (RPO); null for plain DPO
+  max_length: 64
+  max_prompt_length: 32
+  eval_steps: 40
+  loss_backend: fused       # fused (no logits) or reference (materialized logits, for comparison)
+""",
+    "ppo": """\
+# fastalign ppo --config ppo.yaml      (relative paths are relative to the current directory)
+model: fastalign-dpo        # a transformers model directory (here: the output of the dpo example), or "tiny"
+# tokenizer: path/to/tokenizer          # default: the model directory, or "char" for model: tiny
+prompts_file: builtin:counting          # JSONL, one {"prompt": ..} (or a JSON string) per line
+eval_file: builtin:counting-heldout     # optional prompts, scored every eval_steps and at the end
+reward: counting            # "counting" (the built-in task's rule), or "package.module:function" taking
+                            # (prompts, completions) and returning a list of floats
+# reward_model: path/to/reward-model    # instead of reward: a sequence-classification model directory
+config:                     # PPOConfig fields, TRL's names (see `pydoc fastalign.trainers.PPOConfig`)
+  output_dir: fastalign-ppo
+  max_steps: 100
+  learning_rate: 3.0e-4
+  per_device_train_batch_size: 32
+  num_ppo_epochs: 4
+  response_length: 6
+  temperature: 1.0
+  missing_eos_penalty: 1.0
+  kl_coef: 0.05
+  eval_steps: 25
+  loss_backend: fused
+""",
+}
+
+HELP = {
+    "dpo": "train a model with DPO from a YAML config file (model, data files, DPOConfig fields)",
+    "ppo": "train a model with PPO from a YAML config file (model, prompts, reward, PPOConfig fields)",
+}
+
+DESCRIPTIONS = {
+    kind: f"""{HELP[kind][0].upper()}{HELP[kind][1:]}.
+
+Start from the example, which runs as is in under a minute on a CPU (nothing is downloaded):
+
+  fastalign {kind} --example > {kind}.yaml
+  fastalign {kind} --config {kind}.yaml
+
+Progress shows on a bar; metrics (TRL's names) go to OUTPUT_DIR/metrics.jsonl, checkpoints to
+OUTPUT_DIR/checkpoint-N every save_steps, the final model to OUTPUT_DIR. Set resume_from_checkpoint: true (or a
+checkpoint directory) at the top level of the file to resume a run exactly.
+
+The example file:
+
+{EXAMPLES[kind]}"""
+    for kind in ("dpo", "ppo")
+}
+
+_KEYS = {
+    "dpo": ("model", "tiny", "tokenizer", "train_file", "eval_file", "config", "resume_from_checkpoint"),
+    "ppo": ("model", "tiny", "tokenizer", "prompts_file", "eval_file", "reward", "reward_model", "config",
+            "resume_from_checkpoint"),
+}
+
+
+def example_config(kind: str) -> str:
+    """A commented example config file for ``kind`` (``"dpo"`` or ``"ppo"``)."""
+    return EXAMPLES[_check_kind(kind)]
+
+
+def _check_kind(kind: str) -> str:
+    if kind not in _KEYS:
+        raise ValueError(f"kind: expected 'dpo' or 'ppo', got {kind!r}")
+    return kind
+
+
+def _unknown(what: str, name: str, allowed) -> ConfigError:
+    close = difflib.get_close_matches(name, allowed, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return ConfigError(f"{what}: unknown field {name!r}; {hint}expected one of {', '.join(allowed)}")
+
+
+def read_config_file(kind: str, path: str) -> dict:
+    """The YAML mapping in ``path``, its top-level keys checked against those ``kind`` takes."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config: no such file: {path}")
+    with open(path) as f:
+        try:
+            spec = yaml.safe_load(f)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{path}: expected a mapping of fields (model:, config:, ...), got {type(spec).__name__}")
+    for key in spec:
+        if key not in _KEYS[kind]:
+            raise _unknown(path, str(key), _KEYS[kind])
+    if "model" not in spec:
+        raise ConfigError(f"{path}: missing field 'model' (\"tiny\" or a transformers model directory)")
+    return spec
+
+
+def trainer_config(cls, values, path: str):
+    """``cls(**values)`` with names checked, numbers written as strings (YAML's ``1e-3``) converted, and errors
+    naming the field."""
+    values = values or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: config: expected a mapping of {cls.__name__} fields, got {type(values).__name__}")
+    names = [f.name for f in fields(cls)]
+    hints = typing.get_type_hints(cls)
+    converted = {}
+    for name, value in values.items():
+        if name not in names:
+            raise _unknown(f"{path}: config", str(name), names)
+        if isinstance(value, str) and float in typing.get_args(hints[name]) + (hints[name],):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        converted[name] = value
+    try:
+        return cls(**converted)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{path}: config: {error}") from None
+
+
+def load_model_and_tokenizer(spec: dict, path: str):
+    """The model (``tiny`` or a directory) and its tokenizer, as the file says."""
+    from transformers import AutoTokenizer, LlamaConfig
+
+    from .. import hf
+    from .tiny import char_tokenizer, tiny_llama, word_tokenizer
+
+    model_name = spec["model"]
+    if model_name != "tiny" and not os.path.isdir(str(model_name)):
+        raise FileNotFoundError(f"{path}: model: no such directory: {model_name} (or use model: tiny)")
+    tokenizer_name = spec.get("tokenizer") or ("char" if model_name == "tiny" else model_name)
+    if tokenizer_name == "char":
+        tokenizer = char_tokenizer()
+    elif tokenizer_name == "counting":
+        tokenizer = word_tokenizer(CountingTask().words)
+    elif os.path.isdir(str(tokenizer_name)):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
+    else:
+        raise FileNotFoundError(f"{path}: tokenizer: no such directory: {tokenizer_name} "
+                                f"(or use one of {', '.join(TOKENIZERS)})")
+    if model_name != "tiny":
+        return hf.load_pretrained(model_name), tokenizer
+    overrides = spec.get("tiny") or {}
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{path}: tiny: expected a mapping of LlamaConfig fields, got {overrides!r}")
+    known = list(LlamaConfig().to_dict())
+    for name in overrides:
+        if name not in known:
+            raise _unknown(f"{path}: tiny", str(name), known)
+    return tiny_llama(tokenizer, **overrides), tokenizer
+
+
+def load_data(spec: dict, key: str, path: str, kind: str):
+    """A data file path, or the built-in counting data (``builtin:counting``, ``builtin:counting-heldout``)."""
+    value = spec.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"{path}: {key}: expected a file path or builtin:counting, got {value!r}")
+    if not value.startswith(BUILTIN):
+        return value
+    name = value[len(BUILTIN):]
+    if name not in BUILTIN_DATA:
+        raise ConfigError(f"{path}: {key}: unknown built-in data {value!r}; expected one of "
+                          f"{', '.join(BUILTIN + n for n in BUILTIN_DATA)}")
+    task, heldout = CountingTask(), name.endswith("heldout")
+    if kind == "dpo":
+        return task.preference_data(300 if heldout else 4000, seed=2 if heldout else 1, heldout=heldout)
+    return task.prompts(256 if heldout else 4000, seed=2 if heldout else 1, heldout=heldout)
+
+
+def load_reward(spec: dict, path: str):
+    """The reward function (``counting`` or ``module:function``) or the reward model the file names."""
+    reward, reward_model = spec.get("reward"), spec.get("reward_model")
+    if (reward is None) == (reward_model is None):
+        raise ConfigError(f"{path}: give exactly one of reward (\"counting\" or \"module:function\") and "
+                          f"reward_model (a directory)")
+    if reward_model is not None:
+        from transformers import AutoModelForSequenceClassification
+
+        if not os.path.isdir(reward_model):
+            raise FileNotFoundError(f"{path}: reward_model: no such directory: {reward_model}")
+        return AutoModelForSequenceClassification.from_pretrained(reward_model).eval()
+    if reward == "counting":
+        return CountingTask().score
+    module_name, _, function = str(reward).partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), function)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ConfigError(f"{path}: reward: cannot import {reward!r} (expected \"counting\" or "
+                          f"\"package.module:function\"): {error}") from None
+
+
+def run_from_config(kind: str, path: str) -> DPOTrainer | PPOTrainer:
+    """Build the trainer ``path`` describes (``kind``: ``"dpo"`` or ``"ppo"``), train, and return it (its
+    ``history`` holds the logged records, the final model is in its ``config.output_dir``)."""
+    spec = read_config_file(_check_kind(kind), path)
+    if kind == "dpo":
+        config = trainer_config(DPOConfig, spec.get("config"), path)
+        train = load_data(spec, "train_file", path, kind)
+        if train is None:
+            raise ConfigError(f"{path}: missing field 'train_file' (a JSONL file or builtin:counting)")
+        model, tokenizer = load_model_and_tokenizer(spec, path)
+        trainer = DPOTrainer(model, tokenizer, train, config, eval_dataset=load_data(spec, "eval_file", path, kind))
+    else:
+        config = trainer_config(PPOConfig, spec.get("config"), path)
+        prompts = load_data(spec, "prompts_file", path, kind)
+        if prompts is None:
+            raise ConfigError(f"{path}: missing field 'prompts_file' (a JSONL file or builtin:counting)")
+        reward = load_reward(spec, path)
+        model, tokenizer = load_model_and_tokenizer(spec, path)
+        trainer = PPOTrainer(model, tokenizer, prompts, reward, config,
+                             eval_dataset=load_data(spec, "eval_file", path, kind))
+    trainer.train(resume_from_checkpoint=spec.get("resume_from_checkpoint"))
+    return trainer
+
+
+def add_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
+    """The options of ``fastalign dpo`` / ``fastalign ppo``: ``--config FILE.yaml`` and ``--example``."""
+    parser.add_argument("--config", metavar="FILE.yaml", help="the YAML config file to run")
+    parser.add_argument("--example", action="store_true", help="print a commented example config file and exit")
+    parser.set_defaults(config_kind=_check_kind(kind))
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run ``fastalign dpo|ppo`` from parsed :func:`add_arguments` options; exit status 2 with a one-line message
+    on a bad config file or bad data."""
+    kind = args.config_kind
+    if args.example:
+        print(example_config(kind), end="")
+        return 0
+    if not args.config:
+        print(f"fastalign {kind}: error: --config FILE.yaml is required (try --example for a starting point)",
+              file=sys.stderr)
+        return 2
+    try:
+        trainer = run_from_config(kind, args.config)
+    except (ValueError, FileNotFoundError) as error:  # ConfigError, and data errors (which name the problem)
+        print(f"fastalign {kind}: error: {error}", file=sys.stderr)
+        return 2
+    shown = (*trainer.progress_metrics, *(f"eval_{k}" for k in trainer.progress_metrics), "eval_objective/scores")
+    final = {k: round(v, 4) for r in trainer.history for k, v in r.items() if k in shown}
+    out = trainer.config.output_dir
+    print(f"fastalign {kind}: {trainer.step} steps done; last values {final}\n"
+          f"model: {out}/, metrics: {os.path.join(out, 'metrics.jsonl')}")
+    return 0

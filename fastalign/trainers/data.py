@@ -1,0 +1,112 @@
+"""Data for the trainers: loading records, tokenizing preference pairs with the prompt masked, padding."""
+from __future__ import annotations
+
+import json
+import os
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+
+
+def load_records(data, name: str) -> list:
+    """A list of records from a list, a JSONL file path, or a ``datasets.Dataset`` (anything with ``to_list``)."""
+    if isinstance(data, (str, os.PathLike)):
+        if not os.path.isfile(data):
+            raise FileNotFoundError(f"{name}: no such file: {data}")
+        records = []
+        with open(data) as lines:
+            for number, line in enumerate(lines, 1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as error:
+                        raise ValueError(f"{name}: {data} line {number} is not JSON: {error}") from None
+        return records
+    if isinstance(data, (list, tuple)):
+        return list(data)
+    if callable(getattr(data, "to_list", None)):
+        return data.to_list()
+    raise TypeError(f"{name}: expected a list of records, a JSONL path or a datasets.Dataset, "
+                    f"got {type(data).__name__}")
+
+
+def load_preference_data(data, name: str = "train_dataset") -> list[dict[str, str]]:
+    """Records ``{"prompt", "chosen", "rejected"}`` of strings (see :func:`load_records`); at least one."""
+    records = load_records(data, name)
+    if not records:
+        raise ValueError(f"{name}: expected at least one record, got none")
+    for i, record in enumerate(records):
+        if not isinstance(record, dict) or not all(isinstance(record.get(k), str)
+                                                   for k in ("prompt", "chosen", "rejected")):
+            raise ValueError(f"{name}: record {i} must have string fields 'prompt', 'chosen' and 'rejected', "
+                             f"got {record!r:.200}")
+    return records
+
+
+def load_prompts(data, name: str = "prompts") -> list[str]:
+    """Prompt strings, from strings or records with a string ``"prompt"`` (see :func:`load_records`)."""
+    records = load_records(data, name)
+    if not records:
+        raise ValueError(f"{name}: expected at least one prompt, got none")
+    prompts = [r.get("prompt") if isinstance(r, dict) else r for r in records]
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise ValueError(f"{name}: item {i} must be a string or have a string 'prompt', got {records[i]!r:.200}")
+    return prompts
+
+
+class PairTokens(NamedTuple):
+    """Token ids of one preference pair: the prompt, and each response ending with EOS (unless truncated)."""
+
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+
+
+def encode_prompt(tokenizer, prompt: str, max_prompt_length: int | None) -> list[int]:
+    """Prompt ids with the tokenizer's special tokens (BOS if it adds one), keeping the last ``max_prompt_length``."""
+    ids = tokenizer(prompt)["input_ids"]
+    return ids[-max_prompt_length:] if max_prompt_length else ids
+
+
+def tokenize_pair(tokenizer, record: dict[str, str], max_length: int | None,
+                  max_prompt_length: int | None) -> PairTokens:
+    """Tokenize prompt and responses separately (as TRL). The prompt keeps its last ``max_prompt_length`` tokens
+    (at most ``max_length - 1``), then each response is cut so that prompt + response fits ``max_length``."""
+    if max_length:
+        max_prompt_length = min(max_prompt_length or max_length, max_length - 1)
+    prompt = encode_prompt(tokenizer, record["prompt"], max_prompt_length)
+
+    def response(text: str) -> list[int]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        return ids[:max(max_length - len(prompt), 0)] if max_length else ids
+
+    return PairTokens(prompt, response(record["chosen"]), response(record["rejected"]))
+
+
+def pad(sequences: list[list[int]], value: int, left: bool = False) -> tuple[Tensor, Tensor]:
+    """``ids [B, T]`` padded with ``value`` (on the left or right) and ``attention_mask [B, T]``."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), value, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        span = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, span] = torch.tensor(s, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
+def collate_pairs(pairs: list[PairTokens], pad_token_id: int) -> dict[str, Tensor]:
+    """A DPO batch of ``B`` pairs: ``input_ids``, ``attention_mask``, ``labels`` ``[2B, T]``, the ``B`` chosen
+    sequences first, then the ``B`` rejected ones; right padding; labels are -100 on prompt and padding."""
+    sequences, labels = [], []
+    for side in ("chosen", "rejected"):
+        for pair in pairs:
+            response = getattr(pair, side)
+            sequences.append(pair.prompt + response)
+            labels.append([IGNORE_INDEX] * len(pair.prompt) + response)
+    input_ids, attention_mask = pad(sequences, pad_token_id)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": pad(labels, IGNORE_INDEX)[0]}

@@ -1,0 +1,236 @@
+"""PPO trainer: prompts and a reward in, a policy with a shared-backbone value head out (TRL's names)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .. import hf
+from ..objectives.aggregation import masked_whiten
+from ..objectives.ppo import KL_ESTIMATORS, PPOLossConfig
+from . import losses
+from .common import Trainer, TrainingConfig, as_floats, batch_indices, frozen_copy, mean_metrics, require, \
+    steps_per_epoch
+from .data import IGNORE_INDEX, encode_prompt, load_prompts, pad
+from .rollout import gae, rewards_with_kl, truncate_at_eos
+
+RewardFn = Callable[[list[str], list[str]], list[float]]
+
+
+@dataclass
+class PPOConfig(TrainingConfig):
+    """PPO options (TRL's ``PPOConfig`` names) on top of :class:`TrainingConfig`.
+
+    One step: a rollout of ``per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches``
+    prompts, then ``num_ppo_epochs`` passes over it in ``num_mini_batches`` optimizer steps. Responses: at most
+    ``response_length`` tokens sampled at ``temperature`` (plain sampling, as TRL), cut after the first EOS;
+    ``missing_eos_penalty`` is subtracted from the score of a response without EOS. Rewards: the score on the last
+    token, ``-kl_coef * kl`` (``kl_estimator``) on every token; GAE with ``gamma``, ``lam``; whitened advantages.
+    ``max_prompt_length``: prompts keep their last tokens.
+    """
+
+    learning_rate: float = 3e-6
+    num_ppo_epochs: int = 4
+    num_mini_batches: int = 1
+    response_length: int = 53
+    temperature: float = 0.7
+    missing_eos_penalty: float | None = None
+    max_prompt_length: int | None = 512
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_rewards: bool = False
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("num_ppo_epochs", "num_mini_batches", "response_length"):
+            require(self, name, getattr(self, name) >= 1, "an int >= 1")
+        require(self, "max_prompt_length", self.max_prompt_length is None or self.max_prompt_length >= 1,
+                "None or an int >= 1")
+        require(self, "temperature", self.temperature > 0, "a number > 0")
+        require(self, "kl_estimator", self.kl_estimator in KL_ESTIMATORS, f"one of {KL_ESTIMATORS}")
+        for name in ("gamma", "lam"):
+            require(self, name, 0 <= getattr(self, name) <= 1, "a number in [0, 1]")
+        for name in ("kl_coef", "cliprange", "cliprange_value", "vf_coef"):
+            require(self, name, getattr(self, name) >= 0, "a number >= 0")
+
+    @property
+    def loss_config(self) -> PPOLossConfig:
+        """The loss options (the KL penalty is in the rewards, not in the loss)."""
+        return PPOLossConfig(cliprange=self.cliprange, cliprange_value=self.cliprange_value, vf_coef=self.vf_coef)
+
+
+class Samples(NamedTuple):
+    """Sampled responses: ``[B, Q + R]`` prompt + response ids and mask, ``[B, R]`` response ids (padded after
+    EOS) and mask, ``[B]`` has_eos and scores (``missing_eos_penalty`` applied)."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    response: Tensor
+    mask: Tensor
+    has_eos: Tensor
+    scores: Tensor
+
+
+class Rollout(NamedTuple):
+    """One batch of experience; per-token tensors ``[B, R]`` are over the response (``R`` tokens)."""
+
+    input_ids: Tensor  # [B, Q + R] left-padded prompt, then the response
+    attention_mask: Tensor  # [B, Q + R]
+    targets: Tensor  # [B, R] response tokens, -100 after the first EOS
+    mask: Tensor  # [B, R] bool, response tokens up to and including the first EOS
+    logprobs: Tensor  # [B, R] policy log-probs at sampling time
+    values: Tensor  # [B, R]
+    advantages: Tensor  # [B, R] whitened
+    returns: Tensor  # [B, R]
+    metrics: dict[str, float]
+
+
+class PPOTrainer(Trainer):
+    """``PPOTrainer(model, tokenizer, prompts, reward_fn, config, ref_model=None).train()``.
+
+    prompts: strings or records with ``"prompt"`` (list, JSONL path, ``datasets.Dataset``). reward_fn:
+    ``reward_fn(prompts, completions) -> list[float]`` on the decoded texts, or a sequence-classification reward
+    model (an ``nn.Module`` sharing the tokenizer) scored on prompt + response. A value head is attached to
+    ``model`` (shared backbone) unless it has one. ``ref_model`` None: a frozen copy of ``model`` as it is now.
+    ``eval_dataset``: prompts whose mean sampled score is logged every ``eval_steps`` and at the end.
+    """
+
+    name = "ppo"
+    progress_metrics = ("objective/scores", "objective/kl", "policy/clipfrac")
+
+    def __init__(self, model: nn.Module, tokenizer, prompts, reward_fn: RewardFn | nn.Module,
+                 config: PPOConfig | None = None, ref_model: nn.Module | None = None, eval_dataset=None):
+        config = config or PPOConfig()
+        super().__init__(model, tokenizer, config)
+        if tokenizer.eos_token_id is None:
+            raise ValueError("tokenizer: PPO needs an eos_token to end responses")
+        self.prompts = load_prompts(prompts)
+        self.queries = [encode_prompt(tokenizer, p, config.max_prompt_length) for p in self.prompts]
+        if eval_dataset is not None:
+            self.eval_dataset = load_prompts(eval_dataset, "eval_dataset")
+            self.eval_queries = [encode_prompt(tokenizer, p, config.max_prompt_length) for p in self.eval_dataset]
+        self.reward_fn = reward_fn
+        self.value_head = hf.attach_value_head(model)
+        self.ref_model = ref_model.eval() if ref_model is not None else frozen_copy(model)
+        from transformers import GenerationConfig
+
+        self.generation_config = GenerationConfig(
+            max_new_tokens=config.response_length, do_sample=True, temperature=config.temperature, top_k=0,
+            top_p=1.0, pad_token_id=self.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+
+    def score(self, prompts: list[str], completions: list[str], input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Scores ``[B]`` from the reward function (texts) or the reward model (token ids)."""
+        if isinstance(self.reward_fn, nn.Module):
+            out = self.reward_fn(input_ids=input_ids, attention_mask=attention_mask,
+                                 position_ids=hf.position_ids_from_mask(attention_mask))
+            return out.logits.reshape(len(prompts), -1)[:, 0].float()
+        scores = self.reward_fn(prompts, completions)
+        if len(scores) != len(prompts):
+            raise ValueError(f"reward_fn: returned {len(scores)} scores for {len(prompts)} completions")
+        return torch.tensor([float(s) for s in scores])
+
+    def response_hidden(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor, width: int) -> Tensor:
+        """Hidden states ``[B, R, H]`` at the positions that predict the ``width`` response tokens."""
+        return hf.hidden_states(model, input_ids, attention_mask)[:, -width - 1:-1]
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], queries: list[list[int]]) -> Samples:
+        """Sample a response to each prompt with ``model.generate``, cut it after EOS and score it."""
+        query, query_mask = pad(queries, self.pad_token_id, left=True)
+        self.model.eval()
+        sequences = self.model.generate(input_ids=query, attention_mask=query_mask,
+                                        generation_config=self.generation_config)
+        self.model.train()
+        response, mask, has_eos = truncate_at_eos(sequences[:, query.shape[1]:], self.tokenizer.eos_token_id,
+                                                  self.pad_token_id)
+        input_ids = torch.cat([query, response], 1)
+        attention_mask = torch.cat([query_mask, mask.long()], 1)
+        completions = self.tokenizer.batch_decode(response, skip_special_tokens=True)
+        scores = self.score(prompts, completions, input_ids, attention_mask)
+        if self.config.missing_eos_penalty is not None:
+            scores = scores - self.config.missing_eos_penalty * (~has_eos).float()
+        return Samples(input_ids, attention_mask, response, mask, has_eos, scores)
+
+    @torch.no_grad()
+    def rollout(self, indices: list[int]) -> Rollout:
+        """Sample, then log-probs, reference log-probs and values in forward-only passes, rewards, GAE."""
+        c = self.config
+        s = self.sample([self.prompts[i] for i in indices], [self.queries[i] for i in indices])
+        mask, width = s.mask, s.response.shape[1]
+        targets = s.response.masked_fill(~mask, IGNORE_INDEX)
+        hidden = self.response_hidden(self.model, s.input_ids, s.attention_mask, width)
+        logprobs, entropy = losses.token_logprobs(hidden, *hf.get_lm_head(self.model), targets, c.loss_backend,
+                                                  temperature=c.temperature, return_entropy=True)
+        values = self.value_head(hidden).float().masked_fill(~mask, 0.0)
+        ref_hidden = self.response_hidden(self.ref_model, s.input_ids, s.attention_mask, width)
+        ref_logprobs = losses.token_logprobs(ref_hidden, *hf.get_lm_head(self.ref_model), targets, c.loss_backend,
+                                             temperature=c.temperature)
+        rewards, kl = rewards_with_kl(s.scores, logprobs, ref_logprobs, mask, c.kl_coef, c.kl_estimator)
+        if c.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False).masked_fill(~mask, 0.0)
+        advantages, returns = gae(rewards, values, mask, c.gamma, c.lam)
+        advantages = masked_whiten(advantages, mask).masked_fill(~mask, 0.0)
+        non_score = (-c.kl_coef * kl).sum(-1)
+        metrics = {"objective/scores": s.scores.mean(), "objective/kl": kl.sum(-1).mean(),
+                   "objective/entropy": entropy.sum(-1).mean(), "objective/non_score_reward": non_score.mean(),
+                   "objective/rlhf_reward": (s.scores + non_score).mean(), "val/num_eos_tokens": s.has_eos.sum(),
+                   "completions/mean_length": mask.sum(-1).float().mean()}
+        return Rollout(s.input_ids, s.attention_mask, targets, mask, logprobs, values, advantages, returns,
+                       as_floats(metrics))
+
+    def evaluate(self) -> dict[str, float]:
+        """Mean score (``eval_objective/scores``) of responses sampled as in training for the eval prompts, on a
+        forked random number generator (training draws the same numbers with or without evaluation)."""
+        size, scores = self.config.per_device_eval_batch_size, []
+        with torch.random.fork_rng():
+            for start in range(0, len(self.eval_dataset), size):
+                rows = slice(start, start + size)
+                scores.append(self.sample(self.eval_dataset[rows], self.eval_queries[rows]).scores)
+        return {"eval_objective/scores": float(torch.cat(scores).mean())}
+
+    def compute_loss(self, rollout: Rollout, rows: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """PPO loss (token mean over ``rows`` of the rollout) and its metrics (TRL names)."""
+        r = rollout
+        hidden = self.response_hidden(self.model, r.input_ids[rows], r.attention_mask[rows], r.targets.shape[1])
+        weight, bias = hf.get_lm_head(self.model)
+        loss, metrics = losses.ppo_loss(
+            hidden, weight, bias, r.targets[rows], r.logprobs[rows], r.advantages[rows], self.value_head,
+            r.values[rows], r.returns[rows], self.config.loss_config, self.config.loss_backend,
+            temperature=self.config.temperature)
+        return loss, as_floats(metrics)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None) -> list[dict]:
+        """Run the training loop; returns the logged records (also in ``output_dir/metrics.jsonl``)."""
+        c = self.config
+        micro = c.per_device_train_batch_size
+        mini = micro * c.gradient_accumulation_steps
+        batch = mini * c.num_mini_batches
+        per_epoch = steps_per_epoch(len(self.prompts), batch, "prompts")
+        total = c.total_steps(per_epoch)
+        self.setup_optimizer(total * c.num_ppo_epochs * c.num_mini_batches)
+        self.begin(total, resume_from_checkpoint)
+        while self.step < total:
+            rollout = self.rollout(batch_indices(len(self.prompts), batch, self.step, c.seed))
+            updates = []
+            for _ in range(c.num_ppo_epochs):
+                for mini_rows in torch.randperm(batch).split(mini):
+                    tokens = rollout.mask[mini_rows].sum().clamp(min=1)
+                    finite, records = True, []
+                    for rows in mini_rows.split(micro):
+                        loss, metrics = self.compute_loss(rollout, rows)
+                        finite &= bool(torch.isfinite(loss))
+                        if finite:
+                            (loss * rollout.mask[rows].sum() / tokens).backward()
+                        records.append(metrics)
+                    updates.append({**mean_metrics(records), **self.optimizer_step(finite)})
+            self.end_step({**rollout.metrics, **mean_metrics(updates), "episode": (self.step + 1) * batch,
+                           "epoch": (self.step + 1) / per_epoch})
+        self.finish()
+        return self.history

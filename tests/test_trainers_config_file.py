@@ -1,0 +1,124 @@
+"""`fastalign dpo|ppo --config FILE.yaml`: the example files run, mistakes get clear errors (CLI smoke tests)."""
+import argparse
+import json
+import os
+
+import pytest
+import torch
+import yaml
+
+from fastalign.trainers import DPOConfig
+from fastalign.trainers.config_file import (DESCRIPTIONS, ConfigError, add_arguments, example_config,
+                                            run_command, run_from_config, trainer_config)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_config(tmp_path, kind, config=(), **changes):
+    """The example config of ``kind`` with top-level ``changes`` (None: drop the key), ``config`` field changes,
+    and a short run into ``tmp_path``."""
+    spec = yaml.safe_load(example_config(kind))
+    spec["config"].update(output_dir=str(tmp_path / kind), max_steps=3, eval_steps=0, disable_tqdm=True,
+                          **dict(config))
+    for key, value in changes.items():
+        if value is None:
+            spec.pop(key, None)
+        else:
+            spec[key] = value
+    path = tmp_path / f"{kind}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def command(kind, *argv):
+    parser = argparse.ArgumentParser(prog=f"fastalign {kind}")
+    add_arguments(parser, kind)
+    return run_command(parser.parse_args(list(argv)))
+
+
+def test_the_examples_run_dpo_then_ppo_from_its_output(tmp_path, capsys):
+    assert command("dpo", "--config", write_config(tmp_path, "dpo")) == 0
+    assert "3 steps done" in capsys.readouterr().out
+    assert os.path.isfile(tmp_path / "dpo" / "model.safetensors")
+    ppo = write_config(tmp_path, "ppo", model=str(tmp_path / "dpo"))
+    assert command("ppo", "--config", ppo) == 0
+    records = [json.loads(line) for line in open(tmp_path / "ppo" / "metrics.jsonl")]
+    assert [r["step"] for r in records if "objective/scores" in r] == [1, 2, 3]
+    assert "eval_objective/scores" in records[-1]
+    assert os.path.isfile(tmp_path / "ppo" / "value_head.safetensors")
+
+
+def test_user_files_char_tokenizer_and_an_imported_reward(tmp_path, monkeypatch):
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"prompt": f"Q{i}?", "chosen": "yes", "rejected": "no"}) + "\n"
+                             for i in range(8)))
+    spec = write_config(tmp_path, "dpo", tokenizer="char", train_file=str(train), eval_file=None,
+                        tiny={"hidden_size": 32, "intermediate_size": 64}, config={"per_device_train_batch_size": 4})
+    trainer = run_from_config("dpo", spec)
+    assert trainer.step == 3 and trainer.model.config.hidden_size == 32 and len(trainer.tokenizer) == 100
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(f"Q{i}?") + "\n" for i in range(8)))
+    (tmp_path / "my_rewards.py").write_text("def length(prompts, completions):\n"
+                                            "    return [len(c) / 10 for c in completions]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = write_config(tmp_path, "ppo", model="tiny", tokenizer="char", prompts_file=str(prompts), eval_file=None,
+                        reward="my_rewards:length",
+                        config={"per_device_train_batch_size": 4, "missing_eos_penalty": None})
+    trainer = run_from_config("ppo", spec)
+    assert trainer.step == 3
+    for r in trainer.history:  # characters of the completion / 10: at most the tokens of the response / 10
+        assert 0 < r["objective/scores"] <= r["completions/mean_length"] / 10 + 1e-6
+
+
+@pytest.mark.parametrize("changes, error, match", [
+    ({"train_file": "nowhere.jsonl"}, FileNotFoundError, "train_dataset: no such file: nowhere.jsonl"),
+    ({"model": "no/such/model"}, FileNotFoundError, "model: no such directory: no/such/model"),
+    ({"trian_file": "x.jsonl"}, ConfigError, "unknown field 'trian_file'; did you mean 'train_file'"),
+    ({"train_file": "builtin:sorting"}, ConfigError, "unknown built-in data 'builtin:sorting'"),
+    ({"train_file": None}, ConfigError, "missing field 'train_file'"),
+    ({"tiny": {"hidden_sise": 8}}, ConfigError, "did you mean 'hidden_size'"),
+    ({"config": {"learning_rat": 0.1}}, ConfigError, "config: unknown field 'learning_rat'; did you mean "
+                                                     "'learning_rate'"),
+    ({"config": {"beta": "strong"}}, ConfigError, "DPOConfig.beta: expected float, got 'strong'"),
+    ({"config": {"loss_type": "kto"}}, ConfigError, "DPOConfig.loss_type: expected one of"),
+])
+def test_mistakes_get_errors_that_say_what_to_fix(tmp_path, changes, error, match):
+    with pytest.raises(error, match=match):
+        run_from_config("dpo", write_config(tmp_path, "dpo", **changes))
+
+
+def test_ppo_reward_mistakes(tmp_path):
+    with pytest.raises(ConfigError, match="exactly one of reward"):
+        run_from_config("ppo", write_config(tmp_path, "ppo", reward=None))
+    with pytest.raises(ConfigError, match="cannot import 'nomodule:score'"):
+        run_from_config("ppo", write_config(tmp_path, "ppo", reward="nomodule:score", model="tiny"))
+
+
+def test_command_exit_status_and_messages(tmp_path, capsys):
+    assert command("dpo", "--config", str(tmp_path / "missing.yaml")) == 2
+    assert "fastalign dpo: error: config: no such file" in capsys.readouterr().err
+    assert command("ppo") == 2
+    assert "--config FILE.yaml is required (try --example" in capsys.readouterr().err
+    small = write_config(tmp_path, "dpo", config={"per_device_train_batch_size": 5000})
+    assert command("dpo", "--config", small) == 2
+    assert "less than one batch of 5000" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [tiny\n")
+    assert command("dpo", "--config", str(bad)) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    assert command("ppo", "--example") == 0
+    assert yaml.safe_load(capsys.readouterr().out)["reward"] == "counting"
+
+
+def test_help_and_numbers_written_as_yaml_strings():
+    for kind in ("dpo", "ppo"):
+        assert f"fastalign {kind} --example > {kind}.yaml" in DESCRIPTIONS[kind]
+        assert example_config(kind) in DESCRIPTIONS[kind]
+    # YAML reads 1e-3 (no dot) as a string; the field is a float, so it is converted
+    assert trainer_config(DPOConfig, yaml.safe_load("learning_rate: 1e-3"), "f.yaml").learning_rate == 1e-3
