@@ -17,7 +17,8 @@ Measurements:
     Extra peak memory is the peak during the call minus what was in use once the inputs were allocated: peak RSS
     (``VmHWM`` after resetting it through ``/proc/self/clear_refs``) on Linux CPUs, ``max_memory_allocated`` on CUDA.
 
-``python -m fastalign.bench --help`` (or ``fastalign bench --help``) lists the options.
+``python -m fastalign.bench --help`` (or ``fastalign bench --help``) lists the options; ``--op all`` runs
+``ALL_OPS`` (logprobs, ppo, dpo) in sequence, one table each (``dpo-long-pair`` only by name: ~12 GB for naive).
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .functional import fused_linear_logprobs
+from .functional import fused_linear_dpo_loss, fused_linear_logprobs, fused_linear_ppo_loss
 
 Step = Callable[[], object]
 """One measured call of a variant; its result is dropped."""
@@ -104,25 +105,30 @@ class Mode:
     baseline: str = "naive"
 
     @property
-    def memory_variants(self) -> tuple[str, str]:
-        """Variants whose extra peak memory is measured (the floors' is not of interest)."""
-        return self.candidate, self.baseline
+    def memory_variants(self) -> tuple[str, ...]:
+        """Variants whose extra peak memory is measured: the candidate, the baseline and every other reference of a
+        memory target (the floors' is not of interest)."""
+        references = [t.reference for t in self.targets if t.metric == "memory"]
+        return tuple(dict.fromkeys([self.candidate, self.baseline, *references]))
 
 
 @dataclass(frozen=True)
 class OpBench:
-    """An op's inputs builder (``Problem -> inputs``, shared by all its variants) and its modes."""
+    """An op's inputs builder (``Problem -> inputs``, shared by all its variants), its modes, and the sizes at which
+    its targets are set (the default problem of ``fastalign bench --op <op>``)."""
 
     make_inputs: Callable[[Problem], Any]
     modes: dict[str, Mode]
+    issue_problem: Problem = ISSUE_PROBLEM
 
 
 def matmul_floor(count: int) -> VariantFactory:
     """``count`` plain ``[N, H] x [H, V]`` matmuls (``torch.mm``) into a ``[N, V]`` buffer allocated and touched at
-    set-up: the compute floor of an op that needs ``count`` matmuls of that size. Inputs need ``hidden``, ``weight``."""
+    set-up: the compute floor of an op that needs ``count`` matmuls of that size. Inputs need ``hidden`` (``[N, H]``
+    or ``[B, T, H]``, flattened to ``N = B*T`` rows) and ``weight``."""
 
     def factory(inputs) -> Step:
-        hidden, weight_t = inputs.hidden, inputs.weight.t()
+        hidden, weight_t = inputs.hidden.reshape(-1, inputs.hidden.shape[-1]), inputs.weight.t()
         out = torch.mm(hidden, weight_t)
 
         def step():
@@ -132,6 +138,15 @@ def matmul_floor(count: int) -> VariantFactory:
         return step
 
     return factory
+
+
+def placer(problem: Problem) -> Callable[[Tensor], Tensor]:
+    """Moves a CPU tensor made from the seed to ``problem``'s device, floats to its dtype (ids keep theirs)."""
+
+    def place(t: Tensor) -> Tensor:
+        return t.to(device=problem.device, dtype=problem.torch_dtype if t.is_floating_point() else t.dtype)
+
+    return place
 
 
 # --- log-probs -----------------------------------------------------------------------------------------------
@@ -151,10 +166,7 @@ def make_logprob_inputs(problem: Problem) -> LogprobInputs:
     """Random inputs with logits of unit scale, from ``problem.seed``."""
     gen = torch.Generator().manual_seed(problem.seed)
     n, h, v = problem.tokens, problem.hidden_size, problem.vocab_size
-
-    def place(t: Tensor) -> Tensor:
-        return t.to(device=problem.device, dtype=problem.torch_dtype if t.is_floating_point() else t.dtype)
-
+    place = placer(problem)
     hidden = place(torch.randn(n, h, generator=gen))
     weight = place(torch.randn(v, h, generator=gen) * h ** -0.5)
     bias = place(torch.randn(v, generator=gen)) if problem.bias else None
@@ -230,6 +242,208 @@ REGISTRY: dict[str, OpBench] = {
             floor="1 matmul", targets=(Target("memory", "naive", 0.10), Target("time", "1 matmul", 1.20))),
     }),
 }
+
+
+# --- PPO -------------------------------------------------------------------------------------------------------
+
+PPO_SEQUENCES = 4
+"""The issue's layout: B=4 sequences of T = tokens / 4 (T=1024 at N=4096)."""
+PPO_CLIPRANGE, PPO_CLIPRANGE_VALUE, PPO_VF_COEF = 0.2, 0.2, 0.1  # fused_linear_ppo_loss's defaults
+
+
+class PPOInputs(NamedTuple):
+    """Inputs of the PPO loss with a linear value head on the same hidden states (every token a response token)."""
+
+    hidden: Tensor  # [B, T, H]
+    weight: Tensor  # [V, H]
+    targets: Tensor  # [B, T] sampled ids
+    old_logprobs: Tensor  # [B, T]: the current log-probs plus noise, so that some ratios are clipped
+    advantages: Tensor  # [B, T]
+    value_weight: Tensor  # [H]
+    value_bias: Tensor  # []
+    old_values: Tensor  # [B, T]
+    returns: Tensor  # [B, T]
+    backend: str
+
+
+def make_ppo_inputs(problem: Problem, sequences: int = PPO_SEQUENCES) -> PPOInputs:
+    """Random inputs with logits of unit scale, from ``problem.seed``; ``tokens`` split into ``sequences`` rows."""
+    gen = torch.Generator().manual_seed(problem.seed)
+    length, h, v = max(problem.tokens // sequences, 1), problem.hidden_size, problem.vocab_size
+    place = placer(problem)
+    hidden = place(torch.randn(sequences, length, h, generator=gen))
+    weight = place(torch.randn(v, h, generator=gen) * h ** -0.5)
+    targets = place(torch.randint(0, v, (sequences, length), generator=gen))
+    with torch.no_grad():
+        current = fused_linear_logprobs(hidden, weight, targets, backend=problem.backend).float().cpu()
+    noise = lambda scale: scale * torch.randn(sequences, length, generator=gen)  # noqa: E731
+    return PPOInputs(hidden, weight, targets, place(current + noise(0.3)), place(noise(1.0)),
+                     place(torch.randn(h, generator=gen) * h ** -0.5), place(torch.zeros(())),
+                     place(noise(1.0)), place(noise(1.0)), problem.backend)
+
+
+def _ppo_leaves(x: PPOInputs) -> list[Tensor]:
+    """Trainable copies of hidden, lm_head weight, value-head weight and bias."""
+    return [t.detach().requires_grad_(True) for t in (x.hidden, x.weight, x.value_weight, x.value_bias)]
+
+
+def fused_ppo(x: PPOInputs) -> Step:
+    """fused_linear_ppo_loss with the value head, token-mean, forward + backward."""
+    leaves = _ppo_leaves(x)
+    hidden, weight, value_weight, value_bias = leaves
+
+    def step():
+        out = fused_linear_ppo_loss(hidden, weight, x.targets, x.old_logprobs, x.advantages,
+                                    value_head_weight=value_weight, value_head_bias=value_bias,
+                                    old_values=x.old_values, returns=x.returns, cliprange=PPO_CLIPRANGE,
+                                    cliprange_value=PPO_CLIPRANGE_VALUE, vf_coef=PPO_VF_COEF, backend=x.backend)
+        return torch.autograd.grad(out.loss, leaves)
+
+    return step
+
+
+def naive_ppo(x: PPOInputs) -> Step:
+    """PPO in plain PyTorch: materialized logits, log_softmax, gather, ratio, clipped surrogate, clipped value loss
+    of the linear value head, token-mean; forward + backward."""
+    leaves = _ppo_leaves(x)
+    hidden, weight, value_weight, value_bias = leaves
+    index = x.targets.unsqueeze(-1)
+
+    def step():
+        logprobs = torch.log_softmax((hidden @ weight.T).float(), dim=-1).gather(-1, index).squeeze(-1)
+        ratio = torch.exp(logprobs - x.old_logprobs)
+        clipped_ratio = ratio.clamp(1 - PPO_CLIPRANGE, 1 + PPO_CLIPRANGE)
+        policy = torch.maximum(-x.advantages * ratio, -x.advantages * clipped_ratio)
+        values = (hidden @ value_weight + value_bias).float()
+        values_clipped = x.old_values + (values - x.old_values).clamp(-PPO_CLIPRANGE_VALUE, PPO_CLIPRANGE_VALUE)
+        value = 0.5 * torch.maximum((values - x.returns) ** 2, (values_clipped - x.returns) ** 2)
+        loss = policy.mean() + PPO_VF_COEF * value.mean()
+        return torch.autograd.grad(loss, leaves)
+
+    return step
+
+
+REGISTRY["ppo"] = OpBench(make_ppo_inputs, {
+    "fwd+bwd": Mode(
+        "PPO loss with value head, fwd+bwd",
+        {"fused": fused_ppo, "naive": naive_ppo, "3 matmuls": matmul_floor(3)},
+        floor="3 matmuls",
+        targets=(Target("memory", "naive", 0.10), Target("time", "3 matmuls", 1.15), Target("time", "naive", 1.0))),
+})
+
+
+# --- DPO -------------------------------------------------------------------------------------------------------
+
+DPO_PAIRS = 2
+"""The issue's layout: B=2 pairs, 2B=4 sequences of T = tokens / 4 (T=1024 at N=4096)."""
+DPO_BETA = 0.1  # fused_linear_dpo_loss's default
+
+
+class DPOInputs(NamedTuple):
+    """``hidden``/``ref_hidden`` ``[2B, T, H]`` (B chosen then B rejected), a shared lm_head ``weight [V, H]``,
+    ``targets [2B, T]`` (every token a response token: no prompt rows for the fused op to skip)."""
+
+    hidden: Tensor
+    weight: Tensor
+    targets: Tensor
+    ref_hidden: Tensor
+    backend: str
+
+
+def make_dpo_inputs(problem: Problem, pairs: int = DPO_PAIRS) -> DPOInputs:
+    """Random inputs with logits of unit scale, from ``problem.seed``; ``tokens`` split into ``2 * pairs`` rows."""
+    gen = torch.Generator().manual_seed(problem.seed)
+    length, h, v = max(problem.tokens // (2 * pairs), 1), problem.hidden_size, problem.vocab_size
+    place = placer(problem)
+    return DPOInputs(place(torch.randn(2 * pairs, length, h, generator=gen)),
+                     place(torch.randn(v, h, generator=gen) * h ** -0.5),
+                     place(torch.randint(0, v, (2 * pairs, length), generator=gen)),
+                     place(torch.randn(2 * pairs, length, h, generator=gen)), problem.backend)
+
+
+def fused_dpo(**options) -> VariantFactory:
+    """fused_linear_dpo_loss, reference computed in the call, forward + backward (trainable hidden and weight)."""
+
+    def factory(x: DPOInputs) -> Step:
+        hidden, weight = x.hidden.detach().requires_grad_(True), x.weight.detach().requires_grad_(True)
+
+        def step():
+            out = fused_linear_dpo_loss(hidden, weight, x.targets, ref_hidden=x.ref_hidden, ref_weight=x.weight,
+                                        beta=DPO_BETA, backend=x.backend, **options)
+            return torch.autograd.grad(out.loss, [hidden, weight])
+
+        return step
+
+    return factory
+
+
+def naive_dpo(x: DPOInputs) -> Step:
+    """TRL-style DPO in plain PyTorch: materialized logits, log_softmax, gather, masked sums, sigmoid loss; the
+    reference's sums from ``ref_hidden`` and the same weight under no_grad; forward + backward."""
+    hidden, weight = x.hidden.detach().requires_grad_(True), x.weight.detach().requires_grad_(True)
+    mask = x.targets != -100
+    index = x.targets.clamp(min=0).unsqueeze(-1)
+
+    def sums(h: Tensor, w: Tensor) -> Tensor:
+        logp = torch.log_softmax((h @ w.T).float(), dim=-1)
+        return (logp.gather(-1, index).squeeze(-1) * mask).sum(-1)
+
+    def step():
+        policy = sums(hidden, weight)
+        with torch.no_grad():
+            ref = sums(x.ref_hidden, x.weight)
+        b = policy.shape[0] // 2
+        loss = -F.logsigmoid(DPO_BETA * ((policy[:b] - policy[b:]) - (ref[:b] - ref[b:]))).mean()
+        return torch.autograd.grad(loss, [hidden, weight])
+
+    return step
+
+
+def liger_dpo(compiled: bool) -> VariantFactory:
+    """Liger-Kernel's LigerFusedLinearDPOLoss (whole pairs per chunk), when installed."""
+
+    def factory(x: DPOInputs) -> Step:
+        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+        loss_fn = LigerFusedLinearDPOLoss(beta=DPO_BETA, compiled=compiled)
+        hidden, weight = x.hidden.detach().requires_grad_(True), x.weight.detach().requires_grad_(True)
+
+        def step():
+            out = loss_fn(weight, hidden, x.targets, ref_input=x.ref_hidden, ref_weight=x.weight)
+            return torch.autograd.grad(out[0] if isinstance(out, tuple) else out, [hidden, weight])
+
+        return step
+
+    return factory
+
+
+def _liger_installed() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+_LIGER_DPO = {"liger": liger_dpo(False), "liger compiled": liger_dpo(True)} if _liger_installed() else {}
+_BEAT_LIGER_DPO = tuple(Target(metric, name, 1.0) for name in _LIGER_DPO for metric in ("time", "memory"))
+
+REGISTRY["dpo"] = OpBench(make_dpo_inputs, {
+    "default": Mode(
+        "DPO fwd+bwd with the reference forward, default settings (whole pairs)",
+        {"fused": fused_dpo(), "naive": naive_dpo, **_LIGER_DPO, "4 matmuls": matmul_floor(4)},
+        floor="4 matmuls",
+        targets=(Target("time", "naive", 0.88), Target("memory", "naive", 0.50), *_BEAT_LIGER_DPO)),
+    "chunk256": Mode(
+        "DPO fwd+bwd with the reference forward, chunk_size=256 (two passes)",
+        {"fused": fused_dpo(chunk_size=256), "naive": naive_dpo, "5 matmuls": matmul_floor(5)},
+        floor="5 matmuls", targets=(Target("time", "naive", 1.15), Target("memory", "naive", 0.10))),
+})
+# One pair of T=16384 (32768 tokens, its default): naive needs >= 10x the memory of fused (~12 GB for naive).
+REGISTRY["dpo-long-pair"] = OpBench(lambda problem: make_dpo_inputs(problem, pairs=1), {
+    "default": Mode("DPO, one long pair, fwd+bwd with the reference forward",
+                    {"fused": fused_dpo(), "naive": naive_dpo, "4 matmuls": matmul_floor(4)},
+                    floor="4 matmuls", targets=(Target("memory", "naive", 0.10),)),
+}, issue_problem=replace(ISSUE_PROBLEM, tokens=32768))
+
+ALL_OPS = ("logprobs", "ppo", "dpo")
+"""What ``--op all`` runs, in order (not ``dpo-long-pair``: its naive variant needs ~12 GB; ask for it by name)."""
 
 
 # --- measuring -------------------------------------------------------------------------------------------------
@@ -417,7 +631,7 @@ def run_benchmark(op: str = "logprobs", problem: Problem = ISSUE_PROBLEM, *, rou
             seconds = time_mode(op, mode_name, problem, rounds, inputs=inputs)
             modes[mode_name] = summarize_mode(mode, seconds, memory_bytes[mode_name])
     machine = {**machine_facts(problem.device), "others_cpu_share_while_timing": contention.share}
-    return {"op": op, "problem": asdict(problem), "at_issue_sizes": _same_sizes(problem, ISSUE_PROBLEM),
+    return {"op": op, "problem": asdict(problem), "at_issue_sizes": _same_sizes(problem, spec.issue_problem),
             "rounds": rounds, "memory_measured": memory, "machine": machine, "modes": modes}
 
 
@@ -473,6 +687,8 @@ def _target_rows(mode: dict) -> list[str]:
         result = {True: "PASS", False: "**FAIL**", None: "not measured"}[t["passed"]]
         rows.append(f"| {mode['title']}: {what} / {t['reference']} | {_fmt(t['ratio'], '.3f')} "
                     f"| <= {t['limit']:.2f} | {result} |")
+    if any(t["metric"] == "time" and t["reference"] == mode["baseline"] for t in mode["targets"]):
+        return rows  # time / baseline is already a target row
     versus_baseline = mode["ratios"]["time_vs_baseline"]
     rows.append(f"| {mode['title']}: time / {mode['baseline']} | {versus_baseline:.3f} | no target "
                 f"| {'slower' if versus_baseline > 1 else 'faster'} than {mode['baseline']} |")
@@ -491,7 +707,7 @@ def render_markdown(results: dict) -> str:
              "| --- | ---: | ---: | --- |",
              *(row for mode in modes for row in _target_rows(mode))]
     if not results["at_issue_sizes"]:
-        issue = ISSUE_PROBLEM
+        issue = REGISTRY[results["op"]].issue_problem
         lines += ["", f"The targets are set at N={issue.tokens}, H={issue.hidden_size}, V={issue.vocab_size}, "
                       f"{issue.dtype}; at these sizes the marks are indicative only."]
     return "\n".join(lines) + "\n"
@@ -501,9 +717,15 @@ def render_markdown(results: dict) -> str:
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``fastalign bench`` and ``python -m fastalign.bench``."""
-    parser.add_argument("--op", choices=sorted(REGISTRY), default="logprobs", help="which fused op to benchmark")
+    parser.add_argument("--op", choices=[*REGISTRY, "all"], default="logprobs",
+                        help=f"which fused op to benchmark (default logprobs); 'all': {', '.join(ALL_OPS)} in "
+                             f"sequence, one table each. logprobs: N rows; ppo: B={PPO_SEQUENCES} sequences "
+                             f"of T=N/{PPO_SEQUENCES}, value head; dpo: B={DPO_PAIRS} pairs of T=N/{2 * DPO_PAIRS}, "
+                             f"reference forward included. dpo-long-pair (one pair of T=N/2, default N=32768) is "
+                             f"not part of 'all': its naive variant needs ~12 GB; ask for it by name")
     parser.add_argument("--tokens", type=int, default=None,
-                        help=f"N, tokens in the batch (default {ISSUE_PROBLEM.tokens})")
+                        help=f"N, tokens in the batch (default {ISSUE_PROBLEM.tokens}; "
+                             f"{REGISTRY['dpo-long-pair'].issue_problem.tokens} for dpo-long-pair)")
     parser.add_argument("--hidden", type=int, default=None,
                         help=f"H, hidden size of the model (default {ISSUE_PROBLEM.hidden_size})")
     parser.add_argument("--vocab", type=int, default=None,
@@ -512,7 +734,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dtype of hidden states and weight (the targets are set for float32)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where to run: cpu or cuda (default: cuda when available)")
-    parser.add_argument("--bias", action="store_true", help="give the lm_head a bias")
+    parser.add_argument("--bias", action="store_true", help="give the lm_head a bias (logprobs only)")
     parser.add_argument("--rounds", type=int, default=3, help="timing rounds; the best is kept (default 3)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement (one process each)")
     parser.add_argument("--json-out", metavar="PATH", help="also write the results as JSON to PATH")
@@ -521,8 +743,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                              f" V={QUICK_PROBLEM.vocab_size}); explicit --tokens/--hidden/--vocab still win")
 
 
-def problem_from_arguments(args: argparse.Namespace) -> Problem:
-    base = QUICK_PROBLEM if args.quick else ISSUE_PROBLEM
+def problem_from_arguments(args: argparse.Namespace, op: str | None = None) -> Problem:
+    """The problem the options describe for ``op`` (default ``args.op``): unset sizes from ``--quick`` or the op's
+    issue sizes."""
+    op = args.op if op is None else op
+    base = QUICK_PROBLEM if args.quick else REGISTRY[op].issue_problem if op in REGISTRY else ISSUE_PROBLEM
     return Problem(tokens=args.tokens or base.tokens, hidden_size=args.hidden or base.hidden_size,
                    vocab_size=args.vocab or base.vocab_size, dtype=args.dtype, device=args.device, bias=args.bias)
 
@@ -534,11 +759,16 @@ def problem_arguments(problem: Problem) -> list[str]:
 
 
 def run_from_arguments(args: argparse.Namespace) -> dict:
-    """Run the benchmark the options describe, print its Markdown table, write the JSON if asked; the results."""
-    problem = problem_from_arguments(args)
-    results = run_benchmark(args.op, problem, rounds=args.rounds, memory=not args.no_memory,
-                            log=lambda message: print(f"[bench] {message}", file=sys.stderr, flush=True))
-    print(render_markdown(results))
+    """Run the benchmark(s) the options describe, print the Markdown tables, write the JSON if asked; the results
+    (with ``--op all``: ``{"ops": {op: results}}``, each op's as for a single op)."""
+    ops = ALL_OPS if args.op == "all" else (args.op,)
+    everything = {}
+    for op in ops:
+        log = lambda message, op=op: print(f"[bench {op}] {message}", file=sys.stderr, flush=True)  # noqa: E731
+        everything[op] = run_benchmark(op, problem_from_arguments(args, op), rounds=args.rounds,
+                                       memory=not args.no_memory, log=log)
+        print(render_markdown(everything[op]), flush=True)
+    results = {"ops": everything} if args.op == "all" else everything[args.op]
     if args.json_out:
         with open(args.json_out, "w") as out:
             json.dump(results, out, indent=2)

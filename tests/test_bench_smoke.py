@@ -14,18 +14,36 @@ TINY = bench.Problem(tokens=32, hidden_size=16, vocab_size=64)
 linux_only = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS needs Linux /proc")
 
 
-def test_every_variant_runs_and_fused_matches_naive():
-    inputs = bench.make_logprob_inputs(TINY)
-    for mode in bench.REGISTRY["logprobs"].modes.values():
+@pytest.mark.parametrize("op", sorted(bench.REGISTRY))
+def test_every_variant_runs_and_fused_matches_naive(op):
+    inputs = bench.REGISTRY[op].make_inputs(TINY)
+    for mode in bench.REGISTRY[op].modes.values():
         outputs = {name: factory(inputs)() for name, factory in mode.variants.items()}
         # log-probs [N] (forward only) or the gradients (fwd+bwd)
         torch.testing.assert_close(outputs[mode.candidate], outputs[mode.baseline], rtol=1e-4, atol=1e-5)
 
 
-def test_table_has_every_variant_and_target_row():
-    results = bench.run_benchmark("logprobs", TINY, rounds=1, memory=False)
+def test_loss_inputs_follow_the_issue_layout():
+    ppo = bench.make_ppo_inputs(TINY)
+    assert ppo.hidden.shape == (bench.PPO_SEQUENCES, TINY.tokens // bench.PPO_SEQUENCES, TINY.hidden_size)
+    dpo = bench.make_dpo_inputs(TINY)
+    assert dpo.hidden.shape == dpo.ref_hidden.shape == (2 * bench.DPO_PAIRS, TINY.tokens // (2 * bench.DPO_PAIRS),
+                                                        TINY.hidden_size)
+    assert bench.REGISTRY["dpo-long-pair"].make_inputs(TINY).hidden.shape[0] == 2
+    assert bench.REGISTRY["dpo-long-pair"].issue_problem.tokens == 32768
+
+
+def test_memory_is_measured_for_every_memory_target_reference():
+    mode = bench.Mode("m", {"fused": None, "naive": None, "other": None, "floor": None}, floor="floor",
+                      targets=(bench.Target("memory", "other", 1.0), bench.Target("time", "floor", 1.0)))
+    assert mode.memory_variants == ("fused", "naive", "other")
+
+
+@pytest.mark.parametrize("op", sorted(bench.REGISTRY))
+def test_table_has_every_variant_and_target_row(op):
+    results = bench.run_benchmark(op, TINY, rounds=1, memory=False)
     table = bench.render_markdown(results)
-    modes = bench.REGISTRY["logprobs"].modes.values()
+    modes = bench.REGISTRY[op].modes.values()
     for mode in modes:
         assert mode.title in table
         for name in mode.variants:
@@ -44,9 +62,21 @@ def test_peak_measure_sees_an_allocation():
 
 
 @linux_only
-def test_memory_worker_subprocess_returns_bytes():
-    extra = bench.memory_in_subprocess("logprobs", "trainable", "naive", TINY)
+@pytest.mark.parametrize(("op", "mode"), [("logprobs", "trainable"), ("ppo", "fwd+bwd"), ("dpo", "chunk256")])
+def test_memory_worker_subprocess_returns_bytes(op, mode):
+    extra = bench.memory_in_subprocess(op, mode, "fused", TINY)
     assert isinstance(extra, int) and extra >= 0
+
+
+def test_cli_bench_all_runs_logprobs_ppo_dpo(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    sizes = ["--tokens", str(TINY.tokens), "--hidden", str(TINY.hidden_size), "--vocab", str(TINY.vocab_size)]
+    assert main(["bench", "--op", "all", *sizes, "--rounds", "1", "--no-memory", "--json-out", str(out)]) == 0
+    table = capsys.readouterr().out
+    for op in ("logprobs", "ppo", "dpo"):
+        assert f"### fastalign bench: {op}\n" in table
+    assert "dpo-long-pair" not in table
+    assert list(json.loads(out.read_text())["ops"]) == list(bench.ALL_OPS) == ["logprobs", "ppo", "dpo"]
 
 
 @linux_only
