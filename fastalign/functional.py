@@ -30,7 +30,7 @@ def fused_linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias:
         backend: ``"auto"`` (triton on CUDA, torch elsewhere; ``$FASTALIGN_BACKEND`` overrides), ``"triton"``,
             ``"torch"``.
         chunk_size: tokens per chunk on the torch backend; None sizes it from ``$FASTALIGN_CHUNK_BUDGET_MB``
-            (default 64 MiB of ``[chunk, V]`` temporaries).
+            (default 48 MiB of ``[chunk, V]`` temporaries).
         check_finite: raise on NaN/inf in ``hidden``, ``weight`` or ``bias`` (one cheap pass over each).
 
     Returns:

@@ -30,7 +30,7 @@ from torch import Tensor
 from ..objectives.dpo import DPOOptions, DPOResult, dpo_loss, dpo_metrics, rpo_nll
 from . import torch_backend
 from .chunking import rows_per_chunk
-from .linear import LinearOptions, logprobs_backward, lse_forward
+from .linear import LinearOptions, logprobs_backward, lse_forward, scale_precomputed_grads
 from .torch_backend import LinearGrads, RowStats, compute_dtype
 from .validation import FLOAT_DTYPES, LinearInputs, require_finite, require_same_device, require_shape, require_tensor
 
@@ -102,7 +102,7 @@ class PairBatch(NamedTuple):
 
 PAIR_BUDGET_CHUNKS = 8
 """Whole pairs may take up to this many chunk budgets: holding a pair's ``[tokens, V]`` logits saves a quarter of
-the policy's matmuls (three per token instead of four). 512 MiB by default: pairs of up to 4k response tokens
+the policy's matmuls (three per token instead of four). 384 MiB by default: pairs of up to 3k response tokens
 (chosen + rejected) at V=32k."""
 
 
@@ -190,7 +190,8 @@ class LinearDPO(torch.autograd.Function):
         index, *saved = ctx.saved_tensors
         if ctx.whole_pairs:
             saved = iter(saved)
-            grads = [next(saved) * grad_loss if present else None for present in ctx.present]
+            grads = scale_precomputed_grads([next(saved) if present else None for present in ctx.present],
+                                            grad_loss)
         else:
             hidden, weight, bias, targets, lse, target_logit, grad_logprobs = saved
             grads = logprobs_backward(hidden[index], weight, bias, targets[index], RowStats(lse, target_logit, None),

@@ -83,3 +83,14 @@ def triton_ppo_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targ
                         cliprange_high=config.cliprange_high, dual_clip=config.dual_clip, kl_coef=config.kl_coef,
                         kl_estimator=config.kl_estimator, entropy_coef=config.entropy_coef,
                         log_ratio_clamp=LOG_RATIO_CLAMP, with_entropy=with_entropy)
+
+
+def scale_precomputed_grads(grads: list[Tensor | None], grad_loss: Tensor) -> list[Tensor | None]:
+    """Gradients formed in a loss's forward, times the upstream scalar ``grad_loss``.
+
+    For the usual ``loss.backward()`` (``grad_loss == 1``) the saved tensors are returned as they are: no second
+    ``[V, H]`` copy next to the saved weight gradient.
+    """
+    if bool(grad_loss == 1):
+        return grads
+    return [None if g is None else g * grad_loss.to(g.dtype) for g in grads]

@@ -10,7 +10,8 @@ from torch import Tensor
 from ..objectives.aggregation import aggregation_weights, masked_mean
 from ..objectives.ppo import PPOLossConfig, clipped_value_loss, ppo_token_losses
 from . import torch_backend
-from .linear import LinearOptions, lse_forward, triton_logprobs_backward, triton_ppo_forward
+from .linear import (LinearOptions, lse_forward, scale_precomputed_grads, triton_logprobs_backward,
+                     triton_ppo_forward)
 from .logprobs import token_outputs
 from .validation import (FLOAT_DTYPES, LinearInputs, require_finite, require_same_device, require_shape,
                          require_tensor)
@@ -86,8 +87,8 @@ class LinearPPOPolicy(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor, *_unused):
         saved = iter(ctx.saved_tensors)
         grads = [next(saved) if present else None for present in ctx.present]
-        scaled = [None if g is None else (g * grad_loss.to(g.dtype)).to(dtype)
-                  for g, dtype in zip(grads, ctx.input_dtypes)]
+        scaled = [None if g is None else g.to(dtype)
+                  for g, dtype in zip(scale_precomputed_grads(grads, grad_loss), ctx.input_dtypes)]
         return (*scaled, None, None, None, None, None)
 
 

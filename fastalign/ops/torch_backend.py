@@ -112,15 +112,16 @@ def _chunks(num_rows: int, rows: int) -> Iterator[slice]:
 def _row_stats(z: Tensor, tgt: _Targets, with_entropy: bool, in_place: str | None = None) -> RowStats:
     """Statistics of one chunk of tempered logits ``z [C, V]``, left unchanged unless ``in_place`` (no entropy):
     ``"scratch"`` overwrites it (only the statistics are needed), ``"softmax"`` replaces it by ``softmax(z)``. In
-    place, one exp pass and no ``[C, V]`` temporary serve the lse (and the probabilities): cheaper than
-    ``torch.logsumexp``."""
+    place, one fused row-wise log-softmax pass (each row is reduced while in cache) serves the lse, and one exp pass
+    the probabilities: cheaper than ``torch.logsumexp``, which makes several passes and a ``[C, V]`` temporary."""
     target_logit = z.gather(1, tgt.index).squeeze(1).masked_fill(~tgt.valid, 0.0)
     if in_place is not None and not with_entropy:
-        row_max = z.amax(dim=1, keepdim=True)
-        sum_exp = z.sub_(row_max).exp_().sum(dim=1, keepdim=True)  # z <- exp(z - max)
+        first = z[:, 0].clone()
+        torch._log_softmax(z, 1, False, out=z)  # z <- z - lse, row by row (an aliased out is safe row-wise)
+        lse = first - z[:, 0]
         if in_place == "softmax":
-            z.div_(sum_exp)
-        return RowStats((row_max + sum_exp.log()).squeeze(1), target_logit, None)
+            z.exp_()
+        return RowStats(lse, target_logit, None)
     if not with_entropy:
         return RowStats(torch.logsumexp(z, dim=1), target_logit, None)
     row_max = z.amax(dim=1, keepdim=True)
@@ -132,14 +133,12 @@ def _row_stats(z: Tensor, tgt: _Targets, with_entropy: bool, in_place: str | Non
 
 
 def _logit_grads(z: Tensor, stats: RowStats, tgt: _Targets, grad_logprobs: Tensor, grad_entropy: Tensor | None,
-                 inv_temperature: float, z_is_softmax: bool = False) -> Tensor:
-    """Gradient w.r.t. the raw logits ``[C, V]``, computed in place of ``z`` (or of ``softmax(z)``, without entropy).
+                 inv_temperature: float) -> Tensor:
+    """Gradient w.r.t. the raw logits ``[C, V]``, computed in place of ``z``.
 
     ``dz = g_lp (onehot - p) - g_ent p (z - E_p[z])`` (entropy ``H = lse - E_p[z]``), times ``inv_temperature``.
     """
-    if z_is_softmax:
-        grad = z.mul_(-grad_logprobs.unsqueeze(1))
-    elif grad_entropy is None:
+    if grad_entropy is None:
         grad = z.sub_(stats.lse.unsqueeze(1)).exp_().mul_(-grad_logprobs.unsqueeze(1))
     else:
         log_p = z.sub_(stats.lse.unsqueeze(1))
@@ -171,6 +170,24 @@ class _GradAccumulator:
             self.weight.addmm_(logit_grads.t(), hidden_rows.to(self.lin.dtype))
         if self.bias is not None:
             self.bias.add_(logit_grads.sum(dim=0))
+
+    def add_softmax(self, rows: slice, hidden_rows: Tensor, probs: Tensor, scale: Tensor, tgt: _Targets) -> None:
+        """Add the gradients of logit gradients ``scale (onehot - probs)`` (``scale [C]``) without forming them: the
+        per-row ``-scale`` goes to the ``[C, H]`` side of the products, the one-hot term to a gather and an
+        ``index_add_`` (one ``[C, V]`` pass less)."""
+        valid_scale = torch.where(tgt.valid, scale, 0.0).unsqueeze(1)
+        target = tgt.index.squeeze(1)
+        if self.hidden is not None:
+            mean_weight = self.lin.times_weight(probs)  # sum_v p_v W_v
+            self.hidden[rows] = self.lin.weight[target].to(self.lin.dtype).mul_(valid_scale).sub_(
+                mean_weight.mul_(scale.unsqueeze(1)))
+        if self.weight is not None:
+            h = hidden_rows.to(self.lin.dtype)
+            self.weight.addmm_(probs.t(), h * -scale.unsqueeze(1))
+            self.weight.index_add_(0, target, h * valid_scale)
+        if self.bias is not None:
+            self.bias.addmv_(probs.t(), -scale)
+            self.bias.index_add_(0, target, valid_scale.squeeze(1))
 
     def result(self) -> LinearGrads:
         return LinearGrads(self.hidden, self.weight, self.bias)
@@ -322,8 +339,10 @@ def linear_logprobs_fused(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
         if entropy is not None:
             entropy[rows] = torch.where(tgt.valid, stats.lse - stats.expected_logit, 0.0)
         grad_lp, grad_ent = token_grads(rows, logprobs[rows], None if entropy is None else entropy[rows])
-        acc.add(rows, hidden[rows], _logit_grads(z, stats, tgt, grad_lp, grad_ent, inv_temperature,
-                                                 z_is_softmax=not with_entropy))
+        if with_entropy:
+            acc.add(rows, hidden[rows], _logit_grads(z, stats, tgt, grad_lp, grad_ent, inv_temperature))
+        else:  # z holds the probabilities
+            acc.add_softmax(rows, hidden[rows], z, grad_lp * inv_temperature, tgt)
         del z  # chunks may grow (whole sequences): free this chunk's logits before a larger buffer is allocated
     return FusedResult(logprobs, entropy, acc.result())
 
