@@ -15,12 +15,7 @@ COMMON = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_lay
               num_key_value_heads=2, max_position_embeddings=64)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lora(model, **kwargs):

@@ -22,12 +22,7 @@ PPO_METRICS = {"objective/kl", "objective/entropy", "objective/scores", "objecti
                "val/vpred", "val/clipfrac", "val/num_eos_tokens", "grad_norm", "learning_rate", "episode"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: two threads only add hand-offs (and stall on a busy machine)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(seed=0):

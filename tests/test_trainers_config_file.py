@@ -4,7 +4,6 @@ import json
 import os
 
 import pytest
-import torch
 import yaml
 
 from fastalign.trainers import DPOConfig
@@ -12,12 +11,7 @@ from fastalign.trainers.config_file import (DESCRIPTIONS, ConfigError, add_argum
                                             run_command, run_from_config, trainer_config)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_config(tmp_path, kind, config=(), **changes):

@@ -13,7 +13,7 @@ from . import torch_backend
 from .linear import (LinearOptions, lse_forward, scale_precomputed_grads, triton_logprobs_backward,
                      triton_ppo_forward)
 from .logprobs import token_outputs
-from .validation import (FLOAT_DTYPES, LinearInputs, require_finite, require_same_device, require_shape,
+from .validation import (FLOAT_DTYPES, LinearInputs, require_finite, require_same_device,
                          require_tensor)
 
 

@@ -76,7 +76,7 @@ def validate_linear_inputs(hidden, weight, targets, bias=None, *, ignore_index: 
     weight = require_tensor("weight", weight, dim=2)
     targets = require_tensor("targets", targets)
     if hidden.dim() < 1:
-        raise ValueError(f"hidden: expected shape [..., H], got a 0-D tensor")
+        raise ValueError("hidden: expected shape [..., H], got a 0-D tensor")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight: expected dtype {hidden.dtype} (the dtype of hidden), got {weight.dtype}")
     if targets.is_floating_point() or targets.is_complex() or targets.dtype not in INT_DTYPES:
