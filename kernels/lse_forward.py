@@ -118,6 +118,33 @@ def _lse_forward_kernel(
         tl.store(sum_pz_ptr + out, sum_pz, mask=row_ok)
 
 
+@triton.jit
+def merge_split_partials(max_ptr, sumexp_ptr, sum_pz_ptr, target_logit_ptr, rows, row_ok, N, num_splits,
+                         WITH_ENTROPY: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Merge the vocab splits of tokens `rows` (fp32 [num_splits, N] partials; split s of row r sits at s * N + r,
+    int64 offsets stepped by N per split). Returns (lse, sumexp, sum_pz, target_logit) [BLOCK_N], with sumexp and
+    sum_pz rescaled to the global max (sum_pz is 0 without WITH_ENTROPY). Padding rows get finite values."""
+    # Global max first, then each split's sums rescaled to it.
+    m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    offs = rows.to(tl.int64)
+    for _ in range(num_splits):
+        m = tl.maximum(m, tl.load(max_ptr + offs, mask=row_ok, other=0.0))
+        offs += N
+    sumexp = tl.zeros([BLOCK_N], tl.float32)
+    sum_pz = tl.zeros([BLOCK_N], tl.float32)
+    target_logit = tl.zeros([BLOCK_N], tl.float32)
+    offs = rows.to(tl.int64)
+    for _ in range(num_splits):
+        scale = tl.exp(tl.load(max_ptr + offs, mask=row_ok, other=0.0) - m)
+        sumexp += tl.load(sumexp_ptr + offs, mask=row_ok, other=1.0) * scale  # 1: padding rows stay finite
+        if WITH_ENTROPY:
+            sum_pz += tl.load(sum_pz_ptr + offs, mask=row_ok, other=0.0) * scale
+        # The target lies in one split; the others hold 0.
+        target_logit += tl.load(target_logit_ptr + offs, mask=row_ok, other=0.0)
+        offs += N
+    return m + tl.log(sumexp), sumexp, sum_pz, target_logit
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -149,7 +176,7 @@ def lse_forward_partials(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
     hidden [N, H], weight [V, H] (rows are global vocab ids vocab_start .. vocab_start + V - 1), bias [V] or None,
     all of one dtype (fp32/fp16/bf16); targets [N] int64 global vocab ids. Non-contiguous inputs are copied
     (`.contiguous()`). Returns the fp32 [num_splits, N] partials, to merge with `merge_lse_partials` (or in the
-    PPO epilogue kernel); `sum_pz` is None without `with_entropy`.
+    epilogue kernels, via `merge_split_partials`); `sum_pz` is None without `with_entropy`.
 
     Writes: program (i, s) of grid (cdiv(N, BLOCK_N), num_splits) alone writes the partial statistics of rows
     i*BLOCK_N .. (i+1)*BLOCK_N - 1 for vocab split s (no atomics).

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .lse_forward import LsePartials
+from .lse_forward import LsePartials, merge_split_partials
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
@@ -73,26 +73,9 @@ def _ppo_epilogue_kernel(
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
 
-    # Merge the vocab splits (split s of row r sits at s * N + r; int64 offsets, stepped by N per split).
-    # Global max first, then each split's sums rescaled to it.
-    m = tl.full([BLOCK_N], float("-inf"), tl.float32)
-    offs = rows.to(tl.int64)
-    for _ in range(num_splits):
-        m = tl.maximum(m, tl.load(max_ptr + offs, mask=row_ok, other=0.0))
-        offs += N
-    sumexp = tl.zeros([BLOCK_N], tl.float32)
-    sum_pz = tl.zeros([BLOCK_N], tl.float32)
-    target_logit = tl.zeros([BLOCK_N], tl.float32)
-    offs = rows.to(tl.int64)
-    for _ in range(num_splits):
-        scale = tl.exp(tl.load(max_ptr + offs, mask=row_ok, other=0.0) - m)
-        sumexp += tl.load(sumexp_ptr + offs, mask=row_ok, other=1.0) * scale  # 1: padding rows stay finite
-        if WITH_ENTROPY:
-            sum_pz += tl.load(sum_pz_ptr + offs, mask=row_ok, other=0.0) * scale
-        # The target lies in one split; the others hold 0.
-        target_logit += tl.load(target_logit_ptr + offs, mask=row_ok, other=0.0)
-        offs += N
-    lse = m + tl.log(sumexp)
+    # Merge the vocab splits: global lse, target logit and (with entropy) the rescaled sum of exp(z - max) * z.
+    lse, sumexp, sum_pz, target_logit = merge_split_partials(max_ptr, sumexp_ptr, sum_pz_ptr, target_logit_ptr,
+                                                             rows, row_ok, N, num_splits, WITH_ENTROPY, BLOCK_N)
 
     # Log-prob of the target, 0 at ignored rows.
     t = tl.load(targets_ptr + rows, mask=row_ok, other=ignore_index)

@@ -16,8 +16,9 @@ strategies, chosen per batch (``whole_pair_chunks``):
 
 With whole pairs the gradient is formed in the autograd forward and only scaled in the backward; with two passes
 the second pass is the backward, each token's upstream gradient being ``d loss / d its sequence's sum``. The
-segment reduction of the per-token log-probs into sequence sums is done in PyTorch (``index_add_``) on ``[M]``
-log-probs, ``M`` the number of response tokens.
+segment reduction of the per-token log-probs into sequence sums is done inside the pass: on the triton backend by
+the DPO epilogue kernel (atomics into the ``[2B]`` sums, no ``[M]`` log-prob round trip), on the torch backend
+in PyTorch (``index_add_``, per chunk with whole pairs), ``M`` the number of response tokens.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from torch import Tensor
 from ..objectives.dpo import DPOOptions, DPOResult, dpo_loss, dpo_metrics, rpo_nll
 from . import torch_backend
 from .chunking import rows_per_chunk
-from .linear import LinearOptions, logprobs_backward, lse_forward, scale_precomputed_grads
+from .linear import LinearOptions, logprobs_backward, lse_forward, scale_precomputed_grads, triton_dpo_sequence_sums
 from .torch_backend import LinearGrads, RowStats, compute_dtype
 from .validation import FLOAT_DTYPES, LinearInputs, require_finite, require_same_device, require_shape, require_tensor
 
@@ -152,6 +153,10 @@ def whole_pair_pass(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets
 def sequence_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, batch: PairBatch,
                    opts: LinearOptions) -> tuple[Tensor, RowStats]:
     """Sequence sums ``[2B]`` and the row statistics of the gathered response rows ``hidden [M, H]``: one matmul."""
+    if opts.backend == "triton":  # the segment reduction inside the epilogue kernel (atomics into [2B])
+        sums, stats = triton_dpo_sequence_sums(hidden, weight, bias, targets, batch.seq_ids, batch.counts.shape[0],
+                                               opts)
+        return sums.to(batch.counts.dtype), stats
     stats = lse_forward(hidden, weight, bias, targets, opts, with_entropy=False)
     return batch.sums(stats.target_logit - stats.lse), stats
 
