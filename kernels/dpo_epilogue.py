@@ -7,7 +7,6 @@ The per-token lse and target logit are still written: the backward (`logprobs_ba
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -15,29 +14,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .lse_forward import LsePartials, merge_split_partials
-
-
-@dataclass(frozen=True)
-class DPOEpilogueConfig:
-    """Block size and launch options of `_dpo_epilogue_kernel` (the compile test builds exactly these)."""
-
-    BLOCK_N: int
-    num_warps: int
-    num_stages: int
-
-    def constexprs(self) -> dict:
-        return {"BLOCK_N": self.BLOCK_N}
-
-    def launch_options(self) -> dict:
-        return {"num_warps": self.num_warps, "num_stages": self.num_stages, "enable_fp_fusion": True}
-
-
-def dpo_epilogue_config(interpret: bool = False) -> DPOEpilogueConfig:
-    """GPU config (elementwise over tokens: 4 tokens per thread); `interpret=True` gives small blocks, so that
-    short test inputs still span several programs."""
-    if interpret:
-        return DPOEpilogueConfig(16, num_warps=1, num_stages=1)
-    return DPOEpilogueConfig(512, num_warps=4, num_stages=1)
+from .token_epilogue import token_epilogue_config
 
 
 @triton.jit
@@ -93,7 +70,7 @@ def dpo_sequence_sums(partials: LsePartials, targets: Tensor, seq_ids: Tensor, n
     target_logit = torch.empty(m, device=device, dtype=torch.float32)
     sums = torch.zeros(num_sequences, device=device, dtype=torch.float32)
     if m > 0:
-        cfg = dpo_epilogue_config(interpret=_interpreting())
+        cfg = token_epilogue_config(interpret=_interpreting())
         part_max, part_sumexp, part_target = (p.contiguous() for p in (partials.max, partials.sumexp,
                                                                          partials.target_logit))
         _dpo_epilogue_kernel[(triton.cdiv(m, cfg.BLOCK_N),)](

@@ -8,7 +8,6 @@ branches and clamps. The backward kernel (`logprobs_backward`) then takes them a
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -17,31 +16,9 @@ import triton.language as tl
 from torch import Tensor
 
 from .lse_forward import LsePartials, merge_split_partials
+from .token_epilogue import token_epilogue_config
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
-
-
-@dataclass(frozen=True)
-class PPOEpilogueConfig:
-    """Block size and launch options of `_ppo_epilogue_kernel` (the compile test builds exactly these)."""
-
-    BLOCK_N: int
-    num_warps: int
-    num_stages: int
-
-    def constexprs(self) -> dict:
-        return {"BLOCK_N": self.BLOCK_N}
-
-    def launch_options(self) -> dict:
-        return {"num_warps": self.num_warps, "num_stages": self.num_stages, "enable_fp_fusion": True}
-
-
-def ppo_epilogue_config(interpret: bool = False) -> PPOEpilogueConfig:
-    """GPU config (elementwise over tokens: 4 tokens per thread); `interpret=True` gives small blocks, so that
-    short test inputs still span several programs."""
-    if interpret:
-        return PPOEpilogueConfig(16, num_warps=1, num_stages=1)
-    return PPOEpilogueConfig(512, num_warps=4, num_stages=1)
 
 
 @triton.jit
@@ -194,7 +171,7 @@ def ppo_epilogue(partials: LsePartials, targets: Tensor, old_logprobs: Tensor, a
     result = PPOEpilogueOutput(out(), out() if with_entropy else None, out(), out(), out(),
                                out() if with_entropy else None, out(torch.bool), out(torch.bool))
     if n > 0:
-        cfg = ppo_epilogue_config(interpret=_interpreting())
+        cfg = token_epilogue_config(interpret=_interpreting())
         unused = result.lse  # stands in for the pointers a constexpr flag switches off (never dereferenced)
         part_max, part_sumexp, part_target = (p.contiguous() for p in (partials.max, partials.sumexp,
                                                                          partials.target_logit))

@@ -13,10 +13,11 @@ import pytest
 import torch
 from aot import CompileSpec, compile_kernels
 
-from fastalign.kernels.dpo_epilogue import _dpo_epilogue_kernel, dpo_epilogue_config
+from fastalign.kernels.dpo_epilogue import _dpo_epilogue_kernel
 from fastalign.kernels.logprobs_backward import _logprobs_backward_kernel, logprobs_backward_config
 from fastalign.kernels.lse_forward import _lse_forward_kernel, lse_forward_config
-from fastalign.kernels.ppo_epilogue import _ppo_epilogue_kernel, ppo_epilogue_config
+from fastalign.kernels.ppo_epilogue import _ppo_epilogue_kernel
+from fastalign.kernels.token_epilogue import token_epilogue_config
 
 ARCHS = (80, 90)
 DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -68,7 +69,7 @@ def ppo_epilogue_spec(dtype: torch.dtype, arch: int, *, dual_clip: bool, kl_esti
              "dual_clip": "fp32", "kl_coef": "fp32", "entropy_coef": "fp32", "log_ratio_clamp": "fp32"}
     flags = {"HAS_DUAL_CLIP": dual_clip, "HAS_REF": kl_estimator is not None, "KL_ESTIMATOR": kl_estimator or "k3",
              "WITH_ENTROPY": with_entropy}
-    return _spec(_ppo_epilogue_kernel, types, flags, ppo_epilogue_config(), arch)
+    return _spec(_ppo_epilogue_kernel, types, flags, token_epilogue_config(), arch)
 
 
 def dpo_epilogue_spec(dtype: torch.dtype, arch: int) -> CompileSpec:
@@ -77,7 +78,7 @@ def dpo_epilogue_spec(dtype: torch.dtype, arch: int) -> CompileSpec:
     types = {"max_ptr": f, "sumexp_ptr": f, "target_logit_ptr": f, "targets_ptr": "*i64", "seq_ids_ptr": "*i64",
              "lse_ptr": f, "target_out_ptr": f, "seq_sums_ptr": f, "N": "i32", "num_splits": "i32",
              "ignore_index": "i32"}
-    return _spec(_dpo_epilogue_kernel, types, {}, dpo_epilogue_config(), arch)
+    return _spec(_dpo_epilogue_kernel, types, {}, token_epilogue_config(), arch)
 
 
 class Variant(NamedTuple):
