@@ -8,21 +8,9 @@ import torch
 
 from fastalign.kernels.dpo_epilogue import dpo_sequence_sums
 from fastalign.kernels.lse_forward import LsePartials
+from reference import random_split_partials
 
 IGNORE = -100
-
-
-def make_partials(n: int, splits: int) -> tuple[LsePartials, torch.Tensor]:
-    """Plausible split statistics: sumexp >= 1 (the split's max contributes 1), the target logit in one split only;
-    every 5th row ignored."""
-    m = 3 * torch.randn(splits, n)
-    sumexp = 1 + 30 * torch.rand(splits, n)
-    home = torch.randint(0, splits, (n,))
-    target_logit = torch.zeros(splits, n)
-    target_logit[home, torch.arange(n)] = m[home, torch.arange(n)] - 4 * torch.rand(n)
-    targets = torch.randint(0, 1000, (n,))
-    targets[::5] = IGNORE
-    return LsePartials(m, sumexp, None, target_logit), targets
 
 
 def reference(p: LsePartials, targets: torch.Tensor, seq_ids: torch.Tensor, num_sequences: int):
@@ -37,7 +25,7 @@ def reference(p: LsePartials, targets: torch.Tensor, seq_ids: torch.Tensor, num_
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("n,num_sequences", [(1, 1), (1, 4), (37, 1), (37, 6), (100, 9)])
 def test_matches_float64_merge_and_index_add(n, num_sequences, splits):
-    partials, targets = make_partials(n, splits)
+    partials, targets = random_split_partials(n, splits, ignore_index=IGNORE, with_sum_pz=False)
     # Sequences as contiguous runs (pair by pair in the op) plus some shuffled tokens; the last sequence may be empty.
     seq_ids = torch.sort(torch.randint(0, max(num_sequences - 1, 1), (n,))).values
     seq_ids[::7] = torch.randint(0, num_sequences, (len(seq_ids[::7]),))
@@ -51,7 +39,7 @@ def test_matches_float64_merge_and_index_add(n, num_sequences, splits):
 
 
 def test_all_ignored_rows_give_zero_sums():
-    partials, targets = make_partials(37, 3)
+    partials, targets = random_split_partials(37, 3, ignore_index=IGNORE, with_sum_pz=False)
     targets[:] = IGNORE
     seq_ids = torch.arange(37) % 4
     lse, _, sums = dpo_sequence_sums(partials, targets, seq_ids, 4, ignore_index=IGNORE)

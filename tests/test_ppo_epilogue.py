@@ -10,25 +10,12 @@ import pytest
 import torch
 
 from fastalign.kernels.lse_forward import LsePartials
+from reference import random_split_partials
 from fastalign.kernels.ppo_epilogue import ppo_epilogue
 from fastalign.objectives.ppo import LOG_RATIO_CLAMP, PPOLossConfig, kl_penalty, ppo_token_losses
 
 IGNORE = -100
 TOL = dict(rtol=1e-5, atol=1e-6)
-
-
-def make_partials(n: int, splits: int) -> tuple[LsePartials, torch.Tensor]:
-    """Plausible split statistics: sumexp >= 1 (the split's max contributes 1), mean logit below the max, the
-    target logit in one split only; every 5th row ignored."""
-    m = 3 * torch.randn(splits, n)
-    sumexp = 1 + 30 * torch.rand(splits, n)
-    sum_pz = sumexp * (m - 0.5 - 3 * torch.rand(splits, n))
-    home = torch.randint(0, splits, (n,))
-    target_logit = torch.zeros(splits, n)
-    target_logit[home, torch.arange(n)] = m[home, torch.arange(n)] - 4 * torch.rand(n)
-    targets = torch.randint(0, 1000, (n,))
-    targets[::5] = IGNORE
-    return LsePartials(m, sumexp, sum_pz, target_logit), targets
 
 
 def reference_merge(p: LsePartials, targets: torch.Tensor):
@@ -76,7 +63,7 @@ def test_matches_objectives_and_autograd(name, n):
     with_entropy = options.pop("with_entropy", options.get("entropy_coef", 0) != 0)
     cfg = PPOLossConfig(**options)
     with_ref = cfg.kl_coef != 0
-    partials, targets = make_partials(n, splits=3)
+    partials, targets = random_split_partials(n, splits=3, ignore_index=IGNORE)
     lse, logp, entropy = reference_merge(partials, targets)
     old = (logp - spread(n, 0.3)).float()
     ref = (logp - spread(n, 0.5)).float() if with_ref else None
@@ -139,7 +126,7 @@ def test_no_tokens():
 
 
 def test_inconsistent_options_raise():
-    partials, targets = make_partials(4, splits=2)
+    partials, targets = random_split_partials(4, splits=2, ignore_index=IGNORE)
     x = torch.zeros(4)
     common = dict(ignore_index=IGNORE, **kernel_options(PPOLossConfig()))
     with pytest.raises(ValueError, match="ref_logprobs: required"):
