@@ -26,15 +26,20 @@ def chunk_budget_bytes() -> int:
     return int(megabytes * (1 << 20))
 
 
+def check_chunk_size(chunk_size) -> int | None:
+    """None or a positive int (tokens per chunk)."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
+    return chunk_size
+
+
 def rows_per_chunk(num_rows: int, vocab_size: int, *, chunk_size: int | None = None, buffers: int = 2,
                    element_bytes: int = 4) -> int:
     """Tokens per chunk: ``chunk_size`` when given, else as many as fit ``buffers`` ``[rows, V]`` temporaries in the budget.
 
     Always at least 1 and at most ``num_rows``.
     """
-    if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
+    if check_chunk_size(chunk_size) is not None:
         rows = chunk_size
     else:
         rows = chunk_budget_bytes() // max(1, buffers * vocab_size * element_bytes)

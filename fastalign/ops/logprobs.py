@@ -5,17 +5,11 @@ import torch
 from torch import Tensor
 
 from . import torch_backend
+from .chunking import check_chunk_size
 from .dispatch import resolve_backend
 from .linear import LinearOptions, logprobs_backward, lse_forward
 from .torch_backend import RowStats
 from .validation import LinearInputs, check_temperature, validate_linear_inputs
-
-
-def check_chunk_size(chunk_size) -> int | None:
-    """None or a positive int."""
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
-    return chunk_size
 
 
 def prepare_linear(hidden, weight, targets, bias, *, temperature, ignore_index, backend, chunk_size,
