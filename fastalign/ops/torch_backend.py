@@ -1,13 +1,17 @@
 """Chunked PyTorch backend of the fused linear log-prob ops: the same math as ``fastalign.kernels``, any device.
 
-Tokens are processed ``chunk`` rows at a time (``fastalign.ops.chunking``), so the ``[chunk, V]`` logits are the
-only vocabulary-sized temporaries. Logits ``z = (hidden @ weight.T + bias) * inv_temperature`` are formed in fp32
-(float64 stays float64), reductions and the weight gradient are accumulated in that dtype.
+Logits ``z = (hidden @ weight.T + bias) * inv_temperature`` are formed in fp32 (float64 stays float64) one block at
+a time; reductions and the weight gradient are accumulated in that dtype. A block is ``[rows, tile]``: vocabulary
+tiles of ``VOCAB_TILE`` columns outer, token chunks inner, so a block is still in cache for the elementwise passes
+after its matmul. The blocks' per-row statistics (and the frozen-weight moments) merge exactly as those of
+vocabulary shards do (``merge_row_stats``); gradients from the global statistics are independent per block.
 
-The three entry points mirror the kernels and share their per-row statistics (mergeable across vocab shards):
-``linear_lse_forward`` (log-sum-exp, target logit, expected logit), ``linear_logprobs_backward`` (recompute the
-logits, then the gradients), and ``linear_logprobs_fused`` (a loss whose per-token gradient is known in the forward:
-logits, ``d hidden`` and ``d weight`` in one pass, three matmuls).
+The entry points mirror the kernels: ``linear_lse_forward`` (log-sum-exp, target logit, expected logit),
+``linear_logprobs_backward`` (recompute the logits, then the gradients), ``linear_weight_moments`` (a frozen
+weight: the forward also forms what ``d hidden`` needs), and ``linear_logprobs_fused`` (a loss whose per-token
+gradient is known in the forward: logits, ``d hidden`` and ``d weight`` in one pass, three matmuls). Only the last
+holds whole ``[chunk, V]`` rows: a chunk's gradient needs its log-sum-exp over the whole vocabulary before its
+logits are dropped.
 """
 from __future__ import annotations
 
@@ -22,6 +26,11 @@ from .chunking import rows_per_chunk
 TokenGrads = Callable[[slice, Tensor, Tensor | None], tuple[Tensor, Tensor | None]]
 """``(rows, logprobs [C], entropy [C] | None) -> (d loss / d logprobs [C], d loss / d entropy [C] | None)``."""
 
+VOCAB_TILE = 4096
+TILE_ROWS = 512
+"""Block shape on CPU: a ``[512, 4096]`` fp32 block of logits (8 MiB) is still in cache for the elementwise passes
+after its matmul; a whole ``[chunk, V]`` block (64 MiB) streams from DRAM in each."""
+
 
 class RowStats(NamedTuple):
     """Per-row statistics of the tempered logits, each ``[N]``: mergeable across vocabulary shards."""
@@ -29,6 +38,9 @@ class RowStats(NamedTuple):
     lse: Tensor
     target_logit: Tensor  # 0 where the target is ignored or outside this shard
     expected_logit: Tensor | None  # sum_v softmax(z)_v z_v, only when entropy is asked for
+
+    def rows(self, rows: slice) -> RowStats:
+        return RowStats(*(None if s is None else s[rows] for s in self))
 
 
 class LinearGrads(NamedTuple):
@@ -39,13 +51,20 @@ class LinearGrads(NamedTuple):
     bias: Tensor | None
 
 
+class WeightMoments(NamedTuple):
+    """Per-row ``[N, H]`` softmax moments of the weight rows: what ``d hidden`` needs when the weight is frozen."""
+
+    mean: Tensor  # sum_v p_v W_v
+    entropy: Tensor | None  # sum_v p_v (z_v - E_p[z]) W_v
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for fp32/fp16/bf16 inputs, float64 for float64 (gradcheck)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class _Linear:
-    """The lm_head operands prepared once per call, and the chunk-level products with fp32 accumulation."""
+    """The lm_head operands prepared once per call, and the block-level products with fp32 accumulation."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None, inv_temperature: float):
         self.dtype = compute_dtype(weight.dtype)
@@ -54,53 +73,63 @@ class _Linear:
         self.weight = weight.to(self.dtype) if upcast else weight
         self.bias = None if bias is None else bias.to(self.dtype)
         self.inv_temperature = inv_temperature
-        self._logits: Tensor | None = None  # [rows, V] buffer reused by every chunk (see ``logits``)
+        self._buffer: Tensor | None = None  # logits storage reused by every block (see ``logits``)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.weight.shape[0]
+
+    def tiles(self) -> list[slice]:
+        """The vocabulary tiles: column ranges of at most ``VOCAB_TILE``."""
+        return [slice(start, min(start + VOCAB_TILE, self.vocab_size))
+                for start in range(0, self.vocab_size, VOCAB_TILE)]
 
     def _mm(self, a: Tensor, b: Tensor) -> Tensor:
         if a.dtype == self.dtype:
             return a @ b
         return torch.mm(a, b, out_dtype=self.dtype)
 
-    def logits(self, hidden: Tensor) -> Tensor:
-        """Tempered logits ``[C, V]`` of a chunk of rows ``hidden [C, H]``, valid until the next call.
-
-        They are written into one buffer reused by every chunk: on CPU, a fresh ``[C, V]`` tensor per chunk costs
-        page faults worth a fifth of the matmul.
-        """
-        h = hidden.to(self.weight.dtype)
+    def logits(self, hidden: Tensor, cols: slice = slice(None)) -> Tensor:
+        """Tempered logits ``[C, tile]`` of rows ``hidden [C, H]`` and vocabulary columns ``cols``, valid until the
+        next call: they are written into one buffer reused by every block (on CPU, a fresh tensor per block costs
+        page faults worth a fifth of the matmul)."""
+        weight = self.weight[cols]
+        bias = None if self.bias is None else self.bias[cols]
+        h = hidden.to(weight.dtype)
         if h.dtype == self.dtype:
-            rows = h.shape[0]
-            if self._logits is None or self._logits.shape[0] < rows:
-                self._logits = None  # free the smaller buffer first
-                self._logits = torch.empty(rows, self.weight.shape[0], dtype=self.dtype, device=h.device)
-            z = self._logits[:rows]
-            if self.bias is not None:
-                torch.addmm(self.bias, h, self.weight.t(), out=z)
+            rows, width = h.shape[0], weight.shape[0]
+            if self._buffer is None or self._buffer.numel() < rows * width:
+                self._buffer = None  # free the smaller buffer first
+                self._buffer = torch.empty(rows * width, dtype=self.dtype, device=h.device)
+            z = self._buffer[:rows * width].view(rows, width)
+            if bias is not None:
+                torch.addmm(bias, h, weight.t(), out=z)
             else:
-                torch.mm(h, self.weight.t(), out=z)
+                torch.mm(h, weight.t(), out=z)
         else:  # low-precision matmul with an fp32 output (CUDA): no out= variant
-            z = self._mm(h, self.weight.t())
-            if self.bias is not None:
-                z.add_(self.bias)
+            z = self._mm(h, weight.t())
+            if bias is not None:
+                z.add_(bias)
         if self.inv_temperature != 1.0:
             z.mul_(self.inv_temperature)
         return z
 
-    def times_weight(self, rows: Tensor) -> Tensor:
-        """``rows [C, V] @ weight [V, H]`` -> ``[C, H]`` in the compute dtype."""
-        return self._mm(rows.to(self.weight.dtype), self.weight)
+    def times_weight(self, block: Tensor, cols: slice = slice(None)) -> Tensor:
+        """``block [C, tile] @ weight[cols] [tile, H]`` -> ``[C, H]`` in the compute dtype."""
+        weight = self.weight[cols]
+        return self._mm(block.to(weight.dtype), weight)
 
 
 class _Targets(NamedTuple):
-    """Targets of a chunk relative to this vocabulary shard."""
+    """Targets of a chunk relative to a range of vocabulary columns (a tile of this shard)."""
 
-    index: Tensor  # [C, 1] int64, a safe column (0) where not valid
-    valid: Tensor  # [C] bool: not ignored and inside [vocab_start, vocab_start + V)
+    index: Tensor  # [C, 1] int64 column in the range, a safe 0 where not valid
+    valid: Tensor  # [C] bool: not ignored and inside [vocab_start, vocab_start + width)
 
     @classmethod
-    def of(cls, targets: Tensor, ignore_index: int, vocab_start: int, vocab_size: int) -> _Targets:
+    def of(cls, targets: Tensor, ignore_index: int, vocab_start: int, width: int) -> _Targets:
         local = targets - vocab_start
-        valid = (targets != ignore_index) & (local >= 0) & (local < vocab_size)
+        valid = (targets != ignore_index) & (local >= 0) & (local < width)
         return cls(torch.where(valid, local, 0).unsqueeze(1), valid)
 
 
@@ -109,8 +138,26 @@ def _chunks(num_rows: int, rows: int) -> Iterator[slice]:
         yield slice(start, min(start + rows, num_rows))
 
 
+def _block_chunks(num_rows: int, cols: slice, chunk_size: int | None, buffers: int) -> Iterator[slice]:
+    """Token chunks for blocks of the tile ``cols``: ``chunk_size`` rows when given, else ``TILE_ROWS`` (fewer when
+    ``buffers`` ``[rows, tile]`` temporaries would exceed the chunk budget)."""
+    rows = rows_per_chunk(num_rows, cols.stop - cols.start, chunk_size=chunk_size, buffers=buffers)
+    return _chunks(num_rows, rows if chunk_size is not None else min(rows, TILE_ROWS))
+
+
+def _empty_stats(num_rows: int, lin: _Linear, device: torch.device, with_entropy: bool) -> RowStats:
+    lse = torch.empty(num_rows, dtype=lin.dtype, device=device)
+    return RowStats(lse, torch.empty_like(lse), torch.empty_like(lse) if with_entropy else None)
+
+
+def _store(dst: Sequence[Tensor | None], rows: slice, src: Sequence[Tensor | None]) -> None:
+    for d, s in zip(dst, src):
+        if d is not None:
+            d[rows] = s
+
+
 def _row_stats(z: Tensor, tgt: _Targets, with_entropy: bool, in_place: str | None = None) -> RowStats:
-    """Statistics of one chunk of tempered logits ``z [C, V]``, left unchanged unless ``in_place`` (no entropy):
+    """Statistics of one block of tempered logits ``z [C, tile]``, left unchanged unless ``in_place`` (no entropy):
     ``"scratch"`` overwrites it (only the statistics are needed), ``"softmax"`` replaces it by ``softmax(z)``. In
     place, one fused row-wise log-softmax pass (each row is reduced while in cache) serves the lse, and one exp pass
     the probabilities: cheaper than ``torch.logsumexp``, which makes several passes and a ``[C, V]`` temporary."""
@@ -132,75 +179,8 @@ def _row_stats(z: Tensor, tgt: _Targets, with_entropy: bool, in_place: str | Non
     return RowStats(row_max.squeeze(1) + sum_exp.log(), target_logit, weighted / sum_exp)
 
 
-def _logit_grads(z: Tensor, stats: RowStats, tgt: _Targets, grad_logprobs: Tensor, grad_entropy: Tensor | None,
-                 inv_temperature: float) -> Tensor:
-    """Gradient w.r.t. the raw logits ``[C, V]``, computed in place of ``z``.
-
-    ``dz = g_lp (onehot - p) - g_ent p (z - E_p[z])`` (entropy ``H = lse - E_p[z]``), times ``inv_temperature``.
-    """
-    if grad_entropy is None:
-        grad = z.sub_(stats.lse.unsqueeze(1)).exp_().mul_(-grad_logprobs.unsqueeze(1))
-    else:
-        log_p = z.sub_(stats.lse.unsqueeze(1))
-        p = log_p.exp()
-        # z - E[z] = log p + lse - E[z]; then -(g_lp + g_ent (z - E[z])) p
-        shift = (stats.lse - stats.expected_logit).unsqueeze(1)
-        grad = log_p.add_(shift).mul_(grad_entropy.unsqueeze(1)).add_(grad_logprobs.unsqueeze(1)).mul_(p).neg_()
-    grad.scatter_add_(1, tgt.index, torch.where(tgt.valid, grad_logprobs, 0.0).unsqueeze(1).to(grad.dtype))
-    if inv_temperature != 1.0:
-        grad.mul_(inv_temperature)
-    return grad
-
-
-class _GradAccumulator:
-    """Buffers for ``d hidden [N, H]``, ``d weight [V, H]``, ``d bias [V]`` (compute dtype), filled chunk by chunk."""
-
-    def __init__(self, hidden: Tensor, lin: _Linear, need_hidden: bool, need_weight: bool, need_bias: bool):
-        kw = dict(dtype=lin.dtype, device=hidden.device)
-        vocab, width = lin.weight.shape
-        self.lin = lin
-        self.hidden = torch.empty(hidden.shape[0], width, **kw) if need_hidden else None
-        self.weight = torch.zeros(vocab, width, **kw) if need_weight else None
-        self.bias = torch.zeros(vocab, **kw) if need_bias else None
-
-    def add(self, rows: slice, hidden_rows: Tensor, logit_grads: Tensor) -> None:
-        if self.hidden is not None:
-            self.hidden[rows] = self.lin.times_weight(logit_grads)
-        if self.weight is not None:
-            self.weight.addmm_(logit_grads.t(), hidden_rows.to(self.lin.dtype))
-        if self.bias is not None:
-            self.bias.add_(logit_grads.sum(dim=0))
-
-    def add_softmax(self, rows: slice, hidden_rows: Tensor, probs: Tensor, scale: Tensor, tgt: _Targets) -> None:
-        """Add the gradients of logit gradients ``scale (onehot - probs)`` (``scale [C]``) without forming them: the
-        per-row ``-scale`` goes to the ``[C, H]`` side of the products, the one-hot term to a gather and an
-        ``index_add_`` (one ``[C, V]`` pass less)."""
-        valid_scale = torch.where(tgt.valid, scale, 0.0).unsqueeze(1)
-        target = tgt.index.squeeze(1)
-        if self.hidden is not None:
-            mean_weight = self.lin.times_weight(probs)  # sum_v p_v W_v
-            self.hidden[rows] = self.lin.weight[target].to(self.lin.dtype).mul_(valid_scale).sub_(
-                mean_weight.mul_(scale.unsqueeze(1)))
-        if self.weight is not None:
-            h = hidden_rows.to(self.lin.dtype)
-            self.weight.addmm_(probs.t(), h * -scale.unsqueeze(1))
-            self.weight.index_add_(0, target, h * valid_scale)
-        if self.bias is not None:
-            self.bias.addmv_(probs.t(), -scale)
-            self.bias.index_add_(0, target, valid_scale.squeeze(1))
-
-    def result(self) -> LinearGrads:
-        return LinearGrads(self.hidden, self.weight, self.bias)
-
-
-VOCAB_TILE = 4096
-TILE_ROWS = 512
-"""CPU tiles (vocabulary tiles outer, token chunks inner): a ``[512, 4096]`` fp32 block of logits (8 MiB) is still in
-cache for the elementwise passes after its matmul; a whole ``[chunk, V]`` block (64 MiB) streams from DRAM in each."""
-
-
 def merge_row_stats(a: RowStats, b: RowStats) -> RowStats:
-    """Row statistics over the union of two disjoint vocabulary shards (what vocab parallelism all-reduces)."""
+    """Row statistics over the union of two disjoint vocabulary ranges (tiles, or shards under vocab parallelism)."""
     lse = torch.logaddexp(a.lse, b.lse)
     expected = None
     if a.expected_logit is not None:
@@ -208,32 +188,97 @@ def merge_row_stats(a: RowStats, b: RowStats) -> RowStats:
     return RowStats(lse, a.target_logit + b.target_logit, expected)
 
 
+def _merge_moments(a: RowStats, ma: WeightMoments, b: RowStats, mb: WeightMoments, merged: RowStats) -> WeightMoments:
+    """Weight moments over the union of two disjoint vocabulary ranges, ``merged`` being their merged statistics:
+    each side's probabilities scale by ``exp(lse_side - lse)``, and its entropy moment re-centres on the merged
+    expected logit (``z - E = (z - E_side) + (E_side - E)``)."""
+    wa, wb = (a.lse - merged.lse).exp().unsqueeze(1), (b.lse - merged.lse).exp().unsqueeze(1)
+    entropy = None
+    if ma.entropy is not None:
+        entropy = ma.entropy.addcmul_(ma.mean, (a.expected_logit - merged.expected_logit).unsqueeze(1)).mul_(wa)
+        entropy.add_(mb.entropy.addcmul_(mb.mean, (b.expected_logit - merged.expected_logit).unsqueeze(1)).mul_(wb))
+    return WeightMoments(ma.mean.mul_(wa).add_(mb.mean.mul_(wb)), entropy)
+
+
+def _entropy_logit_grads(z: Tensor, stats: RowStats, tgt: _Targets, grad_logprobs: Tensor, grad_entropy: Tensor,
+                         inv_temperature: float) -> Tensor:
+    """Gradient w.r.t. the raw logits of a block ``[C, tile]``, computed in place of ``z``.
+
+    ``dz = g_lp (onehot - p) - g_ent p (z - E_p[z])`` (entropy ``H = lse - E_p[z]``), times ``inv_temperature``.
+    """
+    log_p = z.sub_(stats.lse.unsqueeze(1))
+    p = log_p.exp()
+    # z - E[z] = log p + lse - E[z]; then -(g_lp + g_ent (z - E[z])) p
+    shift = (stats.lse - stats.expected_logit).unsqueeze(1)
+    grad = log_p.add_(shift).mul_(grad_entropy.unsqueeze(1)).add_(grad_logprobs.unsqueeze(1)).mul_(p).neg_()
+    grad.scatter_add_(1, tgt.index, torch.where(tgt.valid, grad_logprobs, 0.0).unsqueeze(1).to(grad.dtype))
+    if inv_temperature != 1.0:
+        grad.mul_(inv_temperature)
+    return grad
+
+
+class _GradAccumulator:
+    """Buffers for ``d hidden [N, H]``, ``d weight [V, H]``, ``d bias [V]`` (compute dtype), filled block by block."""
+
+    def __init__(self, hidden: Tensor, lin: _Linear, need_hidden: bool, need_weight: bool, need_bias: bool):
+        kw = dict(dtype=lin.dtype, device=hidden.device)
+        vocab, width = lin.weight.shape
+        self.lin = lin
+        self.hidden = torch.zeros(hidden.shape[0], width, **kw) if need_hidden else None
+        self.weight = torch.zeros(vocab, width, **kw) if need_weight else None
+        self.bias = torch.zeros(vocab, **kw) if need_bias else None
+
+    def add(self, rows: slice, cols: slice, hidden_rows: Tensor, logit_grads: Tensor) -> None:
+        """Add the gradients of the block's logit gradients ``[C, tile]``."""
+        if self.hidden is not None:
+            self.hidden[rows].add_(self.lin.times_weight(logit_grads, cols))
+        if self.weight is not None:
+            self.weight[cols].addmm_(logit_grads.t(), hidden_rows.to(self.lin.dtype))
+        if self.bias is not None:
+            self.bias[cols].add_(logit_grads.sum(dim=0))
+
+    def add_softmax(self, rows: slice, cols: slice, hidden_rows: Tensor, probs: Tensor, scale: Tensor,
+                    tgt: _Targets) -> None:
+        """Add the gradients of the block's logit gradients ``scale (onehot - probs)`` (``scale [C]``) without forming
+        them: the per-row ``-scale`` goes to the ``[C, H]`` side of the products, the one-hot term to a gather and
+        an ``index_add_`` (one ``[C, tile]`` pass less)."""
+        on_target = torch.where(tgt.valid, scale, 0.0).unsqueeze(1)
+        neg_scale = (-scale).unsqueeze(1)
+        target = tgt.index.squeeze(1)
+        if self.hidden is not None:
+            target_rows = self.lin.weight[cols][target].to(self.lin.dtype).mul_(on_target)
+            self.hidden[rows].addcmul_(self.lin.times_weight(probs, cols), neg_scale).add_(target_rows)
+        if self.weight is not None:
+            h = hidden_rows.to(self.lin.dtype)
+            d_weight = self.weight[cols]
+            d_weight.addmm_(probs.t(), h * neg_scale)
+            d_weight.index_add_(0, target, h * on_target)
+        if self.bias is not None:
+            d_bias = self.bias[cols]
+            d_bias.addmv_(probs.t(), neg_scale.squeeze(1))
+            d_bias.index_add_(0, target, on_target.squeeze(1))
+
+    def result(self) -> LinearGrads:
+        return LinearGrads(self.hidden, self.weight, self.bias)
+
+
 def linear_lse_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *,
                        inv_temperature: float, ignore_index: int, vocab_start: int = 0, with_entropy: bool = False,
                        chunk_size: int | None = None) -> RowStats:
-    """Row statistics of ``(hidden [N, H] @ weight[V, H].T + bias) * inv_temperature``, one token chunk at a time."""
-    if weight.shape[0] > VOCAB_TILE:
-        stats = None
-        for start in range(0, weight.shape[0], VOCAB_TILE):
-            tile = slice(start, start + VOCAB_TILE)
-            part = linear_lse_forward(hidden, weight[tile], None if bias is None else bias[tile], targets,
-                                      inv_temperature=inv_temperature, ignore_index=ignore_index,
-                                      vocab_start=vocab_start + start, with_entropy=with_entropy,
-                                      chunk_size=chunk_size or TILE_ROWS)
-            stats = part if stats is None else merge_row_stats(stats, part)
-        return stats
+    """Row statistics ``[N]`` of ``(hidden [N, H] @ weight [V, H].T + bias) * inv_temperature``, block by block.
+
+    ``targets [N]`` are vocabulary ids of which this weight holds ``vocab_start .. vocab_start + V - 1``.
+    """
     lin = _Linear(weight, bias, inv_temperature)
-    n, vocab = hidden.shape[0], weight.shape[0]
-    lse = torch.empty(n, dtype=lin.dtype, device=hidden.device)
-    target_logit = torch.empty_like(lse)
-    expected = torch.empty_like(lse) if with_entropy else None
-    for rows in _chunks(n, rows_per_chunk(n, vocab, chunk_size=chunk_size, buffers=2 if with_entropy else 1)):
-        stats = _row_stats(lin.logits(hidden[rows]), _Targets.of(targets[rows], ignore_index, vocab_start, vocab),
-                           with_entropy, in_place="scratch")
-        lse[rows], target_logit[rows] = stats.lse, stats.target_logit
-        if expected is not None:
-            expected[rows] = stats.expected_logit
-    return RowStats(lse, target_logit, expected)
+    n = hidden.shape[0]
+    stats = None
+    for cols in lin.tiles():
+        tile = _empty_stats(n, lin, hidden.device, with_entropy)
+        for rows in _block_chunks(n, cols, chunk_size, buffers=2 if with_entropy else 1):
+            tgt = _Targets.of(targets[rows], ignore_index, vocab_start + cols.start, cols.stop - cols.start)
+            _store(tile, rows, _row_stats(lin.logits(hidden[rows], cols), tgt, with_entropy, in_place="scratch"))
+        stats = tile if stats is None else merge_row_stats(stats, tile)
+    return stats
 
 
 def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, stats: RowStats,
@@ -241,67 +286,69 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
                              ignore_index: int, vocab_start: int = 0, need_grad_hidden: bool = True,
                              need_grad_weight: bool = True, need_grad_bias: bool = False,
                              chunk_size: int | None = None) -> LinearGrads:
-    """Gradients for upstream ``grad_logprobs [N]`` (and ``grad_entropy [N]``), recomputing the logits chunk by chunk.
+    """Gradients for upstream ``grad_logprobs [N]`` (and ``grad_entropy [N]``), recomputing the logits block by block.
 
     ``stats`` are the (global) row statistics of the forward. Callers zero the upstream gradients at ignored rows.
     """
-    if grad_entropy is None and weight.shape[0] > VOCAB_TILE:
-        return _tiled_logprobs_backward(hidden, weight, bias, targets, stats.lse, grad_logprobs,
-                                        inv_temperature=inv_temperature, ignore_index=ignore_index,
-                                        vocab_start=vocab_start, need_grad_hidden=need_grad_hidden,
-                                        need_grad_weight=need_grad_weight, need_grad_bias=need_grad_bias,
-                                        chunk_size=chunk_size or TILE_ROWS)
     lin = _Linear(weight, bias, inv_temperature)
-    n, vocab = hidden.shape[0], weight.shape[0]
+    n = hidden.shape[0]
     acc = _GradAccumulator(hidden, lin, need_grad_hidden, need_grad_weight, need_grad_bias)
-    buffers = 2 if grad_entropy is not None else 1
-    for rows in _chunks(n, rows_per_chunk(n, vocab, chunk_size=chunk_size, buffers=buffers)):
-        chunk_stats = RowStats(*(None if s is None else s[rows] for s in stats))
-        dz = _logit_grads(lin.logits(hidden[rows]), chunk_stats,
-                          _Targets.of(targets[rows], ignore_index, vocab_start, vocab), grad_logprobs[rows],
-                          None if grad_entropy is None else grad_entropy[rows], inv_temperature)
-        acc.add(rows, hidden[rows], dz)
+    scale = grad_logprobs.to(lin.dtype) * inv_temperature
+    for cols in lin.tiles():
+        for rows in _block_chunks(n, cols, chunk_size, buffers=1 if grad_entropy is None else 2):
+            tgt = _Targets.of(targets[rows], ignore_index, vocab_start + cols.start, cols.stop - cols.start)
+            z = lin.logits(hidden[rows], cols)
+            if grad_entropy is None:  # dz = g (onehot - p), from p = exp(z - lse) in place
+                acc.add_softmax(rows, cols, hidden[rows], z.sub_(stats.lse[rows].unsqueeze(1)).exp_(), scale[rows],
+                                tgt)
+            else:
+                acc.add(rows, cols, hidden[rows], _entropy_logit_grads(
+                    z, stats.rows(rows), tgt, grad_logprobs[rows], grad_entropy[rows], inv_temperature))
     return acc.result()
 
 
-def _tiled_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, lse: Tensor,
-                             grad_logprobs: Tensor, *, inv_temperature: float, ignore_index: int, vocab_start: int,
-                             need_grad_hidden: bool, need_grad_weight: bool, need_grad_bias: bool,
-                             chunk_size: int) -> LinearGrads:
-    """``linear_logprobs_backward`` without entropy, vocabulary tiles outer and token chunks inner (the
-    ``[chunk, tile]`` probabilities stay in cache). ``dz = g (onehot - p)`` is never formed: the per-row ``-g``
-    goes to the ``[N, H]`` side of the products, the one-hot term to a row gather and an ``index_add_``."""
-    n, vocab = hidden.shape[0], weight.shape[0]
-    dtype = compute_dtype(weight.dtype)
-    kw = dict(dtype=dtype, device=hidden.device)
-    g = grad_logprobs.to(dtype) * inv_temperature
-    h = hidden.to(dtype)
-    neg_gh = h * (-g).unsqueeze(1) if need_grad_weight else None
-    probs_times_weight = torch.zeros(n, weight.shape[1], **kw) if need_grad_hidden else None  # sum_v p_v W_v
-    d_weight = torch.zeros(vocab, weight.shape[1], **kw) if need_grad_weight else None
-    d_bias = torch.zeros(vocab, **kw) if need_grad_bias else None
-    for start in range(0, vocab, VOCAB_TILE):
-        tile = slice(start, start + VOCAB_TILE)
-        lin = _Linear(weight[tile], None if bias is None else bias[tile], inv_temperature)
-        for rows in _chunks(n, chunk_size):
-            probs = lin.logits(hidden[rows]).sub_(lse[rows].unsqueeze(1)).exp_()
-            if probs_times_weight is not None:
-                probs_times_weight[rows] += lin.times_weight(probs)
-            if d_weight is not None:
-                d_weight[tile].addmm_(probs.t(), neg_gh[rows])
-            if d_bias is not None:
-                d_bias[tile].addmv_(probs.t(), -g[rows])
-    tgt = _Targets.of(targets, ignore_index, vocab_start, vocab)
-    index, g_target = tgt.index.squeeze(1), torch.where(tgt.valid, g, 0.0)
-    d_hidden = None
-    if probs_times_weight is not None:
-        target_rows = weight[index].to(dtype)
-        d_hidden = probs_times_weight.mul_((-g).unsqueeze(1)).add_(target_rows.mul_(g_target.unsqueeze(1)))
-    if d_weight is not None:
-        d_weight.index_add_(0, index, h * g_target.unsqueeze(1))
-    if d_bias is not None:
-        d_bias.index_add_(0, index, g_target)
-    return LinearGrads(d_hidden, d_weight, d_bias)
+def linear_weight_moments(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *,
+                          inv_temperature: float, ignore_index: int, with_entropy: bool = False,
+                          chunk_size: int | None = None) -> tuple[RowStats, WeightMoments]:
+    """Forward statistics plus the weight moments ``[N, H]``, so that with a frozen weight the backward is
+    elementwise: ``d hidden = inv_temperature * (g_lp (W_y - mean) - g_ent entropy)``. Two matmuls (three with
+    entropy); each tile's moments are merged as its statistics are (``_merge_moments``)."""
+    lin = _Linear(weight, bias, inv_temperature)
+    n, width = hidden.shape[0], weight.shape[1]
+    stats = moments = None
+    for cols in lin.tiles():
+        tile = _empty_stats(n, lin, hidden.device, with_entropy)
+        mean = torch.empty(n, width, dtype=lin.dtype, device=hidden.device)
+        tile_moments = WeightMoments(mean, torch.empty_like(mean) if with_entropy else None)
+        for rows in _block_chunks(n, cols, chunk_size, buffers=3 if with_entropy else 1):
+            z = lin.logits(hidden[rows], cols)
+            tgt = _Targets.of(targets[rows], ignore_index, cols.start, cols.stop - cols.start)
+            if not with_entropy:
+                block = _row_stats(z, tgt, False, in_place="softmax")  # z <- p: one exp pass, no temporary
+                mean[rows] = lin.times_weight(z, cols)
+            else:
+                block = _row_stats(z, tgt, True)
+                p = (z - block.lse.unsqueeze(1)).exp_()
+                mean[rows] = lin.times_weight(p, cols)
+                tile_moments.entropy[rows] = lin.times_weight(z.sub_(block.expected_logit.unsqueeze(1)).mul_(p), cols)
+            _store(tile, rows, block)
+        if stats is None:
+            stats, moments = tile, tile_moments
+        else:
+            merged = merge_row_stats(stats, tile)
+            stats, moments = merged, _merge_moments(stats, moments, tile, tile_moments, merged)
+    return stats, moments
+
+
+def hidden_grad_from_moments(weight: Tensor, targets: Tensor, moments: WeightMoments, grad_logprobs: Tensor,
+                             grad_entropy: Tensor | None, *, inv_temperature: float, ignore_index: int) -> Tensor:
+    """Elementwise ``d hidden [N, H]`` from the moments of ``linear_weight_moments`` (no matmul over V)."""
+    valid = targets != ignore_index
+    target_rows = weight[torch.where(valid, targets, 0)].to(moments.mean.dtype)
+    grad = (target_rows - moments.mean).mul_(grad_logprobs.unsqueeze(1))
+    if grad_entropy is not None:
+        grad.sub_(moments.entropy * grad_entropy.unsqueeze(1))
+    return grad.mul_(inv_temperature) if inv_temperature != 1.0 else grad
 
 
 class FusedResult(NamedTuple):
@@ -320,12 +367,13 @@ def linear_logprobs_fused(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
     """Log-probs (and entropy) and, in the same pass, the gradients of a loss whose per-token gradient is known.
 
     ``token_grads(rows, logprobs, entropy)`` returns ``d loss / d logprobs`` (and ``d loss / d entropy``) for the
-    chunk ``rows``; it must give 0 at ignored rows. Three matmuls per chunk: logits, ``d hidden``, ``d weight``.
-    ``chunks``: the row ranges to walk, in this order, together covering every row once (e.g. whole sequences);
-    default: equal chunks of ``chunk_size`` rows or sized from the memory budget.
+    chunk ``rows``; it must give 0 at ignored rows. Three matmuls per chunk: logits, ``d hidden``, ``d weight``, on
+    whole ``[chunk, V]`` rows. ``chunks``: the row ranges to walk, in this order, together covering every row once
+    (e.g. whole sequences); default: equal chunks of ``chunk_size`` rows or sized from the memory budget.
     """
     lin = _Linear(weight, bias, inv_temperature)
     n, vocab = hidden.shape[0], weight.shape[0]
+    every_col = slice(0, vocab)
     acc = _GradAccumulator(hidden, lin, need_grad_hidden, need_grad_weight, need_grad_bias)
     logprobs = torch.empty(n, dtype=lin.dtype, device=hidden.device)
     entropy = torch.empty_like(logprobs) if with_entropy else None
@@ -339,90 +387,13 @@ def linear_logprobs_fused(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
         if entropy is not None:
             entropy[rows] = torch.where(tgt.valid, stats.lse - stats.expected_logit, 0.0)
         grad_lp, grad_ent = token_grads(rows, logprobs[rows], None if entropy is None else entropy[rows])
-        if with_entropy:
-            acc.add(rows, hidden[rows], _logit_grads(z, stats, tgt, grad_lp, grad_ent, inv_temperature))
+        if with_entropy and grad_ent is not None:
+            acc.add(rows, every_col, hidden[rows],
+                    _entropy_logit_grads(z, stats, tgt, grad_lp, grad_ent, inv_temperature))
+        elif with_entropy:  # entropy for the metrics only: dz = g (onehot - p)
+            acc.add_softmax(rows, every_col, hidden[rows], z.sub_(stats.lse.unsqueeze(1)).exp_(),
+                            grad_lp * inv_temperature, tgt)
         else:  # z holds the probabilities
-            acc.add_softmax(rows, hidden[rows], z, grad_lp * inv_temperature, tgt)
+            acc.add_softmax(rows, every_col, hidden[rows], z, grad_lp * inv_temperature, tgt)
         del z  # chunks may grow (whole sequences): free this chunk's logits before a larger buffer is allocated
     return FusedResult(logprobs, entropy, acc.result())
-
-
-class WeightMoments(NamedTuple):
-    """Per-row ``[N, H]`` softmax moments of the weight rows: what ``d hidden`` needs when the weight is frozen."""
-
-    mean: Tensor  # sum_v p_v W_v
-    entropy: Tensor | None  # sum_v p_v (z_v - E_p[z]) W_v
-
-
-def linear_weight_moments(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *,
-                          inv_temperature: float, ignore_index: int, with_entropy: bool = False,
-                          chunk_size: int | None = None) -> tuple[RowStats, WeightMoments]:
-    """Forward statistics plus the weight moments, so that with a frozen weight the backward is elementwise:
-
-    ``d hidden = inv_temperature * (g_lp (W_y - mean) - g_ent entropy)``. Two matmuls (three with entropy).
-    """
-    if not with_entropy and weight.shape[0] > VOCAB_TILE:
-        return _tiled_weight_moments(hidden, weight, bias, targets, inv_temperature=inv_temperature,
-                                     ignore_index=ignore_index, chunk_size=chunk_size or TILE_ROWS)
-    lin = _Linear(weight, bias, inv_temperature)
-    n, vocab = hidden.shape[0], weight.shape[0]
-    lse = torch.empty(n, dtype=lin.dtype, device=hidden.device)
-    target_logit = torch.empty_like(lse)
-    expected = torch.empty_like(lse) if with_entropy else None
-    mean = torch.empty(n, weight.shape[1], dtype=lin.dtype, device=hidden.device)
-    ent = torch.empty_like(mean) if with_entropy else None
-    for rows in _chunks(n, rows_per_chunk(n, vocab, chunk_size=chunk_size, buffers=3 if with_entropy else 1)):
-        z = lin.logits(hidden[rows])
-        tgt = _Targets.of(targets[rows], ignore_index, 0, vocab)
-        if not with_entropy:
-            stats = _row_stats(z, tgt, False, in_place="softmax")  # z <- p: one exp pass, no [C, V] temporary
-            lse[rows], target_logit[rows] = stats.lse, stats.target_logit
-            mean[rows] = lin.times_weight(z)
-            continue
-        stats = _row_stats(z, tgt, with_entropy)
-        lse[rows], target_logit[rows] = stats.lse, stats.target_logit
-        p = (z - stats.lse.unsqueeze(1)).exp_()
-        mean[rows] = lin.times_weight(p)
-        if with_entropy:
-            expected[rows] = stats.expected_logit
-            ent[rows] = lin.times_weight(z.sub_(stats.expected_logit.unsqueeze(1)).mul_(p))
-    return RowStats(lse, target_logit, expected), WeightMoments(mean, ent)
-
-
-def _tiled_weight_moments(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *,
-                          inv_temperature: float, ignore_index: int,
-                          chunk_size: int) -> tuple[RowStats, WeightMoments]:
-    """``linear_weight_moments`` without entropy, vocabulary tiles outer and token chunks inner, so that each
-    ``[chunk, tile]`` block of logits is reduced while in cache: online softmax (running max ``m``, sum ``s``) and
-    ``acc = sum_v exp(z_v - m) W_v``, rescaled when the running max grows; ``mean = acc / s`` at the end."""
-    n, vocab = hidden.shape[0], weight.shape[0]
-    dtype = compute_dtype(weight.dtype)
-    kw = dict(dtype=dtype, device=hidden.device)
-    row_max, sum_exp = torch.full((n,), float("-inf"), **kw), torch.zeros(n, **kw)
-    target_logit, acc = torch.zeros(n, **kw), torch.zeros(n, weight.shape[1], **kw)
-    for start in range(0, vocab, VOCAB_TILE):
-        tile = slice(start, start + VOCAB_TILE)
-        lin = _Linear(weight[tile], None if bias is None else bias[tile], inv_temperature)
-        for rows in _chunks(n, chunk_size):
-            z = lin.logits(hidden[rows])
-            tgt = _Targets.of(targets[rows], ignore_index, start, lin.weight.shape[0])
-            target_logit[rows] += z.gather(1, tgt.index).squeeze(1).masked_fill_(~tgt.valid, 0.0)
-            new_max = torch.maximum(row_max[rows], z.amax(dim=1))
-            rescale = (row_max[rows] - new_max).exp_()
-            unnormalized = z.sub_(new_max.unsqueeze(1)).exp_()  # exp(z - running max), in place
-            sum_exp[rows] = sum_exp[rows].mul_(rescale).add_(unnormalized.sum(dim=1))
-            acc[rows] = acc[rows].mul_(rescale.unsqueeze(1)).add_(lin.times_weight(unnormalized))
-            row_max[rows] = new_max
-    lse = row_max + sum_exp.log()
-    return RowStats(lse, target_logit, None), WeightMoments(acc.div_(sum_exp.unsqueeze(1)), None)
-
-
-def hidden_grad_from_moments(weight: Tensor, targets: Tensor, moments: WeightMoments, grad_logprobs: Tensor,
-                             grad_entropy: Tensor | None, *, inv_temperature: float, ignore_index: int) -> Tensor:
-    """Elementwise ``d hidden [N, H]`` from the moments of ``linear_weight_moments`` (no matmul over V)."""
-    valid = targets != ignore_index
-    target_rows = weight[torch.where(valid, targets, 0)].to(moments.mean.dtype)
-    grad = (target_rows - moments.mean).mul_(grad_logprobs.unsqueeze(1))
-    if grad_entropy is not None:
-        grad.sub_(moments.entropy * grad_entropy.unsqueeze(1))
-    return grad.mul_(inv_temperature) if inv_temperature != 1.0 else grad
