@@ -6,7 +6,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from .objectives.dpo import DPOOptions
+from .objectives.dpo import DPOOptions, check_count
 from .objectives.ppo import PPOLossConfig
 from .ops.dpo import DPOConfig, DPOLossOutput, fused_dpo_loss, validate_pair_layout, validate_reference
 from .ops.logprobs import linear_logprobs, prepare_linear
@@ -16,7 +16,8 @@ from .ops.validation import FLOAT_DTYPES, INT_DTYPES, validate_token_tensor
 
 def fused_linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None, *,
                           temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False,
-                          backend: str = "auto", chunk_size: int | None = None, check_finite: bool = True):
+                          backend: str = "auto", chunk_size: int | None = None, check_finite: bool = True,
+                          process_group=None, reduce_hidden_grad: bool = True):
     """Per-token log-probs ``log softmax((hidden @ weight.T + bias) / temperature)[targets]``, without the logits.
 
     Args:
@@ -32,13 +33,25 @@ def fused_linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias:
         chunk_size: tokens per chunk on the torch backend; None sizes it from ``$FASTALIGN_CHUNK_BUDGET_MB``
             (default 48 MiB of ``[chunk, V]`` temporaries).
         check_finite: raise on NaN/inf in ``hidden``, ``weight`` or ``bias`` (one cheap pass over each).
+        process_group: vocab-parallel (tensor-parallel) lm_head: a ``torch.distributed.ProcessGroup`` over which
+            the vocabulary is split. ``weight`` is then this rank's contiguous shard ``[V_r, H]`` (rows
+            ``vocab_start ..``, ranks in group order, shards may be uneven), ``bias`` ``[V_r]``, ``hidden`` and
+            ``targets`` (global ids in ``[0, V)``) the same on every rank; every rank returns exactly the
+            unsharded op's outputs (row statistics merged with two all-reduces per forward), and gets its own
+            ``d weight`` / ``d bias`` shard. Every rank must call the op (collectives). The torch backend then
+            always makes two passes (a frozen weight costs one matmul more than unsharded).
+        reduce_hidden_grad: with ``process_group``, all-reduce ``d hidden`` over the group inside the op (default:
+            each rank gets exactly the unsharded gradient). False leaves each rank its partial sum (its shard's
+            vocabulary), Megatron style, for a caller whose copy-to-tensor-parallel-region backward all-reduces it.
+            Without a group, ``d hidden`` is always whole.
 
     Returns:
         ``logprobs`` shaped like ``targets``, fp32 (float64 for float64 inputs); with ``return_entropy``,
         ``(logprobs, entropy)``. Both are differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
     """
     inputs, opts = prepare_linear(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
-                                  backend=backend, chunk_size=chunk_size, check_finite=check_finite)
+                                  backend=backend, chunk_size=chunk_size, check_finite=check_finite,
+                                  process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
     logprobs, entropy = linear_logprobs(inputs, opts, return_entropy)
     logprobs = logprobs.view(inputs.lead_shape)
     return (logprobs, entropy.view(inputs.lead_shape)) if return_entropy else logprobs
@@ -54,7 +67,8 @@ def fused_linear_ppo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_l
                           cliprange_value: float = 0.2, vf_coef: float = 0.1, loss_agg: str = "token-mean",
                           num_tokens=None, num_sequences=None, compute_entropy: bool | None = None,
                           ignore_index: int = -100, backend: str = "auto", chunk_size: int | None = None,
-                          check_finite: bool = True) -> PPOLossOutput:
+                          check_finite: bool = True, process_group=None,
+                          reduce_hidden_grad: bool = True) -> PPOLossOutput:
     """PPO loss from hidden states in one pass over the vocabulary, without the logits.
 
     ``loss = agg(pg + kl_coef * kl - entropy_coef * entropy) + vf_coef * agg(value_loss)`` with the clipped
@@ -72,6 +86,10 @@ def fused_linear_ppo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_l
             ``num_sequences``: the normalizer over the whole accumulated batch (gradient accumulation, data
             parallel), default this batch's.
         compute_entropy: compute the entropy (for ``objective/entropy``); default: when ``entropy_coef != 0``.
+        process_group, reduce_hidden_grad: vocab-parallel lm_head, as in :func:`fused_linear_logprobs`; the per-token
+            inputs and the value head are the same on every rank. With ``reduce_hidden_grad=False`` the value
+            head's share of ``d hidden`` goes to the group's rank 0 only, so that the ranks' partials sum to it
+            once. The torch backend then makes two passes (four matmuls instead of three).
         Other options as in :func:`fused_linear_logprobs`.
 
     Returns:
@@ -81,7 +99,8 @@ def fused_linear_ppo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_l
         ``val/clipfrac``, ``val/vpred``, ``policy/ratio_mean`` ...).
     """
     inputs, opts = prepare_linear(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
-                                  backend=backend, chunk_size=chunk_size, check_finite=check_finite)
+                                  backend=backend, chunk_size=chunk_size, check_finite=check_finite,
+                                  process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
     config = PPOLossConfig(cliprange=cliprange, cliprange_high=cliprange_high, dual_clip=dual_clip, kl_coef=kl_coef,
                            kl_estimator=kl_estimator, entropy_coef=entropy_coef, cliprange_value=cliprange_value,
                            vf_coef=vf_coef, loss_agg=loss_agg)
@@ -113,8 +132,10 @@ def fused_linear_dpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
                           ref_bias: Tensor | None = None, beta: float = 0.1, loss_type: str = "sigmoid",
                           label_smoothing: float = 0.0, average_log_prob: bool | None = None,
                           rpo_alpha: float | None = None, reference_free: bool = False, temperature: float = 1.0,
+                          num_pairs: int | Tensor | None = None, num_chosen_tokens: int | Tensor | None = None,
                           ignore_index: int = -100, backend: str = "auto", chunk_size: int | None = None,
-                          check_finite: bool = True) -> DPOLossOutput:
+                          check_finite: bool = True, process_group=None,
+                          reduce_hidden_grad: bool = True) -> DPOLossOutput:
     """DPO loss from hidden states: sequence log-prob sums, implicit rewards and the loss, without the logits.
 
     Each sequence's log-prob is the sum over its response tokens (``targets != ignore_index``) of the token
@@ -141,11 +162,19 @@ def fused_linear_dpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
         average_log_prob: mean instead of sum of the token log-probs per sequence (a sequence without response
             tokens counts 0). Default None: as TRL, means for ``ipo`` and sums for every other loss type.
         temperature: positive divisor of the logits, policy and reference alike.
+        num_pairs, num_chosen_tokens: the normalizers over the whole accumulated batch (gradient accumulation, data
+            parallel), an int or a one-element tensor: the loss is ``sum(pair losses) / num_pairs + rpo_alpha *
+            (-sum(chosen token log-probs)) / num_chosen_tokens``, so the losses (and gradients) of the parts add up
+            to those of the whole. Default this batch's B and its number of chosen response tokens (the mean).
+            ``num_chosen_tokens`` only matters with ``rpo_alpha``; the ``nll_loss`` metric uses it too.
         backend: ``"auto"`` (triton on CUDA, torch elsewhere; ``$FASTALIGN_BACKEND`` overrides), ``"triton"``,
             ``"torch"``.
         chunk_size: tokens per chunk on the torch backend, which then holds whole pairs only when a pair has at
             most that many response tokens; None sizes chunks from ``$FASTALIGN_CHUNK_BUDGET_MB``.
         check_finite: raise on NaN/inf in the float inputs.
+        process_group, reduce_hidden_grad: vocab-parallel lm_head, as in :func:`fused_linear_logprobs`; a computed
+            reference's ``ref_weight`` (``ref_bias``) is sharded like ``weight``. The torch backend then always
+            makes two passes (four matmuls).
 
     Returns:
         ``DPOLossOutput(loss, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, metrics)``: ``loss``
@@ -157,12 +186,18 @@ def fused_linear_dpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
     """
     validate_pair_layout(hidden, targets)
     inputs, opts = prepare_linear(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
-                                  backend=backend, chunk_size=chunk_size, check_finite=check_finite)
+                                  backend=backend, chunk_size=chunk_size, check_finite=check_finite,
+                                  process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
     options = DPOOptions(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
                          reference_free=reference_free, rpo_alpha=rpo_alpha)
     if average_log_prob is not None and not isinstance(average_log_prob, bool):
         raise TypeError(f"average_log_prob: expected a bool or None, got {type(average_log_prob).__name__}")
-    config = DPOConfig(options, loss_type == "ipo" if average_log_prob is None else average_log_prob)
+    if num_pairs is not None:
+        num_pairs = check_count("num_pairs", num_pairs, hidden.shape[0] // 2, "at least the pairs in this batch")
+    if num_chosen_tokens is not None:
+        num_chosen_tokens = check_count("num_chosen_tokens", num_chosen_tokens, 1, "a token count")
+    config = DPOConfig(options, loss_type == "ipo" if average_log_prob is None else average_log_prob, num_pairs,
+                       num_chosen_tokens)
     reference = validate_reference(inputs, opts, config, ref_chosen_logps=ref_chosen_logps,
                                    ref_rejected_logps=ref_rejected_logps, ref_hidden=ref_hidden,
                                    ref_weight=ref_weight, ref_bias=ref_bias, check_finite=check_finite)

@@ -296,6 +296,46 @@ def test_upstream_gradient_scales_and_backward_can_repeat(engine):
     torch.testing.assert_close(again, grad)
 
 
+
+@pytest.mark.parametrize("tensor_counts", [False, True])
+def test_global_normalizers_make_two_halves_add_up(engine, tensor_counts):
+    """Two halves of a batch, each with the whole batch's ``num_pairs`` and ``num_chosen_tokens``, sum to the whole
+    batch's loss and gradients (data parallel, gradient accumulation)."""
+    hidden, weight, bias, targets = make_batch(4, 6, 16, 23, bias=True)
+    ref = torch.randn(8) * 5
+    kwargs = dict(rpo_alpha=0.5, loss_type="robust", label_smoothing=0.1, backend=engine.backend,
+                  chunk_size=engine.chunk_size(6))
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    whole = fused_linear_dpo_loss(leaves[0], leaves[1], targets, bias=leaves[2], ref_chosen_logps=ref[:4],
+                                  ref_rejected_logps=ref[4:], **kwargs)
+    want = torch.autograd.grad(whole.loss, leaves)
+    num_pairs, num_chosen = 4, int((targets[:4] != -100).sum())
+    if tensor_counts:
+        num_pairs, num_chosen = torch.tensor(num_pairs), torch.tensor([num_chosen])
+    loss, grads = 0.0, [torch.zeros_like(t) for t in leaves]
+    for pairs in ([0, 1], [2, 3]):
+        rows = pairs + [4 + p for p in pairs]  # chosen, then rejected, of the same pairs
+        part = fused_linear_dpo_loss(leaves[0][rows], leaves[1], targets[rows], bias=leaves[2],
+                                     ref_chosen_logps=ref[pairs], ref_rejected_logps=ref[[4 + p for p in pairs]],
+                                     num_pairs=num_pairs, num_chosen_tokens=num_chosen, **kwargs)
+        loss = loss + part.loss.detach()
+        grads = [g + d for g, d in zip(grads, torch.autograd.grad(part.loss, leaves))]
+    torch.testing.assert_close(loss, whole.loss.detach(), rtol=1e-5, atol=1e-6)
+    for name, got, expected in zip(("hidden", "weight", "bias"), grads, want):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"grad {name}: {m}")
+
+
+def test_bad_global_normalizers():
+    hidden, weight, _, targets = make_batch(2, 5, 8, 11)
+    call = lambda **kw: fused_linear_dpo_loss(hidden, weight, targets, reference_free=True, **kw)  # noqa: E731
+    with pytest.raises(ValueError, match=r"num_pairs: expected an int >= 2 \(at least the pairs in this batch\), "
+                                         r"got 1"):
+        call(num_pairs=1)
+    with pytest.raises(TypeError, match="num_chosen_tokens: expected an int or a one-element tensor, got float"):
+        call(num_chosen_tokens=3.0, rpo_alpha=1.0)
+    with pytest.raises(ValueError, match=r"num_pairs: expected an int or a one-element tensor, got shape \(2,\)"):
+        call(num_pairs=torch.tensor([2, 2]))
+
 @pytest.mark.parametrize("chunk_size", [100, 2])
 def test_gradcheck_float64_torch_backend(chunk_size):
     hidden, weight, bias, targets = make_batch(2, 4, 5, 7, dtype=torch.float64, bias=True)

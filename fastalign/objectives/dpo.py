@@ -203,7 +203,7 @@ def dpo_losses(
     return losses, beta * c.detach(), beta * r.detach()
 
 
-def _check_count(name: str, value: int | Tensor, minimum: int, meaning: str) -> int | Tensor:
+def check_count(name: str, value: int | Tensor, minimum: int, meaning: str) -> int | Tensor:
     """A positive count given as an int (checked against ``minimum``) or a one-element tensor (not checked: no sync)."""
     if isinstance(value, Tensor):
         if value.numel() != 1:
@@ -230,7 +230,7 @@ def rpo_nll(chosen_logps: Tensor, chosen_num_tokens: Tensor, *, num_tokens: int 
         raise ValueError(f"chosen_num_tokens: expected a tensor of shape {tuple(chosen_logps.shape)}, got {got}")
     if num_tokens is None:
         return -chosen_logps.sum() / chosen_num_tokens.sum()
-    return -chosen_logps.sum() / _check_count("num_tokens", num_tokens, 1, "a token count")
+    return -chosen_logps.sum() / check_count("num_tokens", num_tokens, 1, "a token count")
 
 
 def dpo_loss(
@@ -258,7 +258,7 @@ def dpo_loss(
             raise ValueError("chosen_logps: expected at least one pair (or pass num_pairs), got shape (0,)")
         loss = losses.mean()
     else:
-        loss = losses.sum() / _check_count(
+        loss = losses.sum() / check_count(
             "num_pairs", num_pairs, max(losses.numel(), 1), "at least the pairs in this batch"
         )
     if options.rpo_alpha is None:

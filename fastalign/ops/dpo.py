@@ -11,8 +11,9 @@ strategies, chosen per batch (``whole_pair_chunks``):
 - whole pairs per chunk (torch backend, when the largest pair's ``[rows, V]`` logits fit ``PAIR_BUDGET_CHUNKS``
   chunk budgets, or ``chunk_size`` when given): the weight is known in the chunk that computes the logits, so one
   pass of three matmuls (``linear_logprobs_fused``);
-- two passes (triton backend, or a pair too large): the log-sum-exp pass over all tokens, the loss on the ``[2B]``
-  sums, then the backward pass that recomputes the logits: four matmuls, memory O(chunk) however long a pair is.
+- two passes (triton backend, a pair too large, or a vocab shard): the log-sum-exp pass over all tokens, the loss
+  on the ``[2B]`` sums, then the backward pass that recomputes the logits: four matmuls, memory O(chunk) however
+  long a pair is.
 
 With whole pairs the gradient is formed in the autograd forward and only scaled in the backward; with two passes
 the second pass is the backward, each token's upstream gradient being ``d loss / d its sequence's sum``. The
@@ -38,10 +39,14 @@ from .validation import FLOAT_DTYPES, LinearInputs, require_finite, require_same
 
 @dataclass(frozen=True)
 class DPOConfig:
-    """The DPO loss options plus how a sequence's token log-probs are reduced: sum, or mean (``average_log_prob``)."""
+    """The DPO loss options, how a sequence's token log-probs are reduced (sum, or mean with ``average_log_prob``),
+    and the normalizers of the whole accumulated batch: ``num_pairs`` divides the sum of the pair losses (default
+    this batch's B), ``num_chosen_tokens`` the RPO NLL (default this batch's chosen response tokens)."""
 
     options: DPOOptions
     average_log_prob: bool
+    num_pairs: int | Tensor | None = None
+    num_chosen_tokens: int | Tensor | None = None
 
 
 class PairBatch(NamedTuple):
@@ -82,16 +87,20 @@ class PairBatch(NamedTuple):
     def loss(self, sums: Tensor, config: DPOConfig) -> tuple[DPOResult, Tensor]:
         """The DPO result of the sequence sums ``[2B]``, and the per-sequence log-probs ``[2B]`` it was given.
 
-        A sequence without response tokens has log-prob 0 (its mean too); the RPO term is the mean NLL per chosen
-        token (0 when there is none).
+        A sequence without response tokens has log-prob 0 (its mean too); the RPO term is the NLL of the chosen
+        tokens over ``config.num_chosen_tokens`` or this batch's chosen tokens (0 when there is none).
         """
         b = self.num_pairs
         logps = sums / self.counts.clamp(min=1) if config.average_log_prob else sums
         nll = None
         if config.options.rpo_alpha is not None:
-            nll = rpo_nll(sums[:b], self.counts[:b], num_tokens=self.counts[:b].sum().clamp(min=1))
+            num_tokens = config.num_chosen_tokens
+            if num_tokens is None:
+                num_tokens = self.counts[:b].sum().clamp(min=1)
+            nll = rpo_nll(sums[:b], self.counts[:b], num_tokens=num_tokens)
         ref = (None, None) if self.ref_logps is None else (self.ref_logps[:b], self.ref_logps[b:])
-        return dpo_loss(logps[:b], logps[b:], *ref, config.options, chosen_nll=nll), logps
+        result = dpo_loss(logps[:b], logps[b:], *ref, config.options, chosen_nll=nll, num_pairs=config.num_pairs)
+        return result, logps
 
     def sum_grads(self, sums: Tensor, config: DPOConfig) -> Tensor:
         """``d loss / d sums`` ``[2B]``: the gradient weight of every token of each sequence."""
@@ -229,8 +238,8 @@ def fused_dpo_loss(inputs: LinearInputs, opts: LinearOptions, config: DPOConfig,
     batch = PairBatch.of(inputs.targets.view(inputs.lead_shape), opts.ignore_index, dtype)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                  for t in (inputs.hidden, inputs.weight, inputs.bias))
-    chunks = None
-    if needs_grad and opts.backend == "torch" and batch.index.numel() > 0:
+    chunks = None  # with a vocab shard, the gradient weights need the global lse: two passes
+    if needs_grad and opts.backend == "torch" and opts.shard is None and batch.index.numel() > 0:
         chunks = whole_pair_chunks(batch.pair_rows(), inputs.weight.shape[0], opts.chunk_size)
     # With whole pairs, the forward-only passes may take chunks as large: that memory is spent anyway (and large
     # chunks run faster).

@@ -1,15 +1,18 @@
 """The lm_head primitives on either backend, behind one signature: row statistics forward, log-prob backward;
 and the triton-only pieces of the fused PPO and DPO ops (the PPO epilogue forward, the DPO sequence sums, the
-backward from a given lse)."""
+backward from a given lse). With a vocabulary shard (``LinearOptions.shard``) the forward statistics are the
+global ones, merged across the group, and the backward gives this shard's gradients (``vocab_parallel``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from ..objectives.ppo import LOG_RATIO_CLAMP, PPOLossConfig
 from . import torch_backend
 from .torch_backend import LinearGrads, RowStats
+from .vocab_parallel import VocabShard
 
 
 @dataclass(frozen=True)
@@ -20,38 +23,53 @@ class LinearOptions:
     temperature: float = 1.0
     ignore_index: int = -100
     chunk_size: int | None = None  # tokens per chunk on the torch backend; None sizes it from the memory budget
+    shard: VocabShard | None = None  # this rank's vocabulary shard (vocab-parallel lm_head), None: the whole
 
     @property
     def inv_temperature(self) -> float:
         return 1.0 / self.temperature
 
+    @property
+    def vocab_start(self) -> int:
+        """Global vocabulary id of the weight's first row."""
+        return 0 if self.shard is None else self.shard.vocab_start
+
+    def finish_grads(self, grads: LinearGrads) -> LinearGrads:
+        """Gradients of this weight (shard): with a vocab shard, ``d hidden`` reduced as ``shard`` says."""
+        return grads if self.shard is None else self.shard.finish_grads(grads)
+
 
 def lse_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, opts: LinearOptions, *,
                 with_entropy: bool) -> RowStats:
-    """Per-row log-sum-exp, target logit and (with entropy) expected logit, ``[N]`` each."""
+    """Per-row log-sum-exp, target logit and (with entropy) expected logit, ``[N]`` each; over the whole vocabulary
+    (merged across the group) with a vocab shard."""
     if opts.backend == "triton":
         from fastalign.kernels.lse_forward import linear_lse_forward
 
-        return RowStats(*linear_lse_forward(hidden, weight, bias, targets, inv_temperature=opts.inv_temperature,
-                                            ignore_index=opts.ignore_index, with_entropy=with_entropy))
-    return torch_backend.linear_lse_forward(hidden, weight, bias, targets, inv_temperature=opts.inv_temperature,
-                                            ignore_index=opts.ignore_index, with_entropy=with_entropy,
-                                            chunk_size=opts.chunk_size)
+        stats = RowStats(*linear_lse_forward(hidden, weight, bias, targets, inv_temperature=opts.inv_temperature,
+                                             ignore_index=opts.ignore_index, vocab_start=opts.vocab_start,
+                                             with_entropy=with_entropy))
+    else:
+        stats = torch_backend.linear_lse_forward(hidden, weight, bias, targets, inv_temperature=opts.inv_temperature,
+                                                 ignore_index=opts.ignore_index, vocab_start=opts.vocab_start,
+                                                 with_entropy=with_entropy, chunk_size=opts.chunk_size)
+    return stats if opts.shard is None else opts.shard.all_reduce_stats(stats)
 
 
 def logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, stats: RowStats,
                       grad_logprobs: Tensor, grad_entropy: Tensor | None, opts: LinearOptions, *,
                       need_hidden: bool, need_weight: bool, need_bias: bool) -> LinearGrads:
-    """Gradients of ``hidden``, ``weight`` and ``bias`` for upstream per-token gradients (0 at ignored rows)."""
+    """Gradients of ``hidden``, ``weight`` and ``bias`` for upstream per-token gradients (0 at ignored rows), from the
+    global row statistics ``stats``; with a vocab shard, ``d weight``/``d bias`` of the shard (``finish_grads``)."""
     if opts.backend == "triton":
         entropy = None if grad_entropy is None else stats.lse - stats.expected_logit
         return triton_logprobs_backward(hidden, weight, bias, targets, stats.lse, entropy, grad_logprobs,
                                         grad_entropy, opts, need_hidden=need_hidden, need_weight=need_weight,
                                         need_bias=need_bias)
-    return torch_backend.linear_logprobs_backward(
+    return opts.finish_grads(torch_backend.linear_logprobs_backward(
         hidden, weight, bias, targets, stats, grad_logprobs, grad_entropy, inv_temperature=opts.inv_temperature,
-        ignore_index=opts.ignore_index, need_grad_hidden=need_hidden, need_grad_weight=need_weight,
-        need_grad_bias=need_bias, chunk_size=opts.chunk_size)
+        ignore_index=opts.ignore_index, vocab_start=opts.vocab_start, need_grad_hidden=need_hidden,
+        need_grad_weight=need_weight, need_grad_bias=need_bias, chunk_size=opts.chunk_size))
 
 
 def triton_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, lse: Tensor,
@@ -62,10 +80,10 @@ def triton_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
     used with ``grad_entropy``)."""
     from fastalign.kernels.logprobs_backward import linear_logprobs_backward
 
-    return LinearGrads(*linear_logprobs_backward(
+    return opts.finish_grads(LinearGrads(*linear_logprobs_backward(
         hidden, weight, bias, targets, lse, grad_logprobs, grad_entropy, None if grad_entropy is None else entropy,
-        inv_temperature=opts.inv_temperature, ignore_index=opts.ignore_index, need_grad_hidden=need_hidden,
-        need_grad_weight=need_weight, need_grad_bias=need_bias))
+        inv_temperature=opts.inv_temperature, ignore_index=opts.ignore_index, vocab_start=opts.vocab_start,
+        need_grad_hidden=need_hidden, need_grad_weight=need_weight, need_grad_bias=need_bias)))
 
 
 def triton_ppo_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, opts: LinearOptions,
@@ -74,11 +92,9 @@ def triton_ppo_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targ
     """Triton: the log-sum-exp partials of the lm_head, then the PPO epilogue kernel on them, which merges the vocab
     splits and forms each token's weighted loss and its gradients. Returns the epilogue's per-token ``[N]`` outputs
     (``fastalign.kernels.ppo_epilogue.PPOEpilogueOutput``)."""
-    from fastalign.kernels.lse_forward import lse_forward_partials
     from fastalign.kernels.ppo_epilogue import ppo_epilogue
 
-    partials = lse_forward_partials(hidden, weight, bias, targets, inv_temperature=opts.inv_temperature,
-                                    ignore_index=opts.ignore_index, with_entropy=with_entropy)
+    partials = triton_lse_partials(hidden, weight, bias, targets, opts, with_entropy=with_entropy)
     return ppo_epilogue(partials, targets, old_logprobs, advantages, ref_logprobs, weights,
                         ignore_index=opts.ignore_index, cliprange=config.cliprange,
                         cliprange_high=config.cliprange_high, dual_clip=config.dual_clip, kl_coef=config.kl_coef,
@@ -92,13 +108,28 @@ def triton_dpo_sequence_sums(hidden: Tensor, weight: Tensor, bias: Tensor | None
     splits and adds each token's log-prob into its sequence's sum (``seq_ids [N]`` in ``[0, num_sequences)``).
     Returns the fp32 sums ``[num_sequences]`` and the per-token row statistics (lse, target logit) for the backward."""
     from fastalign.kernels.dpo_epilogue import dpo_sequence_sums
-    from fastalign.kernels.lse_forward import lse_forward_partials
 
-    partials = lse_forward_partials(hidden, weight, bias, targets, inv_temperature=opts.inv_temperature,
-                                    ignore_index=opts.ignore_index)
+    partials = triton_lse_partials(hidden, weight, bias, targets, opts, with_entropy=False)
     lse, target_logit, sums = dpo_sequence_sums(partials, targets, seq_ids, num_sequences,
                                                 ignore_index=opts.ignore_index)
     return sums, RowStats(lse, target_logit, None)
+
+
+def triton_lse_partials(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, opts: LinearOptions, *,
+                        with_entropy: bool):
+    """Triton: the vocab-split partials ``[num_splits, N]`` of the lm_head (``LsePartials``), for the epilogue
+    kernels. With a vocab shard, the global statistics as a single split: ``max`` the global lse, ``sumexp`` 1,
+    ``sum_pz`` the global expected logit (``sum_v p_v z_v``), so that the epilogue's merge returns them as they are."""
+    from fastalign.kernels.lse_forward import LsePartials, lse_forward_partials, merge_lse_partials
+
+    partials = lse_forward_partials(hidden, weight, bias, targets, inv_temperature=opts.inv_temperature,
+                                    ignore_index=opts.ignore_index, vocab_start=opts.vocab_start,
+                                    with_entropy=with_entropy)
+    if opts.shard is None:
+        return partials
+    stats = opts.shard.all_reduce_stats(RowStats(*merge_lse_partials(partials)))
+    split = [None if s is None else s.unsqueeze(0) for s in stats]
+    return LsePartials(split[0], torch.ones_like(split[0]), split[2], split[1])
 
 
 def scale_precomputed_grads(grads: list[Tensor | None], grad_loss: Tensor) -> list[Tensor | None]:

@@ -10,15 +10,18 @@ from .dispatch import resolve_backend
 from .linear import LinearOptions, logprobs_backward, lse_forward
 from .torch_backend import RowStats
 from .validation import LinearInputs, check_temperature, validate_linear_inputs
+from .vocab_parallel import vocab_shard
 
 
-def prepare_linear(hidden, weight, targets, bias, *, temperature, ignore_index, backend, chunk_size,
-                   check_finite) -> tuple[LinearInputs, LinearOptions]:
-    """Validate the lm_head inputs of an op and resolve its options (shared by every fused op)."""
+def prepare_linear(hidden, weight, targets, bias, *, temperature, ignore_index, backend, chunk_size, check_finite,
+                   process_group=None, reduce_hidden_grad=True) -> tuple[LinearInputs, LinearOptions]:
+    """Validate the lm_head inputs of an op and resolve its options (shared by every fused op); with a
+    ``process_group``, ``weight``/``bias`` are this rank's vocabulary shard (one all-gather of the shard sizes)."""
+    shard = vocab_shard(process_group, weight, bias, reduce_hidden_grad=reduce_hidden_grad, check_finite=check_finite)
     inputs = validate_linear_inputs(hidden, weight, targets, bias, ignore_index=ignore_index,
-                                    check_finite=check_finite)
+                                    check_finite=check_finite, vocab_size=None if shard is None else shard.vocab_size)
     opts = LinearOptions(resolve_backend(backend, inputs.hidden.device), check_temperature(temperature),
-                         int(ignore_index), check_chunk_size(chunk_size))
+                         int(ignore_index), check_chunk_size(chunk_size), shard)
     if opts.backend == "triton" and inputs.hidden.dtype == torch.float64:
         raise TypeError("hidden: backend='triton' takes float32, float16 or bfloat16 inputs, got torch.float64 "
                         "(use backend='torch' for float64)")
@@ -36,7 +39,8 @@ class LinearLogProbs(torch.autograd.Function):
     """``(hidden [N, H], weight [V, H], bias [V] | None, targets [N]) -> logprobs [N]`` (and ``entropy [N]``).
 
     Saves the inputs and per-row statistics only. With a frozen weight and bias on the torch backend the forward
-    also forms the per-row softmax moments of the weight, so the backward is elementwise (two matmuls in all).
+    also forms the per-row softmax moments of the weight, so the backward is elementwise (two matmuls in all); not
+    with a vocab shard, whose moments would need the global lse inside the pass (three matmuls then).
     """
 
     @staticmethod
@@ -45,7 +49,8 @@ class LinearLogProbs(torch.autograd.Function):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         valid = targets != opts.ignore_index
         ctx.opts, ctx.with_entropy = opts, with_entropy
-        ctx.frozen_weight = opts.backend == "torch" and need_hidden and not (need_weight or need_bias)
+        ctx.frozen_weight = (opts.backend == "torch" and opts.shard is None and need_hidden
+                             and not (need_weight or need_bias))
         if ctx.frozen_weight:
             stats, moments = torch_backend.linear_weight_moments(
                 hidden, weight, bias, targets, inv_temperature=opts.inv_temperature, ignore_index=opts.ignore_index,

@@ -10,8 +10,8 @@ from torch import Tensor
 from ..objectives.aggregation import aggregation_weights, masked_mean
 from ..objectives.ppo import PPOLossConfig, clipped_value_loss, ppo_token_losses
 from . import torch_backend
-from .linear import (LinearOptions, lse_forward, scale_precomputed_grads, triton_logprobs_backward,
-                     triton_ppo_forward)
+from .linear import (LinearOptions, logprobs_backward, lse_forward, scale_precomputed_grads,
+                     triton_logprobs_backward, triton_ppo_forward)
 from .logprobs import token_outputs
 from .validation import (FLOAT_DTYPES, LinearInputs, require_finite, require_same_device,
                          require_tensor)
@@ -52,7 +52,9 @@ class LinearPPOPolicy(torch.autograd.Function):
 
     The gradient of the policy loss is formed during the forward and only scaled in the backward. On the torch
     backend that is one pass of three matmuls per chunk; on triton, the log-sum-exp kernel (split partials), the PPO
-    epilogue kernel (merge, per-token loss and gradient weights), then the gradient kernel.
+    epilogue kernel (merge, per-token loss and gradient weights), then the gradient kernel. With a vocab shard the
+    token gradients need the global lse, so the torch backend makes two passes too (four matmuls): the statistics,
+    merged across the group, then the gradients from them.
     ``logprobs [N]`` and ``entropy [N]`` are returned detached (fp32).
     """
 
@@ -60,7 +62,13 @@ class LinearPPOPolicy(torch.autograd.Function):
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, tokens: PPOTokens,
                 config: PPOLossConfig, opts: LinearOptions, with_entropy: bool):
         need = dict(zip(("need_hidden", "need_weight", "need_bias"), ctx.needs_input_grad[:3]))
-        if opts.backend == "torch":
+        if opts.backend == "torch" and opts.shard is not None:
+            stats = lse_forward(hidden, weight, bias, targets, opts, with_entropy=with_entropy)
+            logprobs, entropy = token_outputs(stats, targets != opts.ignore_index, with_entropy)
+            grad_lp, grad_ent = policy_token_grads(tokens, config, logprobs, entropy)
+            grads = logprobs_backward(hidden, weight, bias, targets, stats, grad_lp, grad_ent, opts, **need)
+            loss = policy_loss_value(tokens, config, logprobs, entropy)
+        elif opts.backend == "torch":
             out = torch_backend.linear_logprobs_fused(
                 hidden, weight, bias, targets,
                 lambda rows, lp, ent: policy_token_grads(tokens.rows(rows), config, lp, ent),
@@ -196,7 +204,8 @@ def ppo_loss(inputs: LinearInputs, opts: LinearOptions, config: PPOLossConfig, *
                                                      tokens, config, opts, with_entropy)
     loss, value_metrics, values = policy_loss, {}, None
     if value_head is not None:
-        vt = value_loss_terms(inputs.hidden, value_head, weights, flat_mask, config.cliprange_value)
+        hidden = inputs.hidden if opts.shard is None else opts.shard.replicated_input(inputs.hidden)
+        vt = value_loss_terms(hidden, value_head, weights, flat_mask, config.cliprange_value)
         loss = loss + config.vf_coef * vt.loss
         value_metrics, values = vt.metrics, vt.values.reshape(value_head.old_values.shape)
     with torch.no_grad():

@@ -66,11 +66,12 @@ def check_temperature(temperature) -> float:
 
 
 def validate_linear_inputs(hidden, weight, targets, bias=None, *, ignore_index: int = -100,
-                           check_finite: bool = True) -> LinearInputs:
+                           check_finite: bool = True, vocab_size: int | None = None) -> LinearInputs:
     """Check the lm_head inputs of an op and flatten them to rows.
 
     ``hidden [..., H]`` float, ``weight [V, H]`` and ``bias [V]`` of hidden's dtype, ``targets [...]`` integer in
-    ``[0, V)`` or ``ignore_index``, all on one device, at least one row.
+    ``[0, vocab_size)`` or ``ignore_index``, all on one device, at least one row. ``vocab_size``: the global
+    vocabulary when ``weight`` is one shard of it (vocab parallel), default V.
     """
     hidden = require_tensor("hidden", hidden, dtypes=FLOAT_DTYPES)
     weight = require_tensor("weight", weight, dim=2)
@@ -97,10 +98,11 @@ def validate_linear_inputs(hidden, weight, targets, bias=None, *, ignore_index: 
     if targets.numel() == 0:
         raise ValueError(f"hidden: expected at least one token, got an empty batch of shape {tuple(hidden.shape)}")
     targets = targets.reshape(-1).long()
-    out_of_range = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+    vocab_size = vocab if vocab_size is None else vocab_size
+    out_of_range = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
     if bool(out_of_range.any()):
         first = int(targets[out_of_range][0])
-        raise ValueError(f"targets: expected ids in [0, {vocab}) or ignore_index={ignore_index}, "
+        raise ValueError(f"targets: expected ids in [0, {vocab_size}) or ignore_index={ignore_index}, "
                          f"got {int(out_of_range.sum())} out of range (e.g. {first})")
     if check_finite:
         require_finite("hidden", hidden)

@@ -1,0 +1,189 @@
+"""Vocab-parallel lm_head: the three ops on P gloo ranks, each holding one vocabulary shard of the weight (uneven
+splits), against the single-process op on the full weight: loss, log-probs, metrics, ``d hidden`` and each rank's
+``d weight`` / ``d bias`` shard, on both backends (triton under the interpreter, inherited by the ranks)."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from conftest import BACKENDS
+from distributed import run_ranks
+from fastalign import FusedLinearLogProbs, fused_linear_dpo_loss, fused_linear_logprobs, fused_linear_ppo_loss
+from reference import reference_logprobs
+
+SHARDS = {2: [50, 47], 4: [300, 250, 251, 200]}  # uneven vocabulary splits, V = 97 and V = 1001
+WIDTH = 16
+
+
+def problem(sizes: list[int]) -> dict[str, torch.Tensor]:
+    """The same inputs on every rank and in the parent: 2 DPO pairs (``[4, 6]`` tokens), the full lm_head of the
+    vocabulary split into shards of ``sizes``."""
+    vocab = sum(sizes)
+    gen = torch.Generator().manual_seed(vocab)
+    randn = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    targets = torch.randint(0, vocab, (4, 6), generator=gen)
+    targets[:, 0] = -100  # prompt
+    targets[1, 4:] = -100  # padding
+    targets[0, 1:4] = torch.tensor([0, vocab - 1, vocab - sizes[-1]])  # the first and last ids, the last shard's first
+    return dict(hidden=randn(4, 6, WIDTH), weight=randn(vocab, WIDTH) / WIDTH ** 0.5, bias=randn(vocab),
+                targets=targets, g_lp=randn(4, 6), g_ent=randn(4, 6), old=-3 + randn(4, 6), adv=randn(4, 6),
+                ref_lp=-3 + randn(4, 6), mask=torch.rand(4, 6, generator=gen) > 0.2, vhead=randn(WIDTH),
+                vbias=randn(()), old_values=randn(4, 6), returns=randn(4, 6), ref_hidden=randn(4, 6, WIDTH),
+                ref_weight=randn(vocab, WIDTH) / WIDTH ** 0.5, ref_bias=randn(vocab), ref_logps=-20 + randn(4))
+
+
+def leaves(*tensors):
+    return [t.clone().requires_grad_(True) for t in tensors]
+
+
+def run_ops(p: dict, rows: slice, backend: str, group) -> dict[str, torch.Tensor]:
+    """Every checked output of the three ops with the vocabulary ``rows`` of the lm_head (the whole of it and group
+    None in the parent). Key suffixes: ``/dw``, ``/db`` a gradient of this shard; ``/dh_partial`` this rank's
+    partial ``d hidden`` (the ranks' sum is the whole); any other is the same on every rank."""
+    out = {}
+    kw = dict(backend=backend, process_group=group)
+    w, b, rw, rb = p["weight"][rows], p["bias"][rows], p["ref_weight"][rows], p["ref_bias"][rows]
+
+    # Log-probs and entropy with bias and temperature, upstream gradients on both outputs.
+    h, wl, bl = leaves(p["hidden"], w, b)
+    lp, ent = fused_linear_logprobs(h, wl, p["targets"], bl, temperature=0.7, return_entropy=True, **kw)
+    grads = torch.autograd.grad((p["g_lp"] * lp + p["g_ent"] * ent).sum(), [h, wl, bl])
+    out.update({"lp": lp, "lp/ent": ent, "lp/dh": grads[0], "lp/dw": grads[1], "lp/db": grads[2]})
+    with torch.no_grad():
+        out["lp/no_grad"] = fused_linear_logprobs(p["hidden"], w, p["targets"], b, temperature=0.7, **kw)
+
+    # Frozen lm_head (no moments shortcut when sharded), another ignore_index, d hidden left to the caller.
+    (h,) = leaves(p["hidden"])
+    module = FusedLinearLogProbs(ignore_index=-1, reduce_hidden_grad=False, **kw)
+    lp = module(h, w, p["targets"].masked_fill(p["targets"] == -100, -1), b)
+    out["frozen"] = lp
+    out["frozen/dh_partial"] = torch.autograd.grad((p["g_lp"] * lp).sum(), h)[0]
+
+    # PPO: KL, entropy bonus, asymmetric clip, value head; d hidden reduced here, then left to the caller.
+    for reduce in (True, False):
+        h, wl, bl, vh, vb = leaves(p["hidden"], w, b, p["vhead"], p["vbias"])
+        ppo = fused_linear_ppo_loss(h, wl, p["targets"], p["old"], p["adv"], mask=p["mask"], bias=bl,
+                                    ref_logprobs=p["ref_lp"], kl_coef=0.05, cliprange_high=0.28, entropy_coef=0.01,
+                                    temperature=0.9, value_head_weight=vh, value_head_bias=vb,
+                                    old_values=p["old_values"], returns=p["returns"], reduce_hidden_grad=reduce, **kw)
+        grads = torch.autograd.grad(ppo.loss, [h, wl, bl, vh, vb])
+        name = "ppo" if reduce else "ppo_partial"
+        out.update({f"{name}/loss": ppo.loss, f"{name}/lp": ppo.logprobs, f"{name}/ent": ppo.entropy,
+                    f"{name}/values": ppo.values, f"{name}/dw": grads[1], f"{name}/db": grads[2],
+                    f"{name}/dvhead": grads[3], f"{name}/dvbias": grads[4],
+                    f"{name}/dh" if reduce else f"{name}/dh_partial": grads[0]})
+        out.update({f"{name}/metric/{k}": v for k, v in ppo.metrics.items()})
+
+    # DPO: a reference computed from its own sharded lm_head, with RPO; then a precomputed one (ipo, means).
+    h, wl, bl = leaves(p["hidden"], w, b)
+    dpo = fused_linear_dpo_loss(h, wl, p["targets"], bias=bl, ref_hidden=p["ref_hidden"], ref_weight=rw,
+                                ref_bias=rb, rpo_alpha=0.5, beta=0.5, **kw)
+    grads = torch.autograd.grad(dpo.loss, [h, wl, bl])
+    out.update({"dpo/dh": grads[0], "dpo/dw": grads[1], "dpo/db": grads[2]})
+    out.update({f"dpo/{k}": v for k, v in dpo._asdict().items() if k != "metrics"})
+    out.update({f"dpo/metric/{k}": v for k, v in dpo.metrics.items()})
+    h, wl = leaves(p["hidden"], w)
+    dpo = fused_linear_dpo_loss(h, wl, p["targets"], ref_chosen_logps=p["ref_logps"][:2],
+                                ref_rejected_logps=p["ref_logps"][2:], loss_type="ipo", temperature=1.3,
+                                reduce_hidden_grad=False, **kw)
+    grads = torch.autograd.grad(dpo.loss, [h, wl])
+    out.update({"ipo/loss": dpo.loss, "ipo/chosen_logps": dpo.chosen_logps, "ipo/dh_partial": grads[0],
+                "ipo/dw": grads[1]})
+    return {k: v.detach() for k, v in out.items()}
+
+
+def error_of(call) -> str:
+    try:
+        call()
+    except (TypeError, ValueError) as e:
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
+def bad_inputs(p: dict, rows: slice, group) -> dict[str, str]:
+    """The error each bad call raises (on every rank alike, so no rank is left waiting in a collective)."""
+    h, t, w = p["hidden"], p["targets"], p["weight"]
+    logprobs = lambda **kw: lambda: fused_linear_logprobs(  # noqa: E731
+        kw.pop("hidden", h), kw.pop("weight", w[rows]), kw.pop("targets", t), backend="torch", process_group=group,
+        **kw)
+    return {
+        "target_past_global_vocab": error_of(logprobs(targets=t.masked_fill(t == 0, w.shape[0]))),
+        "full_bias": error_of(logprobs(bias=p["bias"])),
+        "empty_shard": error_of(logprobs(weight=w[rows][:0] if dist.get_rank(group) == 1 else w[rows])),
+        "nan_in_one_shard": error_of(logprobs(bias=p["bias"][rows].index_fill(0, torch.tensor([3]), float(
+            "nan")) if dist.get_rank(group) == 1 else p["bias"][rows])),
+        "hidden_width": error_of(logprobs(hidden=h[..., :-1])),
+        "reduce_flag": error_of(logprobs(reduce_hidden_grad=1)),
+        "full_ref_weight": error_of(lambda: fused_linear_dpo_loss(
+            h, w[rows], t, ref_hidden=h, ref_weight=p["ref_weight"], backend="torch", process_group=group)),
+    }
+
+
+def rank_main(rank: int, world_size: int, backend: str) -> dict:
+    """One rank: its shard of the problem's vocabulary, the outputs and (2 ranks) the errors."""
+    sizes = SHARDS[world_size]
+    rows = slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
+    p = problem(sizes)
+    group = dist.new_group(list(range(world_size)))  # a group object other than the default one
+    return {"rows": rows, "outputs": run_ops(p, rows, backend, group),
+            "errors": bad_inputs(p, rows, group) if world_size == 2 else None}
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    """fp32 against fp32: a few ulps of the tensor's own magnitude."""
+    scale = float(want.abs().max()) if want.numel() else 0.0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * max(scale, 1e-3), msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_sharded_ops_equal_the_single_process_op(world_size, backend):
+    ranks = run_ranks(rank_main, world_size, backend)
+    p = problem(SHARDS[world_size])
+    want = run_ops(p, slice(None), backend, None)
+    assert all(set(r["outputs"]) == set(want) for r in ranks)
+
+    # The log-probs and entropy against materialized float64 logits too (independent of fastalign).
+    ref_lp, ref_ent = reference_logprobs(p["hidden"], p["weight"], p["targets"], p["bias"], temperature=0.7)
+    torch.testing.assert_close(ranks[0]["outputs"]["lp"].double(), ref_lp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ranks[0]["outputs"]["lp/ent"].double(), ref_ent, rtol=1e-5, atol=1e-5)
+
+    for key, value in want.items():
+        if key.endswith(("/dw", "/db")):
+            for r in ranks:
+                assert_close(r["outputs"][key], value[r["rows"]], f"{key} rank {r['rows']}")
+        elif key.endswith("/dh_partial"):
+            assert_close(sum(r["outputs"][key] for r in ranks), value, f"{key} summed over ranks")
+            assert not torch.equal(ranks[0]["outputs"][key], value), f"{key}: rank 0 holds the whole gradient"
+        else:
+            for r in ranks:  # the same on every rank, bit for bit
+                assert torch.equal(r["outputs"][key], ranks[0]["outputs"][key]), f"{key} differs across ranks"
+            assert_close(ranks[0]["outputs"][key], value, key)
+
+    if world_size == 2:
+        expected = {
+            "target_past_global_vocab": r"ValueError: targets: expected ids in \[0, 97\)",
+            "full_bias": r"ValueError: bias: expected shape \(\d+,\) \(one entry per row of weight\), got \(97,\)",
+            "empty_shard": r"ValueError: weight: expected a non-empty vocabulary shard .* got shard sizes \[50, 0\]",
+            "nan_in_one_shard": r"ValueError: weight: expected finite values in the weight and bias shards of every "
+                                r"rank, got NaN/inf on rank\(s\) \[1\]",
+            "hidden_width": r"ValueError: hidden: expected last dimension H=16",
+            "reduce_flag": r"TypeError: reduce_hidden_grad: expected a bool, got int",
+            "full_ref_weight": r"ValueError: ref_weight: expected shape \(\d+, 16\) \(the shape of weight\), "
+                               r"got \(97, 16\)",
+        }
+        for name, pattern in expected.items():
+            for r in ranks:
+                assert re.search(pattern, r["errors"][name]), f"{name}: {r['errors'][name]}"
+
+
+def test_process_group_must_be_a_process_group():
+    hidden, weight, targets = torch.randn(3, 8), torch.randn(11, 8), torch.tensor([1, 2, 3])
+    with pytest.raises(TypeError, match="process_group: expected None or a torch.distributed.ProcessGroup .* got "
+                                        "int"):
+        fused_linear_logprobs(hidden, weight, targets, process_group=1)
+    with pytest.raises(TypeError, match="process_group: expected None or a torch.distributed.ProcessGroup"):
+        fused_linear_ppo_loss(hidden, weight, targets, torch.zeros(3), torch.zeros(3), process_group="tp")
