@@ -167,18 +167,22 @@ def attach_value_head(model: nn.Module, directory: str | None = None) -> ValueHe
     return head
 
 
-def save_pretrained(model: nn.Module, directory: str, tokenizer=None) -> None:
+def save_pretrained(model: nn.Module, directory: str, tokenizer=None, state_dict: dict[str, Tensor] | None = None
+                    ) -> None:
     """``model.save_pretrained(directory)`` (the adapters only for peft), the tokenizer, and the value head in
-    ``value_head.safetensors``; the model files stay a plain ``transformers`` checkpoint."""
-    head = get_value_head(model)
-    if head is not None and not is_peft_model(model):
-        state = {k: v for k, v in model.state_dict().items() if not k.startswith("value_head.")}
-        model.save_pretrained(directory, state_dict=state)
-    else:
-        model.save_pretrained(directory)
-    if head is not None:
-        save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()},
-                  os.path.join(directory, VALUE_HEAD_FILE))
+    ``value_head.safetensors``; the model files stay a plain ``transformers`` checkpoint. ``state_dict``: the
+    model's whole state to write instead of its own (gathered from the ranks of a sharded model)."""
+    state = model.state_dict() if state_dict is None else state_dict
+    head = {}
+    for key, value in state.items():  # "value_head.summary.weight", or under peft's "base_model.model."
+        _, found, name = ("." + key).partition(".value_head.")
+        if found:
+            head[name] = value
+    if head and not is_peft_model(model):
+        state = {k: v for k, v in state.items() if not k.startswith("value_head.")}
+    model.save_pretrained(directory, state_dict=state)
+    if head:
+        save_file({k: v.detach().contiguous() for k, v in head.items()}, os.path.join(directory, VALUE_HEAD_FILE))
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
 

@@ -5,6 +5,9 @@ from fastalign.trainers import DPOTrainer, DPOConfig, PPOTrainer, PPOConfig
 DPOTrainer(model, tokenizer, train_dataset, config=DPOConfig(...), ref_model=None, eval_dataset=None).train()
 PPOTrainer(model, tokenizer, prompts, reward_fn, config=PPOConfig(...), ref_model=None).train()
 ```
+
+The same code runs on several processes under ``torchrun`` (DDP, or FSDP2 with ``parallelism="fsdp"``): see
+``fastalign.trainers.distributed``.
 """
 from .common import TrainingConfig
 from .dpo import DPOConfig, DPOTrainer

@@ -1,5 +1,6 @@
-"""What both trainers share: the common config fields, batch order, optimizer and schedule, the optimizer step that
-skips non-finite updates, checkpoints with exact resume, JSONL metrics and the progress bar."""
+"""What both trainers share: the common config fields, batch order (split across ranks), optimizer and schedule,
+the optimizer step that skips non-finite updates, checkpoints with exact resume, JSONL metrics and the progress
+bar (rank 0 writes; metrics are averaged over ranks first)."""
 from __future__ import annotations
 
 import copy
@@ -13,12 +14,15 @@ import types
 import typing
 import warnings
 from dataclasses import dataclass, fields
+from itertools import islice
 
 import torch
 from torch import nn
+from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
 from .. import hf
+from . import distributed
 
 LOSS_BACKENDS = ("fused", "reference")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -62,6 +66,9 @@ class TrainingConfig:
     ``save_steps``/``eval_steps``/``logging_steps``: every that many steps (0: never; the final model is always
     saved to ``output_dir``). ``loss_backend``: ``"fused"`` (fastalign's ops, no logits) or ``"reference"``
     (materialized logits, the same math, for comparison). ``disable_dropout``: set every dropout to 0 (as TRL).
+    ``parallelism``: under ``torchrun`` with several processes, ``"ddp"`` (a replica per rank) or ``"fsdp"``
+    (FSDP2: parameters, gradients and optimizer state sharded); ignored with one process. The ``per_device_*``
+    sizes are per process: a step's global batch is ``world_size`` times larger.
     """
 
     output_dir: str = "fastalign-output"
@@ -86,6 +93,7 @@ class TrainingConfig:
     loss_backend: str = "fused"
     disable_dropout: bool = True
     disable_tqdm: bool = False
+    parallelism: str = "ddp"
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -100,27 +108,46 @@ class TrainingConfig:
         require(self, "warmup_ratio", 0 <= self.warmup_ratio < 1, "a number in [0, 1)")
         require(self, "lr_scheduler_type", self.lr_scheduler_type in LR_SCHEDULERS, f"one of {LR_SCHEDULERS}")
         require(self, "loss_backend", self.loss_backend in LOSS_BACKENDS, f"one of {LOSS_BACKENDS}")
+        require(self, "parallelism", self.parallelism in distributed.PARALLELISM,
+                f"one of {distributed.PARALLELISM}")
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """``max_steps`` if set, else ``num_train_epochs`` epochs of ``steps_per_epoch`` (at least 1)."""
         return self.max_steps if self.max_steps > 0 else max(1, math.ceil(self.num_train_epochs * steps_per_epoch))
 
 
-def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
-    """Indices of the batch of ``step``: epoch ``e`` walks a permutation of ``range(n)`` drawn from ``seed + e``
-    (the last incomplete batch of an epoch is dropped). A function of ``step``, so that resuming is exact."""
-    per_epoch = n // batch_size
-    epoch, k = divmod(step, per_epoch)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-    return order[k * batch_size:(k + 1) * batch_size].tolist()
+def batch_indices(n: int, batch_size: int, step: int, seed: int, rank: int = 0, world_size: int = 1) -> list[int]:
+    """This rank's ``batch_size`` indices of the batch of ``step``. Epoch ``e`` walks a permutation of ``range(n)``
+    drawn from ``seed + e`` in global batches of ``batch_size x world_size`` (the last incomplete one dropped), and
+    rank ``r`` takes items ``r, r + world_size, ...`` of each (torch's ``DistributedSampler``): together the ranks'
+    batches are the one-process batch of ``batch_size x world_size``. A function of ``step``: resuming is exact."""
+    epoch, k = divmod(step, n // (batch_size * world_size))
+    sampler = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                 drop_last=True)
+    sampler.set_epoch(epoch)
+    return list(islice(sampler, k * batch_size, (k + 1) * batch_size))
 
 
 def steps_per_epoch(n: int, batch_size: int, what: str) -> int:
-    """``n // batch_size``, or a ``ValueError`` when one batch needs more than ``n`` items."""
+    """``n // batch_size`` (``batch_size``: the global batch), or a ``ValueError`` when one batch needs more than
+    ``n`` items."""
     if n < batch_size:
-        raise ValueError(f"{what}: {n} item(s) is less than one batch of {batch_size}; add data or reduce "
+        processes = distributed.world_size()
+        raise ValueError(f"{what}: {n} item(s) is less than one batch of {batch_size}"
+                         f"{f' over {processes} processes' if processes > 1 else ''}; add data or reduce "
                          f"per_device_train_batch_size / gradient_accumulation_steps")
     return n // batch_size
+
+
+def eval_batches(n: int, batch_size: int) -> list[tuple[list[int], int]]:
+    """This rank's share of ``range(n)`` for evaluation (items ``rank, rank + world_size, ...``) in batches of at
+    most ``batch_size``, each with its number of real items. Every rank gets as many batches as the others (forward
+    passes can be collectives, under FSDP): a rank out of items gets a batch of item 0 that counts 0 times."""
+    rank, world = distributed.rank(), distributed.world_size()
+    mine = list(range(rank, n, world))
+    count = math.ceil(math.ceil(n / world) / batch_size)
+    batches = (mine[i * batch_size:(i + 1) * batch_size] for i in range(count))
+    return [(b, len(b)) if b else ([0], 0) for b in batches]
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -130,10 +157,12 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return ref
 
 
-def mean_metrics(records: list[dict[str, float]]) -> dict[str, float]:
-    """Key-wise mean of metric dicts (a key missing from some records averages over the others)."""
+def mean_metrics(records: list[dict[str, float]], summed: tuple[str, ...] = ()) -> dict[str, float]:
+    """Key-wise mean of metric dicts (a key missing from some records averages over the others); the ``summed``
+    keys are summed instead (micro-batch shares of a loss normalized over the whole step)."""
     keys = dict.fromkeys(k for r in records for k in r)
-    return {k: sum(r[k] for r in records if k in r) / sum(k in r for r in records) for k in keys}
+    return {k: sum(r[k] for r in records if k in r) / (1 if k in summed else sum(k in r for r in records))
+            for k in keys}
 
 
 def as_floats(metrics: dict) -> dict[str, float]:
@@ -141,15 +170,28 @@ def as_floats(metrics: dict) -> dict[str, float]:
 
 
 class Trainer:
-    """The state and steps both trainers share. A subclass sets ``name``, ``progress_metrics`` and ``eval_dataset``
-    (None: no evaluation), writes ``evaluate()`` and the loop, calling ``begin``, ``optimizer_step``,
-    ``end_step`` and ``finish``."""
+    """The state and steps both trainers share. A subclass sets ``name``, ``progress_metrics``, ``summed_metrics``
+    and ``eval_dataset`` (None: no evaluation), writes ``evaluate()`` and the loop, calling ``begin``,
+    ``optimizer_step``, ``end_step`` and ``finish``.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the trainer joins the process group, every rank starts from rank 0's
+    weights, and ``train()`` wraps the policy (``config.parallelism``); ``self.engine`` is what to call for any
+    forward of the policy (``self.engine(fn, *args)`` runs ``fn(model, *args)``, see
+    :class:`~fastalign.trainers.distributed.Policy`), ``self.model`` stays the ``transformers`` model.
+    """
 
     name = "train"
     progress_metrics: tuple[str, ...] = ()
+    summed_metrics: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module, tokenizer, config: TrainingConfig):
+        distributed.init()
+        if distributed.world_size() > 1:
+            model.to(distributed.device())
+            distributed.broadcast_module(model)
         self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.device = hf.get_lm_head(model).weight.device
+        self.policy = self.engine = distributed.Policy(model)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if self.pad_token_id is None:
             raise ValueError("tokenizer: needs a pad_token or an eos_token")
@@ -170,7 +212,7 @@ class Trainer:
         from transformers import get_scheduler
 
         c = self.config
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.params = [p for p in self.engine.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
                                            eps=c.adam_epsilon, weight_decay=c.weight_decay)
         warmup = c.warmup_steps or math.ceil(c.warmup_ratio * optimizer_steps)
@@ -178,10 +220,15 @@ class Trainer:
                                        num_training_steps=optimizer_steps)
 
     def optimizer_step(self, loss_finite: bool) -> dict[str, float]:
-        """Clip the gradients and step, unless the loss or the gradient norm is not finite: then warn, drop the
-        gradients and leave weights and optimizer state untouched. The schedule advances either way."""
+        """Clip the gradients and step, unless the loss (on any rank) or the gradient norm is not finite: then
+        warn, drop the gradients and leave weights and optimizer state untouched. The schedule advances either
+        way."""
+        loss_finite = distributed.all_true(loss_finite)
         max_norm = self.config.max_grad_norm or math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm)) if loss_finite else math.nan
+        grad_norm = math.nan
+        if loss_finite:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
         skipped = not math.isfinite(grad_norm)
         if skipped:
             what = "gradient norm" if loss_finite else "loss"
@@ -195,18 +242,28 @@ class Trainer:
 
     # --- loop bookkeeping -----------------------------------------------------------------------------------
 
-    def begin(self, total_steps: int, resume_from_checkpoint: str | bool | None) -> None:
-        """Resume if asked, open the metrics file and the progress bar."""
-        os.makedirs(self.config.output_dir, exist_ok=True)
-        self.total_steps = total_steps
-        self.metrics_path = os.path.join(self.config.output_dir, METRICS_FILE)
-        if resume_from_checkpoint:
-            self.resume(resume_from_checkpoint)
+    def begin(self, total_steps: int, optimizer_steps: int, global_batch: int,
+              resume_from_checkpoint: str | bool | None) -> None:
+        """Load the checkpoint's weights if resuming, wrap the policy for this world, build the optimizer and
+        schedule, restore their state, open the metrics file and the progress bar. ``global_batch``: the samples
+        of one step over all ranks, which a checkpoint must share to resume."""
+        c = self.config
+        self.total_steps, self.global_batch = total_steps, global_batch
+        self.metrics_path = os.path.join(c.output_dir, METRICS_FILE)
+        state = self.load_checkpoint(resume_from_checkpoint) if resume_from_checkpoint else None
+        self.engine = distributed.wrap(self.policy, c.parallelism)
+        self.setup_optimizer(optimizer_steps)
+        if state is not None:
+            self.restore(state)
         else:
-            open(self.metrics_path, "w").close()
+            if distributed.is_main():
+                os.makedirs(c.output_dir, exist_ok=True)
+                open(self.metrics_path, "w").close()
+            if distributed.world_size() > 1:  # each rank its own random stream (sampling)
+                torch.manual_seed(c.seed + distributed.rank())
         self._window: list[dict[str, float]] = []
         self.progress = tqdm(total=total_steps, initial=self.step, desc=self.name, dynamic_ncols=True,
-                             disable=self.config.disable_tqdm)
+                             disable=c.disable_tqdm or not distributed.is_main())
 
     def evaluate(self) -> dict[str, float]:
         """Metrics on ``eval_dataset``, named ``eval_<metric>`` (each trainer defines it)."""
@@ -216,10 +273,10 @@ class Trainer:
         return self.eval_dataset is not None and self.config.eval_steps > 0 and self.step % self.config.eval_steps == 0
 
     def end_step(self, metrics: dict[str, float]) -> None:
-        """Count the step, log its metrics (averaged over ``logging_steps``), save a checkpoint and evaluate when
-        due."""
+        """Count the step, log its metrics (averaged over ranks, then over ``logging_steps``), save a checkpoint
+        and evaluate when due."""
         self.step += 1
-        self._window.append(metrics)
+        self._window.append(distributed.average(metrics))
         if self.step % self.config.logging_steps == 0 or self.step == self.total_steps:
             self.write_record(mean_metrics(self._window))
             self._window = []
@@ -230,11 +287,13 @@ class Trainer:
             self.write_record(self.evaluate())
 
     def write_record(self, metrics: dict[str, float]) -> None:
-        """Append ``{"step", **metrics}`` to ``metrics.jsonl`` and ``history``; show the key ones on the bar."""
+        """Append ``{"step", **metrics}`` to ``history`` and (rank 0) to ``metrics.jsonl``; show the key ones on the
+        bar."""
         record = {"step": self.step, **metrics}
         self.history.append(record)
-        with open(self.metrics_path, "a") as out:
-            out.write(json.dumps(record) + "\n")
+        if distributed.is_main():
+            with open(self.metrics_path, "a") as out:
+                out.write(json.dumps(record) + "\n")
         shown = {k.split("/")[-1]: f"{metrics[k]:.3g}" for k in self.progress_metrics if k in metrics}
         self.progress.set_postfix(shown, refresh=False)
 
@@ -244,20 +303,30 @@ class Trainer:
         if self.eval_dataset is not None and not self.eval_due():
             self.write_record(self.evaluate())
         self.progress.close()
-        hf.save_pretrained(self.model, self.config.output_dir, self.tokenizer)
+        self.save_model(self.config.output_dir)
 
     # --- checkpoints ----------------------------------------------------------------------------------------
 
+    def save_model(self, directory: str) -> None:
+        """The whole model (gathered from the ranks), tokenizer and value head, written by rank 0."""
+        state = distributed.model_state_dict(self.engine)
+        if distributed.is_main():
+            hf.save_pretrained(self.model, directory, self.tokenizer, state_dict=state)
+
     def save_checkpoint(self) -> str:
         """``output_dir/checkpoint-<step>``: the model (``hf.save_pretrained``), the tokenizer, and in
-        ``trainer_state.pt`` the step, optimizer, schedule and random number generator states."""
+        ``trainer_state.pt`` the step, the global batch, the optimizer state (whole, by parameter name), the
+        schedule and every rank's random number generator states. Rank 0 writes."""
         directory = os.path.join(self.config.output_dir, f"checkpoint-{self.step}")
-        hf.save_pretrained(self.model, directory, self.tokenizer)
+        self.save_model(directory)
+        optimizer = distributed.optimizer_state_dict(self.engine, self.optimizer)
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "rng": rng}, os.path.join(directory, STATE_FILE))
+        rng = distributed.gather_objects(rng)
+        if distributed.is_main():
+            torch.save({"step": self.step, "global_batch": self.global_batch, "optimizer": optimizer,
+                        "scheduler": self.scheduler.state_dict(), "rng": rng}, os.path.join(directory, STATE_FILE))
         return directory
 
     def latest_checkpoint(self) -> str:
@@ -266,26 +335,44 @@ class Trainer:
             raise FileNotFoundError(f"resume_from_checkpoint: no checkpoint-*/ in {self.config.output_dir}")
         return os.path.dirname(max(found, key=lambda p: int(re.search(r"checkpoint-(\d+)", p).group(1))))
 
-    def resume(self, checkpoint: str | bool) -> None:
-        """Restore a :meth:`save_checkpoint` directory (``True``: the latest in ``output_dir``) into this trainer,
-        and drop the records after its step from ``metrics.jsonl``."""
+    def load_checkpoint(self, checkpoint: str | bool) -> dict:
+        """Read a :meth:`save_checkpoint` directory (``True``: the latest in ``output_dir``; every rank must see
+        it), check that its global batch is this run's, load its weights into the model; return its state."""
         directory = self.latest_checkpoint() if checkpoint is True else checkpoint
         path = os.path.join(directory, STATE_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"resume_from_checkpoint: no {STATE_FILE} in {directory}")
         state = torch.load(path, weights_only=True)
+        if state["global_batch"] != self.global_batch:
+            raise ValueError(
+                f"resume_from_checkpoint: {directory} was trained with a global batch of {state['global_batch']} "
+                f"samples per step, this run has {self.global_batch} ({distributed.world_size()} process(es)); the "
+                f"batch order, step count and schedule depend on it: set per_device_train_batch_size x "
+                f"gradient_accumulation_steps x processes to {state['global_batch']} to resume")
         hf.load_weights(self.model, directory)
-        self.optimizer.load_state_dict(state["optimizer"])
+        return state
+
+    def restore(self, state: dict) -> None:
+        """Restore the optimizer, schedule, step and random streams of a checkpoint, and drop the records after its
+        step from ``metrics.jsonl``. With another world size the random streams restart from ``seed``, ``step``
+        and the rank (they cannot continue exactly)."""
+        distributed.load_optimizer_state_dict(self.engine, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        if "cuda" in state["rng"]:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.step = state["step"]
+        if len(state["rng"]) == distributed.world_size():
+            rng = state["rng"][distributed.rank()]
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+            if "cuda" in rng:
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        else:
+            torch.manual_seed(self.config.seed + distributed.world_size() * self.step + distributed.rank())
         kept = []
         if os.path.exists(self.metrics_path):
             with open(self.metrics_path) as lines:
                 kept = [line for line in lines if json.loads(line)["step"] <= self.step]
-        with open(self.metrics_path, "w") as out:
-            out.writelines(kept)
+        distributed.barrier()  # every rank has read the records before rank 0 rewrites them
+        if distributed.is_main():
+            with open(self.metrics_path, "w") as out:
+                out.writelines(kept)
         self.history = [json.loads(line) for line in kept]

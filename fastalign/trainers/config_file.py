@@ -15,6 +15,7 @@ import sys
 import typing
 from dataclasses import fields
 
+from . import distributed
 from .dpo import DPOConfig, DPOTrainer
 from .ppo import PPOConfig, PPOTrainer
 from .tasks import CountingTask
@@ -50,6 +51,7 @@ config:                     # DPOConfig fields, TRL's names (see `pydoc fastalig
   max_prompt_length: 32
   eval_steps: 40
   loss_backend: fused       # fused (no logits) or reference (materialized logits, for comparison)
+  parallelism: ddp          # under torchrun with several processes: ddp (replicas) or fsdp (FSDP2 sharding)
 """,
     "ppo": """\
 # fastalign ppo --config ppo.yaml      (relative paths are relative to the current directory)
@@ -91,6 +93,10 @@ Start from the example, which runs as is in under a minute on a CPU (nothing is 
 Progress shows on a bar; metrics (TRL's names) go to OUTPUT_DIR/metrics.jsonl, checkpoints to
 OUTPUT_DIR/checkpoint-N every save_steps, the final model to OUTPUT_DIR. Set resume_from_checkpoint: true (or a
 checkpoint directory) at the top level of the file to resume a run exactly.
+
+Several processes (DDP, or FSDP2 with parallelism: fsdp under config:), one node:
+
+  torchrun --standalone --nproc_per_node=2 --no-python fastalign {kind} --config {kind}.yaml
 
 The example file:
 
@@ -287,9 +293,12 @@ def run_command(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as error:  # ConfigError, and data errors (which name the problem)
         print(f"fastalign {kind}: error: {error}", file=sys.stderr)
         return 2
-    shown = (*trainer.progress_metrics, *(f"eval_{k}" for k in trainer.progress_metrics), "eval_objective/scores")
-    final = {k: round(v, 4) for r in trainer.history for k, v in r.items() if k in shown}
-    out = trainer.config.output_dir
-    print(f"fastalign {kind}: {trainer.step} steps done; last values {final}\n"
-          f"model: {out}/, metrics: {os.path.join(out, 'metrics.jsonl')}")
+    if distributed.is_main():
+        shown = (*trainer.progress_metrics, *(f"eval_{k}" for k in trainer.progress_metrics),
+                 "eval_objective/scores")
+        final = {k: round(v, 4) for r in trainer.history for k, v in r.items() if k in shown}
+        out = trainer.config.output_dir
+        print(f"fastalign {kind}: {trainer.step} steps done on {distributed.world_size()} process(es); last values "
+              f"{final}\nmodel: {out}/, metrics: {os.path.join(out, 'metrics.jsonl')}")
+    distributed.shutdown()
     return 0

@@ -8,9 +8,10 @@ from torch import nn
 
 from .. import hf
 from ..objectives.dpo import DPO_LOSS_TYPES, DPOOptions
-from . import losses
-from .common import (Trainer, TrainingConfig, as_floats, batch_indices, mean_metrics, require, steps_per_epoch)
-from .data import collate_pairs, load_preference_data, tokenize_pair
+from . import distributed, losses
+from .common import (Trainer, TrainingConfig, as_floats, batch_indices, eval_batches, mean_metrics, require,
+                     steps_per_epoch)
+from .data import IGNORE_INDEX, collate_pairs, load_preference_data, tokenize_pair
 
 
 @dataclass
@@ -53,12 +54,15 @@ class DPOTrainer(Trainer):
     """``DPOTrainer(model, tokenizer, train_dataset, config, ref_model=None, eval_dataset=None).train()``.
 
     Datasets: records ``{"prompt", "chosen", "rejected"}`` as a list, a JSONL path or a ``datasets.Dataset``.
-    ``ref_model`` None: the reference is ``model`` as it is now (its log-probs are computed here, once).
-    One step = ``gradient_accumulation_steps`` micro-batches of ``per_device_train_batch_size`` pairs.
+    ``ref_model`` None: the reference is ``model`` as it is now (its log-probs are computed here, once, each
+    rank a share). One step = ``gradient_accumulation_steps`` micro-batches of ``per_device_train_batch_size``
+    pairs on each rank; the loss is the mean over the step's pairs on all ranks (the RPO term over their chosen
+    tokens), so N ranks x b pairs give the gradient of one process x N*b pairs.
     """
 
     name = "dpo"
     progress_metrics = ("loss", "rewards/accuracies", "rewards/margins")
+    summed_metrics = ("loss", "nll_loss")
 
     def __init__(self, model: nn.Module, tokenizer, train_dataset, config: DPOConfig | None = None,
                  ref_model: nn.Module | None = None, eval_dataset=None):
@@ -80,70 +84,84 @@ class DPOTrainer(Trainer):
     def batch(self, pairs, ref, indices: list[int]) -> dict:
         """Collated pairs (``input_ids``, ``attention_mask``, ``labels`` ``[2B, T]``) and their reference
         log-probs ``ref_chosen``, ``ref_rejected`` ``[B]`` (None without a reference)."""
-        batch = collate_pairs([pairs[i] for i in indices], self.pad_token_id)
+        batch = {k: v.to(self.device) for k, v in collate_pairs([pairs[i] for i in indices],
+                                                                self.pad_token_id).items()}
         for side in ("chosen", "rejected"):
             batch[f"ref_{side}"] = None if ref is None else ref[side][indices]
         return batch
 
     @torch.no_grad()
     def reference_logps(self, reference: nn.Module | None, pairs) -> dict[str, torch.Tensor] | None:
-        """Sequence log-probs ``{"chosen": [N], "rejected": [N]}`` of the reference model, forward only."""
+        """Sequence log-probs ``{"chosen": [N], "rejected": [N]}`` of the reference model, forward only (rank
+        ``r`` computes pairs ``r, r + world_size, ...``, then the ranks exchange them)."""
         if reference is None:
             return None
         was_training = reference.training
         reference.eval()
-        size = self.config.per_device_eval_batch_size
-        chosen, rejected = [], []
-        for start in range(0, len(pairs), size):
-            batch = collate_pairs(pairs[start:start + size], self.pad_token_id)
-            parts = hf.causal_lm_parts(reference, batch["input_ids"], batch["attention_mask"], batch["labels"])
-            logps = losses.sequence_logps(losses.token_logprobs(*parts, self.config.loss_backend), parts.targets,
-                                          self.average_log_prob)
-            chosen.append(logps[:len(logps) // 2])
-            rejected.append(logps[len(logps) // 2:])
+        size, device = self.config.per_device_eval_batch_size, hf.get_lm_head(reference).weight.device
+        mine = pairs[distributed.rank()::distributed.world_size()]
+        logps = [torch.zeros(2, 0, device=device)]  # chosen, rejected
+        for start in range(0, len(mine), size):
+            batch = collate_pairs(mine[start:start + size], self.pad_token_id)
+            parts = hf.causal_lm_parts(reference, *(batch[k].to(device) for k in ("input_ids", "attention_mask",
+                                                                                   "labels")))
+            logps.append(losses.sequence_logps(losses.token_logprobs(*parts, self.config.loss_backend),
+                                               parts.targets, self.average_log_prob).view(2, -1))
         reference.train(was_training)
-        return {"chosen": torch.cat(chosen), "rejected": torch.cat(rejected)}
+        chosen, rejected = torch.cat(logps, -1).to(self.device)
+        return {"chosen": distributed.gather_strided(chosen), "rejected": distributed.gather_strided(rejected)}
 
-    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        """DPO loss of one collated batch and its metrics (TRL names, plus ``loss``)."""
-        parts = hf.causal_lm_parts(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        loss, metrics = losses.dpo_loss(*parts, batch["ref_chosen"], batch["ref_rejected"], self.config.options,
-                                        self.config.loss_backend, average_log_prob=self.average_log_prob)
+    def compute_loss(self, batch: dict, num_pairs: int | None = None,
+                     num_chosen_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """DPO loss of one collated batch and its metrics (TRL names, plus ``loss``), computed as the policy's
+        forward. ``num_pairs``, ``num_chosen_tokens``: the normalizers (default: this batch's, the mean)."""
+        loss, metrics = self.engine(self.policy_loss, batch, num_pairs, num_chosen_tokens)
         return loss, {"loss": float(loss.detach()), **as_floats(metrics)}
+
+    def policy_loss(self, model: nn.Module, batch: dict, num_pairs, num_chosen_tokens):
+        """Inside the policy's forward: hidden states of ``batch`` and the DPO loss on them."""
+        parts = hf.causal_lm_parts(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        return losses.dpo_loss(*parts, batch["ref_chosen"], batch["ref_rejected"], self.config.options,
+                               self.config.loss_backend, average_log_prob=self.average_log_prob,
+                               num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Metrics over the whole eval dataset, prefixed ``eval_`` (means over pairs)."""
+        """Metrics over the whole eval dataset (shared by the ranks), prefixed ``eval_`` (means over pairs)."""
         self.model.eval()
-        size, n = self.config.per_device_eval_batch_size, len(self.eval_dataset)
         records, weights = [], []
-        for start in range(0, n, size):
-            indices = list(range(start, min(start + size, n)))
+        for indices, count in eval_batches(len(self.eval_dataset), self.config.per_device_eval_batch_size):
             records.append(self.compute_loss(self.batch(self.eval_dataset, self.eval_ref, indices))[1])
-            weights.append(len(indices) / n)
+            weights.append(count)
         self.model.train()
-        return {f"eval_{k}": sum(w * r[k] for w, r in zip(weights, records)) for k in records[0]}
+        return {f"eval_{k}": v for k, v in distributed.weighted_average(records, weights).items()}
 
     def train(self, resume_from_checkpoint: str | bool | None = None) -> list[dict]:
         """Run the training loop; returns the logged records (also in ``output_dir/metrics.jsonl``)."""
         c = self.config
-        micro, accumulation = c.per_device_train_batch_size, c.gradient_accumulation_steps
-        per_epoch = steps_per_epoch(len(self.train_pairs), micro * accumulation, "train_dataset")
+        micro, accumulation, world = c.per_device_train_batch_size, c.gradient_accumulation_steps, \
+            distributed.world_size()
+        per_epoch = steps_per_epoch(len(self.train_pairs), micro * accumulation * world, "train_dataset")
         total = c.total_steps(per_epoch)
-        self.setup_optimizer(total)
-        self.begin(total, resume_from_checkpoint)
+        self.begin(total, total, micro * accumulation * world, resume_from_checkpoint)
         self.model.train()
         while self.step < total:
-            indices = batch_indices(len(self.train_pairs), micro * accumulation, self.step, c.seed)
+            indices = batch_indices(len(self.train_pairs), micro * accumulation, self.step, c.seed,
+                                    distributed.rank(), world)
+            batches = [self.batch(self.train_pairs, self.train_ref, indices[k * micro:(k + 1) * micro])
+                       for k in range(accumulation)]
+            # Normalizers of the whole step (all micro-batches, all ranks), over the world size (see
+            # distributed.global_normalizer): each micro-batch's loss is its share of the step's mean loss.
+            chosen_tokens = distributed.global_normalizer(
+                sum((b["labels"][:micro, 1:] != IGNORE_INDEX).sum() for b in batches))
             step_metrics, finite = [], True
-            for k in range(accumulation):
-                batch = self.batch(self.train_pairs, self.train_ref, indices[k * micro:(k + 1) * micro])
-                loss, metrics = self.compute_loss(batch)
+            for k, batch in enumerate(batches):
+                with distributed.gradient_sync(self.engine, k == accumulation - 1):
+                    loss, metrics = self.compute_loss(batch, micro * accumulation, chosen_tokens)
+                    loss.backward()  # even if not finite: the ranks' gradient reductions must match
                 finite &= bool(torch.isfinite(loss))
-                if finite:
-                    (loss / accumulation).backward()
                 step_metrics.append(metrics)
-            metrics = {**mean_metrics(step_metrics), **self.optimizer_step(finite),
+            metrics = {**mean_metrics(step_metrics, self.summed_metrics), **self.optimizer_step(finite),
                        "epoch": (self.step + 1) / per_epoch}
             self.end_step(metrics)
         self.finish()

@@ -42,42 +42,48 @@ def sequence_logps(logprobs: Tensor, targets: Tensor, average: bool) -> Tensor:
 
 
 def dpo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, ref_chosen: Tensor | None,
-             ref_rejected: Tensor | None, options: DPOOptions, backend: str, *,
-             average_log_prob: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+             ref_rejected: Tensor | None, options: DPOOptions, backend: str, *, average_log_prob: bool = False,
+             num_pairs: int | Tensor | None = None,
+             num_chosen_tokens: int | Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """DPO loss and TRL metrics of ``B`` pairs: ``hidden [2B, T, H]``, ``targets [2B, T]`` (chosen rows first),
-    reference log-probs ``[B]`` (None with ``reference_free``). ``average_log_prob``: per-token means (IPO)."""
+    reference log-probs ``[B]`` (None with ``reference_free``). ``average_log_prob``: per-token means (IPO).
+    ``num_pairs``, ``num_chosen_tokens``: divisors of the pair losses' sum and of the RPO NLL (default: this
+    batch's pairs and chosen tokens, the means)."""
     if backend == "fused":
         out = fused_linear_dpo_loss(hidden, weight, targets, bias=bias, ref_chosen_logps=ref_chosen,
                                     ref_rejected_logps=ref_rejected, beta=options.beta, loss_type=options.loss_type,
                                     label_smoothing=options.label_smoothing, average_log_prob=average_log_prob,
                                     rpo_alpha=options.rpo_alpha, reference_free=options.reference_free,
-                                    check_finite=False)
+                                    num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens, check_finite=False)
         return out.loss, out.metrics
     logprobs = materialized_logprobs(hidden, weight, bias, targets)
     logps = sequence_logps(logprobs, targets, average_log_prob)
     pairs = logps.shape[0] // 2
     nll = None if options.rpo_alpha is None else rpo_nll(logprobs[:pairs].sum(-1),
-                                                         (targets[:pairs] != IGNORE_INDEX).sum(-1))
-    result = dpo_objective(logps[:pairs], logps[pairs:], ref_chosen, ref_rejected, options, chosen_nll=nll)
+                                                         (targets[:pairs] != IGNORE_INDEX).sum(-1),
+                                                         num_tokens=num_chosen_tokens)
+    result = dpo_objective(logps[:pairs], logps[pairs:], ref_chosen, ref_rejected, options, chosen_nll=nll,
+                           num_pairs=num_pairs)
     return result.loss, dpo_metrics(result, logps[:pairs], logps[pairs:])
 
 
 def ppo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, old_logprobs: Tensor,
              advantages: Tensor, value_head, old_values: Tensor, returns: Tensor, config: PPOLossConfig, backend: str,
-             *, temperature: float) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped PPO loss (policy + ``vf_coef`` x value, token means) and its TRL metrics on the response tokens:
-    ``hidden [B, T, H]`` at the positions that predict ``targets [B, T]`` (-100 after EOS), per-token ``[B, T]``
-    inputs, the linear ``value_head`` on the same hidden rows."""
+             *, temperature: float, num_tokens: int | Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped PPO loss (policy + ``vf_coef`` x value, token sums over ``num_tokens``, default the number of
+    response tokens: the means) and its TRL metrics on the response tokens: ``hidden [B, T, H]`` at the positions
+    that predict ``targets [B, T]`` (-100 after EOS), per-token ``[B, T]`` inputs, the linear ``value_head`` on the
+    same hidden rows."""
     if backend == "fused":
         out = fused_linear_ppo_loss(
             hidden, weight, targets, old_logprobs, advantages, bias=bias, cliprange=config.cliprange,
             value_head_weight=value_head.weight, value_head_bias=value_head.bias, old_values=old_values,
             returns=returns, cliprange_value=config.cliprange_value, vf_coef=config.vf_coef,
-            temperature=temperature, check_finite=False)
+            temperature=temperature, num_tokens=num_tokens, check_finite=False)
         return out.loss, out.metrics
     logprobs = materialized_logprobs(hidden, weight, bias, targets, temperature=temperature).reshape(-1)
     mask = (targets != IGNORE_INDEX).reshape(-1)
-    weights = aggregation_weights(mask)
+    weights = aggregation_weights(mask, num_tokens=num_tokens)
     tokens = PPOTokens(old_logprobs.reshape(-1), advantages.reshape(-1), None, weights)
     head = ValueHeadInputs(value_head.weight, value_head.bias, old_values.reshape(-1, 1), returns.reshape(-1, 1))
     value = value_loss_terms(hidden.reshape(-1, hidden.shape[-1]), head, weights, mask, config.cliprange_value)

@@ -10,9 +10,9 @@ from torch import Tensor, nn
 from .. import hf
 from ..objectives.aggregation import masked_whiten
 from ..objectives.ppo import KL_ESTIMATORS, PPOLossConfig
-from . import losses
-from .common import Trainer, TrainingConfig, as_floats, batch_indices, frozen_copy, mean_metrics, require, \
-    steps_per_epoch
+from . import distributed, losses
+from .common import Trainer, TrainingConfig, as_floats, batch_indices, eval_batches, frozen_copy, mean_metrics, \
+    require, steps_per_epoch
 from .data import IGNORE_INDEX, encode_prompt, load_prompts, pad
 from .rollout import gae, rewards_with_kl, truncate_at_eos
 
@@ -28,7 +28,8 @@ class PPOConfig(TrainingConfig):
     ``response_length`` tokens sampled at ``temperature`` (plain sampling, as TRL), cut after the first EOS;
     ``missing_eos_penalty`` is subtracted from the score of a response without EOS. Rewards: the score on the last
     token, ``-kl_coef * kl`` (``kl_estimator``) on every token; GAE with ``gamma``, ``lam``; whitened advantages.
-    ``max_prompt_length``: prompts keep their last tokens.
+    ``max_prompt_length``: prompts keep their last tokens. With several processes, each rank rolls out its share
+    of the prompts; whitening and the loss's token mean are over all ranks' tokens.
     """
 
     learning_rate: float = 3e-6
@@ -98,12 +99,14 @@ class PPOTrainer(Trainer):
     prompts: strings or records with ``"prompt"`` (list, JSONL path, ``datasets.Dataset``). reward_fn:
     ``reward_fn(prompts, completions) -> list[float]`` on the decoded texts, or a sequence-classification reward
     model (an ``nn.Module`` sharing the tokenizer) scored on prompt + response. A value head is attached to
-    ``model`` (shared backbone) unless it has one. ``ref_model`` None: a frozen copy of ``model`` as it is now.
+    ``model`` (shared backbone) unless it has one. ``ref_model`` None: a frozen copy of ``model`` as it is now
+    (a whole copy on every rank, also under FSDP: it runs forward only).
     ``eval_dataset``: prompts whose mean sampled score is logged every ``eval_steps`` and at the end.
     """
 
     name = "ppo"
     progress_metrics = ("objective/scores", "objective/kl", "policy/clipfrac")
+    summed_metrics = ("loss/policy", "loss/value", "loss/total")
 
     def __init__(self, model: nn.Module, tokenizer, prompts, reward_fn: RewardFn | nn.Module,
                  config: PPOConfig | None = None, ref_model: nn.Module | None = None, eval_dataset=None):
@@ -118,7 +121,7 @@ class PPOTrainer(Trainer):
             self.eval_queries = [encode_prompt(tokenizer, p, config.max_prompt_length) for p in self.eval_dataset]
         self.reward_fn = reward_fn
         self.value_head = hf.attach_value_head(model)
-        self.ref_model = ref_model.eval() if ref_model is not None else frozen_copy(model)
+        self.ref_model = ref_model.to(self.device).eval() if ref_model is not None else frozen_copy(model)
         from transformers import GenerationConfig
 
         self.generation_config = GenerationConfig(
@@ -134,19 +137,27 @@ class PPOTrainer(Trainer):
         scores = self.reward_fn(prompts, completions)
         if len(scores) != len(prompts):
             raise ValueError(f"reward_fn: returned {len(scores)} scores for {len(prompts)} completions")
-        return torch.tensor([float(s) for s in scores])
+        return torch.tensor([float(s) for s in scores], device=self.device)
 
     def response_hidden(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor, width: int) -> Tensor:
         """Hidden states ``[B, R, H]`` at the positions that predict the ``width`` response tokens."""
         return hf.hidden_states(model, input_ids, attention_mask)[:, -width - 1:-1]
 
+    def whiten(self, values: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+        """``masked_whiten`` of ``values [B, R]`` with the statistics of every rank's rows (the global batch)."""
+        everything = masked_whiten(distributed.all_gather_rows(values),
+                                   distributed.all_gather_rows(mask.to(values.dtype)), shift_mean)
+        rows = distributed.rank() * values.shape[0]
+        return everything[rows:rows + values.shape[0], :values.shape[1]]
+
     @torch.no_grad()
     def sample(self, prompts: list[str], queries: list[list[int]]) -> Samples:
         """Sample a response to each prompt with ``model.generate``, cut it after EOS and score it."""
-        query, query_mask = pad(queries, self.pad_token_id, left=True)
+        query, query_mask = (t.to(self.device) for t in pad(queries, self.pad_token_id, left=True))
         self.model.eval()
-        sequences = self.model.generate(input_ids=query, attention_mask=query_mask,
-                                        generation_config=self.generation_config)
+        sequences = self.policy.generate(input_ids=query, attention_mask=query_mask,
+                                         generation_config=self.generation_config,
+                                         synced_gpus=distributed.is_synced_generation(self.engine))
         self.model.train()
         response, mask, has_eos = truncate_at_eos(sequences[:, query.shape[1]:], self.tokenizer.eos_token_id,
                                                   self.pad_token_id)
@@ -165,18 +176,16 @@ class PPOTrainer(Trainer):
         s = self.sample([self.prompts[i] for i in indices], [self.queries[i] for i in indices])
         mask, width = s.mask, s.response.shape[1]
         targets = s.response.masked_fill(~mask, IGNORE_INDEX)
-        hidden = self.response_hidden(self.model, s.input_ids, s.attention_mask, width)
-        logprobs, entropy = losses.token_logprobs(hidden, *hf.get_lm_head(self.model), targets, c.loss_backend,
-                                                  temperature=c.temperature, return_entropy=True)
-        values = self.value_head(hidden).float().masked_fill(~mask, 0.0)
+        logprobs, entropy, values = self.engine(self.policy_outputs, s.input_ids, s.attention_mask, targets)
+        values = values.masked_fill(~mask, 0.0)
         ref_hidden = self.response_hidden(self.ref_model, s.input_ids, s.attention_mask, width)
         ref_logprobs = losses.token_logprobs(ref_hidden, *hf.get_lm_head(self.ref_model), targets, c.loss_backend,
                                              temperature=c.temperature)
         rewards, kl = rewards_with_kl(s.scores, logprobs, ref_logprobs, mask, c.kl_coef, c.kl_estimator)
         if c.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False).masked_fill(~mask, 0.0)
+            rewards = self.whiten(rewards, mask, shift_mean=False).masked_fill(~mask, 0.0)
         advantages, returns = gae(rewards, values, mask, c.gamma, c.lam)
-        advantages = masked_whiten(advantages, mask).masked_fill(~mask, 0.0)
+        advantages = self.whiten(advantages, mask).masked_fill(~mask, 0.0)
         non_score = (-c.kl_coef * kl).sum(-1)
         metrics = {"objective/scores": s.scores.mean(), "objective/kl": kl.sum(-1).mean(),
                    "objective/entropy": entropy.sum(-1).mean(), "objective/non_score_reward": non_score.mean(),
@@ -185,52 +194,70 @@ class PPOTrainer(Trainer):
         return Rollout(s.input_ids, s.attention_mask, targets, mask, logprobs, values, advantages, returns,
                        as_floats(metrics))
 
-    def evaluate(self) -> dict[str, float]:
-        """Mean score (``eval_objective/scores``) of responses sampled as in training for the eval prompts, on a
-        forked random number generator (training draws the same numbers with or without evaluation)."""
-        size, scores = self.config.per_device_eval_batch_size, []
-        with torch.random.fork_rng():
-            for start in range(0, len(self.eval_dataset), size):
-                rows = slice(start, start + size)
-                scores.append(self.sample(self.eval_dataset[rows], self.eval_queries[rows]).scores)
-        return {"eval_objective/scores": float(torch.cat(scores).mean())}
+    def policy_outputs(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                       targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Inside the policy's forward: log-probs, entropy and values ``[B, R]`` of the response ``targets``."""
+        hidden = self.response_hidden(model, input_ids, attention_mask, targets.shape[1])
+        logprobs, entropy = losses.token_logprobs(hidden, *hf.get_lm_head(model), targets, self.config.loss_backend,
+                                                  temperature=self.config.temperature, return_entropy=True)
+        return logprobs, entropy, hf.get_value_head(model)(hidden).float()
 
-    def compute_loss(self, rollout: Rollout, rows: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """PPO loss (token mean over ``rows`` of the rollout) and its metrics (TRL names)."""
+    def evaluate(self) -> dict[str, float]:
+        """Mean score (``eval_objective/scores``) of responses sampled as in training for the eval prompts (shared
+        by the ranks), on a forked random number generator (training draws the same numbers with or without
+        evaluation)."""
+        means, counts = [], []
+        with torch.random.fork_rng():
+            for rows, count in eval_batches(len(self.eval_dataset), self.config.per_device_eval_batch_size):
+                scores = self.sample([self.eval_dataset[i] for i in rows], [self.eval_queries[i] for i in rows]).scores
+                means.append({"eval_objective/scores": float(scores.mean())})
+                counts.append(count)
+        return distributed.weighted_average(means, counts)
+
+    def compute_loss(self, rollout: Rollout, rows: Tensor,
+                     num_tokens: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+        """PPO loss of ``rows`` of the rollout (token sums over ``num_tokens``, default their token count: the
+        mean) and its metrics (TRL names), computed as the policy's forward."""
         r = rollout
-        hidden = self.response_hidden(self.model, r.input_ids[rows], r.attention_mask[rows], r.targets.shape[1])
-        weight, bias = hf.get_lm_head(self.model)
-        loss, metrics = losses.ppo_loss(
-            hidden, weight, bias, r.targets[rows], r.logprobs[rows], r.advantages[rows], self.value_head,
-            r.values[rows], r.returns[rows], self.config.loss_config, self.config.loss_backend,
-            temperature=self.config.temperature)
+        loss, metrics = self.engine(self.policy_loss, r.input_ids[rows], r.attention_mask[rows], r.targets[rows],
+                                    r.logprobs[rows], r.advantages[rows], r.values[rows], r.returns[rows], num_tokens)
         return loss, as_floats(metrics)
+
+    def policy_loss(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor, targets: Tensor,
+                    old_logprobs: Tensor, advantages: Tensor, old_values: Tensor, returns: Tensor, num_tokens):
+        """Inside the policy's forward: hidden states of the rows and the PPO loss on them."""
+        hidden = self.response_hidden(model, input_ids, attention_mask, targets.shape[1])
+        return losses.ppo_loss(hidden, *hf.get_lm_head(model), targets, old_logprobs, advantages,
+                               hf.get_value_head(model), old_values, returns, self.config.loss_config,
+                               self.config.loss_backend, temperature=self.config.temperature, num_tokens=num_tokens)
 
     def train(self, resume_from_checkpoint: str | bool | None = None) -> list[dict]:
         """Run the training loop; returns the logged records (also in ``output_dir/metrics.jsonl``)."""
         c = self.config
         micro = c.per_device_train_batch_size
         mini = micro * c.gradient_accumulation_steps
-        batch = mini * c.num_mini_batches
-        per_epoch = steps_per_epoch(len(self.prompts), batch, "prompts")
+        batch, world = mini * c.num_mini_batches, distributed.world_size()
+        per_epoch = steps_per_epoch(len(self.prompts), batch * world, "prompts")
         total = c.total_steps(per_epoch)
-        self.setup_optimizer(total * c.num_ppo_epochs * c.num_mini_batches)
-        self.begin(total, resume_from_checkpoint)
+        self.begin(total, total * c.num_ppo_epochs * c.num_mini_batches, batch * world, resume_from_checkpoint)
         while self.step < total:
-            rollout = self.rollout(batch_indices(len(self.prompts), batch, self.step, c.seed))
+            rollout = self.rollout(batch_indices(len(self.prompts), batch, self.step, c.seed, distributed.rank(),
+                                                 world))
             updates = []
             for _ in range(c.num_ppo_epochs):
                 for mini_rows in torch.randperm(batch).split(mini):
-                    tokens = rollout.mask[mini_rows].sum().clamp(min=1)
+                    # The mini-batch's tokens on all ranks, over the world size (distributed.global_normalizer):
+                    # each micro-batch's loss is its share of the mini-batch's token mean.
+                    num_tokens = distributed.global_normalizer(rollout.mask[mini_rows].sum())
                     finite, records = True, []
-                    for rows in mini_rows.split(micro):
-                        loss, metrics = self.compute_loss(rollout, rows)
+                    for k, rows in enumerate(mini_rows.split(micro)):
+                        with distributed.gradient_sync(self.engine, k == c.gradient_accumulation_steps - 1):
+                            loss, metrics = self.compute_loss(rollout, rows, num_tokens)
+                            loss.backward()  # even if not finite: the ranks' gradient reductions must match
                         finite &= bool(torch.isfinite(loss))
-                        if finite:
-                            (loss * rollout.mask[rows].sum() / tokens).backward()
                         records.append(metrics)
-                    updates.append({**mean_metrics(records), **self.optimizer_step(finite)})
-            self.end_step({**rollout.metrics, **mean_metrics(updates), "episode": (self.step + 1) * batch,
+                    updates.append({**mean_metrics(records, self.summed_metrics), **self.optimizer_step(finite)})
+            self.end_step({**rollout.metrics, **mean_metrics(updates), "episode": (self.step + 1) * batch * world,
                            "epoch": (self.step + 1) / per_epoch})
         self.finish()
         return self.history
