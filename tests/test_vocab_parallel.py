@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from conftest import BACKENDS
-from distributed import run_ranks
+from distributed import TIMEOUT, run_ranks
 from fastalign import FusedLinearLogProbs, fused_linear_dpo_loss, fused_linear_logprobs, fused_linear_ppo_loss
 from reference import reference_logprobs
 
@@ -127,7 +127,7 @@ def rank_main(rank: int, world_size: int, backend: str) -> dict:
     sizes = SHARDS[world_size]
     rows = slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
     p = problem(sizes)
-    group = dist.new_group(list(range(world_size)))  # a group object other than the default one
+    group = dist.new_group(list(range(world_size)), timeout=TIMEOUT)  # a group other than the default one
     return {"rows": rows, "outputs": run_ops(p, rows, backend, group),
             "errors": bad_inputs(p, rows, group) if world_size == 2 else None}
 
@@ -142,7 +142,13 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_sharded_ops_equal_the_single_process_op(world_size, backend):
     ranks = run_ranks(rank_main, world_size, backend)
-    p = problem(SHARDS[world_size])
+    check_against_single_process(ranks, problem(SHARDS[world_size]), backend)
+    if world_size == 2:
+        check_errors(ranks)
+
+
+def check_against_single_process(ranks: list[dict], p: dict, backend: str) -> None:
+    """Every rank's outputs against the single-process ops on the whole lm_head (``run_ops`` keys)."""
     want = run_ops(p, slice(None), backend, None)
     assert all(set(r["outputs"]) == set(want) for r in ranks)
 
@@ -163,21 +169,32 @@ def test_sharded_ops_equal_the_single_process_op(world_size, backend):
                 assert torch.equal(r["outputs"][key], ranks[0]["outputs"][key]), f"{key} differs across ranks"
             assert_close(ranks[0]["outputs"][key], value, key)
 
-    if world_size == 2:
-        expected = {
-            "target_past_global_vocab": r"ValueError: targets: expected ids in \[0, 97\)",
-            "full_bias": r"ValueError: bias: expected shape \(\d+,\) \(one entry per row of weight\), got \(97,\)",
-            "empty_shard": r"ValueError: weight: expected a non-empty vocabulary shard .* got shard sizes \[50, 0\]",
-            "nan_in_one_shard": r"ValueError: weight: expected finite values in the weight and bias shards of every "
-                                r"rank, got NaN/inf on rank\(s\) \[1\]",
-            "hidden_width": r"ValueError: hidden: expected last dimension H=16",
-            "reduce_flag": r"TypeError: reduce_hidden_grad: expected a bool, got int",
-            "full_ref_weight": r"ValueError: ref_weight: expected shape \(\d+, 16\) \(the shape of weight\), "
-                               r"got \(97, 16\)",
-        }
-        for name, pattern in expected.items():
-            for r in ranks:
-                assert re.search(pattern, r["errors"][name]), f"{name}: {r['errors'][name]}"
+
+def check_errors(ranks: list[dict]) -> None:
+    """The bad calls of ``bad_inputs`` (2 ranks): the same clear error on every rank."""
+    expected = {
+        "target_past_global_vocab": r"ValueError: targets: expected ids in \[0, 97\)",
+        "full_bias": r"ValueError: bias: expected shape \(\d+,\) \(one entry per row of weight\), got \(97,\)",
+        "empty_shard": r"ValueError: weight: expected a non-empty vocabulary shard .* got shard sizes \[50, 0\]",
+        "nan_in_one_shard": r"ValueError: weight: expected finite values in the weight and bias shards of every "
+                            r"rank, got NaN/inf on rank\(s\) \[1\]",
+        "hidden_width": r"ValueError: hidden: expected last dimension H=16",
+        "reduce_flag": r"TypeError: reduce_hidden_grad: expected a bool, got int",
+        "full_ref_weight": r"ValueError: ref_weight: expected shape \(\d+, 16\) \(the shape of weight\), "
+                           r"got \(97, 16\)",
+    }
+    for name, pattern in expected.items():
+        for r in ranks:
+            assert re.search(pattern, r["errors"][name]), f"{name}: {r['errors'][name]}"
+
+
+def test_one_pass_losses_walk_the_same_chunks_on_every_rank(monkeypatch):
+    """The torch backend's one-pass PPO loss merges each chunk's statistics across the group: with a budget of a
+    few rows per chunk, shards of 200 to 300 columns would choose different chunks (3 rows at 300 columns, 5 at 200)
+    if each rank sized them from its own shard, and the collectives would not match."""
+    monkeypatch.setenv("FASTALIGN_CHUNK_BUDGET_MB", str(4096 / 2 ** 20))  # 4 KiB, inherited by the ranks
+    ranks = run_ranks(rank_main, 4, "torch")
+    check_against_single_process(ranks, problem(SHARDS[4]), "torch")
 
 
 def test_process_group_must_be_a_process_group():

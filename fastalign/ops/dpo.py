@@ -11,9 +11,8 @@ strategies, chosen per batch (``whole_pair_chunks``):
 - whole pairs per chunk (torch backend, when the largest pair's ``[rows, V]`` logits fit ``PAIR_BUDGET_CHUNKS``
   chunk budgets, or ``chunk_size`` when given): the weight is known in the chunk that computes the logits, so one
   pass of three matmuls (``linear_logprobs_fused``);
-- two passes (triton backend, a pair too large, or a vocab shard): the log-sum-exp pass over all tokens, the loss
-  on the ``[2B]`` sums, then the backward pass that recomputes the logits: four matmuls, memory O(chunk) however
-  long a pair is.
+- two passes (triton backend, or a pair too large): the log-sum-exp pass over all tokens, the loss on the ``[2B]``
+  sums, then the backward pass that recomputes the logits: four matmuls, memory O(chunk) however long a pair is.
 
 With whole pairs the gradient is formed in the autograd forward and only scaled in the backward; with two passes
 the second pass is the backward, each token's upstream gradient being ``d loss / d its sequence's sum``. The
@@ -155,8 +154,8 @@ def whole_pair_pass(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets
     out = torch_backend.linear_logprobs_fused(
         hidden, weight, bias, targets, token_grads, inv_temperature=opts.inv_temperature,
         ignore_index=opts.ignore_index, need_grad_hidden=need["need_hidden"], need_grad_weight=need["need_weight"],
-        need_grad_bias=need["need_bias"], chunks=chunks)
-    return sums, out.grads
+        need_grad_bias=need["need_bias"], chunks=chunks, shard=opts.shard)
+    return sums, opts.finish_grads(out.grads)
 
 
 def sequence_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, batch: PairBatch,
@@ -238,9 +237,11 @@ def fused_dpo_loss(inputs: LinearInputs, opts: LinearOptions, config: DPOConfig,
     batch = PairBatch.of(inputs.targets.view(inputs.lead_shape), opts.ignore_index, dtype)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                  for t in (inputs.hidden, inputs.weight, inputs.bias))
-    chunks = None  # with a vocab shard, the gradient weights need the global lse: two passes
-    if needs_grad and opts.backend == "torch" and opts.shard is None and batch.index.numel() > 0:
-        chunks = whole_pair_chunks(batch.pair_rows(), inputs.weight.shape[0], opts.chunk_size)
+    chunks = None
+    if needs_grad and opts.backend == "torch" and batch.index.numel() > 0:
+        # Sized from the widest vocabulary shard with a group: every rank must choose the same chunks.
+        width = inputs.weight.shape[0] if opts.shard is None else opts.shard.widest_shard
+        chunks = whole_pair_chunks(batch.pair_rows(), width, opts.chunk_size)
     # With whole pairs, the forward-only passes may take chunks as large: that memory is spent anyway (and large
     # chunks run faster).
     forward_opts = opts if chunks is None else replace(opts, chunk_size=max(c.stop - c.start for c in chunks))

@@ -10,8 +10,8 @@ from torch import Tensor
 from ..objectives.aggregation import aggregation_weights, masked_mean
 from ..objectives.ppo import PPOLossConfig, clipped_value_loss, ppo_token_losses
 from . import torch_backend
-from .linear import (LinearOptions, logprobs_backward, lse_forward, scale_precomputed_grads,
-                     triton_logprobs_backward, triton_ppo_forward)
+from .linear import (LinearOptions, lse_forward, scale_precomputed_grads, triton_logprobs_backward,
+                     triton_ppo_forward)
 from .logprobs import token_outputs
 from .validation import (FLOAT_DTYPES, LinearInputs, require_finite, require_same_device,
                          require_tensor)
@@ -52,9 +52,8 @@ class LinearPPOPolicy(torch.autograd.Function):
 
     The gradient of the policy loss is formed during the forward and only scaled in the backward. On the torch
     backend that is one pass of three matmuls per chunk; on triton, the log-sum-exp kernel (split partials), the PPO
-    epilogue kernel (merge, per-token loss and gradient weights), then the gradient kernel. With a vocab shard the
-    token gradients need the global lse, so the torch backend makes two passes too (four matmuls): the statistics,
-    merged across the group, then the gradients from them.
+    epilogue kernel (merge, per-token loss and gradient weights), then the gradient kernel. With a vocab shard each
+    chunk's (torch) or the whole pass's (triton) statistics are merged across the group before the gradients.
     ``logprobs [N]`` and ``entropy [N]`` are returned detached (fp32).
     """
 
@@ -62,20 +61,14 @@ class LinearPPOPolicy(torch.autograd.Function):
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, tokens: PPOTokens,
                 config: PPOLossConfig, opts: LinearOptions, with_entropy: bool):
         need = dict(zip(("need_hidden", "need_weight", "need_bias"), ctx.needs_input_grad[:3]))
-        if opts.backend == "torch" and opts.shard is not None:
-            stats = lse_forward(hidden, weight, bias, targets, opts, with_entropy=with_entropy)
-            logprobs, entropy = token_outputs(stats, targets != opts.ignore_index, with_entropy)
-            grad_lp, grad_ent = policy_token_grads(tokens, config, logprobs, entropy)
-            grads = logprobs_backward(hidden, weight, bias, targets, stats, grad_lp, grad_ent, opts, **need)
-            loss = policy_loss_value(tokens, config, logprobs, entropy)
-        elif opts.backend == "torch":
+        if opts.backend == "torch":
             out = torch_backend.linear_logprobs_fused(
                 hidden, weight, bias, targets,
                 lambda rows, lp, ent: policy_token_grads(tokens.rows(rows), config, lp, ent),
                 inv_temperature=opts.inv_temperature, ignore_index=opts.ignore_index, with_entropy=with_entropy,
                 need_grad_hidden=need["need_hidden"], need_grad_weight=need["need_weight"],
-                need_grad_bias=need["need_bias"], chunk_size=opts.chunk_size)
-            logprobs, entropy, grads = out
+                need_grad_bias=need["need_bias"], chunk_size=opts.chunk_size, shard=opts.shard)
+            logprobs, entropy, grads = out.logprobs, out.entropy, opts.finish_grads(out.grads)
             loss = policy_loss_value(tokens, config, logprobs, entropy)
         else:
             out = triton_ppo_forward(hidden, weight, bias, targets, opts, config, with_entropy=with_entropy,

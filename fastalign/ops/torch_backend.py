@@ -16,7 +16,7 @@ logits are dropped.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -351,6 +351,16 @@ def hidden_grad_from_moments(weight: Tensor, targets: Tensor, moments: WeightMom
     return grad.mul_(inv_temperature) if inv_temperature != 1.0 else grad
 
 
+class ShardMerge(Protocol):
+    """A weight that is one vocabulary shard of a group (``fastalign.ops.vocab_parallel.VocabShard``)."""
+
+    vocab_start: int  # global id of the shard's first row
+    widest_shard: int  # rows of the group's widest shard: every rank sizes its chunks from it, so all walk the same
+
+    def all_reduce_stats(self, stats: RowStats) -> RowStats:
+        """The chunk's statistics over the whole vocabulary (a collective: every rank calls it for each chunk)."""
+
+
 class FusedResult(NamedTuple):
     """Per-token outputs ``[N]`` (0 at ignored rows) and the gradients of the loss."""
 
@@ -363,29 +373,38 @@ def linear_logprobs_fused(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
                           token_grads: TokenGrads, *, inv_temperature: float, ignore_index: int,
                           with_entropy: bool = False, need_grad_hidden: bool = True, need_grad_weight: bool = True,
                           need_grad_bias: bool = False, chunk_size: int | None = None,
-                          chunks: Sequence[slice] | None = None) -> FusedResult:
+                          chunks: Sequence[slice] | None = None, shard: ShardMerge | None = None) -> FusedResult:
     """Log-probs (and entropy) and, in the same pass, the gradients of a loss whose per-token gradient is known.
 
     ``token_grads(rows, logprobs, entropy)`` returns ``d loss / d logprobs`` (and ``d loss / d entropy``) for the
     chunk ``rows``; it must give 0 at ignored rows. Three matmuls per chunk: logits, ``d hidden``, ``d weight``, on
     whole ``[chunk, V]`` rows. ``chunks``: the row ranges to walk, in this order, together covering every row once
     (e.g. whole sequences); default: equal chunks of ``chunk_size`` rows or sized from the memory budget.
+    ``shard``: the weight is one vocabulary shard; each chunk's statistics are merged across the group before its
+    gradient is formed (``d hidden`` is then this shard's partial sum).
     """
     lin = _Linear(weight, bias, inv_temperature)
     n, vocab = hidden.shape[0], weight.shape[0]
     every_col = slice(0, vocab)
+    vocab_start = 0 if shard is None else shard.vocab_start
     acc = _GradAccumulator(hidden, lin, need_grad_hidden, need_grad_weight, need_grad_bias)
     logprobs = torch.empty(n, dtype=lin.dtype, device=hidden.device)
     entropy = torch.empty_like(logprobs) if with_entropy else None
     if chunks is None:
-        chunks = _chunks(n, rows_per_chunk(n, vocab, chunk_size=chunk_size, buffers=2 if with_entropy else 1))
+        chunks = _chunks(n, rows_per_chunk(n, vocab if shard is None else shard.widest_shard, chunk_size=chunk_size,
+                                           buffers=2 if with_entropy else 1))
     for rows in chunks:
-        tgt = _Targets.of(targets[rows], ignore_index, 0, vocab)
+        tgt = _Targets.of(targets[rows], ignore_index, vocab_start, vocab)
+        valid = targets[rows] != ignore_index
         z = lin.logits(hidden[rows])
         stats = _row_stats(z, tgt, with_entropy, in_place="softmax")
-        logprobs[rows] = torch.where(tgt.valid, stats.target_logit - stats.lse, 0.0)
+        if shard is not None:
+            shard_lse, stats = stats.lse, shard.all_reduce_stats(stats)
+            if not with_entropy:  # z holds the shard's softmax: rescale it to the whole vocabulary's
+                z.mul_((shard_lse - stats.lse).exp_().unsqueeze(1))
+        logprobs[rows] = torch.where(valid, stats.target_logit - stats.lse, 0.0)
         if entropy is not None:
-            entropy[rows] = torch.where(tgt.valid, stats.lse - stats.expected_logit, 0.0)
+            entropy[rows] = torch.where(valid, stats.lse - stats.expected_logit, 0.0)
         grad_lp, grad_ent = token_grads(rows, logprobs[rows], None if entropy is None else entropy[rows])
         if with_entropy and grad_ent is not None:
             acc.add(rows, every_col, hidden[rows],

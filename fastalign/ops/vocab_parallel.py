@@ -2,14 +2,15 @@
 per-row statistics that gives every rank those of the whole vocabulary.
 
 With a process group of P ranks, rank r holds the contiguous rows ``vocab_start .. vocab_start + V_r - 1`` of the
-lm_head weight ``[V, H]`` (shards may be uneven) and the same hidden states ``[N, H]`` as every other rank. An op
-then runs in two passes whatever the backend:
+lm_head weight ``[V, H]`` (shards may be uneven) and the same hidden states ``[N, H]`` as every other rank. Then:
 
-1. forward: the row statistics of this shard's logits, merged across the group by ``VocabShard.all_reduce_stats``
-   (a MAX all-reduce of the lse, then one SUM all-reduce of the rescaled terms), so the log-probs, entropy, loss
-   and metrics are identical on every rank and equal to the unsharded op's;
-2. backward from the global statistics: this rank's ``d weight [V_r, H]`` and ``d bias [V_r]`` shard, and a partial
-   ``d hidden [N, H]`` (the sum over the shard's vocabulary), all-reduced inside the op with
+1. the row statistics of this shard's logits are merged across the group by ``VocabShard.all_reduce_stats`` (a
+   MAX all-reduce of the lse, then one SUM all-reduce of the rescaled terms), so the log-probs, entropy, loss and
+   metrics are identical on every rank and equal to the unsharded op's: after the whole forward pass (two-pass
+   paths), or chunk by chunk inside the torch backend's one-pass fused loss (PPO, DPO with whole pairs), whose
+   chunks are sized from the widest shard so that every rank walks the same ones;
+2. the gradients come from the global statistics: this rank's ``d weight [V_r, H]`` and ``d bias [V_r]`` shard,
+   and a partial ``d hidden [N, H]`` (the sum over the shard's vocabulary), all-reduced inside the op with
    ``reduce_hidden_grad=True``, left to the caller otherwise (Megatron's copy-to-tensor-parallel-region backward
    does that all-reduce).
 
@@ -38,6 +39,7 @@ class VocabShard:
     rank: int  # in the group
     vocab_start: int
     vocab_size: int  # the global V
+    widest_shard: int  # rows of the largest shard: chunks are sized from it, so every rank walks the same chunks
     reduce_hidden_grad: bool
 
     @classmethod
@@ -64,7 +66,7 @@ class VocabShard:
             raise ValueError(f"weight: expected finite values in the weight and bias shards of every rank, got "
                              f"NaN/inf on rank(s) {bad} of process_group (pass check_finite=False to skip this "
                              f"check)")
-        return cls(group, rank, sum(sizes[:rank]), sum(sizes), reduce_hidden_grad)
+        return cls(group, rank, sum(sizes[:rank]), sum(sizes), max(sizes), reduce_hidden_grad)
 
     def all_reduce_stats(self, stats: RowStats) -> RowStats:
         """The global row statistics ``[N]`` from this shard's, identical on every rank.

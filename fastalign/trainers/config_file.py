@@ -300,5 +300,6 @@ def run_command(args: argparse.Namespace) -> int:
         out = trainer.config.output_dir
         print(f"fastalign {kind}: {trainer.step} steps done on {distributed.world_size()} process(es); last values "
               f"{final}\nmodel: {out}/, metrics: {os.path.join(out, 'metrics.jsonl')}")
+    del trainer  # before the group goes: see distributed.shutdown
     distributed.shutdown()
     return 0

@@ -14,6 +14,7 @@ a local computation: the trainers run one code path.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 
 import torch
@@ -38,8 +39,11 @@ def init() -> None:
 
 
 def shutdown() -> None:
-    """Leave the process group, if any (all ranks wait for each other first: gloo aborts otherwise)."""
+    """Leave the process group, if any. Garbage is collected first: a wrapped policy no longer referenced still holds
+    handles of its last collectives, and freed at exit, after the group, they abort the process now and then (drop
+    your trainer before calling this). Then all ranks wait for each other (gloo aborts otherwise)."""
     if dist.is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 
@@ -178,10 +182,33 @@ def wrap(policy: Policy, parallelism: str) -> nn.Module:
         # Buffers (rotary tables) are constant: not broadcasting them keeps forward passes free of collectives.
         return DistributedDataParallel(policy, device_ids=[here.index] if here.type == "cuda" else None,
                                        broadcast_buffers=False)
+    return _fully_shard(policy)
+
+
+def wrap_reference(reference: Policy, parallelism: str) -> nn.Module:
+    """A frozen reference model (forward only) ready for this world: sharded as the policy with ``"fsdp"`` (so it
+    does not cost a whole copy per rank), else as is (DDP has nothing to synchronize without gradients)."""
+    if parallelism == "fsdp" and dist.is_initialized():
+        return _fully_shard(reference)
+    return reference
+
+
+def reshard(engine: nn.Module) -> None:
+    """Free the unsharded parameters of an FSDP2 root after a forward-only pass (FSDP2 keeps them for the backward
+    that a frozen model never runs); nothing otherwise."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(engine, FSDPModule):
+        engine.reshard()
+
+
+def _fully_shard(policy: Policy) -> Policy:
+    """FSDP2 over ``world_size()`` ranks: each decoder layer (the model's ``_no_split_modules`` classes) its own
+    ``fully_shard`` group, ``policy`` the root, ``generate`` registered as a forward method."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    mesh = init_device_mesh(here.type, (world_size(),))
+    mesh = init_device_mesh(device().type, (world_size(),))
     layer_classes = set(getattr(hf.unwrap_model(policy.model), "_no_split_modules", None) or ())
     for module in policy.model.modules():
         if type(module).__name__ in layer_classes:

@@ -100,7 +100,7 @@ class PPOTrainer(Trainer):
     ``reward_fn(prompts, completions) -> list[float]`` on the decoded texts, or a sequence-classification reward
     model (an ``nn.Module`` sharing the tokenizer) scored on prompt + response. A value head is attached to
     ``model`` (shared backbone) unless it has one. ``ref_model`` None: a frozen copy of ``model`` as it is now
-    (a whole copy on every rank, also under FSDP: it runs forward only).
+    (forward only: a whole copy on every rank under DDP, sharded as the policy under FSDP).
     ``eval_dataset``: prompts whose mean sampled score is logged every ``eval_steps`` and at the end.
     """
 
@@ -122,6 +122,8 @@ class PPOTrainer(Trainer):
         self.reward_fn = reward_fn
         self.value_head = hf.attach_value_head(model)
         self.ref_model = ref_model.to(self.device).eval() if ref_model is not None else frozen_copy(model)
+        distributed.broadcast_module(self.ref_model)
+        self.ref_engine = distributed.wrap_reference(distributed.Policy(self.ref_model), config.parallelism)
         from transformers import GenerationConfig
 
         self.generation_config = GenerationConfig(
@@ -178,9 +180,8 @@ class PPOTrainer(Trainer):
         targets = s.response.masked_fill(~mask, IGNORE_INDEX)
         logprobs, entropy, values = self.engine(self.policy_outputs, s.input_ids, s.attention_mask, targets)
         values = values.masked_fill(~mask, 0.0)
-        ref_hidden = self.response_hidden(self.ref_model, s.input_ids, s.attention_mask, width)
-        ref_logprobs = losses.token_logprobs(ref_hidden, *hf.get_lm_head(self.ref_model), targets, c.loss_backend,
-                                             temperature=c.temperature)
+        ref_logprobs = self.ref_engine(self.reference_logprobs, s.input_ids, s.attention_mask, targets)
+        distributed.reshard(self.ref_engine)
         rewards, kl = rewards_with_kl(s.scores, logprobs, ref_logprobs, mask, c.kl_coef, c.kl_estimator)
         if c.whiten_rewards:
             rewards = self.whiten(rewards, mask, shift_mean=False).masked_fill(~mask, 0.0)
@@ -201,6 +202,13 @@ class PPOTrainer(Trainer):
         logprobs, entropy = losses.token_logprobs(hidden, *hf.get_lm_head(model), targets, self.config.loss_backend,
                                                   temperature=self.config.temperature, return_entropy=True)
         return logprobs, entropy, hf.get_value_head(model)(hidden).float()
+
+    def reference_logprobs(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                           targets: Tensor) -> Tensor:
+        """Inside the reference's forward: its log-probs ``[B, R]`` of the response ``targets``."""
+        hidden = self.response_hidden(model, input_ids, attention_mask, targets.shape[1])
+        return losses.token_logprobs(hidden, *hf.get_lm_head(model), targets, self.config.loss_backend,
+                                     temperature=self.config.temperature)
 
     def evaluate(self) -> dict[str, float]:
         """Mean score (``eval_objective/scores``) of responses sampled as in training for the eval prompts (shared
