@@ -38,8 +38,8 @@ def fused_linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias:
             ``vocab_start ..``, ranks in group order, shards may be uneven), ``bias`` ``[V_r]``, ``hidden`` and
             ``targets`` (global ids in ``[0, V)``) the same on every rank; every rank returns exactly the
             unsharded op's outputs (row statistics merged with two all-reduces per forward), and gets its own
-            ``d weight`` / ``d bias`` shard. Every rank must call the op (collectives). The torch backend then
-            always makes two passes (a frozen weight costs one matmul more than unsharded).
+            ``d weight`` / ``d bias`` shard. Every rank must call the op (collectives). On the torch backend a
+            frozen weight then costs one matmul more than unsharded (three).
         reduce_hidden_grad: with ``process_group``, all-reduce ``d hidden`` over the group inside the op (default:
             each rank gets exactly the unsharded gradient). False leaves each rank its partial sum (its shard's
             vocabulary), Megatron style, for a caller whose copy-to-tensor-parallel-region backward all-reduces it.
@@ -89,7 +89,7 @@ def fused_linear_ppo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_l
         process_group, reduce_hidden_grad: vocab-parallel lm_head, as in :func:`fused_linear_logprobs`; the per-token
             inputs and the value head are the same on every rank. With ``reduce_hidden_grad=False`` the value
             head's share of ``d hidden`` goes to the group's rank 0 only, so that the ranks' partials sum to it
-            once. The torch backend then makes two passes (four matmuls instead of three).
+            once. The torch backend keeps its one pass (three matmuls), merging each chunk's statistics.
         Other options as in :func:`fused_linear_logprobs`.
 
     Returns:
@@ -173,8 +173,8 @@ def fused_linear_dpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
             most that many response tokens; None sizes chunks from ``$FASTALIGN_CHUNK_BUDGET_MB``.
         check_finite: raise on NaN/inf in the float inputs.
         process_group, reduce_hidden_grad: vocab-parallel lm_head, as in :func:`fused_linear_logprobs`; a computed
-            reference's ``ref_weight`` (``ref_bias``) is sharded like ``weight``. The torch backend then always
-            makes two passes (four matmuls).
+            reference's ``ref_weight`` (``ref_bias``) is sharded like ``weight``. Whole pairs on the torch backend
+            keep their one pass, merging each chunk's statistics.
 
     Returns:
         ``DPOLossOutput(loss, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, metrics)``: ``loss``
