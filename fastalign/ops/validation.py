@@ -71,7 +71,8 @@ def validate_linear_inputs(hidden, weight, targets, bias=None, *, ignore_index: 
 
     ``hidden [..., H]`` float, ``weight [V, H]`` and ``bias [V]`` of hidden's dtype, ``targets [...]`` integer in
     ``[0, vocab_size)`` or ``ignore_index``, all on one device, at least one row. ``vocab_size``: the global
-    vocabulary when ``weight`` is one shard of it (vocab parallel), default V.
+    vocabulary when ``weight`` is one shard of it (vocab parallel), default V; the shard's ``weight`` and ``bias``
+    are then not checked for NaN/inf here: the group checks every rank's together (``VocabShard.of``).
     """
     hidden = require_tensor("hidden", hidden, dtypes=FLOAT_DTYPES)
     weight = require_tensor("weight", weight, dim=2)
@@ -98,16 +99,17 @@ def validate_linear_inputs(hidden, weight, targets, bias=None, *, ignore_index: 
     if targets.numel() == 0:
         raise ValueError(f"hidden: expected at least one token, got an empty batch of shape {tuple(hidden.shape)}")
     targets = targets.reshape(-1).long()
-    vocab_size = vocab if vocab_size is None else vocab_size
-    out_of_range = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
+    ids = vocab if vocab_size is None else vocab_size
+    out_of_range = (targets != ignore_index) & ((targets < 0) | (targets >= ids))
     if bool(out_of_range.any()):
         first = int(targets[out_of_range][0])
-        raise ValueError(f"targets: expected ids in [0, {vocab_size}) or ignore_index={ignore_index}, "
+        raise ValueError(f"targets: expected ids in [0, {ids}) or ignore_index={ignore_index}, "
                          f"got {int(out_of_range.sum())} out of range (e.g. {first})")
     if check_finite:
         require_finite("hidden", hidden)
-        require_finite("weight", weight)
-        require_finite("bias", bias)
+        if vocab_size is None:
+            require_finite("weight", weight)
+            require_finite("bias", bias)
     return LinearInputs(hidden.reshape(-1, width), weight, bias, targets, hidden.shape[:-1])
 
 
