@@ -22,7 +22,8 @@ TIMEOUT = timedelta(seconds=60)  # of the default process group's collectives
 RUN_TIMEOUT = 180.0  # seconds, of a whole run
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on the loopback that is free now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -52,7 +53,7 @@ def run_ranks(fn, world_size: int, *args, init: bool = True) -> list:
     code that initializes the group itself.
     """
     with tempfile.TemporaryDirectory() as out_dir:
-        ranks = mp.start_processes(_worker, args=(world_size, _free_port(), init, fn, args, out_dir),
+        ranks = mp.start_processes(_worker, args=(world_size, free_port(), init, fn, args, out_dir),
                                    nprocs=world_size, start_method="spawn", join=False)
         deadline = time.monotonic() + RUN_TIMEOUT
         while not ranks.join(timeout=max(0.0, deadline - time.monotonic())):

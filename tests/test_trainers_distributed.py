@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ import torch
 import yaml
 from torch.distributed.tensor import DTensor
 
-from distributed import run_ranks
+from distributed import free_port, run_ranks
 from fastalign import hf
 from fastalign.trainers import DPOConfig, DPOTrainer, PPOConfig, PPOTrainer
 from fastalign.trainers.config_file import example_config
@@ -205,12 +204,6 @@ def test_resume_at_another_world_size(tmp_path):
     with pytest.raises(ValueError, match=r"global batch of 8 samples per step, this run has 4 .*set "
                                          r"per_device_train_batch_size x gradient_accumulation_steps x processes"):
         make_trainer("dpo", output_dir, WORLD, max_steps=4).train(resume_from_checkpoint=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]  # what the torchrun script runs
