@@ -11,7 +11,7 @@ from .objectives.ppo import PPOLossConfig
 from .ops.dpo import DPOConfig, DPOLossOutput, fused_dpo_loss, validate_pair_layout, validate_reference
 from .ops.logprobs import linear_logprobs, prepare_linear
 from .ops.ppo import PPOLossOutput, ppo_loss, validate_value_head
-from .ops.validation import FLOAT_DTYPES, INT_DTYPES, validate_token_tensor
+from .ops.validation import validate_token_mask, validate_token_tensor
 
 
 def fused_linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None, *,
@@ -115,7 +115,7 @@ def fused_linear_ppo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_l
     if mask is None:
         mask = not_ignored
     else:
-        mask = token("mask", mask, dtypes=(torch.bool, *FLOAT_DTYPES, *INT_DTYPES)).bool() & not_ignored
+        mask = validate_token_mask("mask", mask, targets.shape, inputs.hidden.device) & not_ignored
     value_head = validate_value_head(value_head_weight, value_head_bias, old_values, returns, inputs,
                                      targets.shape, check_finite)
     with_entropy = entropy_coef != 0 if compute_entropy is None else bool(compute_entropy)

@@ -521,6 +521,18 @@ def test_aggregation_validation():
         aggregation_weights(MASK, "token-mean", num_sequences=3)
 
 
+def test_normalizer_below_the_batch_own_count_is_refused():
+    # MASK holds 3 tokens in 2 non-empty sequences: a smaller normalizer would silently inflate the loss
+    for bad in (2, 2.5, torch.tensor(2)):
+        with pytest.raises(ValueError, match=r"num_tokens: expected at least this batch's own count \(3 unmasked"):
+            aggregation_weights(MASK, "token-mean", num_tokens=bad)
+    with pytest.raises(ValueError, match=r"num_sequences: expected at least this batch's own count \(2 sequences"):
+        aggregation_weights(MASK, "seq-mean-token-sum", num_sequences=1)
+    with pytest.raises(ValueError, match="one-element tensor"):
+        aggregation_weights(MASK, "token-mean", num_tokens=torch.tensor([3, 4]))
+    close(aggregate(VALUES, MASK, "token-mean", num_tokens=3), 2.0)  # the batch's own count is fine
+
+
 def test_tensor_normalizer_accepted():
     close(aggregate(VALUES, MASK, "token-mean", num_tokens=torch.tensor(6)), 1.0)
 

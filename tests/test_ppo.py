@@ -224,8 +224,8 @@ def test_torch_backend_small_chunks_agree():
 
 
 class TestBadInput:
-    def call(self, **overrides):
-        d = make_ppo_problem()
+    def call(self, d=None, **overrides):
+        d = make_ppo_problem() if d is None else d
         args = dict(hidden=d["hidden"], weight=d["weight"], targets=d["targets"], old_logprobs=d["old"],
                     advantages=d["adv"], mask=d["mask"], backend="torch")
         args.update(overrides)
@@ -242,6 +242,25 @@ class TestBadInput:
     def test_mask_shape(self):
         with pytest.raises(ValueError, match=r"mask: expected shape \(3, 6\)"):
             self.call(mask=torch.ones(3, 7, dtype=torch.bool))
+
+    def test_fractional_mask_is_refused(self):
+        mask = torch.ones(3, 6)
+        mask[0, 2] = 0.5
+        with pytest.raises(ValueError, match=r"mask: expected a bool or 0/1 mask, got 1 other value\(s\) \(e.g. 0.5\)"):
+            self.call(mask=mask)
+
+    def test_float_and_int_01_masks_equal_the_bool_mask(self):
+        d = make_ppo_problem()
+        bool_loss = self.call(d, mask=d["mask"]).loss
+        for dtype in (torch.float32, torch.int64):
+            torch.testing.assert_close(self.call(d, mask=d["mask"].to(dtype)).loss, bool_loss, rtol=0, atol=0)
+
+    def test_num_tokens_below_the_batch_count(self):
+        d = make_ppo_problem()
+        own = int((d["mask"] & (d["targets"] != -100)).sum())
+        with pytest.raises(ValueError, match=rf"num_tokens: expected at least this batch's own count \({own} "):
+            self.call(d, num_tokens=own - 1)
+        self.call(d, num_tokens=own)
 
     def test_value_head_without_targets(self):
         with pytest.raises(ValueError, match="old_values: required with a value head"):

@@ -48,13 +48,23 @@ def local_normalizer(mask: torch.Tensor, loss_agg: str) -> torch.Tensor:
     return (mask != 0).any(dim=-1).sum()
 
 
-def _check_normalizer(name: str, value: Normalizer | None, loss_agg: str, applies: bool) -> None:
+def _check_normalizer(name: str, value: Normalizer | None, loss_agg: str, applies: bool,
+                      mask: torch.Tensor) -> None:
+    """A given normalizer applies to ``loss_agg``, and counts at least what ``mask`` itself holds: a normalizer
+    over a whole accumulated batch is never smaller than one of its parts' counts."""
     if value is None:
         return
     if not applies:
         raise ValueError(f"{name} does not apply to loss_agg={loss_agg!r}; pass it only for the matching mode")
+    if isinstance(value, torch.Tensor) and value.numel() != 1:
+        raise ValueError(f"{name}: expected a number or a one-element tensor, got shape {tuple(value.shape)}")
     if float(value) <= 0:
         raise ValueError(f"{name} must be positive, got {float(value)}")
+    own = int(local_normalizer(mask, loss_agg))
+    if float(value) < own:
+        what = "unmasked tokens" if loss_agg == "token-mean" else "sequences with an unmasked token"
+        raise ValueError(f"{name}: expected at least this batch's own count ({own} {what}; pass the count over the "
+                         f"whole accumulated batch), got {float(value)}")
 
 
 def aggregation_weights(
@@ -81,8 +91,8 @@ def aggregation_weights(
     float32 for a bool mask.
     """
     check_loss_agg(loss_agg)
-    _check_normalizer("num_tokens", num_tokens, loss_agg, applies=loss_agg == "token-mean")
-    _check_normalizer("num_sequences", num_sequences, loss_agg, applies=loss_agg != "token-mean")
+    _check_normalizer("num_tokens", num_tokens, loss_agg, applies=loss_agg == "token-mean", mask=mask)
+    _check_normalizer("num_sequences", num_sequences, loss_agg, applies=loss_agg != "token-mean", mask=mask)
     m = _float_mask(mask, dtype)
     if loss_agg == "token-mean":
         denom = num_tokens if num_tokens is not None else _nonzero_or_one(local_normalizer(mask, loss_agg))

@@ -1,6 +1,8 @@
-"""PPO math on per-token tensors: policy ratio, clipped surrogate, value loss, KL estimators.
+"""PPO math on per-token tensors: policy ratio, clipped surrogate, value loss, KL estimators; and their aggregated
+forms (``policy_loss_value``, ``value_loss_terms``) and TRL-named metrics (``ppo_metrics``), which the fused op, its
+tests and the trainers' reference path all call.
 
-All functions are elementwise: inputs of any (broadcastable) shape, ``[B, T]`` or flat ``[N]``, in float32
+The per-token functions are elementwise: inputs of any (broadcastable) shape, ``[B, T]`` or flat ``[N]``, in float32
 or float64; outputs are per-token and differentiable with autograd. Reduce them with
 ``fastalign.objectives.aggregation``. Names follow TRL's ``PPOTrainer`` (``trl/trainer/ppo_trainer.py``)
 and verl's ``core_algos`` (``verl/trainer/ppo/core_algos.py``).
@@ -12,8 +14,9 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from torch import Tensor
 
-from .aggregation import check_loss_agg
+from .aggregation import check_loss_agg, masked_mean
 
 LOG_RATIO_CLAMP = 20.0
 """Bound on ``|log ratio|`` before ``exp`` (as verl): ratios stay within ``[e^-20, e^20]`` (about 2e-9 to
@@ -217,3 +220,84 @@ def ppo_token_losses(
     if entropy is not None:
         loss = loss - config.entropy_coef * entropy
     return PPOTokenLosses(loss, pg.loss, kl, pg.ratio, pg.clipped, pg.dual_clipped)
+
+
+class PPOTokens(NamedTuple):
+    """Per-token PPO inputs, flat ``[N]``: ``weights`` are the aggregation weights (0 where masked)."""
+
+    old_logprobs: Tensor
+    advantages: Tensor
+    ref_logprobs: Tensor | None
+    weights: Tensor
+
+    def rows(self, rows: slice) -> PPOTokens:
+        return PPOTokens(*(None if t is None else t[rows] for t in self))
+
+
+def policy_loss_value(tokens: PPOTokens, config: PPOLossConfig, logprobs: Tensor, entropy: Tensor | None) -> Tensor:
+    """The aggregated policy-side loss (surrogate + KL + entropy terms) for given per-token log-probs."""
+    token_loss = ppo_token_losses(logprobs, tokens.old_logprobs, tokens.advantages, config,
+                                  ref_logprobs=tokens.ref_logprobs, entropy=entropy).loss
+    return (tokens.weights * token_loss).sum()
+
+
+def ppo_metrics(tokens: PPOTokens, config: PPOLossConfig, mask: Tensor, logprobs: Tensor, entropy: Tensor | None,
+                value_terms: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Detached scalar metrics under TRL's names, masked means over the response tokens."""
+    parts = ppo_token_losses(logprobs, tokens.old_logprobs, tokens.advantages, config,
+                             ref_logprobs=tokens.ref_logprobs, entropy=entropy)
+    log_ratio = logprobs - tokens.old_logprobs
+    metrics = {
+        "loss/policy": (tokens.weights * parts.pg_loss).sum(),
+        "policy/approxkl": masked_mean(0.5 * log_ratio ** 2, mask),
+        "policy/clipfrac": masked_mean(parts.clipped.to(logprobs.dtype), mask),
+        "policy/ratio_mean": masked_mean(parts.ratio, mask),
+    }
+    if config.dual_clip is not None:
+        metrics["policy/dual_clipfrac"] = masked_mean(parts.dual_clipped.to(logprobs.dtype), mask)
+    if parts.kl is not None:
+        metrics["objective/kl"] = masked_mean(parts.kl, mask)
+    if entropy is not None:
+        metrics["objective/entropy"] = masked_mean(entropy, mask)
+    metrics.update(value_terms)
+    return {k: v.detach().float() for k, v in metrics.items()}
+
+
+class ValueHeadInputs(NamedTuple):
+    """A linear value head ``weight [K, H]``, ``bias [K]`` and its targets ``old_values``, ``returns`` ``[..., K]``
+    (``[...]`` for a scalar head)."""
+
+    weight: Tensor
+    bias: Tensor | None
+    old_values: Tensor
+    returns: Tensor
+
+
+class ValueTerms(NamedTuple):
+    loss: Tensor  # aggregated value loss (differentiable w.r.t. hidden and the value head)
+    metrics: dict[str, Tensor]
+    values: Tensor  # [N, K] detached
+
+
+def value_loss_terms(hidden: Tensor, head: ValueHeadInputs, weights: Tensor, mask: Tensor,
+                     cliprange_value: float) -> ValueTerms:
+    """Clipped value loss of a linear value head on ``hidden [N, H]``: values ``[N, K]``.
+
+    One ``[N, H] x [H, K]`` product from the same hidden rows (K is 1 for a scalar head); the per-token loss is the
+    mean over the K outputs, aggregated with the policy's weights.
+    """
+    dtype = weights.dtype
+    k = head.weight.shape[0]
+    values = torch.nn.functional.linear(hidden.to(dtype), head.weight.to(dtype),
+                                        None if head.bias is None else head.bias.to(dtype))
+    old_values, returns = head.old_values.reshape(-1, k).to(dtype), head.returns.reshape(-1, k).to(dtype)
+    vl = clipped_value_loss(values, old_values, returns, cliprange_value=cliprange_value)
+    per_token = vl.loss.mean(dim=1)
+    mask_k = mask.unsqueeze(1).expand_as(vl.clipped)
+    metrics = {
+        "loss/value": (weights * per_token.detach()).sum(),
+        "val/clipfrac": masked_mean(vl.clipped.to(dtype), mask_k),
+        "val/vpred": masked_mean(values.detach(), mask_k),
+        "val/error": masked_mean((values.detach() - returns) ** 2, mask_k),
+    }
+    return ValueTerms((weights * per_token).sum(), metrics, values.detach())

@@ -7,26 +7,15 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..objectives.aggregation import aggregation_weights, masked_mean
-from ..objectives.ppo import PPOLossConfig, clipped_value_loss, ppo_token_losses
+from ..objectives.aggregation import aggregation_weights
+from ..objectives.ppo import (PPOLossConfig, PPOTokens, ValueHeadInputs, policy_loss_value, ppo_metrics,
+                              ppo_token_losses, value_loss_terms)
 from . import torch_backend
 from .linear import (LinearOptions, lse_forward, scale_precomputed_grads, triton_logprobs_backward,
                      triton_ppo_forward)
 from .logprobs import token_outputs
 from .validation import (FLOAT_DTYPES, LinearInputs, require_finite, require_same_device,
                          require_tensor)
-
-
-class PPOTokens(NamedTuple):
-    """Per-token PPO inputs, flat ``[N]``: ``weights`` are the aggregation weights (0 where masked)."""
-
-    old_logprobs: Tensor
-    advantages: Tensor
-    ref_logprobs: Tensor | None
-    weights: Tensor
-
-    def rows(self, rows: slice) -> PPOTokens:
-        return PPOTokens(*(None if t is None else t[rows] for t in self))
 
 
 def policy_token_grads(tokens: PPOTokens, config: PPOLossConfig, logprobs: Tensor,
@@ -91,75 +80,6 @@ class LinearPPOPolicy(torch.autograd.Function):
         scaled = [None if g is None else g.to(dtype)
                   for g, dtype in zip(scale_precomputed_grads(grads, grad_loss), ctx.input_dtypes)]
         return (*scaled, None, None, None, None, None)
-
-
-def policy_loss_value(tokens: PPOTokens, config: PPOLossConfig, logprobs: Tensor, entropy: Tensor | None) -> Tensor:
-    """The aggregated policy-side loss (surrogate + KL + entropy terms) for given per-token log-probs."""
-    token_loss = ppo_token_losses(logprobs, tokens.old_logprobs, tokens.advantages, config,
-                                  ref_logprobs=tokens.ref_logprobs, entropy=entropy).loss
-    return (tokens.weights * token_loss).sum()
-
-
-def ppo_metrics(tokens: PPOTokens, config: PPOLossConfig, mask: Tensor, logprobs: Tensor, entropy: Tensor | None,
-                value_terms: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Detached scalar metrics under TRL's names, masked means over the response tokens."""
-    parts = ppo_token_losses(logprobs, tokens.old_logprobs, tokens.advantages, config,
-                             ref_logprobs=tokens.ref_logprobs, entropy=entropy)
-    log_ratio = logprobs - tokens.old_logprobs
-    metrics = {
-        "loss/policy": (tokens.weights * parts.pg_loss).sum(),
-        "policy/approxkl": masked_mean(0.5 * log_ratio ** 2, mask),
-        "policy/clipfrac": masked_mean(parts.clipped.to(logprobs.dtype), mask),
-        "policy/ratio_mean": masked_mean(parts.ratio, mask),
-    }
-    if config.dual_clip is not None:
-        metrics["policy/dual_clipfrac"] = masked_mean(parts.dual_clipped.to(logprobs.dtype), mask)
-    if parts.kl is not None:
-        metrics["objective/kl"] = masked_mean(parts.kl, mask)
-    if entropy is not None:
-        metrics["objective/entropy"] = masked_mean(entropy, mask)
-    metrics.update(value_terms)
-    return {k: v.detach().float() for k, v in metrics.items()}
-
-
-class ValueHeadInputs(NamedTuple):
-    """A linear value head ``weight [K, H]``, ``bias [K]`` and its targets ``old_values``, ``returns`` ``[..., K]``
-    (``[...]`` for a scalar head)."""
-
-    weight: Tensor
-    bias: Tensor | None
-    old_values: Tensor
-    returns: Tensor
-
-
-class ValueTerms(NamedTuple):
-    loss: Tensor  # aggregated value loss (differentiable w.r.t. hidden and the value head)
-    metrics: dict[str, Tensor]
-    values: Tensor  # [N, K] detached
-
-
-def value_loss_terms(hidden: Tensor, head: ValueHeadInputs, weights: Tensor, mask: Tensor,
-                     cliprange_value: float) -> ValueTerms:
-    """Clipped value loss of a linear value head on ``hidden [N, H]``: values ``[N, K]``.
-
-    One ``[N, H] x [H, K]`` product from the same hidden rows (K is 1 for a scalar head); the per-token loss is the
-    mean over the K outputs, aggregated with the policy's weights.
-    """
-    dtype = weights.dtype
-    k = head.weight.shape[0]
-    values = torch.nn.functional.linear(hidden.to(dtype), head.weight.to(dtype),
-                                        None if head.bias is None else head.bias.to(dtype))
-    old_values, returns = head.old_values.reshape(-1, k).to(dtype), head.returns.reshape(-1, k).to(dtype)
-    vl = clipped_value_loss(values, old_values, returns, cliprange_value=cliprange_value)
-    per_token = vl.loss.mean(dim=1)
-    mask_k = mask.unsqueeze(1).expand_as(vl.clipped)
-    metrics = {
-        "loss/value": (weights * per_token.detach()).sum(),
-        "val/clipfrac": masked_mean(vl.clipped.to(dtype), mask_k),
-        "val/vpred": masked_mean(values.detach(), mask_k),
-        "val/error": masked_mean((values.detach() - returns) ** 2, mask_k),
-    }
-    return ValueTerms((weights * per_token).sum(), metrics, values.detach())
 
 
 def linear_ppo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, tokens: PPOTokens,

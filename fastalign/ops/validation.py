@@ -123,3 +123,20 @@ def validate_token_tensor(name: str, value, shape: torch.Size, device: torch.dev
     if check_finite and value.is_floating_point():
         require_finite(name, value)
     return value
+
+
+def validate_token_mask(name: str, value, shape: torch.Size, device: torch.device) -> Tensor:
+    """A bool ``[...]`` mask from a bool, integer or float 0/1 tensor of ``shape`` on ``device``.
+
+    Fractional values are refused rather than rounded: a 0.5 is not a token weight here (per-token weights would
+    change every loss type's normalizer), and treating it as True would silently double its token's weight.
+    """
+    value = validate_token_tensor(name, value, shape, device, check_finite=False,
+                                  dtypes=(torch.bool, *FLOAT_DTYPES, *INT_DTYPES))
+    if value.dtype == torch.bool:
+        return value
+    bad = (value != 0) & (value != 1)
+    if bool(bad.any()):
+        raise ValueError(f"{name}: expected a bool or 0/1 mask, got {int(bad.sum())} other value(s) "
+                         f"(e.g. {value[bad].reshape(-1)[0].item()}); fractional token weights are not supported")
+    return value != 0

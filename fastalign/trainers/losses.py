@@ -9,8 +9,8 @@ from torch import Tensor
 from ..functional import fused_linear_dpo_loss, fused_linear_logprobs, fused_linear_ppo_loss
 from ..objectives.aggregation import aggregation_weights
 from ..objectives.dpo import DPOOptions, dpo_loss as dpo_objective, dpo_metrics, rpo_nll
-from ..objectives.ppo import PPOLossConfig
-from ..ops.ppo import PPOTokens, ValueHeadInputs, policy_loss_value, ppo_metrics, value_loss_terms
+from ..objectives.ppo import (PPOLossConfig, PPOTokens, ValueHeadInputs, policy_loss_value, ppo_metrics,
+                              value_loss_terms)
 from .data import IGNORE_INDEX
 
 
