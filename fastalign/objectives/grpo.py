@@ -1,0 +1,332 @@
+"""GRPO and its descendants on per-token log-probs: TRL's ``GRPOTrainer._compute_loss`` (TRL 1.9) as one function.
+
+Loss types (``GRPO_LOSS_TYPES``), each TRL's, with ``r`` the importance ratio ``exp(log pi - log pi_old)`` per token
+(``importance_sampling_level="token"``) or ``exp(mean over the sequence of the log-ratio)`` per sequence
+(``"sequence"``, GSPO, Zheng et al. 2025, arXiv:2507.18071) and ``A`` the advantage:
+
+========= =================================================================== ===========================================
+loss_type per-token loss                                                      aggregation
+========= =================================================================== ===========================================
+grpo      ``-min(r A, clip(r, 1-eps, 1+eps_high) A)`` (``r`` capped at delta) mean per sequence, then over sequences
+bnpo      same                                                                mean over the batch's completion tokens
+dr_grpo   same                                                                sum / (B * max_completion_length)
+dapo      same                                                                sum / num_items_in_batch
+luspo     same                                                                mean over [B, 1] (or [B, T]) of loss * L_b
+cispo     ``-sg(min(r, eps_high)) A log pi`` (CISPO, MiniMax-M1 2025)        sum / num_items_in_batch
+sapo      ``-sigmoid(tau (r - 1)) 4 / tau A``, tau by the sign of A (SAPO)   mean per sequence, then over sequences
+vespo     ``-sg(phi(W)) A log pi``, phi the gamma weight of the sequence IS  sum / num_items_in_batch
+========= =================================================================== ===========================================
+
+``delta`` caps ``r`` before the clip's min (two-sided clipping, INTELLECT-2). With ``beta != 0`` the k3 estimate
+``exp(ref - logp) - (ref - logp) - 1`` (times ``r``, undetached, with ``use_bias_correction_kl``) is added per token
+after the masks. The off-policy mask (DeepSeek-V3.2) drops sequences with ``A < 0`` whose mean
+``sampling_logprobs - logp`` exceeds ``off_policy_mask_threshold``; ``top_entropy_quantile < 1`` keeps only the
+tokens whose entropy is at least the batch's ``1 - top_entropy_quantile`` quantile; ``importance_sampling_ratio``
+(rollout-engine correction) multiplies the loss after those masks and before the KL term, except for vespo, where
+its log enters the gamma weight. ``entropy_coef`` subtracts ``entropy_coef *`` the mean entropy over the same
+effective mask (over ``num_items_in_batch`` for dapo/cispo/vespo).
+
+This is the loss of ONE process without gradient accumulation: TRL's division by the accumulation steps (and its
+``num_items_in_batch / num_processes``) stays the caller's. Deviations from TRL, all at positions TRL itself masks
+out: tokens outside ``mask`` never contribute (TRL's luspo ``.mean()`` over ``[B, T]`` counts padding positions'
+values; here they are 0, the denominator stays ``B * T``), and the IS ratio's log enters vespo's weight summed over
+completion tokens only. The entropy quantile is taken in the entropies' dtype (TRL: float32).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # the clipped surrogate, TRL's clip metrics
+TOKEN_COUNT_LOSS_TYPES = ("cispo", "dapo", "vespo")  # normalized by num_items_in_batch
+SEQUENCE_MEAN_LOSS_TYPES = ("grpo", "sapo")  # mean per sequence, then over sequences
+VESPO_LOG_CLAMP = (math.log(1e-8), 20.0)  # TRL's clamps of vespo's log weights
+
+
+def _finite(name: str, value, *, low: float | None = None, strict: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    if low is not None and (value <= low if strict else value < low):
+        raise ValueError(f"{name}: expected a number {'>' if strict else '>='} {low}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class GRPOLossConfig:
+    """Options of the GRPO loss with TRL's ``GRPOConfig`` names and defaults (``epsilon_high`` None: ``epsilon``;
+    for cispo it is the absolute cap of the ratio, as in TRL). ``max_completion_length`` is dr_grpo's constant
+    normalizer (required there)."""
+
+    loss_type: str = "dapo"
+    importance_sampling_level: str = "token"
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    delta: float | None = None
+    beta: float = 0.0
+    use_bias_correction_kl: bool = False
+    off_policy_mask_threshold: float | None = None
+    top_entropy_quantile: float = 1.0
+    entropy_coef: float = 0.0
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+    max_completion_length: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in GRPO_LOSS_TYPES:
+            raise ValueError(f"loss_type: expected one of {GRPO_LOSS_TYPES}, got {self.loss_type!r}")
+        if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+            raise ValueError(f"importance_sampling_level: expected one of {IMPORTANCE_SAMPLING_LEVELS}, "
+                             f"got {self.importance_sampling_level!r}")
+        _finite("epsilon", self.epsilon, low=0.0)
+        if self.epsilon_high is not None:
+            _finite("epsilon_high", self.epsilon_high, low=0.0)
+        if self.delta is not None:
+            _finite("delta", self.delta, low=0.0, strict=True)
+        for name in ("beta", "entropy_coef", "vespo_k_pos", "vespo_k_neg"):
+            _finite(name, getattr(self, name))
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_lambda_pos", "vespo_lambda_neg"):
+            _finite(name, getattr(self, name), low=0.0, strict=True)
+        if self.off_policy_mask_threshold is not None:
+            _finite("off_policy_mask_threshold", self.off_policy_mask_threshold)
+        _finite("top_entropy_quantile", self.top_entropy_quantile, low=0.0)
+        if self.top_entropy_quantile > 1:
+            raise ValueError(f"top_entropy_quantile: expected a number in [0, 1], got {self.top_entropy_quantile!r}")
+        if not isinstance(self.use_bias_correction_kl, bool):
+            raise TypeError(f"use_bias_correction_kl: expected a bool, got {self.use_bias_correction_kl!r}")
+        if self.loss_type == "dr_grpo" and self.max_completion_length is None:
+            raise ValueError("max_completion_length: required for loss_type='dr_grpo' (its constant normalizer), "
+                             "got None")
+        if self.max_completion_length is not None and (
+                isinstance(self.max_completion_length, bool) or not isinstance(self.max_completion_length, int)
+                or self.max_completion_length < 1):
+            raise ValueError(f"max_completion_length: expected a positive int or None, "
+                             f"got {self.max_completion_length!r}")
+
+    @property
+    def eps_high(self) -> float:
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+    @property
+    def uses_entropy(self) -> bool:
+        """Whether the loss (not only the metrics) depends on the entropy."""
+        return self.entropy_coef != 0 or self.top_entropy_quantile < 1
+
+    @property
+    def coupling(self) -> str:
+        """What one token's gradient depends on: ``"token"`` (its own inputs only), ``"sequence"`` (its whole
+        sequence's log-probs: sequence ratios, vespo's weight, the off-policy mask) or ``"batch"`` (every
+        token's entropy: the top-entropy quantile)."""
+        if self.top_entropy_quantile < 1:
+            return "batch"
+        if (self.importance_sampling_level == "sequence" or self.loss_type == "vespo"
+                or self.off_policy_mask_threshold is not None):
+            return "sequence"
+        return "token"
+
+
+class GRPOResult(NamedTuple):
+    """Output of ``grpo_loss``: the scalar loss (differentiable w.r.t. ``logprobs`` and ``entropy``) and TRL's
+    metrics (detached 0-d tensors)."""
+
+    loss: Tensor
+    metrics: dict[str, Tensor]
+
+
+def high_entropy_mask(entropy: Tensor, mask: Tensor, quantile: float) -> Tensor:
+    """TRL's ``get_high_entropy_mask`` for one process: bool ``[B, T]``, the masked tokens whose entropy is at least
+    the ``quantile`` of the masked entropies (``torch.quantile``, linear interpolation); all False without any."""
+    mask = mask.bool()
+    values = entropy.detach()[mask]
+    if values.numel() == 0:
+        return torch.zeros_like(mask)
+    threshold = torch.quantile(values, quantile)
+    return (entropy.detach() * mask >= threshold) & mask
+
+
+def off_policy_mask(advantages: Tensor, logprobs: Tensor, sampling_logprobs: Tensor, mask: Tensor,
+                    threshold: float) -> Tensor:
+    """TRL's ``get_off_policy_mask`` (DeepSeek-V3.2 off-policy sequence masking): keep a sequence (``[B, 1]``, or
+    ``[B, T]`` with per-token advantages) when ``A >= 0`` or its mean ``sampling_logprobs - logprobs`` over the
+    completion tokens is at most ``threshold``. Detached, in ``mask``'s float dtype."""
+    kl = sampling_logprobs - logprobs.detach()
+    seq_kl = (kl * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+    return ((advantages >= 0) | (seq_kl <= threshold)).to(mask.dtype)
+
+
+def vespo_weights(advantages: Tensor, log_ratio: Tensor, mask: Tensor, importance_sampling_ratio: Tensor | None,
+                  config: GRPOLossConfig) -> Tensor:
+    """TRL's ``get_gamma_weights``: ``phi(W) = exp(lambda + k log W - lambda W)`` of the sequence importance weight
+    ``W = exp(sum of the clamped token log-ratios (+ the IS ratio's log))``, ``(k, lambda)`` by the sign of ``A``;
+    detached ``[B, 1]`` (``[B, T]`` with per-token advantages), non-finite values set to 0."""
+    low, high = VESPO_LOG_CLAMP
+    with torch.no_grad():
+        seq_log_ratio = (log_ratio.clamp(-20.0, 20.0) * mask).sum(dim=-1, keepdim=True)
+        if importance_sampling_ratio is not None:
+            log_is = importance_sampling_ratio.log().clamp(low, high)
+            if log_is.shape[-1] != 1:
+                log_is = log_is * mask
+            seq_log_ratio = seq_log_ratio + log_is.sum(dim=-1, keepdim=True)
+        log_w = seq_log_ratio.clamp(low, high)
+        nonneg = advantages >= 0
+        k = torch.where(nonneg, log_w.new_tensor(config.vespo_k_pos), log_w.new_tensor(config.vespo_k_neg))
+        lam = torch.where(nonneg, log_w.new_tensor(config.vespo_lambda_pos),
+                          log_w.new_tensor(config.vespo_lambda_neg)).clamp(min=1e-4)
+        return torch.exp(lam + k * log_w - lam * log_w.exp()).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """TRL's ``global_masked_mean`` for one process: one value per sequence (``[B, 1]``) averages over sequences,
+    per-token values over the completion tokens."""
+    if x.shape[-1] == 1 and mask.shape[-1] != 1:
+        return x.mean()
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def _sequence_means(x: Tensor, mask: Tensor) -> Tensor:
+    """TRL's ``masked_seq_mean``: ``[B]`` per-sequence means (NaN for a sequence without completion tokens)."""
+    if x.shape[-1] == 1 and mask.shape[-1] != 1:
+        return x.squeeze(-1)
+    return (x * mask).sum(-1) / mask.sum(-1)
+
+
+def _nan_extreme(x: Tensor, largest: bool) -> Tensor:
+    """TRL's ``nanmin`` / ``nanmax``: NaN when every value is NaN."""
+    kept = x[~torch.isnan(x)]
+    if kept.numel() == 0:
+        return x.new_tensor(float("nan"))
+    return kept.max() if largest else kept.min()
+
+
+def grpo_loss(logprobs: Tensor, advantages: Tensor, mask: Tensor, config: GRPOLossConfig = GRPOLossConfig(), *,
+              old_logprobs: Tensor | None = None, ref_logprobs: Tensor | None = None, entropy: Tensor | None = None,
+              importance_sampling_ratio: Tensor | None = None, sampling_logprobs: Tensor | None = None,
+              num_items_in_batch: Tensor | float | None = None) -> GRPOResult:
+    """The GRPO-family loss of a batch and TRL's metrics.
+
+    Args:
+        logprobs: ``[B, T]`` per-token log-probs of the completions (differentiable).
+        advantages: ``[B]`` (one per sequence) or ``[B, T]`` (per token).
+        mask: ``[B, T]`` completion tokens (bool or 0/1).
+        config: the options (``GRPOLossConfig``).
+        old_logprobs: ``[B, T]`` log-probs at sampling time; None: on-policy (``logprobs`` detached, ratio 1).
+        ref_logprobs: ``[B, T]`` reference log-probs, required when ``beta != 0``.
+        entropy: ``[B, T]`` per-token entropy; required with ``entropy_coef != 0`` or ``top_entropy_quantile < 1``,
+            and logged as the ``entropy`` metric when given.
+        importance_sampling_ratio: ``[B, T]`` or ``[B, 1]`` rollout-engine correction (TIS/MIS).
+        sampling_logprobs: ``[B, T]`` the rollout engine's log-probs for the off-policy mask (default
+            ``old_logprobs``).
+        num_items_in_batch: completion tokens of the whole accumulated batch (dapo, cispo, vespo; default this
+            batch's).
+
+    Returns:
+        ``GRPOResult(loss, metrics)``; metrics under TRL's names: ``kl`` (beta != 0), ``entropy`` (entropy given),
+        ``clip_ratio/low_mean``, ``clip_ratio/low_min``, ``clip_ratio/high_mean``, ``clip_ratio/high_max``,
+        ``clip_ratio/region_mean`` (clipped loss types), ``cispo_clip_ratio``, ``vespo/phi_seq_mean``,
+        ``policy_loss`` (with an entropy bonus).
+    """
+    m = mask.to(logprobs.dtype)
+    adv = (advantages.unsqueeze(1) if advantages.dim() == 1 else advantages).to(logprobs.dtype)
+    if config.uses_entropy and entropy is None:
+        raise ValueError("entropy: required with entropy_coef != 0 or top_entropy_quantile < 1, got None")
+    if config.beta != 0 and ref_logprobs is None:
+        raise ValueError(f"ref_logprobs: required when beta != 0 (beta={config.beta}), got None")
+    old = logprobs.detach() if old_logprobs is None else old_logprobs
+    entropy_mask = None
+    if config.top_entropy_quantile < 1:
+        entropy_mask = high_entropy_mask(entropy, mask, 1 - config.top_entropy_quantile).to(m.dtype)
+    policy_mask = None
+    if config.off_policy_mask_threshold is not None:
+        policy_mask = off_policy_mask(adv, logprobs, old if sampling_logprobs is None else sampling_logprobs, m,
+                                      config.off_policy_mask_threshold)
+
+    log_ratio = logprobs - old
+    if config.importance_sampling_level == "token":
+        log_weights = log_ratio
+    else:
+        log_weights = ((log_ratio * m).sum(-1) / m.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    coef_1 = torch.exp(log_weights)
+
+    kl = None
+    if config.beta != 0:
+        d = ref_logprobs - logprobs
+        kl = torch.exp(d) - d - 1
+        if config.use_bias_correction_kl:
+            kl = kl * coef_1
+
+    eps_low, eps_high = config.epsilon, config.eps_high
+    phi = None
+    if config.loss_type == "cispo":
+        per_token = -torch.clamp(coef_1, max=eps_high).detach() * adv * logprobs
+    elif config.loss_type in CLIPPED_LOSS_TYPES:
+        coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
+        if config.delta is not None:
+            coef_1 = torch.clamp(coef_1, max=config.delta)
+        per_token = -torch.minimum(coef_1 * adv, coef_2 * adv)
+    elif config.loss_type == "sapo":
+        temperatures = torch.where(adv > 0, adv.new_tensor(config.sapo_temperature_pos),
+                                   adv.new_tensor(config.sapo_temperature_neg))
+        per_token = -torch.sigmoid(temperatures * (coef_1 - 1)) * 4 / temperatures * adv
+    else:  # vespo
+        phi = vespo_weights(adv, log_ratio, m, importance_sampling_ratio, config)
+        per_token = -phi * adv * logprobs
+
+    if policy_mask is not None:
+        per_token = per_token * policy_mask
+    if entropy_mask is not None:
+        per_token = per_token * entropy_mask
+    if importance_sampling_ratio is not None and config.loss_type != "vespo":
+        per_token = per_token * importance_sampling_ratio
+    if kl is not None:
+        per_token = per_token + config.beta * kl
+
+    normalizer = None
+    if config.loss_type in SEQUENCE_MEAN_LOSS_TYPES:
+        loss = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    elif config.loss_type == "bnpo":
+        loss = (per_token * m).sum() / m.sum().clamp(min=1.0)
+    elif config.loss_type == "dr_grpo":
+        loss = (per_token * m).sum() / (m.shape[0] * config.max_completion_length)
+    elif config.loss_type in TOKEN_COUNT_LOSS_TYPES:
+        count = m.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=m.dtype)
+        normalizer = count.clamp(min=1.0)
+        loss = (per_token * m).sum() / normalizer
+    else:  # luspo: each sequence's loss times its length, averaged over the loss's [B, 1] (or [B, T]) entries
+        lengths = m.sum(1, keepdim=True)
+        weighted = per_token * lengths if per_token.shape[-1] == 1 else per_token * m * lengths
+        loss = weighted.sum() / weighted.numel()
+
+    metrics: dict[str, Tensor] = {}
+    if config.entropy_coef != 0:
+        effective = m if entropy_mask is None else m * entropy_mask
+        total = (entropy * effective).sum()
+        entropy_loss = total / normalizer if normalizer is not None else total / effective.sum().clamp(min=1.0)
+        metrics["policy_loss"] = loss.detach()
+        loss = loss - config.entropy_coef * entropy_loss
+
+    with torch.no_grad():
+        if kl is not None:
+            metrics["kl"] = _masked_mean(kl, m)
+        if entropy is not None:
+            metrics["entropy"] = _masked_mean(entropy, m)
+        if config.loss_type in CLIPPED_LOSS_TYPES:
+            low = ((coef_1 < 1 - eps_low) & (adv < 0)).to(m.dtype)
+            high = ((coef_1 > 1 + eps_high) & (adv > 0)).to(m.dtype)
+            metrics["clip_ratio/low_mean"] = _masked_mean(low, m)
+            metrics["clip_ratio/low_min"] = _nan_extreme(_sequence_means(low, m), largest=False)
+            metrics["clip_ratio/high_mean"] = _masked_mean(high, m)
+            metrics["clip_ratio/high_max"] = _nan_extreme(_sequence_means(high, m), largest=True)
+            metrics["clip_ratio/region_mean"] = _masked_mean(torch.maximum(low, high), m)
+        elif config.loss_type == "cispo":
+            metrics["cispo_clip_ratio"] = _masked_mean(((coef_1 > eps_high) & (adv > 0)).to(m.dtype), m)
+        elif config.loss_type == "vespo":
+            metrics["vespo/phi_seq_mean"] = _masked_mean(phi, m)
+    return GRPOResult(loss, {k: v.detach() for k, v in metrics.items()})
