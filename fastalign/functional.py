@@ -3,14 +3,16 @@ from __future__ import annotations
 
 from functools import partial
 
-import torch
 from torch import Tensor
 
 from .objectives.dpo import DPOOptions, check_count
+from .objectives.grpo import GRPOLossConfig
 from .objectives.ppo import PPOLossConfig
 from .ops.dpo import DPOConfig, DPOLossOutput, fused_dpo_loss, validate_pair_layout, validate_reference
+from .ops.grpo import GRPOLossOutput, fused_grpo_loss, validate_grpo_inputs, validate_sequence_layout
 from .ops.logprobs import linear_logprobs, prepare_linear
 from .ops.ppo import PPOLossOutput, ppo_loss, validate_value_head
+from .ops.torch_backend import compute_dtype
 from .ops.validation import validate_token_mask, validate_token_tensor
 
 
@@ -202,3 +204,82 @@ def fused_linear_dpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
                                    ref_rejected_logps=ref_rejected_logps, ref_hidden=ref_hidden,
                                    ref_weight=ref_weight, ref_bias=ref_bias, check_finite=check_finite)
     return fused_dpo_loss(inputs, opts, config, reference)
+
+
+def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tensor, *,
+                           old_logprobs: Tensor | None = None, mask: Tensor | None = None, bias: Tensor | None = None,
+                           loss_type: str = "dapo", importance_sampling_level: str = "token", epsilon: float = 0.2,
+                           epsilon_high: float | None = None, delta: float | None = None, beta: float = 0.0,
+                           ref_logprobs: Tensor | None = None, use_bias_correction_kl: bool = False,
+                           importance_sampling_ratio: Tensor | None = None,
+                           off_policy_mask_threshold: float | None = None, sampling_logprobs: Tensor | None = None,
+                           top_entropy_quantile: float = 1.0, entropy_coef: float = 0.0,
+                           sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05,
+                           vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0,
+                           vespo_lambda_neg: float = 2.0, max_completion_length: int | None = None,
+                           num_items_in_batch=None, temperature: float = 1.0, ignore_index: int = -100,
+                           backend: str = "auto", chunk_size: int | None = None, check_finite: bool = True,
+                           process_group=None, reduce_hidden_grad: bool = True) -> GRPOLossOutput:
+    """GRPO-family loss from hidden states, with every option of TRL's ``GRPOTrainer``, without the logits.
+
+    Semantics are TRL 1.9's ``GRPOTrainer._compute_loss`` term for term, for one process and without the division
+    by the gradient-accumulation steps (that stays the caller's): formulas and the few documented deviations in
+    ``fastalign.objectives.grpo``. Only completion tokens get logits. On the torch backend a per-token loss type
+    takes one pass (three matmuls); sequence-level terms (``importance_sampling_level="sequence"`` (GSPO), vespo,
+    the off-policy mask) take whole sequences per chunk in one pass when a sequence fits the memory budget, else two
+    passes; ``top_entropy_quantile < 1`` (a quantile over the whole batch) always takes two passes (four matmuls).
+    The triton backend always makes two passes. Memory stays O(chunk) (torch) or O(tile) (triton).
+
+    Args:
+        hidden: ``[B, T, H]`` last hidden states at the positions that predict ``targets``.
+        weight: ``[V, H]`` lm_head weight; ``bias``: optional ``[V]``.
+        targets: ``[B, T]`` sampled completion token ids, ``ignore_index`` on prompt and padding positions.
+        advantages: ``[B]`` (one per completion, as TRL) or ``[B, T]`` (per token).
+        old_logprobs: ``[B, T]`` log-probs at sampling time; None: on-policy (the detached current log-probs, ratio
+            exactly 1).
+        mask: ``[B, T]`` bool or 0/1 completion mask (e.g. TRL's ``completion_mask * tool_mask``); default the
+            tokens whose target is not ignored. Fractional values are refused.
+        loss_type: ``grpo``, ``dapo``, ``dr_grpo``, ``bnpo``, ``cispo``, ``sapo``, ``luspo`` or ``vespo``.
+        importance_sampling_level: ``"token"`` or ``"sequence"`` (GSPO).
+        epsilon, epsilon_high, delta: the clip range ``[1 - epsilon, 1 + epsilon_high]`` (``epsilon_high``
+            defaults to ``epsilon``; for cispo the absolute cap of the ratio) and the two-sided clip's cap.
+        beta, ref_logprobs, use_bias_correction_kl: the k3 KL term to ``ref_logprobs [B, T]`` (required when
+            ``beta != 0``), times the importance ratio with ``use_bias_correction_kl``.
+        importance_sampling_ratio: ``[B, T]`` or ``[B, 1]`` rollout-engine correction (TIS/MIS), multiplying the
+            per-token loss after the masks and before the KL term (vespo: in its gamma weight).
+        off_policy_mask_threshold, sampling_logprobs: the off-policy sequence mask and the rollout engine's
+            log-probs it compares with (default ``old_logprobs``).
+        top_entropy_quantile, entropy_coef: train on the tokens at or above the batch's entropy quantile; subtract
+            ``entropy_coef *`` the mean entropy over the same tokens.
+        sapo_temperature_pos, sapo_temperature_neg, vespo_*: the sapo gate's and vespo's gamma weight's parameters.
+        max_completion_length: dr_grpo's constant normalizer (required for dr_grpo).
+        num_items_in_batch: dapo/cispo/vespo normalizer, the completion tokens of the whole accumulated batch (a
+            number or one-element tensor; default this batch's). Checked to be at least this batch's count.
+        temperature, ignore_index, backend, chunk_size, check_finite, process_group, reduce_hidden_grad: as in
+            :func:`fused_linear_logprobs` (vocab-parallel: every other argument the same on every rank).
+
+    Returns:
+        ``GRPOLossOutput(loss, metrics, logprobs, entropy)``: ``loss`` differentiable w.r.t. ``hidden``, ``weight``
+        and ``bias``; ``metrics`` detached 0-d fp32 tensors under TRL's names (``entropy``, ``kl``,
+        ``clip_ratio/low_mean``, ``clip_ratio/low_min``, ``clip_ratio/high_mean``, ``clip_ratio/high_max``,
+        ``clip_ratio/region_mean``, ``cispo_clip_ratio``, ``vespo/phi_seq_mean``, ``policy_loss``; floats:
+        ``{k: v.item() for k, v in out.metrics.items()}``); ``logprobs`` and ``entropy`` ``[B, T]`` detached fp32
+        (0 outside the completion mask): the next iteration's ``old_logprobs`` need no extra forward.
+    """
+    validate_sequence_layout(hidden, targets)
+    inputs, opts = prepare_linear(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
+                                  backend=backend, chunk_size=chunk_size, check_finite=check_finite,
+                                  process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
+    config = GRPOLossConfig(
+        loss_type=loss_type, importance_sampling_level=importance_sampling_level, epsilon=epsilon,
+        epsilon_high=epsilon_high, delta=delta, beta=beta, use_bias_correction_kl=use_bias_correction_kl,
+        off_policy_mask_threshold=off_policy_mask_threshold, top_entropy_quantile=top_entropy_quantile,
+        entropy_coef=entropy_coef, sapo_temperature_pos=sapo_temperature_pos,
+        sapo_temperature_neg=sapo_temperature_neg, vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos,
+        vespo_k_neg=vespo_k_neg, vespo_lambda_neg=vespo_lambda_neg, max_completion_length=max_completion_length)
+    tokens = validate_grpo_inputs(
+        targets, inputs.hidden.device, compute_dtype(inputs.hidden.dtype), config, advantages=advantages, mask=mask,
+        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, importance_sampling_ratio=importance_sampling_ratio,
+        sampling_logprobs=sampling_logprobs, num_items_in_batch=num_items_in_batch, ignore_index=int(ignore_index),
+        check_finite=check_finite)
+    return fused_grpo_loss(inputs, opts, config, tokens)

@@ -176,7 +176,7 @@ class PPOTrainer(Trainer):
         """Sample, then log-probs, reference log-probs and values in forward-only passes, rewards, GAE."""
         c = self.config
         s = self.sample([self.prompts[i] for i in indices], [self.queries[i] for i in indices])
-        mask, width = s.mask, s.response.shape[1]
+        mask = s.mask
         targets = s.response.masked_fill(~mask, IGNORE_INDEX)
         logprobs, entropy, values = self.engine(self.policy_outputs, s.input_ids, s.attention_mask, targets)
         values = values.masked_fill(~mask, 0.0)

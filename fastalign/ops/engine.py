@@ -1,0 +1,242 @@
+"""The one loss engine under the fused loss ops: the log-probs (and entropy) of selected rows of the lm_head problem,
+fed to a differentiable PyTorch loss, and that loss's gradient applied to ``hidden``, ``weight`` and ``bias``,
+without the ``[N, V]`` logits.
+
+A loss op gives the rows it needs (e.g. the completion tokens, pair by pair) and a ``loss_fn`` of their per-token
+values; how the loss couples the rows decides the plan:
+
+- **one pass** (torch backend, gradient needed, coupling ``"token"`` or groups that fit the chunk budget): chunks
+  of whole groups; each chunk's logits are formed once and give its log-probs, the loss's gradient at its rows
+  (known in the forward: the loss is a scalar, and a sum of per-group terms) and the gradients of the three
+  matmuls (``linear_logprobs_fused``). The autograd backward only scales them.
+- **two passes** (triton, batch-level coupling, or a group too large for the budget): the statistics pass over
+  all rows, the loss and its per-token gradient, then in the autograd backward the pass that recomputes the
+  logits (four matmuls in all, memory O(chunk) whatever the group sizes).
+- **forward only** (no gradient needed): the statistics pass and the loss.
+
+Vocab parallelism (``opts.shard``) is handled below this module: the statistics are global, the gradients the
+shard's. Rows that are not selected get no logits and a zero ``d hidden``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import torch_backend
+from .chunking import rows_per_chunk
+from .linear import LinearOptions, logprobs_backward, lse_forward, scale_precomputed_grads
+from .logprobs import token_outputs
+from .torch_backend import RowStats
+from .validation import LinearInputs
+
+GROUP_BUDGET_CHUNKS = 8
+"""Whole groups may take up to this many chunk budgets: holding a group's ``[rows, V]`` logits saves a quarter of the
+matmuls (three per token instead of four). 384 MiB by default: groups of up to 3k rows at V=32k."""
+
+Coupling = Sequence[int] | str | None
+"""How a loss couples its rows: ``"token"`` (a sum of per-token terms), a list of group sizes (a sum of per-group
+terms over consecutive rows, e.g. pairs or sequences), or None (the whole batch, e.g. a quantile)."""
+
+
+class RowValues(NamedTuple):
+    """What a loss function receives, ``[M]`` each: the log-probs and entropy (0 at ignored rows), differentiable,
+    and the row statistics (detached; None in the one-pass plan, whose chunks keep them to themselves)."""
+
+    logprobs: Tensor
+    entropy: Tensor | None
+    stats: RowStats | None
+
+
+LossFn = Callable[[RowValues], Tensor]
+"""``loss_fn(values) -> scalar``. In the one-pass plan it is called once per chunk on full-length values whose
+not-yet-computed rows hold 0: the gradient at a computed group's rows must depend on that group alone (true of any
+sum of per-group terms whose normalizers come from masks and counts, never from log-prob values)."""
+
+
+class EngineOutput(NamedTuple):
+    """The loss (scalar, differentiable w.r.t. hidden, weight, bias) and the detached per-row values ``[M]``."""
+
+    loss: Tensor
+    logprobs: Tensor
+    entropy: Tensor | None
+
+
+def whole_group_chunks(group_rows: Sequence[int], vocab_size: int, chunk_size: int | None) -> list[slice] | None:
+    """Row ranges of consecutive whole groups, or None when the largest group is too large (then two passes).
+
+    With ``chunk_size``, chunks of at most that many rows. Otherwise chunks of the memory budget's rows (one
+    ``[rows, V]`` fp32 buffer), or of the largest group's rows when it is larger but within ``GROUP_BUDGET_CHUNKS``
+    budgets. Empty groups are allowed.
+    """
+    total, largest = sum(group_rows), max(group_rows, default=0)
+    limit = rows_per_chunk(max(total, 1), vocab_size, chunk_size=chunk_size, buffers=1)
+    if chunk_size is None and largest <= GROUP_BUDGET_CHUNKS * limit:
+        limit = max(limit, largest)
+    if largest > limit:
+        return None
+    chunks, start, end = [], 0, 0
+    for rows in group_rows:
+        if end + rows - start > limit:
+            chunks.append(slice(start, end))
+            start = end
+        end += rows
+    if end > start:
+        chunks.append(slice(start, end))
+    return chunks
+
+
+def _loss_and_grads(loss_fn: LossFn, logprobs: Tensor, entropy: Tensor | None, stats: RowStats | None,
+                    valid: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The loss and its gradients w.r.t. the log-probs and the entropy (None when the loss does not use it), 0 at
+    ignored rows."""
+    with torch.enable_grad():
+        lp = logprobs.detach().requires_grad_(True)
+        ent = None if entropy is None else entropy.detach().requires_grad_(True)
+        loss = loss_fn(RowValues(lp, ent, stats))
+        if not loss.requires_grad:  # the loss does not depend on the log-probs at all
+            return loss.detach(), torch.zeros_like(lp), None
+        leaves = [lp] if ent is None else [lp, ent]
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    grad_lp, grad_ent = grads[0], (grads[1] if ent is not None else None)
+    grad_lp = torch.zeros_like(lp) if grad_lp is None else torch.where(valid, grad_lp, 0.0)
+    grad_ent = None if grad_ent is None else torch.where(valid, grad_ent, 0.0)
+    return loss.detach(), grad_lp, grad_ent
+
+
+class _Plan(NamedTuple):
+    """What the autograd function needs besides the tensors it differentiates."""
+
+    rows: Tensor | None  # [M] selected flat rows, None: all
+    targets: Tensor  # [M] targets of the selected rows
+    loss_fn: LossFn
+    chunks: list[slice] | str | None  # one pass over these chunks ("token": any), None: two passes
+    with_entropy: bool
+    opts: LinearOptions
+    outputs: list  # filled by the forward: [logprobs, entropy]
+
+
+class _EngineLoss(torch.autograd.Function):
+    """``(hidden [N, H], weight [V, H], bias [V] | None, plan) -> loss``; the detached per-row values go to
+    ``plan.outputs``."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, plan: _Plan):
+        need = dict(zip(("need_hidden", "need_weight", "need_bias"), ctx.needs_input_grad[:3]))
+        opts, targets = plan.opts, plan.targets
+        rows_hidden = hidden if plan.rows is None else hidden[plan.rows]
+        valid = targets != opts.ignore_index
+        ctx.plan, ctx.need, ctx.hidden_shape = plan, need, hidden.shape
+        ctx.grad_shapes = (rows_hidden.shape, weight.shape, None if bias is None else bias.shape)
+        ctx.input_dtypes = (hidden.dtype, weight.dtype, weight.dtype)
+        ctx.one_pass = plan.chunks is not None
+        if targets.numel() == 0:  # nothing selected: the loss of no rows, zero gradients
+            empty = hidden.new_zeros(0, dtype=torch_backend.compute_dtype(hidden.dtype))
+            with torch.no_grad():
+                loss = plan.loss_fn(RowValues(empty, empty if plan.with_entropy else None, None))
+            ctx.one_pass, ctx.present = True, [False, False, False]
+            plan.outputs[:] = [empty, empty if plan.with_entropy else None]
+            return loss.detach()
+        if ctx.one_pass:
+            logprobs = torch.zeros(targets.shape, dtype=torch_backend.compute_dtype(hidden.dtype),
+                                   device=hidden.device)
+            entropy = torch.zeros_like(logprobs) if plan.with_entropy else None
+
+            def token_grads(rows: slice, lp: Tensor, ent: Tensor | None):
+                logprobs[rows] = lp
+                if entropy is not None:
+                    entropy[rows] = ent
+                _, grad_lp, grad_ent = _loss_and_grads(plan.loss_fn, logprobs, entropy, None, valid)
+                return grad_lp[rows], None if grad_ent is None else grad_ent[rows]
+
+            out = torch_backend.linear_logprobs_fused(
+                rows_hidden, weight, bias, targets, token_grads, inv_temperature=opts.inv_temperature,
+                ignore_index=opts.ignore_index, with_entropy=plan.with_entropy, need_grad_hidden=need["need_hidden"],
+                need_grad_weight=need["need_weight"], need_grad_bias=need["need_bias"], chunk_size=opts.chunk_size,
+                chunks=None if plan.chunks == "token" else plan.chunks, shard=opts.shard)
+            grads = opts.finish_grads(out.grads)
+            ctx.present = [g is not None for g in grads]
+            ctx.save_for_backward(*(g for g in grads if g is not None))
+            with torch.no_grad():
+                loss = plan.loss_fn(RowValues(out.logprobs, out.entropy, None))
+            plan.outputs[:] = [out.logprobs, out.entropy]
+        else:
+            stats = lse_forward(rows_hidden, weight, bias, targets, opts, with_entropy=plan.with_entropy)
+            logprobs, entropy = token_outputs(stats, valid, plan.with_entropy)
+            loss, grad_lp, grad_ent = _loss_and_grads(plan.loss_fn, logprobs, entropy, stats, valid)
+            ctx.has_grad_entropy = grad_ent is not None
+            saved_rows = () if plan.rows is None else (plan.rows,)
+            ctx.save_for_backward(hidden, weight, bias, *stats_tensors(stats), grad_lp,
+                                  *((grad_ent,) if grad_ent is not None else ()), *saved_rows)
+            plan.outputs[:] = [logprobs, entropy]
+        return loss.detach()
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        plan, saved = ctx.plan, list(ctx.saved_tensors)
+        weight_like = grad_loss  # device and a float dtype for zero gradients (cast to the inputs' dtypes below)
+        if ctx.one_pass:
+            grads = scale_precomputed_grads([saved.pop(0) if present else None for present in ctx.present],
+                                            grad_loss)
+            grads = [weight_like.new_zeros(shape) if g is None and need else g
+                     for g, shape, need in zip(grads, ctx.grad_shapes, ctx.needs_input_grad[:3])]
+        else:
+            hidden, weight, bias = saved[:3]
+            rows = saved.pop() if plan.rows is not None else None
+            stats = RowStats(saved[3], saved[4], saved[5] if saved[5].numel() else None)
+            grad_lp = saved[6] * grad_loss
+            grad_ent = saved[7] * grad_loss if ctx.has_grad_entropy else None
+            rows_hidden = hidden if rows is None else hidden[rows]
+            grads = logprobs_backward(rows_hidden, weight, bias, plan.targets, stats, grad_lp, grad_ent, plan.opts,
+                                      **ctx.need)
+        grads = [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.input_dtypes)]
+        if grads[0] is not None and plan.rows is not None:  # scatter the selected rows' gradient back
+            grads[0] = grads[0].new_zeros(ctx.hidden_shape).index_copy_(0, plan.rows, grads[0])
+        return grads[0], grads[1], grads[2], None
+
+
+def stats_tensors(stats: RowStats) -> tuple[Tensor, Tensor, Tensor]:
+    """The row statistics as three tensors for ``save_for_backward`` (a missing expected logit as an empty one)."""
+    expected = stats.expected_logit if stats.expected_logit is not None else stats.lse.new_empty(0)
+    return stats.lse, stats.target_logit, expected
+
+
+def fused_rows_loss(inputs: LinearInputs, opts: LinearOptions, loss_fn: LossFn, *, rows: Tensor | None = None,
+                    coupling: Coupling = "token", with_entropy: bool = False) -> EngineOutput:
+    """The loss ``loss_fn`` of the per-token values of rows ``rows`` of the lm_head problem ``inputs``.
+
+    Args:
+        inputs, opts: the validated lm_head problem (``hidden [N, H]`` flat) and its options (``prepare_linear``).
+        loss_fn: ``RowValues -> scalar``, differentiable in the log-probs and entropy (see ``LossFn``).
+        rows: ``[M]`` int64 flat rows to compute, in the order the loss wants them (groups consecutive); None: all
+            ``N`` rows in order.
+        coupling: ``"token"``, a list of group sizes in row order (summing to M), or None (see ``Coupling``).
+        with_entropy: compute the entropy (for the loss or only for metrics).
+
+    Returns:
+        ``EngineOutput(loss, logprobs [M], entropy [M] | None)``: the loss differentiable w.r.t. ``inputs.hidden``,
+        ``inputs.weight`` and ``inputs.bias``; the per-row values detached (fp32, float64 for float64 inputs).
+    """
+    targets = inputs.targets if rows is None else inputs.targets[rows]
+    hidden, weight, bias = inputs.hidden, inputs.weight, inputs.bias
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if not needs_grad:
+        stats = lse_forward(hidden if rows is None else hidden[rows], weight, bias, targets, opts,
+                            with_entropy=with_entropy)
+        logprobs, entropy = token_outputs(stats, targets != opts.ignore_index, with_entropy)
+        with torch.no_grad():
+            loss = loss_fn(RowValues(logprobs, entropy, stats))
+        return EngineOutput(loss, logprobs, entropy)
+    chunks = None
+    if opts.backend == "torch" and targets.numel() > 0:
+        if coupling == "token":
+            chunks = "token"
+        elif coupling is not None:
+            width = weight.shape[0] if opts.shard is None else opts.shard.widest_shard
+            chunks = whole_group_chunks(list(coupling), width, opts.chunk_size)
+    plan = _Plan(rows, targets, loss_fn, chunks, with_entropy, opts, [])
+    loss = _EngineLoss.apply(hidden, weight, bias, plan)
+    logprobs, entropy = plan.outputs
+    return EngineOutput(loss, logprobs, entropy)
