@@ -260,7 +260,7 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, adva
 
     Returns:
         ``GRPOLossOutput(loss, metrics, logprobs, entropy)``: ``loss`` differentiable w.r.t. ``hidden``, ``weight``
-        and ``bias``; ``metrics`` detached 0-d fp32 tensors under TRL's names (``entropy``, ``kl``,
+        and ``bias``; ``metrics`` detached 0-d fp32 tensors (float64 for float64 inputs) under TRL's names (``entropy``, ``kl``,
         ``clip_ratio/low_mean``, ``clip_ratio/low_min``, ``clip_ratio/high_mean``, ``clip_ratio/high_max``,
         ``clip_ratio/region_mean``, ``cispo_clip_ratio``, ``vespo/phi_seq_mean``, ``policy_loss``; floats:
         ``{k: v.item() for k, v in out.metrics.items()}``); ``logprobs`` and ``entropy`` ``[B, T]`` detached fp32

@@ -26,7 +26,7 @@ class GRPOLossOutput(NamedTuple):
     """What :func:`fastalign.fused_linear_grpo_loss` returns."""
 
     loss: Tensor  # scalar, differentiable w.r.t. hidden, weight and bias
-    metrics: dict[str, Tensor]  # detached 0-d tensors, TRL names
+    metrics: dict[str, Tensor]  # detached 0-d fp32 tensors (float64 for float64 inputs), TRL names
     logprobs: Tensor  # [B, T] detached fp32 log-probs (0 outside the completion mask)
     entropy: Tensor  # [B, T] detached fp32 entropy (0 outside the completion mask)
 
@@ -137,7 +137,7 @@ def fused_grpo_loss(inputs: LinearInputs, opts: LinearOptions, config: GRPOLossC
     out = fused_rows_loss(inputs, opts, loss_fn, rows=rows, coupling=groups, with_entropy=True)
     logprobs, entropy = as_batch(out.logprobs), as_batch(out.entropy)
     with torch.no_grad():
-        metrics = {k: v.float() for k, v in loss_of(logprobs, entropy).metrics.items()}
+        metrics = loss_of(logprobs, entropy).metrics  # fp32 (float64 for float64 inputs)
     return GRPOLossOutput(out.loss, metrics, logprobs, entropy)
 
 
