@@ -18,7 +18,7 @@ Measurements:
     (``VmHWM`` after resetting it through ``/proc/self/clear_refs``) on Linux CPUs, ``max_memory_allocated`` on CUDA.
 
 ``python -m fastalign.bench --help`` (or ``fastalign bench --help``) lists the options; ``--op all`` runs
-``ALL_OPS`` (logprobs, ppo, dpo) in sequence, one table each (``dpo-long-pair`` only by name: ~12 GB for naive).
+``ALL_OPS`` (logprobs, ppo, grpo, dpo) in sequence, one table each (``dpo-long-pair`` only by name: ~12 GB for naive).
 """
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .functional import fused_linear_dpo_loss, fused_linear_logprobs, fused_linear_ppo_loss
+from .functional import fused_linear_dpo_loss, fused_linear_grpo_loss, fused_linear_logprobs, fused_linear_ppo_loss
+from .objectives.grpo import GRPOLossConfig, grpo_loss
 
 Step = Callable[[], object]
 """One measured call of a variant; its result is dropped."""
@@ -332,6 +333,83 @@ REGISTRY["ppo"] = OpBench(make_ppo_inputs, {
 })
 
 
+# --- GRPO ------------------------------------------------------------------------------------------------------
+
+GRPO_SEQUENCES = 8
+"""The issue's layout: B=8 completions of T = tokens / 8 (T=512 at N=4096), every token a completion token."""
+
+
+class GRPOInputs(NamedTuple):
+    """Inputs of the GRPO loss: ``hidden [B, T, H]``, ``weight [V, H]``, sampled ``targets [B, T]``, ``old_logprobs``
+    (the current log-probs plus noise, so that some ratios are clipped), one advantage per completion ``[B]``."""
+
+    hidden: Tensor
+    weight: Tensor
+    targets: Tensor
+    old_logprobs: Tensor
+    advantages: Tensor
+    backend: str
+
+
+def make_grpo_inputs(problem: Problem, sequences: int = GRPO_SEQUENCES) -> GRPOInputs:
+    """Random inputs with logits of unit scale, from ``problem.seed``."""
+    ppo = make_ppo_inputs(problem, sequences)
+    gen = torch.Generator().manual_seed(problem.seed + 1)
+    return GRPOInputs(ppo.hidden, ppo.weight, ppo.targets, ppo.old_logprobs,
+                      placer(problem)(torch.randn(sequences, generator=gen)), problem.backend)
+
+
+def fused_grpo(**options) -> VariantFactory:
+    """fused_linear_grpo_loss (entropy computed for TRL's metric, as TRL does), forward + backward."""
+
+    def factory(x: GRPOInputs) -> Step:
+        hidden, weight = x.hidden.detach().requires_grad_(True), x.weight.detach().requires_grad_(True)
+
+        def step():
+            out = fused_linear_grpo_loss(hidden, weight, x.targets, x.advantages, old_logprobs=x.old_logprobs,
+                                         backend=x.backend, **options)
+            return torch.autograd.grad(out.loss, [hidden, weight])
+
+        return step
+
+    return factory
+
+
+def naive_grpo(**options) -> VariantFactory:
+    """TRL's way: materialized logits, log_softmax, gather, entropy, then the same loss formulas; fwd + bwd."""
+    config = GRPOLossConfig(**options)
+
+    def factory(x: GRPOInputs) -> Step:
+        hidden, weight = x.hidden.detach().requires_grad_(True), x.weight.detach().requires_grad_(True)
+        index, mask = x.targets.unsqueeze(-1), torch.ones(x.targets.shape, device=x.targets.device)
+
+        def step():
+            logp = torch.log_softmax((hidden @ weight.T).float(), dim=-1)
+            logprobs = logp.gather(-1, index).squeeze(-1)
+            entropy = -(logp.exp() * logp).sum(-1)
+            loss = grpo_loss(logprobs, x.advantages.float(), mask, config, old_logprobs=x.old_logprobs.float(),
+                             entropy=entropy).loss
+            return torch.autograd.grad(loss, [hidden, weight])
+
+        return step
+
+    return factory
+
+
+GRPO_SEQUENCE_LEVEL = dict(loss_type="grpo", importance_sampling_level="sequence")
+REGISTRY["grpo"] = OpBench(make_grpo_inputs, {
+    "dapo": Mode(
+        "GRPO loss, dapo, token-level ratios, fwd+bwd",
+        {"fused": fused_grpo(loss_type="dapo"), "naive": naive_grpo(loss_type="dapo"), "3 matmuls": matmul_floor(3)},
+        floor="3 matmuls", targets=(Target("memory", "naive", 0.10), Target("time", "3 matmuls", 1.15))),
+    "gspo": Mode(
+        "GRPO loss, grpo, sequence-level ratios (GSPO), fwd+bwd (whole sequences per chunk)",
+        {"fused": fused_grpo(**GRPO_SEQUENCE_LEVEL), "naive": naive_grpo(**GRPO_SEQUENCE_LEVEL),
+         "3 matmuls": matmul_floor(3)},
+        floor="3 matmuls", targets=(Target("memory", "naive", 0.10), Target("time", "3 matmuls", 1.15))),
+})
+
+
 # --- DPO -------------------------------------------------------------------------------------------------------
 
 DPO_PAIRS = 2
@@ -442,7 +520,7 @@ REGISTRY["dpo-long-pair"] = OpBench(lambda problem: make_dpo_inputs(problem, pai
                     floor="4 matmuls", targets=(Target("memory", "naive", 0.10),)),
 }, issue_problem=replace(ISSUE_PROBLEM, tokens=32768))
 
-ALL_OPS = ("logprobs", "ppo", "dpo")
+ALL_OPS = ("logprobs", "ppo", "grpo", "dpo")
 """What ``--op all`` runs, in order (not ``dpo-long-pair``: its naive variant needs ~12 GB; ask for it by name)."""
 
 
