@@ -42,18 +42,21 @@ terms over consecutive rows, e.g. pairs or sequences), or None (the whole batch,
 
 
 class RowValues(NamedTuple):
-    """What a loss function receives, ``[M]`` each: the log-probs and entropy (0 at ignored rows), differentiable,
-    and the row statistics (detached; None in the one-pass plan, whose chunks keep them to themselves)."""
+    """What a loss function receives: the log-probs and entropy (0 at ignored rows), differentiable, and the row
+    statistics (detached; None in the one-pass plan, whose chunks keep them to themselves), ``[M]`` each, or only
+    those of the selected rows ``rows`` (a slice of the M) when ``rows`` is not None."""
 
     logprobs: Tensor
     entropy: Tensor | None
     stats: RowStats | None
+    rows: slice | None = None
 
 
 LossFn = Callable[[RowValues], Tensor]
-"""``loss_fn(values) -> scalar``. In the one-pass plan it is called once per chunk on full-length values whose
-not-yet-computed rows hold 0: the gradient at a computed group's rows must depend on that group alone (true of any
-sum of per-group terms whose normalizers come from masks and counts, never from log-prob values)."""
+"""``loss_fn(values) -> scalar``. In the one-pass plan it is called once per chunk: with coupling ``"token"`` on that
+chunk's values alone (``values.rows`` says which; the loss of those rows' terms), otherwise on full-length values
+whose not-yet-computed rows hold 0: the gradient at a computed group's rows must depend on that group alone (true
+of any sum of per-group terms whose normalizers come from masks and counts, never from log-prob values)."""
 
 
 class EngineOutput(NamedTuple):
@@ -89,13 +92,13 @@ def whole_group_chunks(group_rows: Sequence[int], vocab_size: int, chunk_size: i
 
 
 def _loss_and_grads(loss_fn: LossFn, logprobs: Tensor, entropy: Tensor | None, stats: RowStats | None,
-                    valid: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+                    valid: Tensor, rows: slice | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """The loss and its gradients w.r.t. the log-probs and the entropy (None when the loss does not use it), 0 at
     ignored rows."""
     with torch.enable_grad():
         lp = logprobs.detach().requires_grad_(True)
         ent = None if entropy is None else entropy.detach().requires_grad_(True)
-        loss = loss_fn(RowValues(lp, ent, stats))
+        loss = loss_fn(RowValues(lp, ent, stats, rows))
         if not loss.requires_grad:  # the loss does not depend on the log-probs at all
             return loss.detach(), torch.zeros_like(lp), None
         leaves = [lp] if ent is None else [lp, ent]
@@ -145,6 +148,8 @@ class _EngineLoss(torch.autograd.Function):
             entropy = torch.zeros_like(logprobs) if plan.with_entropy else None
 
             def token_grads(rows: slice, lp: Tensor, ent: Tensor | None):
+                if plan.chunks == "token":  # the chunk's terms alone
+                    return _loss_and_grads(plan.loss_fn, lp, ent, None, valid[rows], rows)[1:]
                 logprobs[rows] = lp
                 if entropy is not None:
                     entropy[rows] = ent

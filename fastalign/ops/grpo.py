@@ -119,11 +119,12 @@ def fused_grpo_loss(inputs: LinearInputs, opts: LinearOptions, config: GRPOLossC
         groups = "token" if config.coupling == "token" else None
     float_mask = tokens.mask.to(dtype)
 
-    def as_batch(values: Tensor | None) -> Tensor | None:
-        """``[M]`` row values as ``[B, T]`` (0 outside the mask), differentiably."""
+    def as_batch(values: Tensor | None, part: slice | None = None) -> Tensor | None:
+        """Row values (``[M]``, or those of the rows ``part`` of them) as ``[B, T]`` (0 elsewhere), differentiably."""
         if values is None:
             return None
-        return values.new_zeros(shape.numel()).index_put((rows,), values).view(shape)
+        where = rows if part is None else rows[part]
+        return values.new_zeros(shape.numel()).index_put((where,), values).view(shape)
 
     def loss_of(logprobs: Tensor, entropy: Tensor | None):
         return grpo_loss(logprobs, tokens.advantages, float_mask, config, old_logprobs=tokens.old_logprobs,
@@ -132,7 +133,7 @@ def fused_grpo_loss(inputs: LinearInputs, opts: LinearOptions, config: GRPOLossC
                          sampling_logprobs=tokens.sampling_logprobs, num_items_in_batch=tokens.num_items_in_batch)
 
     def loss_fn(values: RowValues) -> Tensor:
-        return loss_of(as_batch(values.logprobs), as_batch(values.entropy)).loss
+        return loss_of(as_batch(values.logprobs, values.rows), as_batch(values.entropy, values.rows)).loss
 
     out = fused_rows_loss(inputs, opts, loss_fn, rows=rows, coupling=groups, with_entropy=True)
     logprobs, entropy = as_batch(out.logprobs), as_batch(out.entropy)

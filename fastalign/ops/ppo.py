@@ -1,5 +1,7 @@
 """Fused PPO loss from hidden states: the clipped surrogate, KL and entropy terms with their gradient formed in the
-forward pass (the loss is a scalar, so each token's gradient weight is known there), plus the value loss."""
+forward pass (the loss is a scalar, so each token's gradient weight is known there), plus the value loss. The policy
+terms go through the shared engine (``fastalign.ops.engine``, per-token coupling: one pass on the torch backend);
+with a gradient on triton, through the PPO epilogue kernel."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -9,69 +11,35 @@ from torch import Tensor
 
 from ..objectives.aggregation import aggregation_weights
 from ..objectives.ppo import (PPOLossConfig, PPOTokens, ValueHeadInputs, policy_loss_value, ppo_metrics,
-                              ppo_token_losses, value_loss_terms)
-from . import torch_backend
-from .linear import (LinearOptions, lse_forward, scale_precomputed_grads, triton_logprobs_backward,
-                     triton_ppo_forward)
-from .logprobs import token_outputs
+                              value_loss_terms)
+from .engine import RowValues, fused_rows_loss
+from .linear import LinearOptions, scale_precomputed_grads, triton_logprobs_backward, triton_ppo_forward
 from .validation import (FLOAT_DTYPES, LinearInputs, require_finite, require_same_device,
                          require_tensor)
 
 
-def policy_token_grads(tokens: PPOTokens, config: PPOLossConfig, logprobs: Tensor,
-                       entropy: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """``d policy_loss / d logprobs`` and ``d policy_loss / d entropy`` per token, by autograd on the objectives.
-
-    The entropy gradient is None when ``entropy_coef`` is 0 (the backward then skips the entropy term).
-    """
-    train_entropy = entropy is not None and config.entropy_coef != 0
-    with torch.enable_grad():
-        logprobs = logprobs.detach().requires_grad_(True)
-        if train_entropy:
-            entropy = entropy.detach().requires_grad_(True)
-        token_loss = ppo_token_losses(logprobs, tokens.old_logprobs, tokens.advantages, config,
-                                      ref_logprobs=tokens.ref_logprobs, entropy=entropy).loss
-        grads = torch.autograd.grad((tokens.weights * token_loss).sum(), [logprobs, entropy] if train_entropy
-                                    else [logprobs])
-    return grads[0], (grads[1] if train_entropy else None)
-
-
-class LinearPPOPolicy(torch.autograd.Function):
-    """``(hidden [N, H], weight [V, H], bias [V] | None, targets [N], tokens) -> (policy_loss, logprobs, entropy)``.
-
-    The gradient of the policy loss is formed during the forward and only scaled in the backward. On the torch
-    backend that is one pass of three matmuls per chunk; on triton, the log-sum-exp kernel (split partials), the PPO
-    epilogue kernel (merge, per-token loss and gradient weights), then the gradient kernel. With a vocab shard each
-    chunk's (torch) or the whole pass's (triton) statistics are merged across the group before the gradients.
-    ``logprobs [N]`` and ``entropy [N]`` are returned detached (fp32).
-    """
+class LinearPPOPolicyTriton(torch.autograd.Function):
+    """Triton: ``(hidden [N, H], weight [V, H], bias [V] | None, targets [N], tokens) -> (policy_loss, logprobs,
+    entropy)`` through the PPO epilogue kernel, which fuses the split merge with the per-token loss and its gradient
+    weights (the engine's generic two-pass plan would run the same math in PyTorch between the two kernels): the
+    log-sum-exp kernel, the epilogue, then the gradient kernel, all in the forward; the backward only scales.
+    ``logprobs [N]`` and ``entropy [N]`` are returned detached (fp32)."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, tokens: PPOTokens,
                 config: PPOLossConfig, opts: LinearOptions, with_entropy: bool):
         need = dict(zip(("need_hidden", "need_weight", "need_bias"), ctx.needs_input_grad[:3]))
-        if opts.backend == "torch":
-            out = torch_backend.linear_logprobs_fused(
-                hidden, weight, bias, targets,
-                lambda rows, lp, ent: policy_token_grads(tokens.rows(rows), config, lp, ent),
-                inv_temperature=opts.inv_temperature, ignore_index=opts.ignore_index, with_entropy=with_entropy,
-                need_grad_hidden=need["need_hidden"], need_grad_weight=need["need_weight"],
-                need_grad_bias=need["need_bias"], chunk_size=opts.chunk_size, shard=opts.shard)
-            logprobs, entropy, grads = out.logprobs, out.entropy, opts.finish_grads(out.grads)
-            loss = policy_loss_value(tokens, config, logprobs, entropy)
-        else:
-            out = triton_ppo_forward(hidden, weight, bias, targets, opts, config, with_entropy=with_entropy,
-                                     **tokens._asdict())
-            # A zero entropy gradient (entropy computed for the metrics only) is left out of the backward.
-            grad_ent = out.grad_entropy if config.entropy_coef != 0 else None
-            grads = triton_logprobs_backward(hidden, weight, bias, targets, out.lse, out.entropy, out.grad_logprobs,
-                                             grad_ent, opts, **need)
-            logprobs, entropy, loss = out.logprobs, out.entropy, out.loss.sum()
+        out = triton_ppo_forward(hidden, weight, bias, targets, opts, config, with_entropy=with_entropy,
+                                 **tokens._asdict())
+        # A zero entropy gradient (entropy computed for the metrics only) is left out of the backward.
+        grad_ent = out.grad_entropy if config.entropy_coef != 0 else None
+        grads = triton_logprobs_backward(hidden, weight, bias, targets, out.lse, out.entropy, out.grad_logprobs,
+                                         grad_ent, opts, **need)
         ctx.save_for_backward(*(g for g in grads if g is not None))
         ctx.present = [g is not None for g in grads]
         ctx.input_dtypes = (hidden.dtype, weight.dtype, weight.dtype)
-        ctx.mark_non_differentiable(logprobs, *([entropy] if entropy is not None else []))
-        return loss, logprobs, entropy
+        ctx.mark_non_differentiable(out.logprobs, *([out.entropy] if out.entropy is not None else []))
+        return out.loss.sum(), out.logprobs, out.entropy
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, *_unused):
@@ -82,15 +50,22 @@ class LinearPPOPolicy(torch.autograd.Function):
         return (*scaled, None, None, None, None, None)
 
 
-def linear_ppo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, tokens: PPOTokens,
-                    config: PPOLossConfig, opts: LinearOptions, with_entropy: bool
-                    ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Policy loss (scalar), detached log-probs ``[N]`` and entropy ``[N]``, through autograd only when needed."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
-        return LinearPPOPolicy.apply(hidden, weight, bias, targets, tokens, config, opts, with_entropy)
-    stats = lse_forward(hidden, weight, bias, targets, opts, with_entropy=with_entropy)
-    logprobs, entropy = token_outputs(stats, targets != opts.ignore_index, with_entropy)
-    return policy_loss_value(tokens, config, logprobs, entropy), logprobs, entropy
+def linear_ppo_loss(inputs: LinearInputs, tokens: PPOTokens, config: PPOLossConfig, opts: LinearOptions,
+                    with_entropy: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Policy loss (scalar), detached log-probs ``[N]`` and entropy ``[N]``: the engine's one pass of per-token terms
+    (torch backend; three matmuls), or the triton epilogue path when a gradient is needed on triton."""
+    hidden, weight, bias = inputs.hidden, inputs.weight, inputs.bias
+    if opts.backend == "triton" and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (hidden, weight, bias)):
+        return LinearPPOPolicyTriton.apply(hidden, weight, bias, inputs.targets, tokens, config, opts, with_entropy)
+
+    def loss_fn(values: RowValues) -> Tensor:
+        part = tokens if values.rows is None else tokens.rows(values.rows)
+        train_entropy = values.entropy if config.entropy_coef != 0 else None  # metrics-only entropy: no gradient
+        return policy_loss_value(part, config, values.logprobs, train_entropy)
+
+    out = fused_rows_loss(inputs, opts, loss_fn, coupling="token", with_entropy=with_entropy)
+    return out.loss, out.logprobs, out.entropy
 
 
 class PPOLossOutput(NamedTuple):
@@ -113,8 +88,7 @@ def ppo_loss(inputs: LinearInputs, opts: LinearOptions, config: PPOLossConfig, *
     flat = lambda t: None if t is None else t.reshape(-1).to(dtype)  # noqa: E731
     tokens = PPOTokens(flat(old_logprobs), flat(advantages), flat(ref_logprobs), weights)
     flat_mask = mask.reshape(-1) != 0
-    policy_loss, logprobs, entropy = linear_ppo_loss(inputs.hidden, inputs.weight, inputs.bias, inputs.targets,
-                                                     tokens, config, opts, with_entropy)
+    policy_loss, logprobs, entropy = linear_ppo_loss(inputs, tokens, config, opts, with_entropy)
     loss, value_metrics, values = policy_loss, {}, None
     if value_head is not None:
         hidden = inputs.hidden if opts.shard is None else opts.shard.replicated_input(inputs.hidden)
