@@ -67,15 +67,16 @@ class EngineOutput(NamedTuple):
     entropy: Tensor | None
 
 
-def whole_group_chunks(group_rows: Sequence[int], vocab_size: int, chunk_size: int | None) -> list[slice] | None:
+def whole_group_chunks(group_rows: Sequence[int], vocab_size: int, chunk_size: int | None,
+                       buffers: int = 1) -> list[slice] | None:
     """Row ranges of consecutive whole groups, or None when the largest group is too large (then two passes).
 
-    With ``chunk_size``, chunks of at most that many rows. Otherwise chunks of the memory budget's rows (one
-    ``[rows, V]`` fp32 buffer), or of the largest group's rows when it is larger but within ``GROUP_BUDGET_CHUNKS``
-    budgets. Empty groups are allowed.
+    With ``chunk_size``, chunks of at most that many rows. Otherwise chunks of the memory budget's rows (``buffers``
+    ``[rows, V]`` fp32 temporaries: 2 with entropy), or of the largest group's rows when it is larger but within
+    ``GROUP_BUDGET_CHUNKS`` budgets. Empty groups are allowed.
     """
     total, largest = sum(group_rows), max(group_rows, default=0)
-    limit = rows_per_chunk(max(total, 1), vocab_size, chunk_size=chunk_size, buffers=1)
+    limit = rows_per_chunk(max(total, 1), vocab_size, chunk_size=chunk_size, buffers=buffers)
     if chunk_size is None and largest <= GROUP_BUDGET_CHUNKS * limit:
         limit = max(limit, largest)
     if largest > limit:
@@ -240,7 +241,7 @@ def fused_rows_loss(inputs: LinearInputs, opts: LinearOptions, loss_fn: LossFn, 
             chunks = "token"
         elif coupling is not None:
             width = weight.shape[0] if opts.shard is None else opts.shard.widest_shard
-            chunks = whole_group_chunks(list(coupling), width, opts.chunk_size)
+            chunks = whole_group_chunks(list(coupling), width, opts.chunk_size, buffers=2 if with_entropy else 1)
     plan = _Plan(rows, targets, loss_fn, chunks, with_entropy, opts, [])
     loss = _EngineLoss.apply(hidden, weight, bias, plan)
     logprobs, entropy = plan.outputs
