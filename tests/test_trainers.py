@@ -94,14 +94,14 @@ def test_dpo_fused_and_reference_backends_agree(tmp_path, loss_type):
     trainers = {backend: DPOTrainer(model, tok, data, dpo_config(tmp_path, loss_backend=backend, loss_type=loss_type,
                                                                  label_smoothing=smoothing, rpo_alpha=0.5))
                 for backend in ("fused", "reference")}
+    refs = {backend: t.reference_logps(t.train_pairs, [list(range(8))]) for backend, t in trainers.items()}
     with torch.no_grad():  # move the policy away from the reference, so that rewards are not all 0
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     results = {}
     with recorded_calls("fused_linear_dpo_loss") as calls:  # the fused backend's call
         for backend, trainer in trainers.items():
-            loss, metrics = trainer.compute_loss(trainer.batch(trainer.train_pairs, trainer.train_ref,
-                                                               list(range(8))))
+            loss, metrics = trainer.compute_loss(trainer.batch(trainer.train_pairs, list(range(8)), refs[backend]))
             loss.backward()
             results[backend] = loss.detach(), metrics, [p.grad.clone() for p in model.parameters()]
             model.zero_grad()
@@ -202,6 +202,27 @@ def test_ppo_with_lora_trains_the_adapters_and_the_value_head(tmp_path):
     assert all("lora_" in k or "value_head" in k for k in changed)
     assert os.path.isfile(os.path.join(tmp_path, "ppo", hf.VALUE_HEAD_FILE))
 
+
+def test_dpo_reference_logps_only_for_the_steps_run(tmp_path):
+    """Reference forwards only for the pairs of the steps a run does (a resumed run: those after its checkpoint),
+    and the same numbers as a reference pass over the whole dataset before training."""
+    model, tok = tiny()
+    config = dpo_config(tmp_path, max_steps=3, save_steps=2, per_device_train_batch_size=4,
+                        gradient_accumulation_steps=2)  # 8 of 64 pairs per step
+    trainer = DPOTrainer(model, tok, TASK.preference_data(64, seed=1), config)
+    eager = trainer.reference_logps(trainer.train_pairs, [list(range(i, i + 8)) for i in range(0, 64, 8)])
+
+    def run(trainer, steps, **resume):
+        with recorded_calls("token_logprobs") as forwards, recorded_calls("fused_linear_dpo_loss") as calls:
+            trainer.train(**resume)
+        assert sum(args[3].shape[0] for args, _, _ in forwards) == 2 * 8 * len(steps)  # chosen + rejected rows
+        used = [i for step in steps for batch in trainer.step_indices(step) for i in batch]
+        got = torch.cat([torch.stack([kw["ref_chosen_logps"], kw["ref_rejected_logps"]]) for _, kw, _ in calls], 1)
+        torch.testing.assert_close(got, eager[:, used], rtol=1e-5, atol=1e-5)
+
+    run(trainer, [0, 1, 2])
+    resumed = DPOTrainer(tiny()[0], tok, TASK.preference_data(64, seed=1), config)
+    run(resumed, [2], resume_from_checkpoint=os.path.join(config.output_dir, "checkpoint-2"))
 
 def test_ppo_fused_and_reference_backends_agree(tmp_path):
     model, tok = tiny()
