@@ -80,9 +80,9 @@ def dpo_step_memory(loss_backend: str, tokens: int, vocab_size: int) -> dict:
     with tempfile.TemporaryDirectory() as output_dir:
         config = DPOConfig(output_dir=output_dir, max_length=tokens, max_prompt_length=prompt_length,
                            per_device_train_batch_size=1, loss_backend=loss_backend, disable_tqdm=True)
-        trainer = DPOTrainer(model, tokenizer, [record], config)  # reference log-probs: computed here, not measured
+        trainer = DPOTrainer(model, tokenizer, [record], config)
     trainer.setup_optimizer(2)
-    batch = trainer.batch(trainer.train_pairs, trainer.train_ref, [0])
+    batch = trainer.batch(trainer.train_pairs, [0], trainer.reference_logps(trainer.train_pairs, [[0]]))
     short = {k: v[:, :64] if v.dim() == 2 else v for k, v in batch.items()}
 
     def step(b):

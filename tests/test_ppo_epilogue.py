@@ -11,6 +11,7 @@ import torch
 
 from fastalign.kernels.lse_forward import LsePartials
 from reference import random_split_partials
+from noise import near
 from fastalign.kernels.ppo_epilogue import ppo_epilogue
 from fastalign.objectives.ppo import LOG_RATIO_CLAMP, PPOLossConfig, kl_penalty, ppo_token_losses
 
@@ -90,8 +91,12 @@ def test_matches_objectives_and_autograd(name, n):
     torch.testing.assert_close(out.grad_logprobs, grads[0], **TOL)
     if with_entropy:
         torch.testing.assert_close(out.grad_entropy, grads[1], **TOL)
-    assert torch.equal(out.clipped, parts.clipped)
-    assert torch.equal(out.dual_clipped, parts.dual_clipped)
+    # the branch flags are step functions of the ratio (exp here and in the kernel may differ by an ulp): equal
+    # wherever the ratio is not within rounding of an edge
+    high = cfg.cliprange if cfg.cliprange_high is None else cfg.cliprange_high
+    settled = ~near(parts.ratio.detach(), [1 - cfg.cliprange, 1 + high, cfg.dual_clip], 1e-5)
+    assert torch.equal(out.clipped[settled], parts.clipped[settled])
+    assert torch.equal(out.dual_clipped[settled], parts.dual_clipped[settled])
 
     if n > 1:  # the inputs reach every branch: clipped, unclipped, dual-clipped, beyond the clamps
         assert out.clipped.any() and not out.clipped.all()

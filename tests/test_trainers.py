@@ -10,9 +10,11 @@ from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from fastalign import hf
 from fastalign.objectives.dpo import DPO_LOSS_TYPES
+from fastalign.objectives.ppo import clipped_policy_loss
 from fastalign.trainers import DPOConfig, DPOTrainer, PPOConfig, PPOTrainer
 from fastalign.trainers.tasks import CountingTask
 from fastalign.trainers.tiny import tiny_llama, word_tokenizer
+from noise import SEPARATED, assert_share_close, near, recorded_calls
 
 TASK = CountingTask()
 DPO_METRICS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -92,20 +94,26 @@ def test_dpo_fused_and_reference_backends_agree(tmp_path, loss_type):
     trainers = {backend: DPOTrainer(model, tok, data, dpo_config(tmp_path, loss_backend=backend, loss_type=loss_type,
                                                                  label_smoothing=smoothing, rpo_alpha=0.5))
                 for backend in ("fused", "reference")}
+    refs = {backend: t.reference_logps(t.train_pairs, [list(range(8))]) for backend, t in trainers.items()}
     with torch.no_grad():  # move the policy away from the reference, so that rewards are not all 0
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     results = {}
-    for backend, trainer in trainers.items():
-        loss, metrics = trainer.compute_loss(trainer.batch(trainer.train_pairs, trainer.train_ref, list(range(8))))
-        loss.backward()
-        results[backend] = loss.detach(), metrics, [p.grad.clone() for p in model.parameters()]
-        model.zero_grad()
+    with recorded_calls("fused_linear_dpo_loss") as calls:  # the fused backend's call
+        for backend, trainer in trainers.items():
+            loss, metrics = trainer.compute_loss(trainer.batch(trainer.train_pairs, list(range(8)), refs[backend]))
+            loss.backward()
+            results[backend] = loss.detach(), metrics, [p.grad.clone() for p in model.parameters()]
+            model.zero_grad()
     (loss_f, metrics_f, grads_f), (loss_r, metrics_r, grads_r) = results.values()
     torch.testing.assert_close(loss_f, loss_r, rtol=1e-5, atol=1e-6)
     assert metrics_f.keys() == metrics_r.keys() and "nll_loss" in metrics_f
-    for key in metrics_f:
+    for key in metrics_f.keys() - {"rewards/accuracies"}:
         assert metrics_f[key] == pytest.approx(metrics_r[key], rel=1e-4, abs=1e-5), key
+    (_, _, out), = calls  # accuracies: the share of positive margins, up to the margins within noise of 0
+    margins = out.chosen_rewards - out.rejected_rewards
+    assert_share_close(metrics_r["rewards/accuracies"], margins > 0, near(margins, [0.0], SEPARATED), "accuracies")
+    assert metrics_f["rewards/accuracies"] == pytest.approx(float((margins > 0).double().mean()))
     assert any(g.abs().sum() > 0 for g in grads_f)
     for g_f, g_r in zip(grads_f, grads_r):
         torch.testing.assert_close(g_f, g_r, rtol=1e-4, atol=1e-5)
@@ -195,6 +203,27 @@ def test_ppo_with_lora_trains_the_adapters_and_the_value_head(tmp_path):
     assert os.path.isfile(os.path.join(tmp_path, "ppo", hf.VALUE_HEAD_FILE))
 
 
+def test_dpo_reference_logps_only_for_the_steps_run(tmp_path):
+    """Reference forwards only for the pairs of the steps a run does (a resumed run: those after its checkpoint),
+    and the same numbers as a reference pass over the whole dataset before training."""
+    model, tok = tiny()
+    config = dpo_config(tmp_path, max_steps=3, save_steps=2, per_device_train_batch_size=4,
+                        gradient_accumulation_steps=2)  # 8 of 64 pairs per step
+    trainer = DPOTrainer(model, tok, TASK.preference_data(64, seed=1), config)
+    eager = trainer.reference_logps(trainer.train_pairs, [list(range(i, i + 8)) for i in range(0, 64, 8)])
+
+    def run(trainer, steps, **resume):
+        with recorded_calls("token_logprobs") as forwards, recorded_calls("fused_linear_dpo_loss") as calls:
+            trainer.train(**resume)
+        assert sum(args[3].shape[0] for args, _, _ in forwards) == 2 * 8 * len(steps)  # chosen + rejected rows
+        used = [i for step in steps for batch in trainer.step_indices(step) for i in batch]
+        got = torch.cat([torch.stack([kw["ref_chosen_logps"], kw["ref_rejected_logps"]]) for _, kw, _ in calls], 1)
+        torch.testing.assert_close(got, eager[:, used], rtol=1e-5, atol=1e-5)
+
+    run(trainer, [0, 1, 2])
+    resumed = DPOTrainer(tiny()[0], tok, TASK.preference_data(64, seed=1), config)
+    run(resumed, [2], resume_from_checkpoint=os.path.join(config.output_dir, "checkpoint-2"))
+
 def test_ppo_fused_and_reference_backends_agree(tmp_path):
     model, tok = tiny()
     trainers = {backend: PPOTrainer(model, tok, TASK.prompts(16, seed=3), TASK.score,
@@ -205,16 +234,28 @@ def test_ppo_fused_and_reference_backends_agree(tmp_path):
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
     results = []
-    for trainer in trainers.values():
-        loss, metrics = trainer.compute_loss(rollout, torch.arange(16))
-        loss.backward()
-        results.append((loss.detach(), metrics, [p.grad.clone() for p in model.parameters()]))
-        model.zero_grad()
+    with recorded_calls("fused_linear_ppo_loss") as calls:  # the fused backend's call
+        for trainer in trainers.values():
+            loss, metrics = trainer.compute_loss(rollout, torch.arange(16))
+            loss.backward()
+            results.append((loss.detach(), metrics, [p.grad.clone() for p in model.parameters()]))
+            model.zero_grad()
     (loss_f, metrics_f, grads_f), (loss_r, metrics_r, grads_r) = results
     torch.testing.assert_close(loss_f, loss_r, rtol=1e-5, atol=1e-6)
     assert metrics_f["policy/clipfrac"] > 0 and metrics_f["val/clipfrac"] > 0
-    for key in metrics_f:
+    for key in metrics_f.keys() - {"policy/clipfrac", "val/clipfrac"}:
         assert metrics_f[key] == pytest.approx(metrics_r[key], rel=1e-4, abs=1e-5), key
+    # clip fractions: the fused op's decisions, up to the tokens whose ratio (value) is within noise of a clip edge
+    ((_, _, targets, old, adv), options, out), = calls
+    mask, c, cv = targets != -100, options["cliprange"], options["cliprange_value"]
+    policy = clipped_policy_loss(out.logprobs, old, adv, cliprange=c)
+    edge = near(policy.ratio, [1 - c, 1 + c], 1e-4)
+    v, shift, ret = out.values, out.values - options["old_values"], options["returns"]
+    gap = (v - shift + shift.clamp(-cv, cv) - ret) ** 2 - (v - ret) ** 2  # clipped value loss > unclipped one
+    value_edge = near(shift.abs(), [cv], 1e-4) | near(gap, [0.0], 1e-4) & (shift.abs() > cv)
+    for key, flags, ambiguous in (("policy/clipfrac", policy.clipped, edge), ("val/clipfrac", gap > 0, value_edge)):
+        assert metrics_f[key] == pytest.approx(float(flags[mask].double().mean()), abs=1e-6), key
+        assert_share_close(metrics_r[key], flags[mask], ambiguous[mask], key)
     for g_f, g_r in zip(grads_f, grads_r):
         torch.testing.assert_close(g_f, g_r, rtol=1e-4, atol=1e-5)
 

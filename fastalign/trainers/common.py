@@ -335,20 +335,30 @@ class Trainer:
             raise FileNotFoundError(f"resume_from_checkpoint: no checkpoint-*/ in {self.config.output_dir}")
         return os.path.dirname(max(found, key=lambda p: int(re.search(r"checkpoint-(\d+)", p).group(1))))
 
-    def load_checkpoint(self, checkpoint: str | bool) -> dict:
-        """Read a :meth:`save_checkpoint` directory (``True``: the latest in ``output_dir``; every rank must see
-        it), check that its global batch is this run's, load its weights into the model; return its state."""
+    def checkpoint_state(self, checkpoint: str | bool, global_batch: int, mmap: bool = False) -> tuple[str, dict]:
+        """The directory of a :meth:`save_checkpoint` checkpoint (``True``: the latest in ``output_dir``; every rank
+        must see it) and its state, checked to have this run's ``global_batch``."""
         directory = self.latest_checkpoint() if checkpoint is True else checkpoint
         path = os.path.join(directory, STATE_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"resume_from_checkpoint: no {STATE_FILE} in {directory}")
-        state = torch.load(path, weights_only=True)
-        if state["global_batch"] != self.global_batch:
+        state = torch.load(path, weights_only=True, mmap=mmap)
+        if state["global_batch"] != global_batch:
             raise ValueError(
                 f"resume_from_checkpoint: {directory} was trained with a global batch of {state['global_batch']} "
-                f"samples per step, this run has {self.global_batch} ({distributed.world_size()} process(es)); the "
+                f"samples per step, this run has {global_batch} ({distributed.world_size()} process(es)); the "
                 f"batch order, step count and schedule depend on it: set per_device_train_batch_size x "
                 f"gradient_accumulation_steps x processes to {state['global_batch']} to resume")
+        return directory, state
+
+    def checkpoint_step(self, checkpoint: str | bool | None, global_batch: int) -> int:
+        """The step ``train(resume_from_checkpoint=checkpoint)`` starts from (0 without a checkpoint), known before
+        :meth:`begin` loads the checkpoint's weights."""
+        return int(self.checkpoint_state(checkpoint, global_batch, mmap=True)[1]["step"]) if checkpoint else 0
+
+    def load_checkpoint(self, checkpoint: str | bool) -> dict:
+        """Read a checkpoint (:meth:`checkpoint_state`), load its weights into the model; return its state."""
+        directory, state = self.checkpoint_state(checkpoint, self.global_batch)
         hf.load_weights(self.model, directory)
         return state
 

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .. import hf
 from ..objectives.dpo import DPO_LOSS_TYPES, DPOOptions
@@ -20,7 +21,8 @@ class DPOConfig(TrainingConfig):
 
     ``loss_type``: one of ``fastalign.objectives.dpo.DPO_LOSS_TYPES`` (``ipo`` uses per-token mean log-probs, as
     TRL). ``max_length``: prompt + response tokens; ``max_prompt_length``: prompt tokens (the prompt keeps its
-    end, the responses their start). Reference log-probs are computed once, before training.
+    end, the responses their start). Reference log-probs are computed when ``train()`` starts, for the batches of
+    the steps it will run only (and of the eval dataset when the trainer is built).
     """
 
     learning_rate: float = 1e-6
@@ -54,8 +56,10 @@ class DPOTrainer(Trainer):
     """``DPOTrainer(model, tokenizer, train_dataset, config, ref_model=None, eval_dataset=None).train()``.
 
     Datasets: records ``{"prompt", "chosen", "rejected"}`` as a list, a JSONL path or a ``datasets.Dataset``.
-    ``ref_model`` None: the reference is ``model`` as it is now (its log-probs are computed here, once, each
-    rank a share). One step = ``gradient_accumulation_steps`` micro-batches of ``per_device_train_batch_size``
+    ``ref_model`` None: the reference is ``model`` before training (its log-probs are computed before the first
+    step, or the checkpoint's weights are loaded, for the micro-batches the run will use: a ``max_steps=10`` run
+    does 10 steps' reference forwards, not the whole dataset's). One step = ``gradient_accumulation_steps``
+    micro-batches of ``per_device_train_batch_size``
     pairs on each rank; the loss is the mean over the step's pairs on all ranks (the RPO term over their chosen
     tokens), so N ranks x b pairs give the gradient of one process x N*b pairs.
     """
@@ -72,44 +76,60 @@ class DPOTrainer(Trainer):
         self.train_pairs = self.tokenize(train_dataset, "train_dataset")
         if eval_dataset is not None:
             self.eval_dataset = self.tokenize(eval_dataset, "eval_dataset")
-        reference = None if config.reference_free else (ref_model or model)
-        self.train_ref = self.reference_logps(reference, self.train_pairs)
-        self.eval_ref = None if self.eval_dataset is None else self.reference_logps(reference, self.eval_dataset)
+        self.reference = None if config.reference_free else (ref_model or model)
+        self.eval_ref = None if self.eval_dataset is None else self.eval_reference_logps()
 
     def tokenize(self, dataset, name: str):
         c = self.config
         return [tokenize_pair(self.tokenizer, r, c.max_length, c.max_prompt_length)
                 for r in load_preference_data(dataset, name)]
 
-    def batch(self, pairs, ref, indices: list[int]) -> dict:
+    def batch(self, pairs, indices: list[int], ref: torch.Tensor | None) -> dict:
         """Collated pairs (``input_ids``, ``attention_mask``, ``labels`` ``[2B, T]``) and their reference
-        log-probs ``ref_chosen``, ``ref_rejected`` ``[B]`` (None without a reference)."""
+        log-probs ``ref_chosen``, ``ref_rejected`` ``[B]`` (rows of ``ref [2, B]``; None without a reference)."""
         batch = {k: v.to(self.device) for k, v in collate_pairs([pairs[i] for i in indices],
                                                                 self.pad_token_id).items()}
-        for side in ("chosen", "rejected"):
-            batch[f"ref_{side}"] = None if ref is None else ref[side][indices]
+        batch["ref_chosen"], batch["ref_rejected"] = (None, None) if ref is None else ref
         return batch
 
     @torch.no_grad()
-    def reference_logps(self, reference: nn.Module | None, pairs) -> dict[str, torch.Tensor] | None:
-        """Sequence log-probs ``{"chosen": [N], "rejected": [N]}`` of the reference model, forward only (rank
-        ``r`` computes pairs ``r, r + world_size, ...``, then the ranks exchange them)."""
+    def reference_logps(self, pairs, batches: list[list[int]], what: str = "reference log-probs") -> \
+            torch.Tensor | None:
+        """Sequence log-probs ``[2, sum of the batch sizes]`` (chosen, rejected) of the reference model on
+        ``pairs``, one forward per batch of ``batches`` (indices, in order), with a progress bar on rank 0; None
+        without a reference."""
+        reference = self.reference
         if reference is None:
             return None
         was_training = reference.training
         reference.eval()
-        size, device = self.config.per_device_eval_batch_size, hf.get_lm_head(reference).weight.device
-        mine = pairs[distributed.rank()::distributed.world_size()]
-        logps = [torch.zeros(2, 0, device=device)]  # chosen, rejected
-        for start in range(0, len(mine), size):
-            batch = collate_pairs(mine[start:start + size], self.pad_token_id)
+        device = hf.get_lm_head(reference).weight.device
+        logps = [torch.zeros(2, 0, device=device)]
+        for indices in tqdm(batches, desc=f"{self.name}: {what}", dynamic_ncols=True,
+                            disable=self.config.disable_tqdm or not distributed.is_main()):
+            batch = collate_pairs([pairs[i] for i in indices], self.pad_token_id)
             parts = hf.causal_lm_parts(reference, *(batch[k].to(device) for k in ("input_ids", "attention_mask",
                                                                                    "labels")))
             logps.append(losses.sequence_logps(losses.token_logprobs(*parts, self.config.loss_backend),
                                                parts.targets, self.average_log_prob).view(2, -1))
         reference.train(was_training)
-        chosen, rejected = torch.cat(logps, -1).to(self.device)
-        return {"chosen": distributed.gather_strided(chosen), "rejected": distributed.gather_strided(rejected)}
+        return torch.cat(logps, -1).to(self.device)
+
+    def eval_reference_logps(self) -> torch.Tensor | None:
+        """``[2, len(eval_dataset)]``: rank ``r`` computes pairs ``r, r + world_size, ...``, then the ranks
+        exchange them."""
+        n, size, world = len(self.eval_dataset), self.config.per_device_eval_batch_size, distributed.world_size()
+        mine = list(range(distributed.rank(), n, world))
+        ref = self.reference_logps(self.eval_dataset, [mine[i:i + size] for i in range(0, len(mine), size)],
+                                   "eval reference log-probs")
+        return None if ref is None else torch.stack([distributed.gather_strided(r) for r in ref])
+
+    def step_indices(self, step: int) -> list[list[int]]:
+        """This rank's micro-batches (pair indices) of ``step``."""
+        micro, accumulation = self.config.per_device_train_batch_size, self.config.gradient_accumulation_steps
+        indices = batch_indices(len(self.train_pairs), micro * accumulation, step, self.config.seed,
+                                distributed.rank(), distributed.world_size())
+        return [indices[k * micro:(k + 1) * micro] for k in range(accumulation)]
 
     def compute_loss(self, batch: dict, num_pairs: int | None = None,
                      num_chosen_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -131,7 +151,8 @@ class DPOTrainer(Trainer):
         self.model.eval()
         records, weights = [], []
         for indices, count in eval_batches(len(self.eval_dataset), self.config.per_device_eval_batch_size):
-            records.append(self.compute_loss(self.batch(self.eval_dataset, self.eval_ref, indices))[1])
+            ref = None if self.eval_ref is None else self.eval_ref[:, indices]
+            records.append(self.compute_loss(self.batch(self.eval_dataset, indices, ref))[1])
             weights.append(count)
         self.model.train()
         return {f"eval_{k}": v for k, v in distributed.weighted_average(records, weights).items()}
@@ -143,13 +164,19 @@ class DPOTrainer(Trainer):
             distributed.world_size()
         per_epoch = steps_per_epoch(len(self.train_pairs), micro * accumulation * world, "train_dataset")
         total = c.total_steps(per_epoch)
+        # The reference's log-probs of the micro-batches of the steps to run, before any weight changes (the
+        # reference may be the policy): each one computed as it will be used, so a resumed run gets the same
+        # numbers as an uninterrupted one.
+        start = self.checkpoint_step(resume_from_checkpoint, micro * accumulation * world)
+        used = [b for step in range(start, total) for b in self.step_indices(step)]
+        ref = self.reference_logps(self.train_pairs, used)
         self.begin(total, total, micro * accumulation * world, resume_from_checkpoint)
         self.model.train()
         while self.step < total:
-            indices = batch_indices(len(self.train_pairs), micro * accumulation, self.step, c.seed,
-                                    distributed.rank(), world)
-            batches = [self.batch(self.train_pairs, self.train_ref, indices[k * micro:(k + 1) * micro])
-                       for k in range(accumulation)]
+            first = (self.step - start) * accumulation * micro  # this step's columns of ref
+            batches = [self.batch(self.train_pairs, indices, None if ref is None else
+                                  ref[:, first + k * micro:first + (k + 1) * micro])
+                       for k, indices in enumerate(self.step_indices(self.step))]
             # Normalizers of the whole step (all micro-batches, all ranks), over the world size (see
             # distributed.global_normalizer): each micro-batch's loss is its share of the step's mean loss.
             chosen_tokens = distributed.global_normalizer(
