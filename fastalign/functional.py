@@ -11,6 +11,7 @@ from .objectives.ppo import PPOLossConfig
 from .ops.dpo import DPOConfig, DPOLossOutput, fused_dpo_loss, validate_pair_layout, validate_reference
 from .ops.grpo import GRPOLossOutput, fused_grpo_loss, validate_grpo_inputs, validate_sequence_layout
 from .ops.logprobs import linear_logprobs, prepare_linear
+from .ops.segments import packed_layout
 from .ops.ppo import PPOLossOutput, ppo_loss, validate_value_head
 from .ops.torch_backend import compute_dtype
 from .ops.validation import validate_token_mask, validate_token_tensor
@@ -217,7 +218,8 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, adva
                            sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05,
                            vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0,
                            vespo_lambda_neg: float = 2.0, max_completion_length: int | None = None,
-                           num_items_in_batch=None, temperature: float = 1.0, ignore_index: int = -100,
+                           num_items_in_batch=None, cu_seqlens: Tensor | None = None,
+                           position_ids: Tensor | None = None, temperature: float = 1.0, ignore_index: int = -100,
                            backend: str = "auto", chunk_size: int | None = None, check_finite: bool = True,
                            process_group=None, reduce_hidden_grad: bool = True) -> GRPOLossOutput:
     """GRPO-family loss from hidden states, with every option of TRL's ``GRPOTrainer``, without the logits.
@@ -253,6 +255,10 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, adva
             ``entropy_coef *`` the mean entropy over the same tokens.
         sapo_temperature_pos, sapo_temperature_neg, vespo_*: the sapo gate's and vespo's gamma weight's parameters.
         max_completion_length: dr_grpo's constant normalizer (required for dr_grpo).
+        cu_seqlens, position_ids: a packed (padding-free) batch instead of a padded one: ``hidden [N, H]`` (or
+            ``[1, N, H]``), ``targets`` and every per-token argument ``[N]`` (``[1, N]``), per-sequence ones ``[S]``;
+            the S sequences given by flash-attention's ``cu_seqlens`` (int ``[S + 1]`` offsets) or transformers'
+            ``position_ids`` (a sequence starts where the position is 0). Same loss as the padded batch.
         num_items_in_batch: dapo/cispo/vespo normalizer, the completion tokens of the whole accumulated batch (a
             number or one-element tensor; default this batch's). Checked to be at least this batch's count.
         temperature, ignore_index, backend, chunk_size, check_finite, process_group, reduce_hidden_grad: as in
@@ -264,9 +270,10 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, adva
         ``clip_ratio/low_mean``, ``clip_ratio/low_min``, ``clip_ratio/high_mean``, ``clip_ratio/high_max``,
         ``clip_ratio/region_mean``, ``cispo_clip_ratio``, ``vespo/phi_seq_mean``, ``policy_loss``; floats:
         ``{k: v.item() for k, v in out.metrics.items()}``); ``logprobs`` and ``entropy`` ``[B, T]`` detached fp32
-        (0 outside the completion mask): the next iteration's ``old_logprobs`` need no extra forward.
+        (0 outside the completion mask; ``[N]`` packed): the next iteration's ``old_logprobs`` need no extra forward.
     """
-    validate_sequence_layout(hidden, targets)
+    packed = cu_seqlens is not None or position_ids is not None
+    validate_sequence_layout(hidden, targets, packed)
     inputs, opts = prepare_linear(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
                                   backend=backend, chunk_size=chunk_size, check_finite=check_finite,
                                   process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
@@ -277,9 +284,11 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, adva
         entropy_coef=entropy_coef, sapo_temperature_pos=sapo_temperature_pos,
         sapo_temperature_neg=sapo_temperature_neg, vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos,
         vespo_k_neg=vespo_k_neg, vespo_lambda_neg=vespo_lambda_neg, max_completion_length=max_completion_length)
+    layout = packed_layout(inputs.targets.numel(), inputs.hidden.device, cu_seqlens=cu_seqlens,
+                           position_ids=position_ids)
     tokens = validate_grpo_inputs(
-        targets, inputs.hidden.device, compute_dtype(inputs.hidden.dtype), config, advantages=advantages, mask=mask,
-        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, importance_sampling_ratio=importance_sampling_ratio,
-        sampling_logprobs=sampling_logprobs, num_items_in_batch=num_items_in_batch, ignore_index=int(ignore_index),
-        check_finite=check_finite)
-    return fused_grpo_loss(inputs, opts, config, tokens)
+        targets, targets.shape[0] if layout is None else layout.num_sequences, compute_dtype(inputs.hidden.dtype),
+        config, advantages=advantages, mask=mask, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+        importance_sampling_ratio=importance_sampling_ratio, sampling_logprobs=sampling_logprobs,
+        num_items_in_batch=num_items_in_batch, ignore_index=int(ignore_index), check_finite=check_finite)
+    return fused_grpo_loss(inputs, opts, config, tokens, layout)

@@ -405,7 +405,8 @@ class TestBadInput:
         return fused_linear_grpo_loss(**args)
 
     @pytest.mark.parametrize("overrides, error, match", [
-        (dict(advantages=torch.zeros(B + 1)), ValueError, r"advantages: expected shape \(4,\) .* or \(4, 6\)"),
+        (dict(advantages=torch.zeros(B + 1)), ValueError,
+         r"advantages: expected shape \(4,\) or \(4, 6\) \(one per sequence"),
         (dict(advantages=torch.zeros(B, dtype=torch.long)), TypeError, "advantages: expected dtype"),
         (dict(importance_sampling_ratio=torch.ones(B, 2)), ValueError, r"importance_sampling_ratio: expected shape"),
         (dict(importance_sampling_ratio=-torch.ones(B, T)), ValueError, "importance_sampling_ratio: expected non-neg"),

@@ -1,5 +1,7 @@
 """Fused GRPO-family loss from hidden states: the completion tokens' log-probs and entropy through the shared engine
-(``fastalign.ops.engine``), the loss of ``fastalign.objectives.grpo`` on them.
+(``fastalign.ops.engine``), the loss of ``fastalign.objectives.grpo`` on them. Padded ``[B, T]`` batches, or packed
+ones (``fastalign.ops.segments``): the per-token values of a packed batch are placed into ``[S, L]`` for the loss,
+the hidden states never are.
 
 Only completion tokens (``mask`` and ``targets != ignore_index``) get logits, in sequence order. The engine's plan
 follows the loss's coupling (``GRPOLossConfig.coupling``): per-token losses take any chunking (one pass on the torch
@@ -17,6 +19,7 @@ from torch import Tensor
 from ..objectives.grpo import GRPOLossConfig, grpo_loss
 from .engine import RowValues, fused_rows_loss
 from .linear import LinearOptions
+from .segments import PackedLayout
 from .torch_backend import compute_dtype
 from .validation import (FLOAT_DTYPES, LinearInputs, require_finite, require_same_device, require_shape,
                          require_tensor, validate_token_mask, validate_token_tensor)
@@ -32,62 +35,75 @@ class GRPOLossOutput(NamedTuple):
 
 
 class GRPOInputs(NamedTuple):
-    """The per-token inputs of the loss, ``[B, T]`` (``advantages`` ``[B, 1]`` or ``[B, T]``, the IS ratio
-    ``[B, 1]`` or ``[B, T]``), in the compute dtype."""
+    """The per-token inputs of the loss in the padded ``[S, T]`` layout (``advantages`` and the IS ratio ``[S, 1]``
+    or ``[S, T]``), in the compute dtype."""
 
     advantages: Tensor
-    mask: Tensor  # bool: completion tokens whose target is not ignored
+    mask: Tensor  # bool [S, T]: completion tokens whose target is not ignored
     old_logprobs: Tensor | None
     ref_logprobs: Tensor | None
     importance_sampling_ratio: Tensor | None
     sampling_logprobs: Tensor | None
     num_items_in_batch: Tensor | float | None
 
+    def padded(self, layout: PackedLayout | None) -> GRPOInputs:
+        """Inputs given per packed row ``[N]`` (per sequence ``[S, 1]``) placed into ``[S, L]``; as they are without
+        a layout. Padding holds neutral values (mask False, ratio 1, log-probs and advantages 0)."""
+        if layout is None:
+            return self
 
-def validate_grpo_inputs(targets: Tensor, device: torch.device, dtype: torch.dtype, config: GRPOLossConfig, *,
+        def place(t: Tensor | None, fill, per_sequence_allowed: bool = False):
+            if t is None or per_sequence_allowed and tuple(t.shape) == (layout.num_sequences, 1):
+                return t  # one per sequence already (if S = N = 1 both readings are the same value)
+            return layout.to_padded(t.reshape(-1), fill)
+
+        return GRPOInputs(place(self.advantages, 0.0, True), place(self.mask, False), place(self.old_logprobs, 0.0),
+                          place(self.ref_logprobs, 0.0), place(self.importance_sampling_ratio, 1.0, True),
+                          place(self.sampling_logprobs, 0.0), self.num_items_in_batch)
+
+
+def validate_grpo_inputs(targets: Tensor, num_sequences: int, dtype: torch.dtype, config: GRPOLossConfig, *,
                          advantages, mask, old_logprobs, ref_logprobs, importance_sampling_ratio, sampling_logprobs,
                          num_items_in_batch, ignore_index: int, check_finite: bool) -> GRPOInputs:
-    """Check the GRPO op's per-token arguments against ``targets [B, T]`` and convert them to ``dtype``."""
-    shape = targets.shape
-    b = shape[0]
+    """Check the GRPO op's per-token arguments against ``targets`` (``[B, T]``, or ``[N]`` packed) and its
+    ``num_sequences`` (B, or S), and convert them to ``dtype``; per-sequence ones become ``[S, 1]``."""
+    shape, device, s = tuple(targets.shape), targets.device, num_sequences
 
     def token(name: str, value):
         if value is None:
             return None
         return validate_token_tensor(name, value, shape, device, check_finite=check_finite).to(dtype)
 
-    advantages = require_tensor("advantages", advantages, dtypes=FLOAT_DTYPES)
-    if tuple(advantages.shape) not in ((b,), tuple(shape)):
-        raise ValueError(f"advantages: expected shape ({b},) (one per sequence) or {tuple(shape)} (per token), "
-                         f"got {tuple(advantages.shape)}")
-    require_same_device(targets, advantages=advantages)
-    if check_finite:
-        require_finite("advantages", advantages)
+    def per_sequence_or_token(name: str, value, sequence_shapes: tuple) -> Tensor:
+        value = require_tensor(name, value, dtypes=FLOAT_DTYPES)
+        if tuple(value.shape) not in (*sequence_shapes, shape):
+            expected = " or ".join(str(x) for x in (*sequence_shapes, shape))
+            raise ValueError(f"{name}: expected shape {expected} (one per sequence, or per token), "
+                             f"got {tuple(value.shape)}")
+        require_same_device(targets, **{name: value})
+        if check_finite:
+            require_finite(name, value)
+        value = value.to(dtype)
+        return value if tuple(value.shape) == shape else value.reshape(s, 1)
+
+    advantages = per_sequence_or_token("advantages", advantages, ((s,),))
     completion = targets != ignore_index
     if mask is not None:
-        completion = completion & validate_token_mask("mask", mask, shape, device)
+        completion = completion & validate_token_mask("mask", mask, targets.shape, device)
     if config.beta != 0 and ref_logprobs is None:
         raise ValueError(f"ref_logprobs: required when beta != 0 (beta={config.beta}), got None")
     ratio = importance_sampling_ratio
     if ratio is not None:
-        ratio = require_tensor("importance_sampling_ratio", ratio, dtypes=FLOAT_DTYPES)
-        if tuple(ratio.shape) not in (tuple(shape), (b, 1)):
-            raise ValueError(f"importance_sampling_ratio: expected shape {tuple(shape)} or ({b}, 1), "
-                             f"got {tuple(ratio.shape)}")
-        require_same_device(targets, importance_sampling_ratio=ratio)
-        if check_finite:
-            require_finite("importance_sampling_ratio", ratio)
+        ratio = per_sequence_or_token("importance_sampling_ratio", ratio, ((s,), (s, 1)))
         if bool((ratio < 0).any()):
             raise ValueError("importance_sampling_ratio: expected non-negative ratios, got negative values")
-        ratio = ratio.to(dtype)
     if sampling_logprobs is not None and config.off_policy_mask_threshold is None:
         raise ValueError("sampling_logprobs: only used by the off-policy mask; set off_policy_mask_threshold or "
                          "pass None")
     if num_items_in_batch is not None:
         num_items_in_batch = _check_num_items(num_items_in_batch, int(completion.sum()))
-    return GRPOInputs(advantages.to(dtype).reshape(b, -1), completion, token("old_logprobs", old_logprobs),
-                      token("ref_logprobs", ref_logprobs), ratio, token("sampling_logprobs", sampling_logprobs),
-                      num_items_in_batch)
+    return GRPOInputs(advantages, completion, token("old_logprobs", old_logprobs), token("ref_logprobs", ref_logprobs),
+                      ratio, token("sampling_logprobs", sampling_logprobs), num_items_in_batch)
 
 
 def _check_num_items(value, own: int):
@@ -107,12 +123,20 @@ def _check_num_items(value, own: int):
     return value.reshape(()) if isinstance(value, Tensor) else count
 
 
-def fused_grpo_loss(inputs: LinearInputs, opts: LinearOptions, config: GRPOLossConfig,
-                    tokens: GRPOInputs) -> GRPOLossOutput:
-    """The fused GRPO loss on validated inputs (``inputs.lead_shape == (B, T)``)."""
-    shape = inputs.lead_shape
+def fused_grpo_loss(inputs: LinearInputs, opts: LinearOptions, config: GRPOLossConfig, tokens: GRPOInputs,
+                    layout: PackedLayout | None = None) -> GRPOLossOutput:
+    """The fused GRPO loss on validated inputs: ``inputs.lead_shape == (B, T)`` (padded), or N packed rows with
+    their ``layout``; ``tokens`` in the layout of ``targets``."""
+    tokens = tokens.padded(layout)
+    shape = tokens.mask.shape  # [S, T]
     dtype = compute_dtype(inputs.hidden.dtype)
-    rows = tokens.mask.reshape(-1).nonzero().squeeze(1)  # completion tokens, sequence by sequence
+    positions = tokens.mask.reshape(-1).nonzero().squeeze(1)  # completion tokens in [S, T], sequence by sequence
+    if layout is None:
+        rows = positions
+    else:  # their packed rows
+        packed_row = torch.full((shape.numel(),), -1, dtype=torch.long, device=positions.device)
+        packed_row[layout.index] = torch.arange(layout.index.numel(), device=positions.device)
+        rows = packed_row[positions]
     if config.coupling == "sequence":  # whole sequences per chunk
         groups = tokens.mask.sum(-1).tolist()
     else:
@@ -120,10 +144,10 @@ def fused_grpo_loss(inputs: LinearInputs, opts: LinearOptions, config: GRPOLossC
     float_mask = tokens.mask.to(dtype)
 
     def as_batch(values: Tensor | None, part: slice | None = None) -> Tensor | None:
-        """Row values (``[M]``, or those of the rows ``part`` of them) as ``[B, T]`` (0 elsewhere), differentiably."""
+        """Row values (``[M]``, or those of the rows ``part`` of them) as ``[S, T]`` (0 elsewhere), differentiably."""
         if values is None:
             return None
-        where = rows if part is None else rows[part]
+        where = positions if part is None else positions[part]
         return values.new_zeros(shape.numel()).index_put((where,), values).view(shape)
 
     def loss_of(logprobs: Tensor, entropy: Tensor | None):
@@ -139,12 +163,22 @@ def fused_grpo_loss(inputs: LinearInputs, opts: LinearOptions, config: GRPOLossC
     logprobs, entropy = as_batch(out.logprobs), as_batch(out.entropy)
     with torch.no_grad():
         metrics = loss_of(logprobs, entropy).metrics  # fp32 (float64 for float64 inputs)
-    return GRPOLossOutput(out.loss, metrics, logprobs, entropy)
+    if layout is not None:
+        logprobs, entropy = layout.to_packed(logprobs), layout.to_packed(entropy)
+    return GRPOLossOutput(out.loss, metrics, logprobs.view(inputs.lead_shape), entropy.view(inputs.lead_shape))
 
 
-def validate_sequence_layout(hidden, targets) -> None:
-    """``hidden [B, T, H]`` and ``targets [B, T]``: B sequences of T tokens."""
+def validate_sequence_layout(hidden, targets, packed: bool) -> None:
+    """``hidden [B, T, H]`` and ``targets [B, T]``: B sequences of T tokens; packed, ``hidden [N, H]`` (or
+    ``[1, N, H]``) and ``targets [N]`` (``[1, N]``)."""
     hidden = require_tensor("hidden", hidden, dtypes=FLOAT_DTYPES)
+    if packed:
+        if not (hidden.dim() == 2 or hidden.dim() == 3 and hidden.shape[0] == 1) or hidden.shape[-2] == 0:
+            raise ValueError(f"hidden: expected shape [N, H] or [1, N, H] with N >= 1 (a packed batch, with "
+                             f"cu_seqlens or position_ids), got {tuple(hidden.shape)}")
+        require_shape("targets", require_tensor("targets", targets), tuple(hidden.shape[:-1]),
+                      f"the leading dimensions of hidden {tuple(hidden.shape)}")
+        return
     if hidden.dim() != 3 or hidden.shape[0] == 0 or hidden.shape[1] == 0:
         raise ValueError(f"hidden: expected shape [B, T, H] with B, T >= 1 (B completions of T tokens), "
                          f"got {tuple(hidden.shape)}")

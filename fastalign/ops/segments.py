@@ -1,0 +1,72 @@
+"""Packed (padding-free) batches: S sequences concatenated into N rows, described by flash-attention's ``cu_seqlens``
+(int ``[S + 1]``, offsets of the sequences) or by transformers' ``position_ids`` (``[N]`` or ``[1, N]``, a sequence
+starting wherever the position is 0), and the padded ``[S, L]`` layout that per-token values map to.
+
+The fused ops never pad the hidden states or compute logits for padding: only per-token values (log-probs, masks,
+advantages: ``[N]`` numbers) are placed into ``[S, L]``, so the sequence-level terms of the objectives run unchanged.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .validation import INT_DTYPES, require_tensor
+
+
+class PackedLayout(NamedTuple):
+    """Where each of the N packed rows sits in the padded ``[S, L]`` layout (``L`` the longest sequence)."""
+
+    index: Tensor  # [N] int64 flat position in [S, L]
+    shape: tuple[int, int]  # (S, L)
+
+    @property
+    def num_sequences(self) -> int:
+        return self.shape[0]
+
+    def to_padded(self, values: Tensor, fill: float | int | bool) -> Tensor:
+        """``values [N, ...]`` as ``[S, L, ...]``, ``fill`` where no row is."""
+        out = values.new_full((self.shape[0] * self.shape[1], *values.shape[1:]), fill)
+        return out.index_copy(0, self.index, values).view(*self.shape, *values.shape[1:])
+
+    def to_packed(self, padded: Tensor) -> Tensor:
+        """``padded [S, L, ...]`` back to ``[N, ...]``."""
+        return padded.reshape(self.shape[0] * self.shape[1], *padded.shape[2:])[self.index]
+
+
+def packed_layout(num_rows: int, device: torch.device, *, cu_seqlens=None, position_ids=None) -> PackedLayout | None:
+    """The layout of a packed batch of ``num_rows`` rows from exactly one of ``cu_seqlens`` and ``position_ids``
+    (None when neither is given: the batch is padded). Empty sequences are allowed in ``cu_seqlens``."""
+    if cu_seqlens is not None and position_ids is not None:
+        raise ValueError("cu_seqlens: expected either cu_seqlens or position_ids to describe a packed batch, got both")
+    if cu_seqlens is None and position_ids is None:
+        return None
+    if cu_seqlens is not None:
+        cu = require_tensor("cu_seqlens", cu_seqlens, dtypes=INT_DTYPES, dim=1)
+        if cu.device != device:
+            raise ValueError(f"cu_seqlens: expected a tensor on {device} (the device of hidden), got {cu.device}")
+        cu = cu.long()
+        if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != num_rows or bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(f"cu_seqlens: expected non-decreasing offsets [S + 1] from 0 to the {num_rows} packed "
+                             f"rows, got {cu.tolist() if cu.numel() <= 16 else tuple(cu.shape)}")
+        lengths = cu[1:] - cu[:-1]
+        segment = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths)
+        position = torch.arange(num_rows, device=device) - cu[:-1][segment]
+    else:
+        pos = require_tensor("position_ids", position_ids, dtypes=INT_DTYPES)
+        if pos.device != device:
+            raise ValueError(f"position_ids: expected a tensor on {device} (the device of hidden), got {pos.device}")
+        if tuple(pos.shape) not in ((num_rows,), (1, num_rows)):
+            raise ValueError(f"position_ids: expected shape ({num_rows},) or (1, {num_rows}) (one per packed row), "
+                             f"got {tuple(pos.shape)}")
+        position = pos.reshape(-1).long()
+        starts = position == 0
+        steps_ok = (position[1:] == position[:-1] + 1) | starts[1:]
+        if num_rows == 0 or not bool(starts[0]) or not bool(steps_ok.all()):
+            raise ValueError("position_ids: expected each packed sequence to count 0, 1, 2, ... (a sequence starts "
+                             "where the position is 0, the first row included)")
+        segment = torch.cumsum(starts.long(), 0) - 1
+        lengths = torch.bincount(segment)
+    longest = max(int(lengths.max()), 1)
+    return PackedLayout(segment * longest + position, (lengths.numel(), longest))
