@@ -69,6 +69,7 @@ def fused_linear_ppo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_l
                           old_values: Tensor | None = None, returns: Tensor | None = None,
                           cliprange_value: float = 0.2, vf_coef: float = 0.1, loss_agg: str = "token-mean",
                           num_tokens=None, num_sequences=None, compute_entropy: bool | None = None,
+                          cu_seqlens: Tensor | None = None, position_ids: Tensor | None = None,
                           ignore_index: int = -100, backend: str = "auto", chunk_size: int | None = None,
                           check_finite: bool = True, process_group=None,
                           reduce_hidden_grad: bool = True) -> PPOLossOutput:
@@ -89,6 +90,9 @@ def fused_linear_ppo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_l
             ``num_sequences``: the normalizer over the whole accumulated batch (gradient accumulation, data
             parallel), default this batch's.
         compute_entropy: compute the entropy (for ``objective/entropy``); default: when ``entropy_coef != 0``.
+        cu_seqlens, position_ids: a packed batch (``hidden [N, H]`` or ``[1, N, H]``, per-token arguments ``[N]``)
+            of the sequences they describe (as in :func:`fused_linear_grpo_loss`), aggregated per sequence as the
+            padded batch would be.
         process_group, reduce_hidden_grad: vocab-parallel lm_head, as in :func:`fused_linear_logprobs`; the per-token
             inputs and the value head are the same on every rank. With ``reduce_hidden_grad=False`` the value
             head's share of ``d hidden`` goes to the group's rank 0 only, so that the ranks' partials sum to it
@@ -101,9 +105,13 @@ def fused_linear_ppo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_l
         ``policy/approxkl``, ``objective/kl``, ``objective/entropy``, ``loss/policy``, ``loss/value``,
         ``val/clipfrac``, ``val/vpred``, ``policy/ratio_mean`` ...).
     """
+    if cu_seqlens is not None or position_ids is not None:
+        validate_sequence_layout(hidden, targets, packed=True)
     inputs, opts = prepare_linear(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
                                   backend=backend, chunk_size=chunk_size, check_finite=check_finite,
                                   process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
+    layout = packed_layout(inputs.targets.numel(), inputs.hidden.device, cu_seqlens=cu_seqlens,
+                           position_ids=position_ids)
     config = PPOLossConfig(cliprange=cliprange, cliprange_high=cliprange_high, dual_clip=dual_clip, kl_coef=kl_coef,
                            kl_estimator=kl_estimator, entropy_coef=entropy_coef, cliprange_value=cliprange_value,
                            vf_coef=vf_coef, loss_agg=loss_agg)
@@ -126,7 +134,7 @@ def fused_linear_ppo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_l
         raise ValueError(f"compute_entropy: must not be False when entropy_coef != 0 (entropy_coef={entropy_coef})")
     return ppo_loss(inputs, opts, config, old_logprobs=old_logprobs, advantages=advantages, mask=mask,
                     ref_logprobs=ref_logprobs, value_head=value_head, num_tokens=num_tokens,
-                    num_sequences=num_sequences, with_entropy=with_entropy)
+                    num_sequences=num_sequences, with_entropy=with_entropy, layout=layout)
 
 
 def fused_linear_dpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,

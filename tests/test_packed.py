@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastalign import fused_linear_grpo_loss
+from fastalign import fused_linear_grpo_loss, fused_linear_ppo_loss
 from fastalign.ops.segments import packed_layout
 
 H, V = 8, 29
@@ -119,3 +119,32 @@ def test_packed_shapes_are_checked():
     out = fused_linear_grpo_loss(hidden.unsqueeze(0), weight, targets.unsqueeze(0), torch.zeros(2), cu_seqlens=cu,
                                  backend="torch")
     assert out.logprobs.shape == (1, 6)
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"])
+def test_packed_ppo_equals_padded(backend, loss_agg):
+    """PPO's per-sequence aggregation, value head and KL on a packed batch equal the padded batch's."""
+    lengths, prompt = [4, 1, 6, 3], [1, 1, 2, 0]  # the second sequence has no response token
+    padded, packed, keep, cu, _, _ = padded_and_packed(lengths, prompt, seed=3)
+    g = torch.Generator().manual_seed(4)
+    s, longest = len(lengths), max(lengths)
+    extra = {k: torch.randn(s, longest, generator=g) for k in ("advantages", "old_values", "returns")}
+    weight, head = torch.randn(V, H, generator=g), torch.randn(H, generator=g)
+
+    def run_ppo(x, extra, **kw):
+        h, w, vh = (t.clone().requires_grad_(True) for t in (x["hidden"], weight, head))
+        out = fused_linear_ppo_loss(h, w, x["targets"], x["old_logprobs"], extra["advantages"],
+                                    ref_logprobs=x["ref_logprobs"], kl_coef=0.1, value_head_weight=vh,
+                                    old_values=extra["old_values"], returns=extra["returns"], loss_agg=loss_agg,
+                                    backend=backend, **kw)
+        return out, torch.autograd.grad(out.loss, [h, w, vh])
+
+    want, (dh, dw, dvh) = run_ppo(padded, extra)
+    got, (gh, gw, gvh) = run_ppo(packed, {k: v[keep] for k, v in extra.items()}, cu_seqlens=cu)
+    tol = dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.loss, want.loss, **tol)
+    for k in want.metrics:
+        torch.testing.assert_close(got.metrics[k], want.metrics[k], **tol)
+    torch.testing.assert_close(gh, dh[keep], **tol)
+    torch.testing.assert_close(gw, dw, **tol)
+    torch.testing.assert_close(gvh, dvh, **tol)

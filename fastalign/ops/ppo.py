@@ -14,6 +14,7 @@ from ..objectives.ppo import (PPOLossConfig, PPOTokens, ValueHeadInputs, policy_
                               value_loss_terms)
 from .engine import RowValues, fused_rows_loss
 from .linear import LinearOptions, scale_precomputed_grads, triton_logprobs_backward, triton_ppo_forward
+from .segments import PackedLayout
 from .validation import (FLOAT_DTYPES, LinearInputs, require_finite, require_same_device,
                          require_tensor)
 
@@ -80,11 +81,14 @@ class PPOLossOutput(NamedTuple):
 
 def ppo_loss(inputs: LinearInputs, opts: LinearOptions, config: PPOLossConfig, *, old_logprobs: Tensor,
              advantages: Tensor, mask: Tensor, ref_logprobs: Tensor | None, value_head: ValueHeadInputs | None,
-             num_tokens, num_sequences, with_entropy: bool) -> PPOLossOutput:
-    """The fused PPO loss on validated inputs (``mask [..., T]`` already combined with the ignored targets)."""
+             num_tokens, num_sequences, with_entropy: bool, layout: PackedLayout | None = None) -> PPOLossOutput:
+    """The fused PPO loss on validated inputs (``mask [..., T]``, or ``[N]`` packed with its ``layout``, already
+    combined with the ignored targets)."""
     dtype = torch.float64 if inputs.hidden.dtype == torch.float64 else torch.float32
-    weights = aggregation_weights(mask, config.loss_agg, num_tokens=num_tokens, num_sequences=num_sequences,
-                                  dtype=dtype).reshape(-1)
+    sequences = mask if layout is None else layout.to_padded(mask.reshape(-1), False)  # [..., T]: the aggregation's
+    weights = aggregation_weights(sequences, config.loss_agg, num_tokens=num_tokens, num_sequences=num_sequences,
+                                  dtype=dtype)
+    weights = (weights if layout is None else layout.to_packed(weights)).reshape(-1)
     flat = lambda t: None if t is None else t.reshape(-1).to(dtype)  # noqa: E731
     tokens = PPOTokens(flat(old_logprobs), flat(advantages), flat(ref_logprobs), weights)
     flat_mask = mask.reshape(-1) != 0
