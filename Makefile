@@ -21,7 +21,8 @@ demo: setup
 	$(VENV)/bin/fastalign demo
 
 bench: setup
-	$(VENV)/bin/fastalign bench
+	$(VENV)/bin/fastalign bench --op all
+	$(VENV)/bin/fastalign bench --op dpo-long-pair
 
 test: setup
 	$(PY) -m pytest

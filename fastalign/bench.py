@@ -640,17 +640,23 @@ class OthersCpuShare:
             self.share = min(1.0, max(0.0, others / ((wall - wall0) * os.cpu_count())))
 
 
+def cpu_model() -> str:
+    """The CPU model: ``lscpu``'s "Model name", else ``platform.processor()``, else "unknown CPU"."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    model = re.search(r"^Model name:\s*(.+)$", out, re.MULTILINE)
+    return model.group(1).strip() if model else platform.processor() or "unknown CPU"
+
+
 def machine_facts(device: str) -> dict:
-    """CPU count, load average, torch build and threads, device name: the context a timing needs."""
-    facts = {"nproc": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-             "platform": platform.platform(), "python": platform.python_version()}
+    """CPU model and count, load average, torch build and threads, device name: the context a timing needs."""
+    facts = {"cpu": cpu_model(), "nproc": os.cpu_count(), "torch": torch.__version__,
+             "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+             "python": platform.python_version()}
     if hasattr(os, "getloadavg"):
         facts["load_average"] = [round(x, 2) for x in os.getloadavg()]
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as cpuinfo:
-            model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read(), re.MULTILINE)
-        if model:
-            facts["cpu"] = model.group(1).strip()
     if device.startswith("cuda"):
         facts["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return facts
@@ -729,12 +735,13 @@ def _setting_lines(results: dict) -> list[str]:
     load = " ".join(f"{x:.2f}" for x in machine.get("load_average", [])) or "?"
     others = machine["others_cpu_share_while_timing"]
     lines = [
+        f"CPU: {machine['cpu']}; torch {machine['torch']}, {machine['torch_threads']} threads.",
+        "",
         f"{problem.describe()}. Time: best of {results['rounds']} rounds, the variants of a mode interleaved in one "
         f"process; spread: slowest round over the best. Extra peak memory: peak during the call minus the inputs "
         f"(gradients included), one fresh process per variant.",
-        f"Machine: {machine.get('cpu', 'unknown CPU')}{', ' + machine['gpu'] if 'gpu' in machine else ''}; "
-        f"{machine['nproc']} CPUs, {machine['torch_threads']} torch threads, torch {machine['torch']}; "
-        f"load average (1, 5, 15 min) {load} after the run; other processes used "
+        f"Machine: {machine['cpu']}{', ' + machine['gpu'] if 'gpu' in machine else ''}; "
+        f"{machine['nproc']} CPUs; load average (1, 5, 15 min) {load} after the run; other processes used "
         f"{'?' if others is None else format(others, '.0%')} of the CPUs while timing.",
     ]
     if others is not None and others > BUSY_SHARE:
@@ -758,11 +765,17 @@ def _variant_rows(mode: dict) -> list[str]:
     return rows
 
 
-def _target_rows(mode: dict) -> list[str]:
+QUICK_VERDICT = "n/a at quick sizes"  # a target's verdict at sizes other than its own: a smoke test, not a mark
+
+
+def _target_rows(mode: dict, verdicts: bool) -> list[str]:
+    """One row per target (PASS/FAIL only with ``verdicts``: at the targets' sizes; else "n/a at quick sizes")."""
     rows = []
     for t in mode["targets"]:
         what = "extra peak memory" if t["metric"] == "memory" else "time"
         result = {True: "PASS", False: "**FAIL**", None: "not measured"}[t["passed"]]
+        if not verdicts and t["passed"] is not None:
+            result = QUICK_VERDICT
         rows.append(f"| {mode['title']}: {what} / {t['reference']} | {_fmt(t['ratio'], '.3f')} "
                     f"| <= {t['limit']:.2f} | {result} |")
     if any(t["metric"] == "time" and t["reference"] == mode["baseline"] for t in mode["targets"]):
@@ -774,7 +787,8 @@ def _target_rows(mode: dict) -> list[str]:
 
 
 def render_markdown(results: dict) -> str:
-    """The results as Markdown: the setting and machine, a table of variants, a table of targets (PASS/FAIL)."""
+    """The results as Markdown: CPU and torch, the setting and machine, a table of variants, a table of targets
+    (PASS/FAIL at the targets' sizes)."""
     modes = results["modes"].values()
     lines = [f"### fastalign bench: {results['op']}", "", *_setting_lines(results), "",
              "| mode | variant | time (s) | spread | time / naive | time / floor | extra peak memory (MiB) "
@@ -783,11 +797,11 @@ def render_markdown(results: dict) -> str:
              *(row for mode in modes for row in _variant_rows(mode)), "",
              "| target (candidate: fused) | measured | limit | result |",
              "| --- | ---: | ---: | --- |",
-             *(row for mode in modes for row in _target_rows(mode))]
+             *(row for mode in modes for row in _target_rows(mode, results["at_issue_sizes"]))]
     if not results["at_issue_sizes"]:
         issue = REGISTRY[results["op"]].issue_problem
         lines += ["", f"The targets are set at N={issue.tokens}, H={issue.hidden_size}, V={issue.vocab_size}, "
-                      f"{issue.dtype}; at these sizes the marks are indicative only."]
+                      f"{issue.dtype}; at these sizes the ratios are indicative only and get no verdict."]
     return "\n".join(lines) + "\n"
 
 

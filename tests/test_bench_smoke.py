@@ -23,6 +23,13 @@ def test_every_variant_runs_and_fused_matches_naive(op):
         torch.testing.assert_close(outputs[mode.candidate], outputs[mode.baseline], rtol=1e-4, atol=1e-5)
 
 
+def test_cpu_model_is_lscpus_model_name():
+    model = bench.cpu_model()
+    assert model and model != "unknown CPU"
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    assert "Model name:" not in lscpu or model in lscpu
+
+
 def test_loss_inputs_follow_the_issue_layout():
     ppo = bench.make_ppo_inputs(TINY)
     assert ppo.hidden.shape == (bench.PPO_SEQUENCES, TINY.tokens // bench.PPO_SEQUENCES, TINY.hidden_size)
@@ -50,9 +57,14 @@ def test_table_has_every_variant_and_target_row(op):
             assert f"| {name} |" in table
     target_rows = [line for line in table.splitlines() if line.endswith("| not measured |")]
     assert len(target_rows) == sum(1 for mode in modes for t in mode.targets if t.metric == "memory")
-    assert sum(line.endswith(("| PASS |", "| **FAIL** |")) for line in table.splitlines()) == sum(
+    # not the issue's sizes: no verdict on the timed targets
+    assert sum(line.endswith(f"| {bench.QUICK_VERDICT} |") for line in table.splitlines()) == sum(
         1 for mode in modes for t in mode.targets if t.metric == "time")
-    assert "indicative only" in table  # not the issue's sizes
+    assert "PASS" not in table and "FAIL" not in table and "indicative only" in table
+    issue_sized = bench.render_markdown({**results, "at_issue_sizes": True})  # the same numbers, as if at size
+    assert sum(line.endswith(("| PASS |", "| **FAIL** |")) for line in issue_sized.splitlines()) == sum(
+        1 for mode in modes for t in mode.targets if t.metric == "time")
+    assert bench.QUICK_VERDICT not in issue_sized
 
 
 @linux_only
@@ -74,7 +86,7 @@ def test_cli_bench_all_runs_logprobs_ppo_dpo(tmp_path, capsys):
     assert main(["bench", "--op", "all", *sizes, "--rounds", "1", "--no-memory", "--json-out", str(out)]) == 0
     table = capsys.readouterr().out
     for op in ("logprobs", "ppo", "dpo"):
-        assert f"### fastalign bench: {op}\n" in table
+        assert f"### fastalign bench: {op}\n\nCPU: {bench.cpu_model()}; torch {torch.__version__}, " in table
     assert "dpo-long-pair" not in table
     assert list(json.loads(out.read_text())["ops"]) == list(bench.ALL_OPS) == ["logprobs", "ppo", "dpo"]
 
@@ -85,6 +97,9 @@ def test_cli_bench_quick_prints_table_and_writes_json(tmp_path, capsys):
     assert main(["bench", "--quick", "--rounds", "1", "--json-out", str(out)]) == 0
     table = capsys.readouterr().out
     assert "| target (candidate: fused) |" in table and "not measured" not in table
+    assert "PASS" not in table and "FAIL" not in table and f"| {bench.QUICK_VERDICT} |" in table
+    header = table.splitlines()[2]  # under the title: CPU model, torch version and threads
+    assert header == f"CPU: {bench.cpu_model()}; torch {torch.__version__}, {torch.get_num_threads()} threads."
     results = json.loads(out.read_text())
     assert results["op"] == "logprobs" and results["problem"]["tokens"] == bench.QUICK_PROBLEM.tokens
     assert 0.0 <= results["machine"]["others_cpu_share_while_timing"] <= 1.0
