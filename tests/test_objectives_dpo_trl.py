@@ -8,11 +8,10 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fastalign.objectives.dpo import (DPO_LOSS_TYPES, F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCE_TYPES, DPOOptions,
-                                      RunningMean, dpo_loss, dpo_metrics, ld_token_weights, rpo_nll,
-                                      vocabulary_metrics, wpo_log_weights)
+                                      RunningMean, dpo_loss, dpo_metrics, dpo_sequence_loss, sequence_logps)
+from reference_dpo import plackett_luce_reference, trl_dpo
 
 F64 = torch.float64
 SMOOTHING = {"sigmoid": 0.1, "robust": 0.2, "exo_pair": 1e-3, "aot": 0.15, "aot_unpaired": 0.05}
@@ -34,139 +33,13 @@ def _problem(k: int = 2, b: int = 3, t: int = 7, v: int = 11, seed: int = 0):
     return policy, ref, mask, logits, targets
 
 
-# ------------------------------------------------------------------------------------------------ TRL, written out
-def _trl_scores(x, kind, alpha):
-    if kind == "reverse_kl":
-        return x
-    if kind == "forward_kl":
-        return 1 - torch.exp(-x)
-    if kind == "js_divergence":
-        return math.log(2) + F.logsigmoid(x)
-    if abs(alpha - 1.0) < 1e-6:
-        return x
-    return (torch.exp(torch.clamp((alpha - 1.0) * x, max=80.0)) - 1.0) * (1.0 / (alpha - 1.0))
-
-
-def trl_dpo(policy, ref, mask, loss_types, weights=None, *, beta=0.1, label_smoothing=0.0, discopop_tau=0.05,
-            f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, ld_alpha=None, logits=None,
-            use_weighting=False, bco_mean=None):
-    """TRL 1.13 ``_compute_loss`` from per-token log-probs (``policy`` the only leaf), as in TRL's source."""
-    per_token_logps = policy.masked_fill(~mask, 0.0)
-    ref_per_token_logps = ref.masked_fill(~mask, 0.0)
-    if ld_alpha is None:
-        logps, ref_logps = per_token_logps.sum(1), ref_per_token_logps.sum(1)
-    else:
-        comp_pos = mask.long().cumsum(dim=1)
-        comp_lens = mask.sum(dim=1).long()
-        chosen_lens, rejected_lens = comp_lens.chunk(2, dim=0)
-        shared_lens = torch.minimum(chosen_lens, rejected_lens)
-        shared_lens = torch.cat([shared_lens, shared_lens], dim=0)
-        shared_mask = (comp_pos > 0) & (comp_pos <= shared_lens.unsqueeze(1))
-        tail_mask = comp_pos > shared_lens.unsqueeze(1)
-        logps = (per_token_logps * shared_mask).sum(1) + ld_alpha * (per_token_logps * tail_mask).sum(1)
-        ref_logps = (ref_per_token_logps * shared_mask).sum(1) + ld_alpha * (ref_per_token_logps * tail_mask).sum(1)
-    chosen_logps, rejected_logps = logps.chunk(2)
-    ref_chosen_logps, ref_rejected_logps = ref_logps.chunk(2)
-    chosen_logratios = chosen_logps - ref_chosen_logps
-    rejected_logratios = rejected_logps - ref_rejected_logps
-    chosen_scores = _trl_scores(chosen_logratios, f_divergence_type, f_alpha_divergence_coef)
-    rejected_scores = _trl_scores(rejected_logratios, f_divergence_type, f_alpha_divergence_coef)
-    delta_score = chosen_scores - rejected_scores
-    chosen_mask, rejected_mask = mask.chunk(2)
-    eps = label_smoothing
-    loss = 0.0
-    for loss_type, loss_weight in zip(loss_types, weights or [1.0] * len(loss_types)):
-        if loss_type == "sigmoid":  # cDPO smoothing (TRL < 1.0; 1.x has eps = 0 here)
-            per_sequence_loss = -F.logsigmoid(beta * delta_score) * (1 - eps) - F.logsigmoid(-beta * delta_score) * eps
-        elif loss_type == "hinge":
-            per_sequence_loss = torch.relu(1 - beta * delta_score)
-        elif loss_type in ("ipo", "sigmoid_norm"):
-            avg_delta = (chosen_scores / chosen_mask.sum(1).clamp(min=1.0)
-                         - rejected_scores / rejected_mask.sum(1).clamp(min=1.0))
-            if loss_type == "ipo":
-                per_sequence_loss = (avg_delta - 1 / (2 * beta)) ** 2
-            else:
-                per_sequence_loss = -F.logsigmoid(beta * avg_delta)
-        elif loss_type == "exo_pair":
-            epsilon = torch.tensor(eps, dtype=F64)
-            qw, log_qw = torch.sigmoid(beta * delta_score), F.logsigmoid(beta * delta_score)
-            ql, log_ql = torch.sigmoid(-beta * delta_score), F.logsigmoid(-beta * delta_score)
-            per_sequence_loss = qw * (log_qw - torch.log1p(-epsilon)) + ql * (log_ql - torch.log(epsilon))
-        elif loss_type == "nca_pair":
-            cr, rr = beta * chosen_logratios, beta * rejected_logratios
-            per_sequence_loss = -F.logsigmoid(cr) - 0.5 * F.logsigmoid(-cr) - 0.5 * F.logsigmoid(-rr)
-        elif loss_type == "robust":
-            clean = -(1 - eps) * F.logsigmoid(beta * delta_score)
-            flipped = -eps * F.logsigmoid(-beta * delta_score)
-            per_sequence_loss = (clean - flipped) / (1 - 2 * eps)
-        elif loss_type == "bco_pair":
-            m = 0.0 if bco_mean is None else bco_mean
-            per_sequence_loss = (-F.logsigmoid(beta * chosen_logratios - m)
-                                 - F.logsigmoid(-(beta * rejected_logratios - m)))
-        elif loss_type == "sppo_hard":
-            per_sequence_loss = (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
-        elif loss_type in ("aot", "aot_unpaired"):
-            if loss_type == "aot":
-                delta = (torch.sort(chosen_logps - rejected_logps, dim=0)[0]
-                         - torch.sort(ref_chosen_logps - ref_rejected_logps, dim=0)[0])
-            else:
-                delta = torch.sort(chosen_logratios, dim=0)[0] - torch.sort(rejected_logratios, dim=0)[0]
-            per_sequence_loss = -F.logsigmoid(beta * delta) * (1 - eps) - F.logsigmoid(-beta * delta) * eps
-        elif loss_type == "apo_zero":
-            per_sequence_loss = 1 - torch.sigmoid(beta * chosen_logratios) + torch.sigmoid(beta * rejected_logratios)
-        elif loss_type == "apo_down":
-            per_sequence_loss = (torch.sigmoid(beta * chosen_logratios)
-                                 + 1 - torch.sigmoid(beta * (chosen_logratios - rejected_logratios)))
-        elif loss_type == "discopop":
-            lg = delta_score * beta
-            modulation = torch.sigmoid(lg / discopop_tau)
-            per_sequence_loss = -F.logsigmoid(lg) * (1 - modulation) + torch.exp(-lg) * modulation
-        elif loss_type == "sft":  # cross_entropy over the chosen completion tokens
-            chosen_tokens = policy.chunk(2)[0][chosen_mask]
-            per_sequence_loss = (-chosen_tokens.mean()).expand(chosen_logps.shape[0])
-        else:
-            raise AssertionError(loss_type)
-        if use_weighting:
-            completion_lengths = mask.sum(dim=1).clamp_min(1)
-            with torch.no_grad():
-                log_denom = torch.logsumexp(2.0 * logits, -1) - 2.0 * torch.logsumexp(logits, -1)
-                aligned = (per_token_logps - log_denom) * mask
-            w = torch.exp(aligned.sum(1) / completion_lengths)
-            chosen_w, rejected_w = w.chunk(2)
-            per_sequence_loss = per_sequence_loss * chosen_w * rejected_w
-        loss = loss + per_sequence_loss.mean() * loss_weight
-    return loss, beta * chosen_logratios.detach(), beta * rejected_logratios.detach(), chosen_logps, rejected_logps
-
-
-def plackett_luce_reference(rewards: list[list[float]]) -> float:
-    """Mean over groups of ``-log P(ranking)`` with ``rewards[k][b]`` of response k (best first) to prompt b."""
-    k, b = len(rewards), len(rewards[0])
-    total = 0.0
-    for j in range(b):
-        for i in range(k - 1):
-            rest = sum(math.exp(rewards[m][j]) for m in range(i, k))
-            total -= rewards[i][j] - math.log(rest)
-    return total / b
-
-
 # ------------------------------------------------------------------------------------------------ ours
 def ours(policy, ref, mask, options: DPOOptions, *, logits=None, bco_state=None):
-    k = options.num_responses
-    weights = ld_token_weights(mask, k, options.ld_alpha, F64)
-    logps = (policy * weights).sum(1).view(k, -1)
-    ref_logps = (ref * weights).sum(1).view(k, -1)
-    lengths = mask.sum(1).to(F64).view(k, -1)
-    b = logps.shape[1]
-    nll = None
-    if options.needs_nll:
-        nll = rpo_nll((policy * mask)[:b].sum(1), mask[:b].sum(1))
-    log_weights = None
+    denoms = None
     if options.use_weighting:
-        log_denom = torch.logsumexp(2.0 * logits, -1) - 2.0 * torch.logsumexp(logits, -1)
-        log_weights = wpo_log_weights(((policy - log_denom) * mask).sum(1).view(k, -1), lengths)
-    result = dpo_loss(logps, ref_logps, options, lengths=lengths, chosen_nll=nll, log_weights=log_weights,
-                      bco_state=bco_state)
-    return result, logps
+        denoms = torch.logsumexp(2.0 * logits, -1) - 2.0 * torch.logsumexp(logits, -1)
+    ref_logps = sequence_logps(ref.masked_fill(~mask, 0.0), mask, options)
+    return dpo_sequence_loss(policy, mask, ref_logps, options, token_log_denoms=denoms, bco_state=bco_state)
 
 
 def _compare(options: DPOOptions, trl_kwargs: dict, seed: int = 0, **ours_kwargs):
@@ -340,20 +213,6 @@ def test_ranking_with_sft_ld_and_wpo():
     sft = -(policy[:2] * mask[:2]).sum() / mask[:2].sum()
     expected = ((pl + 0.5 * sft) * wpo).mean()
     torch.testing.assert_close(result.loss, expected)
-
-
-def test_vocabulary_metrics_are_token_means():
-    logit_means = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], dtype=F64)
-    entropy = torch.tensor([0.5, 0.1, 0.2, 0.3, 0.9], dtype=F64)
-    correct = torch.tensor([True, False, True, True, False])
-    group = torch.tensor([0, 0, 1, 2, 2])
-    metrics = vocabulary_metrics(logit_means, entropy, correct, group, 3)
-    assert metrics["logits/chosen"].item() == pytest.approx(1.5)
-    assert metrics["logits/rejected"].item() == pytest.approx(4.5)
-    assert metrics["entropy"].item() == pytest.approx(2.0 / 5)
-    assert metrics["mean_token_accuracy"].item() == pytest.approx(0.5)
-    empty = vocabulary_metrics(logit_means, entropy, correct, torch.full((5,), 1), 3)
-    assert empty["logits/chosen"].item() == 0.0 and empty["mean_token_accuracy"].item() == 0.0
 
 
 # ------------------------------------------------------------------------------------------------ validation

@@ -470,6 +470,56 @@ def wpo_log_weights(aligned_sums: Tensor, lengths: Tensor) -> Tensor:
     return (aligned_sums / lengths.clamp(min=1)).detach()
 
 
+def sequence_logps(token_logps: Tensor, mask: Tensor, options: DPOOptions, *,
+                   average_log_prob: bool = False) -> Tensor:
+    """Sequence log-probs ``[K, B]`` of per-token log-probs ``[K*B, T]`` over the completion ``mask [K*B, T]``.
+
+    Sums (LD-DPO: weighted by ``ld_token_weights``), accumulated in float64 (a 32k-token sum stays exact to fp32);
+    ``average_log_prob``: divided by the completion lengths (a response without tokens gets 0). The reference model's
+    log-probs, precomputed once per data set, are the same function of its token log-probs.
+    """
+    weights = ld_token_weights(mask, options.num_responses, options.ld_alpha, token_logps.dtype)
+    sums = (token_logps * weights).to(torch.float64).sum(dim=1).to(token_logps.dtype)
+    if average_log_prob:
+        sums = sums / mask.sum(dim=1).clamp(min=1)
+    return sums.view(options.num_responses, -1)
+
+
+def dpo_sequence_loss(token_logps: Tensor, mask: Tensor, ref_logps: Tensor | None, options: DPOOptions, *,
+                      average_log_prob: bool = False, num_pairs: int | Tensor | None = None,
+                      num_chosen_tokens: int | Tensor | None = None, token_log_denoms: Tensor | None = None,
+                      bco_state: RunningMean | None = None) -> tuple[DPOResult, Tensor]:
+    """``dpo_loss`` of per-token log-probs: what the fused op, the trainers and the tests all compute.
+
+    token_logps: ``[K*B, T]`` (K groups of B rows, best first), any value off the completion ``mask [K*B, T]``.
+    ref_logps: ``[K, B]`` from ``sequence_logps`` of the reference (None with ``reference_free``).
+    average_log_prob: per-token means instead of sums for policy and reference alike (then ``ipo`` and
+        ``sigmoid_norm`` take them as they are: lengths 1). num_pairs, num_chosen_tokens: the global normalizers of
+        the pair losses and of the chosen NLL (default this batch's). token_log_denoms: ``[K*B, T]`` per-token
+        ``log sum_v p_v^2 = lse(2z) - 2 lse(z)``, required with ``use_weighting``. bco_state: see ``dpo_loss``.
+    Returns the result and the policy's sequence log-probs ``[K, B]``.
+    """
+    mask = mask.bool()
+    token_logps = token_logps.masked_fill(~mask, 0.0)
+    logps = sequence_logps(token_logps, mask, options, average_log_prob=average_log_prob)
+    k, b = logps.shape
+    counts = mask.sum(dim=1).to(logps.dtype)
+    lengths = counts.view(k, b) if not average_log_prob else torch.ones_like(logps)
+    nll = None
+    if options.needs_nll:
+        chosen = token_logps[:b].to(torch.float64).sum(dim=1).to(logps.dtype)
+        nll = rpo_nll(chosen, counts[:b], num_tokens=num_chosen_tokens)
+    log_weights = None
+    if options.use_weighting:
+        if token_log_denoms is None:
+            raise ValueError("token_log_denoms: required with use_weighting=True (WPO), got None")
+        aligned = ((token_logps - token_log_denoms) * mask).detach().sum(dim=1).view(k, b)
+        log_weights = wpo_log_weights(aligned, counts.view(k, b))
+    result = dpo_loss(logps, ref_logps, options, lengths=lengths, chosen_nll=nll, num_pairs=num_pairs,
+                      log_weights=log_weights, bco_state=bco_state)
+    return result, logps
+
+
 def dpo_metrics(result: DPOResult, logps: Tensor) -> dict[str, Tensor]:
     """TRL's DPO metrics for this batch, detached scalars (gather across ranks before logging, as TRL does).
 
@@ -496,21 +546,3 @@ def dpo_metrics(result: DPOResult, logps: Tensor) -> dict[str, Tensor]:
     if result.nll is not None:
         metrics["nll_loss"] = result.nll.detach()
     return metrics
-
-
-def vocabulary_metrics(logit_means: Tensor, entropy: Tensor, correct: Tensor, group: Tensor,
-                       num_responses: int) -> dict[str, Tensor]:
-    """TRL's metrics over the vocabulary, from per-token statistics of the completion tokens ``[M]``.
-
-    logit_means: mean over the vocabulary of each token's (tempered) logits; entropy: its entropy; correct: its
-    arg-max equals its target; group: ``[M]`` int, the response rank of its sequence (0 the best). Returns
-    ``logits/chosen``, ``logits/rejected`` (token means over the best / the worst responses), ``entropy`` (over all
-    completion tokens) and ``mean_token_accuracy`` (over the best responses' tokens); 0 where there is no token.
-    """
-    def mean(values: Tensor, where: Tensor) -> Tensor:
-        return (values * where).sum() / where.sum().clamp(min=1)
-
-    best, worst = group == 0, group == num_responses - 1
-    every = torch.ones_like(best)
-    return {"logits/chosen": mean(logit_means, best), "logits/rejected": mean(logit_means, worst),
-            "entropy": mean(entropy, every), "mean_token_accuracy": mean(correct.to(logit_means.dtype), best)}
