@@ -204,8 +204,8 @@ def check_dpo(engine, hidden, weight, targets, bias=None, *, reference="computed
 
 # --- against the reference ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
-@pytest.mark.parametrize("average_log_prob", [False, True])
+@pytest.mark.parametrize("loss_type, average_log_prob", [(t, False) for t in DPO_LOSS_TYPES]
+                         + [(t, True) for t in ("sigmoid", "ipo", "sigmoid_norm", "sft")])
 def test_loss_types(engine, loss_type, average_log_prob):
     hidden, weight, bias, targets = make_batch(3, 7, 16, 37)
     # beta 0.5: sizeable gradients in every loss type (ipo's target margin 1/beta, apo's sigmoids)
