@@ -37,12 +37,13 @@ def both_backends(tmp_path, data, **options):
     model, tok = tiny()
     trainers = {b: DPOTrainer(model, tok, data, config(tmp_path, loss_backend=b, **options))
                 for b in ("fused", "reference")}
+    refs = [t.reference_logps(t.train_pairs, [[0, 1, 2, 3]]) for t in trainers.values()]
     with torch.no_grad():  # move the policy away from the reference
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     results = []
-    for trainer in trainers.values():
-        loss, metrics = trainer.compute_loss(trainer.batch(trainer.train_pairs, trainer.train_ref, [0, 1, 2, 3]))
+    for trainer, ref in zip(trainers.values(), refs):
+        loss, metrics = trainer.compute_loss(trainer.batch(trainer.train_pairs, [0, 1, 2, 3], ref))
         loss.backward()
         results.append((loss.detach(), metrics, [p.grad.clone() for p in model.parameters()]))
         model.zero_grad()
@@ -75,7 +76,8 @@ def test_wpo_runs_on_the_reference_backend_and_is_refused_by_the_fused_one(tmp_p
     model, tok = tiny()
     trainer = DPOTrainer(model, tok, TASK.preference_data(4, seed=1),
                          config(tmp_path, loss_backend="reference", use_weighting=True))
-    loss, _ = trainer.compute_loss(trainer.batch(trainer.train_pairs, trainer.train_ref, [0, 1, 2, 3]))
+    ref = trainer.reference_logps(trainer.train_pairs, [[0, 1, 2, 3]])
+    loss, _ = trainer.compute_loss(trainer.batch(trainer.train_pairs, [0, 1, 2, 3], ref))
     assert torch.isfinite(loss)
     with pytest.raises(ValueError, match="use_weighting: .* loss_backend='reference'"):
         config(tmp_path, use_weighting=True)
