@@ -1,14 +1,15 @@
 """The public fused ops: functions of hidden states and the lm_head weight that never materialize the logits."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 
 from torch import Tensor
 
-from .objectives.dpo import DPOOptions, check_count
+from .objectives.dpo import DPOOptions, RunningMean, check_count
 from .objectives.grpo import GRPOLossConfig
 from .objectives.ppo import PPOLossConfig
-from .ops.dpo import DPOConfig, DPOLossOutput, fused_dpo_loss, validate_pair_layout, validate_reference
+from .ops.dpo import DPOConfig, DPOLossOutput, fused_dpo_loss, validate_preference_layout, validate_reference
 from .ops.grpo import GRPOLossOutput, fused_grpo_loss, validate_grpo_inputs, validate_sequence_layout
 from .ops.logprobs import linear_logprobs, prepare_linear
 from .ops.segments import packed_layout
@@ -139,79 +140,104 @@ def fused_linear_ppo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_l
 
 def fused_linear_dpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,
                           ref_chosen_logps: Tensor | None = None, ref_rejected_logps: Tensor | None = None,
-                          ref_hidden: Tensor | None = None, ref_weight: Tensor | None = None,
-                          ref_bias: Tensor | None = None, beta: float = 0.1, loss_type: str = "sigmoid",
-                          label_smoothing: float = 0.0, average_log_prob: bool | None = None,
-                          rpo_alpha: float | None = None, reference_free: bool = False, temperature: float = 1.0,
+                          ref_logps: Tensor | None = None, ref_hidden: Tensor | None = None,
+                          ref_weight: Tensor | None = None, ref_bias: Tensor | None = None, beta: float = 0.1,
+                          loss_type: str | Sequence[str] = "sigmoid", loss_weights: Sequence[float] | None = None,
+                          label_smoothing: float = 0.0, f_divergence_type: str = "reverse_kl",
+                          f_alpha_divergence_coef: float = 0.5, discopop_tau: float = 0.05,
+                          ld_alpha: float | None = None, use_weighting: bool = False, num_responses: int = 2,
+                          average_log_prob: bool | None = None, rpo_alpha: float | None = None,
+                          reference_free: bool = False, bco_state: RunningMean | None = None,
+                          vocab_metrics: bool = False, temperature: float = 1.0,
                           num_pairs: int | Tensor | None = None, num_chosen_tokens: int | Tensor | None = None,
                           ignore_index: int = -100, backend: str = "auto", chunk_size: int | None = None,
                           check_finite: bool = True, process_group=None,
                           reduce_hidden_grad: bool = True) -> DPOLossOutput:
-    """DPO loss from hidden states: sequence log-prob sums, implicit rewards and the loss, without the logits.
+    """DPO loss (TRL's ``DPOTrainer`` loss surface) and rankings from hidden states, without the logits.
 
-    Each sequence's log-prob is the sum over its response tokens (``targets != ignore_index``) of the token
-    log-probs, or their mean with ``average_log_prob``; the loss of those ``[B]`` numbers for the policy and the
-    reference is TRL's (formulas: ``fastalign.objectives.dpo``). Prompt and padding tokens cost no logits. On the
-    torch backend a chunk holds whole pairs when the largest pair's ``[tokens, V]`` logits fit the memory budget
-    (one pass, three matmuls), else the op makes two passes (four matmuls, memory O(chunk) however long a pair is);
-    the triton backend always makes two passes, O(tile) memory.
+    Each response's log-prob is the sum over its completion tokens (``targets != ignore_index``) of the token
+    log-probs (LD-DPO: the tokens past the shorter response weighted by ``ld_alpha``); the loss of those numbers for
+    the policy and the reference is TRL's ``DPOTrainer._compute_loss`` (formulas: ``fastalign.objectives.dpo``).
+    Prompt and padding tokens cost no logits. On the torch backend a chunk holds whole prompts (their K responses)
+    when they fit the memory budget (one pass, three matmuls), else the op makes two passes (four matmuls, memory
+    O(chunk) however long a response is), as do ``aot``/``aot_unpaired`` and ``bco_pair`` with a ``bco_state``
+    (batch-coupled); the triton backend always makes two passes, O(tile) memory.
 
     Args:
-        hidden: ``[2B, T, H]`` last hidden states of the policy: rows ``0 .. B-1`` the chosen sequences, rows
-            ``B .. 2B-1`` the rejected ones of the same pairs (TRL's and Liger's layout).
+        hidden: ``[K*B, T, H]`` last hidden states of the policy, K = ``num_responses`` groups of B rows, best first:
+            for pairs rows ``0 .. B-1`` the chosen sequences, rows ``B .. 2B-1`` the rejected ones (TRL's layout).
         weight: ``[V, H]`` lm_head weight; ``bias``: optional ``[V]``. Same dtype as ``hidden``.
-        targets: ``[2B, T]`` next-token ids, ``ignore_index`` on prompt and padding positions.
-        ref_chosen_logps, ref_rejected_logps: precomputed reference log-probs ``[B]`` (sums, or means with
-            ``average_log_prob``: the same reduction as the policy's), e.g. computed once per dataset; or
-        ref_hidden, ref_weight, ref_bias: the reference model's ``[2B, T, H]`` hidden states, ``[V, H]`` lm_head
+        targets: ``[K*B, T]`` next-token ids, ``ignore_index`` on prompt and padding positions.
+        ref_chosen_logps, ref_rejected_logps: precomputed reference log-probs ``[B]`` of pairs, or ``ref_logps``
+            ``[K, B]``: **sums** over the completion tokens for every loss type, as TRL precomputes them (LD-DPO
+            weighted with ``ld_alpha``; means only with ``average_log_prob=True``); or
+        ref_hidden, ref_weight, ref_bias: the reference model's ``[K*B, T, H]`` hidden states, ``[V, H]`` lm_head
             weight (pass ``weight`` when it is shared) and ``[V]`` bias: its log-probs are computed here, forward
-            only and without gradient. Exactly one of the two, unless ``reference_free``.
-        beta, loss_type, label_smoothing, rpo_alpha, reference_free: TRL's ``DPOConfig`` options. ``loss_type`` in
-            ``sigmoid``, ``robust``, ``hinge``, ``ipo``, ``sppo_hard``, ``nca_pair``, ``apo_zero``, ``apo_down``;
-            ``rpo_alpha`` adds ``rpo_alpha *`` the mean NLL per chosen token (RPO); ``reference_free`` takes the
-            reference log-probs as 0.
-        average_log_prob: mean instead of sum of the token log-probs per sequence (a sequence without response
-            tokens counts 0). Default None: as TRL, means for ``ipo`` and sums for every other loss type.
+            only. Exactly one of the two, unless ``reference_free``.
+        beta, loss_type, loss_weights, label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau,
+            ld_alpha, use_weighting: TRL's ``DPOConfig`` options. ``loss_type`` a name or a list of names from
+            ``sigmoid``, ``hinge``, ``ipo``, ``exo_pair``, ``nca_pair``, ``robust``, ``bco_pair``, ``sppo_hard``,
+            ``aot``, ``aot_unpaired``, ``apo_zero``, ``apo_down``, ``discopop``, ``sft``, ``sigmoid_norm``; the loss is
+            the ``loss_weights``-weighted sum of each type's mean. ``ipo`` and ``sigmoid_norm`` divide the log-ratio
+            scores by the completion lengths, as TRL. ``use_weighting`` (WPO) is not available yet: it needs the
+            per-row ``lse(2z)`` statistic (raises ValueError).
+        num_responses: K >= 2 responses per prompt, best first; K > 2: the Plackett-Luce ranking loss
+            (``loss_type`` ``sigmoid``, plus ``sft``), equal to ``sigmoid`` at K = 2.
+        average_log_prob: True: per-token means instead of sums, policy and reference alike (a sequence without
+            completion tokens counts 0); ``ipo`` and ``sigmoid_norm`` then do not divide again. Default (None,
+            False): sums.
+        rpo_alpha: adds ``rpo_alpha *`` the mean NLL per chosen token (RPO). reference_free: reference log-probs 0.
+        bco_state: ``RunningMean`` of ``bco_pair`` (TRL < 1.0's reward shift; None: no shift, TRL 1.x); the updated
+            one is returned in ``bco_state``.
+        vocab_metrics: also compute TRL's ``entropy`` metric (the mean over completion tokens, one more elementwise
+            pass). ``logits/chosen``, ``logits/rejected`` and ``mean_token_accuracy`` need per-row statistics (sum of
+            logits, arg-max) that this build does not compute yet.
         temperature: positive divisor of the logits, policy and reference alike.
         num_pairs, num_chosen_tokens: the normalizers over the whole accumulated batch (gradient accumulation, data
-            parallel), an int or a one-element tensor: the loss is ``sum(pair losses) / num_pairs + rpo_alpha *
-            (-sum(chosen token log-probs)) / num_chosen_tokens``, so the losses (and gradients) of the parts add up
-            to those of the whole. Default this batch's B and its number of chosen response tokens (the mean).
-            ``num_chosen_tokens`` only matters with ``rpo_alpha``; the ``nll_loss`` metric uses it too.
-        backend: ``"auto"`` (triton on CUDA, torch elsewhere; ``$FASTALIGN_BACKEND`` overrides), ``"triton"``,
-            ``"torch"``.
-        chunk_size: tokens per chunk on the torch backend, which then holds whole pairs only when a pair has at
-            most that many response tokens; None sizes chunks from ``$FASTALIGN_CHUNK_BUDGET_MB``.
-        check_finite: raise on NaN/inf in the float inputs.
-        process_group, reduce_hidden_grad: vocab-parallel lm_head, as in :func:`fused_linear_logprobs`; a computed
-            reference's ``ref_weight`` (``ref_bias``) is sharded like ``weight``. Whole pairs on the torch backend
-            keep their one pass, merging each chunk's statistics.
+            parallel), an int or a one-element tensor: each loss type's mean is ``sum / num_pairs`` and the chosen
+            NLL (``sft``, RPO) ``-sum(chosen token log-probs) / num_chosen_tokens``, so that the parts add up to the
+            whole. Default this batch's B and its number of chosen completion tokens.
+        backend, chunk_size, check_finite, process_group, reduce_hidden_grad: as in :func:`fused_linear_logprobs`;
+            a computed reference's ``ref_weight`` (``ref_bias``) is sharded like ``weight``.
 
     Returns:
-        ``DPOLossOutput(loss, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, metrics)``: ``loss``
-        a scalar differentiable w.r.t. ``hidden``, ``weight`` and ``bias``; the rewards ``beta * (policy -
-        reference)`` ``[B]``; the policy's sequence log-probs ``[B]`` (sums or means); ``metrics`` with TRL's
-        names ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``,
-        ``logps/chosen``, ``logps/rejected`` and, with RPO, ``nll_loss``. All but ``loss`` are detached, fp32
+        ``DPOLossOutput(loss, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, metrics, rewards, logps,
+        bco_state)``: ``loss`` a scalar differentiable w.r.t. ``hidden``, ``weight`` and ``bias``; the rewards
+        ``beta * (policy - reference)`` and sequence log-probs of the best and worst responses ``[B]`` and of all
+        ``[K, B]``; ``metrics`` with TRL's names ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``,
+        ``rewards/margins``, ``logps/chosen``, ``logps/rejected``, ``nll_loss`` (sft / RPO), ``entropy``
+        (``vocab_metrics``), and ``rewards/ranking_accuracy`` for K > 2. All but ``loss`` are detached, fp32
         (float64 for float64 inputs).
     """
-    validate_pair_layout(hidden, targets)
+    options = DPOOptions(beta=beta, loss_type=loss_type if isinstance(loss_type, str) else tuple(loss_type),
+                         loss_weights=None if loss_weights is None else tuple(loss_weights),
+                         label_smoothing=label_smoothing, reference_free=reference_free, rpo_alpha=rpo_alpha,
+                         f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
+                         discopop_tau=discopop_tau, ld_alpha=ld_alpha, use_weighting=use_weighting,
+                         num_responses=num_responses)
+    if options.use_weighting:
+        raise ValueError("use_weighting: WPO weights need the per-row statistic lse(2z) computed in the pass over "
+                         "the vocabulary, which this build does not compute yet; got True")
+    validate_preference_layout(hidden, targets, options.num_responses)
     inputs, opts = prepare_linear(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
                                   backend=backend, chunk_size=chunk_size, check_finite=check_finite,
                                   process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
-    options = DPOOptions(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
-                         reference_free=reference_free, rpo_alpha=rpo_alpha)
     if average_log_prob is not None and not isinstance(average_log_prob, bool):
         raise TypeError(f"average_log_prob: expected a bool or None, got {type(average_log_prob).__name__}")
+    if not isinstance(vocab_metrics, bool):
+        raise TypeError(f"vocab_metrics: expected a bool, got {type(vocab_metrics).__name__}")
+    if bco_state is not None and not isinstance(bco_state, RunningMean):
+        raise TypeError(f"bco_state: expected a RunningMean or None, got {type(bco_state).__name__}")
+    groups = hidden.shape[0] // options.num_responses
     if num_pairs is not None:
-        num_pairs = check_count("num_pairs", num_pairs, hidden.shape[0] // 2, "at least the pairs in this batch")
+        num_pairs = check_count("num_pairs", num_pairs, groups, "at least the pairs in this batch")
     if num_chosen_tokens is not None:
         num_chosen_tokens = check_count("num_chosen_tokens", num_chosen_tokens, 1, "a token count")
-    config = DPOConfig(options, loss_type == "ipo" if average_log_prob is None else average_log_prob, num_pairs,
-                       num_chosen_tokens)
-    reference = validate_reference(inputs, opts, config, ref_chosen_logps=ref_chosen_logps,
-                                   ref_rejected_logps=ref_rejected_logps, ref_hidden=ref_hidden,
-                                   ref_weight=ref_weight, ref_bias=ref_bias, check_finite=check_finite)
+    config = DPOConfig(options, bool(average_log_prob), num_pairs, num_chosen_tokens, bco_state, vocab_metrics)
+    reference = validate_reference(inputs, opts, options, ref_chosen_logps=ref_chosen_logps,
+                                   ref_rejected_logps=ref_rejected_logps, ref_logps=ref_logps,
+                                   ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
+                                   check_finite=check_finite)
     return fused_dpo_loss(inputs, opts, config, reference)
 
 

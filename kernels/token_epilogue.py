@@ -1,4 +1,4 @@
-"""Launch configuration shared by the per-token epilogue kernels (PPO, DPO): elementwise work over tokens."""
+"""Launch configuration shared by the per-token epilogue kernels (PPO): elementwise work over tokens."""
 from __future__ import annotations
 
 from dataclasses import dataclass

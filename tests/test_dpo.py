@@ -9,16 +9,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastalign import DPOLossOutput, fused_linear_dpo_loss
-from fastalign.objectives.dpo import DPO_LOSS_TYPES, DPOOptions, dpo_loss, dpo_metrics
+from fastalign.objectives.dpo import DPO_LOSS_TYPES, DPOOptions, RunningMean, dpo_metrics, dpo_sequence_loss, \
+    sequence_logps
 from fastalign.ops import torch_backend
 from fastalign.ops.dispatch import available_backends
-from fastalign.ops.dpo import PAIR_BUDGET_CHUNKS, whole_pair_chunks
 from noise import assert_share_close, near
 from reference import as_f64_leaf, reference_logprobs
+from reference_dpo import plackett_luce_reference, trl_dpo
 
 # fp32 against float64: sums of a few token log-probs, errors ~1e-6 relative; bounds 100x that.
 F32 = dict(rtol=1e-4, atol=1e-5)
-SMOOTHING = {"sigmoid": 0.2, "robust": 0.2}  # label smoothing where the loss type takes it
+SMOOTHING = {"sigmoid": 0.2, "robust": 0.2, "exo_pair": 1e-3, "aot": 0.1, "aot_unpaired": 0.1}
 TRL_METRICS = {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                "logps/rejected"}
 
@@ -36,7 +37,7 @@ class Engine:
     def chunk_size(self, length: int) -> int | None:
         if self.backend != "torch" or self.strategy is None:
             return self.chunk
-        return 2 * length if self.strategy == "pairs" else 1  # a pair has at most 2T rows; most have more than 1
+        return 4 * length if self.strategy == "pairs" else 1  # a group has at most K*T rows; most have more than 1
 
 
 ENGINES = [("torch", "pairs"), ("torch", "two_passes")] + [("triton", "two_passes")] * (
@@ -76,49 +77,42 @@ def two_pass_engine(request, monkeypatch):
     return spied_engine(request.param, monkeypatch)
 
 
-def make_batch(pairs, length, width, vocab, *, dtype=torch.float32, bias=False, prompt=True):
-    """Policy ``hidden [2B, T, H]``, ``weight``, ``bias``, ``targets`` with random prompt lengths and padding."""
-    hidden = torch.randn(2 * pairs, length, width).to(dtype)
+def make_batch(pairs, length, width, vocab, *, dtype=torch.float32, bias=False, prompt=True, responses=2):
+    """Policy ``hidden [K*B, T, H]``, ``weight``, ``bias``, ``targets`` with random prompt lengths and padding."""
+    rows = responses * pairs
+    hidden = torch.randn(rows, length, width).to(dtype)
     weight = (torch.randn(vocab, width) / width ** 0.5).to(dtype)
     b = torch.randn(vocab).to(dtype) if bias else None
-    targets = torch.randint(0, vocab, (2 * pairs, length))
+    targets = torch.randint(0, vocab, (rows, length))
     if prompt:
         pos = torch.arange(length)
-        start = torch.randint(0, max(length // 2, 1), (2 * pairs, 1))  # prompt tokens are ignored
-        end = torch.randint(length // 2 + 1, length + 1, (2 * pairs, 1))  # and so is the padding after `end`
+        start = torch.randint(0, max(length // 2, 1), (rows, 1))  # prompt tokens are ignored
+        end = torch.randint(length // 2 + 1, length + 1, (rows, 1))  # and so is the padding after `end`
         targets[(pos < start) | (pos >= end)] = -100
     return hidden, weight, b, targets
 
 
-def reference_sequence_logps(hidden, weight, targets, bias=None, *, temperature=1.0, average=False):
-    """Per-sequence sums (means) ``[2B]`` of the response tokens' log-probs, from float64 logits; and the sums."""
-    logp, _ = reference_logprobs(hidden, weight, targets, bias, temperature=temperature)
-    sums = logp.sum(-1)
-    counts = (targets != -100).sum(-1).double()
-    return (sums / counts.clamp(min=1) if average else sums), sums, counts
+def reference_tokens(hidden, weight, targets, bias=None, *, temperature=1.0):
+    """Per-token log-probs ``[K*B, T]`` from float64 logits (0 off the completion)."""
+    return reference_logprobs(hidden, weight, targets, bias, temperature=temperature)[0]
 
 
-def reference_dpo(hidden, weight, targets, bias, reference, options, *, average, temperature=1.0):
-    """``(DPOResult, logps [2B])`` in float64: the formula from ``dpo_loss``, the log-probs computed here."""
-    logps, sums, counts = reference_sequence_logps(hidden, weight, targets, bias, temperature=temperature,
-                                                   average=average)
-    b = targets.shape[0] // 2
-    if reference is None:
-        ref = (None, None)
-    elif isinstance(reference, tuple) and len(reference) == 3:
-        ref_logps = reference_sequence_logps(*(None if t is None else t.double() for t in reference[:2]), targets,
-                                             None if reference[2] is None else reference[2].double(),
-                                             temperature=temperature, average=average)[0]
-        ref = (ref_logps[:b], ref_logps[b:])
-    else:
-        ref = tuple(t.double() for t in reference)
-    nll = None
-    if options.rpo_alpha is not None:  # mean NLL per chosen response token
-        nll = -sums[:b].sum() / counts[:b].sum().clamp(min=1)
-    return dpo_loss(logps[:b], logps[b:], *ref, options, chosen_nll=nll), logps
+def reference_dpo(hidden, weight, targets, bias, reference, options, *, average, temperature=1.0, bco_state=None):
+    """``(DPOResult, logps [K, B])`` in float64: log-probs from materialized logits, the loss of
+    ``dpo_sequence_loss`` (itself checked against TRL's code in test_objectives_dpo_trl.py)."""
+    tokens = reference_tokens(hidden, weight, targets, bias, temperature=temperature)
+    mask = targets != -100
+    if isinstance(reference, tuple):  # computed: the reference model's token log-probs
+        ref_tokens = reference_tokens(*(None if t is None else t.double() for t in reference[:2]), targets,
+                                      None if reference[2] is None else reference[2].double(),
+                                      temperature=temperature)
+        reference = sequence_logps(ref_tokens, mask, options, average_log_prob=average)
+    elif reference is not None:
+        reference = reference.double()
+    return dpo_sequence_loss(tokens, mask, reference, options, average_log_prob=average, bco_state=bco_state)
 
 
-def make_reference(kind, hidden, weight, targets, bias, *, average, temperature=1.0):
+def make_reference(kind, hidden, weight, targets, bias, options, *, average, temperature=1.0):
     """Keyword arguments of the op for a reference of ``kind``, and the reference as ``reference_dpo`` takes it."""
     if kind == "free":
         return dict(reference_free=True), None
@@ -128,54 +122,69 @@ def make_reference(kind, hidden, weight, targets, bias, *, average, temperature=
     if kind == "computed":
         return dict(ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias), (ref_hidden, ref_weight,
                                                                                        ref_bias)
-    logps = reference_sequence_logps(ref_hidden.double(), ref_weight.double(), targets,
-                                     None if ref_bias is None else ref_bias.double(), temperature=temperature,
-                                     average=average)[0].float()
-    b = targets.shape[0] // 2
-    return dict(ref_chosen_logps=logps[:b], ref_rejected_logps=logps[b:]), (logps[:b], logps[b:])
+    tokens = reference_tokens(ref_hidden.double(), ref_weight.double(), targets,
+                              None if ref_bias is None else ref_bias.double(), temperature=temperature)
+    logps = sequence_logps(tokens, targets != -100, options, average_log_prob=average).float()
+    if options.num_responses == 2:
+        return dict(ref_chosen_logps=logps[0], ref_rejected_logps=logps[1]), logps
+    return dict(ref_logps=logps), logps
 
 
-def check_dpo(engine, hidden, weight, targets, bias=None, *, reference="computed", loss_type="sigmoid",
-              label_smoothing=0.0, average_log_prob=None, rpo_alpha=None, beta=0.1, temperature=1.0,
-              train=("hidden", "weight", "bias"), tol=F32, grad_tol=None) -> DPOLossOutput:
+OPTION_NAMES = ("beta", "loss_type", "loss_weights", "label_smoothing", "rpo_alpha", "f_divergence_type",
+                "f_alpha_divergence_coef", "discopop_tau", "ld_alpha", "num_responses")
+
+
+def check_dpo(engine, hidden, weight, targets, bias=None, *, reference="computed", average_log_prob=None,
+              temperature=1.0, train=("hidden", "weight", "bias"), tol=F32, grad_tol=None, bco_state=None,
+              vocab_metrics=False, **option_kwargs) -> DPOLossOutput:
     """Loss, rewards, log-probs, metrics and gradients against ``reference_dpo``; the strategy that ran."""
-    average = loss_type == "ipo" if average_log_prob is None else average_log_prob
-    options = DPOOptions(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
-                         reference_free=reference == "free", rpo_alpha=rpo_alpha)
-    ref_kwargs, ref = make_reference(reference, hidden, weight, targets, bias, average=average,
+    average = bool(average_log_prob)
+    option_kwargs.setdefault("beta", 0.1)
+    options = DPOOptions(reference_free=reference == "free", **option_kwargs)
+    ref_kwargs, ref = make_reference(reference, hidden, weight, targets, bias, options, average=average,
                                      temperature=temperature)
     names = ("hidden", "weight", "bias")
     ours = {n: None if t is None else t.detach().clone().requires_grad_(n in train)
             for n, t in zip(names, (hidden, weight, bias))}
     theirs = {n: as_f64_leaf(t) for n, t in zip(names, (hidden, weight, bias))}
-    out = fused_linear_dpo_loss(ours["hidden"], ours["weight"], targets, bias=ours["bias"], beta=beta,
-                                loss_type=loss_type, label_smoothing=label_smoothing,
-                                average_log_prob=average_log_prob, rpo_alpha=rpo_alpha, temperature=temperature,
-                                backend=engine.backend, chunk_size=engine.chunk_size(targets.shape[1]),
-                                **ref_kwargs)
+    out = fused_linear_dpo_loss(ours["hidden"], ours["weight"], targets, bias=ours["bias"],
+                                average_log_prob=average_log_prob, temperature=temperature, backend=engine.backend,
+                                chunk_size=engine.chunk_size(targets.shape[1]), bco_state=bco_state,
+                                vocab_metrics=vocab_metrics, **option_kwargs, **ref_kwargs)
     expected, logps = reference_dpo(theirs["hidden"], theirs["weight"], targets, theirs["bias"], ref, options,
-                                    average=average, temperature=temperature)
-    b = targets.shape[0] // 2
+                                    average=average, temperature=temperature, bco_state=bco_state)
+    k, b = logps.shape
 
     assert isinstance(out, DPOLossOutput) and out.loss.shape == () and out.loss.dtype == torch.float32
     close = lambda got, want, what: torch.testing.assert_close(  # noqa: E731
         got.double(), want.detach(), **tol, msg=lambda m: f"{what}: {m}")
     close(out.loss, expected.loss, "loss")
-    for name, got, want in (("chosen_rewards", out.chosen_rewards, expected.chosen_rewards),
-                            ("rejected_rewards", out.rejected_rewards, expected.rejected_rewards),
-                            ("chosen_logps", out.chosen_logps, logps[:b]),
-                            ("rejected_logps", out.rejected_logps, logps[b:])):
-        assert got.shape == (b,) and got.dtype == torch.float32 and not got.requires_grad, name
+    for name, got, want in (("chosen_rewards", out.chosen_rewards, expected.rewards[0]),
+                            ("rejected_rewards", out.rejected_rewards, expected.rewards[-1]),
+                            ("chosen_logps", out.chosen_logps, logps[0]),
+                            ("rejected_logps", out.rejected_logps, logps[-1]),
+                            ("rewards", out.rewards, expected.rewards), ("logps", out.logps, logps)):
+        assert got.dtype == torch.float32 and not got.requires_grad, name
         close(got, want, name)
-    want_metrics = dpo_metrics(expected, logps[:b], logps[b:])
-    assert set(out.metrics) == TRL_METRICS | ({"nll_loss"} if rpo_alpha is not None else set())
+    want_metrics = dpo_metrics(expected, logps)
+    if vocab_metrics:
+        ent = reference_logprobs(theirs["hidden"], theirs["weight"], targets, theirs["bias"],
+                                 temperature=temperature)[1]
+        mask = targets != -100
+        want_metrics["entropy"] = (ent * mask).sum() / mask.sum().clamp(min=1)
     assert set(out.metrics) == set(want_metrics)
-    margins = (expected.chosen_rewards - expected.rejected_rewards).detach()
+    assert TRL_METRICS <= set(out.metrics)
+    i, j = torch.triu_indices(k, k, offset=1)
+    margins = (expected.rewards[i] - expected.rewards[j]).detach()  # [pairs of ranks, B]
+    noise = 10 * (tol["atol"] + tol["rtol"] * float(expected.rewards.abs().max()))
+    ambiguous = near(margins, [0.0], noise)
     for name, value in out.metrics.items():
         assert value.shape == () and not value.requires_grad, name
-        if name == "rewards/accuracies":  # a step function: margins within 10x the tolerance of 0 may go either way
-            noise = 10 * (tol["atol"] + tol["rtol"] * float(margins.abs().max()))
-            assert_share_close(value, margins > 0, near(margins, [0.0], noise), name)
+        # step functions: margins within 10x the tolerance of 0 may go either way
+        if name == "rewards/accuracies":
+            assert_share_close(value, margins > 0, ambiguous, name)
+        elif name == "rewards/ranking_accuracy":
+            assert_share_close(value, (margins > 0).all(0), ambiguous.any(0), name)
         else:
             close(value, want_metrics[name], name)
 
@@ -187,15 +196,16 @@ def check_dpo(engine, hidden, weight, targets, bias=None, *, reference="computed
             assert g.dtype == ours[name].dtype and g.shape == ours[name].shape, name
             torch.testing.assert_close(g.double(), w, **(grad_tol or tol), msg=lambda m: f"grad {name}: {m}")
         if engine.strategy is not None:
-            expected_fused = engine.strategy == "pairs" and bool((targets != -100).any())
+            coupled = bool({"aot", "aot_unpaired"} & set(options.loss_types)) or bco_state is not None
+            expected_fused = engine.strategy == "pairs" and bool((targets != -100).any()) and not coupled
             assert bool(engine.fused_calls) == expected_fused, f"strategy {engine.strategy} did not run"
     return out
 
 
 # --- against the reference ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
-@pytest.mark.parametrize("average_log_prob", [False, True])
+@pytest.mark.parametrize("loss_type, average_log_prob", [(t, False) for t in DPO_LOSS_TYPES]
+                         + [(t, True) for t in ("sigmoid", "ipo", "sigmoid_norm", "sft")])
 def test_loss_types(engine, loss_type, average_log_prob):
     hidden, weight, bias, targets = make_batch(3, 7, 16, 37)
     # beta 0.5: sizeable gradients in every loss type (ipo's target margin 1/beta, apo's sigmoids)
@@ -216,12 +226,77 @@ def test_rpo(engine, loss_type, average_log_prob):
               rpo_alpha=0.7)
 
 
-def test_ipo_averages_by_default_like_trl(engine):
-    hidden, weight, bias, targets = make_batch(2, 6, 8, 19)
-    out = check_dpo(engine, hidden, weight, targets, loss_type="ipo")
-    counts = (targets != -100).sum(-1).float()
-    summed = check_dpo(engine, hidden, weight, targets, loss_type="ipo", average_log_prob=False)
-    torch.testing.assert_close(out.chosen_logps, summed.chosen_logps / counts[:2])
+def trl_check(engine, loss_type, *, seed=0, **kwargs):
+    """The op with precomputed reference SUMS (as TRL precomputes them) against TRL's code, written out in float64
+    in reference_dpo.py: loss and gradient w.r.t. hidden."""
+    torch.manual_seed(seed)
+    hidden, weight, bias, targets = make_batch(3, 8, 16, 29, bias=True)
+    ref_hidden = torch.randn_like(hidden)
+    mask = targets != -100
+    ref_tokens = reference_tokens(ref_hidden.double(), weight.double(), targets, bias.double())
+    options = DPOOptions(loss_type=loss_type, beta=0.5, **kwargs)
+    ref = sequence_logps(ref_tokens, mask, options).float()  # TRL's compute_ref_log_probs: sums (LD-weighted)
+    leaf = hidden.clone().requires_grad_(True)
+    out = fused_linear_dpo_loss(leaf, weight, targets, bias=bias, ref_chosen_logps=ref[0], ref_rejected_logps=ref[1],
+                                loss_type=loss_type, beta=0.5, backend=engine.backend,
+                                chunk_size=engine.chunk_size(8), **kwargs)
+    theirs = as_f64_leaf(hidden)
+    tokens = reference_tokens(theirs, weight.double(), targets, bias.double())
+    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    trl_kwargs = {k: v for k, v in kwargs.items() if k != "loss_weights"}
+    expected = trl_dpo(tokens, ref_tokens, mask, types, kwargs.get("loss_weights"), beta=0.5, **trl_kwargs)[0]
+    torch.testing.assert_close(out.loss.double(), expected.detach(), **F32)
+    torch.testing.assert_close(torch.autograd.grad(out.loss, leaf)[0].double(),
+                               torch.autograd.grad(expected, theirs)[0], **F32)
+    return out, expected
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "sigmoid_norm"])
+def test_precomputed_sums_give_trls_length_normalized_losses(engine, loss_type):
+    """ipo and sigmoid_norm take precomputed reference sums, as TRL's trainer precomputes them (no per-token means
+    expected from the user), and divide the log-ratios by the completion lengths."""
+    trl_check(engine, loss_type)
+
+
+def test_mpo_list_loss_matches_trl(engine):
+    trl_check(engine, ["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0])
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "js_divergence", "alpha_divergence"])
+def test_f_divergence_matches_trl(engine, kind):
+    trl_check(engine, ["sigmoid", "ipo"], f_divergence_type=kind, f_alpha_divergence_coef=0.3)
+
+
+def test_ld_dpo_matches_trl(engine):
+    out, _ = trl_check(engine, "sigmoid", ld_alpha=0.4)
+    plain, _ = trl_check(engine, "sigmoid")
+    assert abs(out.loss.item() - plain.loss.item()) > 1e-4  # the tail weighting changed the loss
+
+
+@pytest.mark.parametrize("reference", ["computed", "precomputed"])
+def test_ranking_of_three(engine, reference):
+    """K = 3 responses per prompt, best first: the Plackett-Luce loss, metrics and gradients; with LD-DPO and sft."""
+    hidden, weight, bias, targets = make_batch(2, 7, 16, 31, bias=True, responses=3)
+    out = check_dpo(engine, hidden, weight, targets, bias, reference=reference, num_responses=3, beta=0.5)
+    assert "rewards/ranking_accuracy" in out.metrics and out.rewards.shape == (3, 2)
+    # the loss is -log P(ranking) of the rewards the op returns, written out with loops
+    assert out.loss.item() == pytest.approx(plackett_luce_reference(out.rewards.double().tolist()), rel=1e-5)
+    check_dpo(engine, hidden, weight, targets, bias, reference=reference, num_responses=3, beta=0.5,
+              loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.3], ld_alpha=0.5)
+
+
+def test_bco_pair_running_mean_through_the_op(engine):
+    hidden, weight, bias, targets = make_batch(2, 6, 16, 23)
+    state = RunningMean.initial()
+    for _ in range(2):
+        out = check_dpo(engine, hidden, weight, targets, loss_type="bco_pair", beta=0.5, bco_state=state)
+        assert out.bco_state.count.item() == pytest.approx(state.count.item() + 1)
+        state = out.bco_state
+
+
+def test_entropy_metric(engine):
+    hidden, weight, bias, targets = make_batch(2, 6, 16, 23, bias=True)
+    check_dpo(engine, hidden, weight, targets, bias, vocab_metrics=True, temperature=0.8)
 
 
 @pytest.mark.parametrize("layout", ["chosen_fully_masked", "one_pair", "one_token", "nothing_to_learn"])
@@ -357,23 +432,6 @@ def test_gradcheck_float64_torch_backend(chunk_size):
 
 # --- strategy -----------------------------------------------------------------------------------------------------
 
-def test_whole_pair_chunks():
-    # pairs of 3, 5, 2, 4 rows in chunks of at most 7 rows: [3], [5, 2], [4]
-    assert whole_pair_chunks([3, 5, 2, 4], 11, chunk_size=7) == [slice(0, 3), slice(3, 10), slice(10, 14)]
-    assert whole_pair_chunks([3, 0, 4], 11, chunk_size=7) == [slice(0, 7)]
-    assert whole_pair_chunks([3, 5, 2, 4], 11, chunk_size=4) is None  # a pair of 5 rows: two passes
-
-
-def test_whole_pairs_may_exceed_the_chunk_budget_up_to_a_limit(monkeypatch):
-    vocab = 1024  # one budget row is 4 KiB
-    monkeypatch.setenv("FASTALIGN_CHUNK_BUDGET_MB", str(100 * 4096 / 2 ** 20))  # 100 rows
-    assert whole_pair_chunks([60, 30, 50], vocab, None) == [slice(0, 90), slice(90, 140)]  # packed up to 100
-    largest = PAIR_BUDGET_CHUNKS * 100
-    assert whole_pair_chunks([10, largest, 10], vocab, None) == [slice(0, 10), slice(10, 10 + largest),
-                                                                  slice(10 + largest, 20 + largest)]
-    assert whole_pair_chunks([10, largest + 1], vocab, None) is None
-
-
 def test_long_pair_takes_two_passes_within_the_budget(two_pass_engine, monkeypatch):
     """A pair beyond the whole-pair limit runs in two passes over chunks of the budget: memory O(chunk)."""
     engine = two_pass_engine
@@ -396,7 +454,7 @@ class TestBadInput:
         return fused_linear_dpo_loss(args.pop("hidden"), args.pop("weight"), args.pop("targets"), **args)
 
     def test_odd_number_of_rows(self):
-        with pytest.raises(ValueError, match=r"hidden: expected an even number 2B .* got shape \(3, 5, 8\)"):
+        with pytest.raises(ValueError, match=r"hidden: expected a multiple 2B >= 2 .* got shape \(3, 5, 8\)"):
             self.call(hidden=self.hidden[:3], targets=self.targets[:3])
 
     def test_hidden_not_3d(self):
@@ -439,8 +497,18 @@ class TestBadInput:
             self.call(ref_rejected_logps=torch.tensor([0.0, float("nan")]))
 
     def test_bad_options(self):
-        with pytest.raises(ValueError, match="loss_type: expected one of"):
+        with pytest.raises(ValueError, match="loss_type: expected names from"):
             self.call(loss_type="kto")
+        with pytest.raises(ValueError, match="use_weighting: WPO weights need the per-row statistic lse"):
+            self.call(use_weighting=True)
+        with pytest.raises(ValueError, match="label_smoothing: expected \\[0.0, 0.5\\) for loss_type 'sigmoid'"):
+            self.call(label_smoothing=0.5)
+        with pytest.raises(TypeError, match="bco_state: expected a RunningMean or None, got tuple"):
+            self.call(loss_type="bco_pair", bco_state=(0.0, 1.0))
+        with pytest.raises(ValueError, match="ref_logps: expected the reference log-probs \\[K, B\\] with "
+                                             "num_responses=3"):
+            self.call(hidden=self.hidden[:3], targets=self.targets[:3], num_responses=3,
+                      ref_chosen_logps=torch.zeros(1), ref_rejected_logps=torch.zeros(1))
         with pytest.raises(ValueError, match="label_smoothing"):
             self.call(loss_type="hinge", label_smoothing=0.1)
         with pytest.raises(ValueError, match="beta: expected a positive number"):

@@ -13,7 +13,6 @@ import pytest
 import torch
 from aot import CompileSpec, compile_kernels
 
-from fastalign.kernels.dpo_epilogue import _dpo_epilogue_kernel
 from fastalign.kernels.logprobs_backward import _logprobs_backward_kernel, logprobs_backward_config
 from fastalign.kernels.lse_forward import _lse_forward_kernel, lse_forward_config
 from fastalign.kernels.ppo_epilogue import _ppo_epilogue_kernel
@@ -72,15 +71,6 @@ def ppo_epilogue_spec(dtype: torch.dtype, arch: int, *, dual_clip: bool, kl_esti
     return _spec(_ppo_epilogue_kernel, types, flags, token_epilogue_config(), arch)
 
 
-def dpo_epilogue_spec(dtype: torch.dtype, arch: int) -> CompileSpec:
-    """`dtype` is that of the partials and outputs: fp32 whatever the lm_head's dtype."""
-    f = "*" + DTYPES[dtype]
-    types = {"max_ptr": f, "sumexp_ptr": f, "target_logit_ptr": f, "targets_ptr": "*i64", "seq_ids_ptr": "*i64",
-             "lse_ptr": f, "target_out_ptr": f, "seq_sums_ptr": f, "N": "i32", "num_splits": "i32",
-             "ignore_index": "i32"}
-    return _spec(_dpo_epilogue_kernel, types, {}, token_epilogue_config(), arch)
-
-
 class Variant(NamedTuple):
     spec: Callable[[torch.dtype, int], CompileSpec]
     dtypes: tuple = tuple(DTYPES)  # the input dtypes it is built for
@@ -99,7 +89,6 @@ VARIANTS = {
                                                           with_entropy=True), (torch.float32,), tensor_cores=False),
     "ppo_epilogue[plain]": Variant(partial(ppo_epilogue_spec, dual_clip=False, kl_estimator=None,
                                            with_entropy=False), (torch.float32,), tensor_cores=False),
-    "dpo_epilogue": Variant(dpo_epilogue_spec, (torch.float32,), tensor_cores=False),
 }
 CASES = [(name, dtype, arch) for name, variant in VARIANTS.items() for dtype in variant.dtypes for arch in ARCHS]
 

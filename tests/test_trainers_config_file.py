@@ -80,7 +80,7 @@ def test_user_files_char_tokenizer_and_an_imported_reward(tmp_path, monkeypatch)
     ({"config": {"learning_rat": 0.1}}, ConfigError, "config: unknown field 'learning_rat'; did you mean "
                                                      "'learning_rate'"),
     ({"config": {"beta": "strong"}}, ConfigError, "DPOConfig.beta: expected float, got 'strong'"),
-    ({"config": {"loss_type": "kto"}}, ConfigError, "DPOConfig.loss_type: expected one of"),
+    ({"config": {"loss_type": "kto"}}, ConfigError, "DPOConfig.loss_type: expected names from"),
 ])
 def test_mistakes_get_errors_that_say_what_to_fix(tmp_path, changes, error, match):
     with pytest.raises(error, match=match):

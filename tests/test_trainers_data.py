@@ -107,7 +107,7 @@ def test_batch_order_walks_a_permutation_per_epoch_and_depends_on_step_only():
 @pytest.mark.parametrize("cls, field, value, error, match", [
     (DPOConfig, "beta", -1.0, ValueError, "DPOConfig.beta: expected a positive number"),
     (DPOConfig, "beta", "big", TypeError, "DPOConfig.beta: expected float"),
-    (DPOConfig, "loss_type", "kto", ValueError, "DPOConfig.loss_type: expected one of"),
+    (DPOConfig, "loss_type", "kto", ValueError, "DPOConfig.loss_type: expected names from"),
     (DPOConfig, "label_smoothing", 0.2, ValueError, "DPOConfig.label_smoothing"),  # not for hinge
     (DPOConfig, "max_prompt_length", 2048, ValueError, "less than max_length"),
     (DPOConfig, "loss_backend", "triton", ValueError, "DPOConfig.loss_backend: expected one of"),

@@ -83,7 +83,7 @@ def run_ops(p: dict, rows: slice, backend: str, group) -> dict[str, torch.Tensor
                                 ref_bias=rb, rpo_alpha=0.5, beta=0.5, **kw)
     grads = torch.autograd.grad(dpo.loss, [h, wl, bl])
     out.update({"dpo/dh": grads[0], "dpo/dw": grads[1], "dpo/db": grads[2]})
-    out.update({f"dpo/{k}": v for k, v in dpo._asdict().items() if k != "metrics"})
+    out.update({f"dpo/{k}": v for k, v in dpo._asdict().items() if k not in ("metrics", "bco_state")})
     out.update({f"dpo/metric/{k}": v for k, v in dpo.metrics.items()})
     h, wl = leaves(p["hidden"], w)
     dpo = fused_linear_dpo_loss(h, wl, p["targets"], ref_chosen_logps=p["ref_logps"][:2],
@@ -92,6 +92,13 @@ def run_ops(p: dict, rows: slice, backend: str, group) -> dict[str, torch.Tensor
     grads = torch.autograd.grad(dpo.loss, [h, wl])
     out.update({"ipo/loss": dpo.loss, "ipo/chosen_logps": dpo.chosen_logps, "ipo/dh_partial": grads[0],
                 "ipo/dw": grads[1]})
+    # A ranking of the 4 rows (one prompt, K = 4) with sft, LD-DPO and the entropy metric.
+    h, wl = leaves(p["hidden"], w)
+    rank = fused_linear_dpo_loss(h, wl, p["targets"], ref_logps=p["ref_logps"].view(4, 1), num_responses=4,
+                                 loss_type=["sigmoid", "sft"], ld_alpha=0.5, vocab_metrics=True, **kw)
+    grads = torch.autograd.grad(rank.loss, [h, wl])
+    out.update({"rank/loss": rank.loss, "rank/logps": rank.logps, "rank/dh": grads[0], "rank/dw": grads[1]})
+    out.update({f"rank/metric/{k}": v for k, v in rank.metrics.items()})
     return {k: v.detach() for k, v in out.items()}
 
 

@@ -1,57 +1,78 @@
-"""DPO and its variants on per-sequence log-probs: losses, implicit rewards and TRL-named metrics.
+"""DPO, its variants and rankings on per-sequence log-probs: losses, implicit rewards and TRL-named metrics.
 
-Formulas, parameter names and metric names follow TRL's ``DPOTrainer.dpo_loss`` and
-``get_batch_loss_metrics`` (``trl/trainer/dpo_trainer.py``). Inputs are one number per sequence, shape ``[B]``:
-the sum over the response tokens of the log-prob of each token (``ipo`` excepted, see ``DPOOptions``), for the
-policy and the reference model, on the chosen and the rejected response of each of ``B`` pairs.
+Formulas, option names and metric names follow TRL's ``DPOTrainer._compute_loss`` and ``DPOConfig`` (TRL 1.13,
+``trl/trainer/dpo_trainer.py``). Inputs are one number per response, laid out ``[K, B]``: ``K`` responses to each of
+``B`` prompts, best first (``K = 2``: row 0 chosen, row 1 rejected). Each number is the sum over the response's
+completion tokens of the token log-probs (LD-DPO: the tokens past the group's shortest response weighted by
+``ld_alpha``, ``ld_token_weights``), for the policy and the reference alike. Precomputed reference log-probs are such
+sums for every loss type, as TRL precomputes them.
 
-With ``z = (chosen - rejected) - (ref_chosen - ref_rejected)``, ``c = chosen - ref_chosen``,
-``r = rejected - ref_rejected``, ``b = beta``, ``e = label_smoothing`` and ``s`` the logistic sigmoid:
+With ``c = logp_chosen - ref_chosen`` and ``r = logp_rejected - ref_rejected`` (the log-ratios), their
+f-divergence scores ``sc = f(c)``, ``sr = f(r)`` (``f_divergence_type``: ``reverse_kl`` ``x``, ``forward_kl``
+``1 - exp(-x)``, ``js_divergence`` ``log 2 + log s(x)``, ``alpha_divergence`` ``(exp((a-1) x) - 1) / (a-1)``, its
+exponent clamped at 80 as TRL), ``d = sc - sr``, ``b = beta``, ``e = label_smoothing``, ``s`` the logistic sigmoid,
+``n_c, n_r`` the completion lengths:
 
-========== ============================================================ =============================================
-loss_type  per-pair loss                                                paper
-========== ============================================================ =============================================
-sigmoid    ``-(1-e) log s(b z) - e log s(-b z)``                        DPO, Rafailov et al. 2023, arXiv:2305.18290
-                                                                        Eq. 7; ``e > 0``: conservative DPO (cDPO),
-                                                                        Mitchell 2023, https://ericmitchell.ai/cdpo.pdf
-robust     ``(-(1-e) log s(b z) + e log s(-b z)) / (1 - 2e)``           Robust DPO, Chowdhury et al. 2024,
-                                                                        arXiv:2403.00409
-hinge      ``relu(1 - b z)``                                            SLiC-HF, Zhao et al. 2023, arXiv:2305.10425
-                                                                        (with ``b``: RSO, Liu et al. 2023,
-                                                                        arXiv:2309.06657)
-ipo        ``(z - 1/(2b))^2``                                           IPO, Azar et al. 2023, arXiv:2310.12036 Eq. 17
-sppo_hard  ``(c - 1/(2b))^2 + (r + 1/(2b))^2``                          SPPO, Wu et al. 2024, arXiv:2405.00675 Eq. 4.7
-                                                                        with hard win probabilities 1 and 0
-nca_pair   ``-log s(b c) - log s(-b c)/2 - log s(-b r)/2``              NCA, Chen et al. 2024, arXiv:2402.05369
-apo_zero   ``1 - s(b c) + s(b r)``                                      APO-zero, D'Oosterlinck et al. 2024,
-                                                                        arXiv:2408.06266 Eq. 7
-apo_down   ``s(b c) + 1 - s(b z)``                                      APO-down, same paper, Eq. 8
-========== ============================================================ =============================================
+============= ========================================================= ============================================
+loss_type     per-pair loss                                             paper
+============= ========================================================= ============================================
+sigmoid       ``-(1-e) log s(b d) - e log s(-b d)``                     DPO, arXiv:2305.18290 Eq. 7; ``e > 0``: cDPO
+                                                                        (https://ericmitchell.ai/cdpo.pdf)
+hinge         ``relu(1 - b d)``                                         SLiC-HF arXiv:2305.10425, RSO 2309.06657
+ipo           ``(sc/n_c - sr/n_r - 1/(2b))^2``                          IPO, arXiv:2310.12036 Eq. 17
+exo_pair      ``q log(q/(1-e)) + (1-q) log((1-q)/e)``, ``q = s(b d)``   EXO, arXiv:2402.00856 Eq. 16
+nca_pair      ``-log s(b c) - log s(-b c)/2 - log s(-b r)/2``           NCA, arXiv:2402.05369
+robust        ``(-(1-e) log s(b d) + e log s(-b d)) / (1 - 2e)``        Robust DPO, arXiv:2403.00409
+bco_pair      ``-log s(b c - m) - log s(-(b r - m))``                   BCO, arXiv:2404.04656 (``m``: see below)
+sppo_hard     ``(c - 1/(2b))^2 + (r + 1/(2b))^2``                       SPPO, arXiv:2405.00675 Eq. 4.7, hard P
+aot           cDPO form on ``sort(logp_c - logp_r) - sort(ref_c - ref_r)`` AOT, arXiv:2406.05882 (sorted over the batch)
+aot_unpaired  cDPO form on ``sort(c) - sort(r)``                        AOT, unpaired
+apo_zero      ``1 - s(b c) + s(b r)``                                   APO, arXiv:2408.06266 Eq. 7
+apo_down      ``s(b c) + 1 - s(b (c - r))``                             APO, Eq. 8
+discopop      ``-log s(L) (1 - s(L/tau)) + exp(-L) s(L/tau)``, ``L=b d`` DiscoPOP, arXiv:2406.08414 Eq. 5
+sft           the chosen tokens' mean NLL (``chosen_nll``)              (MPO combines it with sigmoid and bco_pair)
+sigmoid_norm  ``-log s(b (sc/n_c - sr/n_r))``                           SimPO-style length normalization (TRL's
+                                                                        form keeps the reference)
+============= ========================================================= ============================================
 
-RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization", arXiv:2404.19733 v3) adds
-``rpo_alpha * nll`` to the loss, ``nll`` being the mean negative log-likelihood per chosen token (``rpo_nll``).
+``loss_type`` may be a list, with ``loss_weights`` (default 1.0 each): the loss is the weighted sum of each type's
+mean over the pairs. WPO (``use_weighting``, arXiv:2406.11827 Eq. 2) multiplies every pair's loss by the detached
+product of its responses' weights ``exp(mean over completion tokens of (log p_y - log sum_v p_v^2))``.
 
-Not included: ``bco_pair`` (its reward shift is a running mean over training steps, state that does not belong in a
-pure function), and TRL's rarer ``exo_pair``, ``aot``, ``aot_pair``, ``discopop`` and f-divergence options.
+Where this module and TRL 1.13 differ, on purpose:
 
-Everything is differentiable with autograd (float32 and float64): the fused op takes the gradient of ``dpo_loss``
-with respect to each sequence's log-prob by ``torch.autograd.grad``.
+- ``sigmoid`` keeps cDPO's ``label_smoothing`` (TRL < 1.0; TRL 1.x ignores it for ``sigmoid``).
+- ``bco_pair``: TRL 1.x uses ``m = 0``; TRL < 1.0 used the running mean of the batches' mean implicit reward. Pass
+  that running mean as explicit state (``RunningMean``, in and out of ``dpo_loss``) to get the latter.
+- ``label_smoothing`` outside its range is an error, not a warning: ``[0, 0.5)`` for ``sigmoid``, ``robust``,
+  ``aot``, ``aot_unpaired``; ``(0, 0.5)`` for ``exo_pair``; ``0`` when no listed loss type uses it.
+- ``num_responses = K > 2`` (not in TRL): the Plackett-Luce likelihood of the ranking over the implicit rewards
+  ``u_k = b f(logp_k - ref_k)``, ``-sum_{k<K-1} (u_k - log sum_{j>=k} exp u_j)`` (the DPO paper's listwise form,
+  arXiv:2305.18290 Appendix A.3), under ``loss_type="sigmoid"`` (equal to it at ``K = 2``); ``sft`` on the best.
+  LD-DPO then shortens to the group's shortest response and WPO multiplies all K weights.
+- ``rpo_alpha`` (RPO, arXiv:2404.19733, TRL < 1.0) adds ``rpo_alpha * chosen_nll``.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-DPOLossType = Literal["sigmoid", "robust", "hinge", "ipo", "sppo_hard", "nca_pair", "apo_zero", "apo_down"]
-DPO_LOSS_TYPES: tuple[str, ...] = get_args(DPOLossType)
-
-# Allowed label_smoothing per loss type, as (low, high, high included); the other types take no label smoothing.
-_LABEL_SMOOTHING_RANGES = {"sigmoid": (0.0, 1.0, True), "robust": (0.0, 0.5, False)}
+DPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair",
+                                   "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft",
+                                   "sigmoid_norm")
+F_DIVERGENCE_TYPES: tuple[str, ...] = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# TRL: the f-DPO reparameterization leaves a beta log Z(x) term that cancels only in the chosen - rejected difference.
+F_DIVERGENCE_LOSS_TYPES = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop",
+                                     "sft"})
+LENGTH_NORMALIZED_LOSS_TYPES = frozenset({"ipo", "sigmoid_norm"})
+RANKING_LOSS_TYPES = frozenset({"sigmoid", "sft"})
+# label_smoothing per loss type that uses it: (low, low included); the upper end is 0.5, excluded.
+_LABEL_SMOOTHING = {"sigmoid": True, "robust": True, "aot": True, "aot_unpaired": True, "exo_pair": False}
 
 
 def _check_real(name: str, value: object) -> float:
@@ -62,73 +83,175 @@ def _check_real(name: str, value: object) -> float:
     return float(value)
 
 
+def _loss_types(loss_type: object) -> tuple[str, ...]:
+    types = (loss_type,) if isinstance(loss_type, str) else loss_type
+    if not isinstance(types, (list, tuple)) or not types or not all(isinstance(t, str) for t in types):
+        raise TypeError(f"loss_type: expected a loss type name or a non-empty list of names, got {loss_type!r}")
+    for name in types:
+        if name not in DPO_LOSS_TYPES:
+            raise ValueError(f"loss_type: expected names from {DPO_LOSS_TYPES}, got {name!r}")
+    if len(set(types)) != len(types):
+        raise ValueError(f"loss_type: expected each name at most once, got {list(types)}")
+    return tuple(types)
+
+
 @dataclass(frozen=True)
 class DPOOptions:
     """Options of the DPO loss, with TRL's ``DPOConfig`` names and defaults.
 
     beta: inverse temperature of the implicit reward (``tau`` of the IPO paper), > 0.
-    loss_type: one of ``DPO_LOSS_TYPES``.
-    label_smoothing: assumed probability that a preference label is flipped; ``sigmoid`` (cDPO) takes ``[0, 1]``,
-        ``robust`` takes ``[0, 0.5)``, every other loss type requires ``0.0`` (TRL ignores it there with a warning;
-        here it is an error).
-    reference_free: take every reference log-prob as 0 (pass ``None`` for the reference log-probs). Applied to all
-        loss types and to the rewards alike; TRL applies it to the pairwise margin ``z`` and the APO log-ratios, but
-        not to ``sppo_hard``, ``nca_pair`` or the logged rewards.
-    rpo_alpha: weight of the NLL term on the chosen responses (RPO); ``None`` for none. The paper recommends 1.0.
-
-    For ``ipo``, TRL feeds the loss length-normalized log-probs: pass ``sum of token log-probs / number of response
-    tokens`` for all four inputs (policy and reference, chosen and rejected), each response divided by its own
-    length. Every other loss type takes the plain sums.
+    loss_type: a name from ``DPO_LOSS_TYPES`` or a list of them; ``loss_weights``: one weight per name (default 1.0).
+    label_smoothing: see the module docstring for the range of each loss type.
+    reference_free: every reference log-prob is 0 (pass ``None`` for them); applied to all loss types and rewards.
+    rpo_alpha: weight of the chosen NLL term (RPO), or None.
+    f_divergence_type, f_alpha_divergence_coef: the f-divergence of the scores (only with the loss types of
+        ``F_DIVERGENCE_LOSS_TYPES`` when not ``reverse_kl``, as TRL).
+    discopop_tau: the DiscoPOP temperature, > 0. ld_alpha: LD-DPO weight of the tokens past the shorter response's
+        length, in ``[0, 1]``, or None. use_weighting: WPO pair weights (not with ``aot``/``aot_unpaired``, as TRL).
+    num_responses: ``K >= 2`` responses per prompt, best first; ``K > 2`` takes ``sigmoid`` (Plackett-Luce) and
+        ``sft`` only.
     """
 
     beta: float = 0.1
-    loss_type: DPOLossType = "sigmoid"
+    loss_type: str | tuple[str, ...] = "sigmoid"
+    loss_weights: tuple[float, ...] | None = None
     label_smoothing: float = 0.0
     reference_free: bool = False
     rpo_alpha: float | None = None
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    discopop_tau: float = 0.05
+    ld_alpha: float | None = None
+    use_weighting: bool = False
+    num_responses: int = 2
 
     def __post_init__(self) -> None:
-        if self.loss_type not in DPO_LOSS_TYPES:
-            raise ValueError(f"loss_type: expected one of {DPO_LOSS_TYPES}, got {self.loss_type!r}")
+        types = _loss_types(self.loss_type)
+        object.__setattr__(self, "loss_type", types[0] if isinstance(self.loss_type, str) else types)
+        if self.loss_weights is not None:
+            if not isinstance(self.loss_weights, (list, tuple)) or len(self.loss_weights) != len(types):
+                raise ValueError(f"loss_weights: expected one weight per loss type ({len(types)}: {list(types)}), "
+                                 f"got {self.loss_weights!r}")
+            object.__setattr__(self, "loss_weights",
+                               tuple(_check_real("loss_weights", w) for w in self.loss_weights))
         if _check_real("beta", self.beta) <= 0:
             raise ValueError(f"beta: expected a positive number, got {self.beta!r}")
-        eps = _check_real("label_smoothing", self.label_smoothing)
-        low, high, high_included = _LABEL_SMOOTHING_RANGES.get(self.loss_type, (0.0, 0.0, True))
-        if not (low <= eps and (eps <= high if high_included else eps < high)):
-            expected = f"[{low}, {high}{']' if high_included else ')'}" if high > 0 else "0.0 (not used by this loss)"
-            raise ValueError(f"label_smoothing: expected {expected} for loss_type={self.loss_type!r}, got {eps!r}")
+        self._check_label_smoothing(types)
         if not isinstance(self.reference_free, bool):
             raise TypeError(f"reference_free: expected a bool, got {type(self.reference_free).__name__}")
         if self.rpo_alpha is not None and _check_real("rpo_alpha", self.rpo_alpha) < 0:
             raise ValueError(f"rpo_alpha: expected None or a number >= 0, got {self.rpo_alpha!r}")
+        if self.f_divergence_type not in F_DIVERGENCE_TYPES:
+            raise ValueError(f"f_divergence_type: expected one of {F_DIVERGENCE_TYPES}, got "
+                             f"{self.f_divergence_type!r}")
+        _check_real("f_alpha_divergence_coef", self.f_alpha_divergence_coef)
+        if self.f_divergence_type != "reverse_kl" and not set(types) <= F_DIVERGENCE_LOSS_TYPES:
+            raise ValueError(f"f_divergence_type: {self.f_divergence_type!r} is only defined for the loss types "
+                             f"{sorted(F_DIVERGENCE_LOSS_TYPES)}, got loss_type {list(types)}")
+        if _check_real("discopop_tau", self.discopop_tau) <= 0:
+            raise ValueError(f"discopop_tau: expected a positive number, got {self.discopop_tau!r}")
+        if self.ld_alpha is not None and not 0 <= _check_real("ld_alpha", self.ld_alpha) <= 1:
+            raise ValueError(f"ld_alpha: expected None or a number in [0, 1], got {self.ld_alpha!r}")
+        if not isinstance(self.use_weighting, bool):
+            raise TypeError(f"use_weighting: expected a bool, got {type(self.use_weighting).__name__}")
+        if self.use_weighting and {"aot", "aot_unpaired"} & set(types):
+            raise ValueError(f"use_weighting: not defined for 'aot'/'aot_unpaired' (they sort the pairs, which "
+                             f"would misalign the pair weights), got loss_type {list(types)}")
+        k = self.num_responses
+        if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+            raise ValueError(f"num_responses: expected an int >= 2, got {k!r}")
+        if k > 2 and not set(types) <= RANKING_LOSS_TYPES:
+            raise ValueError(f"loss_type: with num_responses={k} (a ranking) expected names from "
+                             f"{sorted(RANKING_LOSS_TYPES)} ('sigmoid' is the Plackett-Luce loss), got {list(types)}")
+
+    def _check_label_smoothing(self, types: tuple[str, ...]) -> None:
+        eps = _check_real("label_smoothing", self.label_smoothing)
+        users = [t for t in types if t in _LABEL_SMOOTHING]
+        if self.num_responses > 2 and eps != 0:
+            raise ValueError(f"label_smoothing: expected 0.0 with num_responses={self.num_responses} (a ranking), "
+                             f"got {eps!r}")
+        if not users:
+            if eps != 0:
+                raise ValueError(f"label_smoothing: expected 0.0 (not used by loss_type {list(types)}), got {eps!r}")
+            return
+        for name in users:
+            low_included = _LABEL_SMOOTHING[name]
+            if not ((eps >= 0 if low_included else eps > 0) and eps < 0.5):
+                expected = "[0.0, 0.5)" if low_included else "(0.0, 0.5) (the EXO paper recommends 1e-3)"
+                raise ValueError(f"label_smoothing: expected {expected} for loss_type {name!r}, got {eps!r}")
+
+    @property
+    def loss_types(self) -> tuple[str, ...]:
+        return (self.loss_type,) if isinstance(self.loss_type, str) else self.loss_type
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        return self.loss_weights or (1.0,) * len(self.loss_types)
+
+    @property
+    def needs_lengths(self) -> bool:
+        return bool(LENGTH_NORMALIZED_LOSS_TYPES & set(self.loss_types))
+
+    @property
+    def needs_nll(self) -> bool:
+        return self.rpo_alpha is not None or "sft" in self.loss_types
+
+
+class RunningMean(NamedTuple):
+    """The running mean of the batches' mean implicit reward (TRL < 1.0 ``bco_pair``): 0-dim ``mean`` and ``count``.
+
+    ``RunningMean.initial()`` starts it (TRL's ``RunningMoments``: mean 0, count 1e-24); each ``dpo_loss`` call with
+    ``bco_pair`` updates it with the batch's mean reward over its ``2B`` responses and uses the updated mean.
+    """
+
+    mean: Tensor
+    count: Tensor
+
+    @classmethod
+    def initial(cls, device=None, dtype=torch.float32) -> RunningMean:
+        return cls(torch.zeros((), device=device, dtype=dtype), torch.full((), 1e-24, device=device, dtype=dtype))
+
+    def update(self, value: Tensor) -> RunningMean:
+        count = self.count + 1
+        return RunningMean(self.mean + (value.detach().to(self.mean.dtype) - self.mean) / count, count)
 
 
 @dataclass(frozen=True)
 class DPOResult:
     """Output of ``dpo_loss``.
 
-    loss: scalar to minimize (differentiable). losses: ``[B]`` per-pair DPO loss, without the RPO term.
-    chosen_rewards, rejected_rewards: ``[B]`` implicit rewards ``beta * (policy - reference)``, detached.
-    nll: scalar chosen NLL that entered the loss (RPO), or ``None``.
+    loss: scalar to minimize (differentiable). losses: ``[B]`` per-group loss, the weighted sum of the loss types'
+    (WPO-weighted) per-pair losses, without the RPO term. rewards: ``[K, B]`` implicit rewards ``beta * (policy -
+    reference)``, detached. nll: the chosen NLL that entered the loss (sft / RPO), or None. bco_state: the updated
+    running mean (``bco_pair`` with a state), or None.
     """
 
     loss: Tensor
     losses: Tensor
-    chosen_rewards: Tensor
-    rejected_rewards: Tensor
+    rewards: Tensor
     nll: Tensor | None = None
+    bco_state: RunningMean | None = None
+
+    @property
+    def chosen_rewards(self) -> Tensor:
+        return self.rewards[0]
+
+    @property
+    def rejected_rewards(self) -> Tensor:
+        return self.rewards[-1]
 
 
-def _check_logps(name: str, value: object, like: Tensor | None = None) -> Tensor:
+def _check_group_tensor(name: str, value: object, shape: tuple[int, ...] | None) -> Tensor:
     if not isinstance(value, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
     if not value.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point tensor, got dtype {value.dtype}")
-    if like is None:
-        if value.dim() != 1:
-            raise ValueError(f"{name}: expected shape [B] (one log-prob per sequence), got {tuple(value.shape)}")
-    elif value.shape != like.shape:
-        raise ValueError(f"{name}: expected shape {tuple(like.shape)} like chosen_logps, got {tuple(value.shape)}")
+    if shape is None:
+        if value.dim() != 2 or value.shape[0] < 2:
+            raise ValueError(f"{name}: expected shape [K, B] (K >= 2 responses, best first, to B prompts), got "
+                             f"{tuple(value.shape)}")
+    elif tuple(value.shape) != shape:
+        raise ValueError(f"{name}: expected shape {list(shape)} like logps, got {tuple(value.shape)}")
     return value
 
 
@@ -137,70 +260,6 @@ def _check_scalar(name: str, value: object) -> Tensor:
         got = f"shape {tuple(value.shape)} dtype {value.dtype}" if isinstance(value, Tensor) else type(value).__name__
         raise ValueError(f"{name}: expected a 0-dim floating-point tensor, got {got}")
     return value
-
-
-def _logratios(
-    chosen_logps: Tensor,
-    rejected_logps: Tensor,
-    ref_chosen_logps: Tensor | None,
-    ref_rejected_logps: Tensor | None,
-    reference_free: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Validated ``(c, r, z)``: per-response log-ratios to the reference and the pairwise margin, each ``[B]``."""
-    _check_logps("chosen_logps", chosen_logps)
-    _check_logps("rejected_logps", rejected_logps, chosen_logps)
-    if reference_free:
-        for name, ref in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
-            if ref is not None:
-                raise ValueError(
-                    f"{name}: expected None with reference_free=True (reference log-probs are taken as 0), "
-                    f"got a tensor"
-                )
-        return chosen_logps, rejected_logps, chosen_logps - rejected_logps
-    for name, ref in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
-        if ref is None:
-            raise ValueError(f"{name}: expected a tensor of shape [B] (None only with reference_free=True), got None")
-        _check_logps(name, ref, chosen_logps)
-    chosen_logratios = chosen_logps - ref_chosen_logps
-    rejected_logratios = rejected_logps - ref_rejected_logps
-    # TRL's grouping: policy log-ratio minus reference log-ratio.
-    margin = (chosen_logps - rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
-    return chosen_logratios, rejected_logratios, margin
-
-
-def dpo_losses(
-    chosen_logps: Tensor,
-    rejected_logps: Tensor,
-    ref_chosen_logps: Tensor | None,
-    ref_rejected_logps: Tensor | None,
-    options: DPOOptions = DPOOptions(),
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-pair losses and implicit rewards, as TRL's ``dpo_loss``.
-
-    All inputs ``[B]`` (reference ones ``None`` with ``reference_free``). Returns ``(losses, chosen_rewards,
-    rejected_rewards)``, each ``[B]``; the rewards ``beta * (policy - reference)`` are detached.
-    """
-    if not isinstance(options, DPOOptions):
-        raise TypeError(f"options: expected DPOOptions, got {type(options).__name__}")
-    c, r, z = _logratios(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, options.reference_free)
-    beta, eps, loss_type = options.beta, options.label_smoothing, options.loss_type
-    if loss_type == "sigmoid":
-        losses = -F.logsigmoid(beta * z) * (1 - eps) - F.logsigmoid(-beta * z) * eps
-    elif loss_type == "robust":
-        losses = (-F.logsigmoid(beta * z) * (1 - eps) + F.logsigmoid(-beta * z) * eps) / (1 - 2 * eps)
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - beta * z)
-    elif loss_type == "ipo":
-        losses = (z - 1 / (2 * beta)) ** 2
-    elif loss_type == "sppo_hard":
-        losses = (c - 0.5 / beta) ** 2 + (r + 0.5 / beta) ** 2
-    elif loss_type == "nca_pair":
-        losses = -F.logsigmoid(beta * c) - 0.5 * F.logsigmoid(-beta * c) - 0.5 * F.logsigmoid(-beta * r)
-    elif loss_type == "apo_zero":
-        losses = (1 - torch.sigmoid(beta * c)) + torch.sigmoid(beta * r)
-    else:  # apo_down; DPOOptions rejects any other value
-        losses = torch.sigmoid(beta * c) + (1 - torch.sigmoid(beta * z))
-    return losses, beta * c.detach(), beta * r.detach()
 
 
 def check_count(name: str, value: int | Tensor, minimum: int, meaning: str) -> int | Tensor:
@@ -216,79 +275,274 @@ def check_count(name: str, value: int | Tensor, minimum: int, meaning: str) -> i
     return value
 
 
-def rpo_nll(chosen_logps: Tensor, chosen_num_tokens: Tensor, *, num_tokens: int | Tensor | None = None) -> Tensor:
-    """Mean negative log-likelihood per chosen token, the RPO term: ``-sum(chosen_logps) / sum(chosen_num_tokens)``.
+def f_divergence_scores(logratios: Tensor, options: DPOOptions) -> Tensor:
+    """TRL's scores ``f'(exp(logratio))`` of the log-ratios (any shape) for ``options.f_divergence_type``."""
+    kind = options.f_divergence_type
+    if kind == "forward_kl":  # f'(t) = 1 - 1/t
+        return 1 - torch.exp(-logratios)
+    if kind == "js_divergence":  # f'(t) = log(2t / (t + 1))
+        return math.log(2) + F.logsigmoid(logratios)
+    alpha = options.f_alpha_divergence_coef
+    if kind == "reverse_kl" or abs(alpha - 1.0) < 1e-6:  # f'(t) = log t (the alpha -> 1 limit too)
+        return logratios
+    # alpha-divergence: f'(t) = (t^(alpha-1) - 1) / (alpha - 1); the exponent clamped at 80 as TRL
+    return (torch.exp(torch.clamp((alpha - 1.0) * logratios, max=80.0)) - 1.0) / (alpha - 1.0)
 
-    chosen_logps: ``[B]`` sums of the policy's token log-probs over each chosen response (sums even for ``ipo``).
-    chosen_num_tokens: ``[B]`` number of response tokens in each. num_tokens: global token count replacing
-    ``sum(chosen_num_tokens)`` under gradient accumulation or data parallelism, so that the partial NLLs add up.
-    Equals TRL's ``cross_entropy`` over the chosen tokens, except that TRL also drops real tokens of id 0.
-    """
-    _check_logps("chosen_logps", chosen_logps)
-    if not isinstance(chosen_num_tokens, Tensor) or chosen_num_tokens.shape != chosen_logps.shape:
-        got = tuple(chosen_num_tokens.shape) if isinstance(chosen_num_tokens, Tensor) else type(chosen_num_tokens)
-        raise ValueError(f"chosen_num_tokens: expected a tensor of shape {tuple(chosen_logps.shape)}, got {got}")
-    if num_tokens is None:
-        return -chosen_logps.sum() / chosen_num_tokens.sum()
-    return -chosen_logps.sum() / check_count("num_tokens", num_tokens, 1, "a token count")
+
+def _cdpo(delta: Tensor, beta: float, eps: float) -> Tensor:
+    return -F.logsigmoid(beta * delta) * (1 - eps) - F.logsigmoid(-beta * delta) * eps
+
+
+def plackett_luce_losses(rewards: Tensor) -> Tensor:
+    """``[B]`` negative log-likelihood of the ranking best-first of ``rewards [K, B]`` under Plackett-Luce."""
+    tail_lse = torch.logcumsumexp(rewards.flip(0), dim=0).flip(0)  # log sum_{j >= k} exp u_j
+    return -(rewards - tail_lse)[:-1].sum(0)
+
+
+def _pair_losses(name: str, logps: Tensor, ref: Tensor, logratios: Tensor, scores: Tensor,
+                 lengths: Tensor | None, options: DPOOptions, bco_mean: Tensor | None) -> Tensor:
+    """``[B]`` per-pair (per-group) losses of one loss type (``sft`` excepted)."""
+    beta, eps = options.beta, options.label_smoothing
+    c, r = logratios[0], logratios[-1]
+    delta = scores[0] - scores[-1]
+    if name == "sigmoid":
+        return _cdpo(delta, beta, eps) if logps.shape[0] == 2 else plackett_luce_losses(beta * scores)
+    if name == "hinge":
+        return torch.relu(1 - beta * delta)
+    if name in LENGTH_NORMALIZED_LOSS_TYPES:
+        avg = scores / lengths.clamp(min=1)
+        if name == "ipo":
+            return (avg[0] - avg[1] - 1 / (2 * beta)) ** 2
+        return -F.logsigmoid(beta * (avg[0] - avg[1]))
+    if name == "exo_pair":
+        q_w, q_l = torch.sigmoid(beta * delta), torch.sigmoid(-beta * delta)
+        return (q_w * (F.logsigmoid(beta * delta) - math.log1p(-eps))
+                + q_l * (F.logsigmoid(-beta * delta) - math.log(eps)))
+    if name == "nca_pair":
+        return -F.logsigmoid(beta * c) - 0.5 * F.logsigmoid(-beta * c) - 0.5 * F.logsigmoid(-beta * r)
+    if name == "robust":
+        return (-(1 - eps) * F.logsigmoid(beta * delta) + eps * F.logsigmoid(-beta * delta)) / (1 - 2 * eps)
+    if name == "bco_pair":
+        m = 0.0 if bco_mean is None else bco_mean
+        return -F.logsigmoid(beta * c - m) - F.logsigmoid(-(beta * r - m))
+    if name == "sppo_hard":
+        return (c - 0.5 / beta) ** 2 + (r + 0.5 / beta) ** 2
+    if name == "aot":
+        delta = torch.sort(logps[0] - logps[1], dim=0)[0] - torch.sort(ref[0] - ref[1], dim=0)[0]
+        return _cdpo(delta, beta, eps)
+    if name == "aot_unpaired":
+        return _cdpo(torch.sort(c, dim=0)[0] - torch.sort(r, dim=0)[0], beta, eps)
+    if name == "apo_zero":
+        return 1 - torch.sigmoid(beta * c) + torch.sigmoid(beta * r)
+    if name == "apo_down":
+        return torch.sigmoid(beta * c) + 1 - torch.sigmoid(beta * (c - r))
+    # discopop
+    logits = beta * delta
+    modulation = torch.sigmoid(logits / options.discopop_tau)
+    return -F.logsigmoid(logits) * (1 - modulation) + torch.exp(-logits) * modulation
 
 
 def dpo_loss(
-    chosen_logps: Tensor,
-    rejected_logps: Tensor,
-    ref_chosen_logps: Tensor | None,
-    ref_rejected_logps: Tensor | None,
+    logps: Tensor,
+    ref_logps: Tensor | None,
     options: DPOOptions = DPOOptions(),
     *,
+    lengths: Tensor | None = None,
     chosen_nll: Tensor | None = None,
     num_pairs: int | Tensor | None = None,
+    log_weights: Tensor | None = None,
+    bco_state: RunningMean | None = None,
 ) -> DPOResult:
-    """DPO loss of a batch of ``B`` pairs: ``mean(losses) + rpo_alpha * chosen_nll``.
+    """The DPO loss of ``B`` groups of ``K`` responses: ``sum_t w_t * mean_b(loss_t) + rpo_alpha * chosen_nll``.
 
-    Log-probs ``[B]`` as in ``dpo_losses``. chosen_nll: scalar from ``rpo_nll``, required exactly when
-    ``options.rpo_alpha`` is set. num_pairs: global pair count (all micro-batches and ranks); the DPO term becomes
-    ``sum(losses) / num_pairs``, so that summing the losses of the parts gives the loss of the whole (compute
-    ``chosen_nll`` with its global ``num_tokens`` then too). Checked to be >= B when an int.
+    logps, ref_logps: ``[K, B]`` sequence log-prob sums, best first (``ref_logps`` None with ``reference_free``).
+    lengths: ``[K, B]`` completion tokens per response, required by ``ipo`` and ``sigmoid_norm`` (which divide each
+        score by it; pass ones when the log-probs are already per-token means).
+    chosen_nll: scalar mean NLL per token of the best responses (``rpo_nll``), required exactly when ``sft`` is a
+        loss type or ``rpo_alpha`` is set.
+    num_pairs: global group count (all micro-batches and ranks): each mean becomes ``sum / num_pairs``, so the
+        losses of the parts add up to the loss of the whole (``aot`` sorts within a batch and WPO-weighted ``sft``
+        is a product of batch sums: those are exact for one batch only). Checked to be >= B when an int.
+    log_weights: ``[K, B]`` WPO log-weights (``wpo_log_weights``), required exactly with ``use_weighting``.
+    bco_state: ``RunningMean`` for ``bco_pair`` (None: ``m = 0``, TRL 1.x); the updated one is in the result.
     """
-    losses, chosen_rewards, rejected_rewards = dpo_losses(
-        chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, options
-    )
+    if not isinstance(options, DPOOptions):
+        raise TypeError(f"options: expected DPOOptions, got {type(options).__name__}")
+    logps = _check_group_tensor("logps", logps, None)
+    k, b = logps.shape
+    if k != options.num_responses:
+        raise ValueError(f"logps: expected {options.num_responses} rows (num_responses), got shape {tuple(logps.shape)}")
+    if options.reference_free:
+        if ref_logps is not None:
+            raise ValueError("ref_logps: expected None with reference_free=True (reference log-probs are taken as 0), "
+                             "got a tensor")
+        ref_logps = torch.zeros_like(logps)
+    elif ref_logps is None:
+        raise ValueError("ref_logps: expected a tensor of shape [K, B] (None only with reference_free=True), got None")
+    ref_logps = _check_group_tensor("ref_logps", ref_logps, (k, b))
+    if options.needs_lengths:
+        if lengths is None:
+            raise ValueError(f"lengths: required by loss_type {list(options.loss_types)} (ipo and sigmoid_norm divide "
+                             f"by the completion lengths), got None")
+        lengths = _check_group_tensor("lengths", lengths.to(logps.dtype) if isinstance(lengths, Tensor) else lengths,
+                                      (k, b))
+    if options.needs_nll != (chosen_nll is not None):
+        raise ValueError(f"chosen_nll: expected {'a 0-dim tensor' if options.needs_nll else 'None'} with "
+                         f"loss_type {list(options.loss_types)} and rpo_alpha={options.rpo_alpha}, got "
+                         f"{'None' if chosen_nll is None else 'a tensor'}")
+    if chosen_nll is not None:
+        chosen_nll = _check_scalar("chosen_nll", chosen_nll)
+    if options.use_weighting != (log_weights is not None):
+        raise ValueError(f"log_weights: expected {'a [K, B] tensor' if options.use_weighting else 'None'} with "
+                         f"use_weighting={options.use_weighting}, got {'None' if log_weights is None else 'a tensor'}")
     if num_pairs is None:
-        if losses.numel() == 0:
-            raise ValueError("chosen_logps: expected at least one pair (or pass num_pairs), got shape (0,)")
-        loss = losses.mean()
+        if b == 0:
+            raise ValueError("logps: expected at least one group (or pass num_pairs), got B = 0")
+        denominator = b
     else:
-        loss = losses.sum() / check_count(
-            "num_pairs", num_pairs, max(losses.numel(), 1), "at least the pairs in this batch"
-        )
-    if options.rpo_alpha is None:
-        if chosen_nll is not None:
-            raise ValueError("chosen_nll: expected None since options.rpo_alpha is None, got a tensor")
-    else:
-        if chosen_nll is None:
-            raise ValueError(f"chosen_nll: expected a scalar tensor since rpo_alpha={options.rpo_alpha}, got None")
-        loss = loss + options.rpo_alpha * _check_scalar("chosen_nll", chosen_nll)
-    return DPOResult(loss, losses, chosen_rewards, rejected_rewards, chosen_nll)
+        denominator = check_count("num_pairs", num_pairs, max(b, 1), "at least the pairs in this batch")
+
+    logratios = logps - ref_logps
+    scores = f_divergence_scores(logratios, options)
+    rewards = options.beta * logratios.detach()
+    if bco_state is not None and "bco_pair" in options.loss_types:
+        bco_state = bco_state.update(rewards.mean())
+    pair_weights = None if log_weights is None else torch.exp(
+        _check_group_tensor("log_weights", log_weights, (k, b)).detach().sum(0))
+    losses = logps.new_zeros(b)
+    for name, weight in zip(options.loss_types, options.weights):
+        if name == "sft":
+            per_pair = chosen_nll.expand(b)
+        else:
+            per_pair = _pair_losses(name, logps, ref_logps, logratios, scores, lengths, options,
+                                    None if bco_state is None else bco_state.mean)
+        if pair_weights is not None:
+            per_pair = per_pair * pair_weights
+        losses = losses + weight * per_pair
+    loss = losses.sum() / denominator
+    if options.rpo_alpha is not None:
+        loss = loss + options.rpo_alpha * chosen_nll
+    return DPOResult(loss, losses, rewards, chosen_nll, bco_state if "bco_pair" in options.loss_types else None)
 
 
-def dpo_metrics(result: DPOResult, chosen_logps: Tensor, rejected_logps: Tensor) -> dict[str, Tensor]:
+def rpo_nll(chosen_sums: Tensor, chosen_num_tokens: Tensor, *, num_tokens: int | Tensor | None = None) -> Tensor:
+    """Mean negative log-likelihood per token of the best responses: ``-sum(chosen_sums) / sum(chosen_num_tokens)``.
+
+    chosen_sums: ``[B]`` plain sums of the policy's token log-probs over each best response (no LD-DPO weights).
+    chosen_num_tokens: ``[B]`` their completion tokens. num_tokens: global token count replacing
+    ``sum(chosen_num_tokens)`` under gradient accumulation or data parallelism. TRL's ``sft`` loss:
+    ``cross_entropy`` over the chosen completion tokens.
+    """
+    if not isinstance(chosen_sums, Tensor) or chosen_sums.dim() != 1:
+        raise ValueError(f"chosen_sums: expected a tensor of shape [B], got "
+                         f"{tuple(chosen_sums.shape) if isinstance(chosen_sums, Tensor) else type(chosen_sums)}")
+    if not isinstance(chosen_num_tokens, Tensor) or chosen_num_tokens.shape != chosen_sums.shape:
+        got = tuple(chosen_num_tokens.shape) if isinstance(chosen_num_tokens, Tensor) else type(chosen_num_tokens)
+        raise ValueError(f"chosen_num_tokens: expected a tensor of shape {tuple(chosen_sums.shape)}, got {got}")
+    if num_tokens is None:
+        return -chosen_sums.sum() / chosen_num_tokens.sum().clamp(min=1)
+    return -chosen_sums.sum() / check_count("num_tokens", num_tokens, 1, "a token count")
+
+
+def ld_token_weights(mask: Tensor, num_responses: int, ld_alpha: float | None,
+                     dtype: torch.dtype = torch.float32) -> Tensor:
+    """LD-DPO token weights ``[K*B, T]`` of the completion ``mask [K*B, T]`` (rows: K groups of B, best first).
+
+    1 for a response's first ``min over its group of the completion lengths`` completion tokens, ``ld_alpha`` past
+    them, 0 off the mask (TRL's ``shared_mask + ld_alpha * tail_mask``); ``ld_alpha`` None: the mask itself.
+    In ``dtype`` (``ld_alpha`` rounded to it).
+    """
+    mask = mask.bool()
+    if ld_alpha is None:
+        return mask.to(dtype)
+    position = mask.long().cumsum(dim=1)  # 1-based position among the completion tokens
+    shared = mask.sum(dim=1).view(num_responses, -1).min(dim=0).values.repeat(num_responses)
+    alpha = torch.tensor(ld_alpha, dtype=dtype, device=mask.device)
+    return torch.where(position > shared[:, None], alpha, 1.0) * mask
+
+
+def wpo_log_weights(aligned_sums: Tensor, lengths: Tensor) -> Tensor:
+    """WPO log-weights ``[K, B]``: ``mean over completion tokens of (log p_y - log sum_v p_v^2)``.
+
+    aligned_sums: ``[K, B]`` per-response sums of ``log p_y - (lse(2z) - 2 lse(z))`` over completion tokens;
+    lengths: ``[K, B]`` completion tokens (a response without any gets 0). Detached.
+    """
+    return (aligned_sums / lengths.clamp(min=1)).detach()
+
+
+def sequence_logps(token_logps: Tensor, mask: Tensor, options: DPOOptions, *,
+                   average_log_prob: bool = False) -> Tensor:
+    """Sequence log-probs ``[K, B]`` of per-token log-probs ``[K*B, T]`` over the completion ``mask [K*B, T]``.
+
+    Sums (LD-DPO: weighted by ``ld_token_weights``), accumulated in float64 (a 32k-token sum stays exact to fp32);
+    ``average_log_prob``: divided by the completion lengths (a response without tokens gets 0). The reference model's
+    log-probs, precomputed once per data set, are the same function of its token log-probs.
+    """
+    weights = ld_token_weights(mask, options.num_responses, options.ld_alpha, token_logps.dtype)
+    sums = (token_logps * weights).to(torch.float64).sum(dim=1).to(token_logps.dtype)
+    if average_log_prob:
+        sums = sums / mask.sum(dim=1).clamp(min=1)
+    return sums.view(options.num_responses, -1)
+
+
+def dpo_sequence_loss(token_logps: Tensor, mask: Tensor, ref_logps: Tensor | None, options: DPOOptions, *,
+                      average_log_prob: bool = False, num_pairs: int | Tensor | None = None,
+                      num_chosen_tokens: int | Tensor | None = None, token_log_denoms: Tensor | None = None,
+                      bco_state: RunningMean | None = None) -> tuple[DPOResult, Tensor]:
+    """``dpo_loss`` of per-token log-probs: what the fused op, the trainers and the tests all compute.
+
+    token_logps: ``[K*B, T]`` (K groups of B rows, best first), any value off the completion ``mask [K*B, T]``.
+    ref_logps: ``[K, B]`` from ``sequence_logps`` of the reference (None with ``reference_free``).
+    average_log_prob: per-token means instead of sums for policy and reference alike (then ``ipo`` and
+        ``sigmoid_norm`` take them as they are: lengths 1). num_pairs, num_chosen_tokens: the global normalizers of
+        the pair losses and of the chosen NLL (default this batch's). token_log_denoms: ``[K*B, T]`` per-token
+        ``log sum_v p_v^2 = lse(2z) - 2 lse(z)``, required with ``use_weighting``. bco_state: see ``dpo_loss``.
+    Returns the result and the policy's sequence log-probs ``[K, B]``.
+    """
+    mask = mask.bool()
+    token_logps = token_logps.masked_fill(~mask, 0.0)
+    logps = sequence_logps(token_logps, mask, options, average_log_prob=average_log_prob)
+    k, b = logps.shape
+    counts = mask.sum(dim=1).to(logps.dtype)
+    lengths = counts.view(k, b) if not average_log_prob else torch.ones_like(logps)
+    nll = None
+    if options.needs_nll:
+        chosen = token_logps[:b].to(torch.float64).sum(dim=1).to(logps.dtype)
+        nll = rpo_nll(chosen, counts[:b], num_tokens=num_chosen_tokens)
+    log_weights = None
+    if options.use_weighting:
+        if token_log_denoms is None:
+            raise ValueError("token_log_denoms: required with use_weighting=True (WPO), got None")
+        aligned = ((token_logps - token_log_denoms) * mask).detach().sum(dim=1).view(k, b)
+        log_weights = wpo_log_weights(aligned, counts.view(k, b))
+    result = dpo_loss(logps, ref_logps, options, lengths=lengths, chosen_nll=nll, num_pairs=num_pairs,
+                      log_weights=log_weights, bco_state=bco_state)
+    return result, logps
+
+
+def dpo_metrics(result: DPOResult, logps: Tensor) -> dict[str, Tensor]:
     """TRL's DPO metrics for this batch, detached scalars (gather across ranks before logging, as TRL does).
 
-    ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies`` (fraction of pairs with chosen reward >
-    rejected reward), ``rewards/margins``, ``logps/chosen``, ``logps/rejected`` (batch means of the ``[B]`` inputs
-    given to the loss), and ``nll_loss`` when the loss had an RPO term.
+    ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins`` (best and worst response of each group),
+    ``rewards/accuracies`` (fraction of the ``K(K-1)/2`` response pairs per group whose rewards are in the ranking's
+    order: TRL's at ``K = 2``), ``logps/chosen``, ``logps/rejected`` (batch means of the best and worst ``logps``);
+    ``nll_loss`` with an NLL term; ``rewards/ranking_accuracy`` (fraction of groups whose rewards order them
+    exactly) when ``K > 2``.
     """
-    _check_logps("chosen_logps", chosen_logps, result.chosen_rewards)
-    _check_logps("rejected_logps", rejected_logps, result.chosen_rewards)
-    chosen_rewards, rejected_rewards = result.chosen_rewards, result.rejected_rewards
+    rewards, logps = result.rewards, logps.detach()
+    k = rewards.shape[0]
+    i, j = torch.triu_indices(k, k, offset=1, device=rewards.device)
+    ordered = rewards[i] > rewards[j]  # [pairs, B]
     metrics = {
-        "rewards/chosen": chosen_rewards.mean(),
-        "rewards/rejected": rejected_rewards.mean(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype).mean(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        "logps/chosen": chosen_logps.detach().mean(),
-        "logps/rejected": rejected_logps.detach().mean(),
+        "rewards/chosen": rewards[0].mean(),
+        "rewards/rejected": rewards[-1].mean(),
+        "rewards/accuracies": ordered.to(rewards.dtype).mean(),
+        "rewards/margins": (rewards[0] - rewards[-1]).mean(),
+        "logps/chosen": logps[0].mean(),
+        "logps/rejected": logps[-1].mean(),
     }
+    if k > 2:
+        metrics["rewards/ranking_accuracy"] = ordered.all(dim=0).to(rewards.dtype).mean()
     if result.nll is not None:
         metrics["nll_loss"] = result.nll.detach()
     return metrics

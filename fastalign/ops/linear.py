@@ -1,7 +1,7 @@
 """The lm_head primitives on either backend, behind one signature: row statistics forward, log-prob backward;
-and the triton-only pieces of the fused PPO and DPO ops (the PPO epilogue forward, the DPO sequence sums, the
-backward from a given lse). With a vocabulary shard (``LinearOptions.shard``) the forward statistics are the
-global ones, merged across the group, and the backward gives this shard's gradients (``vocab_parallel``)."""
+and the triton-only pieces of the fused PPO op (the PPO epilogue forward, the backward from a given lse). With a
+vocabulary shard (``LinearOptions.shard``) the forward statistics are the global ones, merged across the group, and
+the backward gives this shard's gradients (``vocab_parallel``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -100,19 +100,6 @@ def triton_ppo_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targ
                         cliprange_high=config.cliprange_high, dual_clip=config.dual_clip, kl_coef=config.kl_coef,
                         kl_estimator=config.kl_estimator, entropy_coef=config.entropy_coef,
                         log_ratio_clamp=LOG_RATIO_CLAMP, with_entropy=with_entropy)
-
-
-def triton_dpo_sequence_sums(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, seq_ids: Tensor,
-                             num_sequences: int, opts: LinearOptions) -> tuple[Tensor, RowStats]:
-    """Triton: the log-sum-exp partials of the lm_head, then the DPO epilogue kernel on them, which merges the vocab
-    splits and adds each token's log-prob into its sequence's sum (``seq_ids [N]`` in ``[0, num_sequences)``).
-    Returns the fp32 sums ``[num_sequences]`` and the per-token row statistics (lse, target logit) for the backward."""
-    from fastalign.kernels.dpo_epilogue import dpo_sequence_sums
-
-    partials = triton_lse_partials(hidden, weight, bias, targets, opts, with_entropy=False)
-    lse, target_logit, sums = dpo_sequence_sums(partials, targets, seq_ids, num_sequences,
-                                                ignore_index=opts.ignore_index)
-    return sums, RowStats(lse, target_logit, None)
 
 
 def triton_lse_partials(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, opts: LinearOptions, *,

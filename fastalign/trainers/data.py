@@ -1,4 +1,5 @@
-"""Data for the trainers: loading records, tokenizing preference pairs with the prompt masked, padding."""
+"""Data for the trainers: loading records, tokenizing preference pairs and rankings with the prompt masked,
+padding."""
 from __future__ import annotations
 
 import json
@@ -46,6 +47,21 @@ def load_preference_data(data, name: str = "train_dataset") -> list[dict[str, st
     return records
 
 
+def load_ranked_data(data, num_responses: int, name: str = "train_dataset") -> list[dict]:
+    """Records ``{"prompt", "completions": [best, ..., worst]}`` with ``num_responses`` string completions each
+    (see :func:`load_records`); at least one."""
+    records = load_records(data, name)
+    if not records:
+        raise ValueError(f"{name}: expected at least one record, got none")
+    for i, record in enumerate(records):
+        completions = record.get("completions") if isinstance(record, dict) else None
+        if not (isinstance(record, dict) and isinstance(record.get("prompt"), str) and isinstance(completions, list)
+                and len(completions) == num_responses and all(isinstance(c, str) for c in completions)):
+            raise ValueError(f"{name}: record {i} must have a string 'prompt' and 'completions', a list of "
+                             f"{num_responses} strings (best first), got {record!r:.200}")
+    return records
+
+
 def load_prompts(data, name: str = "prompts") -> list[str]:
     """Prompt strings, from strings or records with a string ``"prompt"`` (see :func:`load_records`)."""
     records = load_records(data, name)
@@ -72,19 +88,34 @@ def encode_prompt(tokenizer, prompt: str, max_prompt_length: int | None) -> list
     return ids[-max_prompt_length:] if max_prompt_length else ids
 
 
-def tokenize_pair(tokenizer, record: dict[str, str], max_length: int | None,
-                  max_prompt_length: int | None) -> PairTokens:
+class RankedTokens(NamedTuple):
+    """Token ids of one prompt and its K ranked responses (best first), each ending with EOS (unless truncated)."""
+
+    prompt: list[int]
+    responses: list[list[int]]
+
+
+def tokenize_ranking(tokenizer, prompt: str, completions: list[str], max_length: int | None,
+                     max_prompt_length: int | None) -> RankedTokens:
     """Tokenize prompt and responses separately (as TRL). The prompt keeps its last ``max_prompt_length`` tokens
     (at most ``max_length - 1``), then each response is cut so that prompt + response fits ``max_length``."""
     if max_length:
         max_prompt_length = min(max_prompt_length or max_length, max_length - 1)
-    prompt = encode_prompt(tokenizer, record["prompt"], max_prompt_length)
+    prompt_ids = encode_prompt(tokenizer, prompt, max_prompt_length)
 
     def response(text: str) -> list[int]:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        return ids[:max(max_length - len(prompt), 0)] if max_length else ids
+        return ids[:max(max_length - len(prompt_ids), 0)] if max_length else ids
 
-    return PairTokens(prompt, response(record["chosen"]), response(record["rejected"]))
+    return RankedTokens(prompt_ids, [response(text) for text in completions])
+
+
+def tokenize_pair(tokenizer, record: dict[str, str], max_length: int | None,
+                  max_prompt_length: int | None) -> PairTokens:
+    """A preference pair tokenized as :func:`tokenize_ranking` tokenizes its two responses."""
+    ranked = tokenize_ranking(tokenizer, record["prompt"], [record["chosen"], record["rejected"]], max_length,
+                              max_prompt_length)
+    return PairTokens(ranked.prompt, *ranked.responses)
 
 
 def pad(sequences: list[list[int]], value: int, left: bool = False) -> tuple[Tensor, Tensor]:
@@ -99,14 +130,20 @@ def pad(sequences: list[list[int]], value: int, left: bool = False) -> tuple[Ten
     return ids, mask
 
 
-def collate_pairs(pairs: list[PairTokens], pad_token_id: int) -> dict[str, Tensor]:
-    """A DPO batch of ``B`` pairs: ``input_ids``, ``attention_mask``, ``labels`` ``[2B, T]``, the ``B`` chosen
-    sequences first, then the ``B`` rejected ones; right padding; labels are -100 on prompt and padding."""
+def collate_ranked(items: list[RankedTokens], pad_token_id: int) -> dict[str, Tensor]:
+    """A batch of ``B`` prompts with K ranked responses: ``input_ids``, ``attention_mask``, ``labels`` ``[K*B, T]``,
+    the ``B`` best sequences first, ..., the ``B`` worst last; right padding; labels are -100 on prompt and
+    padding."""
     sequences, labels = [], []
-    for side in ("chosen", "rejected"):
-        for pair in pairs:
-            response = getattr(pair, side)
-            sequences.append(pair.prompt + response)
-            labels.append([IGNORE_INDEX] * len(pair.prompt) + response)
+    for rank in range(len(items[0].responses)):
+        for item in items:
+            response = item.responses[rank]
+            sequences.append(item.prompt + response)
+            labels.append([IGNORE_INDEX] * len(item.prompt) + response)
     input_ids, attention_mask = pad(sequences, pad_token_id)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": pad(labels, IGNORE_INDEX)[0]}
+
+
+def collate_pairs(pairs: list[PairTokens], pad_token_id: int) -> dict[str, Tensor]:
+    """A DPO batch of ``B`` pairs ``[2B, T]``, the ``B`` chosen sequences first (see :func:`collate_ranked`)."""
+    return collate_ranked([RankedTokens(p.prompt, [p.chosen, p.rejected]) for p in pairs], pad_token_id)

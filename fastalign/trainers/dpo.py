@@ -8,27 +8,38 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import hf
-from ..objectives.dpo import DPO_LOSS_TYPES, DPOOptions
+from ..objectives.dpo import DPOOptions, sequence_logps
 from . import distributed, losses
 from .common import (Trainer, TrainingConfig, as_floats, batch_indices, eval_batches, mean_metrics, require,
                      steps_per_epoch)
-from .data import IGNORE_INDEX, collate_pairs, load_preference_data, tokenize_pair
+from .data import IGNORE_INDEX, collate_ranked, load_preference_data, load_ranked_data, tokenize_ranking
 
 
 @dataclass
 class DPOConfig(TrainingConfig):
     """DPO options (TRL's ``DPOConfig`` names) on top of :class:`TrainingConfig`.
 
-    ``loss_type``: one of ``fastalign.objectives.dpo.DPO_LOSS_TYPES`` (``ipo`` uses per-token mean log-probs, as
-    TRL). ``max_length``: prompt + response tokens; ``max_prompt_length``: prompt tokens (the prompt keeps its
-    end, the responses their start). Reference log-probs are computed when ``train()`` starts, for the batches of
+    ``loss_type``: a name or a list of names of ``fastalign.objectives.dpo.DPO_LOSS_TYPES``, with ``loss_weights``;
+    ``f_divergence_type``, ``f_alpha_divergence_coef``, ``discopop_tau``, ``ld_alpha``, ``label_smoothing``,
+    ``rpo_alpha``, ``reference_free``: as TRL (formulas: ``fastalign.objectives.dpo``). ``use_weighting`` (WPO)
+    needs ``loss_backend="reference"`` for now. ``num_responses > 2``: ranked records ``{"prompt", "completions":
+    [best, ..., worst]}`` and the Plackett-Luce loss. ``max_length``: prompt + response tokens;
+    ``max_prompt_length``: prompt tokens (the prompt keeps its end, the responses their start). Reference log-probs
+    (sums over the completion, as TRL precomputes them) are computed when ``train()`` starts, for the batches of
     the steps it will run only (and of the eval dataset when the trainer is built).
     """
 
     learning_rate: float = 1e-6
     beta: float = 0.1
-    loss_type: str = "sigmoid"
+    loss_type: str | list = "sigmoid"  # a name or a list of names
+    loss_weights: list | None = None  # one float per loss type
     label_smoothing: float = 0.0
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    discopop_tau: float = 0.05
+    ld_alpha: float | None = None
+    use_weighting: bool = False
+    num_responses: int = 2
     rpo_alpha: float | None = None
     reference_free: bool = False
     max_length: int | None = 1024
@@ -36,26 +47,34 @@ class DPOConfig(TrainingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(self, "loss_type", self.loss_type in DPO_LOSS_TYPES, f"one of {DPO_LOSS_TYPES}")
+        require(self, "use_weighting", not (self.use_weighting and self.loss_backend == "fused"),
+                "False with loss_backend='fused' (WPO needs the per-row lse(2z) statistic, not in the fused ops "
+                "yet; use loss_backend='reference')")
         for name in ("max_length", "max_prompt_length"):
             require(self, name, getattr(self, name) is None or getattr(self, name) >= 1, "None or an int >= 1")
         require(self, "max_prompt_length", None in (self.max_length, self.max_prompt_length)
                 or self.max_prompt_length < self.max_length, f"less than max_length={self.max_length}")
         try:
-            self.options  # checks beta, label_smoothing (for this loss_type), rpo_alpha
+            self.options  # checks the loss options
         except (TypeError, ValueError) as error:
             raise type(error)(f"{type(self).__name__}.{error}") from None
 
     @property
     def options(self) -> DPOOptions:
-        return DPOOptions(beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
-                          reference_free=self.reference_free, rpo_alpha=self.rpo_alpha)
+        loss_type = self.loss_type if isinstance(self.loss_type, str) else tuple(self.loss_type)
+        return DPOOptions(beta=self.beta, loss_type=loss_type,
+                          loss_weights=None if self.loss_weights is None else tuple(self.loss_weights),
+                          label_smoothing=self.label_smoothing, reference_free=self.reference_free,
+                          rpo_alpha=self.rpo_alpha, f_divergence_type=self.f_divergence_type,
+                          f_alpha_divergence_coef=self.f_alpha_divergence_coef, discopop_tau=self.discopop_tau,
+                          ld_alpha=self.ld_alpha, use_weighting=self.use_weighting, num_responses=self.num_responses)
 
 
 class DPOTrainer(Trainer):
     """``DPOTrainer(model, tokenizer, train_dataset, config, ref_model=None, eval_dataset=None).train()``.
 
-    Datasets: records ``{"prompt", "chosen", "rejected"}`` as a list, a JSONL path or a ``datasets.Dataset``.
+    Datasets: records ``{"prompt", "chosen", "rejected"}`` (``num_responses > 2``: ``{"prompt", "completions":
+    [best, ..., worst]}``) as a list, a JSONL path or a ``datasets.Dataset``.
     ``ref_model`` None: the reference is ``model`` before training (its log-probs are computed before the first
     step, or the checkpoint's weights are loaded, for the micro-batches the run will use: a ``max_steps=10`` run
     does 10 steps' reference forwards, not the whole dataset's). One step = ``gradient_accumulation_steps``
@@ -72,7 +91,6 @@ class DPOTrainer(Trainer):
                  ref_model: nn.Module | None = None, eval_dataset=None):
         config = config or DPOConfig()
         super().__init__(model, tokenizer, config)
-        self.average_log_prob = config.loss_type == "ipo"
         self.train_pairs = self.tokenize(train_dataset, "train_dataset")
         if eval_dataset is not None:
             self.eval_dataset = self.tokenize(eval_dataset, "eval_dataset")
@@ -80,43 +98,48 @@ class DPOTrainer(Trainer):
         self.eval_ref = None if self.eval_dataset is None else self.eval_reference_logps()
 
     def tokenize(self, dataset, name: str):
+        """Each record's prompt and ranked responses (``RankedTokens``; pairs: chosen, rejected)."""
         c = self.config
-        return [tokenize_pair(self.tokenizer, r, c.max_length, c.max_prompt_length)
-                for r in load_preference_data(dataset, name)]
+        if c.num_responses == 2:
+            texts = [(r["prompt"], [r["chosen"], r["rejected"]]) for r in load_preference_data(dataset, name)]
+        else:
+            texts = [(r["prompt"], r["completions"]) for r in load_ranked_data(dataset, c.num_responses, name)]
+        return [tokenize_ranking(self.tokenizer, prompt, completions, c.max_length, c.max_prompt_length)
+                for prompt, completions in texts]
 
     def batch(self, pairs, indices: list[int], ref: torch.Tensor | None) -> dict:
-        """Collated pairs (``input_ids``, ``attention_mask``, ``labels`` ``[2B, T]``) and their reference
-        log-probs ``ref_chosen``, ``ref_rejected`` ``[B]`` (rows of ``ref [2, B]``; None without a reference)."""
-        batch = {k: v.to(self.device) for k, v in collate_pairs([pairs[i] for i in indices],
-                                                                self.pad_token_id).items()}
-        batch["ref_chosen"], batch["ref_rejected"] = (None, None) if ref is None else ref
+        """Collated groups (``input_ids``, ``attention_mask``, ``labels`` ``[K*B, T]``, best responses first) and
+        their reference log-probs ``ref_logps [K, B]`` (None without a reference)."""
+        batch = {k: v.to(self.device) for k, v in collate_ranked([pairs[i] for i in indices],
+                                                                 self.pad_token_id).items()}
+        batch["ref_logps"] = ref
         return batch
 
     @torch.no_grad()
     def reference_logps(self, pairs, batches: list[list[int]], what: str = "reference log-probs") -> \
             torch.Tensor | None:
-        """Sequence log-probs ``[2, sum of the batch sizes]`` (chosen, rejected) of the reference model on
-        ``pairs``, one forward per batch of ``batches`` (indices, in order), with a progress bar on rank 0; None
-        without a reference."""
+        """Sequence log-probs ``[K, sum of the batch sizes]`` (best first; sums, LD-DPO weighted) of the reference
+        model on ``pairs``, one forward per batch of ``batches`` (indices, in order), with a progress bar on rank 0;
+        None without a reference."""
         reference = self.reference
         if reference is None:
             return None
         was_training = reference.training
         reference.eval()
         device = hf.get_lm_head(reference).weight.device
-        logps = [torch.zeros(2, 0, device=device)]
+        logps = [torch.zeros(self.config.num_responses, 0, device=device)]
         for indices in tqdm(batches, desc=f"{self.name}: {what}", dynamic_ncols=True,
                             disable=self.config.disable_tqdm or not distributed.is_main()):
-            batch = collate_pairs([pairs[i] for i in indices], self.pad_token_id)
+            batch = collate_ranked([pairs[i] for i in indices], self.pad_token_id)
             parts = hf.causal_lm_parts(reference, *(batch[k].to(device) for k in ("input_ids", "attention_mask",
                                                                                    "labels")))
-            logps.append(losses.sequence_logps(losses.token_logprobs(*parts, self.config.loss_backend),
-                                               parts.targets, self.average_log_prob).view(2, -1))
+            tokens = losses.token_logprobs(*parts, self.config.loss_backend)
+            logps.append(sequence_logps(tokens, parts.targets != IGNORE_INDEX, self.config.options))
         reference.train(was_training)
         return torch.cat(logps, -1).to(self.device)
 
     def eval_reference_logps(self) -> torch.Tensor | None:
-        """``[2, len(eval_dataset)]``: rank ``r`` computes pairs ``r, r + world_size, ...``, then the ranks
+        """``[K, len(eval_dataset)]``: rank ``r`` computes pairs ``r, r + world_size, ...``, then the ranks
         exchange them."""
         n, size, world = len(self.eval_dataset), self.config.per_device_eval_batch_size, distributed.world_size()
         mine = list(range(distributed.rank(), n, world))
@@ -141,8 +164,7 @@ class DPOTrainer(Trainer):
     def policy_loss(self, model: nn.Module, batch: dict, num_pairs, num_chosen_tokens):
         """Inside the policy's forward: hidden states of ``batch`` and the DPO loss on them."""
         parts = hf.causal_lm_parts(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        return losses.dpo_loss(*parts, batch["ref_chosen"], batch["ref_rejected"], self.config.options,
-                               self.config.loss_backend, average_log_prob=self.average_log_prob,
+        return losses.dpo_loss(*parts, batch["ref_logps"], self.config.options, self.config.loss_backend,
                                num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens)
 
     @torch.no_grad()

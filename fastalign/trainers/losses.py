@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ..functional import fused_linear_dpo_loss, fused_linear_logprobs, fused_linear_ppo_loss
 from ..objectives.aggregation import aggregation_weights
-from ..objectives.dpo import DPOOptions, dpo_loss as dpo_objective, dpo_metrics, rpo_nll
+from ..objectives.dpo import DPOOptions, dpo_metrics, dpo_sequence_loss
 from ..objectives.ppo import (PPOLossConfig, PPOTokens, ValueHeadInputs, policy_loss_value, ppo_metrics,
                               value_loss_terms)
 from .data import IGNORE_INDEX
@@ -35,36 +35,34 @@ def token_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets:
                                  return_entropy=return_entropy)
 
 
-def sequence_logps(logprobs: Tensor, targets: Tensor, average: bool) -> Tensor:
-    """``[N]`` sums (``average``: means) of the token log-probs ``[N, T]`` over the response (``targets != -100``)."""
-    sums = logprobs.sum(-1)
-    return sums / (targets != IGNORE_INDEX).sum(-1).clamp(min=1) if average else sums
-
-
-def dpo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, ref_chosen: Tensor | None,
-             ref_rejected: Tensor | None, options: DPOOptions, backend: str, *, average_log_prob: bool = False,
-             num_pairs: int | Tensor | None = None,
+def dpo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, ref_logps: Tensor | None,
+             options: DPOOptions, backend: str, *, num_pairs: int | Tensor | None = None,
              num_chosen_tokens: int | Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """DPO loss and TRL metrics of ``B`` pairs: ``hidden [2B, T, H]``, ``targets [2B, T]`` (chosen rows first),
-    reference log-probs ``[B]`` (None with ``reference_free``). ``average_log_prob``: per-token means (IPO).
-    ``num_pairs``, ``num_chosen_tokens``: divisors of the pair losses' sum and of the RPO NLL (default: this
-    batch's pairs and chosen tokens, the means)."""
+    """DPO loss and TRL metrics (with ``entropy``) of ``B`` groups of K responses: ``hidden [K*B, T, H]``,
+    ``targets [K*B, T]`` (best rows first), reference log-probs ``[K, B]`` (sums; None with ``reference_free``).
+    ``num_pairs``, ``num_chosen_tokens``: divisors of the pair losses' sum and of the chosen NLL (default: this
+    batch's groups and chosen tokens, the means)."""
     if backend == "fused":
-        out = fused_linear_dpo_loss(hidden, weight, targets, bias=bias, ref_chosen_logps=ref_chosen,
-                                    ref_rejected_logps=ref_rejected, beta=options.beta, loss_type=options.loss_type,
-                                    label_smoothing=options.label_smoothing, average_log_prob=average_log_prob,
-                                    rpo_alpha=options.rpo_alpha, reference_free=options.reference_free,
-                                    num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens, check_finite=False)
+        o = options
+        out = fused_linear_dpo_loss(
+            hidden, weight, targets, bias=bias, ref_logps=ref_logps, beta=o.beta, loss_type=o.loss_type,
+            loss_weights=o.loss_weights, label_smoothing=o.label_smoothing, f_divergence_type=o.f_divergence_type,
+            f_alpha_divergence_coef=o.f_alpha_divergence_coef, discopop_tau=o.discopop_tau, ld_alpha=o.ld_alpha,
+            use_weighting=o.use_weighting, num_responses=o.num_responses, rpo_alpha=o.rpo_alpha,
+            reference_free=o.reference_free, num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens,
+            vocab_metrics=True, check_finite=False)
         return out.loss, out.metrics
-    logprobs = materialized_logprobs(hidden, weight, bias, targets)
-    logps = sequence_logps(logprobs, targets, average_log_prob)
-    pairs = logps.shape[0] // 2
-    nll = None if options.rpo_alpha is None else rpo_nll(logprobs[:pairs].sum(-1),
-                                                         (targets[:pairs] != IGNORE_INDEX).sum(-1),
-                                                         num_tokens=num_chosen_tokens)
-    result = dpo_objective(logps[:pairs], logps[pairs:], ref_chosen, ref_rejected, options, chosen_nll=nll,
-                           num_pairs=num_pairs)
-    return result.loss, dpo_metrics(result, logps[:pairs], logps[pairs:])
+    logprobs, entropy = materialized_logprobs(hidden, weight, bias, targets, return_entropy=True)
+    mask = targets != IGNORE_INDEX
+    denoms = None
+    if options.use_weighting:  # log sum_v p_v^2 = lse(2 log p)
+        with torch.no_grad():
+            denoms = torch.logsumexp(2.0 * torch.log_softmax(F.linear(hidden, weight, bias).float(), -1), -1)
+    result, logps = dpo_sequence_loss(logprobs, mask, ref_logps, options, num_pairs=num_pairs,
+                                      num_chosen_tokens=num_chosen_tokens, token_log_denoms=denoms)
+    metrics = dpo_metrics(result, logps)
+    metrics["entropy"] = entropy.detach().sum() / mask.sum().clamp(min=1)
+    return result.loss, metrics
 
 
 def ppo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, old_logprobs: Tensor,
