@@ -85,10 +85,10 @@ def test_cli_bench_all_runs_logprobs_ppo_dpo(tmp_path, capsys):
     sizes = ["--tokens", str(TINY.tokens), "--hidden", str(TINY.hidden_size), "--vocab", str(TINY.vocab_size)]
     assert main(["bench", "--op", "all", *sizes, "--rounds", "1", "--no-memory", "--json-out", str(out)]) == 0
     table = capsys.readouterr().out
-    for op in ("logprobs", "ppo", "dpo"):
+    for op in bench.ALL_OPS:
         assert f"### fastalign bench: {op}\n\nCPU: {bench.cpu_model()}; torch {torch.__version__}, " in table
     assert "dpo-long-pair" not in table
-    assert list(json.loads(out.read_text())["ops"]) == list(bench.ALL_OPS) == ["logprobs", "ppo", "dpo"]
+    assert list(json.loads(out.read_text())["ops"]) == list(bench.ALL_OPS) == ["logprobs", "ppo", "grpo", "dpo"]
 
 
 @linux_only
