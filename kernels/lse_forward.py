@@ -1,8 +1,9 @@
-"""Forward of the fused linear log-softmax: per-row log-sum-exp, target logit and expected logit of
+"""Forward of the fused linear log-softmax: per-row log-sum-exp, target logit and entropy of
 z = (hidden @ weight.T + bias) * inv_temperature, one [BLOCK_N, BLOCK_V] logit tile at a time.
 
-The three statistics merge across vocabulary shards (and across the vocab splits of one launch):
-log-prob = target_logit - lse and entropy = lse - expected_logit once they are merged.
+The statistics merge across vocabulary shards (and across the vocab splits of one launch); log-prob =
+target_logit - lse once they are merged. The entropy is accumulated centred on the running max, as
+sum_v exp(z - m) (z - m) (terms of one sign), never as lse - E_p[z], a difference of two numbers of size |z|.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .row_stats import RowStats
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ def lse_forward_config(dtype: torch.dtype, interpret: bool = False) -> LseForwar
 @triton.jit
 def _lse_forward_kernel(
     hidden_ptr, weight_ptr, bias_ptr, targets_ptr,  # [N, H], [V, H], [V], [N] (all contiguous)
-    max_ptr, sumexp_ptr, sum_pz_ptr, target_logit_ptr,  # partial statistics, fp32 [num_splits, N]
+    max_ptr, sumexp_ptr, sum_ez_ptr, target_logit_ptr,  # partial statistics, fp32 [num_splits, N]
     N, V, H, tiles_per_split, vocab_start, ignore_index, inv_temperature,
     HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -71,10 +74,10 @@ def _lse_forward_kernel(
     y = t - vocab_start
     y = tl.where((t != ignore_index) & (y >= 0) & (y < V), y, -1).to(tl.int32)  # int32: compared over a whole tile
 
-    # Online softmax state per row: running max m, sum of exp(z - m), sum of exp(z - m) * z, target logit.
+    # Online softmax state per row: running max m, sum of exp(z - m), sum of exp(z - m) * (z - m), target logit.
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)
     sumexp = tl.zeros([BLOCK_N], tl.float32)
-    sum_pz = tl.zeros([BLOCK_N], tl.float32)
+    sum_ez = tl.zeros([BLOCK_N], tl.float32)
     target_logit = tl.zeros([BLOCK_N], tl.float32)
 
     v_begin = split * tiles_per_split * BLOCK_V
@@ -105,9 +108,12 @@ def _lse_forward_kernel(
         # Rescale the sums gathered under the old max (exp(-inf) = 0 on the first tile).
         alpha = tl.exp(m - m_new)
         e = tl.exp(z_soft - m_new[:, None])
-        sumexp = sumexp * alpha + tl.sum(e, axis=1)
         if WITH_ENTROPY:
-            sum_pz = sum_pz * alpha + tl.sum(e * z, axis=1)
+            # Re-centre the old terms on m_new: exp(z - m_new) (z - m_new) = alpha exp(z - m) ((z - m) + (m - m_new)),
+            # every term <= 0. Padding columns: e = 0 and z finite. First tile: nothing to re-centre (m = -inf).
+            shift = tl.where(sumexp > 0, m - m_new, 0.0)
+            sum_ez = alpha * (sum_ez + shift * sumexp) + tl.sum(e * (z - m_new[:, None]), axis=1)
+        sumexp = sumexp * alpha + tl.sum(e, axis=1)
         m = m_new
 
     out = split.to(tl.int64) * N + rows
@@ -115,15 +121,15 @@ def _lse_forward_kernel(
     tl.store(sumexp_ptr + out, sumexp, mask=row_ok)
     tl.store(target_logit_ptr + out, target_logit, mask=row_ok)
     if WITH_ENTROPY:
-        tl.store(sum_pz_ptr + out, sum_pz, mask=row_ok)
+        tl.store(sum_ez_ptr + out, sum_ez, mask=row_ok)
 
 
 @triton.jit
-def merge_split_partials(max_ptr, sumexp_ptr, sum_pz_ptr, target_logit_ptr, rows, row_ok, N, num_splits,
+def merge_split_partials(max_ptr, sumexp_ptr, sum_ez_ptr, target_logit_ptr, rows, row_ok, N, num_splits,
                          WITH_ENTROPY: tl.constexpr, BLOCK_N: tl.constexpr):
     """Merge the vocab splits of tokens `rows` (fp32 [num_splits, N] partials; split s of row r sits at s * N + r,
-    int64 offsets stepped by N per split). Returns (lse, sumexp, sum_pz, target_logit) [BLOCK_N], with sumexp and
-    sum_pz rescaled to the global max (sum_pz is 0 without WITH_ENTROPY). Padding rows get finite values."""
+    int64 offsets stepped by N per split). Returns (lse, entropy, target_logit) [BLOCK_N] (entropy 0 without
+    WITH_ENTROPY). Padding rows get finite values."""
     # Global max first, then each split's sums rescaled to it.
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)
     offs = rows.to(tl.int64)
@@ -131,18 +137,24 @@ def merge_split_partials(max_ptr, sumexp_ptr, sum_pz_ptr, target_logit_ptr, rows
         m = tl.maximum(m, tl.load(max_ptr + offs, mask=row_ok, other=0.0))
         offs += N
     sumexp = tl.zeros([BLOCK_N], tl.float32)
-    sum_pz = tl.zeros([BLOCK_N], tl.float32)
+    sum_ez = tl.zeros([BLOCK_N], tl.float32)
     target_logit = tl.zeros([BLOCK_N], tl.float32)
     offs = rows.to(tl.int64)
     for _ in range(num_splits):
-        scale = tl.exp(tl.load(max_ptr + offs, mask=row_ok, other=0.0) - m)
-        sumexp += tl.load(sumexp_ptr + offs, mask=row_ok, other=1.0) * scale  # 1: padding rows stay finite
+        m_split = tl.load(max_ptr + offs, mask=row_ok, other=0.0)
+        scale = tl.exp(m_split - m)
+        split_sumexp = tl.load(sumexp_ptr + offs, mask=row_ok, other=1.0)  # 1: padding rows stay finite
         if WITH_ENTROPY:
-            sum_pz += tl.load(sum_pz_ptr + offs, mask=row_ok, other=0.0) * scale
+            # The split's sum of exp(z - m_s) (z - m_s), re-centred on the global max (terms of one sign).
+            split_sum_ez = tl.load(sum_ez_ptr + offs, mask=row_ok, other=0.0)
+            sum_ez += scale * (split_sum_ez + (m_split - m) * split_sumexp)
+        sumexp += split_sumexp * scale
         # The target lies in one split; the others hold 0.
         target_logit += tl.load(target_logit_ptr + offs, mask=row_ok, other=0.0)
         offs += N
-    return m + tl.log(sumexp), sumexp, sum_pz, target_logit
+    # H = lse - E_p[z] = log(sumexp) - E_p[z - m]: two terms >= 0.
+    entropy = tl.log(sumexp) - sum_ez / sumexp if WITH_ENTROPY else tl.zeros([BLOCK_N], tl.float32)
+    return m + tl.log(sumexp), entropy, target_logit
 
 
 def _interpreting() -> bool:
@@ -164,7 +176,7 @@ class LsePartials(NamedTuple):
 
     max: Tensor  # max_v z over the split's columns
     sumexp: Tensor  # sum_v exp(z - max)
-    sum_pz: Tensor | None  # sum_v exp(z - max) * z (only with entropy)
+    sum_ez: Tensor | None  # sum_v exp(z - max) * (z - max), <= 0 (only with entropy)
     target_logit: Tensor  # z[target] when the target lies in the split, else 0
 
 
@@ -176,7 +188,7 @@ def lse_forward_partials(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
     hidden [N, H], weight [V, H] (rows are global vocab ids vocab_start .. vocab_start + V - 1), bias [V] or None,
     all of one dtype (fp32/fp16/bf16); targets [N] int64 global vocab ids. Non-contiguous inputs are copied
     (`.contiguous()`). Returns the fp32 [num_splits, N] partials, to merge with `merge_lse_partials` (or in the
-    epilogue kernels, via `merge_split_partials`); `sum_pz` is None without `with_entropy`.
+    epilogue kernels, via `merge_split_partials`); `sum_ez` is None without `with_entropy`.
 
     Writes: program (i, s) of grid (cdiv(N, BLOCK_N), num_splits) alone writes the partial statistics of rows
     i*BLOCK_N .. (i+1)*BLOCK_N - 1 for vocab split s (no atomics).
@@ -200,7 +212,7 @@ def lse_forward_partials(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
     if n > 0:
         _lse_forward_kernel[(n_row_blocks, splits)](
             hidden, weight, bias if bias is not None else hidden, targets,
-            partials.max, partials.sumexp, partials.sum_pz if with_entropy else partials.max, partials.target_logit,
+            partials.max, partials.sumexp, partials.sum_ez if with_entropy else partials.max, partials.target_logit,
             n, v, h, tiles_per_split, vocab_start, ignore_index, float(inv_temperature),
             HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy,
             **cfg.constexprs(), **cfg.launch_options(),
@@ -208,28 +220,30 @@ def lse_forward_partials(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
     return partials
 
 
-def merge_lse_partials(partials: LsePartials) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Merge the splits: rescale each split's sums to the global max (the same merge a vocab-parallel caller does).
+def merge_lse_partials(partials: LsePartials) -> RowStats:
+    """Merge the splits: rescale each split's sums to the global max (as `merge_split_partials` does in a kernel).
 
-    Returns fp32 [N] lse, target_logit and expected_logit (None when the partials hold no `sum_pz`).
+    Returns the fp32 [N] statistics (entropy None when the partials hold no `sum_ez`).
     """
     m = partials.max.amax(dim=0)
     scale = torch.exp(partials.max - m)
     sumexp = (partials.sumexp * scale).sum(dim=0)
-    lse = m + torch.log(sumexp)
-    expected_logit = None if partials.sum_pz is None else (partials.sum_pz * scale).sum(dim=0) / sumexp
-    return lse, partials.target_logit.sum(dim=0), expected_logit
+    entropy = None
+    if partials.sum_ez is not None:  # re-centred on m: terms of one sign; H = log(sumexp) - E_p[z - m]
+        sum_ez = (scale * (partials.sum_ez + (partials.max - m) * partials.sumexp)).sum(dim=0)
+        entropy = torch.log(sumexp) - sum_ez / sumexp
+    return RowStats(m + torch.log(sumexp), partials.target_logit.sum(dim=0), entropy)
 
 
 def linear_lse_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *,
                        inv_temperature: float, ignore_index: int, vocab_start: int = 0,
-                       with_entropy: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+                       with_entropy: bool = False) -> RowStats:
     """Per-row statistics of z = (hidden @ weight.T + bias) * inv_temperature without materializing z.
 
-    Inputs as `lse_forward_partials`. Returns fp32 [N] tensors:
+    Inputs as `lse_forward_partials`. Returns fp32 [N] tensors (`RowStats`):
       lse            logsumexp_v z,
       target_logit   z[targets - vocab_start], 0 when the row is ignored or its target is outside this shard,
-      expected_logit sum_v softmax(z)_v * z_v (only with `with_entropy`, else None).
+      entropy        -sum_v softmax(z)_v log softmax(z)_v (only with `with_entropy`, else None).
 
     Writes: as `lse_forward_partials`; the splits are then merged here in PyTorch (`merge_lse_partials`).
     """

@@ -37,7 +37,7 @@ def _expm1(x):
 
 @triton.jit
 def _ppo_epilogue_kernel(
-    max_ptr, sumexp_ptr, sum_pz_ptr, target_logit_ptr,  # split partials, fp32 [num_splits, N]
+    max_ptr, sumexp_ptr, sum_ez_ptr, target_logit_ptr,  # split partials, fp32 [num_splits, N]
     targets_ptr, old_logprobs_ptr, advantages_ptr, ref_logprobs_ptr, weights_ptr,  # [N]: int64, fp32 x 4
     logprobs_ptr, entropy_ptr, lse_ptr, loss_ptr, grad_logprobs_ptr, grad_entropy_ptr,  # out, fp32 [N]
     clipped_ptr, dual_clipped_ptr,  # out, bool [N]
@@ -50,9 +50,9 @@ def _ppo_epilogue_kernel(
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
 
-    # Merge the vocab splits: global lse, target logit and (with entropy) the rescaled sum of exp(z - max) * z.
-    lse, sumexp, sum_pz, target_logit = merge_split_partials(max_ptr, sumexp_ptr, sum_pz_ptr, target_logit_ptr,
-                                                             rows, row_ok, N, num_splits, WITH_ENTROPY, BLOCK_N)
+    # Merge the vocab splits: global lse, target logit and (with entropy) entropy.
+    lse, entropy, target_logit = merge_split_partials(max_ptr, sumexp_ptr, sum_ez_ptr, target_logit_ptr,
+                                                      rows, row_ok, N, num_splits, WITH_ENTROPY, BLOCK_N)
 
     # Log-prob of the target, 0 at ignored rows.
     t = tl.load(targets_ptr + rows, mask=row_ok, other=ignore_index)
@@ -106,9 +106,9 @@ def _ppo_epilogue_kernel(
         loss += kl_coef * kl
         grad_lp += kl_coef * d_kl
 
-    # Entropy lse - E_p[z] (0 at ignored rows) and its bonus -c_H * entropy.
+    # Entropy (0 at ignored rows) and its bonus -c_H * entropy.
     if WITH_ENTROPY:
-        entropy = tl.where(valid, lse - sum_pz / sumexp, 0.0)
+        entropy = tl.where(valid, entropy, 0.0)
         loss -= entropy_coef * entropy
         tl.store(entropy_ptr + rows, entropy, mask=row_ok)
         tl.store(grad_entropy_ptr + rows, -entropy_coef * w, mask=row_ok)  # times the aggregation weight
@@ -145,7 +145,7 @@ def ppo_epilogue(partials: LsePartials, targets: Tensor, old_logprobs: Tensor, a
                  entropy_coef: float, log_ratio_clamp: float, with_entropy: bool) -> PPOEpilogueOutput:
     """Per-token log-prob, entropy, lse, weighted PPO loss and its gradients from the split partials.
 
-    partials: fp32 [num_splits, N] (`sum_pz` needed with `with_entropy`); targets [N] int64; old_logprobs,
+    partials: fp32 [num_splits, N] (`sum_ez` needed with `with_entropy`); targets [N] int64; old_logprobs,
     advantages, ref_logprobs (or None: no KL term) and weights (aggregation weights) [N], made fp32 contiguous.
     Options as `fastalign.objectives.ppo.PPOLossConfig` (cliprange_high None: symmetric; dual_clip None: off);
     `log_ratio_clamp` is `fastalign.objectives.ppo.LOG_RATIO_CLAMP`, passed in by the caller.
@@ -159,8 +159,8 @@ def ppo_epilogue(partials: LsePartials, targets: Tensor, old_logprobs: Tensor, a
         raise ValueError(f"ref_logprobs: required when kl_coef != 0 (kl_coef={kl_coef}), got None")
     if entropy_coef != 0 and not with_entropy:
         raise ValueError(f"with_entropy: must be True when entropy_coef != 0 (entropy_coef={entropy_coef})")
-    if with_entropy and partials.sum_pz is None:
-        raise ValueError("partials.sum_pz: required with with_entropy (run lse_forward_partials with_entropy=True)")
+    if with_entropy and partials.sum_ez is None:
+        raise ValueError("partials.sum_ez: required with with_entropy (run lse_forward_partials with_entropy=True)")
     device, n = partials.max.device, partials.max.shape[1]
     if device.type != "cuda" and not _interpreting():
         raise ValueError(f"fastalign.kernels: expected CUDA tensors (or TRITON_INTERPRET=1), got {device}")
@@ -175,11 +175,11 @@ def ppo_epilogue(partials: LsePartials, targets: Tensor, old_logprobs: Tensor, a
         unused = result.lse  # stands in for the pointers a constexpr flag switches off (never dereferenced)
         part_max, part_sumexp, part_target = (p.contiguous() for p in (partials.max, partials.sumexp,
                                                                          partials.target_logit))
-        part_sum_pz = partials.sum_pz.contiguous() if with_entropy else unused
+        part_sum_ez = partials.sum_ez.contiguous() if with_entropy else unused
         old, adv, w = (t.float().contiguous() for t in (old_logprobs, advantages, weights))
         ref = ref_logprobs.float().contiguous() if ref_logprobs is not None else unused
         _ppo_epilogue_kernel[(triton.cdiv(n, cfg.BLOCK_N),)](
-            part_max, part_sumexp, part_sum_pz, part_target,
+            part_max, part_sumexp, part_sum_ez, part_target,
             targets.contiguous(), old, adv, ref, w,
             result.logprobs, result.entropy if with_entropy else unused, result.lse, result.loss,
             result.grad_logprobs, result.grad_entropy if with_entropy else unused,

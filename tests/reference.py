@@ -21,17 +21,18 @@ def reference_logprobs(hidden, weight, targets, bias=None, *, temperature=1.0, i
     return torch.where(valid, logp, 0.0), torch.where(valid, entropy, 0.0)
 
 
-def random_split_partials(n: int, splits: int, *, ignore_index: int, with_sum_pz: bool = True):
+def random_split_partials(n: int, splits: int, *, ignore_index: int, with_sum_ez: bool = True):
     """Plausible vocab-split statistics ``[splits, n]`` of the log-sum-exp kernel (``LsePartials``) and targets:
-    sumexp >= 1 (the split's max contributes 1), the target logit in one split only, every 5th row ignored."""
+    sumexp >= 1 (the split's max contributes 1), sum_ez = sum exp(z - max)(z - max) <= 0, the target logit in one
+    split only, every 5th row ignored."""
     from fastalign.kernels.lse_forward import LsePartials
 
     m = 3 * torch.randn(splits, n)
     sumexp = 1 + 30 * torch.rand(splits, n)
-    sum_pz = sumexp * (m - 0.5 - 3 * torch.rand(splits, n)) if with_sum_pz else None
+    sum_ez = -sumexp * (0.5 + 3 * torch.rand(splits, n)) if with_sum_ez else None
     home = torch.randint(0, splits, (n,))
     target_logit = torch.zeros(splits, n)
     target_logit[home, torch.arange(n)] = m[home, torch.arange(n)] - 4 * torch.rand(n)
     targets = torch.randint(0, 1000, (n,))
     targets[::5] = ignore_index
-    return LsePartials(m, sumexp, sum_pz, target_logit), targets
+    return LsePartials(m, sumexp, sum_ez, target_logit), targets

@@ -36,7 +36,7 @@ def _spec(kernel, types: dict, constexprs: dict, config, arch: int) -> CompileSp
 def lse_forward_spec(dtype: torch.dtype, arch: int, *, has_bias: bool, with_entropy: bool) -> CompileSpec:
     x = "*" + DTYPES[dtype]
     types = {"hidden_ptr": x, "weight_ptr": x, "bias_ptr": x, "targets_ptr": "*i64",
-             "max_ptr": "*fp32", "sumexp_ptr": "*fp32", "sum_pz_ptr": "*fp32", "target_logit_ptr": "*fp32",
+             "max_ptr": "*fp32", "sumexp_ptr": "*fp32", "sum_ez_ptr": "*fp32", "target_logit_ptr": "*fp32",
              "N": "i32", "V": "i32", "H": "i32", "tiles_per_split": "i32", "vocab_start": "i32",
              "ignore_index": "i32", "inv_temperature": "fp32"}
     return _spec(_lse_forward_kernel, types, {"HAS_BIAS": has_bias, "WITH_ENTROPY": with_entropy},
@@ -60,7 +60,7 @@ def ppo_epilogue_spec(dtype: torch.dtype, arch: int, *, dual_clip: bool, kl_esti
                       with_entropy: bool) -> CompileSpec:
     """`dtype` is that of the partials and per-token inputs: fp32 whatever the lm_head's dtype."""
     f = "*" + DTYPES[dtype]
-    types = {"max_ptr": f, "sumexp_ptr": f, "sum_pz_ptr": f, "target_logit_ptr": f, "targets_ptr": "*i64",
+    types = {"max_ptr": f, "sumexp_ptr": f, "sum_ez_ptr": f, "target_logit_ptr": f, "targets_ptr": "*i64",
              "old_logprobs_ptr": f, "advantages_ptr": f, "ref_logprobs_ptr": f, "weights_ptr": f,
              "logprobs_ptr": f, "entropy_ptr": f, "lse_ptr": f, "loss_ptr": f, "grad_logprobs_ptr": f,
              "grad_entropy_ptr": f, "clipped_ptr": "*i1", "dual_clipped_ptr": "*i1",

@@ -5,14 +5,15 @@ Tolerances, relative to the largest reference value of each output (so a flipped
 error, fails by orders of magnitude):
   forward, fp32 and fp16 inputs: 1e-5 (fp16 products are exact in the fp32 accumulator);
   backward, fp32: 1e-5; fp16: 3e-3 (the logit gradient is rounded to fp16, 2^-11, to feed the tensor cores);
-  logits of scale 1e4: 1e-5 forward (fp32 rounding of z is ~1e-3 absolute), 1e-2 backward (p = exp(z - lse)
-  inherits that 1e-3 absolute error of z).
+  logits of scale 1e4: 1e-5 forward (fp32 rounding of z is ~1e-3 absolute; the entropies, of 1e-4 and less,
+  to 1e-6 absolute), 1e-2 backward (p = exp(z - lse) inherits that 1e-3 absolute error of z).
 """
 import pytest
 import torch
 
 from fastalign.kernels.logprobs_backward import linear_logprobs_backward
 from fastalign.kernels.lse_forward import linear_lse_forward
+from fastalign.kernels.row_stats import merge_row_stats
 
 IGNORE = -100
 DTYPES = [torch.float32, torch.float16]
@@ -35,12 +36,13 @@ def reference_logits(hidden, weight, bias, inv_temperature):
 
 
 def reference_forward(hidden, weight, bias, targets, inv_temperature, ignore_index=IGNORE, vocab_start=0):
-    """lse, target logit (0 off-shard or ignored) and expected logit of this shard's logits, in float64."""
+    """lse, target logit (0 off-shard or ignored) and entropy of this shard's logits, in float64."""
     z = reference_logits(hidden, weight, bias, inv_temperature)
     local = targets - vocab_start
     on_shard = (targets != ignore_index) & (local >= 0) & (local < z.shape[1])
     target_logit = torch.where(on_shard, z.gather(1, local.clamp(0, z.shape[1] - 1)[:, None])[:, 0], 0.0)
-    return torch.logsumexp(z, 1), target_logit, (torch.softmax(z, 1) * z).sum(1)
+    logp = torch.log_softmax(z, 1)
+    return torch.logsumexp(z, 1), target_logit, -(logp.exp() * logp).sum(1)
 
 
 def reference_backward(hidden, weight, bias, targets, g_lp, g_ent, inv_temperature, ignore_index=IGNORE):
@@ -84,9 +86,9 @@ SHAPES = {
 def test_forward_matches_reference(shape, dtype):
     n, h, v, bias, inv_t, n_ignored = SHAPES[shape]
     hidden, weight, b, targets = make_problem(n, h, v, dtype, bias=bias, n_ignored=n_ignored)
-    lse, target_logit, expected = linear_lse_forward(hidden, weight, b, targets, inv_temperature=inv_t,
-                                                     ignore_index=IGNORE, with_entropy=True)
-    for actual, ref in zip((lse, target_logit, expected), reference_forward(hidden, weight, b, targets, inv_t)):
+    lse, target_logit, entropy = linear_lse_forward(hidden, weight, b, targets, inv_temperature=inv_t,
+                                                    ignore_index=IGNORE, with_entropy=True)
+    for actual, ref in zip((lse, target_logit, entropy), reference_forward(hidden, weight, b, targets, inv_t)):
         assert_close(actual, ref, 1e-5)
     assert (target_logit[targets == IGNORE] == 0).all()
 
@@ -164,14 +166,11 @@ def test_vocab_shards_merge_to_the_full_vocabulary(dtype):
 
     stats = [linear_lse_forward(hidden, weight[s], b[s], targets, inv_temperature=inv_t, ignore_index=IGNORE,
                                 vocab_start=start, with_entropy=True) for start, s in shards]
-    for (lse, target_logit, expected), (start, s) in zip(stats, shards):  # each shard on its own
+    for st, (start, s) in zip(stats, shards):  # each shard on its own
         ref = reference_forward(hidden, weight[s], b[s], targets, inv_t, vocab_start=start)
-        for actual, r in zip((lse, target_logit, expected), ref):
+        for actual, r in zip(st, ref):
             assert_close(actual, r, 1e-5)
-    lses = torch.stack([st[0] for st in stats])
-    lse = torch.logsumexp(lses, 0)
-    weights = torch.exp(lses - lse)
-    merged = (lse, sum(st[1] for st in stats), (weights * torch.stack([st[2] for st in stats])).sum(0))
+    merged = merge_row_stats(*stats)
     for actual, ref in zip(merged, reference_forward(hidden, weight, b, targets, inv_t)):
         assert_close(actual, ref, 1e-5)
 
@@ -193,10 +192,13 @@ def test_logits_of_scale_1e4_stay_finite_and_accurate(dtype):
     z = reference_logits(hidden, weight, b, 1.0)
     assert 5e3 < z.abs().max() < 6e4  # fp32-representable, far beyond exp's range
 
-    stats = linear_lse_forward(hidden, weight, b, targets, inv_temperature=1.0, ignore_index=IGNORE,
-                               with_entropy=True)
-    for actual, ref in zip(stats, reference_forward(hidden, weight, b, targets, 1.0)):
-        assert_close(actual, ref, 1e-5)
+    lse, target_logit, entropy = linear_lse_forward(hidden, weight, b, targets, inv_temperature=1.0,
+                                                    ignore_index=IGNORE, with_entropy=True)
+    ref_lse, ref_target_logit, ref_entropy = reference_forward(hidden, weight, b, targets, 1.0)
+    assert_close(lse, ref_lse, 1e-5)
+    assert_close(target_logit, ref_target_logit, 1e-5)
+    # Nearly one-hot rows: entropies of 1e-4 and less, held to an absolute 1e-6 (of log V = 4.5).
+    torch.testing.assert_close(entropy.double(), ref_entropy, rtol=0, atol=1e-6)
 
     g_lp, g_ent = upstream_grads(targets, True)
     ref_grads, lse, entropy = reference_backward(hidden, weight, b, targets, g_lp, g_ent, 1.0)
@@ -228,9 +230,9 @@ def test_large_vocabulary_and_strided_inputs():
 
 def test_no_rows():
     hidden, weight, b, targets = make_problem(0, 8, 20, torch.float32)
-    lse, target_logit, expected = linear_lse_forward(hidden, weight, b, targets, inv_temperature=1.0,
-                                                     ignore_index=IGNORE, with_entropy=True)
-    assert lse.shape == target_logit.shape == expected.shape == (0,)
+    lse, target_logit, entropy = linear_lse_forward(hidden, weight, b, targets, inv_temperature=1.0,
+                                                    ignore_index=IGNORE, with_entropy=True)
+    assert lse.shape == target_logit.shape == entropy.shape == (0,)
     gh, gw, gb = linear_logprobs_backward(hidden, weight, b, targets, lse, lse, inv_temperature=1.0,
                                           ignore_index=IGNORE, need_grad_bias=True)
     assert gh.shape == (0, 8) and (gw == 0).all() and (gb == 0).all()

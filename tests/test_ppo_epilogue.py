@@ -21,10 +21,11 @@ TOL = dict(rtol=1e-5, atol=1e-6)
 
 def reference_merge(p: LsePartials, targets: torch.Tensor):
     """lse, log-prob and entropy in float64: lse = logsumexp_s(max_s + log sumexp_s), E[z] a softmax-weighted mean
-    of the splits' means."""
+    of the splits' means max_s + sum_ez_s / sumexp_s, entropy lse - E[z]."""
     split_lse = p.max.double() + p.sumexp.double().log()
     lse = torch.logsumexp(split_lse, 0)
-    expected = (torch.exp(split_lse - lse) * p.sum_pz.double() / p.sumexp.double()).sum(0)
+    split_mean = p.max.double() + p.sum_ez.double() / p.sumexp.double()
+    expected = (torch.exp(split_lse - lse) * split_mean).sum(0)
     valid = targets != IGNORE
     return lse, torch.where(valid, p.target_logit.double().sum(0) - lse, 0.0), torch.where(valid, lse - expected, 0.0)
 
@@ -71,7 +72,7 @@ def test_matches_objectives_and_autograd(name, n):
     adv = torch.randn(n)
     weights = torch.rand(n) * (torch.rand(n) < 0.7)
 
-    out = ppo_epilogue(partials if with_entropy else partials._replace(sum_pz=None), targets, old, adv, ref,
+    out = ppo_epilogue(partials if with_entropy else partials._replace(sum_ez=None), targets, old, adv, ref,
                        weights, ignore_index=IGNORE, with_entropy=with_entropy, **kernel_options(cfg))
     torch.testing.assert_close(out.lse.double(), lse, **TOL)
     torch.testing.assert_close(out.logprobs.double(), logp, **TOL)
@@ -138,5 +139,5 @@ def test_inconsistent_options_raise():
         ppo_epilogue(partials, targets, x, x, None, x, with_entropy=False, **{**common, "kl_coef": 0.1})
     with pytest.raises(ValueError, match="with_entropy: must be True"):
         ppo_epilogue(partials, targets, x, x, None, x, with_entropy=False, **{**common, "entropy_coef": 0.1})
-    with pytest.raises(ValueError, match="partials.sum_pz"):
-        ppo_epilogue(partials._replace(sum_pz=None), targets, x, x, None, x, with_entropy=True, **common)
+    with pytest.raises(ValueError, match="partials.sum_ez"):
+        ppo_epilogue(partials._replace(sum_ez=None), targets, x, x, None, x, with_entropy=True, **common)

@@ -204,9 +204,9 @@ class _EngineLoss(torch.autograd.Function):
 
 
 def stats_tensors(stats: RowStats) -> tuple[Tensor, Tensor, Tensor]:
-    """The row statistics as three tensors for ``save_for_backward`` (a missing expected logit as an empty one)."""
-    expected = stats.expected_logit if stats.expected_logit is not None else stats.lse.new_empty(0)
-    return stats.lse, stats.target_logit, expected
+    """The row statistics as three tensors for ``save_for_backward`` (a missing entropy as an empty one)."""
+    entropy = stats.entropy if stats.entropy is not None else stats.lse.new_empty(0)
+    return stats.lse, stats.target_logit, entropy
 
 
 def fused_rows_loss(inputs: LinearInputs, opts: LinearOptions, loss_fn: LossFn, *, rows: Tensor | None = None,

@@ -41,14 +41,14 @@ class LinearOptions:
 
 def lse_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, opts: LinearOptions, *,
                 with_entropy: bool) -> RowStats:
-    """Per-row log-sum-exp, target logit and (with entropy) expected logit, ``[N]`` each; over the whole vocabulary
+    """Per-row log-sum-exp, target logit and (with entropy) entropy, ``[N]`` each; over the whole vocabulary
     (merged across the group) with a vocab shard."""
     if opts.backend == "triton":
         from fastalign.kernels.lse_forward import linear_lse_forward
 
-        stats = RowStats(*linear_lse_forward(hidden, weight, bias, targets, inv_temperature=opts.inv_temperature,
-                                             ignore_index=opts.ignore_index, vocab_start=opts.vocab_start,
-                                             with_entropy=with_entropy))
+        stats = linear_lse_forward(hidden, weight, bias, targets, inv_temperature=opts.inv_temperature,
+                                   ignore_index=opts.ignore_index, vocab_start=opts.vocab_start,
+                                   with_entropy=with_entropy)
     else:
         stats = torch_backend.linear_lse_forward(hidden, weight, bias, targets, inv_temperature=opts.inv_temperature,
                                                  ignore_index=opts.ignore_index, vocab_start=opts.vocab_start,
@@ -62,8 +62,7 @@ def logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targe
     """Gradients of ``hidden``, ``weight`` and ``bias`` for upstream per-token gradients (0 at ignored rows), from the
     global row statistics ``stats``; with a vocab shard, ``d weight``/``d bias`` of the shard (``finish_grads``)."""
     if opts.backend == "triton":
-        entropy = None if grad_entropy is None else stats.lse - stats.expected_logit
-        return triton_logprobs_backward(hidden, weight, bias, targets, stats.lse, entropy, grad_logprobs,
+        return triton_logprobs_backward(hidden, weight, bias, targets, stats.lse, stats.entropy, grad_logprobs,
                                         grad_entropy, opts, need_hidden=need_hidden, need_weight=need_weight,
                                         need_bias=need_bias)
     return opts.finish_grads(torch_backend.linear_logprobs_backward(
@@ -106,7 +105,8 @@ def triton_lse_partials(hidden: Tensor, weight: Tensor, bias: Tensor | None, tar
                         with_entropy: bool):
     """Triton: the vocab-split partials ``[num_splits, N]`` of the lm_head (``LsePartials``), for the epilogue
     kernels. With a vocab shard, the global statistics as a single split: ``max`` the global lse, ``sumexp`` 1,
-    ``sum_pz`` the global expected logit (``sum_v p_v z_v``), so that the epilogue's merge returns them as they are."""
+    ``sum_ez`` minus the global entropy (``sum_v p_v (z_v - lse)``), so that the epilogue's merge returns them as
+    they are."""
     from fastalign.kernels.lse_forward import LsePartials, lse_forward_partials, merge_lse_partials
 
     partials = lse_forward_partials(hidden, weight, bias, targets, inv_temperature=opts.inv_temperature,
@@ -114,9 +114,10 @@ def triton_lse_partials(hidden: Tensor, weight: Tensor, bias: Tensor | None, tar
                                     with_entropy=with_entropy)
     if opts.shard is None:
         return partials
-    stats = opts.shard.all_reduce_stats(RowStats(*merge_lse_partials(partials)))
-    split = [None if s is None else s.unsqueeze(0) for s in stats]
-    return LsePartials(split[0], torch.ones_like(split[0]), split[2], split[1])
+    stats = opts.shard.all_reduce_stats(merge_lse_partials(partials))
+    lse = stats.lse.unsqueeze(0)
+    return LsePartials(lse, torch.ones_like(lse), None if stats.entropy is None else -stats.entropy.unsqueeze(0),
+                       stats.target_logit.unsqueeze(0))
 
 
 def scale_precomputed_grads(grads: list[Tensor | None], grad_loss: Tensor) -> list[Tensor | None]:

@@ -31,7 +31,7 @@ def prepare_linear(hidden, weight, targets, bias, *, temperature, ignore_index, 
 def token_outputs(stats: RowStats, valid: Tensor, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
     """Log-probs ``[N]`` and entropy ``[N]`` from row statistics, 0 at ignored rows."""
     logprobs = torch.where(valid, stats.target_logit - stats.lse, 0.0)
-    entropy = torch.where(valid, stats.lse - stats.expected_logit, 0.0) if with_entropy else None
+    entropy = torch.where(valid, stats.entropy, 0.0) if with_entropy else None
     return logprobs, entropy
 
 

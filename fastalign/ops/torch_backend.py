@@ -6,7 +6,7 @@ tiles of ``VOCAB_TILE`` columns outer, token chunks inner, so a block is still i
 after its matmul. The blocks' per-row statistics (and the frozen-weight moments) merge exactly as those of
 vocabulary shards do (``merge_row_stats``); gradients from the global statistics are independent per block.
 
-The entry points mirror the kernels: ``linear_lse_forward`` (log-sum-exp, target logit, expected logit),
+The entry points mirror the kernels: ``linear_lse_forward`` (log-sum-exp, target logit, entropy),
 ``linear_logprobs_backward`` (recompute the logits, then the gradients), ``linear_weight_moments`` (a frozen
 weight: the forward also forms what ``d hidden`` needs), and ``linear_logprobs_fused`` (a loss whose per-token
 gradient is known in the forward: logits, ``d hidden`` and ``d weight`` in one pass, three matmuls). Only the last
@@ -21,6 +21,8 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
+from fastalign.kernels.row_stats import RowStats, merge_row_stats
+
 from .chunking import rows_per_chunk
 
 TokenGrads = Callable[[slice, Tensor, Tensor | None], tuple[Tensor, Tensor | None]]
@@ -30,17 +32,6 @@ VOCAB_TILE = 4096
 TILE_ROWS = 512
 """Block shape on CPU: a ``[512, 4096]`` fp32 block of logits (8 MiB) is still in cache for the elementwise passes
 after its matmul; a whole ``[chunk, V]`` block (64 MiB) streams from DRAM in each."""
-
-
-class RowStats(NamedTuple):
-    """Per-row statistics of the tempered logits, each ``[N]``: mergeable across vocabulary shards."""
-
-    lse: Tensor
-    target_logit: Tensor  # 0 where the target is ignored or outside this shard
-    expected_logit: Tensor | None  # sum_v softmax(z)_v z_v, only when entropy is asked for
-
-    def rows(self, rows: slice) -> RowStats:
-        return RowStats(*(None if s is None else s[rows] for s in self))
 
 
 class LinearGrads(NamedTuple):
@@ -55,7 +46,7 @@ class WeightMoments(NamedTuple):
     """Per-row ``[N, H]`` softmax moments of the weight rows: what ``d hidden`` needs when the weight is frozen."""
 
     mean: Tensor  # sum_v p_v W_v
-    entropy: Tensor | None  # sum_v p_v (z_v - E_p[z]) W_v
+    entropy: Tensor | None  # sum_v p_v (z_v - E_p[z]) W_v = sum_v p_v (log p_v + H) W_v
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -156,61 +147,61 @@ def _store(dst: Sequence[Tensor | None], rows: slice, src: Sequence[Tensor | Non
             d[rows] = s
 
 
-def _row_stats(z: Tensor, tgt: _Targets, with_entropy: bool, in_place: str | None = None) -> RowStats:
-    """Statistics of one block of tempered logits ``z [C, tile]``, left unchanged unless ``in_place`` (no entropy):
-    ``"scratch"`` overwrites it (only the statistics are needed), ``"softmax"`` replaces it by ``softmax(z)``. In
-    place, one fused row-wise log-softmax pass (each row is reduced while in cache) serves the lse, and one exp pass
-    the probabilities: cheaper than ``torch.logsumexp``, which makes several passes and a ``[C, V]`` temporary."""
+def _row_stats(z: Tensor, tgt: _Targets, softmax: bool) -> RowStats:
+    """Log-sum-exp and target logit of one block of tempered logits ``z [C, tile]``, which is replaced by
+    ``log_softmax(z)``, or ``softmax(z)`` with ``softmax``. One fused row-wise log-softmax pass (each row is reduced
+    while in cache) serves the lse, and one exp pass the probabilities: cheaper than ``torch.logsumexp``, which makes
+    several passes and a ``[C, V]`` temporary."""
     target_logit = z.gather(1, tgt.index).squeeze(1).masked_fill(~tgt.valid, 0.0)
-    if in_place is not None and not with_entropy:
-        first = z[:, 0].clone()
-        torch._log_softmax(z, 1, False, out=z)  # z <- z - lse, row by row (an aliased out is safe row-wise)
-        lse = first - z[:, 0]
-        if in_place == "softmax":
-            z.exp_()
-        return RowStats(lse, target_logit, None)
-    if not with_entropy:
-        return RowStats(torch.logsumexp(z, dim=1), target_logit, None)
-    row_max = z.amax(dim=1, keepdim=True)
-    unnormalized = (z - row_max).exp_()  # exp(z - max): one exp pass serves lse and entropy
-    sum_exp = unnormalized.sum(dim=1)
-    # sum_v exp(z_v - max) * z_v as a batched dot product: no second [C, V] temporary
-    weighted = torch.bmm(unnormalized.unsqueeze(1), z.unsqueeze(2)).view(-1)
-    return RowStats(row_max.squeeze(1) + sum_exp.log(), target_logit, weighted / sum_exp)
+    lse = _log_softmax_(z)
+    if softmax:
+        z.exp_()
+    return RowStats(lse, target_logit)
 
 
-def merge_row_stats(a: RowStats, b: RowStats) -> RowStats:
-    """Row statistics over the union of two disjoint vocabulary ranges (tiles, or shards under vocab parallelism)."""
-    lse = torch.logaddexp(a.lse, b.lse)
-    expected = None
-    if a.expected_logit is not None:
-        expected = a.expected_logit * (a.lse - lse).exp() + b.expected_logit * (b.lse - lse).exp()
-    return RowStats(lse, a.target_logit + b.target_logit, expected)
+def _log_softmax_(z: Tensor) -> Tensor:
+    """``z <- log_softmax(z)`` row by row, in place; returns the lse ``[C]``."""
+    first = z[:, 0].clone()
+    torch._log_softmax(z, 1, False, out=z)  # z <- z - lse, row by row (an aliased out is safe row-wise)
+    return first - z[:, 0]
+
+
+def _entropy_stats(z: Tensor, tgt: _Targets) -> tuple[RowStats, Tensor]:
+    """Statistics of a block ``z [C, tile]`` with its entropy, computed centred: ``z`` is replaced by ``log p``
+    (``z - lse``), and ``H = -sum_v p_v log p_v`` sums terms of one sign (not ``lse - E_p[z]``, a difference of two
+    numbers of size ``|z|``). Returns the statistics and the probabilities ``p [C, tile]`` (a new tensor)."""
+    target_logit = z.gather(1, tgt.index).squeeze(1).masked_fill(~tgt.valid, 0.0)
+    row_max, at_max = z.max(dim=1, keepdim=True)
+    torch._log_softmax(z, 1, False, out=z)  # z <- log p, row by row (an aliased out is safe row-wise)
+    lse = (row_max - z.gather(1, at_max)).squeeze(1)  # log p at the max is small: no rounding of |z| size
+    p = z.exp()
+    entropy = torch.bmm(p.unsqueeze(1), z.unsqueeze(2)).view(-1).neg_()  # a batched dot: no [C, V] temporary
+    return RowStats(lse, target_logit, entropy), p
 
 
 def _merge_moments(a: RowStats, ma: WeightMoments, b: RowStats, mb: WeightMoments, merged: RowStats) -> WeightMoments:
     """Weight moments over the union of two disjoint vocabulary ranges, ``merged`` being their merged statistics:
-    each side's probabilities scale by ``exp(lse_side - lse)``, and its entropy moment re-centres on the merged
-    expected logit (``z - E = (z - E_side) + (E_side - E)``)."""
+    each side's probabilities scale by ``exp(lse_side - lse)``, and its entropy moment shifts by the difference of
+    the centring terms, ``(log p_v + H) - (log q_v + H_side) = (lse_side - lse) + (H - H_side)``, q being the side's
+    own softmax."""
     wa, wb = (a.lse - merged.lse).exp().unsqueeze(1), (b.lse - merged.lse).exp().unsqueeze(1)
     entropy = None
     if ma.entropy is not None:
-        entropy = ma.entropy.addcmul_(ma.mean, (a.expected_logit - merged.expected_logit).unsqueeze(1)).mul_(wa)
-        entropy.add_(mb.entropy.addcmul_(mb.mean, (b.expected_logit - merged.expected_logit).unsqueeze(1)).mul_(wb))
+        shift_a = ((a.lse - merged.lse) + (merged.entropy - a.entropy)).unsqueeze(1)
+        shift_b = ((b.lse - merged.lse) + (merged.entropy - b.entropy)).unsqueeze(1)
+        entropy = ma.entropy.addcmul_(ma.mean, shift_a).mul_(wa).add_(mb.entropy.addcmul_(mb.mean, shift_b).mul_(wb))
     return WeightMoments(ma.mean.mul_(wa).add_(mb.mean.mul_(wb)), entropy)
 
 
-def _entropy_logit_grads(z: Tensor, stats: RowStats, tgt: _Targets, grad_logprobs: Tensor, grad_entropy: Tensor,
-                         inv_temperature: float) -> Tensor:
-    """Gradient w.r.t. the raw logits of a block ``[C, tile]``, computed in place of ``z``.
+def _entropy_logit_grads(log_p: Tensor, p: Tensor, entropy: Tensor, tgt: _Targets, grad_logprobs: Tensor,
+                         grad_entropy: Tensor, inv_temperature: float) -> Tensor:
+    """Gradient w.r.t. the raw logits of a block ``[C, tile]`` from its global ``log p`` and ``p`` and the rows'
+    entropy ``[C]``, computed in place of ``log_p``.
 
-    ``dz = g_lp (onehot - p) - g_ent p (z - E_p[z])`` (entropy ``H = lse - E_p[z]``), times ``inv_temperature``.
+    ``dz = g_lp (onehot - p) - g_ent p (z - E_p[z])``, with ``z - E_p[z] = log p + H``, times ``inv_temperature``.
     """
-    log_p = z.sub_(stats.lse.unsqueeze(1))
-    p = log_p.exp()
-    # z - E[z] = log p + lse - E[z]; then -(g_lp + g_ent (z - E[z])) p
-    shift = (stats.lse - stats.expected_logit).unsqueeze(1)
-    grad = log_p.add_(shift).mul_(grad_entropy.unsqueeze(1)).add_(grad_logprobs.unsqueeze(1)).mul_(p).neg_()
+    grad = log_p.add_(entropy.unsqueeze(1)).mul_(grad_entropy.unsqueeze(1)).add_(grad_logprobs.unsqueeze(1))
+    grad.mul_(p).neg_()
     grad.scatter_add_(1, tgt.index, torch.where(tgt.valid, grad_logprobs, 0.0).unsqueeze(1).to(grad.dtype))
     if inv_temperature != 1.0:
         grad.mul_(inv_temperature)
@@ -276,7 +267,8 @@ def linear_lse_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targ
         tile = _empty_stats(n, lin, hidden.device, with_entropy)
         for rows in _block_chunks(n, cols, chunk_size, buffers=2 if with_entropy else 1):
             tgt = _Targets.of(targets[rows], ignore_index, vocab_start + cols.start, cols.stop - cols.start)
-            _store(tile, rows, _row_stats(lin.logits(hidden[rows], cols), tgt, with_entropy, in_place="scratch"))
+            z = lin.logits(hidden[rows], cols)
+            _store(tile, rows, _entropy_stats(z, tgt)[0] if with_entropy else _row_stats(z, tgt, softmax=False))
         stats = tile if stats is None else merge_row_stats(stats, tile)
     return stats
 
@@ -302,8 +294,10 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
                 acc.add_softmax(rows, cols, hidden[rows], z.sub_(stats.lse[rows].unsqueeze(1)).exp_(), scale[rows],
                                 tgt)
             else:
+                log_p = z.sub_(stats.lse[rows].unsqueeze(1))
                 acc.add(rows, cols, hidden[rows], _entropy_logit_grads(
-                    z, stats.rows(rows), tgt, grad_logprobs[rows], grad_entropy[rows], inv_temperature))
+                    log_p, log_p.exp(), stats.entropy[rows], tgt, grad_logprobs[rows], grad_entropy[rows],
+                    inv_temperature))
     return acc.result()
 
 
@@ -312,7 +306,8 @@ def linear_weight_moments(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
                           chunk_size: int | None = None) -> tuple[RowStats, WeightMoments]:
     """Forward statistics plus the weight moments ``[N, H]``, so that with a frozen weight the backward is
     elementwise: ``d hidden = inv_temperature * (g_lp (W_y - mean) - g_ent entropy)``. Two matmuls (three with
-    entropy); each tile's moments are merged as its statistics are (``_merge_moments``)."""
+    entropy); each tile's moments are merged as its statistics are (``_merge_moments``), the entropy moment in its
+    centred form ``sum_v p_v (log p_v + H) W_v``."""
     lin = _Linear(weight, bias, inv_temperature)
     n, width = hidden.shape[0], weight.shape[1]
     stats = moments = None
@@ -320,17 +315,16 @@ def linear_weight_moments(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
         tile = _empty_stats(n, lin, hidden.device, with_entropy)
         mean = torch.empty(n, width, dtype=lin.dtype, device=hidden.device)
         tile_moments = WeightMoments(mean, torch.empty_like(mean) if with_entropy else None)
-        for rows in _block_chunks(n, cols, chunk_size, buffers=3 if with_entropy else 1):
+        for rows in _block_chunks(n, cols, chunk_size, buffers=2 if with_entropy else 1):
             z = lin.logits(hidden[rows], cols)
             tgt = _Targets.of(targets[rows], ignore_index, cols.start, cols.stop - cols.start)
             if not with_entropy:
-                block = _row_stats(z, tgt, False, in_place="softmax")  # z <- p: one exp pass, no temporary
+                block = _row_stats(z, tgt, softmax=True)  # z <- p: one exp pass, no temporary
                 mean[rows] = lin.times_weight(z, cols)
             else:
-                block = _row_stats(z, tgt, True)
-                p = (z - block.lse.unsqueeze(1)).exp_()
+                block, p = _entropy_stats(z, tgt)  # z <- log p
                 mean[rows] = lin.times_weight(p, cols)
-                tile_moments.entropy[rows] = lin.times_weight(z.sub_(block.expected_logit.unsqueeze(1)).mul_(p), cols)
+                tile_moments.entropy[rows] = lin.times_weight(z.add_(block.entropy.unsqueeze(1)).mul_(p), cols)
             _store(tile, rows, block)
         if stats is None:
             stats, moments = tile, tile_moments
@@ -397,22 +391,22 @@ def linear_logprobs_fused(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
         tgt = _Targets.of(targets[rows], ignore_index, vocab_start, vocab)
         valid = targets[rows] != ignore_index
         z = lin.logits(hidden[rows])
-        stats = _row_stats(z, tgt, with_entropy, in_place="softmax")
-        if shard is not None:
+        # z <- this shard's softmax p, or (with entropy) its log p, kept next to p
+        stats, p = _entropy_stats(z, tgt) if with_entropy else (_row_stats(z, tgt, softmax=True), z)
+        if shard is not None:  # rescale p (and log p) from the shard's softmax to the whole vocabulary's
             shard_lse, stats = stats.lse, shard.all_reduce_stats(stats)
-            if not with_entropy:  # z holds the shard's softmax: rescale it to the whole vocabulary's
-                z.mul_((shard_lse - stats.lse).exp_().unsqueeze(1))
+            log_scale = (shard_lse - stats.lse).unsqueeze(1)
+            p.mul_(log_scale.exp())
+            if with_entropy:
+                z.add_(log_scale)
         logprobs[rows] = torch.where(valid, stats.target_logit - stats.lse, 0.0)
         if entropy is not None:
-            entropy[rows] = torch.where(valid, stats.lse - stats.expected_logit, 0.0)
+            entropy[rows] = torch.where(valid, stats.entropy, 0.0)
         grad_lp, grad_ent = token_grads(rows, logprobs[rows], None if entropy is None else entropy[rows])
-        if with_entropy and grad_ent is not None:
+        if grad_ent is not None:
             acc.add(rows, every_col, hidden[rows],
-                    _entropy_logit_grads(z, stats, tgt, grad_lp, grad_ent, inv_temperature))
-        elif with_entropy:  # entropy for the metrics only: dz = g (onehot - p)
-            acc.add_softmax(rows, every_col, hidden[rows], z.sub_(stats.lse.unsqueeze(1)).exp_(),
-                            grad_lp * inv_temperature, tgt)
-        else:  # z holds the probabilities
-            acc.add_softmax(rows, every_col, hidden[rows], z, grad_lp * inv_temperature, tgt)
-        del z  # chunks may grow (whole sequences): free this chunk's logits before a larger buffer is allocated
+                    _entropy_logit_grads(z, p, stats.entropy, tgt, grad_lp, grad_ent, inv_temperature))
+        else:  # dz = g (onehot - p), entropy (if any) for the metrics only
+            acc.add_softmax(rows, every_col, hidden[rows], p, grad_lp * inv_temperature, tgt)
+        del z, p  # chunks may grow (whole sequences): free this chunk's logits before a larger buffer is allocated
     return FusedResult(logprobs, entropy, acc.result())

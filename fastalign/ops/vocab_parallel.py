@@ -72,19 +72,21 @@ class VocabShard:
         """The global row statistics ``[N]`` from this shard's, identical on every rank.
 
         A MAX all-reduce of the shard lse gives ``m``; one SUM all-reduce of the stacked rescaled terms
-        ``exp(lse_r - m)`` (sum-exp), ``target_logit_r`` (0 outside the owning shard) and ``exp(lse_r - m) *
-        expected_logit_r`` (sum of p z, with entropy) gives ``lse = m + log(sum-exp)`` and the expected logit.
+        ``s_r = exp(lse_r - m)`` (sum-exp ``S``), ``target_logit_r`` (0 outside the owning shard) and, with entropy,
+        ``s_r (H_r + m - lse_r)`` gives ``lse = m + log S`` and ``H = sum_r s_r (H_r + m - lse_r) / S + log S``
+        (every term >= 0: no cancellation).
         """
         top = stats.lse.clone()
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.group)
         scale = torch.exp(stats.lse - top)
         terms = [scale, stats.target_logit]
-        if stats.expected_logit is not None:
-            terms.append(scale * stats.expected_logit)
+        if stats.entropy is not None:
+            terms.append(scale * (stats.entropy + (top - stats.lse)))
         summed = torch.stack(terms)
         dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=self.group)
-        expected = None if stats.expected_logit is None else summed[2] / summed[0]
-        return RowStats(top + summed[0].log(), summed[1], expected)
+        log_sumexp = summed[0].log()
+        entropy = None if stats.entropy is None else summed[2] / summed[0] + log_sumexp
+        return RowStats(top + log_sumexp, summed[1], entropy)
 
     def finish_grads(self, grads: LinearGrads) -> LinearGrads:
         """This rank's gradients from the global statistics: ``d hidden`` all-reduced (in place) with
