@@ -1,5 +1,6 @@
-"""Forward of the fused linear log-softmax: per-row log-sum-exp, target logit and entropy of
-z = (hidden @ weight.T + bias) * inv_temperature, one [BLOCK_N, BLOCK_V] logit tile at a time.
+"""Forward of the fused linear log-softmax: per-row log-sum-exp, target logit and the optional statistics of a
+`RowStatsSpec` (entropy, logsumexp(2z), sum of logits, arg-max) of z = (hidden @ weight.T + bias) * inv_temperature,
+one [BLOCK_N, BLOCK_V] logit tile at a time.
 
 The statistics merge across vocabulary shards (and across the vocab splits of one launch); log-prob =
 target_logit - lse once they are merged. The entropy is accumulated centred on the running max, as
@@ -17,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .row_stats import RowStats
+from .row_stats import RowStats, RowStatsSpec
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,10 @@ def lse_forward_config(dtype: torch.dtype, interpret: bool = False) -> LseForwar
 def _lse_forward_kernel(
     hidden_ptr, weight_ptr, bias_ptr, targets_ptr,  # [N, H], [V, H], [V], [N] (all contiguous)
     max_ptr, sumexp_ptr, sum_ez_ptr, target_logit_ptr,  # partial statistics, fp32 [num_splits, N]
+    sumexp2_ptr, logit_sum_ptr, argmax_ptr,  # optional partial statistics, [num_splits, N]: fp32, fp32, int64
     N, V, H, tiles_per_split, vocab_start, ignore_index, inv_temperature,
-    HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, WITH_LSE2: tl.constexpr, WITH_LOGIT_SUM: tl.constexpr,
+    WITH_ARGMAX: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Program (i, s): rows [i*BLOCK_N, (i+1)*BLOCK_N) against the s-th run of `tiles_per_split` vocab tiles."""
@@ -79,6 +82,10 @@ def _lse_forward_kernel(
     sumexp = tl.zeros([BLOCK_N], tl.float32)
     sum_ez = tl.zeros([BLOCK_N], tl.float32)
     target_logit = tl.zeros([BLOCK_N], tl.float32)
+    # Optional: sum of exp(2 (z - m)), sum of z, column of the first max.
+    sumexp2 = tl.zeros([BLOCK_N], tl.float32)
+    logit_sum = tl.zeros([BLOCK_N], tl.float32)
+    argmax = tl.zeros([BLOCK_N], tl.int32)
 
     v_begin = split * tiles_per_split * BLOCK_V
     v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, V)
@@ -104,7 +111,12 @@ def _lse_forward_kernel(
 
         # Columns past V take no part in the softmax: they enter as -inf, so their exp is 0.
         z_soft = tl.where(col_ok[None, :], z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z_soft, axis=1))
+        if WITH_ARGMAX:
+            tile_max, tile_arg = tl.max(z_soft, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            argmax = tl.where(tile_max > m, v0 + tile_arg, argmax)  # strict: a tie keeps the earlier column
+        else:
+            tile_max = tl.max(z_soft, axis=1)
+        m_new = tl.maximum(m, tile_max)
         # Rescale the sums gathered under the old max (exp(-inf) = 0 on the first tile).
         alpha = tl.exp(m - m_new)
         e = tl.exp(z_soft - m_new[:, None])
@@ -114,6 +126,10 @@ def _lse_forward_kernel(
             shift = tl.where(sumexp > 0, m - m_new, 0.0)
             sum_ez = alpha * (sum_ez + shift * sumexp) + tl.sum(e * (z - m_new[:, None]), axis=1)
         sumexp = sumexp * alpha + tl.sum(e, axis=1)
+        if WITH_LSE2:
+            sumexp2 = sumexp2 * (alpha * alpha) + tl.sum(e * e, axis=1)
+        if WITH_LOGIT_SUM:
+            logit_sum += tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
         m = m_new
 
     out = split.to(tl.int64) * N + rows
@@ -122,6 +138,12 @@ def _lse_forward_kernel(
     tl.store(target_logit_ptr + out, target_logit, mask=row_ok)
     if WITH_ENTROPY:
         tl.store(sum_ez_ptr + out, sum_ez, mask=row_ok)
+    if WITH_LSE2:
+        tl.store(sumexp2_ptr + out, sumexp2, mask=row_ok)
+    if WITH_LOGIT_SUM:
+        tl.store(logit_sum_ptr + out, logit_sum, mask=row_ok)
+    if WITH_ARGMAX:
+        tl.store(argmax_ptr + out, vocab_start + argmax.to(tl.int64), mask=row_ok)
 
 
 @triton.jit
@@ -178,17 +200,20 @@ class LsePartials(NamedTuple):
     sumexp: Tensor  # sum_v exp(z - max)
     sum_ez: Tensor | None  # sum_v exp(z - max) * (z - max), <= 0 (only with entropy)
     target_logit: Tensor  # z[target] when the target lies in the split, else 0
+    sumexp2: Tensor | None = None  # sum_v exp(2 (z - max)) (only with lse2)
+    logit_sum: Tensor | None = None  # sum_v z (only with logit_sum)
+    argmax: Tensor | None = None  # int64 global id of the split's first max (only with argmax)
 
 
 def lse_forward_partials(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *,
                          inv_temperature: float, ignore_index: int, vocab_start: int = 0,
-                         with_entropy: bool = False) -> LsePartials:
+                         spec: RowStatsSpec = RowStatsSpec()) -> LsePartials:
     """Split statistics of z = (hidden @ weight.T + bias) * inv_temperature without materializing z.
 
     hidden [N, H], weight [V, H] (rows are global vocab ids vocab_start .. vocab_start + V - 1), bias [V] or None,
     all of one dtype (fp32/fp16/bf16); targets [N] int64 global vocab ids. Non-contiguous inputs are copied
     (`.contiguous()`). Returns the fp32 [num_splits, N] partials, to merge with `merge_lse_partials` (or in the
-    epilogue kernels, via `merge_split_partials`); `sum_ez` is None without `with_entropy`.
+    epilogue kernels, via `merge_split_partials`); the optional ones are None unless `spec` asks for them.
 
     Writes: program (i, s) of grid (cdiv(N, BLOCK_N), num_splits) alone writes the partial statistics of rows
     i*BLOCK_N .. (i+1)*BLOCK_N - 1 for vocab split s (no atomics).
@@ -205,16 +230,19 @@ def lse_forward_partials(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
     splits = _num_vocab_splits(max(n_row_blocks, 1), n_vocab_tiles, hidden.device)
     tiles_per_split = triton.cdiv(n_vocab_tiles, splits)
 
-    def buffer() -> Tensor:
-        return torch.empty(splits, n, device=hidden.device, dtype=torch.float32)
+    def buffer(wanted: bool = True, dtype: torch.dtype = torch.float32) -> Tensor | None:
+        return torch.empty(splits, n, device=hidden.device, dtype=dtype) if wanted else None
 
-    partials = LsePartials(buffer(), buffer(), buffer() if with_entropy else None, buffer())
+    partials = LsePartials(buffer(), buffer(), buffer(spec.entropy), buffer(), buffer(spec.lse2),
+                           buffer(spec.logit_sum), buffer(spec.argmax, torch.int64))
     if n > 0:
+        unused = partials.max  # stands in for the pointers a constexpr flag switches off (never dereferenced)
         _lse_forward_kernel[(n_row_blocks, splits)](
             hidden, weight, bias if bias is not None else hidden, targets,
-            partials.max, partials.sumexp, partials.sum_ez if with_entropy else partials.max, partials.target_logit,
+            *(unused if p is None else p for p in partials),
             n, v, h, tiles_per_split, vocab_start, ignore_index, float(inv_temperature),
-            HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy,
+            HAS_BIAS=bias is not None, WITH_ENTROPY=spec.entropy, WITH_LSE2=spec.lse2,
+            WITH_LOGIT_SUM=spec.logit_sum, WITH_ARGMAX=spec.argmax,
             **cfg.constexprs(), **cfg.launch_options(),
         )
     return partials
@@ -223,30 +251,43 @@ def lse_forward_partials(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
 def merge_lse_partials(partials: LsePartials) -> RowStats:
     """Merge the splits: rescale each split's sums to the global max (as `merge_split_partials` does in a kernel).
 
-    Returns the fp32 [N] statistics (entropy None when the partials hold no `sum_ez`).
+    Returns the [N] statistics (fp32; argmax int64), the optional ones None where the partials hold none. The
+    arg-max is the first split's (the smallest id) among those whose max is the global max.
     """
     m = partials.max.amax(dim=0)
     scale = torch.exp(partials.max - m)
     sumexp = (partials.sumexp * scale).sum(dim=0)
-    entropy = None
+    entropy = lse2 = logit_sum = max_logit = argmax = None
     if partials.sum_ez is not None:  # re-centred on m: terms of one sign; H = log(sumexp) - E_p[z - m]
         sum_ez = (scale * (partials.sum_ez + (partials.max - m) * partials.sumexp)).sum(dim=0)
         entropy = torch.log(sumexp) - sum_ez / sumexp
-    return RowStats(m + torch.log(sumexp), partials.target_logit.sum(dim=0), entropy)
+    if partials.sumexp2 is not None:
+        lse2 = 2 * m + torch.log((partials.sumexp2 * scale * scale).sum(dim=0))
+    if partials.logit_sum is not None:
+        logit_sum = partials.logit_sum.sum(dim=0)
+    if partials.argmax is not None:
+        first = (partials.max == m).to(torch.uint8).argmax(dim=0, keepdim=True)  # the first split at the max
+        max_logit, argmax = m, partials.argmax.gather(0, first).squeeze(0)
+    return RowStats(m + torch.log(sumexp), partials.target_logit.sum(dim=0), entropy, lse2, logit_sum, max_logit,
+                    argmax)
 
 
 def linear_lse_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *,
                        inv_temperature: float, ignore_index: int, vocab_start: int = 0,
-                       with_entropy: bool = False) -> RowStats:
+                       spec: RowStatsSpec = RowStatsSpec()) -> RowStats:
     """Per-row statistics of z = (hidden @ weight.T + bias) * inv_temperature without materializing z.
 
-    Inputs as `lse_forward_partials`. Returns fp32 [N] tensors (`RowStats`):
+    Inputs as `lse_forward_partials`. Returns [N] tensors (`RowStats`), fp32 unless stated:
       lse            logsumexp_v z,
       target_logit   z[targets - vocab_start], 0 when the row is ignored or its target is outside this shard,
-      entropy        -sum_v softmax(z)_v log softmax(z)_v (only with `with_entropy`, else None).
+      and, each only if `spec` asks for it (else None):
+      entropy        -sum_v softmax(z)_v log softmax(z)_v,
+      lse2           logsumexp_v 2 z_v,
+      logit_sum      sum_v z_v,
+      max_logit, argmax   max_v z_v and the int64 global id of its first occurrence.
 
     Writes: as `lse_forward_partials`; the splits are then merged here in PyTorch (`merge_lse_partials`).
     """
     return merge_lse_partials(lse_forward_partials(hidden, weight, bias, targets, inv_temperature=inv_temperature,
                                                    ignore_index=ignore_index, vocab_start=vocab_start,
-                                                   with_entropy=with_entropy))
+                                                   spec=spec))

@@ -36,3 +36,19 @@ def random_split_partials(n: int, splits: int, *, ignore_index: int, with_sum_ez
     targets = torch.randint(0, 1000, (n,))
     targets[::5] = ignore_index
     return LsePartials(m, sumexp, sum_ez, target_logit), targets
+
+
+def reference_row_stats(hidden, weight, targets, bias=None, *, temperature=1.0, ignore_index=-100):
+    """Every per-row statistic of a ``RowStatsSpec`` from materialized float64 logits ``[N, V]``, by name (argmax:
+    the first maximal column, int64), and the logits themselves."""
+    z = hidden.double() @ weight.double().T
+    if bias is not None:
+        z = z + bias.double()
+    z = z / temperature
+    valid = targets != ignore_index
+    logp = torch.log_softmax(z, dim=-1)
+    stats = dict(lse=torch.logsumexp(z, -1),
+                 target_logit=torch.where(valid, z.gather(-1, torch.where(valid, targets, 0)[:, None])[:, 0], 0.0),
+                 entropy=-(logp.exp() * logp).sum(-1), lse2=torch.logsumexp(2 * z, -1), logit_sum=z.sum(-1),
+                 max_logit=z.max(-1).values, argmax=(z == z.max(-1, keepdim=True).values).to(torch.uint8).argmax(-1))
+    return stats, z

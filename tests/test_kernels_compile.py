@@ -16,6 +16,7 @@ from aot import CompileSpec, compile_kernels
 from fastalign.kernels.logprobs_backward import _logprobs_backward_kernel, logprobs_backward_config
 from fastalign.kernels.lse_forward import _lse_forward_kernel, lse_forward_config
 from fastalign.kernels.ppo_epilogue import _ppo_epilogue_kernel
+from fastalign.kernels.row_stats import RowStatsSpec
 from fastalign.kernels.token_epilogue import token_epilogue_config
 
 ARCHS = (80, 90)
@@ -33,14 +34,16 @@ def _spec(kernel, types: dict, constexprs: dict, config, arch: int) -> CompileSp
     return CompileSpec(kernel, signature, constexprs, config.num_warps, config.num_stages, arch, aligned)
 
 
-def lse_forward_spec(dtype: torch.dtype, arch: int, *, has_bias: bool, with_entropy: bool) -> CompileSpec:
+def lse_forward_spec(dtype: torch.dtype, arch: int, *, has_bias: bool, stats: RowStatsSpec) -> CompileSpec:
     x = "*" + DTYPES[dtype]
     types = {"hidden_ptr": x, "weight_ptr": x, "bias_ptr": x, "targets_ptr": "*i64",
              "max_ptr": "*fp32", "sumexp_ptr": "*fp32", "sum_ez_ptr": "*fp32", "target_logit_ptr": "*fp32",
+             "sumexp2_ptr": "*fp32", "logit_sum_ptr": "*fp32", "argmax_ptr": "*i64",
              "N": "i32", "V": "i32", "H": "i32", "tiles_per_split": "i32", "vocab_start": "i32",
              "ignore_index": "i32", "inv_temperature": "fp32"}
-    return _spec(_lse_forward_kernel, types, {"HAS_BIAS": has_bias, "WITH_ENTROPY": with_entropy},
-                 lse_forward_config(dtype), arch)
+    flags = {"HAS_BIAS": has_bias, "WITH_ENTROPY": stats.entropy, "WITH_LSE2": stats.lse2,
+             "WITH_LOGIT_SUM": stats.logit_sum, "WITH_ARGMAX": stats.argmax}
+    return _spec(_lse_forward_kernel, types, flags, lse_forward_config(dtype), arch)
 
 
 def logprobs_backward_spec(dtype: torch.dtype, arch: int, *, has_bias: bool, entropy_grad: bool,
@@ -79,8 +82,10 @@ class Variant(NamedTuple):
 
 # name -> Variant. The heaviest variant of each kernel, and the commonest lighter one.
 VARIANTS = {
-    "lse_forward[bias,entropy]": Variant(partial(lse_forward_spec, has_bias=True, with_entropy=True)),
-    "lse_forward[plain]": Variant(partial(lse_forward_spec, has_bias=False, with_entropy=False)),
+    "lse_forward[bias,entropy]": Variant(partial(lse_forward_spec, has_bias=True, stats=RowStatsSpec(entropy=True))),
+    "lse_forward[bias,all_stats]": Variant(partial(lse_forward_spec, has_bias=True, stats=RowStatsSpec(
+        entropy=True, lse2=True, logit_sum=True, argmax=True))),
+    "lse_forward[plain]": Variant(partial(lse_forward_spec, has_bias=False, stats=RowStatsSpec())),
     "logprobs_backward[all]": Variant(partial(logprobs_backward_spec, has_bias=True, entropy_grad=True,
                                               grad_hidden=True, grad_weight=True, grad_bias=True)),
     "logprobs_backward[frozen_weight]": Variant(partial(logprobs_backward_spec, has_bias=False, entropy_grad=False,

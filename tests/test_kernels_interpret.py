@@ -13,11 +13,12 @@ import torch
 
 from fastalign.kernels.logprobs_backward import linear_logprobs_backward
 from fastalign.kernels.lse_forward import linear_lse_forward
-from fastalign.kernels.row_stats import merge_row_stats
+from fastalign.kernels.row_stats import RowStatsSpec, merge_row_stats
 
 IGNORE = -100
 DTYPES = [torch.float32, torch.float16]
 BACKWARD_TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
+ENTROPY = RowStatsSpec(entropy=True)
 
 
 def make_problem(n, h, v, dtype, *, bias=True, scale=1.0, vocab=None, n_ignored=0, ignore_index=IGNORE):
@@ -87,13 +88,13 @@ def test_forward_matches_reference(shape, dtype):
     n, h, v, bias, inv_t, n_ignored = SHAPES[shape]
     hidden, weight, b, targets = make_problem(n, h, v, dtype, bias=bias, n_ignored=n_ignored)
     lse, target_logit, entropy = linear_lse_forward(hidden, weight, b, targets, inv_temperature=inv_t,
-                                                    ignore_index=IGNORE, with_entropy=True)
+                                                    ignore_index=IGNORE, spec=ENTROPY)[:3]
     for actual, ref in zip((lse, target_logit, entropy), reference_forward(hidden, weight, b, targets, inv_t)):
         assert_close(actual, ref, 1e-5)
     assert (target_logit[targets == IGNORE] == 0).all()
 
-    _, _, no_entropy = linear_lse_forward(hidden, weight, b, targets, inv_temperature=inv_t, ignore_index=IGNORE)
-    assert no_entropy is None
+    plain = linear_lse_forward(hidden, weight, b, targets, inv_temperature=inv_t, ignore_index=IGNORE)
+    assert all(s is None for s in plain[2:])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -151,8 +152,8 @@ def test_ignored_rows_get_no_gradient_whatever_their_statistics():
         assert_close(actual, ref, 1e-5)
     assert (grads[0][ignored] == 0).all()
 
-    _, target_logit, _ = linear_lse_forward(hidden, weight, b, targets, inv_temperature=1.0,
-                                            ignore_index=ignore_index)
+    target_logit = linear_lse_forward(hidden, weight, b, targets, inv_temperature=1.0,
+                                      ignore_index=ignore_index).target_logit
     assert (target_logit[ignored] == 0).all() and (target_logit[~ignored] != 0).all()
 
 
@@ -165,7 +166,7 @@ def test_vocab_shards_merge_to_the_full_vocabulary(dtype):
     shards = [(0, slice(0, cut)), (cut, slice(cut, v))]
 
     stats = [linear_lse_forward(hidden, weight[s], b[s], targets, inv_temperature=inv_t, ignore_index=IGNORE,
-                                vocab_start=start, with_entropy=True) for start, s in shards]
+                                vocab_start=start, spec=ENTROPY) for start, s in shards]
     for st, (start, s) in zip(stats, shards):  # each shard on its own
         ref = reference_forward(hidden, weight[s], b[s], targets, inv_t, vocab_start=start)
         for actual, r in zip(st, ref):
@@ -193,7 +194,7 @@ def test_logits_of_scale_1e4_stay_finite_and_accurate(dtype):
     assert 5e3 < z.abs().max() < 6e4  # fp32-representable, far beyond exp's range
 
     lse, target_logit, entropy = linear_lse_forward(hidden, weight, b, targets, inv_temperature=1.0,
-                                                    ignore_index=IGNORE, with_entropy=True)
+                                                    ignore_index=IGNORE, spec=ENTROPY)[:3]
     ref_lse, ref_target_logit, ref_entropy = reference_forward(hidden, weight, b, targets, 1.0)
     assert_close(lse, ref_lse, 1e-5)
     assert_close(target_logit, ref_target_logit, 1e-5)
@@ -216,7 +217,7 @@ def test_large_vocabulary_and_strided_inputs():
     hidden_strided = torch.stack([hidden, hidden], 1)[:, 0]  # row stride 2 * h
     weight_strided = weight.T.contiguous().T  # column-major view
     stats = linear_lse_forward(hidden_strided, weight_strided, b, targets, inv_temperature=1.0, ignore_index=IGNORE,
-                               with_entropy=True)
+                               spec=ENTROPY)
     for actual, ref in zip(stats, reference_forward(hidden, weight, b, targets, 1.0)):
         assert_close(actual, ref, 1e-5)
 
@@ -231,7 +232,7 @@ def test_large_vocabulary_and_strided_inputs():
 def test_no_rows():
     hidden, weight, b, targets = make_problem(0, 8, 20, torch.float32)
     lse, target_logit, entropy = linear_lse_forward(hidden, weight, b, targets, inv_temperature=1.0,
-                                                    ignore_index=IGNORE, with_entropy=True)
+                                                    ignore_index=IGNORE, spec=ENTROPY)[:3]
     assert lse.shape == target_logit.shape == entropy.shape == (0,)
     gh, gw, gb = linear_logprobs_backward(hidden, weight, b, targets, lse, lse, inv_temperature=1.0,
                                           ignore_index=IGNORE, need_grad_bias=True)

@@ -5,8 +5,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastalign import FusedLinearLogProbs, fused_linear_logprobs
+from fastalign.ops.linear import LinearOptions, lse_forward
+from fastalign.ops.torch_backend import RowStatsSpec
 from conftest import BACKENDS
-from reference import as_f64_leaf, reference_logprobs
+from reference import as_f64_leaf, reference_logprobs, reference_row_stats
 
 # fp32 against float64: errors are ~1e-6 relative; these bounds are 100x that and far below any formula error.
 F32 = dict(rtol=1e-4, atol=1e-5)
@@ -314,3 +316,93 @@ def test_torch_backend_large_vocabulary_tiles():
     hidden, weight, targets, bias = make_problem((9,), 8, 3 * 4096 + 5, bias=True, ignore_frac=0.2)
     check_against_reference("torch", hidden, weight, targets, bias, entropy=False, train=("hidden",))
     check_against_reference("torch", hidden, weight, targets, bias, entropy=False)
+
+
+ALL_STATS = RowStatsSpec(entropy=True, lse2=True, logit_sum=True, argmax=True)
+
+
+def integer_problem(n: int, h: int, v: int):
+    """Small-integer fp32 inputs: exact logits (integers), so row maxima tie exactly and often; targets with -100."""
+    hidden = torch.randint(-2, 3, (n, h)).float()
+    weight = torch.randint(-2, 3, (v, h)).float()
+    targets = torch.randint(0, v, (n,))
+    targets[::4] = -100
+    return hidden, weight, targets
+
+
+def check_row_stats(stats, ref: dict, z: torch.Tensor, exact_argmax: bool) -> None:
+    """Every statistic against the float64 reference; the argmax exactly (exact logits: ties to the smallest id),
+    else as a column whose float64 logit is the maximum within float noise (near-ties may go either way)."""
+    assert set(ref) == set(stats._fields)
+    for name, want in ref.items():
+        got = getattr(stats, name)
+        if name == "argmax":
+            assert got.dtype == torch.int64
+            if exact_argmax:
+                assert torch.equal(got, want), name
+            else:
+                torch.testing.assert_close(z.gather(1, got[:, None])[:, 0], ref["max_logit"], rtol=0, atol=1e-4)
+        else:
+            assert got.dtype == torch.float32, name
+            scale = max(1.0, want.abs().max().item())
+            torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-5 * scale, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("integers", [False, True], ids=["random", "exact_ties"])
+def test_optional_row_statistics_merge_across_tiles_and_splits(backend, integers, monkeypatch):
+    """lse2, logit_sum, argmax (and entropy) in one pass against float64 logits: torch in vocabulary tiles of 16
+    columns and chunks of 4 rows (V = 300: 19 tiles, the last partial), triton in its vocab splits. Exact integer
+    logits tie at the row max: the argmax must be the smallest id, also when the tie spans tiles or splits."""
+    from fastalign.ops import torch_backend
+
+    monkeypatch.setattr(torch_backend, "VOCAB_TILE", 16)
+    if integers:
+        hidden, weight, targets = integer_problem(21, 8, 300)
+        bias, temperature = None, 1.0
+    else:
+        hidden, weight, targets, bias = make_problem((21,), 8, 300, bias=True, ignore_frac=0.2)
+        temperature = 0.7
+    ref, z = reference_row_stats(hidden, weight, targets, bias, temperature=temperature)
+    if integers:  # ties at the max, some of them across tiles (16 columns) and splits
+        at_max = z == ref["max_logit"][:, None]
+        tied = at_max.sum(1) > 1
+        second = (at_max.long().cumsum(1) == 2).to(torch.uint8).argmax(1)
+        assert tied.sum() >= 5 and (tied & (second // 16 != ref["argmax"] // 16)).any()
+    opts = LinearOptions(backend=backend, temperature=temperature, chunk_size=4)
+    stats = lse_forward(hidden, weight, bias, targets, opts, spec=ALL_STATS)
+    check_row_stats(stats, ref, z, exact_argmax=integers)
+    for name, flags in (("lse2", dict(lse2=True)), ("logit_sum", dict(logit_sum=True)), ("argmax", dict(argmax=True))):
+        alone = lse_forward(hidden, weight, bias, targets, opts, spec=RowStatsSpec(**flags))  # each one alone
+        assert all(getattr(alone, f) is None for f in ("entropy", "lse2", "logit_sum", "argmax") if f != name)
+        assert torch.equal(getattr(alone, name), getattr(stats, name))
+    assert lse_forward(hidden, weight, bias, targets, opts).entropy is None
+
+
+@pytest.mark.parametrize("integers", [False, True], ids=["random", "exact_ties"])
+def test_torch_backend_optional_statistics_of_the_frozen_weight_and_one_pass_paths(integers, monkeypatch):
+    """The same statistics from the frozen-weight moments pass (tiles of 16) and the one-pass fused loss (chunks of
+    5 whole rows), which also hands each chunk's statistics to the loss's gradient callback."""
+    from fastalign.ops import torch_backend
+
+    monkeypatch.setattr(torch_backend, "VOCAB_TILE", 16)
+    if integers:
+        hidden, weight, targets = integer_problem(17, 8, 97)
+    else:
+        hidden, weight, targets, _ = make_problem((17,), 8, 97, ignore_frac=0.2)
+    ref, z = reference_row_stats(hidden, weight, targets)
+    common = dict(inv_temperature=1.0, ignore_index=-100, spec=ALL_STATS)
+    stats, _ = torch_backend.linear_weight_moments(hidden, weight, None, targets, chunk_size=5, **common)
+    check_row_stats(stats, ref, z, exact_argmax=integers)
+
+    seen = []
+
+    def token_grads(rows, logprobs, entropy, chunk_stats):
+        seen.append((rows, chunk_stats))
+        return torch.zeros_like(logprobs), None
+
+    out = torch_backend.linear_logprobs_fused(hidden, weight, None, targets, token_grads, chunk_size=5, **common)
+    check_row_stats(out.stats, ref, z, exact_argmax=integers)
+    assert [rows for rows, _ in seen] == [slice(s, min(s + 5, 17)) for s in range(0, 17, 5)]
+    for rows, chunk_stats in seen:
+        for got, whole in zip(chunk_stats, out.stats):
+            assert torch.equal(got, whole[rows])

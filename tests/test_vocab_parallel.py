@@ -12,7 +12,14 @@ import torch.distributed as dist
 from conftest import BACKENDS
 from distributed import TIMEOUT, run_ranks
 from fastalign import FusedLinearLogProbs, fused_linear_dpo_loss, fused_linear_logprobs, fused_linear_ppo_loss
-from reference import reference_logprobs
+from fastalign.kernels.lse_forward import merge_lse_partials
+from fastalign.ops import torch_backend
+from fastalign.ops.linear import lse_forward, triton_lse_partials
+from fastalign.ops.logprobs import prepare_linear
+from fastalign.ops.torch_backend import RowStatsSpec
+from reference import reference_logprobs, reference_row_stats
+
+ALL_STATS = RowStatsSpec(entropy=True, lse2=True, logit_sum=True, argmax=True)
 
 SHARDS = {2: [50, 47], 4: [300, 250, 251, 200]}  # uneven vocabulary splits, V = 97 and V = 1001
 WIDTH = 16
@@ -32,7 +39,10 @@ def problem(sizes: list[int]) -> dict[str, torch.Tensor]:
                 targets=targets, g_lp=randn(4, 6), g_ent=randn(4, 6), old=-3 + randn(4, 6), adv=randn(4, 6),
                 ref_lp=-3 + randn(4, 6), mask=torch.rand(4, 6, generator=gen) > 0.2, vhead=randn(WIDTH),
                 vbias=randn(()), old_values=randn(4, 6), returns=randn(4, 6), ref_hidden=randn(4, 6, WIDTH),
-                ref_weight=randn(vocab, WIDTH) / WIDTH ** 0.5, ref_bias=randn(vocab), ref_logps=-20 + randn(4))
+                ref_weight=randn(vocab, WIDTH) / WIDTH ** 0.5, ref_bias=randn(vocab), ref_logps=-20 + randn(4),
+                # small integers, exact logits; the first shard's columns recur in the others: ties across shards
+                int_hidden=torch.randint(-2, 3, (4, 6, WIDTH), generator=gen).float(),
+                int_weight=torch.randint(-2, 3, (sizes[0], WIDTH), generator=gen).float().repeat(4, 1)[:vocab])
 
 
 def leaves(*tensors):
@@ -99,7 +109,31 @@ def run_ops(p: dict, rows: slice, backend: str, group) -> dict[str, torch.Tensor
     grads = torch.autograd.grad(rank.loss, [h, wl])
     out.update({"rank/loss": rank.loss, "rank/logps": rank.logps, "rank/dh": grads[0], "rank/dw": grads[1]})
     out.update({f"rank/metric/{k}": v for k, v in rank.metrics.items()})
+    out.update(row_stats(p, rows, backend, group))
     return {k: v.detach() for k, v in out.items()}
+
+
+def row_stats(p: dict, rows: slice, backend: str, group) -> dict[str, torch.Tensor]:
+    """Every optional row statistic (``stats/<name>``) of the float and the integer problems through
+    ``lse_forward``; on torch also from the one-pass loss (merged chunk by chunk), on triton also from the
+    epilogues' partials (the merged statistics as one split)."""
+    out = {}
+    for kind, hidden, weight, bias in (("float", p["hidden"], p["weight"], p["bias"]),
+                                       ("int", p["int_hidden"], p["int_weight"], None)):
+        inputs, opts = prepare_linear(hidden, weight[rows], p["targets"], None if bias is None else bias[rows],
+                                      temperature=0.7 if bias is not None else 1.0, ignore_index=-100,
+                                      backend=backend, chunk_size=None, check_finite=True, process_group=group)
+        args = (inputs.hidden, inputs.weight, inputs.bias, inputs.targets)
+        ways = {"": lse_forward(*args, opts, spec=ALL_STATS)}
+        if backend == "torch":
+            ways["fused/"] = torch_backend.linear_logprobs_fused(
+                *args, lambda rows, lp, ent, stats: (torch.zeros_like(lp), None), spec=ALL_STATS,
+                inv_temperature=opts.inv_temperature, ignore_index=-100, chunk_size=5, shard=opts.shard).stats
+        else:
+            ways["partials/"] = merge_lse_partials(triton_lse_partials(*args, opts, ALL_STATS))
+        for way, stats in ways.items():
+            out.update({f"stats/{kind}/{way}{name}": value for name, value in stats._asdict().items()})
+    return out
 
 
 def error_of(call) -> str:
@@ -163,6 +197,21 @@ def check_against_single_process(ranks: list[dict], p: dict, backend: str) -> No
     ref_lp, ref_ent = reference_logprobs(p["hidden"], p["weight"], p["targets"], p["bias"], temperature=0.7)
     torch.testing.assert_close(ranks[0]["outputs"]["lp"].double(), ref_lp, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ranks[0]["outputs"]["lp/ent"].double(), ref_ent, rtol=1e-5, atol=1e-5)
+    # The row statistics too; on the exact integer logits, ties at the max go to the smallest id across shards.
+    for kind, hidden, weight, bias, temperature in (("float", p["hidden"], p["weight"], p["bias"], 0.7),
+                                                    ("int", p["int_hidden"], p["int_weight"], None, 1.0)):
+        ref, z = reference_row_stats(hidden.flatten(0, 1), weight, p["targets"].flatten(), bias,
+                                     temperature=temperature)
+        if kind == "int":  # a row max in the first shard that recurs in another
+            boundary = ranks[1]["rows"].start
+            assert ((ref["argmax"] < boundary) & (z[:, boundary:].max(1).values == ref["max_logit"])).sum() >= 3
+        for key in [k for k in want if k.startswith(f"stats/{kind}/")]:
+            name = key.rsplit("/", 1)[1]
+            got = ranks[0]["outputs"][key]
+            if name == "argmax" and kind == "float":  # near-ties may go either way: a maximal column
+                torch.testing.assert_close(z.gather(1, got[:, None])[:, 0], ref["max_logit"], rtol=0, atol=1e-4)
+            else:
+                torch.testing.assert_close(got.to(ref[name].dtype), ref[name], rtol=1e-5, atol=2e-5, msg=key)
 
     for key, value in want.items():
         if key.endswith(("/dw", "/db")):
@@ -174,7 +223,8 @@ def check_against_single_process(ranks: list[dict], p: dict, backend: str) -> No
         else:
             for r in ranks:  # the same on every rank, bit for bit
                 assert torch.equal(r["outputs"][key], ranks[0]["outputs"][key]), f"{key} differs across ranks"
-            assert_close(ranks[0]["outputs"][key], value, key)
+            if not (key.startswith("stats/float/") and key.endswith("argmax")):  # near-ties: checked above
+                assert_close(ranks[0]["outputs"][key], value, key)
 
 
 def check_errors(ranks: list[dict]) -> None:

@@ -29,7 +29,7 @@ from . import torch_backend
 from .chunking import rows_per_chunk
 from .linear import LinearOptions, logprobs_backward, lse_forward, scale_precomputed_grads
 from .logprobs import token_outputs
-from .torch_backend import RowStats
+from .torch_backend import RowStats, RowStatsSpec
 from .validation import LinearInputs
 
 GROUP_BUDGET_CHUNKS = 8
@@ -148,7 +148,7 @@ class _EngineLoss(torch.autograd.Function):
                                    device=hidden.device)
             entropy = torch.zeros_like(logprobs) if plan.with_entropy else None
 
-            def token_grads(rows: slice, lp: Tensor, ent: Tensor | None):
+            def token_grads(rows: slice, lp: Tensor, ent: Tensor | None, _stats: RowStats):
                 if plan.chunks == "token":  # the chunk's terms alone
                     return _loss_and_grads(plan.loss_fn, lp, ent, None, valid[rows], rows)[1:]
                 logprobs[rows] = lp
@@ -159,7 +159,8 @@ class _EngineLoss(torch.autograd.Function):
 
             out = torch_backend.linear_logprobs_fused(
                 rows_hidden, weight, bias, targets, token_grads, inv_temperature=opts.inv_temperature,
-                ignore_index=opts.ignore_index, with_entropy=plan.with_entropy, need_grad_hidden=need["need_hidden"],
+                ignore_index=opts.ignore_index, spec=RowStatsSpec(entropy=plan.with_entropy),
+                need_grad_hidden=need["need_hidden"],
                 need_grad_weight=need["need_weight"], need_grad_bias=need["need_bias"], chunk_size=opts.chunk_size,
                 chunks=None if plan.chunks == "token" else plan.chunks, shard=opts.shard)
             grads = opts.finish_grads(out.grads)
@@ -169,7 +170,7 @@ class _EngineLoss(torch.autograd.Function):
                 loss = plan.loss_fn(RowValues(out.logprobs, out.entropy, None))
             plan.outputs[:] = [out.logprobs, out.entropy]
         else:
-            stats = lse_forward(rows_hidden, weight, bias, targets, opts, with_entropy=plan.with_entropy)
+            stats = lse_forward(rows_hidden, weight, bias, targets, opts, spec=RowStatsSpec(entropy=plan.with_entropy))
             logprobs, entropy = token_outputs(stats, valid, plan.with_entropy)
             loss, grad_lp, grad_ent = _loss_and_grads(plan.loss_fn, logprobs, entropy, stats, valid)
             ctx.has_grad_entropy = grad_ent is not None
@@ -230,7 +231,7 @@ def fused_rows_loss(inputs: LinearInputs, opts: LinearOptions, loss_fn: LossFn, 
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if not needs_grad:
         stats = lse_forward(hidden if rows is None else hidden[rows], weight, bias, targets, opts,
-                            with_entropy=with_entropy)
+                            spec=RowStatsSpec(entropy=with_entropy))
         logprobs, entropy = token_outputs(stats, targets != opts.ignore_index, with_entropy)
         with torch.no_grad():
             loss = loss_fn(RowValues(logprobs, entropy, stats))

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..objectives.ppo import LOG_RATIO_CLAMP, PPOLossConfig
 from . import torch_backend
-from .torch_backend import LinearGrads, RowStats
+from .torch_backend import LinearGrads, RowStats, RowStatsSpec
 from .vocab_parallel import VocabShard
 
 
@@ -40,19 +40,18 @@ class LinearOptions:
 
 
 def lse_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, opts: LinearOptions, *,
-                with_entropy: bool) -> RowStats:
-    """Per-row log-sum-exp, target logit and (with entropy) entropy, ``[N]`` each; over the whole vocabulary
-    (merged across the group) with a vocab shard."""
+                spec: RowStatsSpec = RowStatsSpec()) -> RowStats:
+    """Per-row log-sum-exp, target logit and the statistics ``spec`` asks for, ``[N]`` each; over the whole
+    vocabulary (merged across the group) with a vocab shard."""
     if opts.backend == "triton":
         from fastalign.kernels.lse_forward import linear_lse_forward
 
         stats = linear_lse_forward(hidden, weight, bias, targets, inv_temperature=opts.inv_temperature,
-                                   ignore_index=opts.ignore_index, vocab_start=opts.vocab_start,
-                                   with_entropy=with_entropy)
+                                   ignore_index=opts.ignore_index, vocab_start=opts.vocab_start, spec=spec)
     else:
         stats = torch_backend.linear_lse_forward(hidden, weight, bias, targets, inv_temperature=opts.inv_temperature,
                                                  ignore_index=opts.ignore_index, vocab_start=opts.vocab_start,
-                                                 with_entropy=with_entropy, chunk_size=opts.chunk_size)
+                                                 spec=spec, chunk_size=opts.chunk_size)
     return stats if opts.shard is None else opts.shard.all_reduce_stats(stats)
 
 
@@ -93,7 +92,7 @@ def triton_ppo_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targ
     (``fastalign.kernels.ppo_epilogue.PPOEpilogueOutput``)."""
     from fastalign.kernels.ppo_epilogue import ppo_epilogue
 
-    partials = triton_lse_partials(hidden, weight, bias, targets, opts, with_entropy=with_entropy)
+    partials = triton_lse_partials(hidden, weight, bias, targets, opts, RowStatsSpec(entropy=with_entropy))
     return ppo_epilogue(partials, targets, old_logprobs, advantages, ref_logprobs, weights,
                         ignore_index=opts.ignore_index, cliprange=config.cliprange,
                         cliprange_high=config.cliprange_high, dual_clip=config.dual_clip, kl_coef=config.kl_coef,
@@ -101,23 +100,25 @@ def triton_ppo_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targ
                         log_ratio_clamp=LOG_RATIO_CLAMP, with_entropy=with_entropy)
 
 
-def triton_lse_partials(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, opts: LinearOptions, *,
-                        with_entropy: bool):
+def triton_lse_partials(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, opts: LinearOptions,
+                        spec: RowStatsSpec):
     """Triton: the vocab-split partials ``[num_splits, N]`` of the lm_head (``LsePartials``), for the epilogue
-    kernels. With a vocab shard, the global statistics as a single split: ``max`` the global lse, ``sumexp`` 1,
-    ``sum_ez`` minus the global entropy (``sum_v p_v (z_v - lse)``), so that the epilogue's merge returns them as
-    they are."""
+    kernels. With a vocab shard, the merged global statistics as a single split of max ``m`` (the global max logit
+    with argmax, else the global lse), so that a merge returns them as they are: ``sumexp = exp(lse - m)``,
+    ``sum_ez = sumexp (lse - m - H)``, ``sumexp2 = exp(lse2 - 2 m)``."""
     from fastalign.kernels.lse_forward import LsePartials, lse_forward_partials, merge_lse_partials
 
     partials = lse_forward_partials(hidden, weight, bias, targets, inv_temperature=opts.inv_temperature,
-                                    ignore_index=opts.ignore_index, vocab_start=opts.vocab_start,
-                                    with_entropy=with_entropy)
+                                    ignore_index=opts.ignore_index, vocab_start=opts.vocab_start, spec=spec)
     if opts.shard is None:
         return partials
     stats = opts.shard.all_reduce_stats(merge_lse_partials(partials))
-    lse = stats.lse.unsqueeze(0)
-    return LsePartials(lse, torch.ones_like(lse), None if stats.entropy is None else -stats.entropy.unsqueeze(0),
-                       stats.target_logit.unsqueeze(0))
+    top = stats.lse if stats.argmax is None else stats.max_logit
+    sumexp = torch.exp(stats.lse - top)
+    sum_ez = None if stats.entropy is None else sumexp * ((stats.lse - top) - stats.entropy)
+    sumexp2 = None if stats.lse2 is None else torch.exp(stats.lse2 - 2 * top)
+    return LsePartials(*(None if t is None else t.unsqueeze(0) for t in (
+        top, sumexp, sum_ez, stats.target_logit, sumexp2, stats.logit_sum, stats.argmax)))
 
 
 def scale_precomputed_grads(grads: list[Tensor | None], grad_loss: Tensor) -> list[Tensor | None]:

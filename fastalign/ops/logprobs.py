@@ -8,7 +8,7 @@ from . import torch_backend
 from .chunking import check_chunk_size
 from .dispatch import resolve_backend
 from .linear import LinearOptions, logprobs_backward, lse_forward
-from .torch_backend import RowStats
+from .torch_backend import RowStats, RowStatsSpec
 from .validation import LinearInputs, check_temperature, validate_linear_inputs
 from .vocab_parallel import vocab_shard
 
@@ -54,11 +54,11 @@ class LinearLogProbs(torch.autograd.Function):
         if ctx.frozen_weight:
             stats, moments = torch_backend.linear_weight_moments(
                 hidden, weight, bias, targets, inv_temperature=opts.inv_temperature, ignore_index=opts.ignore_index,
-                with_entropy=with_entropy, chunk_size=opts.chunk_size)
+                spec=RowStatsSpec(entropy=with_entropy), chunk_size=opts.chunk_size)
             ctx.save_for_backward(weight, targets, valid, *moments)
         else:
-            stats = lse_forward(hidden, weight, bias, targets, opts, with_entropy=with_entropy)
-            ctx.save_for_backward(hidden, weight, bias, targets, valid, *stats)
+            stats = lse_forward(hidden, weight, bias, targets, opts, spec=RowStatsSpec(entropy=with_entropy))
+            ctx.save_for_backward(hidden, weight, bias, targets, valid, *stats[:3])
         ctx.set_materialize_grads(False)
         logprobs, entropy = token_outputs(stats, valid, with_entropy)
         return (logprobs, entropy) if with_entropy else logprobs
@@ -96,5 +96,6 @@ def linear_logprobs(inputs: LinearInputs, opts: LinearOptions, with_entropy: boo
     if needs_grad:
         out = LinearLogProbs.apply(inputs.hidden, inputs.weight, inputs.bias, inputs.targets, opts, with_entropy)
         return out if with_entropy else (out, None)
-    stats = lse_forward(inputs.hidden, inputs.weight, inputs.bias, inputs.targets, opts, with_entropy=with_entropy)
+    stats = lse_forward(inputs.hidden, inputs.weight, inputs.bias, inputs.targets, opts,
+                        spec=RowStatsSpec(entropy=with_entropy))
     return token_outputs(stats, inputs.targets != opts.ignore_index, with_entropy)

@@ -6,7 +6,8 @@ tiles of ``VOCAB_TILE`` columns outer, token chunks inner, so a block is still i
 after its matmul. The blocks' per-row statistics (and the frozen-weight moments) merge exactly as those of
 vocabulary shards do (``merge_row_stats``); gradients from the global statistics are independent per block.
 
-The entry points mirror the kernels: ``linear_lse_forward`` (log-sum-exp, target logit, entropy),
+The entry points mirror the kernels: ``linear_lse_forward`` (log-sum-exp, target logit and the optional statistics
+of a ``RowStatsSpec``: entropy, ``lse(2z)``, sum of logits, arg-max),
 ``linear_logprobs_backward`` (recompute the logits, then the gradients), ``linear_weight_moments`` (a frozen
 weight: the forward also forms what ``d hidden`` needs), and ``linear_logprobs_fused`` (a loss whose per-token
 gradient is known in the forward: logits, ``d hidden`` and ``d weight`` in one pass, three matmuls). Only the last
@@ -21,12 +22,13 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
-from fastalign.kernels.row_stats import RowStats, merge_row_stats
+from fastalign.kernels.row_stats import RowStats, RowStatsSpec, merge_row_stats
 
 from .chunking import rows_per_chunk
 
-TokenGrads = Callable[[slice, Tensor, Tensor | None], tuple[Tensor, Tensor | None]]
-"""``(rows, logprobs [C], entropy [C] | None) -> (d loss / d logprobs [C], d loss / d entropy [C] | None)``."""
+TokenGrads = Callable[[slice, Tensor, Tensor | None, RowStats], tuple[Tensor, Tensor | None]]
+"""``(rows, logprobs [C], entropy [C] | None, stats) -> (d loss / d logprobs [C], d loss / d entropy [C] | None)``,
+``stats`` the chunk's (global) row statistics ``[C]``, detached."""
 
 VOCAB_TILE = 4096
 TILE_ROWS = 512
@@ -136,9 +138,18 @@ def _block_chunks(num_rows: int, cols: slice, chunk_size: int | None, buffers: i
     return _chunks(num_rows, rows if chunk_size is not None else min(rows, TILE_ROWS))
 
 
-def _empty_stats(num_rows: int, lin: _Linear, device: torch.device, with_entropy: bool) -> RowStats:
-    lse = torch.empty(num_rows, dtype=lin.dtype, device=device)
-    return RowStats(lse, torch.empty_like(lse), torch.empty_like(lse) if with_entropy else None)
+def _empty_stats(num_rows: int, lin: _Linear, device: torch.device, spec: RowStatsSpec) -> RowStats:
+    def empty(wanted: bool = True, dtype: torch.dtype = lin.dtype) -> Tensor | None:
+        return torch.empty(num_rows, dtype=dtype, device=device) if wanted else None
+
+    return RowStats(empty(), empty(), empty(spec.entropy), empty(spec.lse2), empty(spec.logit_sum),
+                    empty(spec.argmax), empty(spec.argmax, torch.int64))
+
+
+def _buffers(spec: RowStatsSpec) -> int:
+    """``[rows, tile]`` temporaries of a block's statistics: the logits, and the probabilities next to ``log p``
+    when an optional statistic is asked for."""
+    return 2 if spec.any_extra else 1
 
 
 def _store(dst: Sequence[Tensor | None], rows: slice, src: Sequence[Tensor | None]) -> None:
@@ -147,36 +158,37 @@ def _store(dst: Sequence[Tensor | None], rows: slice, src: Sequence[Tensor | Non
             d[rows] = s
 
 
-def _row_stats(z: Tensor, tgt: _Targets, softmax: bool) -> RowStats:
-    """Log-sum-exp and target logit of one block of tempered logits ``z [C, tile]``, which is replaced by
-    ``log_softmax(z)``, or ``softmax(z)`` with ``softmax``. One fused row-wise log-softmax pass (each row is reduced
-    while in cache) serves the lse, and one exp pass the probabilities: cheaper than ``torch.logsumexp``, which makes
-    several passes and a ``[C, V]`` temporary."""
+def _row_stats(z: Tensor, tgt: _Targets, spec: RowStatsSpec, id_start: int,
+               softmax: bool) -> tuple[RowStats, Tensor | None]:
+    """Statistics of one block of tempered logits ``z [C, tile]`` (``id_start``: the global id of its first column)
+    and its probabilities ``p``, when formed (``softmax``, or needed by the statistics).
+
+    Without optional statistics, ``z`` is replaced by ``log_softmax(z)``, or by ``p`` with ``softmax``: one fused
+    row-wise log-softmax pass (each row is reduced while in cache) serves the lse, and one exp pass ``p``, cheaper
+    than ``torch.logsumexp`` (several passes and a ``[C, V]`` temporary). With them, ``z`` is replaced by
+    ``log p`` and ``p`` is a new tensor; the lse comes from the row max (``log p`` there is small: no rounding of
+    the size of ``|z|``), the entropy is ``-sum_v p_v log p_v`` (terms of one sign, not ``lse - E_p[z]``, a
+    difference of two numbers of size ``|z|``), ``lse2 = 2 lse + log sum_v p_v^2``.
+    """
     target_logit = z.gather(1, tgt.index).squeeze(1).masked_fill(~tgt.valid, 0.0)
-    lse = _log_softmax_(z)
-    if softmax:
-        z.exp_()
-    return RowStats(lse, target_logit)
+    if not spec.any_extra:
+        first = z[:, 0].clone()
+        torch._log_softmax(z, 1, False, out=z)  # z <- z - lse, row by row (an aliased out is safe row-wise)
+        lse = first - z[:, 0]
+        return RowStats(lse, target_logit), (z.exp_() if softmax else None)
+    logit_sum = z.sum(dim=1) if spec.logit_sum else None
+    row_max, at_max = z.max(dim=1, keepdim=True)  # ties: the first (smallest) column
+    torch._log_softmax(z, 1, False, out=z)  # z <- log p
+    lse = (row_max - z.gather(1, at_max)).squeeze(1)
+    p = z.exp() if softmax or spec.entropy or spec.lse2 else None
 
+    def dot(a: Tensor, b: Tensor) -> Tensor:  # row-wise dot products [C], batched: no [C, tile] temporary
+        return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
-def _log_softmax_(z: Tensor) -> Tensor:
-    """``z <- log_softmax(z)`` row by row, in place; returns the lse ``[C]``."""
-    first = z[:, 0].clone()
-    torch._log_softmax(z, 1, False, out=z)  # z <- z - lse, row by row (an aliased out is safe row-wise)
-    return first - z[:, 0]
-
-
-def _entropy_stats(z: Tensor, tgt: _Targets) -> tuple[RowStats, Tensor]:
-    """Statistics of a block ``z [C, tile]`` with its entropy, computed centred: ``z`` is replaced by ``log p``
-    (``z - lse``), and ``H = -sum_v p_v log p_v`` sums terms of one sign (not ``lse - E_p[z]``, a difference of two
-    numbers of size ``|z|``). Returns the statistics and the probabilities ``p [C, tile]`` (a new tensor)."""
-    target_logit = z.gather(1, tgt.index).squeeze(1).masked_fill(~tgt.valid, 0.0)
-    row_max, at_max = z.max(dim=1, keepdim=True)
-    torch._log_softmax(z, 1, False, out=z)  # z <- log p, row by row (an aliased out is safe row-wise)
-    lse = (row_max - z.gather(1, at_max)).squeeze(1)  # log p at the max is small: no rounding of |z| size
-    p = z.exp()
-    entropy = torch.bmm(p.unsqueeze(1), z.unsqueeze(2)).view(-1).neg_()  # a batched dot: no [C, V] temporary
-    return RowStats(lse, target_logit, entropy), p
+    return RowStats(lse, target_logit, dot(p, z).neg_() if spec.entropy else None,
+                    dot(p, p).log_().add_(2 * lse) if spec.lse2 else None, logit_sum,
+                    row_max.squeeze(1) if spec.argmax else None,
+                    at_max.squeeze(1).add_(id_start) if spec.argmax else None), p
 
 
 def _merge_moments(a: RowStats, ma: WeightMoments, b: RowStats, mb: WeightMoments, merged: RowStats) -> WeightMoments:
@@ -254,9 +266,10 @@ class _GradAccumulator:
 
 
 def linear_lse_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *,
-                       inv_temperature: float, ignore_index: int, vocab_start: int = 0, with_entropy: bool = False,
-                       chunk_size: int | None = None) -> RowStats:
-    """Row statistics ``[N]`` of ``(hidden [N, H] @ weight [V, H].T + bias) * inv_temperature``, block by block.
+                       inv_temperature: float, ignore_index: int, vocab_start: int = 0,
+                       spec: RowStatsSpec = RowStatsSpec(), chunk_size: int | None = None) -> RowStats:
+    """Row statistics ``[N]`` (those of ``spec``) of ``(hidden [N, H] @ weight [V, H].T + bias) * inv_temperature``,
+    block by block.
 
     ``targets [N]`` are vocabulary ids of which this weight holds ``vocab_start .. vocab_start + V - 1``.
     """
@@ -264,11 +277,11 @@ def linear_lse_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targ
     n = hidden.shape[0]
     stats = None
     for cols in lin.tiles():
-        tile = _empty_stats(n, lin, hidden.device, with_entropy)
-        for rows in _block_chunks(n, cols, chunk_size, buffers=2 if with_entropy else 1):
-            tgt = _Targets.of(targets[rows], ignore_index, vocab_start + cols.start, cols.stop - cols.start)
-            z = lin.logits(hidden[rows], cols)
-            _store(tile, rows, _entropy_stats(z, tgt)[0] if with_entropy else _row_stats(z, tgt, softmax=False))
+        tile = _empty_stats(n, lin, hidden.device, spec)
+        for rows in _block_chunks(n, cols, chunk_size, buffers=_buffers(spec)):
+            first = vocab_start + cols.start
+            tgt = _Targets.of(targets[rows], ignore_index, first, cols.stop - cols.start)
+            _store(tile, rows, _row_stats(lin.logits(hidden[rows], cols), tgt, spec, first, softmax=False)[0])
         stats = tile if stats is None else merge_row_stats(stats, tile)
     return stats
 
@@ -302,28 +315,25 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
 
 
 def linear_weight_moments(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *,
-                          inv_temperature: float, ignore_index: int, with_entropy: bool = False,
+                          inv_temperature: float, ignore_index: int, spec: RowStatsSpec = RowStatsSpec(),
                           chunk_size: int | None = None) -> tuple[RowStats, WeightMoments]:
-    """Forward statistics plus the weight moments ``[N, H]``, so that with a frozen weight the backward is
-    elementwise: ``d hidden = inv_temperature * (g_lp (W_y - mean) - g_ent entropy)``. Two matmuls (three with
-    entropy); each tile's moments are merged as its statistics are (``_merge_moments``), the entropy moment in its
-    centred form ``sum_v p_v (log p_v + H) W_v``."""
+    """Forward statistics (those of ``spec``) plus the weight moments ``[N, H]``, so that with a frozen weight the
+    backward is elementwise: ``d hidden = inv_temperature * (g_lp (W_y - mean) - g_ent entropy)``. Two matmuls
+    (three with entropy); each tile's moments are merged as its statistics are (``_merge_moments``), the entropy
+    moment in its centred form ``sum_v p_v (log p_v + H) W_v``."""
     lin = _Linear(weight, bias, inv_temperature)
     n, width = hidden.shape[0], weight.shape[1]
     stats = moments = None
     for cols in lin.tiles():
-        tile = _empty_stats(n, lin, hidden.device, with_entropy)
+        tile = _empty_stats(n, lin, hidden.device, spec)
         mean = torch.empty(n, width, dtype=lin.dtype, device=hidden.device)
-        tile_moments = WeightMoments(mean, torch.empty_like(mean) if with_entropy else None)
-        for rows in _block_chunks(n, cols, chunk_size, buffers=2 if with_entropy else 1):
+        tile_moments = WeightMoments(mean, torch.empty_like(mean) if spec.entropy else None)
+        for rows in _block_chunks(n, cols, chunk_size, buffers=_buffers(spec)):
             z = lin.logits(hidden[rows], cols)
             tgt = _Targets.of(targets[rows], ignore_index, cols.start, cols.stop - cols.start)
-            if not with_entropy:
-                block = _row_stats(z, tgt, softmax=True)  # z <- p: one exp pass, no temporary
-                mean[rows] = lin.times_weight(z, cols)
-            else:
-                block, p = _entropy_stats(z, tgt)  # z <- log p
-                mean[rows] = lin.times_weight(p, cols)
+            block, p = _row_stats(z, tgt, spec, cols.start, softmax=True)  # z <- p, or log p next to p
+            mean[rows] = lin.times_weight(p, cols)
+            if spec.entropy:
                 tile_moments.entropy[rows] = lin.times_weight(z.add_(block.entropy.unsqueeze(1)).mul_(p), cols)
             _store(tile, rows, block)
         if stats is None:
@@ -356,22 +366,24 @@ class ShardMerge(Protocol):
 
 
 class FusedResult(NamedTuple):
-    """Per-token outputs ``[N]`` (0 at ignored rows) and the gradients of the loss."""
+    """Per-token outputs ``[N]`` (0 at ignored rows), the gradients of the loss and the (global) row statistics."""
 
     logprobs: Tensor
     entropy: Tensor | None
     grads: LinearGrads
+    stats: RowStats
 
 
 def linear_logprobs_fused(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
                           token_grads: TokenGrads, *, inv_temperature: float, ignore_index: int,
-                          with_entropy: bool = False, need_grad_hidden: bool = True, need_grad_weight: bool = True,
-                          need_grad_bias: bool = False, chunk_size: int | None = None,
+                          spec: RowStatsSpec = RowStatsSpec(), need_grad_hidden: bool = True,
+                          need_grad_weight: bool = True, need_grad_bias: bool = False, chunk_size: int | None = None,
                           chunks: Sequence[slice] | None = None, shard: ShardMerge | None = None) -> FusedResult:
-    """Log-probs (and entropy) and, in the same pass, the gradients of a loss whose per-token gradient is known.
+    """Log-probs (entropy and the other statistics of ``spec``) and, in the same pass, the gradients of a loss whose
+    per-token gradient is known.
 
-    ``token_grads(rows, logprobs, entropy)`` returns ``d loss / d logprobs`` (and ``d loss / d entropy``) for the
-    chunk ``rows``; it must give 0 at ignored rows. Three matmuls per chunk: logits, ``d hidden``, ``d weight``, on
+    ``token_grads(rows, logprobs, entropy, stats)`` returns ``d loss / d logprobs`` (and ``d loss / d entropy``) for
+    the chunk ``rows``; it must give 0 at ignored rows. Three matmuls per chunk: logits, ``d hidden``, ``d weight``, on
     whole ``[chunk, V]`` rows. ``chunks``: the row ranges to walk, in this order, together covering every row once
     (e.g. whole sequences); default: equal chunks of ``chunk_size`` rows or sized from the memory budget.
     ``shard``: the weight is one vocabulary shard; each chunk's statistics are merged across the group before its
@@ -383,30 +395,31 @@ def linear_logprobs_fused(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
     vocab_start = 0 if shard is None else shard.vocab_start
     acc = _GradAccumulator(hidden, lin, need_grad_hidden, need_grad_weight, need_grad_bias)
     logprobs = torch.empty(n, dtype=lin.dtype, device=hidden.device)
-    entropy = torch.empty_like(logprobs) if with_entropy else None
+    entropy = torch.empty_like(logprobs) if spec.entropy else None
+    all_stats = _empty_stats(n, lin, hidden.device, spec)
     if chunks is None:
         chunks = _chunks(n, rows_per_chunk(n, vocab if shard is None else shard.widest_shard, chunk_size=chunk_size,
-                                           buffers=2 if with_entropy else 1))
+                                           buffers=_buffers(spec)))
     for rows in chunks:
         tgt = _Targets.of(targets[rows], ignore_index, vocab_start, vocab)
         valid = targets[rows] != ignore_index
         z = lin.logits(hidden[rows])
-        # z <- this shard's softmax p, or (with entropy) its log p, kept next to p
-        stats, p = _entropy_stats(z, tgt) if with_entropy else (_row_stats(z, tgt, softmax=True), z)
+        stats, p = _row_stats(z, tgt, spec, vocab_start, softmax=True)  # z <- p, or log p next to p
         if shard is not None:  # rescale p (and log p) from the shard's softmax to the whole vocabulary's
             shard_lse, stats = stats.lse, shard.all_reduce_stats(stats)
             log_scale = (shard_lse - stats.lse).unsqueeze(1)
             p.mul_(log_scale.exp())
-            if with_entropy:
+            if spec.entropy:
                 z.add_(log_scale)
+        _store(all_stats, rows, stats)
         logprobs[rows] = torch.where(valid, stats.target_logit - stats.lse, 0.0)
         if entropy is not None:
             entropy[rows] = torch.where(valid, stats.entropy, 0.0)
-        grad_lp, grad_ent = token_grads(rows, logprobs[rows], None if entropy is None else entropy[rows])
+        grad_lp, grad_ent = token_grads(rows, logprobs[rows], None if entropy is None else entropy[rows], stats)
         if grad_ent is not None:
             acc.add(rows, every_col, hidden[rows],
                     _entropy_logit_grads(z, p, stats.entropy, tgt, grad_lp, grad_ent, inv_temperature))
         else:  # dz = g (onehot - p), entropy (if any) for the metrics only
             acc.add_softmax(rows, every_col, hidden[rows], p, grad_lp * inv_temperature, tgt)
         del z, p  # chunks may grow (whole sequences): free this chunk's logits before a larger buffer is allocated
-    return FusedResult(logprobs, entropy, acc.result())
+    return FusedResult(logprobs, entropy, acc.result(), all_stats)

@@ -71,22 +71,35 @@ class VocabShard:
     def all_reduce_stats(self, stats: RowStats) -> RowStats:
         """The global row statistics ``[N]`` from this shard's, identical on every rank.
 
-        A MAX all-reduce of the shard lse gives ``m``; one SUM all-reduce of the stacked rescaled terms
-        ``s_r = exp(lse_r - m)`` (sum-exp ``S``), ``target_logit_r`` (0 outside the owning shard) and, with entropy,
-        ``s_r (H_r + m - lse_r)`` gives ``lse = m + log S`` and ``H = sum_r s_r (H_r + m - lse_r) / S + log S``
-        (every term >= 0: no cancellation).
+        A MAX all-reduce of the shard lse (and max logit, with argmax) gives ``m``; one SUM all-reduce of the
+        stacked rescaled terms ``s_r = exp(lse_r - m)`` (sum-exp ``S``), ``target_logit_r`` (0 outside the owning
+        shard) and, when present, ``s_r (H_r + m - lse_r)`` (entropy), ``exp(lse2_r - 2 m)`` and ``logit_sum_r``
+        gives ``lse = m + log S``, ``H = sum_r s_r (H_r + m - lse_r) / S + log S`` (every term >= 0: no
+        cancellation) and ``lse2``; with argmax, a MIN all-reduce of the ids of the shards at the global max.
         """
-        top = stats.lse.clone()
-        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.group)
+        tops = torch.stack([stats.lse] + ([stats.max_logit] if stats.argmax is not None else []))
+        dist.all_reduce(tops, op=dist.ReduceOp.MAX, group=self.group)
+        top = tops[0]
         scale = torch.exp(stats.lse - top)
         terms = [scale, stats.target_logit]
         if stats.entropy is not None:
             terms.append(scale * (stats.entropy + (top - stats.lse)))
+        if stats.lse2 is not None:
+            terms.append(torch.exp(stats.lse2 - 2 * top))  # lse2_r <= 2 lse_r <= 2 m
+        if stats.logit_sum is not None:
+            terms.append(stats.logit_sum)
         summed = torch.stack(terms)
         dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=self.group)
-        log_sumexp = summed[0].log()
-        entropy = None if stats.entropy is None else summed[2] / summed[0] + log_sumexp
-        return RowStats(top + log_sumexp, summed[1], entropy)
+        log_sumexp, optional = summed[0].log(), iter(summed[2:])
+        entropy = None if stats.entropy is None else next(optional) / summed[0] + log_sumexp
+        lse2 = None if stats.lse2 is None else 2 * top + next(optional).log()
+        logit_sum = None if stats.logit_sum is None else next(optional)
+        max_logit = argmax = None
+        if stats.argmax is not None:  # the smallest id among the shards holding the global max
+            max_logit = tops[1]
+            argmax = torch.where(stats.max_logit == max_logit, stats.argmax, torch.iinfo(torch.int64).max)
+            dist.all_reduce(argmax, op=dist.ReduceOp.MIN, group=self.group)
+        return RowStats(top + log_sumexp, summed[1], entropy, lse2, logit_sum, max_logit, argmax)
 
     def finish_grads(self, grads: LinearGrads) -> LinearGrads:
         """This rank's gradients from the global statistics: ``d hidden`` all-reduced (in place) with
