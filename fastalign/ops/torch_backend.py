@@ -244,22 +244,24 @@ class _GradAccumulator:
                     tgt: _Targets) -> None:
         """Add the gradients of the block's logit gradients ``scale (onehot - probs)`` (``scale [C]``) without forming
         them: the per-row ``-scale`` goes to the ``[C, H]`` side of the products, the one-hot term to a gather and
-        an ``index_add_`` (one ``[C, tile]`` pass less)."""
+        an accumulating ``index_put_`` (one ``[C, tile]`` pass less). On CPU, ``index_add_`` runs as a
+        ``scatter_add_`` of the expanded index, 15x slower (0.2 s for 384 rows of 512 at V=32k), and indexing a
+        slice of the weight 10x slower than an ``index_select`` of the weight itself."""
         on_target = torch.where(tgt.valid, scale, 0.0).unsqueeze(1)
         neg_scale = (-scale).unsqueeze(1)
         target = tgt.index.squeeze(1)
         if self.hidden is not None:
-            target_rows = self.lin.weight[cols][target].to(self.lin.dtype).mul_(on_target)
+            target_rows = self.lin.weight.index_select(0, target + cols.start).to(self.lin.dtype).mul_(on_target)
             self.hidden[rows].addcmul_(self.lin.times_weight(probs, cols), neg_scale).add_(target_rows)
         if self.weight is not None:
             h = hidden_rows.to(self.lin.dtype)
             d_weight = self.weight[cols]
             d_weight.addmm_(probs.t(), h * neg_scale)
-            d_weight.index_add_(0, target, h * on_target)
+            d_weight.index_put_((target,), h * on_target, accumulate=True)
         if self.bias is not None:
             d_bias = self.bias[cols]
             d_bias.addmv_(probs.t(), neg_scale.squeeze(1))
-            d_bias.index_add_(0, target, on_target.squeeze(1))
+            d_bias.index_put_((target,), on_target.squeeze(1), accumulate=True)
 
     def result(self) -> LinearGrads:
         return LinearGrads(self.hidden, self.weight, self.bias)
