@@ -37,8 +37,10 @@ def make_trainer(kind: str, output_dir: str, per_device: int, accumulation: int 
                  scripted: bool = True, eval_dataset=None, **overrides):
     """A DPO (with RPO, so the chosen-token count matters), PPO or GRPO trainer on a tiny Llama, ``accumulation``
     micro-batches of ``per_device`` samples per step. ``scripted``: responses from :func:`scripted_generate`. GRPO:
-    one group of 8 completions per step (split over the ranks), dapo's token normalizer over the whole step, two
-    iterations per generation batch (old log-probs), a reference model."""
+    one micro-batch of ``per_device x accumulation`` completions, so that with 2 ranks each holds one group of 4
+    (lengths that depend on the prompt: the ranks' token counts differ) in one micro-batch; batch-scaled rewards
+    (over all ranks), dapo's token normalizer over the whole step, two iterations per generation batch (old
+    log-probs), a reference model."""
     tokenizer = word_tokenizer(TASK.words)
     torch.manual_seed(0)
     model = tiny_llama(tokenizer, hidden_size=32, intermediate_size=64, tie_word_embeddings=tied)
@@ -49,10 +51,11 @@ def make_trainer(kind: str, output_dir: str, per_device: int, accumulation: int 
         config = DPOConfig(learning_rate=3e-3, max_length=32, max_prompt_length=16, rpo_alpha=1.0, **fields)
         return DPOTrainer(model, tokenizer, preference_data(), config)
     if kind == "grpo":
-        config = GRPOConfig(learning_rate=1e-3, num_generations=8, max_completion_length=6, num_iterations=2,
-                            beta=0.1, **fields)
+        fields = dict(fields, per_device_train_batch_size=per_device * accumulation, gradient_accumulation_steps=1)
+        config = GRPOConfig(learning_rate=1e-3, num_generations=4, scale_rewards="batch", max_completion_length=6,
+                            num_iterations=2, beta=0.1, **fields | overrides)
         trainer = GRPOTrainer(model, tokenizer, TASK.prompts(48, seed=3), TASK.score, config)
-        if scripted:  # a group's 8 completions differ by their position in the step's batch, modulo 4
+        if scripted:  # a group's 4 completions differ by their position in the step's batch, modulo 4
             trainer.policy.generate = scripted_generate(trainer, period=4)
         return trainer
     config = PPOConfig(learning_rate=1e-3, response_length=6, temperature=1.0, num_ppo_epochs=2,
@@ -195,7 +198,10 @@ def test_two_ranks_match_one_process_with_twice_the_batch(tmp_path, one_process_
     margins = [min(m) for m in zip(margins, margins0, other[3])] if kind == "dpo" else [0.0] * 3
     compared = assert_same_records(ranked_history, history, SAME_METRICS[kind], margins, rel=1e-4, abs=1e-6)
     assert compared == (2 if kind == "dpo" else 0)
-    assert_same_weights(saved_weights(str(tmp_path)), saved_weights(output_dir), rtol=1e-4, atol=1e-6)
+    # GRPO: AdamW normalizes gradient elements near 0 (equal here only to the 1e-6 absolute tolerance above), so their
+    # float noise can reach the weights magnified; a real error would move them by about the learning rate (1e-3)
+    atol = 1e-5 if kind == "grpo" else 1e-6
+    assert_same_weights(saved_weights(str(tmp_path)), saved_weights(output_dir), rtol=1e-4, atol=atol)
 
 
 def train_and_record_rank_metrics(rank, world_size, output_dir):

@@ -100,7 +100,7 @@ class GenerationBatch(NamedTuple):
     advantages: Tensor  # [B]
     old_logprobs: Tensor | None  # [B, R] policy log-probs at sampling time, with num_iterations > 1 only
     ref_logprobs: Tensor | None  # [B, R] reference log-probs, with beta != 0 only
-    num_items_in_batch: Tensor  # completion tokens of the step on all ranks, over the world size
+    num_items_in_batch: Tensor  # completion tokens of the step on all ranks
     metrics: dict[str, float]
 
 
@@ -182,17 +182,21 @@ class GRPOTrainer(SamplingTrainer):
             ref = self.ref_engine(self.response_logprobs, s.input_ids, s.attention_mask, targets)
             distributed.reshard(self.ref_engine)
         return GenerationBatch(s.input_ids, s.attention_mask, targets, advantages[mine].to(self.device), old, ref,
-                               distributed.global_normalizer(lengths.sum()), as_floats(metrics))
+                               distributed.global_count(lengths.sum()), as_floats(metrics))
 
     def compute_loss(self, batch: GenerationBatch, rows: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """The GRPO loss of ``rows`` of the batch, as its share of the optimizer step's loss (token sums over
-        ``num_items_in_batch`` for dapo/cispo/vespo, else divided by ``gradient_accumulation_steps``), computed as
-        the policy's forward, and its metrics (TRL names, plus ``loss``)."""
+        """The GRPO loss of ``rows`` of the batch, as its share of the optimizer step's loss, computed as the policy's
+        forward, and its metrics (TRL names, plus ``loss``). dapo/cispo/vespo: token sums over ``num_items_in_batch``
+        (all ranks' tokens) times the world size, since DDP and FSDP average the ranks' gradients (TRL divides by
+        ``num_items_in_batch / num_processes``; a rank's own tokens may outnumber that quotient, which the op
+        refuses as a normalizer); the other loss types: over ``gradient_accumulation_steps``."""
         b = batch
         old, ref = (None if t is None else t[rows] for t in (b.old_logprobs, b.ref_logprobs))
         loss, metrics = self.engine(self.policy_loss, b.input_ids[rows], b.attention_mask[rows], b.targets[rows],
                                     b.advantages[rows], old, ref, b.num_items_in_batch)
-        if self.config.loss_type not in TOKEN_COUNT_LOSS_TYPES:
+        if self.config.loss_type in TOKEN_COUNT_LOSS_TYPES:
+            loss = loss * distributed.world_size()
+        else:
             loss = loss / self.config.gradient_accumulation_steps
         return loss, {"loss": float(loss.detach()), **as_floats(metrics)}
 
