@@ -194,11 +194,14 @@ class GRPOTrainer(SamplingTrainer):
         old, ref = (None if t is None else t[rows] for t in (b.old_logprobs, b.ref_logprobs))
         loss, metrics = self.engine(self.policy_loss, b.input_ids[rows], b.attention_mask[rows], b.targets[rows],
                                     b.advantages[rows], old, ref, b.num_items_in_batch)
+        metrics = as_floats(metrics)
         if self.config.loss_type in TOKEN_COUNT_LOSS_TYPES:
             loss = loss * distributed.world_size()
+            if "policy_loss" in metrics:  # with an entropy bonus: the policy term, normalized as the loss
+                metrics["policy_loss"] *= distributed.world_size()
         else:
             loss = loss / self.config.gradient_accumulation_steps
-        return loss, {"loss": float(loss.detach()), **as_floats(metrics)}
+        return loss, {"loss": float(loss.detach()), **metrics}
 
     def policy_loss(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor, targets: Tensor,
                     advantages: Tensor, old_logprobs: Tensor | None, ref_logprobs: Tensor | None,

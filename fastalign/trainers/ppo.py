@@ -155,11 +155,19 @@ class PPOTrainer(SamplingTrainer):
     def compute_loss(self, rollout: Rollout, rows: Tensor,
                      num_tokens: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
         """PPO loss of ``rows`` of the rollout (token sums over ``num_tokens``, default their token count: the
-        mean) and its metrics (TRL names), computed as the policy's forward."""
+        mean) and its metrics (TRL names), computed as the policy's forward. ``num_tokens`` counts every rank's
+        tokens: the loss and its ``summed_metrics`` are then multiplied by the world size, since DDP and FSDP average
+        the ranks' gradients (a rank's own tokens may outnumber ``num_tokens / world_size``, which the op refuses as
+        a normalizer)."""
         r = rollout
         loss, metrics = self.engine(self.policy_loss, r.input_ids[rows], r.attention_mask[rows], r.targets[rows],
                                     r.logprobs[rows], r.advantages[rows], r.values[rows], r.returns[rows], num_tokens)
-        return loss, as_floats(metrics)
+        metrics = as_floats(metrics)
+        if num_tokens is not None:
+            world = distributed.world_size()
+            loss = loss * world
+            metrics.update({k: metrics[k] * world for k in self.summed_metrics})
+        return loss, metrics
 
     def policy_loss(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor, targets: Tensor,
                     old_logprobs: Tensor, advantages: Tensor, old_values: Tensor, returns: Tensor, num_tokens):
@@ -184,9 +192,9 @@ class PPOTrainer(SamplingTrainer):
             updates = []
             for _ in range(c.num_ppo_epochs):
                 for mini_rows in torch.randperm(batch).split(mini):
-                    # The mini-batch's tokens on all ranks, over the world size (distributed.global_normalizer):
-                    # each micro-batch's loss is its share of the mini-batch's token mean.
-                    num_tokens = distributed.global_normalizer(rollout.mask[mini_rows].sum())
+                    # The mini-batch's tokens on all ranks: each micro-batch's loss is its share of the mini-batch's
+                    # token mean (times the world size, see compute_loss).
+                    num_tokens = distributed.global_count(rollout.mask[mini_rows].sum())
                     updates.append(self.update(mini_rows.split(micro),
                                                lambda rows: self.compute_loss(rollout, rows, num_tokens)))
             self.end_step({**rollout.metrics, **mean_metrics(updates), "episode": (self.step + 1) * batch * world,
