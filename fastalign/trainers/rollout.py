@@ -40,8 +40,8 @@ def reward_name(reward_fn) -> str:
     """TRL's name of a reward function in metrics (``rewards/<name>/mean``): a model's name or path (last part), a
     function's ``__name__``, else its class name."""
     if isinstance(reward_fn, nn.Module):
-        return str(getattr(getattr(reward_fn, "config", None), "_name_or_path", "") or "").split("/")[-1] or \
-            type(reward_fn).__name__
+        path = str(getattr(getattr(reward_fn, "config", None), "_name_or_path", "") or "")
+        return path.split("/")[-1] or type(reward_fn).__name__
     return getattr(reward_fn, "__name__", type(reward_fn).__name__)
 
 
