@@ -14,7 +14,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """DPO then PPO on a tiny model built in code, and the fused-vs-reference memory comparison."""
+    """DPO then PPO and GRPO on a tiny model built in code, and the fused-vs-reference memory comparison."""
     from .demo import run_demo as demo  # imports transformers: only for this command
 
     demo(json_out=args.json_out, out_dir=args.out_dir, quick=args.quick)
@@ -39,21 +39,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser.set_defaults(handler=run_bench)
 
     demo_parser = commands.add_parser(
-        "demo", help="DPO then PPO on a tiny model built in code, plus a fused-vs-reference memory comparison "
-                     "(about a minute on a 2-core CPU)",
+        "demo", help="DPO then PPO and GRPO on a tiny model built in code, plus a fused-vs-reference memory "
+                     "comparison (about a minute on a 2-core CPU)",
         description="Builds a tiny Llama-style model and a tokenizer in code (nothing is downloaded), trains it "
-                    "with DPO on a synthetic counting task, then with PPO against a rule-based reward, prints held-out "
-                    "results and writes a plot of the training curves. Last, it measures the peak memory of one DPO "
-                    "training step at 2 x 8192 tokens and a 32k vocabulary with the fused loss and with the reference "
-                    "(materialized logits) loss, each in a fresh process.")
+                    "with DPO on a synthetic counting task, then, from the DPO policy, with PPO and with GRPO against "
+                    "a rule-based reward, prints held-out results and writes a plot of the training curves. Last, it "
+                    "measures the peak memory of one DPO training step at 2 x 8192 tokens and a 32k vocabulary with "
+                    "the fused loss and with the reference (materialized logits) loss, each in a fresh process.")
     demo_parser.add_argument("--json-out", metavar="PATH", help="also write the results as JSON to PATH")
     demo_parser.add_argument("--out-dir", default="fastalign-demo", help="where the plot and training outputs go "
                                                                          "(default: %(default)s)")
     demo_parser.add_argument("--quick", action="store_true",
-                             help="shorter PPO and a 2 x 512-token memory comparison (about 20 s)")
+                             help="shorter PPO and GRPO and a 2 x 512-token memory comparison (about 30 s)")
     demo_parser.set_defaults(handler=run_demo)
 
-    for kind in ("dpo", "ppo"):
+    for kind in config_file.KINDS:
         trainer_parser = commands.add_parser(kind, help=config_file.HELP[kind],
                                              description=config_file.DESCRIPTIONS[kind],
                                              formatter_class=argparse.RawDescriptionHelpFormatter)

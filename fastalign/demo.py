@@ -1,4 +1,4 @@
-"""``fastalign demo``: DPO, then PPO, on a tiny Llama built in code and a built-in counting task, on the CPU.
+"""``fastalign demo``: DPO, then PPO and GRPO, on a tiny Llama built in code and a built-in counting task, on the CPU.
 
 Nothing is downloaded. The model (``fastalign.trainers.tiny``) starts from random weights; the task
 (``fastalign.trainers.tasks.CountingTask``) asks to continue a count (``"3 4 5 :"`` -> ``"6 7 8 9"``), and its
@@ -8,13 +8,16 @@ rejected answers turn around, get a number wrong or do not stop. Steps:
    write answers while the DPO term teaches which ones are preferred); reward accuracy on held-out prompts.
 2. PPO from the DPO policy with the task's rule-based reward (fraction of positions right), on the training
    prompts; the mean score of sampled answers to held-out prompts before and after.
-3. Peak memory of one DPO training step at 2 x 8192 tokens with a 32k vocabulary, fused vs reference loss, each in
+3. GRPO from the same DPO policy with the same reward (8 sampled answers per prompt, no value model, no reference
+   model); the mean reward of sampled answers to held-out prompts before and after.
+4. Peak memory of one DPO training step at 2 x 8192 tokens with a 32k vocabulary, fused vs reference loss, each in
    a fresh process.
 
 Then a summary, a PNG of the curves and the memory bars, and optionally the results as JSON.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .trainers import DPOConfig, DPOTrainer, PPOConfig, PPOTrainer
+from .trainers import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer
 from .trainers.tasks import CountingTask
 from .trainers.tiny import tiny_llama, word_tokenizer
 
@@ -39,6 +42,7 @@ class DemoSettings:
 
     dpo_steps: int
     ppo_steps: int
+    grpo_steps: int
     memory_tokens: int  # tokens per sequence of the memory comparison (2 sequences: one pair)
     memory_vocab: int = 32768
     train_pairs: int = 4000
@@ -46,8 +50,8 @@ class DemoSettings:
     heldout_prompts: int = 256
 
 
-FULL = DemoSettings(dpo_steps=120, ppo_steps=200, memory_tokens=8192)
-QUICK = DemoSettings(dpo_steps=120, ppo_steps=100, memory_tokens=512)
+FULL = DemoSettings(dpo_steps=120, ppo_steps=200, grpo_steps=200, memory_tokens=8192)
+QUICK = DemoSettings(dpo_steps=120, ppo_steps=100, grpo_steps=150, memory_tokens=512)
 
 
 def dpo_config(output_dir: str, steps: int) -> DPOConfig:
@@ -61,6 +65,12 @@ def ppo_config(output_dir: str, steps: int) -> PPOConfig:
                      per_device_train_batch_size=32, per_device_eval_batch_size=128, num_ppo_epochs=4,
                      response_length=6, temperature=1.0, missing_eos_penalty=1.0, kl_coef=0.05, logging_steps=5,
                      eval_steps=25)
+
+
+def grpo_config(output_dir: str, steps: int) -> GRPOConfig:
+    return GRPOConfig(output_dir=output_dir, max_steps=steps, learning_rate=1e-3, warmup_ratio=0.05,
+                      per_device_train_batch_size=64, per_device_eval_batch_size=128, num_generations=8,
+                      max_completion_length=6, temperature=1.0, logging_steps=5, eval_steps=25)
 
 
 def dpo_step_memory(loss_backend: str, tokens: int, vocab_size: int) -> dict:
@@ -111,8 +121,10 @@ def measure_memory(tokens: int, vocab_size: int) -> dict:
     return out
 
 
-def plot(path: str, dpo_history: list[dict], ppo_history: list[dict], memory: dict) -> None:
-    """Training curves (DPO loss and reward accuracy/margin, PPO score and KL) and the memory bars, as a PNG."""
+def plot(path: str, dpo_history: list[dict], ppo_history: list[dict], grpo_history: list[dict],
+         memory: dict) -> None:
+    """Training curves (DPO loss and reward accuracy/margin, PPO score and KL, GRPO reward) and the memory bars, as a
+    PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,7 +134,7 @@ def plot(path: str, dpo_history: list[dict], ppo_history: list[dict], memory: di
         points = [(r["step"], r[key]) for r in history if key in r]
         return [p[0] for p in points], [p[1] for p in points]
 
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    fig, axes = plt.subplots(1, 5, figsize=(22, 4))
     ax = axes[0]
     ax.plot(*series(dpo_history, "loss"), label="train loss")
     ax.plot(*series(dpo_history, "eval_loss"), "o-", label="held-out loss")
@@ -141,6 +153,11 @@ def plot(path: str, dpo_history: list[dict], ppo_history: list[dict], memory: di
     ax.set(title="PPO (rule-based reward)", xlabel="step")
     ax.legend()
     ax = axes[3]
+    ax.plot(*series(grpo_history, "reward"), label="rollout reward")
+    ax.plot(*series(grpo_history, "eval_reward"), "o-", label="held-out reward")
+    ax.set(title="GRPO (rule-based reward, 8 answers per prompt)", xlabel="step")
+    ax.legend()
+    ax = axes[4]
     bars = ax.bar(["fused", "reference"], [memory["fused_mb"], memory["reference_mb"]], color=["C2", "C3"])
     ax.bar_label(bars, fmt="%.0f MiB")
     ax.margins(y=0.15)
@@ -151,11 +168,20 @@ def plot(path: str, dpo_history: list[dict], ppo_history: list[dict], memory: di
     plt.close(fig)
 
 
+def train_on_prompts(trainer_class, model, tokenizer, task: CountingTask, settings: DemoSettings,
+                     config) -> tuple[float, list[dict]]:
+    """Train ``model`` with ``trainer_class`` (PPO or GRPO) on the task's training prompts and rule-based reward;
+    returns the held-out score before training and the logged records (the held-out score every ``eval_steps``)."""
+    trainer = trainer_class(model, tokenizer, task.prompts(settings.train_pairs, seed=3), task.score, config,
+                            eval_dataset=task.prompts(settings.heldout_prompts, seed=4, heldout=True))
+    return trainer.evaluate()[trainer.eval_metric], trainer.train()
+
+
 def run_demo(json_out: str | None = None, out_dir: str = "fastalign-demo", quick: bool = False) -> dict:
-    """Run the demo (``quick``: shorter training and a 2 x 1024-token memory comparison); write ``out_dir/demo.png``
+    """Run the demo (``quick``: shorter training and a 2 x 512-token memory comparison); write ``out_dir/demo.png``
     and the trainers' outputs under ``out_dir``, and the results to ``json_out`` if given. Returns the results:
-    ``{"dpo": {"reward_accuracy", "reward_margin"}, "ppo": {"score_start", "score_end"}, "memory": {"tokens",
-    "fused_mb", "reference_mb", ...}, "seconds": ...}``."""
+    ``{"dpo": {"reward_accuracy", "reward_margin"}, "ppo": {"score_start", "score_end"}, "grpo": {"score_start",
+    "score_end"}, "memory": {"tokens", "fused_mb", "reference_mb", ...}, "seconds": ...}``."""
     settings = QUICK if quick else FULL
     os.makedirs(out_dir, exist_ok=True)
     start = time.perf_counter()
@@ -166,24 +192,26 @@ def run_demo(json_out: str | None = None, out_dir: str = "fastalign-demo", quick
         tokenizer = word_tokenizer(task.words)
         torch.manual_seed(0)
         model = tiny_llama(tokenizer)
-        print(f"[1/3] DPO: tiny Llama ({sum(p.numel() for p in model.parameters()) / 1e3:.0f}k parameters, random "
+        print(f"[1/4] DPO: tiny Llama ({sum(p.numel() for p in model.parameters()) / 1e3:.0f}k parameters, random "
               f"init) on the counting task ('3 4 5 :' -> '6 7 8 9'), {settings.dpo_steps} steps", flush=True)
         dpo = DPOTrainer(model, tokenizer, task.preference_data(settings.train_pairs, seed=1),
                          dpo_config(os.path.join(out_dir, "dpo"), settings.dpo_steps),
                          eval_dataset=task.preference_data(settings.heldout_pairs, seed=2, heldout=True))
         dpo_history = dpo.train()
         final = dpo_history[-1]
-        print(f"[2/3] PPO from the DPO policy, rule-based reward, {settings.ppo_steps} steps", flush=True)
-        ppo = PPOTrainer(model, tokenizer, task.prompts(settings.train_pairs, seed=3), task.score,
-                         ppo_config(os.path.join(out_dir, "ppo"), settings.ppo_steps),
-                         eval_dataset=task.prompts(settings.heldout_prompts, seed=4, heldout=True))
-        score_start = ppo.evaluate()["eval_objective/scores"]
-        ppo_history = ppo.train()
+        dpo_model = copy.deepcopy(model)  # GRPO starts from here too
+        print(f"[2/4] PPO from the DPO policy, rule-based reward, {settings.ppo_steps} steps", flush=True)
+        score_start, ppo_history = train_on_prompts(PPOTrainer, model, tokenizer, task, settings,
+                                                    ppo_config(os.path.join(out_dir, "ppo"), settings.ppo_steps))
+        print(f"[3/4] GRPO from the DPO policy, the same reward, {settings.grpo_steps} steps", flush=True)
+        grpo_start, grpo_history = train_on_prompts(GRPOTrainer, dpo_model, tokenizer, task, settings,
+                                                    grpo_config(os.path.join(out_dir, "grpo"), settings.grpo_steps))
     finally:
         torch.set_num_threads(threads)
     rollout_scores = [r["objective/scores"] for r in ppo_history if "objective/scores" in r]
+    rollout_rewards = [r["reward"] for r in grpo_history if "reward" in r]
     tokens, vocab = settings.memory_tokens, settings.memory_vocab
-    print(f"[3/3] peak memory of a DPO step at 2 x {tokens} tokens, V={vocab}: fused vs reference loss "
+    print(f"[4/4] peak memory of a DPO step at 2 x {tokens} tokens, V={vocab}: fused vs reference loss "
           f"(fresh processes)", flush=True)
     memory = measure_memory(tokens, vocab)
     results = {
@@ -192,11 +220,15 @@ def run_demo(json_out: str | None = None, out_dir: str = "fastalign-demo", quick
         "ppo": {"score_start": score_start, "score_end": ppo_history[-1]["eval_objective/scores"],
                 "rollout_score_start": rollout_scores[0], "rollout_score_end": rollout_scores[-1],
                 "steps": settings.ppo_steps},
+        "grpo": {"score_start": grpo_start, "score_end": grpo_history[-1]["eval_reward"],
+                 "rollout_reward_start": rollout_rewards[0], "rollout_reward_end": rollout_rewards[-1],
+                 "steps": settings.grpo_steps},
         "memory": memory,
         "seconds": time.perf_counter() - start,
         "plot": os.path.join(out_dir, "demo.png"),
     }
-    plot(results["plot"], dpo_history, [{"step": 0, "eval_objective/scores": score_start}, *ppo_history], memory)
+    plot(results["plot"], dpo_history, [{"step": 0, "eval_objective/scores": score_start}, *ppo_history],
+         [{"step": 0, "eval_reward": grpo_start}, *grpo_history], memory)
     print(summary(results), flush=True)
     if json_out:
         with open(json_out, "w") as out:
@@ -206,13 +238,15 @@ def run_demo(json_out: str | None = None, out_dir: str = "fastalign-demo", quick
 
 
 def summary(results: dict) -> str:
-    dpo, ppo, memory = results["dpo"], results["ppo"], results["memory"]
+    dpo, ppo, grpo, memory = results["dpo"], results["ppo"], results["grpo"], results["memory"]
     return "\n".join([
         "",
         "fastalign demo: summary",
         f"  DPO  held-out reward accuracy {dpo['reward_accuracy']:.3f}, reward margin {dpo['reward_margin']:.2f}",
         f"  PPO  held-out mean score {ppo['score_start']:.3f} -> {ppo['score_end']:.3f} "
         f"(training rollouts {ppo['rollout_score_start']:.3f} -> {ppo['rollout_score_end']:.3f})",
+        f"  GRPO held-out mean reward {grpo['score_start']:.3f} -> {grpo['score_end']:.3f} "
+        f"(training rollouts {grpo['rollout_reward_start']:.3f} -> {grpo['rollout_reward_end']:.3f})",
         f"  memory, one DPO step at 2 x {memory['sequence_length']} tokens, V={memory['vocab_size']}, fp32: "
         f"fused {memory['fused_mb']:.0f} MiB vs reference {memory['reference_mb']:.0f} MiB extra peak "
         f"({memory['ratio']:.2f}x)",

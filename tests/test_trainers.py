@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForSequenceClassification
 from fastalign import hf
 from fastalign.objectives.dpo import DPO_LOSS_TYPES
 from fastalign.objectives.ppo import clipped_policy_loss
-from fastalign.trainers import DPOConfig, DPOTrainer, PPOConfig, PPOTrainer
+from fastalign.trainers import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer
 from fastalign.trainers.tasks import CountingTask
 from fastalign.trainers.tiny import tiny_llama, word_tokenizer
 from noise import SEPARATED, assert_share_close, near, recorded_calls
@@ -291,12 +291,17 @@ def make_trainer(kind, tmp_path, **overrides):
     if kind == "dpo":
         fields = dict(max_steps=6, save_steps=3, per_device_train_batch_size=4, gradient_accumulation_steps=2)
         return DPOTrainer(model, tok, TASK.preference_data(40, seed=1), dpo_config(tmp_path, **fields | overrides))
+    if kind == "grpo":  # 2 iterations per generation batch, old and reference log-probs, 2 micro-batches per step
+        config = GRPOConfig(output_dir=str(tmp_path / "grpo"), learning_rate=1e-3, per_device_train_batch_size=4,
+                            gradient_accumulation_steps=2, num_generations=4, max_completion_length=6, max_steps=4,
+                            save_steps=2, num_iterations=2, beta=0.1, disable_tqdm=True, **overrides)
+        return GRPOTrainer(model, tok, TASK.prompts(40, seed=3), lambda p, c: [len(x) / 10 for x in c], config)
     fields = dict(max_steps=4, save_steps=2, per_device_train_batch_size=4, num_mini_batches=2,
                   gradient_accumulation_steps=2)
     return PPOTrainer(model, tok, TASK.prompts(40, seed=3), TASK.score, ppo_config(tmp_path, **fields | overrides))
 
 
-@pytest.mark.parametrize("kind", ["dpo", "ppo"])
+@pytest.mark.parametrize("kind", ["dpo", "ppo", "grpo"])
 def test_resume_continues_exactly(tmp_path, kind):
     full = make_trainer(kind, tmp_path / "full")
     full.train()

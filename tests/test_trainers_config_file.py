@@ -48,6 +48,28 @@ def test_the_examples_run_dpo_then_ppo_from_its_output(tmp_path, capsys):
     assert os.path.isfile(tmp_path / "ppo" / "value_head.safetensors")
 
 
+def test_the_grpo_example_runs_with_several_rewards(tmp_path, capsys, monkeypatch):
+    assert command("grpo", "--example") == 0
+    example = yaml.safe_load(capsys.readouterr().out)
+    assert example["reward"] == "counting" and example["config"]["loss_type"] == "dapo"
+    (tmp_path / "grpo_rewards.py").write_text("def length(prompts, completions):\n"
+                                              "    return [len(c.split()) / 6 for c in completions]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = write_config(tmp_path, "grpo", model="tiny", tokenizer="counting",
+                        reward=["counting", "grpo_rewards:length"],
+                        config={"per_device_train_batch_size": 16, "reward_weights": [1.0, 0.5], "num_iterations": 2,
+                                "beta": 0.1})
+    assert command("grpo", "--config", spec) == 0
+    assert "3 steps done" in capsys.readouterr().out
+    records = [json.loads(line) for line in open(tmp_path / "grpo" / "metrics.jsonl")]
+    train = [r for r in records if "reward" in r]
+    assert [r["step"] for r in train] == [1, 2, 3] and [r["step"] for r in records if "eval_reward" in r] == [3]
+    assert {"rewards/score/mean", "rewards/length/mean", "kl", "entropy", "clip_ratio/region_mean"} <= train[-1].keys()
+    assert os.path.isfile(tmp_path / "grpo" / "model.safetensors")
+    with pytest.raises(ConfigError, match="give reward"):
+        run_from_config("grpo", write_config(tmp_path, "grpo", reward=None))
+
+
 def test_user_files_char_tokenizer_and_an_imported_reward(tmp_path, monkeypatch):
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps({"prompt": f"Q{i}?", "chosen": "yes", "rejected": "no"}) + "\n"
@@ -111,7 +133,7 @@ def test_command_exit_status_and_messages(tmp_path, capsys):
 
 
 def test_help_and_numbers_written_as_yaml_strings():
-    for kind in ("dpo", "ppo"):
+    for kind in ("dpo", "ppo", "grpo"):
         assert f"fastalign {kind} --example > {kind}.yaml" in DESCRIPTIONS[kind]
         assert example_config(kind) in DESCRIPTIONS[kind]
     # YAML reads 1e-3 (no dot) as a string; the field is a float, so it is converted

@@ -1,9 +1,10 @@
-"""Lightweight DPO and PPO trainers on the fused ops (TRL's config fields and metric names, loops you can read).
+"""Lightweight DPO, PPO and GRPO trainers on the fused ops (TRL's config fields and metric names, loops you can read).
 
 ```python
-from fastalign.trainers import DPOTrainer, DPOConfig, PPOTrainer, PPOConfig
+from fastalign.trainers import DPOTrainer, DPOConfig, GRPOTrainer, GRPOConfig, PPOTrainer, PPOConfig
 DPOTrainer(model, tokenizer, train_dataset, config=DPOConfig(...), ref_model=None, eval_dataset=None).train()
 PPOTrainer(model, tokenizer, prompts, reward_fn, config=PPOConfig(...), ref_model=None).train()
+GRPOTrainer(model, tokenizer, prompts, reward_funcs, config=GRPOConfig(...)).train()
 ```
 
 The same code runs on several processes under ``torchrun`` (DDP, or FSDP2 with ``parallelism="fsdp"``): see
@@ -11,6 +12,7 @@ The same code runs on several processes under ``torchrun`` (DDP, or FSDP2 with `
 """
 from .common import TrainingConfig
 from .dpo import DPOConfig, DPOTrainer
+from .grpo import GRPOConfig, GRPOTrainer
 from .ppo import PPOConfig, PPOTrainer
 
-__all__ = ["DPOConfig", "DPOTrainer", "PPOConfig", "PPOTrainer", "TrainingConfig"]
+__all__ = ["DPOConfig", "DPOTrainer", "GRPOConfig", "GRPOTrainer", "PPOConfig", "PPOTrainer", "TrainingConfig"]

@@ -240,6 +240,19 @@ class Trainer:
         self.scheduler.step()
         return {"grad_norm": grad_norm, "learning_rate": learning_rate, "skipped": float(skipped)}
 
+    def update(self, parts: list, compute) -> dict[str, float]:
+        """One optimizer step over micro-batches: ``loss, metrics = compute(part)`` and its backward for each part
+        (DDP's gradients synchronized on the last only), then :meth:`optimizer_step`. Returns the micro-batches'
+        metrics (means; ``summed_metrics`` summed) and the step's."""
+        finite, records = True, []
+        for k, part in enumerate(parts):
+            with distributed.gradient_sync(self.engine, k == len(parts) - 1):
+                loss, metrics = compute(part)
+                loss.backward()  # even if not finite: the ranks' gradient reductions must match
+            finite &= bool(torch.isfinite(loss))
+            records.append(metrics)
+        return {**mean_metrics(records, self.summed_metrics), **self.optimizer_step(finite)}
+
     # --- loop bookkeeping -----------------------------------------------------------------------------------
 
     def begin(self, total_steps: int, optimizer_steps: int, global_batch: int,

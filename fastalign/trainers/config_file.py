@@ -1,7 +1,8 @@
-"""``fastalign dpo --config FILE.yaml`` and ``fastalign ppo --config FILE.yaml``: the trainers from a YAML file.
+"""``fastalign dpo|ppo|grpo --config FILE.yaml``: the trainers from a YAML file.
 
-The file names a model, a tokenizer, data files and, under ``config:``, the fields of :class:`DPOConfig` /
-:class:`PPOConfig`. ``example_config(kind)`` is a commented example that runs as is (tiny model, built-in data).
+The file names a model, a tokenizer, data files (and for PPO and GRPO rewards) and, under ``config:``, the fields
+of :class:`DPOConfig` / :class:`PPOConfig` / :class:`GRPOConfig`. ``example_config(kind)`` is a commented example
+that runs as is (tiny model, built-in data).
 Mistakes (a missing file, an unknown or ill-typed field) raise :class:`ConfigError` or ``FileNotFoundError`` with a
 message that says what to fix.
 """
@@ -17,6 +18,7 @@ from dataclasses import fields
 
 from . import distributed
 from .dpo import DPOConfig, DPOTrainer
+from .grpo import GRPOConfig, GRPOTrainer
 from .ppo import PPOConfig, PPOTrainer
 from .tasks import CountingTask
 
@@ -75,12 +77,40 @@ config:                     # PPOConfig fields, TRL's names (see `pydoc fastalig
   eval_steps: 25
   loss_backend: fused
 """,
+    "grpo": """\
+# fastalign grpo --config grpo.yaml    (relative paths are relative to the current directory)
+model: fastalign-dpo        # a transformers model directory (here: the output of the dpo example), or "tiny"
+# tokenizer: path/to/tokenizer          # default: the model directory, or "char" for model: tiny
+prompts_file: builtin:counting          # JSONL, one {"prompt": ..} (or a JSON string) per line
+eval_file: builtin:counting-heldout     # optional prompts, mean reward every eval_steps and at the end
+reward: counting            # "counting" (the built-in task's rule), "package.module:function" taking
+                            # (prompts, completions) and returning a list of floats (or None: not applicable),
+                            # or a list of them (weighted by reward_weights under config:)
+# reward_model: path/to/reward-model    # sequence-classification model directory (or a list), with or without reward
+config:                     # GRPOConfig fields, TRL's names (see `pydoc fastalign.trainers.GRPOConfig`)
+  output_dir: fastalign-grpo
+  max_steps: 60
+  learning_rate: 1.0e-3
+  per_device_train_batch_size: 64       # completions per process and micro-batch
+  num_generations: 8        # completions per prompt: 8 prompts per step here
+  max_completion_length: 6
+  temperature: 1.0
+  loss_type: dapo           # grpo, dapo, dr_grpo, bnpo, cispo, sapo, luspo, vespo
+  importance_sampling_level: token      # or sequence (GSPO)
+  scale_rewards: group      # group, batch or none
+  beta: 0.0                 # KL to the reference model (created only when beta != 0)
+  num_iterations: 1
+  eval_steps: 20
+  loss_backend: fused
+""",
 }
 
 HELP = {
     "dpo": "train a model with DPO from a YAML config file (model, data files, DPOConfig fields)",
     "ppo": "train a model with PPO from a YAML config file (model, prompts, reward, PPOConfig fields)",
+    "grpo": "train a model with GRPO from a YAML config file (model, prompts, rewards, GRPOConfig fields)",
 }
+KINDS = tuple(HELP)
 
 DESCRIPTIONS = {
     kind: f"""{HELP[kind][0].upper()}{HELP[kind][1:]}.
@@ -101,24 +131,26 @@ Several processes (DDP, or FSDP2 with parallelism: fsdp under config:), one node
 The example file:
 
 {EXAMPLES[kind]}"""
-    for kind in ("dpo", "ppo")
+    for kind in KINDS
 }
 
 _KEYS = {
     "dpo": ("model", "tiny", "tokenizer", "train_file", "eval_file", "config", "resume_from_checkpoint"),
     "ppo": ("model", "tiny", "tokenizer", "prompts_file", "eval_file", "reward", "reward_model", "config",
             "resume_from_checkpoint"),
+    "grpo": ("model", "tiny", "tokenizer", "prompts_file", "eval_file", "reward", "reward_model", "config",
+             "resume_from_checkpoint"),
 }
 
 
 def example_config(kind: str) -> str:
-    """A commented example config file for ``kind`` (``"dpo"`` or ``"ppo"``)."""
+    """A commented example config file for ``kind`` (one of ``KINDS``)."""
     return EXAMPLES[_check_kind(kind)]
 
 
 def _check_kind(kind: str) -> str:
     if kind not in _KEYS:
-        raise ValueError(f"kind: expected 'dpo' or 'ppo', got {kind!r}")
+        raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
     return kind
 
 
@@ -224,18 +256,31 @@ def load_data(spec: dict, key: str, path: str, kind: str):
     return task.prompts(256 if heldout else 4000, seed=2 if heldout else 1, heldout=heldout)
 
 
-def load_reward(spec: dict, path: str):
-    """The reward function (``counting`` or ``module:function``) or the reward model the file names."""
-    reward, reward_model = spec.get("reward"), spec.get("reward_model")
-    if (reward is None) == (reward_model is None):
+def load_reward(spec: dict, path: str, several: bool = False):
+    """The reward function (``counting`` or ``module:function``) or the reward model (a directory) the file names;
+    ``several`` (GRPO): the list of every ``reward`` and ``reward_model`` (each a string or a list of them)."""
+    named = {key: spec.get(key) for key in ("reward", "reward_model")}
+    lists = {key: [] if v is None else v if several and isinstance(v, list) else [v] for key, v in named.items()}
+    if several and not lists["reward"] + lists["reward_model"]:
+        raise ConfigError(f"{path}: give reward (\"counting\", \"module:function\" or a list of them) or "
+                          f"reward_model (a directory or a list of them)")
+    if not several and (named["reward"] is None) == (named["reward_model"] is None):
         raise ConfigError(f"{path}: give exactly one of reward (\"counting\" or \"module:function\") and "
                           f"reward_model (a directory)")
-    if reward_model is not None:
-        from transformers import AutoModelForSequenceClassification
+    loaded = [_reward_function(r, path) for r in lists["reward"]] + [_reward_model(m, path)
+                                                                      for m in lists["reward_model"]]
+    return loaded if several else loaded[0]
 
-        if not os.path.isdir(reward_model):
-            raise FileNotFoundError(f"{path}: reward_model: no such directory: {reward_model}")
-        return AutoModelForSequenceClassification.from_pretrained(reward_model).eval()
+
+def _reward_model(directory, path: str):
+    from transformers import AutoModelForSequenceClassification
+
+    if not os.path.isdir(str(directory)):
+        raise FileNotFoundError(f"{path}: reward_model: no such directory: {directory}")
+    return AutoModelForSequenceClassification.from_pretrained(directory).eval()
+
+
+def _reward_function(reward, path: str):
     if reward == "counting":
         return CountingTask().score
     module_name, _, function = str(reward).partition(":")
@@ -246,8 +291,8 @@ def load_reward(spec: dict, path: str):
                           f"\"package.module:function\"): {error}") from None
 
 
-def run_from_config(kind: str, path: str) -> DPOTrainer | PPOTrainer:
-    """Build the trainer ``path`` describes (``kind``: ``"dpo"`` or ``"ppo"``), train, and return it (its
+def run_from_config(kind: str, path: str) -> DPOTrainer | PPOTrainer | GRPOTrainer:
+    """Build the trainer ``path`` describes (``kind``: one of ``KINDS``), train, and return it (its
     ``history`` holds the logged records, the final model is in its ``config.output_dir``)."""
     spec = read_config_file(_check_kind(kind), path)
     if kind == "dpo":
@@ -258,27 +303,28 @@ def run_from_config(kind: str, path: str) -> DPOTrainer | PPOTrainer:
         model, tokenizer = load_model_and_tokenizer(spec, path)
         trainer = DPOTrainer(model, tokenizer, train, config, eval_dataset=load_data(spec, "eval_file", path, kind))
     else:
-        config = trainer_config(PPOConfig, spec.get("config"), path)
+        config_class, trainer_class = (PPOConfig, PPOTrainer) if kind == "ppo" else (GRPOConfig, GRPOTrainer)
+        config = trainer_config(config_class, spec.get("config"), path)
         prompts = load_data(spec, "prompts_file", path, kind)
         if prompts is None:
             raise ConfigError(f"{path}: missing field 'prompts_file' (a JSONL file or builtin:counting)")
-        reward = load_reward(spec, path)
+        reward = load_reward(spec, path, several=kind == "grpo")
         model, tokenizer = load_model_and_tokenizer(spec, path)
-        trainer = PPOTrainer(model, tokenizer, prompts, reward, config,
-                             eval_dataset=load_data(spec, "eval_file", path, kind))
+        trainer = trainer_class(model, tokenizer, prompts, reward, config,
+                                eval_dataset=load_data(spec, "eval_file", path, kind))
     trainer.train(resume_from_checkpoint=spec.get("resume_from_checkpoint"))
     return trainer
 
 
 def add_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
-    """The options of ``fastalign dpo`` / ``fastalign ppo``: ``--config FILE.yaml`` and ``--example``."""
+    """The options of ``fastalign dpo|ppo|grpo``: ``--config FILE.yaml`` and ``--example``."""
     parser.add_argument("--config", metavar="FILE.yaml", help="the YAML config file to run")
     parser.add_argument("--example", action="store_true", help="print a commented example config file and exit")
     parser.set_defaults(config_kind=_check_kind(kind))
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """Run ``fastalign dpo|ppo`` from parsed :func:`add_arguments` options; exit status 2 with a one-line message
+    """Run ``fastalign dpo|ppo|grpo`` from parsed :func:`add_arguments` options; exit status 2 with a one-line message
     on a bad config file or bad data."""
     kind = args.config_kind
     if args.example:
@@ -295,7 +341,7 @@ def run_command(args: argparse.Namespace) -> int:
         return 2
     if distributed.is_main():
         shown = (*trainer.progress_metrics, *(f"eval_{k}" for k in trainer.progress_metrics),
-                 "eval_objective/scores")
+                 getattr(trainer, "eval_metric", None))
         final = {k: round(v, 4) for r in trainer.history for k, v in r.items() if k in shown}
         out = trainer.config.output_dir
         print(f"fastalign {kind}: {trainer.step} steps done on {distributed.world_size()} process(es); last values "

@@ -82,11 +82,15 @@ def _all_reduce(values: Tensor, op=dist.ReduceOp.SUM) -> Tensor:
     return values
 
 
+def global_count(count: Tensor | int) -> Tensor:
+    """``count`` summed over ranks, at least 1 (a float32 scalar)."""
+    return _all_reduce(torch.as_tensor(count, dtype=torch.float64).reshape(1)).clamp(min=1).reshape(()).float()
+
+
 def global_normalizer(count: Tensor | int) -> Tensor:
     """The divisor that makes this rank's loss its share of the global mean, times the world size: the count summed
     over ranks (at least 1) divided by the world size, since DDP and FSDP average the ranks' gradients."""
-    total = _all_reduce(torch.as_tensor(count, dtype=torch.float64).reshape(1)).clamp(min=1)
-    return (total / world_size()).reshape(()).float()
+    return global_count(count) / world_size()
 
 
 def all_true(flag: bool) -> bool:

@@ -10,8 +10,7 @@ from tqdm.auto import tqdm
 from .. import hf
 from ..objectives.dpo import DPOOptions, sequence_logps
 from . import distributed, losses
-from .common import (Trainer, TrainingConfig, as_floats, batch_indices, eval_batches, mean_metrics, require,
-                     steps_per_epoch)
+from .common import Trainer, TrainingConfig, as_floats, batch_indices, eval_batches, require, steps_per_epoch
 from .data import IGNORE_INDEX, collate_ranked, load_preference_data, load_ranked_data, tokenize_ranking
 
 
@@ -203,15 +202,7 @@ class DPOTrainer(Trainer):
             # distributed.global_normalizer): each micro-batch's loss is its share of the step's mean loss.
             chosen_tokens = distributed.global_normalizer(
                 sum((b["labels"][:micro, 1:] != IGNORE_INDEX).sum() for b in batches))
-            step_metrics, finite = [], True
-            for k, batch in enumerate(batches):
-                with distributed.gradient_sync(self.engine, k == accumulation - 1):
-                    loss, metrics = self.compute_loss(batch, micro * accumulation, chosen_tokens)
-                    loss.backward()  # even if not finite: the ranks' gradient reductions must match
-                finite &= bool(torch.isfinite(loss))
-                step_metrics.append(metrics)
-            metrics = {**mean_metrics(step_metrics, self.summed_metrics), **self.optimizer_step(finite),
-                       "epoch": (self.step + 1) / per_epoch}
-            self.end_step(metrics)
+            metrics = self.update(batches, lambda b: self.compute_loss(b, micro * accumulation, chosen_tokens))
+            self.end_step({**metrics, "epoch": (self.step + 1) / per_epoch})
         self.finish()
         return self.history

@@ -2,13 +2,16 @@
 ``[B, T, V]`` logits, the same formulas from ``fastalign.objectives``): the switch lives here and nowhere else."""
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..functional import fused_linear_dpo_loss, fused_linear_logprobs, fused_linear_ppo_loss
+from ..functional import fused_linear_dpo_loss, fused_linear_grpo_loss, fused_linear_logprobs, fused_linear_ppo_loss
 from ..objectives.aggregation import aggregation_weights
 from ..objectives.dpo import DPOOptions, dpo_metrics, dpo_sequence_loss
+from ..objectives.grpo import GRPOLossConfig, grpo_loss as grpo_objective
 from ..objectives.ppo import (PPOLossConfig, PPOTokens, ValueHeadInputs, policy_loss_value, ppo_metrics,
                               value_loss_terms)
 from .data import IGNORE_INDEX
@@ -90,3 +93,22 @@ def ppo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tenso
         metrics = ppo_metrics(tokens, config, mask, logprobs.detach(), None, value.metrics)
     metrics["loss/total"] = loss.detach()
     return loss, metrics
+
+
+def grpo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, advantages: Tensor,
+              config: GRPOLossConfig, backend: str, *, old_logprobs: Tensor | None = None,
+              ref_logprobs: Tensor | None = None, temperature: float = 1.0,
+              num_items_in_batch: int | Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """GRPO loss (TRL's ``_compute_loss`` for one process, without the gradient-accumulation division) and its TRL
+    metrics over the completion tokens (``targets != -100``): ``hidden [B, T, H]`` at the positions that predict
+    ``targets [B, T]``, ``advantages [B]``, old / reference log-probs ``[B, T]`` (None: on-policy / no KL)."""
+    if backend == "fused":
+        out = fused_linear_grpo_loss(hidden, weight, targets, advantages, old_logprobs=old_logprobs, bias=bias,
+                                     ref_logprobs=ref_logprobs, num_items_in_batch=num_items_in_batch,
+                                     temperature=temperature, check_finite=False, **asdict(config))
+        return out.loss, out.metrics
+    logprobs, entropy = materialized_logprobs(hidden, weight, bias, targets, temperature=temperature,
+                                              return_entropy=True)
+    result = grpo_objective(logprobs, advantages, targets != IGNORE_INDEX, config, old_logprobs=old_logprobs,
+                            ref_logprobs=ref_logprobs, entropy=entropy, num_items_in_batch=num_items_in_batch)
+    return result.loss, result.metrics

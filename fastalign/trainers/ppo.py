@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -11,12 +11,9 @@ from .. import hf
 from ..objectives.aggregation import masked_whiten
 from ..objectives.ppo import KL_ESTIMATORS, PPOLossConfig
 from . import distributed, losses
-from .common import Trainer, TrainingConfig, as_floats, batch_indices, eval_batches, frozen_copy, mean_metrics, \
-    require, steps_per_epoch
-from .data import IGNORE_INDEX, encode_prompt, load_prompts, pad
-from .rollout import gae, rewards_with_kl, truncate_at_eos
-
-RewardFn = Callable[[list[str], list[str]], list[float]]
+from .common import TrainingConfig, as_floats, batch_indices, mean_metrics, require, steps_per_epoch
+from .data import IGNORE_INDEX
+from .rollout import RewardFn, Samples, SamplingTrainer, gae, reward_scores, rewards_with_kl
 
 
 @dataclass
@@ -67,18 +64,6 @@ class PPOConfig(TrainingConfig):
         return PPOLossConfig(cliprange=self.cliprange, cliprange_value=self.cliprange_value, vf_coef=self.vf_coef)
 
 
-class Samples(NamedTuple):
-    """Sampled responses: ``[B, Q + R]`` prompt + response ids and mask, ``[B, R]`` response ids (padded after
-    EOS) and mask, ``[B]`` has_eos and scores (``missing_eos_penalty`` applied)."""
-
-    input_ids: Tensor
-    attention_mask: Tensor
-    response: Tensor
-    mask: Tensor
-    has_eos: Tensor
-    scores: Tensor
-
-
 class Rollout(NamedTuple):
     """One batch of experience; per-token tensors ``[B, R]`` are over the response (``R`` tokens)."""
 
@@ -93,7 +78,7 @@ class Rollout(NamedTuple):
     metrics: dict[str, float]
 
 
-class PPOTrainer(Trainer):
+class PPOTrainer(SamplingTrainer):
     """``PPOTrainer(model, tokenizer, prompts, reward_fn, config, ref_model=None).train()``.
 
     prompts: strings or records with ``"prompt"`` (list, JSONL path, ``datasets.Dataset``). reward_fn:
@@ -105,45 +90,27 @@ class PPOTrainer(Trainer):
     """
 
     name = "ppo"
+    eval_metric = "eval_objective/scores"
     progress_metrics = ("objective/scores", "objective/kl", "policy/clipfrac")
     summed_metrics = ("loss/policy", "loss/value", "loss/total")
 
     def __init__(self, model: nn.Module, tokenizer, prompts, reward_fn: RewardFn | nn.Module,
                  config: PPOConfig | None = None, ref_model: nn.Module | None = None, eval_dataset=None):
         config = config or PPOConfig()
-        super().__init__(model, tokenizer, config)
-        if tokenizer.eos_token_id is None:
-            raise ValueError("tokenizer: PPO needs an eos_token to end responses")
-        self.prompts = load_prompts(prompts)
-        self.queries = [encode_prompt(tokenizer, p, config.max_prompt_length) for p in self.prompts]
-        if eval_dataset is not None:
-            self.eval_dataset = load_prompts(eval_dataset, "eval_dataset")
-            self.eval_queries = [encode_prompt(tokenizer, p, config.max_prompt_length) for p in self.eval_dataset]
+        super().__init__(model, tokenizer, prompts, config, eval_dataset, config.max_prompt_length,
+                         max_new_tokens=config.response_length, temperature=config.temperature, top_k=0, top_p=1.0)
         self.reward_fn = reward_fn
         self.value_head = hf.attach_value_head(model)
-        self.ref_model = ref_model.to(self.device).eval() if ref_model is not None else frozen_copy(model)
-        distributed.broadcast_module(self.ref_model)
-        self.ref_engine = distributed.wrap_reference(distributed.Policy(self.ref_model), config.parallelism)
-        from transformers import GenerationConfig
+        self.setup_reference(ref_model)
 
-        self.generation_config = GenerationConfig(
-            max_new_tokens=config.response_length, do_sample=True, temperature=config.temperature, top_k=0,
-            top_p=1.0, pad_token_id=self.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-
-    def score(self, prompts: list[str], completions: list[str], input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Scores ``[B]`` from the reward function (texts) or the reward model (token ids)."""
-        if isinstance(self.reward_fn, nn.Module):
-            out = self.reward_fn(input_ids=input_ids, attention_mask=attention_mask,
-                                 position_ids=hf.position_ids_from_mask(attention_mask))
-            return out.logits.reshape(len(prompts), -1)[:, 0].float()
-        scores = self.reward_fn(prompts, completions)
-        if len(scores) != len(prompts):
-            raise ValueError(f"reward_fn: returned {len(scores)} scores for {len(prompts)} completions")
-        return torch.tensor([float(s) for s in scores], device=self.device)
-
-    def response_hidden(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor, width: int) -> Tensor:
-        """Hidden states ``[B, R, H]`` at the positions that predict the ``width`` response tokens."""
-        return hf.hidden_states(model, input_ids, attention_mask)[:, -width - 1:-1]
+    def scores(self, prompts: list[str], samples: Samples) -> Tensor:
+        """Scores ``[B]`` from the reward function (texts) or the reward model (token ids), minus
+        ``missing_eos_penalty`` for a response without EOS."""
+        scores = reward_scores(self.reward_fn, prompts, samples.completions, samples.input_ids,
+                               samples.attention_mask)
+        if self.config.missing_eos_penalty is not None:
+            scores = scores - self.config.missing_eos_penalty * (~samples.has_eos).float()
+        return scores
 
     def whiten(self, values: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
         """``masked_whiten`` of ``values [B, R]`` with the statistics of every rank's rows (the global batch)."""
@@ -153,44 +120,26 @@ class PPOTrainer(Trainer):
         return everything[rows:rows + values.shape[0], :values.shape[1]]
 
     @torch.no_grad()
-    def sample(self, prompts: list[str], queries: list[list[int]]) -> Samples:
-        """Sample a response to each prompt with ``model.generate``, cut it after EOS and score it."""
-        query, query_mask = (t.to(self.device) for t in pad(queries, self.pad_token_id, left=True))
-        self.model.eval()
-        sequences = self.policy.generate(input_ids=query, attention_mask=query_mask,
-                                         generation_config=self.generation_config,
-                                         synced_gpus=distributed.is_synced_generation(self.engine))
-        self.model.train()
-        response, mask, has_eos = truncate_at_eos(sequences[:, query.shape[1]:], self.tokenizer.eos_token_id,
-                                                  self.pad_token_id)
-        input_ids = torch.cat([query, response], 1)
-        attention_mask = torch.cat([query_mask, mask.long()], 1)
-        completions = self.tokenizer.batch_decode(response, skip_special_tokens=True)
-        scores = self.score(prompts, completions, input_ids, attention_mask)
-        if self.config.missing_eos_penalty is not None:
-            scores = scores - self.config.missing_eos_penalty * (~has_eos).float()
-        return Samples(input_ids, attention_mask, response, mask, has_eos, scores)
-
-    @torch.no_grad()
     def rollout(self, indices: list[int]) -> Rollout:
         """Sample, then log-probs, reference log-probs and values in forward-only passes, rewards, GAE."""
         c = self.config
-        s = self.sample([self.prompts[i] for i in indices], [self.queries[i] for i in indices])
+        s = self.sample([self.queries[i] for i in indices])
+        scores = self.scores([self.prompts[i] for i in indices], s)
         mask = s.mask
         targets = s.response.masked_fill(~mask, IGNORE_INDEX)
         logprobs, entropy, values = self.engine(self.policy_outputs, s.input_ids, s.attention_mask, targets)
         values = values.masked_fill(~mask, 0.0)
-        ref_logprobs = self.ref_engine(self.reference_logprobs, s.input_ids, s.attention_mask, targets)
+        ref_logprobs = self.ref_engine(self.response_logprobs, s.input_ids, s.attention_mask, targets)
         distributed.reshard(self.ref_engine)
-        rewards, kl = rewards_with_kl(s.scores, logprobs, ref_logprobs, mask, c.kl_coef, c.kl_estimator)
+        rewards, kl = rewards_with_kl(scores, logprobs, ref_logprobs, mask, c.kl_coef, c.kl_estimator)
         if c.whiten_rewards:
             rewards = self.whiten(rewards, mask, shift_mean=False).masked_fill(~mask, 0.0)
         advantages, returns = gae(rewards, values, mask, c.gamma, c.lam)
         advantages = self.whiten(advantages, mask).masked_fill(~mask, 0.0)
         non_score = (-c.kl_coef * kl).sum(-1)
-        metrics = {"objective/scores": s.scores.mean(), "objective/kl": kl.sum(-1).mean(),
+        metrics = {"objective/scores": scores.mean(), "objective/kl": kl.sum(-1).mean(),
                    "objective/entropy": entropy.sum(-1).mean(), "objective/non_score_reward": non_score.mean(),
-                   "objective/rlhf_reward": (s.scores + non_score).mean(), "val/num_eos_tokens": s.has_eos.sum(),
+                   "objective/rlhf_reward": (scores + non_score).mean(), "val/num_eos_tokens": s.has_eos.sum(),
                    "completions/mean_length": mask.sum(-1).float().mean()}
         return Rollout(s.input_ids, s.attention_mask, targets, mask, logprobs, values, advantages, returns,
                        as_floats(metrics))
@@ -203,33 +152,22 @@ class PPOTrainer(Trainer):
                                                   temperature=self.config.temperature, return_entropy=True)
         return logprobs, entropy, hf.get_value_head(model)(hidden).float()
 
-    def reference_logprobs(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
-                           targets: Tensor) -> Tensor:
-        """Inside the reference's forward: its log-probs ``[B, R]`` of the response ``targets``."""
-        hidden = self.response_hidden(model, input_ids, attention_mask, targets.shape[1])
-        return losses.token_logprobs(hidden, *hf.get_lm_head(model), targets, self.config.loss_backend,
-                                     temperature=self.config.temperature)
-
-    def evaluate(self) -> dict[str, float]:
-        """Mean score (``eval_objective/scores``) of responses sampled as in training for the eval prompts (shared
-        by the ranks), on a forked random number generator (training draws the same numbers with or without
-        evaluation)."""
-        means, counts = [], []
-        with torch.random.fork_rng():
-            for rows, count in eval_batches(len(self.eval_dataset), self.config.per_device_eval_batch_size):
-                scores = self.sample([self.eval_dataset[i] for i in rows], [self.eval_queries[i] for i in rows]).scores
-                means.append({"eval_objective/scores": float(scores.mean())})
-                counts.append(count)
-        return distributed.weighted_average(means, counts)
-
     def compute_loss(self, rollout: Rollout, rows: Tensor,
                      num_tokens: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
         """PPO loss of ``rows`` of the rollout (token sums over ``num_tokens``, default their token count: the
-        mean) and its metrics (TRL names), computed as the policy's forward."""
+        mean) and its metrics (TRL names), computed as the policy's forward. ``num_tokens`` counts every rank's
+        tokens: the loss and its ``summed_metrics`` are then multiplied by the world size, since DDP and FSDP average
+        the ranks' gradients (a rank's own tokens may outnumber ``num_tokens / world_size``, which the op refuses as
+        a normalizer)."""
         r = rollout
         loss, metrics = self.engine(self.policy_loss, r.input_ids[rows], r.attention_mask[rows], r.targets[rows],
                                     r.logprobs[rows], r.advantages[rows], r.values[rows], r.returns[rows], num_tokens)
-        return loss, as_floats(metrics)
+        metrics = as_floats(metrics)
+        if num_tokens is not None:
+            world = distributed.world_size()
+            loss = loss * world
+            metrics.update({k: metrics[k] * world for k in self.summed_metrics})
+        return loss, metrics
 
     def policy_loss(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor, targets: Tensor,
                     old_logprobs: Tensor, advantages: Tensor, old_values: Tensor, returns: Tensor, num_tokens):
@@ -254,17 +192,11 @@ class PPOTrainer(Trainer):
             updates = []
             for _ in range(c.num_ppo_epochs):
                 for mini_rows in torch.randperm(batch).split(mini):
-                    # The mini-batch's tokens on all ranks, over the world size (distributed.global_normalizer):
-                    # each micro-batch's loss is its share of the mini-batch's token mean.
-                    num_tokens = distributed.global_normalizer(rollout.mask[mini_rows].sum())
-                    finite, records = True, []
-                    for k, rows in enumerate(mini_rows.split(micro)):
-                        with distributed.gradient_sync(self.engine, k == c.gradient_accumulation_steps - 1):
-                            loss, metrics = self.compute_loss(rollout, rows, num_tokens)
-                            loss.backward()  # even if not finite: the ranks' gradient reductions must match
-                        finite &= bool(torch.isfinite(loss))
-                        records.append(metrics)
-                    updates.append({**mean_metrics(records, self.summed_metrics), **self.optimizer_step(finite)})
+                    # The mini-batch's tokens on all ranks: each micro-batch's loss is its share of the mini-batch's
+                    # token mean (times the world size, see compute_loss).
+                    num_tokens = distributed.global_count(rollout.mask[mini_rows].sum())
+                    updates.append(self.update(mini_rows.split(micro),
+                                               lambda rows: self.compute_loss(rollout, rows, num_tokens)))
             self.end_step({**rollout.metrics, **mean_metrics(updates), "episode": (self.step + 1) * batch * world,
                            "epoch": (self.step + 1) / per_epoch})
         self.finish()

@@ -1,15 +1,139 @@
-"""PPO rollout math on ``[B, T]`` response tensors: EOS truncation, the KL penalty in the reward, GAE.
+"""Rollouts: what the trainers that sample share (prompts, ``generate``, rewards, response log-probs, the reference
+model, evaluation by sampled score), and the per-token math of PPO's (EOS truncation, the KL penalty in the reward,
+GAE) and GRPO's (group-relative advantages).
 
-Follows TRL's ``PPOTrainer`` (``trl/trainer/ppo_trainer.py``): the score of a response is added to the reward of
+PPO follows TRL's ``PPOTrainer`` (``trl/trainer/ppo_trainer.py``): the score of a response is added to the reward of
 its last token, every token's reward carries ``-kl_coef * kl``; ``mask [B, T]`` marks the response tokens (up to
-and including the first EOS), and values and rewards are 0 past it, so the episode ends there.
+and including the first EOS), and values and rewards are 0 past it, so the episode ends there. GRPO follows TRL's
+``GRPOTrainer._generate_and_score_completions``.
 """
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from typing import Callable, NamedTuple
 
+import torch
+from torch import Tensor, nn
+
+from .. import hf
 from ..objectives.ppo import kl_penalty
+from . import distributed, losses
+from .common import Trainer, TrainingConfig, eval_batches, frozen_copy
+from .data import encode_prompt, load_prompts, pad
+
+RewardFn = Callable[[list[str], list[str]], list[float]]
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+class Samples(NamedTuple):
+    """Sampled responses: ``[B, Q + R]`` prompt + response ids and attention mask, ``[B, R]`` response ids (padded
+    after the first EOS) and mask (bool, EOS included), ``[B]`` has_eos, and the decoded responses."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    response: Tensor
+    mask: Tensor
+    has_eos: Tensor
+    completions: list[str]
+
+
+def reward_name(reward_fn) -> str:
+    """TRL's name of a reward function in metrics (``rewards/<name>/mean``): a model's name or path (last part), a
+    function's ``__name__``, else its class name."""
+    if isinstance(reward_fn, nn.Module):
+        path = str(getattr(getattr(reward_fn, "config", None), "_name_or_path", "") or "")
+        return path.split("/")[-1] or type(reward_fn).__name__
+    return getattr(reward_fn, "__name__", type(reward_fn).__name__)
+
+
+def reward_scores(reward_fn: RewardFn | nn.Module, prompts: list[str], completions: list[str], input_ids: Tensor,
+                  attention_mask: Tensor, name: str = "reward_fn") -> Tensor:
+    """Scores ``[B]`` (fp32, on ``input_ids.device``) from ``reward_fn(prompts, completions)`` on the texts (a
+    ``None`` score, not applicable to that sample, becomes NaN), or from a sequence-classification reward model
+    sharing the tokenizer, on the prompt + response ids ``[B, Q + R]``."""
+    if isinstance(reward_fn, nn.Module):
+        out = reward_fn(input_ids=input_ids, attention_mask=attention_mask,
+                        position_ids=hf.position_ids_from_mask(attention_mask))
+        return out.logits.reshape(len(prompts), -1)[:, 0].float()
+    scores = reward_fn(prompts, completions)
+    if len(scores) != len(prompts):
+        raise ValueError(f"{name}: returned {len(scores)} scores for {len(prompts)} completions")
+    return torch.tensor([float("nan") if s is None else float(s) for s in scores], device=input_ids.device)
+
+
+class SamplingTrainer(Trainer):
+    """The part of PPO and GRPO that samples: prompts (strings or records with ``"prompt"``: list, JSONL path,
+    ``datasets.Dataset``) encoded once, responses from ``model.generate`` cut after the first EOS, response
+    log-probs and hidden states, the frozen reference model, and ``evaluate()``: the mean of :meth:`scores` of one
+    response sampled per ``eval_dataset`` prompt, logged as ``eval_metric``."""
+
+    eval_metric = "eval_score"
+
+    def __init__(self, model: nn.Module, tokenizer, prompts, config: TrainingConfig, eval_dataset,
+                 max_prompt_length: int | None, **generation):
+        super().__init__(model, tokenizer, config)
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"tokenizer: {self.name.upper()} needs an eos_token to end responses")
+        self.prompts = load_prompts(prompts)
+        self.queries = [encode_prompt(tokenizer, p, max_prompt_length) for p in self.prompts]
+        if eval_dataset is not None:
+            self.eval_dataset = load_prompts(eval_dataset, "eval_dataset")
+            self.eval_queries = [encode_prompt(tokenizer, p, max_prompt_length) for p in self.eval_dataset]
+        from transformers import GenerationConfig
+
+        self.generation_config = GenerationConfig(do_sample=True, pad_token_id=self.pad_token_id,
+                                                  eos_token_id=tokenizer.eos_token_id, **generation)
+
+    def setup_reference(self, ref_model: nn.Module | None) -> None:
+        """``ref_model`` (None: a frozen copy of the policy as it is now) and its engine for this world
+        (:func:`~fastalign.trainers.distributed.wrap_reference`: a whole copy per rank under DDP, sharded as the
+        policy under FSDP)."""
+        self.ref_model = ref_model.to(self.device).eval() if ref_model is not None else frozen_copy(self.model)
+        distributed.broadcast_module(self.ref_model)
+        self.ref_engine = distributed.wrap_reference(distributed.Policy(self.ref_model), self.config.parallelism)
+
+    @torch.no_grad()
+    def sample(self, queries: list[list[int]]) -> Samples:
+        """Sample a response to each query (prompt ids) with ``model.generate``, cut it after the first EOS."""
+        query, query_mask = (t.to(self.device) for t in pad(queries, self.pad_token_id, left=True))
+        self.model.eval()
+        sequences = self.policy.generate(input_ids=query, attention_mask=query_mask,
+                                         generation_config=self.generation_config,
+                                         synced_gpus=distributed.is_synced_generation(self.engine))
+        self.model.train()
+        response, mask, has_eos = truncate_at_eos(sequences[:, query.shape[1]:], self.tokenizer.eos_token_id,
+                                                  self.pad_token_id)
+        return Samples(torch.cat([query, response], 1), torch.cat([query_mask, mask.long()], 1), response, mask,
+                       has_eos, self.tokenizer.batch_decode(response, skip_special_tokens=True))
+
+    def scores(self, prompts: list[str], samples: Samples) -> Tensor:
+        """The score ``[B]`` of each sampled response that :meth:`evaluate` averages (each trainer defines it)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def response_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, width: int) -> Tensor:
+        """Hidden states ``[B, R, H]`` at the positions that predict the ``width`` response tokens."""
+        return hf.hidden_states(model, input_ids, attention_mask)[:, -width - 1:-1]
+
+    def response_logprobs(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                          targets: Tensor) -> Tensor:
+        """Inside a model's forward (policy or reference engine): its log-probs ``[B, R]`` of the response
+        ``targets`` (0 where -100) at the sampling temperature."""
+        hidden = self.response_hidden(model, input_ids, attention_mask, targets.shape[1])
+        return losses.token_logprobs(hidden, *hf.get_lm_head(model), targets, self.config.loss_backend,
+                                     temperature=self.config.temperature)
+
+    def evaluate(self) -> dict[str, float]:
+        """Mean score (``eval_metric``) of responses sampled as in training for the eval prompts (shared by the
+        ranks), on a forked random number generator (training draws the same numbers with or without
+        evaluation)."""
+        means, counts = [], []
+        with torch.random.fork_rng():
+            for rows, count in eval_batches(len(self.eval_dataset), self.config.per_device_eval_batch_size):
+                prompts = [self.eval_dataset[i] for i in rows]
+                scores = self.scores(prompts, self.sample([self.eval_queries[i] for i in rows]))
+                means.append({self.eval_metric: float(scores.mean())})
+                counts.append(count)
+        return distributed.weighted_average(means, counts)
 
 
 def truncate_at_eos(responses: Tensor, eos_token_id: int, pad_token_id: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -49,3 +173,25 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
         advantages[:, t] = running
     advantages = advantages.masked_fill(~mask, 0.0)
     return advantages, (advantages + values).masked_fill(~mask, 0.0)
+
+
+def group_advantages(rewards_per_func: Tensor, reward_weights: Tensor, num_generations: int,
+                     scale_rewards: str) -> tuple[Tensor, dict[str, Tensor]]:
+    """GRPO's advantages ``[N]`` from the rewards ``[N, F]`` of ``F`` reward functions for ``N`` completions, the
+    ``num_generations`` completions of a prompt consecutive (the whole batch, all ranks; NaN: that function does not
+    apply to that completion). As TRL: the weighted rewards summed ignoring NaN (``nansum``), minus their group mean,
+    over ``std + 1e-4`` with ``scale_rewards`` ``"group"`` (the group's std) or ``"batch"`` (the batch's std), not
+    scaled with ``"none"``; stds unbiased. Also returns TRL's reward metrics: ``reward``, ``reward_std`` (the
+    group std, or the batch std with ``"batch"``, averaged), ``frac_reward_zero_std``."""
+    rewards = (rewards_per_func * reward_weights.to(rewards_per_func).unsqueeze(0)).nansum(dim=1)
+    groups = rewards.view(-1, num_generations)
+    advantages = rewards - groups.mean(1).repeat_interleave(num_generations)
+    if scale_rewards == "batch":
+        std = (rewards.std() if rewards.numel() > 1 else torch.zeros_like(rewards[0])).expand_as(rewards)
+    else:
+        std = groups.std(1).repeat_interleave(num_generations) if num_generations > 1 else torch.zeros_like(rewards)
+    if scale_rewards != "none":
+        advantages = advantages / (std + 1e-4)
+    metrics = {"reward": rewards.mean(), "reward_std": std.mean(),
+               "frac_reward_zero_std": torch.isclose(std, torch.zeros_like(std)).float().mean()}
+    return advantages, metrics
