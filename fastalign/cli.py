@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help="shorter PPO and a 2 x 512-token memory comparison (about 20 s)")
     demo_parser.set_defaults(handler=run_demo)
 
-    for kind in ("dpo", "ppo"):
+    for kind in ("dpo", "kto", "ppo"):
         trainer_parser = commands.add_parser(kind, help=config_file.HELP[kind],
                                              description=config_file.DESCRIPTIONS[kind],
                                              formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,4 +1,4 @@
-"""``fastalign dpo --config FILE.yaml`` and ``fastalign ppo --config FILE.yaml``: the trainers from a YAML file.
+"""``fastalign dpo|kto|ppo --config FILE.yaml``: the trainers from a YAML file.
 
 The file names a model, a tokenizer, data files and, under ``config:``, the fields of :class:`DPOConfig` /
 :class:`PPOConfig`. ``example_config(kind)`` is a commented example that runs as is (tiny model, built-in data).
@@ -17,6 +17,7 @@ from dataclasses import fields
 
 from . import distributed
 from .dpo import DPOConfig, DPOTrainer
+from .kto import KTOConfig, KTOTrainer
 from .ppo import PPOConfig, PPOTrainer
 from .tasks import CountingTask
 
@@ -53,6 +54,30 @@ config:                     # DPOConfig fields, TRL's names (see `pydoc fastalig
   loss_backend: fused       # fused (no logits) or reference (materialized logits, for comparison)
   parallelism: ddp          # under torchrun with several processes: ddp (replicas) or fsdp (FSDP2 sharding)
 """,
+    "kto": """\
+# fastalign kto --config kto.yaml      (relative paths are relative to the current directory)
+model: tiny                 # "tiny": a tiny Llama built in code (random init), or a transformers model directory
+                            # (KTO works best from a supervised model: e.g. the dpo example's output)
+tokenizer: counting         # "char", "counting" (the built-in task's words), or a tokenizer directory
+train_file: builtin:counting            # JSONL, one {"prompt": .., "completion": .., "label": true|false} per line
+                                        # (or preference pairs {"prompt", "chosen", "rejected"}: unpaired)
+eval_file: builtin:counting-heldout     # optional, same format
+config:                     # KTOConfig fields, TRL's names (see `pydoc fastalign.trainers.KTOConfig`)
+  output_dir: fastalign-kto
+  max_steps: 120
+  learning_rate: 1.0e-3
+  warmup_ratio: 0.1
+  per_device_train_batch_size: 16     # >= 2 for loss_type kto: the KL pairs come from the same batch
+  beta: 0.5
+  loss_type: kto            # kto or apo_zero_unpaired
+  desirable_weight: 1.33    # KTO paper Eq. 8: desirable_weight * n_desirable / (undesirable_weight *
+  undesirable_weight: 1.0   # n_undesirable) in [1, 4/3]
+  max_length: 64
+  max_prompt_length: 32
+  eval_steps: 40
+  loss_backend: fused       # fused (no logits) or reference (materialized logits, for comparison)
+  parallelism: ddp          # under torchrun with several processes: ddp (replicas) or fsdp (FSDP2 sharding)
+""",
     "ppo": """\
 # fastalign ppo --config ppo.yaml      (relative paths are relative to the current directory)
 model: fastalign-dpo        # a transformers model directory (here: the output of the dpo example), or "tiny"
@@ -80,6 +105,7 @@ config:                     # PPOConfig fields, TRL's names (see `pydoc fastalig
 HELP = {
     "dpo": "train a model with DPO from a YAML config file (model, data files, DPOConfig fields)",
     "ppo": "train a model with PPO from a YAML config file (model, prompts, reward, PPOConfig fields)",
+    "kto": "train a model with KTO from a YAML config file (model, unpaired data files, KTOConfig fields)",
 }
 
 DESCRIPTIONS = {
@@ -101,24 +127,25 @@ Several processes (DDP, or FSDP2 with parallelism: fsdp under config:), one node
 The example file:
 
 {EXAMPLES[kind]}"""
-    for kind in ("dpo", "ppo")
+    for kind in ("dpo", "kto", "ppo")
 }
 
 _KEYS = {
     "dpo": ("model", "tiny", "tokenizer", "train_file", "eval_file", "config", "resume_from_checkpoint"),
+    "kto": ("model", "tiny", "tokenizer", "train_file", "eval_file", "config", "resume_from_checkpoint"),
     "ppo": ("model", "tiny", "tokenizer", "prompts_file", "eval_file", "reward", "reward_model", "config",
             "resume_from_checkpoint"),
 }
 
 
 def example_config(kind: str) -> str:
-    """A commented example config file for ``kind`` (``"dpo"`` or ``"ppo"``)."""
+    """A commented example config file for ``kind`` (``"dpo"``, ``"kto"`` or ``"ppo"``)."""
     return EXAMPLES[_check_kind(kind)]
 
 
 def _check_kind(kind: str) -> str:
     if kind not in _KEYS:
-        raise ValueError(f"kind: expected 'dpo' or 'ppo', got {kind!r}")
+        raise ValueError(f"kind: expected one of {', '.join(_KEYS)}, got {kind!r}")
     return kind
 
 
@@ -219,7 +246,7 @@ def load_data(spec: dict, key: str, path: str, kind: str):
         raise ConfigError(f"{path}: {key}: unknown built-in data {value!r}; expected one of "
                           f"{', '.join(BUILTIN + n for n in BUILTIN_DATA)}")
     task, heldout = CountingTask(), name.endswith("heldout")
-    if kind == "dpo":
+    if kind in ("dpo", "kto"):  # KTO unpairs the preference records
         return task.preference_data(300 if heldout else 4000, seed=2 if heldout else 1, heldout=heldout)
     return task.prompts(256 if heldout else 4000, seed=2 if heldout else 1, heldout=heldout)
 
@@ -246,17 +273,19 @@ def load_reward(spec: dict, path: str):
                           f"\"package.module:function\"): {error}") from None
 
 
-def run_from_config(kind: str, path: str) -> DPOTrainer | PPOTrainer:
-    """Build the trainer ``path`` describes (``kind``: ``"dpo"`` or ``"ppo"``), train, and return it (its
+def run_from_config(kind: str, path: str) -> DPOTrainer | KTOTrainer | PPOTrainer:
+    """Build the trainer ``path`` describes (``kind``: ``"dpo"``, ``"kto"`` or ``"ppo"``), train, and return it (its
     ``history`` holds the logged records, the final model is in its ``config.output_dir``)."""
     spec = read_config_file(_check_kind(kind), path)
-    if kind == "dpo":
-        config = trainer_config(DPOConfig, spec.get("config"), path)
+    if kind in ("dpo", "kto"):
+        config_class, trainer_class = (DPOConfig, DPOTrainer) if kind == "dpo" else (KTOConfig, KTOTrainer)
+        config = trainer_config(config_class, spec.get("config"), path)
         train = load_data(spec, "train_file", path, kind)
         if train is None:
             raise ConfigError(f"{path}: missing field 'train_file' (a JSONL file or builtin:counting)")
         model, tokenizer = load_model_and_tokenizer(spec, path)
-        trainer = DPOTrainer(model, tokenizer, train, config, eval_dataset=load_data(spec, "eval_file", path, kind))
+        trainer = trainer_class(model, tokenizer, train, config,
+                                eval_dataset=load_data(spec, "eval_file", path, kind))
     else:
         config = trainer_config(PPOConfig, spec.get("config"), path)
         prompts = load_data(spec, "prompts_file", path, kind)
@@ -271,14 +300,14 @@ def run_from_config(kind: str, path: str) -> DPOTrainer | PPOTrainer:
 
 
 def add_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
-    """The options of ``fastalign dpo`` / ``fastalign ppo``: ``--config FILE.yaml`` and ``--example``."""
+    """The options of ``fastalign dpo|kto|ppo``: ``--config FILE.yaml`` and ``--example``."""
     parser.add_argument("--config", metavar="FILE.yaml", help="the YAML config file to run")
     parser.add_argument("--example", action="store_true", help="print a commented example config file and exit")
     parser.set_defaults(config_kind=_check_kind(kind))
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """Run ``fastalign dpo|ppo`` from parsed :func:`add_arguments` options; exit status 2 with a one-line message
+    """Run ``fastalign dpo|kto|ppo`` from parsed :func:`add_arguments` options; exit status 2 with a one-line message
     on a bad config file or bad data."""
     kind = args.config_kind
     if args.example:
