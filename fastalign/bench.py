@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import platform
 import re
@@ -40,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .functional import fused_linear_dpo_loss, fused_linear_grpo_loss, fused_linear_logprobs, fused_linear_ppo_loss
+from .functional import (fused_linear_cpo_loss, fused_linear_dpo_loss, fused_linear_grpo_loss, fused_linear_kto_loss,
+                         fused_linear_logprobs, fused_linear_ppo_loss)
 from .objectives.grpo import GRPOLossConfig, grpo_loss
 
 Step = Callable[[], object]
@@ -519,6 +521,116 @@ REGISTRY["dpo-long-pair"] = OpBench(lambda problem: make_dpo_inputs(problem, pai
                     {"fused": fused_dpo(), "naive": naive_dpo, "4 matmuls": matmul_floor(4)},
                     floor="4 matmuls", targets=(Target("memory", "naive", 0.10),)),
 }, issue_problem=replace(ISSUE_PROBLEM, tokens=32768))
+
+
+# --- KTO and SimPO ---------------------------------------------------------------------------------------------
+
+KTO_SEQUENCES = 4
+"""B=4 unpaired completions of T = tokens / 4 (T=1024 at N=4096: the DPO bench's sequences), two of each label."""
+
+
+class KTOInputs(NamedTuple):
+    """``hidden [B, T, H]``, ``weight [V, H]``, ``targets [B, T]`` (all response tokens), ``labels [B]``, the
+    reference's sequence sums ``[B]`` and the batch KL estimate (precomputed, as the trainer passes them)."""
+
+    hidden: Tensor
+    weight: Tensor
+    targets: Tensor
+    labels: Tensor
+    ref_logps: Tensor
+    kl: Tensor
+    backend: str
+
+
+def make_kto_inputs(problem: Problem, sequences: int = KTO_SEQUENCES) -> KTOInputs:
+    gen = torch.Generator().manual_seed(problem.seed)
+    length, h, v = max(problem.tokens // sequences, 1), problem.hidden_size, problem.vocab_size
+    place = placer(problem)
+    return KTOInputs(place(torch.randn(sequences, length, h, generator=gen)),
+                     place(torch.randn(v, h, generator=gen) * h ** -0.5),
+                     place(torch.randint(0, v, (sequences, length), generator=gen)),
+                     place(torch.arange(sequences) % 2 == 0),
+                     place(-length * math.log(v) + torch.randn(sequences, generator=gen).double()).float(),
+                     place(torch.tensor(0.5)), problem.backend)
+
+
+def _naive_sequence_sums(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
+    """TRL's ``get_batch_logps``: materialized logits, log_softmax, gather, masked sums ``[B]``."""
+    logp = torch.log_softmax((hidden @ weight.T).float(), dim=-1)
+    mask = targets != -100
+    return (logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask).sum(-1), mask
+
+
+def fused_loss(call: Callable[..., Any]) -> VariantFactory:
+    """A fused loss op, forward + backward (trainable hidden and weight): ``call(inputs, hidden, weight)`` returns
+    the op's output."""
+
+    def factory(x) -> Step:
+        hidden, weight = x.hidden.detach().requires_grad_(True), x.weight.detach().requires_grad_(True)
+        return lambda: torch.autograd.grad(call(x, hidden, weight).loss, [hidden, weight])
+
+    return factory
+
+
+def fused_kto(**options) -> VariantFactory:
+    """fused_linear_kto_loss (kto), forward + backward."""
+    return fused_loss(lambda x, hidden, weight: fused_linear_kto_loss(
+        hidden, weight, x.targets, x.labels, ref_logps=x.ref_logps, kl=x.kl, backend=x.backend, **options))
+
+
+def naive_kto(x: KTOInputs) -> Step:
+    """TRL's KTO in plain PyTorch (``kto_loss`` on ``get_batch_logps`` sums), forward + backward."""
+    hidden, weight = x.hidden.detach().requires_grad_(True), x.weight.detach().requires_grad_(True)
+
+    def step():
+        logratios = _naive_sequence_sums(hidden, weight, x.targets)[0] - x.ref_logps
+        losses = torch.where(x.labels, 1 - torch.sigmoid(0.1 * (logratios - x.kl)),
+                             1 - torch.sigmoid(0.1 * (x.kl - logratios)))
+        return torch.autograd.grad(losses.mean(), [hidden, weight])
+
+    return step
+
+
+def sequence_loss_modes(title: str, fused: Callable[..., VariantFactory], naive: VariantFactory) -> dict[str, Mode]:
+    """A sequence-level loss with the default chunks (whole groups, one pass) and with ``chunk_size=256`` (two
+    passes), each against naive PyTorch and its matmul floor; the issue's targets (0.9x naive time, 0.1x memory)."""
+    targets = (Target("time", "naive", 0.90), Target("memory", "naive", 0.10))
+    return {"default": Mode(f"{title}, default settings (whole groups)",
+                            {"fused": fused(), "naive": naive, "3 matmuls": matmul_floor(3)},
+                            floor="3 matmuls", targets=targets),
+            "chunk256": Mode(f"{title}, chunk_size=256 (two passes)",
+                             {"fused": fused(chunk_size=256), "naive": naive, "4 matmuls": matmul_floor(4)},
+                             floor="4 matmuls", targets=targets)}
+
+
+REGISTRY["kto"] = OpBench(make_kto_inputs, sequence_loss_modes(
+    "KTO fwd+bwd, reference sums and KL precomputed", fused_kto, naive_kto))
+
+SIMPO = dict(beta=2.0, simpo_gamma=0.5, cpo_alpha=0.0)  # the SimPO paper's loss (no NLL term)
+
+
+def fused_simpo(**options) -> VariantFactory:
+    """fused_linear_cpo_loss(loss_type="simpo"), forward + backward; no reference model."""
+    return fused_loss(lambda x, hidden, weight: fused_linear_cpo_loss(
+        hidden, weight, x.targets, loss_type="simpo", backend=x.backend, **SIMPO, **options))
+
+
+def naive_simpo(x: DPOInputs) -> Step:
+    """TRL's CPO trainer with ``loss_type="simpo"`` in plain PyTorch: per-token mean log-probs, the SimPO loss."""
+    hidden, weight = x.hidden.detach().requires_grad_(True), x.weight.detach().requires_grad_(True)
+
+    def step():
+        sums, mask = _naive_sequence_sums(hidden, weight, x.targets)
+        logps = sums / mask.sum(-1)
+        b = logps.shape[0] // 2
+        margin = logps[:b] - logps[b:] - SIMPO["simpo_gamma"] / SIMPO["beta"]
+        return torch.autograd.grad(-F.logsigmoid(SIMPO["beta"] * margin).mean(), [hidden, weight])
+
+    return step
+
+
+REGISTRY["simpo"] = OpBench(make_dpo_inputs, sequence_loss_modes(
+    "SimPO fwd+bwd (no reference model)", fused_simpo, naive_simpo))
 
 ALL_OPS = ("logprobs", "ppo", "grpo", "dpo")
 """What ``--op all`` runs, in order (not ``dpo-long-pair``: its naive variant needs ~12 GB; ask for it by name)."""

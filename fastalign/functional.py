@@ -8,9 +8,13 @@ from torch import Tensor
 
 from .objectives.dpo import DPOOptions, RunningMean, check_count
 from .objectives.grpo import GRPOLossConfig
+from .objectives.kto import KTOOptions
+from .objectives.preference import CPOOptions
 from .objectives.ppo import PPOLossConfig
+from .ops.cpo import fused_cpo_loss, fused_orpo_loss, merge_nll_targets
 from .ops.dpo import DPOConfig, DPOLossOutput, fused_dpo_loss, validate_preference_layout, validate_reference
 from .ops.grpo import GRPOLossOutput, fused_grpo_loss, validate_grpo_inputs, validate_sequence_layout
+from .ops.kto import KTOLossOutput, fused_kto_loss, validate_kto_inputs
 from .ops.logprobs import linear_logprobs, prepare_linear
 from .ops.segments import packed_layout
 from .ops.ppo import PPOLossOutput, ppo_loss, validate_value_head
@@ -326,3 +330,136 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, adva
         importance_sampling_ratio=importance_sampling_ratio, sampling_logprobs=sampling_logprobs,
         num_items_in_batch=num_items_in_batch, ignore_index=int(ignore_index), check_finite=check_finite)
     return fused_grpo_loss(inputs, opts, config, tokens, layout)
+
+
+def fused_linear_kto_loss(hidden: Tensor, weight: Tensor, targets: Tensor, labels: Tensor, *, ref_logps: Tensor,
+                          kl: Tensor | None, bias: Tensor | None = None, beta: float = 0.1,
+                          desirable_weight: float = 1.0, undesirable_weight: float = 1.0, loss_type: str = "kto",
+                          num_examples: int | Tensor | None = None, temperature: float = 1.0,
+                          ignore_index: int = -100, backend: str = "auto", chunk_size: int | None = None,
+                          check_finite: bool = True, process_group=None,
+                          reduce_hidden_grad: bool = True) -> KTOLossOutput:
+    """KTO loss of unpaired completions from hidden states (TRL's ``KTOTrainer``), without the logits.
+
+    Each completion's log-prob is the sum of its token log-probs (``targets != ignore_index``); the loss of those
+    ``[B]`` sums, the reference's and the labels is TRL's (formulas: ``fastalign.objectives.kto``). Only completion
+    tokens get logits; one sequence per engine group (torch: one pass of three matmuls when the longest completion
+    fits the memory budget, else two passes; triton: two passes).
+
+    Args:
+        hidden: ``[B, T, H]`` last hidden states at the positions that predict ``targets``.
+        weight: ``[V, H]`` lm_head weight; ``bias``: optional ``[V]``.
+        targets: ``[B, T]`` completion token ids, ``ignore_index`` on prompt and padding positions.
+        labels: ``[B]`` bool, True for a desirable completion. A batch may hold only one kind.
+        ref_logps: ``[B]`` the reference model's completion log-prob sums.
+        kl: the batch KL estimate, a one-element tensor (``fastalign.objectives.kto.kto_kl`` of the policy's and the
+            reference's log-probs on mismatched prompt/completion pairs; detached here), required for
+            ``loss_type="kto"``; None for ``"apo_zero_unpaired"``.
+        beta, desirable_weight, undesirable_weight, loss_type: TRL's ``KTOConfig`` options (``kto``,
+            ``apo_zero_unpaired``).
+        num_examples: the completions of the whole accumulated batch (an int or one-element tensor): the loss is
+            ``sum(losses) / num_examples``; default B (the mean).
+        temperature, ignore_index, backend, chunk_size, check_finite, process_group, reduce_hidden_grad: as in
+            :func:`fused_linear_logprobs` (vocab-parallel: every other argument the same on every rank).
+
+    Returns:
+        ``KTOLossOutput(loss, rewards, logps, metrics)``: ``loss`` differentiable w.r.t. ``hidden``, ``weight`` and
+        ``bias``; ``rewards`` ``beta * (policy - reference)`` and ``logps`` ``[B]``; ``metrics`` TRL's per-batch
+        ``kl``, ``rewards/{chosen,rejected}_sum``, ``logps/{chosen,rejected}_sum``, ``count/{chosen,rejected}``
+        (sides present only; ``fastalign.objectives.kto.kto_metric_means`` turns summed ones into TRL's logged
+        means). All but ``loss`` detached, fp32 (float64 for float64 inputs).
+    """
+    validate_sequence_layout(hidden, targets, False)
+    inputs, opts = prepare_linear(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
+                                  backend=backend, chunk_size=chunk_size, check_finite=check_finite,
+                                  process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
+    options = KTOOptions(beta=beta, loss_type=loss_type, desirable_weight=desirable_weight,
+                         undesirable_weight=undesirable_weight)
+    examples = validate_kto_inputs(targets, compute_dtype(inputs.hidden.dtype), options, labels=labels,
+                                   ref_logps=ref_logps, kl=kl, num_examples=num_examples, check_finite=check_finite)
+    return fused_kto_loss(inputs, opts, options, examples)
+
+
+def _pair_counts(hidden: Tensor, num_pairs, num_chosen_tokens):
+    if num_pairs is not None:
+        num_pairs = check_count("num_pairs", num_pairs, hidden.shape[0] // 2, "at least the pairs in this batch")
+    if num_chosen_tokens is not None:
+        num_chosen_tokens = check_count("num_chosen_tokens", num_chosen_tokens, 1, "a token count")
+    return num_pairs, num_chosen_tokens
+
+
+def fused_linear_cpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,
+                          beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+                          simpo_gamma: float = 0.5, cpo_alpha: float = 1.0, alpha: float = 0.0,
+                          num_pairs: int | Tensor | None = None, num_chosen_tokens: int | Tensor | None = None,
+                          temperature: float = 1.0, ignore_index: int = -100, backend: str = "auto",
+                          chunk_size: int | None = None, check_finite: bool = True, process_group=None,
+                          reduce_hidden_grad: bool = True) -> DPOLossOutput:
+    """CPO, SimPO and AlphaPO losses from hidden states (TRL's ``CPOTrainer``), reference-free, without the logits.
+
+    Each response's log-prob is the sum of its token log-probs (``sigmoid``, ``hinge``) or their mean (``ipo``,
+    ``simpo``), as TRL; the loss is ``mean(pair losses) + cpo_alpha *`` the mean NLL per chosen response token
+    (formulas: ``fastalign.objectives.preference``). Prompt and padding tokens get no logits; one pair per engine
+    group (torch: one pass when the largest pair fits the memory budget, else two passes; triton: two passes).
+
+    Args:
+        hidden: ``[2B, T, H]``: rows ``0 .. B-1`` the chosen sequences, ``B .. 2B-1`` the rejected ones.
+        weight: ``[V, H]`` lm_head weight; ``bias``: optional ``[V]``.
+        targets: ``[2B, T]`` next-token ids, ``ignore_index`` on prompt and padding positions.
+        beta, loss_type, label_smoothing, simpo_gamma, cpo_alpha, alpha: TRL's ``CPOConfig`` (``loss_type`` in
+            ``sigmoid``, ``hinge``, ``ipo``, ``simpo``; TRL's ``"alphapo"`` is ``loss_type="simpo", cpo_alpha=0``
+            with ``alpha != 0``). A response without tokens has log-prob 0 (its mean too).
+        num_pairs, num_chosen_tokens: normalizers over the whole accumulated batch, as in
+            :func:`fused_linear_dpo_loss`.
+        temperature, ignore_index, backend, chunk_size, check_finite, process_group, reduce_hidden_grad: as in
+            :func:`fused_linear_logprobs`.
+
+    Returns:
+        ``DPOLossOutput(loss, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, metrics)``: rewards
+        ``beta * logps`` (AlphaPO: ``beta`` times the shaped reward); ``metrics`` TRL's ``rewards/chosen``,
+        ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``,
+        ``nll_loss`` (0 when ``cpo_alpha=0``); all but ``loss`` detached.
+    """
+    validate_preference_layout(hidden, targets, 2)
+    options = CPOOptions(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma,
+                         cpo_alpha=cpo_alpha, alpha=alpha)
+    inputs, opts = prepare_linear(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
+                                  backend=backend, chunk_size=chunk_size, check_finite=check_finite,
+                                  process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
+    _, tokens = merge_nll_targets(targets, None, int(ignore_index))
+    num_pairs, num_chosen_tokens = _pair_counts(hidden, num_pairs, num_chosen_tokens)
+    return fused_cpo_loss(inputs, opts, options, tokens, num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens)
+
+
+def fused_linear_orpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,
+                           beta: float = 0.1, nll_targets: Tensor | None = None,
+                           num_pairs: int | Tensor | None = None, num_chosen_tokens: int | Tensor | None = None,
+                           temperature: float = 1.0, ignore_index: int = -100, backend: str = "auto",
+                           chunk_size: int | None = None, check_finite: bool = True, process_group=None,
+                           reduce_hidden_grad: bool = True) -> DPOLossOutput:
+    """ORPO loss from hidden states (TRL's ``ORPOTrainer``): odds ratio of the per-token mean log-probs and the
+    chosen NLL, reference-free, without the logits.
+
+    Args:
+        hidden, weight, bias, targets: as in :func:`fused_linear_cpo_loss` (``[2B, T, H]``, chosen rows first).
+        beta: weight of the odds-ratio term (TRL's ``ORPOConfig.beta``, the paper's lambda).
+        nll_targets: ``[B, T]`` next-token ids of the chosen sequences for the NLL term, ``ignore_index`` elsewhere,
+            agreeing with ``targets`` on the response tokens. TRL's trainer takes the NLL over the prompt and the
+            response (all attended tokens): pass the chosen input ids shifted by one with padding ignored. None:
+            the chosen response tokens only.
+        num_pairs, num_chosen_tokens: normalizers over the whole accumulated batch (``num_chosen_tokens`` counts
+            the NLL tokens), as in :func:`fused_linear_dpo_loss`.
+        temperature, ignore_index, backend, chunk_size, check_finite, process_group, reduce_hidden_grad: as in
+            :func:`fused_linear_logprobs`.
+
+    Returns:
+        ``DPOLossOutput``: rewards ``beta * logps`` (means); ``metrics`` TRL's ``rewards/*``, ``logps/*``,
+        ``nll_loss``, ``log_odds_ratio``, ``log_odds_chosen``; all but ``loss`` detached.
+    """
+    validate_preference_layout(hidden, targets, 2)
+    merged, tokens = merge_nll_targets(targets, nll_targets, int(ignore_index))
+    inputs, opts = prepare_linear(hidden, weight, merged, bias, temperature=temperature, ignore_index=ignore_index,
+                                  backend=backend, chunk_size=chunk_size, check_finite=check_finite,
+                                  process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
+    num_pairs, num_chosen_tokens = _pair_counts(hidden, num_pairs, num_chosen_tokens)
+    return fused_orpo_loss(inputs, opts, beta, tokens, num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens)

@@ -1,8 +1,11 @@
-"""Lightweight DPO, PPO and GRPO trainers on the fused ops (TRL's config fields and metric names, loops you can read).
+"""Lightweight DPO, KTO, PPO and GRPO trainers on the fused ops (TRL's config fields and metric names, loops you can
+read).
 
 ```python
-from fastalign.trainers import DPOTrainer, DPOConfig, GRPOTrainer, GRPOConfig, PPOTrainer, PPOConfig
+from fastalign.trainers import (DPOTrainer, DPOConfig, GRPOTrainer, GRPOConfig, KTOTrainer, KTOConfig, PPOTrainer,
+                                PPOConfig)
 DPOTrainer(model, tokenizer, train_dataset, config=DPOConfig(...), ref_model=None, eval_dataset=None).train()
+KTOTrainer(model, tokenizer, train_dataset, config=KTOConfig(...), ref_model=None, eval_dataset=None).train()
 PPOTrainer(model, tokenizer, prompts, reward_fn, config=PPOConfig(...), ref_model=None).train()
 GRPOTrainer(model, tokenizer, prompts, reward_funcs, config=GRPOConfig(...)).train()
 ```
@@ -13,6 +16,8 @@ The same code runs on several processes under ``torchrun`` (DDP, or FSDP2 with `
 from .common import TrainingConfig
 from .dpo import DPOConfig, DPOTrainer
 from .grpo import GRPOConfig, GRPOTrainer
+from .kto import KTOConfig, KTOTrainer
 from .ppo import PPOConfig, PPOTrainer
 
-__all__ = ["DPOConfig", "DPOTrainer", "GRPOConfig", "GRPOTrainer", "PPOConfig", "PPOTrainer", "TrainingConfig"]
+__all__ = ["DPOConfig", "DPOTrainer", "GRPOConfig", "GRPOTrainer", "KTOConfig", "KTOTrainer", "PPOConfig", "PPOTrainer",
+           "TrainingConfig"]

@@ -1,4 +1,4 @@
-"""``fastalign dpo|ppo|grpo --config FILE.yaml``: the trainers from a YAML file.
+"""``fastalign dpo|kto|ppo|grpo --config FILE.yaml``: the trainers from a YAML file.
 
 The file names a model, a tokenizer, data files (and for PPO and GRPO rewards) and, under ``config:``, the fields
 of :class:`DPOConfig` / :class:`PPOConfig` / :class:`GRPOConfig`. ``example_config(kind)`` is a commented example
@@ -19,6 +19,7 @@ from dataclasses import fields
 from . import distributed
 from .dpo import DPOConfig, DPOTrainer
 from .grpo import GRPOConfig, GRPOTrainer
+from .kto import KTOConfig, KTOTrainer
 from .ppo import PPOConfig, PPOTrainer
 from .tasks import CountingTask
 
@@ -49,6 +50,30 @@ config:                     # DPOConfig fields, TRL's names (see `pydoc fastalig
   beta: 0.1
   loss_type: sigmoid        # sigmoid, robust, hinge, ipo, sppo_hard, nca_pair, apo_zero, apo_down
   rpo_alpha: 1.0            # adds the NLL of the chosen answers (RPO); null for plain DPO
+  max_length: 64
+  max_prompt_length: 32
+  eval_steps: 40
+  loss_backend: fused       # fused (no logits) or reference (materialized logits, for comparison)
+  parallelism: ddp          # under torchrun with several processes: ddp (replicas) or fsdp (FSDP2 sharding)
+""",
+    "kto": """\
+# fastalign kto --config kto.yaml      (relative paths are relative to the current directory)
+model: tiny                 # "tiny": a tiny Llama built in code (random init), or a transformers model directory
+                            # (KTO works best from a supervised model: e.g. the dpo example's output)
+tokenizer: counting         # "char", "counting" (the built-in task's words), or a tokenizer directory
+train_file: builtin:counting            # JSONL, one {"prompt": .., "completion": .., "label": true|false} per line
+                                        # (or preference pairs {"prompt", "chosen", "rejected"}: unpaired)
+eval_file: builtin:counting-heldout     # optional, same format
+config:                     # KTOConfig fields, TRL's names (see `pydoc fastalign.trainers.KTOConfig`)
+  output_dir: fastalign-kto
+  max_steps: 120
+  learning_rate: 1.0e-3
+  warmup_ratio: 0.1
+  per_device_train_batch_size: 16     # >= 2 for loss_type kto: the KL pairs come from the same batch
+  beta: 0.5
+  loss_type: kto            # kto or apo_zero_unpaired
+  desirable_weight: 1.33    # KTO paper Eq. 8: desirable_weight * n_desirable / (undesirable_weight *
+  undesirable_weight: 1.0   # n_undesirable) in [1, 4/3]
   max_length: 64
   max_prompt_length: 32
   eval_steps: 40
@@ -109,6 +134,7 @@ HELP = {
     "dpo": "train a model with DPO from a YAML config file (model, data files, DPOConfig fields)",
     "ppo": "train a model with PPO from a YAML config file (model, prompts, reward, PPOConfig fields)",
     "grpo": "train a model with GRPO from a YAML config file (model, prompts, rewards, GRPOConfig fields)",
+    "kto": "train a model with KTO from a YAML config file (model, unpaired data files, KTOConfig fields)",
 }
 KINDS = tuple(HELP)
 
@@ -136,6 +162,7 @@ The example file:
 
 _KEYS = {
     "dpo": ("model", "tiny", "tokenizer", "train_file", "eval_file", "config", "resume_from_checkpoint"),
+    "kto": ("model", "tiny", "tokenizer", "train_file", "eval_file", "config", "resume_from_checkpoint"),
     "ppo": ("model", "tiny", "tokenizer", "prompts_file", "eval_file", "reward", "reward_model", "config",
             "resume_from_checkpoint"),
     "grpo": ("model", "tiny", "tokenizer", "prompts_file", "eval_file", "reward", "reward_model", "config",
@@ -251,7 +278,7 @@ def load_data(spec: dict, key: str, path: str, kind: str):
         raise ConfigError(f"{path}: {key}: unknown built-in data {value!r}; expected one of "
                           f"{', '.join(BUILTIN + n for n in BUILTIN_DATA)}")
     task, heldout = CountingTask(), name.endswith("heldout")
-    if kind == "dpo":
+    if kind in ("dpo", "kto"):  # KTO unpairs the preference records
         return task.preference_data(300 if heldout else 4000, seed=2 if heldout else 1, heldout=heldout)
     return task.prompts(256 if heldout else 4000, seed=2 if heldout else 1, heldout=heldout)
 
@@ -291,17 +318,19 @@ def _reward_function(reward, path: str):
                           f"\"package.module:function\"): {error}") from None
 
 
-def run_from_config(kind: str, path: str) -> DPOTrainer | PPOTrainer | GRPOTrainer:
+def run_from_config(kind: str, path: str) -> DPOTrainer | KTOTrainer | PPOTrainer | GRPOTrainer:
     """Build the trainer ``path`` describes (``kind``: one of ``KINDS``), train, and return it (its
     ``history`` holds the logged records, the final model is in its ``config.output_dir``)."""
     spec = read_config_file(_check_kind(kind), path)
-    if kind == "dpo":
-        config = trainer_config(DPOConfig, spec.get("config"), path)
+    if kind in ("dpo", "kto"):
+        config_class, trainer_class = (DPOConfig, DPOTrainer) if kind == "dpo" else (KTOConfig, KTOTrainer)
+        config = trainer_config(config_class, spec.get("config"), path)
         train = load_data(spec, "train_file", path, kind)
         if train is None:
             raise ConfigError(f"{path}: missing field 'train_file' (a JSONL file or builtin:counting)")
         model, tokenizer = load_model_and_tokenizer(spec, path)
-        trainer = DPOTrainer(model, tokenizer, train, config, eval_dataset=load_data(spec, "eval_file", path, kind))
+        trainer = trainer_class(model, tokenizer, train, config,
+                                eval_dataset=load_data(spec, "eval_file", path, kind))
     else:
         config_class, trainer_class = (PPOConfig, PPOTrainer) if kind == "ppo" else (GRPOConfig, GRPOTrainer)
         config = trainer_config(config_class, spec.get("config"), path)
@@ -317,15 +346,15 @@ def run_from_config(kind: str, path: str) -> DPOTrainer | PPOTrainer | GRPOTrain
 
 
 def add_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
-    """The options of ``fastalign dpo|ppo|grpo``: ``--config FILE.yaml`` and ``--example``."""
+    """The options of ``fastalign dpo|kto|ppo|grpo``: ``--config FILE.yaml`` and ``--example``."""
     parser.add_argument("--config", metavar="FILE.yaml", help="the YAML config file to run")
     parser.add_argument("--example", action="store_true", help="print a commented example config file and exit")
     parser.set_defaults(config_kind=_check_kind(kind))
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """Run ``fastalign dpo|ppo|grpo`` from parsed :func:`add_arguments` options; exit status 2 with a one-line message
-    on a bad config file or bad data."""
+    """Run ``fastalign dpo|kto|ppo|grpo`` from parsed :func:`add_arguments` options; exit status 2 with a one-line
+    message on a bad config file or bad data."""
     kind = args.config_kind
     if args.example:
         print(example_config(kind), end="")

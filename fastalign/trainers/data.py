@@ -99,15 +99,9 @@ def tokenize_ranking(tokenizer, prompt: str, completions: list[str], max_length:
                      max_prompt_length: int | None) -> RankedTokens:
     """Tokenize prompt and responses separately (as TRL). The prompt keeps its last ``max_prompt_length`` tokens
     (at most ``max_length - 1``), then each response is cut so that prompt + response fits ``max_length``."""
-    if max_length:
-        max_prompt_length = min(max_prompt_length or max_length, max_length - 1)
-    prompt_ids = encode_prompt(tokenizer, prompt, max_prompt_length)
-
-    def response(text: str) -> list[int]:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        return ids[:max(max_length - len(prompt_ids), 0)] if max_length else ids
-
-    return RankedTokens(prompt_ids, [response(text) for text in completions])
+    prompt_ids = encode_prompt(tokenizer, prompt, prompt_budget(max_length, max_prompt_length))
+    return RankedTokens(prompt_ids, [encode_response(tokenizer, text, len(prompt_ids), max_length)
+                                     for text in completions])
 
 
 def tokenize_pair(tokenizer, record: dict[str, str], max_length: int | None,
@@ -116,6 +110,17 @@ def tokenize_pair(tokenizer, record: dict[str, str], max_length: int | None,
     ranked = tokenize_ranking(tokenizer, record["prompt"], [record["chosen"], record["rejected"]], max_length,
                               max_prompt_length)
     return PairTokens(ranked.prompt, *ranked.responses)
+
+
+def prompt_budget(max_length: int | None, max_prompt_length: int | None) -> int | None:
+    """The prompt's token budget: ``max_prompt_length``, at most ``max_length - 1`` (a response token must fit)."""
+    return min(max_prompt_length or max_length, max_length - 1) if max_length else max_prompt_length
+
+
+def encode_response(tokenizer, text: str, prompt_length: int, max_length: int | None) -> list[int]:
+    """Response ids without special tokens, then EOS, cut so that ``prompt_length`` + response fits ``max_length``."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return ids[:max(max_length - prompt_length, 0)] if max_length else ids
 
 
 def pad(sequences: list[list[int]], value: int, left: bool = False) -> tuple[Tensor, Tensor]:

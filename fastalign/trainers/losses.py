@@ -8,10 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..functional import fused_linear_dpo_loss, fused_linear_grpo_loss, fused_linear_logprobs, fused_linear_ppo_loss
+from ..functional import (fused_linear_dpo_loss, fused_linear_grpo_loss, fused_linear_kto_loss, fused_linear_logprobs,
+                          fused_linear_ppo_loss)
 from ..objectives.aggregation import aggregation_weights
 from ..objectives.dpo import DPOOptions, dpo_metrics, dpo_sequence_loss
 from ..objectives.grpo import GRPOLossConfig, grpo_loss as grpo_objective
+from ..objectives.kto import KTOOptions, kto_loss as kto_objective, kto_metrics
 from ..objectives.ppo import (PPOLossConfig, PPOTokens, ValueHeadInputs, policy_loss_value, ppo_metrics,
                               value_loss_terms)
 from .data import IGNORE_INDEX
@@ -112,3 +114,20 @@ def grpo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tens
     result = grpo_objective(logprobs, advantages, targets != IGNORE_INDEX, config, old_logprobs=old_logprobs,
                             ref_logprobs=ref_logprobs, entropy=entropy, num_items_in_batch=num_items_in_batch)
     return result.loss, result.metrics
+
+
+def kto_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, labels: Tensor,
+             ref_logps: Tensor, kl: Tensor | None, options: KTOOptions, backend: str, *,
+             num_examples: int | Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """KTO loss and TRL's per-batch metrics of ``B`` examples: ``hidden [B, T, H]``, ``targets [B, T]`` (-100 off
+    the completion), ``labels [B]`` bool (desirable), reference sequence log-probs ``[B]``, the batch KL estimate
+    (``kto_kl``; None for ``apo_zero_unpaired``). ``num_examples``: divisor of the losses' sum (default ``B``)."""
+    if backend == "fused":
+        out = fused_linear_kto_loss(hidden, weight, targets, labels, ref_logps=ref_logps, kl=kl, bias=bias,
+                                    beta=options.beta, desirable_weight=options.desirable_weight,
+                                    undesirable_weight=options.undesirable_weight, loss_type=options.loss_type,
+                                    num_examples=num_examples, check_finite=False)
+        return out.loss, out.metrics
+    logps = materialized_logprobs(hidden, weight, bias, targets).sum(-1)  # 0 off the completion
+    result = kto_objective(logps, ref_logps, labels, kl, options, num_examples=num_examples)
+    return result.loss, kto_metrics(result, logps)

@@ -1,0 +1,120 @@
+"""Fused reference-free preference losses from hidden states: CPO / SimPO / AlphaPO and ORPO.
+
+Layout as the DPO op: ``[2B, T]`` rows, the chosen responses of B pairs, then the rejected ones. The selected
+tokens (the responses, plus the chosen sequences' NLL tokens) go through the shared engine
+(``fastalign.ops.engine``) pair by pair (the DPO op's ``PreferenceRows``), one pair per group: on the torch backend whole pairs per chunk (one pass,
+three matmuls) when the largest fits the memory budget, else two passes; triton makes two passes. The losses are
+those of ``fastalign.objectives.preference`` on the per-sequence sums (or means) and the chosen NLL.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..objectives.dpo import DPOResult, dpo_metrics, rpo_nll
+from ..objectives.preference import CPOOptions, cpo_loss, orpo_loss, orpo_metrics
+from .dpo import DPOLossOutput, PreferenceRows
+from .engine import fused_rows_loss
+from .linear import LinearOptions
+from .torch_backend import compute_dtype
+from .validation import LinearInputs, require_shape, require_tensor
+
+
+class PairTokens(NamedTuple):
+    """Which tokens of a ``[2B, T]`` batch enter the loss: ``response [2B, T]`` (the pair losses' log-probs) and
+    ``nll [B, T]`` (the chosen sequences' NLL term), both bool."""
+
+    response: Tensor
+    nll: Tensor
+
+
+def merge_nll_targets(targets: Tensor, nll_targets, ignore_index: int) -> tuple[Tensor, PairTokens]:
+    """``targets [2B, T]`` with the chosen rows' NLL targets filled in where the response has none, and the masks.
+
+    nll_targets: ``[B, T]`` next-token ids of the chosen sequences for the NLL (e.g. prompt and response, as TRL's
+    ORPO), ``ignore_index`` elsewhere; it must agree with ``targets`` on the response tokens. None: the chosen
+    response tokens.
+    """
+    targets = require_tensor("targets", targets)
+    b = targets.shape[0] // 2
+    response = targets != ignore_index
+    if nll_targets is None:
+        return targets, PairTokens(response, response[:b])
+    nll_targets = require_tensor("nll_targets", nll_targets)
+    require_shape("nll_targets", nll_targets, (b, targets.shape[1]), "[B, T]: the chosen sequences' NLL targets")
+    if nll_targets.device != targets.device:
+        raise ValueError(f"nll_targets: expected device {targets.device} (the device of targets), "
+                         f"got {nll_targets.device}")
+    nll = nll_targets != ignore_index
+    both = nll & response[:b]
+    if bool((nll_targets[both] != targets[:b][both]).any()):
+        raise ValueError("nll_targets: expected the same ids as targets on the chosen response tokens, got others")
+    merged = targets.clone()
+    merged[:b] = torch.where(response[:b], targets[:b], nll_targets)
+    return merged, PairTokens(response, nll)
+
+
+def fused_pair_loss(inputs: LinearInputs, opts: LinearOptions, tokens: PairTokens,
+                    loss_of: Callable[[Tensor, Tensor, Tensor], DPOResult], average_log_prob: bool
+                    ) -> tuple[Tensor, DPOResult, Tensor]:
+    """A pair loss through the engine: ``loss_of(chosen_logps [B], rejected_logps [B], chosen_nll_sums [B])`` on
+    the per-sequence response sums (means with ``average_log_prob``) and the chosen NLL tokens' log-prob sums.
+    ``inputs.targets`` hold the response targets and the chosen rows' NLL targets (``merge_nll_targets``). Returns
+    the engine's loss, the (detached) result and the per-sequence log-probs ``[2, B]``."""
+    dtype = compute_dtype(inputs.hidden.dtype)
+    b = tokens.response.shape[0] // 2
+    rows = PreferenceRows.of(inputs.targets.view(inputs.lead_shape), opts.ignore_index, 2)  # one group a pair
+    response, nll = tokens.response.to(dtype), tokens.nll.to(dtype)
+    counts = tokens.response.sum(1).to(dtype)
+
+    def result_of(logprobs: Tensor) -> tuple[DPOResult, Tensor]:
+        batch = rows.as_batch(logprobs)
+        sums = (batch * response).sum(-1)
+        logps = (sums / counts.clamp(min=1) if average_log_prob else sums).view(2, b)
+        return loss_of(logps[0], logps[1], (batch[:b] * nll).sum(-1)), logps
+
+    out = fused_rows_loss(inputs, opts, lambda values: result_of(values.logprobs)[0].loss, rows=rows.index,
+                          coupling=rows.group_rows)
+    with torch.no_grad():
+        result, logps = result_of(out.logprobs)
+    return out.loss, result, logps
+
+
+def nll_of(sums: Tensor, counts: Tensor, num_chosen_tokens) -> Tensor:
+    """The chosen NLL ``-sum(sums) / num_chosen_tokens`` (default this batch's NLL tokens, at least 1)."""
+    total = counts.sum().clamp(min=1) if num_chosen_tokens is None else num_chosen_tokens
+    return rpo_nll(sums, counts, num_tokens=total)
+
+
+def fused_cpo_loss(inputs: LinearInputs, opts: LinearOptions, options: CPOOptions, tokens: PairTokens, *,
+                   num_pairs, num_chosen_tokens) -> DPOLossOutput:
+    """The fused CPO / SimPO / AlphaPO loss on validated inputs (``inputs.lead_shape == (2B, T)``)."""
+    counts = tokens.nll.sum(1).to(compute_dtype(inputs.hidden.dtype))
+
+    def loss_of(chosen: Tensor, rejected: Tensor, nll_sums: Tensor) -> DPOResult:
+        nll = None if options.cpo_alpha == 0 else nll_of(nll_sums, counts, num_chosen_tokens)
+        return cpo_loss(chosen, rejected, options, chosen_nll=nll, num_pairs=num_pairs)
+
+    loss, result, logps = fused_pair_loss(inputs, opts, tokens, loss_of, options.average_log_prob)
+    return pair_output(loss, result, logps, dpo_metrics(result, logps))
+
+
+def fused_orpo_loss(inputs: LinearInputs, opts: LinearOptions, beta: float, tokens: PairTokens, *, num_pairs,
+                    num_chosen_tokens) -> DPOLossOutput:
+    """The fused ORPO loss on validated inputs (``inputs.lead_shape == (2B, T)``): per-token means, the NLL."""
+    counts = tokens.nll.sum(1).to(compute_dtype(inputs.hidden.dtype))
+
+    def loss_of(chosen: Tensor, rejected: Tensor, nll_sums: Tensor) -> DPOResult:
+        return orpo_loss(chosen, rejected, nll_of(nll_sums, counts, num_chosen_tokens), beta, num_pairs=num_pairs)
+
+    loss, result, logps = fused_pair_loss(inputs, opts, tokens, loss_of, True)
+    return pair_output(loss, result, logps, orpo_metrics(result, logps[0], logps[1]))
+
+
+def pair_output(loss: Tensor, result: DPOResult, logps: Tensor, metrics: dict[str, Tensor]) -> DPOLossOutput:
+    """The DPO op's output type for a reference-free pair loss (K = 2, no running state)."""
+    return DPOLossOutput(loss, result.chosen_rewards, result.rejected_rewards, logps[0], logps[1], metrics,
+                         result.rewards, logps, None)

@@ -1,0 +1,85 @@
+"""Fused KTO loss from hidden states: each completion's log-prob sum through the shared engine
+(``fastalign.ops.engine``, one sequence per group), the loss of ``fastalign.objectives.kto`` on those sums.
+
+Only completion tokens (``targets != ignore_index``) get logits. On the torch backend whole sequences go per chunk
+(one pass, three matmuls) when the longest fits the memory budget, else two passes; triton makes two passes.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..objectives.dpo import check_count
+from ..objectives.kto import KTOOptions, kto_loss, kto_metrics
+from .dpo import PreferenceRows
+from .engine import fused_rows_loss
+from .linear import LinearOptions
+from .validation import FLOAT_DTYPES, LinearInputs, require_finite, require_same_device, require_shape, require_tensor
+
+
+class KTOLossOutput(NamedTuple):
+    """What :func:`fastalign.fused_linear_kto_loss` returns."""
+
+    loss: Tensor  # scalar, differentiable w.r.t. hidden, weight and bias
+    rewards: Tensor  # [B] beta * (policy - reference), detached
+    logps: Tensor  # [B] the policy's completion log-prob sums, detached
+    metrics: dict[str, Tensor]  # detached, TRL's per-batch names (kto_metrics; kto_metric_means for the logged ones)
+
+
+class KTOInputs(NamedTuple):
+    """The per-completion inputs of the loss, validated, in the compute dtype."""
+
+    labels: Tensor  # [B] bool, desirable
+    ref_logps: Tensor  # [B]
+    kl: Tensor | None  # 0-dim, detached (None for apo_zero_unpaired)
+    num_examples: int | Tensor | None
+
+
+def validate_kto_inputs(targets: Tensor, dtype: torch.dtype, options: KTOOptions, *, labels, ref_logps, kl,
+                        num_examples, check_finite: bool) -> KTOInputs:
+    """Check the KTO op's per-completion arguments against ``targets [B, T]``."""
+    b = targets.shape[0]
+    labels = require_tensor("labels", labels)
+    if labels.dtype != torch.bool:
+        raise TypeError(f"labels: expected a bool tensor (True: desirable), got dtype {labels.dtype}")
+    require_shape("labels", labels, (b,), "one label per completion")
+    ref_logps = require_tensor("ref_logps", ref_logps, dtypes=FLOAT_DTYPES)
+    require_shape("ref_logps", ref_logps, (b,), "one reference log-prob sum per completion")
+    require_same_device(targets, labels=labels, ref_logps=ref_logps)
+    if options.uses_kl:
+        if kl is None:
+            raise ValueError("kl: expected the batch KL estimate (a one-element tensor, see "
+                             "fastalign.objectives.kto.kto_kl) for loss_type='kto', got None")
+        kl = require_tensor("kl", kl, dtypes=FLOAT_DTYPES)
+        if kl.numel() != 1:
+            raise ValueError(f"kl: expected a one-element tensor, got shape {tuple(kl.shape)}")
+        require_same_device(targets, kl=kl)
+        kl = kl.detach().reshape(()).to(dtype)
+    elif kl is not None:
+        raise ValueError(f"kl: expected None for loss_type={options.loss_type!r} (no KL term), got a tensor")
+    if check_finite:
+        require_finite("ref_logps", ref_logps)
+        require_finite("kl", kl)
+    if num_examples is not None:
+        num_examples = check_count("num_examples", num_examples, b, "at least the completions in this batch")
+    return KTOInputs(labels, ref_logps.detach().to(dtype), kl, num_examples)
+
+
+def fused_kto_loss(inputs: LinearInputs, opts: LinearOptions, options: KTOOptions,
+                   examples: KTOInputs) -> KTOLossOutput:
+    """The fused KTO loss on validated inputs (``inputs.lead_shape == (B, T)``)."""
+    rows = PreferenceRows.of(inputs.targets.view(inputs.lead_shape), opts.ignore_index, 1)  # one group a sequence
+
+    def loss_of(logprobs: Tensor):
+        logps = rows.as_batch(logprobs).sum(-1)
+        return kto_loss(logps, examples.ref_logps, examples.labels, examples.kl, options,
+                        num_examples=examples.num_examples), logps
+
+    out = fused_rows_loss(inputs, opts, lambda values: loss_of(values.logprobs)[0].loss, rows=rows.index,
+                          coupling=rows.group_rows)
+    with torch.no_grad():
+        result, logps = loss_of(out.logprobs)
+        metrics = kto_metrics(result, logps)
+    return KTOLossOutput(out.loss, result.rewards, logps, metrics)
