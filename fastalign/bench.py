@@ -420,25 +420,29 @@ DPO_BETA = 0.1  # fused_linear_dpo_loss's default
 
 
 class DPOInputs(NamedTuple):
-    """``hidden``/``ref_hidden`` ``[2B, T, H]`` (B chosen then B rejected), a shared lm_head ``weight [V, H]``,
-    ``targets [2B, T]`` (every token a response token: no prompt rows for the fused op to skip)."""
+    """``hidden``/``ref_hidden`` ``[K*B, T, H]`` (K groups of B rows, best first; pairs: B chosen then B rejected),
+    a shared lm_head ``weight [V, H]``, ``targets [K*B, T]`` (every token a response token: no prompt rows for the
+    fused op to skip)."""
 
     hidden: Tensor
     weight: Tensor
     targets: Tensor
     ref_hidden: Tensor
     backend: str
+    responses: int = 2
 
 
-def make_dpo_inputs(problem: Problem, pairs: int = DPO_PAIRS) -> DPOInputs:
-    """Random inputs with logits of unit scale, from ``problem.seed``; ``tokens`` split into ``2 * pairs`` rows."""
+def make_dpo_inputs(problem: Problem, pairs: int = DPO_PAIRS, responses: int = 2) -> DPOInputs:
+    """Random inputs with logits of unit scale, from ``problem.seed``; ``tokens`` split into ``responses * pairs``
+    rows."""
     gen = torch.Generator().manual_seed(problem.seed)
-    length, h, v = max(problem.tokens // (2 * pairs), 1), problem.hidden_size, problem.vocab_size
+    rows = responses * pairs
+    length, h, v = max(problem.tokens // rows, 1), problem.hidden_size, problem.vocab_size
     place = placer(problem)
-    return DPOInputs(place(torch.randn(2 * pairs, length, h, generator=gen)),
+    return DPOInputs(place(torch.randn(rows, length, h, generator=gen)),
                      place(torch.randn(v, h, generator=gen) * h ** -0.5),
-                     place(torch.randint(0, v, (2 * pairs, length), generator=gen)),
-                     place(torch.randn(2 * pairs, length, h, generator=gen)), problem.backend)
+                     place(torch.randint(0, v, (rows, length), generator=gen)),
+                     place(torch.randn(rows, length, h, generator=gen)), problem.backend, responses)
 
 
 def fused_dpo(**options) -> VariantFactory:
@@ -449,7 +453,7 @@ def fused_dpo(**options) -> VariantFactory:
 
         def step():
             out = fused_linear_dpo_loss(hidden, weight, x.targets, ref_hidden=x.ref_hidden, ref_weight=x.weight,
-                                        beta=DPO_BETA, backend=x.backend, **options)
+                                        beta=DPO_BETA, backend=x.backend, num_responses=x.responses, **options)
             return torch.autograd.grad(out.loss, [hidden, weight])
 
         return step
@@ -458,8 +462,9 @@ def fused_dpo(**options) -> VariantFactory:
 
 
 def naive_dpo(x: DPOInputs) -> Step:
-    """TRL-style DPO in plain PyTorch: materialized logits, log_softmax, gather, masked sums, sigmoid loss; the
-    reference's sums from ``ref_hidden`` and the same weight under no_grad; forward + backward."""
+    """TRL-style DPO in plain PyTorch: materialized logits, log_softmax, gather, masked sums, then the
+    Plackett-Luce loss of the K groups (the sigmoid loss for pairs); the reference's sums from ``ref_hidden`` and
+    the same weight under no_grad; forward + backward."""
     hidden, weight = x.hidden.detach().requires_grad_(True), x.weight.detach().requires_grad_(True)
     mask = x.targets != -100
     index = x.targets.clamp(min=0).unsqueeze(-1)
@@ -472,8 +477,9 @@ def naive_dpo(x: DPOInputs) -> Step:
         policy = sums(hidden, weight)
         with torch.no_grad():
             ref = sums(x.ref_hidden, x.weight)
-        b = policy.shape[0] // 2
-        loss = -F.logsigmoid(DPO_BETA * ((policy[:b] - policy[b:]) - (ref[:b] - ref[b:]))).mean()
+        rewards = DPO_BETA * (policy - ref).view(x.responses, -1)
+        tail_lse = torch.logcumsumexp(rewards.flip(0), dim=0).flip(0)
+        loss = -(rewards - tail_lse)[:-1].sum(0).mean()
         return torch.autograd.grad(loss, [hidden, weight])
 
     return step
@@ -516,6 +522,12 @@ REGISTRY["dpo"] = OpBench(make_dpo_inputs, {
         floor="5 matmuls", targets=(Target("time", "naive", 1.15), Target("memory", "naive", 0.10))),
 })
 # One pair of T=16384 (32768 tokens, its default): naive needs >= 10x the memory of fused (~12 GB for naive).
+# A ranking of K=4 responses to B=2 prompts of T=1024 tokens (8192 tokens at its default problem).
+REGISTRY["dpo-ranking"] = OpBench(lambda problem: make_dpo_inputs(problem, pairs=2, responses=4), {
+    "default": Mode("DPO ranking (Plackett-Luce), K=4 responses to B=2 prompts, fwd+bwd with the reference forward",
+                    {"fused": fused_dpo(), "naive": naive_dpo, "4 matmuls": matmul_floor(4)},
+                    floor="4 matmuls", targets=(Target("memory", "naive", 0.10),)),
+}, replace(ISSUE_PROBLEM, tokens=8192))
 REGISTRY["dpo-long-pair"] = OpBench(lambda problem: make_dpo_inputs(problem, pairs=1), {
     "default": Mode("DPO, one long pair, fwd+bwd with the reference forward",
                     {"fused": fused_dpo(), "naive": naive_dpo, "4 matmuls": matmul_floor(4)},
@@ -925,10 +937,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"which fused op to benchmark (default logprobs); 'all': {', '.join(ALL_OPS)} in "
                              f"sequence, one table each. logprobs: N rows; ppo: B={PPO_SEQUENCES} sequences "
                              f"of T=N/{PPO_SEQUENCES}, value head; dpo: B={DPO_PAIRS} pairs of T=N/{2 * DPO_PAIRS}, "
-                             f"reference forward included. dpo-long-pair (one pair of T=N/2, default N=32768) is "
-                             f"not part of 'all': its naive variant needs ~12 GB; ask for it by name")
+                             f"reference forward included; dpo-ranking: K=4 responses to B=2 prompts, T=N/8 (default "
+                             f"N=8192). dpo-long-pair (one pair of T=N/2, default N=32768) is not part of 'all': its "
+                             f"naive variant needs ~12 GB; ask for it by name")
     parser.add_argument("--tokens", type=int, default=None,
                         help=f"N, tokens in the batch (default {ISSUE_PROBLEM.tokens}; "
+                             f"{REGISTRY['dpo-ranking'].issue_problem.tokens} for dpo-ranking, "
                              f"{REGISTRY['dpo-long-pair'].issue_problem.tokens} for dpo-long-pair)")
     parser.add_argument("--hidden", type=int, default=None,
                         help=f"H, hidden size of the model (default {ISSUE_PROBLEM.hidden_size})")

@@ -5,17 +5,9 @@ import pytest
 import torch
 
 from fastalign.trainers import DPOConfig, DPOTrainer
-from fastalign.trainers.tasks import CountingTask
-from fastalign.trainers.tiny import tiny_llama, word_tokenizer
+from test_trainers import TASK, tiny
 
-TASK = CountingTask()
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny(seed=0):
-    tokenizer = word_tokenizer(TASK.words)
-    torch.manual_seed(seed)
-    return tiny_llama(tokenizer, hidden_size=32, intermediate_size=64), tokenizer
 
 
 def config(tmp_path, **overrides):
@@ -27,9 +19,8 @@ def config(tmp_path, **overrides):
 def ranked_data(n: int, k: int, seed: int = 1) -> list[dict]:
     """Prompts of the counting task with k completions, best (the right answer) first, then worse ones."""
     pairs = TASK.preference_data(n * (k - 1), seed=seed)
-    return [{"prompt": pairs[i * (k - 1)]["prompt"],
-             "completions": [pairs[i * (k - 1)]["chosen"]] + [p["rejected"] for p in pairs[i * (k - 1):(i + 1) * (k - 1)]]}
-            for i in range(n)]
+    groups = [pairs[i * (k - 1):(i + 1) * (k - 1)] for i in range(n)]
+    return [{"prompt": g[0]["prompt"], "completions": [g[0]["chosen"]] + [p["rejected"] for p in g]} for g in groups]
 
 
 def both_backends(tmp_path, data, **options):

@@ -371,7 +371,8 @@ def dpo_loss(
     logps = _check_group_tensor("logps", logps, None)
     k, b = logps.shape
     if k != options.num_responses:
-        raise ValueError(f"logps: expected {options.num_responses} rows (num_responses), got shape {tuple(logps.shape)}")
+        raise ValueError(f"logps: expected {options.num_responses} rows (num_responses), got shape "
+                         f"{tuple(logps.shape)}")
     if options.reference_free:
         if ref_logps is not None:
             raise ValueError("ref_logps: expected None with reference_free=True (reference log-probs are taken as 0), "

@@ -1,7 +1,7 @@
 """DPO trainer: preference pairs in, a policy trained with the fused DPO loss out (TRL's names and defaults)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -60,13 +60,7 @@ class DPOConfig(TrainingConfig):
 
     @property
     def options(self) -> DPOOptions:
-        loss_type = self.loss_type if isinstance(self.loss_type, str) else tuple(self.loss_type)
-        return DPOOptions(beta=self.beta, loss_type=loss_type,
-                          loss_weights=None if self.loss_weights is None else tuple(self.loss_weights),
-                          label_smoothing=self.label_smoothing, reference_free=self.reference_free,
-                          rpo_alpha=self.rpo_alpha, f_divergence_type=self.f_divergence_type,
-                          f_alpha_divergence_coef=self.f_alpha_divergence_coef, discopop_tau=self.discopop_tau,
-                          ld_alpha=self.ld_alpha, use_weighting=self.use_weighting, num_responses=self.num_responses)
+        return DPOOptions(**{f.name: getattr(self, f.name) for f in fields(DPOOptions)})
 
 
 class DPOTrainer(Trainer):
