@@ -38,6 +38,18 @@ def test_loss_inputs_follow_the_issue_layout():
                                                         TINY.hidden_size)
     assert bench.REGISTRY["dpo-long-pair"].make_inputs(TINY).hidden.shape[0] == 2
     assert bench.REGISTRY["dpo-long-pair"].issue_problem.tokens == 32768
+    ranking = bench.REGISTRY["dpo-ranking"]
+    assert ranking.make_inputs(TINY).hidden.shape[0] == 8 and ranking.issue_problem.tokens == 8192  # T=1024
+
+
+@pytest.mark.parametrize("op", ["dpo", "dpo-ranking"])
+def test_dpo_naive_and_fused_give_the_same_gradients(op):
+    """The naive baseline (Plackett-Luce on materialized logits; the sigmoid loss for pairs) computes what the
+    fused op does."""
+    x = bench.REGISTRY[op].make_inputs(TINY)
+    variants = bench.REGISTRY[op].modes["default"].variants
+    for fused, naive in zip(variants["fused"](x)(), variants["naive"](x)()):
+        torch.testing.assert_close(fused, naive, rtol=1e-4, atol=1e-6)
 
 
 def test_memory_is_measured_for_every_memory_target_reference():
