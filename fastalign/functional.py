@@ -183,8 +183,9 @@ def fused_linear_dpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
             ``sigmoid``, ``hinge``, ``ipo``, ``exo_pair``, ``nca_pair``, ``robust``, ``bco_pair``, ``sppo_hard``,
             ``aot``, ``aot_unpaired``, ``apo_zero``, ``apo_down``, ``discopop``, ``sft``, ``sigmoid_norm``; the loss is
             the ``loss_weights``-weighted sum of each type's mean. ``ipo`` and ``sigmoid_norm`` divide the log-ratio
-            scores by the completion lengths, as TRL. ``use_weighting`` (WPO) is not available yet: it needs the
-            per-row ``lse(2z)`` statistic (raises ValueError).
+            scores by the completion lengths, as TRL. ``use_weighting`` (WPO): each pair's loss times the detached
+            product of its responses' ``exp(mean over tokens of log p_y - log sum_v p_v^2)``, with ``lse(2z)``
+            computed in the same pass over the vocabulary (never from materialized logits).
         num_responses: K >= 2 responses per prompt, best first; K > 2: the Plackett-Luce ranking loss
             (``loss_type`` ``sigmoid``, plus ``sft``), equal to ``sigmoid`` at K = 2.
         average_log_prob: True: per-token means instead of sums, policy and reference alike (a sequence without
@@ -193,9 +194,9 @@ def fused_linear_dpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
         rpo_alpha: adds ``rpo_alpha *`` the mean NLL per chosen token (RPO). reference_free: reference log-probs 0.
         bco_state: ``RunningMean`` of ``bco_pair`` (TRL < 1.0's reward shift; None: no shift, TRL 1.x); the updated
             one is returned in ``bco_state``.
-        vocab_metrics: also compute TRL's ``entropy`` metric (the mean over completion tokens, one more elementwise
-            pass). ``logits/chosen``, ``logits/rejected`` and ``mean_token_accuracy`` need per-row statistics (sum of
-            logits, arg-max) that this build does not compute yet.
+        vocab_metrics: also compute TRL's metrics over the vocabulary, from per-row statistics of the same pass:
+            ``entropy`` (completion tokens), ``logits/chosen``, ``logits/rejected`` (mean untempered logit of the
+            best / worst responses' tokens), ``mean_token_accuracy`` (arg-max == target on the best responses).
         temperature: positive divisor of the logits, policy and reference alike.
         num_pairs, num_chosen_tokens: the normalizers over the whole accumulated batch (gradient accumulation, data
             parallel), an int or a one-element tensor: each loss type's mean is ``sum / num_pairs`` and the chosen
@@ -209,8 +210,8 @@ def fused_linear_dpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
         bco_state)``: ``loss`` a scalar differentiable w.r.t. ``hidden``, ``weight`` and ``bias``; the rewards
         ``beta * (policy - reference)`` and sequence log-probs of the best and worst responses ``[B]`` and of all
         ``[K, B]``; ``metrics`` with TRL's names ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``,
-        ``rewards/margins``, ``logps/chosen``, ``logps/rejected``, ``nll_loss`` (sft / RPO), ``entropy``
-        (``vocab_metrics``), and ``rewards/ranking_accuracy`` for K > 2. All but ``loss`` are detached, fp32
+        ``rewards/margins``, ``logps/chosen``, ``logps/rejected``, ``nll_loss`` (sft / RPO), those of
+        ``vocab_metrics``, and ``rewards/ranking_accuracy`` for K > 2. All but ``loss`` are detached, fp32
         (float64 for float64 inputs).
     """
     options = DPOOptions(beta=beta, loss_type=loss_type if isinstance(loss_type, str) else tuple(loss_type),
@@ -219,9 +220,6 @@ def fused_linear_dpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
                          f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
                          discopop_tau=discopop_tau, ld_alpha=ld_alpha, use_weighting=use_weighting,
                          num_responses=num_responses)
-    if options.use_weighting:
-        raise ValueError("use_weighting: WPO weights need the per-row statistic lse(2z) computed in the pass over "
-                         "the vocabulary, which this build does not compute yet; got True")
     validate_preference_layout(hidden, targets, options.num_responses)
     inputs, opts = prepare_linear(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
                                   backend=backend, chunk_size=chunk_size, check_finite=check_finite,

@@ -97,10 +97,21 @@ def reference_tokens(hidden, weight, targets, bias=None, *, temperature=1.0):
     return reference_logprobs(hidden, weight, targets, bias, temperature=temperature)[0]
 
 
+def reference_logits(hidden, weight, bias, temperature):
+    """Float64 tempered logits ``[K*B, T, V]``."""
+    return ((hidden.double() @ weight.double().T) + (0 if bias is None else bias.double())) / temperature
+
+
 def reference_dpo(hidden, weight, targets, bias, reference, options, *, average, temperature=1.0, bco_state=None):
     """``(DPOResult, logps [K, B])`` in float64: log-probs from materialized logits, the loss of
-    ``dpo_sequence_loss`` (itself checked against TRL's code in test_objectives_dpo_trl.py)."""
+    ``dpo_sequence_loss`` (itself checked against TRL's code in test_objectives_dpo_trl.py); WPO's
+    ``log sum_v p_v^2`` from the materialized logits too."""
     tokens = reference_tokens(hidden, weight, targets, bias, temperature=temperature)
+    denoms = None
+    if options.use_weighting:
+        with torch.no_grad():
+            denoms = torch.logsumexp(2 * torch.log_softmax(reference_logits(hidden, weight, bias, temperature), -1),
+                                     -1)
     mask = targets != -100
     if isinstance(reference, tuple):  # computed: the reference model's token log-probs
         ref_tokens = reference_tokens(*(None if t is None else t.double() for t in reference[:2]), targets,
@@ -109,7 +120,8 @@ def reference_dpo(hidden, weight, targets, bias, reference, options, *, average,
         reference = sequence_logps(ref_tokens, mask, options, average_log_prob=average)
     elif reference is not None:
         reference = reference.double()
-    return dpo_sequence_loss(tokens, mask, reference, options, average_log_prob=average, bco_state=bco_state)
+    return dpo_sequence_loss(tokens, mask, reference, options, average_log_prob=average, bco_state=bco_state,
+                             token_log_denoms=denoms)
 
 
 def make_reference(kind, hidden, weight, targets, bias, options, *, average, temperature=1.0):
@@ -128,10 +140,6 @@ def make_reference(kind, hidden, weight, targets, bias, options, *, average, tem
     if options.num_responses == 2:
         return dict(ref_chosen_logps=logps[0], ref_rejected_logps=logps[1]), logps
     return dict(ref_logps=logps), logps
-
-
-OPTION_NAMES = ("beta", "loss_type", "loss_weights", "label_smoothing", "rpo_alpha", "f_divergence_type",
-                "f_alpha_divergence_coef", "discopop_tau", "ld_alpha", "num_responses")
 
 
 def check_dpo(engine, hidden, weight, targets, bias=None, *, reference="computed", average_log_prob=None,
@@ -167,11 +175,22 @@ def check_dpo(engine, hidden, weight, targets, bias=None, *, reference="computed
         assert got.dtype == torch.float32 and not got.requires_grad, name
         close(got, want, name)
     want_metrics = dpo_metrics(expected, logps)
-    if vocab_metrics:
-        ent = reference_logprobs(theirs["hidden"], theirs["weight"], targets, theirs["bias"],
-                                 temperature=temperature)[1]
-        mask = targets != -100
-        want_metrics["entropy"] = (ent * mask).sum() / mask.sum().clamp(min=1)
+    top2_gaps = None
+    if vocab_metrics:  # TRL's metrics over the vocabulary, from the materialized float64 logits
+        with torch.no_grad():
+            z = reference_logits(theirs["hidden"], theirs["weight"], theirs["bias"], temperature)
+            mask = targets != -100
+            rank = torch.arange(k).repeat_interleave(b)[:, None].expand_as(mask)
+            ent = reference_logprobs(theirs["hidden"], theirs["weight"], targets, theirs["bias"],
+                                     temperature=temperature)[1]
+            top2 = z.topk(min(2, z.shape[-1]), dim=-1).values
+            top2_gaps = (top2[..., 0] - top2[..., -1])[mask & (rank == 0)]
+            correct = z.argmax(-1) == targets
+            for name, m in zip(("logits/chosen", "logits/rejected"), (rank == 0, rank == k - 1)):
+                want_metrics[name] = (z.mean(-1) * temperature * (mask & m)).sum() / (mask & m).sum().clamp(min=1)
+            want_metrics["entropy"] = (ent * mask).sum() / mask.sum().clamp(min=1)
+            best = mask & (rank == 0)
+            want_metrics["mean_token_accuracy"] = (correct & best).sum() / best.sum().clamp(min=1)
     assert set(out.metrics) == set(want_metrics)
     assert TRL_METRICS <= set(out.metrics)
     i, j = torch.triu_indices(k, k, offset=1)
@@ -185,6 +204,11 @@ def check_dpo(engine, hidden, weight, targets, bias=None, *, reference="computed
             assert_share_close(value, margins > 0, ambiguous, name)
         elif name == "rewards/ranking_accuracy":
             assert_share_close(value, (margins > 0).all(0), ambiguous.any(0), name)
+        elif name == "mean_token_accuracy":  # arg-max: tokens whose two top logits are within noise may go either way
+            best = (targets != -100)[:b]
+            flags = (reference_logits(theirs["hidden"], theirs["weight"], theirs["bias"], temperature).argmax(-1)
+                     == targets)[:b][best]
+            assert_share_close(value, flags, top2_gaps <= 1e-4, name)
         else:
             close(value, want_metrics[name], name)
 
@@ -196,7 +220,8 @@ def check_dpo(engine, hidden, weight, targets, bias=None, *, reference="computed
             assert g.dtype == ours[name].dtype and g.shape == ours[name].shape, name
             torch.testing.assert_close(g.double(), w, **(grad_tol or tol), msg=lambda m: f"grad {name}: {m}")
         if engine.strategy is not None:
-            coupled = bool({"aot", "aot_unpaired"} & set(options.loss_types)) or bco_state is not None
+            coupled = (bool({"aot", "aot_unpaired"} & set(options.loss_types)) or bco_state is not None
+                       or (options.use_weighting and "sft" in options.loss_types))
             expected_fused = engine.strategy == "pairs" and bool((targets != -100).any()) and not coupled
             assert bool(engine.fused_calls) == expected_fused, f"strategy {engine.strategy} did not run"
     return out
@@ -244,7 +269,9 @@ def trl_check(engine, loss_type, *, seed=0, **kwargs):
     tokens = reference_tokens(theirs, weight.double(), targets, bias.double())
     types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     trl_kwargs = {k: v for k, v in kwargs.items() if k != "loss_weights"}
-    expected = trl_dpo(tokens, ref_tokens, mask, types, kwargs.get("loss_weights"), beta=0.5, **trl_kwargs)[0]
+    logits = reference_logits(theirs, weight, bias, 1.0).detach() if kwargs.get("use_weighting") else None
+    expected = trl_dpo(tokens, ref_tokens, mask, types, kwargs.get("loss_weights"), beta=0.5, logits=logits,
+                       **trl_kwargs)[0]
     torch.testing.assert_close(out.loss.double(), expected.detach(), **F32)
     torch.testing.assert_close(torch.autograd.grad(out.loss, leaf)[0].double(),
                                torch.autograd.grad(expected, theirs)[0], **F32)
@@ -294,9 +321,26 @@ def test_bco_pair_running_mean_through_the_op(engine):
         state = out.bco_state
 
 
-def test_entropy_metric(engine):
-    hidden, weight, bias, targets = make_batch(2, 6, 16, 23, bias=True)
-    check_dpo(engine, hidden, weight, targets, bias, vocab_metrics=True, temperature=0.8)
+@pytest.mark.parametrize("responses", [2, 3])
+def test_vocabulary_metrics(engine, responses):
+    """entropy, logits/chosen, logits/rejected, mean_token_accuracy from the pass's row statistics."""
+    hidden, weight, bias, targets = make_batch(2, 6, 16, 23, bias=True, responses=responses)
+    weight = weight * 4  # peaked distributions: some arg-max hits
+    out = check_dpo(engine, hidden, weight, targets, bias, vocab_metrics=True, temperature=0.8,
+                    num_responses=responses)
+    assert {"entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy"} <= set(out.metrics)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", ["sigmoid", "bco_pair", "sft"], "ipo"])
+def test_wpo_weighting(engine, loss_type):
+    """use_weighting: TRL's WPO weights from lse(2z) computed in the pass, against materialized float64 logits."""
+    hidden, weight, bias, targets = make_batch(3, 7, 16, 29, bias=True)
+    check_dpo(engine, hidden, weight, targets, bias, loss_type=loss_type, use_weighting=True, beta=0.5,
+              temperature=0.9, vocab_metrics=True)
+
+
+def test_wpo_matches_trl(engine):
+    trl_check(engine, ["sigmoid", "sft"], use_weighting=True)
 
 
 @pytest.mark.parametrize("layout", ["chosen_fully_masked", "one_pair", "one_token", "nothing_to_learn"])
@@ -499,8 +543,6 @@ class TestBadInput:
     def test_bad_options(self):
         with pytest.raises(ValueError, match="loss_type: expected names from"):
             self.call(loss_type="kto")
-        with pytest.raises(ValueError, match="use_weighting: WPO weights need the per-row statistic lse"):
-            self.call(use_weighting=True)
         with pytest.raises(ValueError, match="label_smoothing: expected \\[0.0, 0.5\\) for loss_type 'sigmoid'"):
             self.call(label_smoothing=0.5)
         with pytest.raises(TypeError, match="bco_state: expected a RunningMean or None, got tuple"):

@@ -1,4 +1,5 @@
-"""DPOTrainer with TRL's other DPO options (weighted loss lists, f-divergence, LD-DPO, WPO) and ranked records."""
+"""DPOTrainer with TRL's other DPO options (weighted loss lists, f-divergence, LD-DPO, WPO) and ranked records:
+the fused and the reference backends agree."""
 from __future__ import annotations
 
 import pytest
@@ -41,7 +42,8 @@ def both_backends(tmp_path, data, **options):
     (loss_f, metrics_f, grads_f), (loss_r, metrics_r, grads_r) = results
     torch.testing.assert_close(loss_f, loss_r, rtol=1e-5, atol=1e-6)
     assert metrics_f.keys() == metrics_r.keys()
-    for key in metrics_f:
+    # step functions of values within noise may differ (the accuracies, arg-max): compared in test_dpo.py
+    for key in metrics_f.keys() - {"rewards/accuracies", "rewards/ranking_accuracy", "mean_token_accuracy"}:
         assert metrics_f[key] == pytest.approx(metrics_r[key], rel=1e-4, abs=1e-5), key
     for g_f, g_r in zip(grads_f, grads_r):
         torch.testing.assert_close(g_f, g_r, rtol=1e-4, atol=1e-5)
@@ -63,15 +65,10 @@ def test_ranked_records_train_with_the_ranking_loss(tmp_path):
     assert "rewards/ranking_accuracy" in history[-1]
 
 
-def test_wpo_runs_on_the_reference_backend_and_is_refused_by_the_fused_one(tmp_path):
-    model, tok = tiny()
-    trainer = DPOTrainer(model, tok, TASK.preference_data(4, seed=1),
-                         config(tmp_path, loss_backend="reference", use_weighting=True))
-    ref = trainer.reference_logps(trainer.train_pairs, [[0, 1, 2, 3]])
-    loss, _ = trainer.compute_loss(trainer.batch(trainer.train_pairs, [0, 1, 2, 3], ref))
-    assert torch.isfinite(loss)
-    with pytest.raises(ValueError, match="use_weighting: .* loss_backend='reference'"):
-        config(tmp_path, use_weighting=True)
+def test_wpo_on_both_backends(tmp_path):
+    metrics = both_backends(tmp_path, TASK.preference_data(4, seed=1), loss_type=["sigmoid", "sft"],
+                            use_weighting=True)
+    assert {"logits/chosen", "logits/rejected", "mean_token_accuracy"} <= set(metrics)
 
 
 def test_bad_ranked_records(tmp_path):

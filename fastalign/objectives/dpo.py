@@ -547,3 +547,24 @@ def dpo_metrics(result: DPOResult, logps: Tensor) -> dict[str, Tensor]:
     if result.nll is not None:
         metrics["nll_loss"] = result.nll.detach()
     return metrics
+
+
+VOCABULARY_METRICS = ("logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy")
+
+
+def vocabulary_metrics(logit_means: Tensor, entropy: Tensor, correct: Tensor, rank: Tensor,
+                       num_responses: int) -> dict[str, Tensor]:
+    """TRL's metrics over the vocabulary (``VOCABULARY_METRICS``), from per-token values of the completion tokens.
+
+    All ``[M]``: logit_means, the mean over the vocabulary of each token's logits; entropy; correct, whether its
+    arg-max is its target; rank, the rank of its response (0 the best). ``logits/chosen`` and ``logits/rejected``
+    are token means over the best and the worst responses, ``entropy`` over every completion token,
+    ``mean_token_accuracy`` over the best responses' tokens (TRL: the chosen ones); 0 where there is no token.
+    """
+    def mean(values: Tensor, where: Tensor) -> Tensor:
+        return (values * where).sum() / where.sum().clamp(min=1)
+
+    best, worst = rank == 0, rank == num_responses - 1
+    return dict(zip(VOCABULARY_METRICS, (mean(logit_means, best), mean(logit_means, worst),
+                                         mean(entropy, torch.ones_like(best)),
+                                         mean(correct.to(logit_means.dtype), best))))

@@ -6,7 +6,8 @@ responses of B pairs, then the rejected ones). Only completion tokens (target !=
 prompt by prompt (its K responses one after the other): a prompt's rows are one group of the engine, so the torch
 backend makes one pass of whole groups (three matmuls) where a group fits the memory budget, else two passes; the
 losses that couple the whole batch (``aot`` and ``aot_unpaired`` sort it, ``bco_pair``'s running mean averages it)
-take two passes. A reference model's log-probs are computed forward only, on the same rows.
+and WPO-weighted ``sft`` take two passes. A reference model's log-probs are computed forward only, on the same
+rows.
 """
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..objectives.dpo import DPOOptions, DPOResult, RunningMean, dpo_metrics, dpo_sequence_loss, sequence_logps
+from ..objectives.dpo import (VOCABULARY_METRICS, DPOOptions, DPOResult, RunningMean, dpo_metrics, dpo_sequence_loss,
+                              sequence_logps, vocabulary_metrics)
 from .engine import Coupling, RowValues, fused_rows_loss
 from .linear import LinearOptions
-from .torch_backend import compute_dtype
+from .torch_backend import RowStats, RowStatsSpec, compute_dtype
 from .validation import FLOAT_DTYPES, LinearInputs, require_finite, require_same_device, require_shape, require_tensor
 
 BATCH_COUPLED_LOSS_TYPES = frozenset({"aot", "aot_unpaired"})
@@ -41,8 +43,11 @@ class DPOConfig:
 
     @property
     def batch_coupled(self) -> bool:
+        """Whether a group's gradient depends on other groups' log-probs: sorting (aot), the running mean (bco_pair
+        with a state), WPO's weights on the batch-wide sft term (the chosen NLL times the mean pair weight)."""
         types = set(self.options.loss_types)
-        return bool(types & BATCH_COUPLED_LOSS_TYPES) or (self.bco_state is not None and "bco_pair" in types)
+        return (bool(types & BATCH_COUPLED_LOSS_TYPES) or (self.bco_state is not None and "bco_pair" in types)
+                or (self.options.use_weighting and "sft" in types))
 
 
 class PreferenceRows(NamedTuple):
@@ -100,22 +105,33 @@ def fused_dpo_loss(inputs: LinearInputs, opts: LinearOptions, config: DPOConfig,
     elif reference is not None:
         reference = reference.to(dtype)
 
-    def loss_of(logprobs: Tensor) -> tuple[DPOResult, Tensor]:
+    def loss_of(logprobs: Tensor, stats: RowStats | None) -> tuple[DPOResult, Tensor]:
+        # WPO: log sum_v p_v^2 = lse(2z) - 2 lse(z) of each completion token, from the pass's row statistics
+        denoms = None if not options.use_weighting else rows.as_batch((stats.lse2 - 2 * stats.lse).detach())
         return dpo_sequence_loss(rows.as_batch(logprobs), rows.mask, reference, options,
                                  average_log_prob=config.average_log_prob, num_pairs=config.num_pairs,
-                                 num_chosen_tokens=config.num_chosen_tokens, bco_state=config.bco_state)
+                                 num_chosen_tokens=config.num_chosen_tokens, token_log_denoms=denoms,
+                                 bco_state=config.bco_state)
 
     def loss_fn(values: RowValues) -> Tensor:
-        return loss_of(values.logprobs)[0].loss
+        return loss_of(values.logprobs, values.stats)[0].loss
 
     coupling: Coupling = None if config.batch_coupled else rows.group_rows
+    spec = RowStatsSpec(lse2=options.use_weighting, logit_sum=config.vocab_metrics, argmax=config.vocab_metrics)
     out = fused_rows_loss(inputs, opts, loss_fn, rows=rows.index, coupling=coupling,
-                          with_entropy=config.vocab_metrics)
+                          with_entropy=config.vocab_metrics, spec=spec)
     with torch.no_grad():
-        result, logps = loss_of(out.logprobs)
+        result, logps = loss_of(out.logprobs, out.stats)
         metrics = dpo_metrics(result, logps)
-        if config.vocab_metrics:  # TRL's: the mean over every completion token
-            metrics["entropy"] = out.entropy.sum() / max(out.entropy.numel(), 1)
+        if config.vocab_metrics and out.stats is not None:
+            vocab = inputs.weight.shape[0] if opts.shard is None else opts.shard.vocab_size
+            rank = torch.div(rows.index, rows.mask.numel() // options.num_responses, rounding_mode="floor")
+            correct = out.stats.argmax == inputs.targets[rows.index]
+            # TRL's logits/* are of the untempered logits: the tempered sum times the temperature
+            metrics.update(vocabulary_metrics(out.stats.logit_sum * (opts.temperature / vocab), out.entropy,
+                                              correct, rank, options.num_responses))
+        elif config.vocab_metrics:  # no completion token at all
+            metrics.update({name: logps.new_zeros(()) for name in VOCABULARY_METRICS})
     return DPOLossOutput(out.loss, result.chosen_rewards, result.rejected_rewards, logps[0], logps[-1], metrics,
                          result.rewards, logps, result.bco_state)
 

@@ -20,6 +20,7 @@ shard's. Rows that are not selected get no logits and a zero ``d hidden``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -43,8 +44,9 @@ terms over consecutive rows, e.g. pairs or sequences), or None (the whole batch,
 
 class RowValues(NamedTuple):
     """What a loss function receives: the log-probs and entropy (0 at ignored rows), differentiable, and the row
-    statistics (detached; None in the one-pass plan, whose chunks keep them to themselves), ``[M]`` each, or only
-    those of the selected rows ``rows`` (a slice of the M) when ``rows`` is not None."""
+    statistics (detached; in the one-pass plan only those of ``fused_rows_loss``'s ``spec``, 0 at rows not yet
+    computed), ``[M]`` each, or only those of the selected rows ``rows`` (a slice of the M) when ``rows`` is not
+    None."""
 
     logprobs: Tensor
     entropy: Tensor | None
@@ -65,6 +67,7 @@ class EngineOutput(NamedTuple):
     loss: Tensor
     logprobs: Tensor
     entropy: Tensor | None
+    stats: RowStats | None = None  # the row statistics (with those of ``spec``); None when no row is selected
 
 
 def whole_group_chunks(group_rows: Sequence[int], vocab_size: int, chunk_size: int | None,
@@ -117,9 +120,13 @@ class _Plan(NamedTuple):
     targets: Tensor  # [M] targets of the selected rows
     loss_fn: LossFn
     chunks: list[slice] | str | None  # one pass over these chunks ("token": any), None: two passes
-    with_entropy: bool
+    spec: RowStatsSpec  # the statistics to compute (entropy: for the loss or the metrics)
     opts: LinearOptions
-    outputs: list  # filled by the forward: [logprobs, entropy]
+    outputs: list  # filled by the forward: [logprobs, entropy, stats]
+
+    @property
+    def with_entropy(self) -> bool:
+        return self.spec.entropy
 
 
 class _EngineLoss(torch.autograd.Function):
@@ -141,25 +148,30 @@ class _EngineLoss(torch.autograd.Function):
             with torch.no_grad():
                 loss = plan.loss_fn(RowValues(empty, empty if plan.with_entropy else None, None))
             ctx.one_pass, ctx.present = True, [False, False, False]
-            plan.outputs[:] = [empty, empty if plan.with_entropy else None]
+            plan.outputs[:] = [empty, empty if plan.with_entropy else None, None]
             return loss.detach()
         if ctx.one_pass:
             logprobs = torch.zeros(targets.shape, dtype=torch_backend.compute_dtype(hidden.dtype),
                                    device=hidden.device)
             entropy = torch.zeros_like(logprobs) if plan.with_entropy else None
+            seen: dict[int, Tensor] = {}  # statistics of the rows computed so far (0 elsewhere), by field
 
-            def token_grads(rows: slice, lp: Tensor, ent: Tensor | None, _stats: RowStats):
+            def token_grads(rows: slice, lp: Tensor, ent: Tensor | None, stats: RowStats):
                 if plan.chunks == "token":  # the chunk's terms alone
-                    return _loss_and_grads(plan.loss_fn, lp, ent, None, valid[rows], rows)[1:]
+                    return _loss_and_grads(plan.loss_fn, lp, ent, stats, valid[rows], rows)[1:]
                 logprobs[rows] = lp
                 if entropy is not None:
                     entropy[rows] = ent
-                _, grad_lp, grad_ent = _loss_and_grads(plan.loss_fn, logprobs, entropy, None, valid)
+                for field, value in enumerate(stats):
+                    if value is not None:
+                        seen.setdefault(field, value.new_zeros(targets.shape))[rows] = value
+                stats = RowStats(*(seen.get(field) for field in range(len(stats))))
+                _, grad_lp, grad_ent = _loss_and_grads(plan.loss_fn, logprobs, entropy, stats, valid)
                 return grad_lp[rows], None if grad_ent is None else grad_ent[rows]
 
             out = torch_backend.linear_logprobs_fused(
                 rows_hidden, weight, bias, targets, token_grads, inv_temperature=opts.inv_temperature,
-                ignore_index=opts.ignore_index, spec=RowStatsSpec(entropy=plan.with_entropy),
+                ignore_index=opts.ignore_index, spec=plan.spec,
                 need_grad_hidden=need["need_hidden"],
                 need_grad_weight=need["need_weight"], need_grad_bias=need["need_bias"], chunk_size=opts.chunk_size,
                 chunks=None if plan.chunks == "token" else plan.chunks, shard=opts.shard)
@@ -167,17 +179,17 @@ class _EngineLoss(torch.autograd.Function):
             ctx.present = [g is not None for g in grads]
             ctx.save_for_backward(*(g for g in grads if g is not None))
             with torch.no_grad():
-                loss = plan.loss_fn(RowValues(out.logprobs, out.entropy, None))
-            plan.outputs[:] = [out.logprobs, out.entropy]
+                loss = plan.loss_fn(RowValues(out.logprobs, out.entropy, out.stats))
+            plan.outputs[:] = [out.logprobs, out.entropy, out.stats]
         else:
-            stats = lse_forward(rows_hidden, weight, bias, targets, opts, spec=RowStatsSpec(entropy=plan.with_entropy))
+            stats = lse_forward(rows_hidden, weight, bias, targets, opts, spec=plan.spec)
             logprobs, entropy = token_outputs(stats, valid, plan.with_entropy)
             loss, grad_lp, grad_ent = _loss_and_grads(plan.loss_fn, logprobs, entropy, stats, valid)
             ctx.has_grad_entropy = grad_ent is not None
             saved_rows = () if plan.rows is None else (plan.rows,)
             ctx.save_for_backward(hidden, weight, bias, *stats_tensors(stats), grad_lp,
                                   *((grad_ent,) if grad_ent is not None else ()), *saved_rows)
-            plan.outputs[:] = [logprobs, entropy]
+            plan.outputs[:] = [logprobs, entropy, stats]
         return loss.detach()
 
     @staticmethod
@@ -211,7 +223,8 @@ def stats_tensors(stats: RowStats) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def fused_rows_loss(inputs: LinearInputs, opts: LinearOptions, loss_fn: LossFn, *, rows: Tensor | None = None,
-                    coupling: Coupling = "token", with_entropy: bool = False) -> EngineOutput:
+                    coupling: Coupling = "token", with_entropy: bool = False,
+                    spec: RowStatsSpec = RowStatsSpec()) -> EngineOutput:
     """The loss ``loss_fn`` of the per-token values of rows ``rows`` of the lm_head problem ``inputs``.
 
     Args:
@@ -221,29 +234,31 @@ def fused_rows_loss(inputs: LinearInputs, opts: LinearOptions, loss_fn: LossFn, 
             ``N`` rows in order.
         coupling: ``"token"``, a list of group sizes in row order (summing to M), or None (see ``Coupling``).
         with_entropy: compute the entropy (for the loss or only for metrics).
+        spec: further row statistics to compute in the same pass (``lse2``, ``logit_sum``, ``argmax``), for the
+            loss (``values.stats``, detached) or the metrics (``EngineOutput.stats``).
 
     Returns:
-        ``EngineOutput(loss, logprobs [M], entropy [M] | None)``: the loss differentiable w.r.t. ``inputs.hidden``,
-        ``inputs.weight`` and ``inputs.bias``; the per-row values detached (fp32, float64 for float64 inputs).
+        ``EngineOutput(loss, logprobs [M], entropy [M] | None, stats)``: the loss differentiable w.r.t.
+        ``inputs.hidden``, ``inputs.weight`` and ``inputs.bias``; the per-row values detached (fp32, float64 for
+        float64 inputs).
     """
+    spec = replace(spec, entropy=with_entropy)
     targets = inputs.targets if rows is None else inputs.targets[rows]
     hidden, weight, bias = inputs.hidden, inputs.weight, inputs.bias
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if not needs_grad:
-        stats = lse_forward(hidden if rows is None else hidden[rows], weight, bias, targets, opts,
-                            spec=RowStatsSpec(entropy=with_entropy))
+        stats = lse_forward(hidden if rows is None else hidden[rows], weight, bias, targets, opts, spec=spec)
         logprobs, entropy = token_outputs(stats, targets != opts.ignore_index, with_entropy)
         with torch.no_grad():
             loss = loss_fn(RowValues(logprobs, entropy, stats))
-        return EngineOutput(loss, logprobs, entropy)
+        return EngineOutput(loss, logprobs, entropy, stats)
     chunks = None
     if opts.backend == "torch" and targets.numel() > 0:
         if coupling == "token":
             chunks = "token"
         elif coupling is not None:
             width = weight.shape[0] if opts.shard is None else opts.shard.widest_shard
-            chunks = whole_group_chunks(list(coupling), width, opts.chunk_size, buffers=2 if with_entropy else 1)
-    plan = _Plan(rows, targets, loss_fn, chunks, with_entropy, opts, [])
+            chunks = whole_group_chunks(list(coupling), width, opts.chunk_size, buffers=2 if spec.any_extra else 1)
+    plan = _Plan(rows, targets, loss_fn, chunks, spec, opts, [])
     loss = _EngineLoss.apply(hidden, weight, bias, plan)
-    logprobs, entropy = plan.outputs
-    return EngineOutput(loss, logprobs, entropy)
+    return EngineOutput(loss, *plan.outputs)

@@ -20,8 +20,8 @@ class DPOConfig(TrainingConfig):
 
     ``loss_type``: a name or a list of names of ``fastalign.objectives.dpo.DPO_LOSS_TYPES``, with ``loss_weights``;
     ``f_divergence_type``, ``f_alpha_divergence_coef``, ``discopop_tau``, ``ld_alpha``, ``label_smoothing``,
-    ``rpo_alpha``, ``reference_free``: as TRL (formulas: ``fastalign.objectives.dpo``). ``use_weighting`` (WPO)
-    needs ``loss_backend="reference"`` for now. ``num_responses > 2``: ranked records ``{"prompt", "completions":
+    ``rpo_alpha``, ``reference_free``: as TRL (formulas: ``fastalign.objectives.dpo``). ``use_weighting``: WPO.
+    ``num_responses > 2``: ranked records ``{"prompt", "completions":
     [best, ..., worst]}`` and the Plackett-Luce loss. ``max_length``: prompt + response tokens;
     ``max_prompt_length``: prompt tokens (the prompt keeps its end, the responses their start). Reference log-probs
     (sums over the completion, as TRL precomputes them) are computed when ``train()`` starts, for the batches of
@@ -46,9 +46,6 @@ class DPOConfig(TrainingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(self, "use_weighting", not (self.use_weighting and self.loss_backend == "fused"),
-                "False with loss_backend='fused' (WPO needs the per-row lse(2z) statistic, not in the fused ops "
-                "yet; use loss_backend='reference')")
         for name in ("max_length", "max_prompt_length"):
             require(self, name, getattr(self, name) is None or getattr(self, name) >= 1, "None or an int >= 1")
         require(self, "max_prompt_length", None in (self.max_length, self.max_prompt_length)
