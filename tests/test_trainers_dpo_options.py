@@ -42,8 +42,8 @@ def both_backends(tmp_path, data, **options):
     (loss_f, metrics_f, grads_f), (loss_r, metrics_r, grads_r) = results
     torch.testing.assert_close(loss_f, loss_r, rtol=1e-5, atol=1e-6)
     assert metrics_f.keys() == metrics_r.keys()
-    # step functions of values within noise may differ (the accuracies, arg-max): compared in test_dpo.py
-    for key in metrics_f.keys() - {"rewards/accuracies", "rewards/ranking_accuracy", "mean_token_accuracy"}:
+    # step functions of values within noise may differ (the accuracies): compared in test_dpo.py
+    for key in metrics_f.keys() - {"rewards/accuracies", "rewards/ranking_accuracy"}:
         assert metrics_f[key] == pytest.approx(metrics_r[key], rel=1e-4, abs=1e-5), key
     for g_f, g_r in zip(grads_f, grads_r):
         torch.testing.assert_close(g_f, g_r, rtol=1e-4, atol=1e-5)
@@ -53,7 +53,7 @@ def both_backends(tmp_path, data, **options):
 def test_list_loss_f_divergence_and_ld_dpo(tmp_path):
     metrics = both_backends(tmp_path, TASK.preference_data(4, seed=1), loss_type=["sigmoid", "sft", "ipo"],
                             loss_weights=[0.8, 1.0, 0.3], f_divergence_type="js_divergence", ld_alpha=0.5)
-    assert {"nll_loss", "entropy", "rewards/accuracies"} <= set(metrics)
+    assert {"nll_loss", "rewards/accuracies"} <= set(metrics)
 
 
 def test_ranked_records_train_with_the_ranking_loss(tmp_path):
@@ -68,7 +68,7 @@ def test_ranked_records_train_with_the_ranking_loss(tmp_path):
 def test_wpo_on_both_backends(tmp_path):
     metrics = both_backends(tmp_path, TASK.preference_data(4, seed=1), loss_type=["sigmoid", "sft"],
                             use_weighting=True)
-    assert {"logits/chosen", "logits/rejected", "mean_token_accuracy"} <= set(metrics)
+    assert "nll_loss" in metrics
 
 
 def test_bad_ranked_records(tmp_path):

@@ -70,7 +70,9 @@ class DPOTrainer(Trainer):
     does 10 steps' reference forwards, not the whole dataset's). One step = ``gradient_accumulation_steps``
     micro-batches of ``per_device_train_batch_size``
     pairs on each rank; the loss is the mean over the step's pairs on all ranks (the RPO term over their chosen
-    tokens), so N ranks x b pairs give the gradient of one process x N*b pairs.
+    tokens), so N ranks x b pairs give the gradient of one process x N*b pairs. Logged: TRL's reward and log-prob
+    metrics; not yet its metrics over the vocabulary (token means, which need token-weighted averaging over
+    micro-batches and ranks).
     """
 
     name = "dpo"

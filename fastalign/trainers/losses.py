@@ -11,7 +11,7 @@ from torch import Tensor
 from ..functional import (fused_linear_dpo_loss, fused_linear_grpo_loss, fused_linear_kto_loss, fused_linear_logprobs,
                           fused_linear_ppo_loss)
 from ..objectives.aggregation import aggregation_weights
-from ..objectives.dpo import DPOOptions, dpo_metrics, dpo_sequence_loss, vocabulary_metrics
+from ..objectives.dpo import DPOOptions, dpo_metrics, dpo_sequence_loss
 from ..objectives.grpo import GRPOLossConfig, grpo_loss as grpo_objective
 from ..objectives.kto import KTOOptions, kto_loss as kto_objective, kto_metrics
 from ..objectives.ppo import (PPOLossConfig, PPOTokens, ValueHeadInputs, policy_loss_value, ppo_metrics,
@@ -43,9 +43,10 @@ def token_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets:
 def dpo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, ref_logps: Tensor | None,
              options: DPOOptions, backend: str, *, num_pairs: int | Tensor | None = None,
              num_chosen_tokens: int | Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """DPO loss and TRL metrics (with those over the vocabulary) of ``B`` groups of K responses:
-    ``hidden [K*B, T, H]``, ``targets [K*B, T]`` (best rows first), reference log-probs ``[K, B]`` (sums; None with
-    ``reference_free``).
+    """DPO loss and TRL metrics of ``B`` groups of K responses: ``hidden [K*B, T, H]``, ``targets [K*B, T]`` (best
+    rows first), reference log-probs ``[K, B]`` (sums; None with ``reference_free``). Not the metrics over the
+    vocabulary: they are token means, which the trainers' metric averaging (over micro-batches and ranks) would
+    weigh wrongly.
     ``num_pairs``, ``num_chosen_tokens``: divisors of the pair losses' sum and of the chosen NLL (default: this
     batch's groups and chosen tokens, the means)."""
     if backend == "fused":
@@ -56,23 +57,15 @@ def dpo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tenso
             f_alpha_divergence_coef=o.f_alpha_divergence_coef, discopop_tau=o.discopop_tau, ld_alpha=o.ld_alpha,
             use_weighting=o.use_weighting, num_responses=o.num_responses, rpo_alpha=o.rpo_alpha,
             reference_free=o.reference_free, num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens,
-            vocab_metrics=True, check_finite=False)
+            check_finite=False)
         return out.loss, out.metrics
-    logits = F.linear(hidden, weight, bias).float()
-    logp = torch.log_softmax(logits, dim=-1)
+    logp = torch.log_softmax(F.linear(hidden, weight, bias).float(), dim=-1)
     mask = targets != IGNORE_INDEX
     logprobs = logp.gather(-1, targets.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0.0)
     denoms = torch.logsumexp(2.0 * logp.detach(), dim=-1) if options.use_weighting else None  # log sum_v p_v^2
     result, logps = dpo_sequence_loss(logprobs, mask, ref_logps, options, num_pairs=num_pairs,
                                       num_chosen_tokens=num_chosen_tokens, token_log_denoms=denoms)
-    metrics = dpo_metrics(result, logps)
-    with torch.no_grad():
-        k = options.num_responses
-        rank = torch.arange(k, device=mask.device).repeat_interleave(mask.shape[0] // k)[:, None].expand_as(mask)
-        entropy = -(logp.exp() * logp).sum(-1)
-        correct = logits.argmax(-1) == targets
-        metrics.update(vocabulary_metrics(logits.mean(-1)[mask], entropy[mask], correct[mask], rank[mask], k))
-    return result.loss, metrics
+    return result.loss, dpo_metrics(result, logps)
 
 
 def ppo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, old_logprobs: Tensor,
