@@ -485,6 +485,31 @@ def naive_dpo(x: DPOInputs) -> Step:
     return step
 
 
+def naive_wpo(x: DPOInputs) -> Step:
+    """TRL-style WPO-weighted sigmoid DPO (pairs) in plain PyTorch: materialized logits, each pair's loss times the
+    detached ``exp`` of its responses' mean ``log p_y - log sum_v p_v^2``; forward + backward."""
+    hidden, weight = x.hidden.detach().requires_grad_(True), x.weight.detach().requires_grad_(True)
+    mask = x.targets != -100
+    index = x.targets.clamp(min=0).unsqueeze(-1)
+
+    def sums(h: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+        logp = torch.log_softmax((h @ w.T).float(), dim=-1)
+        token = logp.gather(-1, index).squeeze(-1)
+        aligned = ((token - torch.logsumexp(2 * logp, dim=-1)) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        return (token * mask).sum(-1), aligned.detach()
+
+    def step():
+        policy, log_weight = sums(hidden, weight)
+        with torch.no_grad():
+            ref = sums(x.ref_hidden, x.weight)[0]
+        chosen, rejected = (policy - ref).view(2, -1)
+        pair_weight = log_weight.view(2, -1).sum(0).exp()
+        loss = (pair_weight * -F.logsigmoid(DPO_BETA * (chosen - rejected))).mean()
+        return torch.autograd.grad(loss, [hidden, weight])
+
+    return step
+
+
 def liger_dpo(compiled: bool) -> VariantFactory:
     """Liger-Kernel's LigerFusedLinearDPOLoss (whole pairs per chunk), when installed."""
 
@@ -520,6 +545,12 @@ REGISTRY["dpo"] = OpBench(make_dpo_inputs, {
         "DPO fwd+bwd with the reference forward, chunk_size=256 (two passes)",
         {"fused": fused_dpo(chunk_size=256), "naive": naive_dpo, "5 matmuls": matmul_floor(5)},
         floor="5 matmuls", targets=(Target("time", "naive", 1.15), Target("memory", "naive", 0.10))),
+    "wpo": Mode(
+        "DPO with WPO weighting and TRL's vocabulary metrics (lse(2z), sum of logits, arg-max in the same pass)",
+        {"fused": fused_dpo(use_weighting=True, vocab_metrics=True), "plain sigmoid": fused_dpo(),
+         "naive": naive_wpo, "4 matmuls": matmul_floor(4)},
+        floor="4 matmuls",
+        targets=(Target("time", "plain sigmoid", 1.10), Target("memory", "plain sigmoid", 1.05))),
 })
 # One pair of T=16384 (32768 tokens, its default): naive needs >= 10x the memory of fused (~12 GB for naive).
 # A ranking of K=4 responses to B=2 prompts of T=1024 tokens (8192 tokens at its default problem).
