@@ -166,7 +166,8 @@ def _row_stats(z: Tensor, tgt: _Targets, spec: RowStatsSpec, id_start: int,
     Without optional statistics, ``z`` is replaced by ``log_softmax(z)``, or by ``p`` with ``softmax``: one fused
     row-wise log-softmax pass (each row is reduced while in cache) serves the lse, and one exp pass ``p``, cheaper
     than ``torch.logsumexp`` (several passes and a ``[C, V]`` temporary). With them, ``z`` is replaced by
-    ``log p`` and ``p`` is a new tensor; the lse comes from the row max (``log p`` there is small: no rounding of
+    ``log p`` (and ``p``, with ``softmax``, is a new tensor; without, the entropy and ``lse2`` form ``p`` a few rows
+    at a time); the lse comes from the row max (``log p`` there is small: no rounding of
     the size of ``|z|``), the entropy is ``-sum_v p_v log p_v`` (terms of one sign, not ``lse - E_p[z]``, a
     difference of two numbers of size ``|z|``), ``lse2 = 2 lse + log sum_v p_v^2``.
     """
@@ -180,15 +181,27 @@ def _row_stats(z: Tensor, tgt: _Targets, spec: RowStatsSpec, id_start: int,
     row_max, at_max = z.max(dim=1, keepdim=True)  # ties: the first (smallest) column
     torch._log_softmax(z, 1, False, out=z)  # z <- log p
     lse = (row_max - z.gather(1, at_max)).squeeze(1)
-    p = z.exp() if softmax or spec.entropy or spec.lse2 else None
-
-    def dot(a: Tensor, b: Tensor) -> Tensor:  # row-wise dot products [C], batched: no [C, tile] temporary
-        return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
-
-    return RowStats(lse, target_logit, dot(p, z).neg_() if spec.entropy else None,
-                    dot(p, p).log_().add_(2 * lse) if spec.lse2 else None, logit_sum,
+    p = z.exp() if softmax else None
+    entropy = sum_p2 = None
+    if spec.entropy or spec.lse2:  # without p: a few rows of it at a time, no second [C, tile] buffer
+        slices = [slice(None)] if p is not None else [slice(i, i + _STAT_ROWS) for i in range(0, len(z), _STAT_ROWS)]
+        parts = [(z[rows], p[rows] if p is not None else z[rows].exp()) for rows in slices]
+        if spec.entropy:
+            entropy = torch.cat([_dot(q, log_q) for log_q, q in parts]).neg_()
+        if spec.lse2:
+            sum_p2 = torch.cat([_dot(q, q) for _, q in parts])
+    return RowStats(lse, target_logit, entropy, None if sum_p2 is None else sum_p2.log_().add_(2 * lse), logit_sum,
                     row_max.squeeze(1) if spec.argmax else None,
                     at_max.squeeze(1).add_(id_start) if spec.argmax else None), p
+
+
+_STAT_ROWS = 32
+"""Rows of ``p`` formed at a time for the entropy and ``lse2`` when ``p`` itself is not kept (4 MiB at V=32k)."""
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise dot products ``[C]`` of ``[C, tile]`` blocks, batched: no ``[C, tile]`` temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
 def _merge_moments(a: RowStats, ma: WeightMoments, b: RowStats, mb: WeightMoments, merged: RowStats) -> WeightMoments:
@@ -406,22 +419,19 @@ def linear_logprobs_fused(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
         tgt = _Targets.of(targets[rows], ignore_index, vocab_start, vocab)
         valid = targets[rows] != ignore_index
         z = lin.logits(hidden[rows])
-        stats, p = _row_stats(z, tgt, spec, vocab_start, softmax=True)  # z <- p, or log p next to p
-        if shard is not None:  # rescale p (and log p) from the shard's softmax to the whole vocabulary's
+        stats, _ = _row_stats(z, tgt, spec, vocab_start, softmax=False)  # z <- log p
+        if shard is not None:  # rescale log p from the shard's softmax to the whole vocabulary's
             shard_lse, stats = stats.lse, shard.all_reduce_stats(stats)
-            log_scale = (shard_lse - stats.lse).unsqueeze(1)
-            p.mul_(log_scale.exp())
-            if spec.entropy:
-                z.add_(log_scale)
+            z.add_((shard_lse - stats.lse).unsqueeze(1))
         _store(all_stats, rows, stats)
         logprobs[rows] = torch.where(valid, stats.target_logit - stats.lse, 0.0)
         if entropy is not None:
             entropy[rows] = torch.where(valid, stats.entropy, 0.0)
         grad_lp, grad_ent = token_grads(rows, logprobs[rows], None if entropy is None else entropy[rows], stats)
-        if grad_ent is not None:
+        if grad_ent is not None:  # the entropy's gradient needs log p next to p: a second [C, V] buffer
             acc.add(rows, every_col, hidden[rows],
-                    _entropy_logit_grads(z, p, stats.entropy, tgt, grad_lp, grad_ent, inv_temperature))
-        else:  # dz = g (onehot - p), entropy (if any) for the metrics only
-            acc.add_softmax(rows, every_col, hidden[rows], p, grad_lp * inv_temperature, tgt)
-        del z, p  # chunks may grow (whole sequences): free this chunk's logits before a larger buffer is allocated
+                    _entropy_logit_grads(z, z.exp(), stats.entropy, tgt, grad_lp, grad_ent, inv_temperature))
+        else:  # dz = g (onehot - p), p in place of log p (entropy, if any, for the metrics only)
+            acc.add_softmax(rows, every_col, hidden[rows], z.exp_(), grad_lp * inv_temperature, tgt)
+        del z  # chunks may grow (whole sequences): free this chunk's logits before a larger buffer is allocated
     return FusedResult(logprobs, entropy, acc.result(), all_stats)
