@@ -102,17 +102,18 @@ class Mode:
 
     title: str
     variants: dict[str, VariantFactory]
-    floor: str  # the variant that is the compute floor (plain matmuls)
+    floor: str | None  # the variant that is the compute floor (plain matmuls), if any
     targets: tuple[Target, ...]
     candidate: str = "fused"
     baseline: str = "naive"
+    also_memory: tuple[str, ...] = ()  # more variants whose memory is measured
 
     @property
     def memory_variants(self) -> tuple[str, ...]:
-        """Variants whose extra peak memory is measured: the candidate, the baseline and every other reference of a
-        memory target (the floors' is not of interest)."""
+        """Variants whose extra peak memory is measured: the candidate, the baseline, every other reference of a
+        memory target and ``also_memory`` (the floors' is not of interest)."""
         references = [t.reference for t in self.targets if t.metric == "memory"]
-        return tuple(dict.fromkeys([self.candidate, self.baseline, *references]))
+        return tuple(dict.fromkeys([self.candidate, self.baseline, *references, *self.also_memory]))
 
 
 @dataclass(frozen=True)
@@ -675,8 +676,80 @@ def naive_simpo(x: DPOInputs) -> Step:
 REGISTRY["simpo"] = OpBench(make_dpo_inputs, sequence_loss_modes(
     "SimPO fwd+bwd (no reference model)", fused_simpo, naive_simpo))
 
+
+# --- train-long: one DPO training step of a whole model on one long pair ----------------------------------------
+
+TRAIN_LONG_LAYERS = 4
+
+
+class TrainLongInputs(NamedTuple):
+    trainer: Any  # a DPOTrainer of a Llama-style model built in code
+    batch: dict  # one pair of 2 x N/2 tokens, collated, with (constant) reference log-probs
+
+
+def make_train_long_inputs(problem: Problem) -> TrainLongInputs:
+    """A Llama-style model built in code (``TRAIN_LONG_LAYERS`` layers, hidden H, MLP 4H, H/64 heads, vocabulary V,
+    random init) in a DPO trainer, and one pair of random token sequences of N/2 tokens each (the first N/32 the
+    prompt). The reference log-probs are constants: their values change neither time nor memory. One warm-up step
+    on the first 64 tokens allocates AdamW's state, so it is not counted as the step's extra memory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .trainers import DPOConfig, DPOTrainer
+    from .trainers.tiny import word_tokenizer
+
+    torch.manual_seed(0)
+    length, h, v = max(problem.tokens // 2, 2), problem.hidden_size, problem.vocab_size
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=v, hidden_size=h, intermediate_size=4 * h, num_hidden_layers=TRAIN_LONG_LAYERS,
+        num_attention_heads=max(1, h // 64), num_key_value_heads=max(1, h // 64), max_position_embeddings=length,
+        tie_word_embeddings=False, pad_token_id=0)).to(problem.device)
+    config = DPOConfig(output_dir="unused", per_device_train_batch_size=1, disable_tqdm=True, max_length=None,
+                       max_prompt_length=None)
+    trainer = DPOTrainer(model, word_tokenizer([]), [{"prompt": "", "chosen": "", "rejected": ""}], config)
+    trainer.setup_optimizer(2)
+    ids = torch.randint(1, v, (2, length), device=problem.device)
+    labels = ids.clone()
+    labels[:, :max(length // 16, 1)] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+             "ref_logps": torch.full((2, 1), -float(length), device=problem.device)}
+    train_long_step("fused", False, False)(TrainLongInputs(trainer, {
+        k: v[:, :64] if k != "ref_logps" else v for k, v in batch.items()}))()
+    return TrainLongInputs(trainer, batch)
+
+
+def train_long_step(loss_backend: str, checkpointing: bool, bf16: bool) -> VariantFactory:
+    """One training step (forward, backward, AdamW step) with this loss backend, gradient checkpointing on or off,
+    bf16 autocast or fp32, set on the shared trainer before each call."""
+    from . import hf
+
+    def factory(x: TrainLongInputs) -> Step:
+        def step():
+            trainer = x.trainer
+            trainer.config.loss_backend = loss_backend
+            hf.set_gradient_checkpointing(trainer.model, checkpointing)
+            trainer.policy.autocast_dtype = torch.bfloat16 if bf16 else None
+            loss, _ = trainer.compute_loss(x.batch)
+            trainer.backward(loss)
+            trainer.optimizer_step(True)
+
+        return step
+
+    return factory
+
+
+REGISTRY["train-long"] = OpBench(make_train_long_inputs, {
+    "step": Mode("DPO training step of a 4-layer Llama, one long pair",
+                 {"reference loss": train_long_step("reference", False, False),
+                  "fused": train_long_step("fused", False, False),
+                  "fused + checkpointing": train_long_step("fused", True, False),
+                  "fused + checkpointing + bf16": train_long_step("fused", True, True)},
+                 floor=None, targets=(Target("memory", "reference loss", 0.15),), candidate="fused + checkpointing",
+                 baseline="reference loss", also_memory=("fused", "fused + checkpointing + bf16")),
+}, issue_problem=replace(ISSUE_PROBLEM, tokens=32768))
+
 ALL_OPS = ("logprobs", "ppo", "grpo", "dpo")
-"""What ``--op all`` runs, in order (not ``dpo-long-pair``: its naive variant needs ~12 GB; ask for it by name)."""
+"""What ``--op all`` runs, in order (not ``dpo-long-pair`` nor ``train-long``: their reference variants need over
+10 GB at their sizes; ask for them by name)."""
 
 
 # --- measuring -------------------------------------------------------------------------------------------------
@@ -839,7 +912,8 @@ def summarize_mode(mode: Mode, seconds: dict[str, list[float]], memory: dict[str
     return {
         "title": mode.title, "candidate": mode.candidate, "baseline": mode.baseline, "floor": mode.floor,
         "variants": variants,
-        "ratios": {"time_vs_baseline": ratio("time", mode.baseline), "time_vs_floor": ratio("time", mode.floor),
+        "ratios": {"time_vs_baseline": ratio("time", mode.baseline),
+                   "time_vs_floor": ratio("time", mode.floor) if mode.floor else None,
                    "memory_vs_baseline": ratio("memory", mode.baseline)},
         "targets": targets,
     }
@@ -907,14 +981,14 @@ def _setting_lines(results: dict) -> list[str]:
 
 def _variant_rows(mode: dict) -> list[str]:
     variants = mode["variants"]
-    baseline, floor = variants[mode["baseline"]], variants[mode["floor"]]
+    baseline, floor = variants[mode["baseline"]], variants.get(mode["floor"], {}).get("seconds")
     rows = []
     for i, (name, v) in enumerate(variants.items()):
         memory = v["extra_peak_bytes"]
         rows.append(f"| {mode['title'] if i == 0 else ''} | {name} | {v['seconds']:.3f} "
                     f"| {max(v['round_seconds']) / v['seconds'] - 1:.0%} "
                     f"| {_fmt(_ratio(v['seconds'], baseline['seconds']), '.2f')} "
-                    f"| {_fmt(_ratio(v['seconds'], floor['seconds']), '.2f')} "
+                    f"| {_fmt(_ratio(v['seconds'], floor), '.2f')} "
                     f"| {_fmt(None if memory is None else memory / MiB, '.1f')} "
                     f"| {_fmt(_ratio(memory, baseline['extra_peak_bytes']), '.3f')} |")
     return rows
@@ -970,11 +1044,14 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                              f"of T=N/{PPO_SEQUENCES}, value head; dpo: B={DPO_PAIRS} pairs of T=N/{2 * DPO_PAIRS}, "
                              f"reference forward included; dpo-ranking: K=4 responses to B=2 prompts, T=N/8 (default "
                              f"N=8192). dpo-long-pair (one pair of T=N/2, default N=32768) is not part of 'all': its "
-                             f"naive variant needs ~12 GB; ask for it by name")
+                             f"naive variant needs ~12 GB; ask for it by name. train-long (not in 'all' either): one "
+                             f"DPO training step (forward, backward, AdamW) of a {TRAIN_LONG_LAYERS}-layer Llama-style "
+                             f"model with hidden size H and vocabulary V on one pair of T=N/2 (default N=32768): "
+                             f"reference loss, fused, + gradient checkpointing, + bf16")
     parser.add_argument("--tokens", type=int, default=None,
                         help=f"N, tokens in the batch (default {ISSUE_PROBLEM.tokens}; "
                              f"{REGISTRY['dpo-ranking'].issue_problem.tokens} for dpo-ranking, "
-                             f"{REGISTRY['dpo-long-pair'].issue_problem.tokens} for dpo-long-pair)")
+                             f"{REGISTRY['dpo-long-pair'].issue_problem.tokens} for dpo-long-pair and train-long)")
     parser.add_argument("--hidden", type=int, default=None,
                         help=f"H, hidden size of the model (default {ISSUE_PROBLEM.hidden_size})")
     parser.add_argument("--vocab", type=int, default=None,

@@ -14,7 +14,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """DPO then PPO and GRPO on a tiny model built in code, and the fused-vs-reference memory comparison."""
+    """DPO, a reward model, PPO against it and GRPO on a tiny model built in code, and the memory comparison."""
     from .demo import run_demo as demo  # imports transformers: only for this command
 
     demo(json_out=args.json_out, out_dir=args.out_dir, quick=args.quick)
@@ -39,11 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser.set_defaults(handler=run_bench)
 
     demo_parser = commands.add_parser(
-        "demo", help="DPO then PPO and GRPO on a tiny model built in code, plus a fused-vs-reference memory "
-                     "comparison (about a minute on a 2-core CPU)",
+        "demo", help="DPO, a reward model, PPO against it and GRPO on a tiny model built in code, plus a "
+                     "fused-vs-reference memory comparison (about a minute on a 2-core CPU)",
         description="Builds a tiny Llama-style model and a tokenizer in code (nothing is downloaded), trains it "
-                    "with DPO on a synthetic counting task, then, from the DPO policy, with PPO and with GRPO against "
-                    "a rule-based reward, prints held-out results and writes a plot of the training curves. Last, it "
+                    "with DPO on a synthetic counting task, trains a reward model on the same preferences, then, "
+                    "from the DPO policy, PPO against that learned reward and GRPO against the task's rule (both "
+                    "scored under the rule), prints held-out results and writes a plot of the training curves. Last, it "
                     "measures the peak memory of one DPO training step at 2 x 8192 tokens and a 32k vocabulary with "
                     "the fused loss and with the reference (materialized logits) loss, each in a fresh process.")
     demo_parser.add_argument("--json-out", metavar="PATH", help="also write the results as JSON to PATH")

@@ -1,4 +1,5 @@
-"""``fastalign demo``: DPO, then PPO and GRPO, on a tiny Llama built in code and a built-in counting task, on the CPU.
+"""``fastalign demo``: DPO, a reward model, then PPO and GRPO, on a tiny Llama built in code and a built-in counting
+task, on the CPU.
 
 Nothing is downloaded. The model (``fastalign.trainers.tiny``) starts from random weights; the task
 (``fastalign.trainers.tasks.CountingTask``) asks to continue a count (``"3 4 5 :"`` -> ``"6 7 8 9"``), and its
@@ -6,11 +7,14 @@ rejected answers turn around, get a number wrong or do not stop. Steps:
 
 1. DPO with RPO's NLL term (``rpo_alpha=1``; there is no SFT stage, so the NLL term is what teaches the model to
    write answers while the DPO term teaches which ones are preferred); reward accuracy on held-out prompts.
-2. PPO from the DPO policy with the task's rule-based reward (fraction of positions right), on the training
+2. A reward model trained on preference pairs (Bradley-Terry; a score head on a copy of the DPO policy's backbone,
+   as RLHF starts it from the SFT model); its accuracy on held-out pairs. PPO below still trains on the rule:
+   against this reward model it was exploited in our runs (see the README).
+3. PPO from the DPO policy with the task's rule-based reward (fraction of positions right), on the training
    prompts; the mean score of sampled answers to held-out prompts before and after.
-3. GRPO from the same DPO policy with the same reward (8 sampled answers per prompt, no value model, no reference
+4. GRPO from the same DPO policy with the same reward (8 sampled answers per prompt, no value model, no reference
    model); the mean reward of sampled answers to held-out prompts before and after.
-4. Peak memory of one DPO training step at 2 x 8192 tokens with a 32k vocabulary, fused vs reference loss, each in
+5. Peak memory of one DPO training step at 2 x 8192 tokens with a 32k vocabulary, fused vs reference loss, each in
    a fresh process.
 
 Then a summary, a PNG of the curves and the memory bars, and optionally the results as JSON.
@@ -29,9 +33,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .trainers import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer
+from .trainers import (DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer, RewardConfig,
+                       RewardTrainer)
 from .trainers.tasks import CountingTask
-from .trainers.tiny import tiny_llama, word_tokenizer
+from .trainers.tiny import tiny_llama, tiny_reward_model, word_tokenizer
 
 MiB = 1 << 20
 
@@ -43,6 +48,7 @@ class DemoSettings:
     dpo_steps: int
     ppo_steps: int
     grpo_steps: int
+    reward_steps: int
     memory_tokens: int  # tokens per sequence of the memory comparison (2 sequences: one pair)
     memory_vocab: int = 32768
     train_pairs: int = 4000
@@ -50,8 +56,8 @@ class DemoSettings:
     heldout_prompts: int = 256
 
 
-FULL = DemoSettings(dpo_steps=120, ppo_steps=200, grpo_steps=200, memory_tokens=8192)
-QUICK = DemoSettings(dpo_steps=120, ppo_steps=100, grpo_steps=150, memory_tokens=512)
+FULL = DemoSettings(dpo_steps=120, ppo_steps=200, grpo_steps=200, reward_steps=100, memory_tokens=8192)
+QUICK = DemoSettings(dpo_steps=120, ppo_steps=100, grpo_steps=150, reward_steps=100, memory_tokens=512)
 
 
 def dpo_config(output_dir: str, steps: int) -> DPOConfig:
@@ -71,6 +77,23 @@ def grpo_config(output_dir: str, steps: int) -> GRPOConfig:
     return GRPOConfig(output_dir=output_dir, max_steps=steps, learning_rate=1e-3, warmup_ratio=0.05,
                       per_device_train_batch_size=64, per_device_eval_batch_size=128, num_generations=8,
                       max_completion_length=6, temperature=1.0, logging_steps=5, eval_steps=25)
+
+
+def reward_config(output_dir: str, steps: int) -> RewardConfig:
+    return RewardConfig(output_dir=output_dir, max_steps=steps, learning_rate=3e-3, lr_scheduler_type="cosine",
+                        warmup_ratio=0.1, per_device_train_batch_size=32, per_device_eval_batch_size=128,
+                        logging_steps=5, eval_steps=50, max_length=32)
+
+
+def train_reward_model(policy, tokenizer, task: CountingTask, settings: DemoSettings, output_dir: str):
+    """A reward model on a copy of the policy's backbone (as RLHF starts it from the SFT model) with a new score
+    head, trained on preference pairs of the task; returns it (in eval mode) and its logged records."""
+    reward_model = tiny_reward_model(tokenizer).to(next(policy.parameters()).device)
+    reward_model.model.load_state_dict(policy.model.state_dict())
+    trainer = RewardTrainer(reward_model, tokenizer, task.preference_data(settings.train_pairs, seed=5),
+                            reward_config(output_dir, settings.reward_steps),
+                            eval_dataset=task.preference_data(settings.heldout_pairs, seed=2, heldout=True))
+    return reward_model.eval(), trainer.train()
 
 
 def dpo_step_memory(loss_backend: str, tokens: int, vocab_size: int) -> dict:
@@ -180,8 +203,8 @@ def train_on_prompts(trainer_class, model, tokenizer, task: CountingTask, settin
 def run_demo(json_out: str | None = None, out_dir: str = "fastalign-demo", quick: bool = False) -> dict:
     """Run the demo (``quick``: shorter training and a 2 x 512-token memory comparison); write ``out_dir/demo.png``
     and the trainers' outputs under ``out_dir``, and the results to ``json_out`` if given. Returns the results:
-    ``{"dpo": {"reward_accuracy", "reward_margin"}, "ppo": {"score_start", "score_end"}, "grpo": {"score_start",
-    "score_end"}, "memory": {"tokens", "fused_mb", "reference_mb", ...}, "seconds": ...}``."""
+    ``{"dpo": {"reward_accuracy", "reward_margin"}, "reward_model": {"accuracy", "margin"}, "ppo": {"score_start",
+    "score_end"}, "grpo": {"score_start", "score_end"}, "memory": {"tokens", "fused_mb", "reference_mb", ...}, "seconds": ...}``."""
     settings = QUICK if quick else FULL
     os.makedirs(out_dir, exist_ok=True)
     start = time.perf_counter()
@@ -192,7 +215,7 @@ def run_demo(json_out: str | None = None, out_dir: str = "fastalign-demo", quick
         tokenizer = word_tokenizer(task.words)
         torch.manual_seed(0)
         model = tiny_llama(tokenizer)
-        print(f"[1/4] DPO: tiny Llama ({sum(p.numel() for p in model.parameters()) / 1e3:.0f}k parameters, random "
+        print(f"[1/5] DPO: tiny Llama ({sum(p.numel() for p in model.parameters()) / 1e3:.0f}k parameters, random "
               f"init) on the counting task ('3 4 5 :' -> '6 7 8 9'), {settings.dpo_steps} steps", flush=True)
         dpo = DPOTrainer(model, tokenizer, task.preference_data(settings.train_pairs, seed=1),
                          dpo_config(os.path.join(out_dir, "dpo"), settings.dpo_steps),
@@ -200,10 +223,13 @@ def run_demo(json_out: str | None = None, out_dir: str = "fastalign-demo", quick
         dpo_history = dpo.train()
         final = dpo_history[-1]
         dpo_model = copy.deepcopy(model)  # GRPO starts from here too
-        print(f"[2/4] PPO from the DPO policy, rule-based reward, {settings.ppo_steps} steps", flush=True)
+        print(f"[2/5] reward model: the DPO policy's backbone with a score head, trained on preference pairs, "
+              f"{settings.reward_steps} steps", flush=True)
+        _, reward_history = train_reward_model(model, tokenizer, task, settings, os.path.join(out_dir, "reward"))
+        print(f"[3/5] PPO from the DPO policy, rule-based reward, {settings.ppo_steps} steps", flush=True)
         score_start, ppo_history = train_on_prompts(PPOTrainer, model, tokenizer, task, settings,
                                                     ppo_config(os.path.join(out_dir, "ppo"), settings.ppo_steps))
-        print(f"[3/4] GRPO from the DPO policy, the same reward, {settings.grpo_steps} steps", flush=True)
+        print(f"[4/5] GRPO from the DPO policy, the same reward, {settings.grpo_steps} steps", flush=True)
         grpo_start, grpo_history = train_on_prompts(GRPOTrainer, dpo_model, tokenizer, task, settings,
                                                     grpo_config(os.path.join(out_dir, "grpo"), settings.grpo_steps))
     finally:
@@ -211,12 +237,14 @@ def run_demo(json_out: str | None = None, out_dir: str = "fastalign-demo", quick
     rollout_scores = [r["objective/scores"] for r in ppo_history if "objective/scores" in r]
     rollout_rewards = [r["reward"] for r in grpo_history if "reward" in r]
     tokens, vocab = settings.memory_tokens, settings.memory_vocab
-    print(f"[4/4] peak memory of a DPO step at 2 x {tokens} tokens, V={vocab}: fused vs reference loss "
+    print(f"[5/5] peak memory of a DPO step at 2 x {tokens} tokens, V={vocab}: fused vs reference loss "
           f"(fresh processes)", flush=True)
     memory = measure_memory(tokens, vocab)
     results = {
         "dpo": {"reward_accuracy": final["eval_rewards/accuracies"], "reward_margin": final["eval_rewards/margins"],
                 "steps": settings.dpo_steps},
+        "reward_model": {"accuracy": reward_history[-1]["eval_accuracy"],
+                         "margin": reward_history[-1]["eval_margin"], "steps": settings.reward_steps},
         "ppo": {"score_start": score_start, "score_end": ppo_history[-1]["eval_objective/scores"],
                 "rollout_score_start": rollout_scores[0], "rollout_score_end": rollout_scores[-1],
                 "steps": settings.ppo_steps},
@@ -238,11 +266,13 @@ def run_demo(json_out: str | None = None, out_dir: str = "fastalign-demo", quick
 
 
 def summary(results: dict) -> str:
-    dpo, ppo, grpo, memory = results["dpo"], results["ppo"], results["grpo"], results["memory"]
+    dpo, reward, ppo, grpo = results["dpo"], results["reward_model"], results["ppo"], results["grpo"]
+    memory = results["memory"]
     return "\n".join([
         "",
         "fastalign demo: summary",
         f"  DPO  held-out reward accuracy {dpo['reward_accuracy']:.3f}, reward margin {dpo['reward_margin']:.2f}",
+        f"  reward model  held-out accuracy {reward['accuracy']:.3f}, margin {reward['margin']:.2f}",
         f"  PPO  held-out mean score {ppo['score_start']:.3f} -> {ppo['score_end']:.3f} "
         f"(training rollouts {ppo['rollout_score_start']:.3f} -> {ppo['rollout_score_end']:.3f})",
         f"  GRPO held-out mean reward {grpo['score_start']:.3f} -> {grpo['score_end']:.3f} "

@@ -54,6 +54,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model.get_base_model() if is_peft_model(model) else model
 
 
+def model_device(model: nn.Module):
+    """The device of ``model``'s parameters (the first one's)."""
+    return next(model.parameters()).device
+
+
 def get_backbone(model: nn.Module) -> nn.Module:
     """The decoder stack that returns the last hidden states (``model.model`` for Llama, ``.transformer`` for GPT-2)."""
     causal_lm = unwrap_model(model)
@@ -62,6 +67,36 @@ def get_backbone(model: nn.Module) -> nn.Module:
         raise TypeError(f"model: expected a transformers causal LM with a backbone (base_model_prefix), "
                         f"got {type(causal_lm).__name__}")
     return backbone
+
+
+def set_gradient_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Turn gradient checkpointing on (:func:`enable_gradient_checkpointing`'s defaults) or off, if it is not."""
+    causal_lm = unwrap_model(model)
+    if hasattr(causal_lm, "activation_checkpointing_disable"):  # newer transformers
+        on, disable = causal_lm.is_activation_checkpointing, causal_lm.activation_checkpointing_disable
+    else:
+        on, disable = causal_lm.is_gradient_checkpointing, causal_lm.gradient_checkpointing_disable
+    if enabled and not on:
+        enable_gradient_checkpointing(model)
+    elif on and not enabled:
+        disable()
+
+
+def enable_gradient_checkpointing(model: nn.Module, kwargs: dict | None = None) -> None:
+    """Checkpoint every decoder layer of ``model``'s backbone (``transformers``' gradient checkpointing): the layers'
+    activations are recomputed in the backward instead of kept. ``kwargs`` go to ``torch.utils.checkpoint``
+    (default ``{"use_reentrant": False}``, as TRL sets it; works under DDP, FSDP2 and with peft adapters). Only the
+    backbone is checkpointed: the fused losses read its last hidden states, outside the checkpointed layers."""
+    causal_lm = unwrap_model(model)
+    kwargs = {"use_reentrant": False, **(kwargs or {})}
+    if hasattr(causal_lm, "activation_checkpointing_enable"):  # newer transformers (the other name is deprecated)
+        causal_lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # Reentrant checkpoints need an input that requires grad, and a peft model's embeddings are frozen (newer
+    # transformers registers this hook itself).
+    if is_peft_model(model) and getattr(causal_lm, "_require_grads_hook", None) is None:
+        causal_lm.enable_input_require_grads()
 
 
 def get_lm_head(model: nn.Module) -> LMHead:
@@ -116,6 +151,14 @@ def causal_lm_parts(model: nn.Module, input_ids: Tensor, attention_mask: Tensor 
     hidden = hidden_states(model, input_ids, attention_mask)[:, :-1]
     weight, bias = get_lm_head(model)
     return CausalLMParts(hidden, weight, bias, shifted_labels(input_ids, attention_mask, labels, ignore_index))
+
+
+def sequence_rewards(reward_model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Rewards ``[B]`` (fp32) of a sequence-classification reward model (``num_labels=1``; it reads its score at
+    each row's last non-padding token) on ``input_ids [B, T]``, positions counting real tokens only."""
+    out = reward_model(input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    return out.logits.reshape(input_ids.shape[0], -1)[:, 0].float()
 
 
 # --- value head ------------------------------------------------------------------------------------------------
@@ -200,7 +243,7 @@ def load_pretrained(directory: str, **kwargs) -> nn.Module:
 def load_weights(model: nn.Module, directory: str) -> None:
     """Load in place the weights :func:`save_pretrained` wrote (resuming a run): the adapters of a peft model or
     every weight of a plain one, and the value head. Raises if a weight is missing (tied ones excepted)."""
-    device = str(get_lm_head(model).weight.device)
+    device = str(model_device(model))
     if is_peft_model(model):
         from peft import set_peft_model_state_dict
 

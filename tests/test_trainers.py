@@ -301,25 +301,30 @@ def make_trainer(kind, tmp_path, **overrides):
     return PPOTrainer(model, tok, TASK.prompts(40, seed=3), TASK.score, ppo_config(tmp_path, **fields | overrides))
 
 
-@pytest.mark.parametrize("kind", ["dpo", "ppo", "grpo"])
-def test_resume_continues_exactly(tmp_path, kind):
-    full = make_trainer(kind, tmp_path / "full")
-    full.train()
-    # The same run, killed during the step after its mid-run checkpoint, then resumed in a new trainer.
-    crashed = make_trainer(kind, tmp_path / "resumed")
-    middle = crashed.config.save_steps
-    step_function = "compute_loss" if kind == "dpo" else "rollout"
-    original = getattr(crashed, step_function)
+def train_until_killed(trainer, method: str, step: int) -> None:
+    """Train ``trainer``, killed (KeyboardInterrupt) when its ``method`` is called at ``step``, after the checkpoint
+    saved at ``step``."""
+    original = getattr(trainer, method)
 
     def crash(*args):
-        if crashed.step == middle:
+        if trainer.step == step:
             raise KeyboardInterrupt("killed")
         return original(*args)
 
-    setattr(crashed, step_function, crash)
+    setattr(trainer, method, crash)
     with pytest.raises(KeyboardInterrupt):
-        crashed.train()
-    resumed = make_trainer(kind, tmp_path / "resumed")
+        trainer.train()
+
+
+@pytest.mark.parametrize("options", [{}, {"gradient_checkpointing": True, "bf16": True}], ids=["fp32", "ckpt-bf16"])
+@pytest.mark.parametrize("kind", ["dpo", "ppo", "grpo"])
+def test_resume_continues_exactly(tmp_path, kind, options):
+    full = make_trainer(kind, tmp_path / "full", **options)
+    full.train()
+    # The same run, killed during the step after its mid-run checkpoint, then resumed in a new trainer.
+    crashed = make_trainer(kind, tmp_path / "resumed", **options)
+    train_until_killed(crashed, "compute_loss" if kind == "dpo" else "rollout", crashed.config.save_steps)
+    resumed = make_trainer(kind, tmp_path / "resumed", **options)
     resumed.train(resume_from_checkpoint=True)
     for (key, a), b in zip(weights(full.model).items(), weights(resumed.model).values()):
         assert torch.equal(a, b), key

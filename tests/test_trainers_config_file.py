@@ -1,4 +1,4 @@
-"""`fastalign dpo|ppo --config FILE.yaml`: the example files run, mistakes get clear errors (CLI smoke tests)."""
+"""`fastalign dpo|ppo|reward --config FILE.yaml`: the example files run, mistakes get clear errors (CLI smoke tests)."""
 import argparse
 import json
 import os
@@ -70,6 +70,19 @@ def test_the_grpo_example_runs_with_several_rewards(tmp_path, capsys, monkeypatc
         run_from_config("grpo", write_config(tmp_path, "grpo", reward=None))
 
 
+def test_the_reward_example_trains_a_reward_model_that_ppo_loads(tmp_path, capsys):
+    """``fastalign reward`` (tiny model with a score head, the counting pairs), then ``fastalign ppo`` scoring with
+    the saved reward model (``reward_model:``)."""
+    assert command("reward", "--config", write_config(tmp_path, "reward")) == 0
+    out = capsys.readouterr().out
+    assert "3 steps done" in out and "eval_accuracy" in out  # evaluated at the end
+    ppo = write_config(tmp_path, "ppo", model="tiny", tokenizer="counting", reward=None,
+                       reward_model=str(tmp_path / "reward"))
+    trainer = run_from_config("ppo", ppo)
+    assert type(trainer.reward_fn).__name__ == "LlamaForSequenceClassification"
+    assert trainer.step == 3
+
+
 def test_user_files_char_tokenizer_and_an_imported_reward(tmp_path, monkeypatch):
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps({"prompt": f"Q{i}?", "chosen": "yes", "rejected": "no"}) + "\n"
@@ -133,7 +146,7 @@ def test_command_exit_status_and_messages(tmp_path, capsys):
 
 
 def test_help_and_numbers_written_as_yaml_strings():
-    for kind in ("dpo", "ppo", "grpo"):
+    for kind in ("dpo", "ppo", "grpo", "reward"):
         assert f"fastalign {kind} --example > {kind}.yaml" in DESCRIPTIONS[kind]
         assert example_config(kind) in DESCRIPTIONS[kind]
     # YAML reads 1e-3 (no dot) as a string; the field is a float, so it is converted

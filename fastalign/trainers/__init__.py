@@ -1,13 +1,14 @@
-"""Lightweight DPO, KTO, PPO and GRPO trainers on the fused ops (TRL's config fields and metric names, loops you can
+"""Lightweight DPO, KTO, PPO, GRPO and reward-model trainers on the fused ops (TRL's config fields and metric names, loops you can
 read).
 
 ```python
 from fastalign.trainers import (DPOTrainer, DPOConfig, GRPOTrainer, GRPOConfig, KTOTrainer, KTOConfig, PPOTrainer,
-                                PPOConfig)
+                                PPOConfig, RewardTrainer, RewardConfig)
 DPOTrainer(model, tokenizer, train_dataset, config=DPOConfig(...), ref_model=None, eval_dataset=None).train()
 KTOTrainer(model, tokenizer, train_dataset, config=KTOConfig(...), ref_model=None, eval_dataset=None).train()
 PPOTrainer(model, tokenizer, prompts, reward_fn, config=PPOConfig(...), ref_model=None).train()
 GRPOTrainer(model, tokenizer, prompts, reward_funcs, config=GRPOConfig(...)).train()
+RewardTrainer(reward_model, tokenizer, train_dataset, config=RewardConfig(...), eval_dataset=None).train()
 ```
 
 The same code runs on several processes under ``torchrun`` (DDP, or FSDP2 with ``parallelism="fsdp"``): see
@@ -18,6 +19,7 @@ from .dpo import DPOConfig, DPOTrainer
 from .grpo import GRPOConfig, GRPOTrainer
 from .kto import KTOConfig, KTOTrainer
 from .ppo import PPOConfig, PPOTrainer
+from .reward import RewardConfig, RewardTrainer
 
 __all__ = ["DPOConfig", "DPOTrainer", "GRPOConfig", "GRPOTrainer", "KTOConfig", "KTOTrainer", "PPOConfig", "PPOTrainer",
-           "TrainingConfig"]
+           "RewardConfig", "RewardTrainer", "TrainingConfig"]

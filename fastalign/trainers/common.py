@@ -1,6 +1,6 @@
-"""What both trainers share: the common config fields, batch order (split across ranks), optimizer and schedule,
-the optimizer step that skips non-finite updates, checkpoints with exact resume, JSONL metrics and the progress
-bar (rank 0 writes; metrics are averaged over ranks first)."""
+"""What every trainer shares: the common config fields, batch order (split across ranks), gradient checkpointing,
+mixed precision, optimizer and schedule, the optimizer step that skips non-finite updates, checkpoints with exact
+resume, JSONL metrics and the progress bar (rank 0 writes; metrics are averaged over ranks first)."""
 from __future__ import annotations
 
 import copy
@@ -69,6 +69,13 @@ class TrainingConfig:
     ``parallelism``: under ``torchrun`` with several processes, ``"ddp"`` (a replica per rank) or ``"fsdp"``
     (FSDP2: parameters, gradients and optimizer state sharded); ignored with one process. The ``per_device_*``
     sizes are per process: a step's global batch is ``world_size`` times larger.
+
+    ``gradient_checkpointing``: recompute each decoder layer's activations in the backward instead of keeping them
+    (``gradient_checkpointing_kwargs`` go to ``torch.utils.checkpoint``; default ``{"use_reentrant": False}``);
+    the loss reads the last hidden states, outside the checkpointed layers. ``bf16`` / ``fp16``: mixed precision,
+    the forward passes under ``torch.autocast`` in that dtype with fp32 master weights (the fused ops take the
+    hidden states and lm_head weight in that dtype and accumulate in fp32); ``fp16`` adds a dynamic loss scaler
+    (``torch.amp.GradScaler``) and needs CUDA; ``bf16`` also runs on the CPU (CPU autocast).
     """
 
     output_dir: str = "fastalign-output"
@@ -94,6 +101,10 @@ class TrainingConfig:
     disable_dropout: bool = True
     disable_tqdm: bool = False
     parallelism: str = "ddp"
+    gradient_checkpointing: bool = False
+    gradient_checkpointing_kwargs: dict | None = None
+    bf16: bool = False
+    fp16: bool = False
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -110,6 +121,12 @@ class TrainingConfig:
         require(self, "loss_backend", self.loss_backend in LOSS_BACKENDS, f"one of {LOSS_BACKENDS}")
         require(self, "parallelism", self.parallelism in distributed.PARALLELISM,
                 f"one of {distributed.PARALLELISM}")
+        require(self, "fp16", not (self.fp16 and self.bf16), "False when bf16=True (pick one precision)")
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The forward passes' autocast dtype (None: full precision)."""
+        return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else None
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """``max_steps`` if set, else ``num_train_epochs`` epochs of ``steps_per_epoch`` (at least 1)."""
@@ -126,6 +143,12 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int, rank: int = 0, 
                                  drop_last=True)
     sampler.set_epoch(epoch)
     return list(islice(sampler, k * batch_size, (k + 1) * batch_size))
+
+
+def micro_batch_indices(n: int, micro: int, accumulation: int, step: int, seed: int) -> list[list[int]]:
+    """This rank's ``accumulation`` micro-batches of ``micro`` indices of ``step`` (see :func:`batch_indices`)."""
+    indices = batch_indices(n, micro * accumulation, step, seed, distributed.rank(), distributed.world_size())
+    return [indices[k * micro:(k + 1) * micro] for k in range(accumulation)]
 
 
 def steps_per_epoch(n: int, batch_size: int, what: str) -> int:
@@ -170,9 +193,10 @@ def as_floats(metrics: dict) -> dict[str, float]:
 
 
 class Trainer:
-    """The state and steps both trainers share. A subclass sets ``name``, ``progress_metrics``, ``summed_metrics``
+    """The state and steps every trainer shares. A subclass sets ``name``, ``progress_metrics``, ``summed_metrics``
     and ``eval_dataset`` (None: no evaluation), writes ``evaluate()`` and the loop, calling ``begin``,
-    ``optimizer_step``, ``end_step`` and ``finish``.
+    ``backward`` (for each loss), ``optimizer_step``, ``end_step`` and ``finish``; it wraps a reference model with
+    ``reference_engine`` and runs any other forward under ``autocast()``.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) the trainer joins the process group, every rank starts from rank 0's
     weights, and ``train()`` wraps the policy (``config.parallelism``); ``self.engine`` is what to call for any
@@ -190,8 +214,13 @@ class Trainer:
             model.to(distributed.device())
             distributed.broadcast_module(model)
         self.model, self.tokenizer, self.config = model, tokenizer, config
-        self.device = hf.get_lm_head(model).weight.device
-        self.policy = self.engine = distributed.Policy(model)
+        self.device = hf.model_device(model)
+        require(config, "fp16", not config.fp16 or self.device.type == "cuda",
+                f"False for a model on {self.device.type} (fp16 mixed precision needs CUDA; use bf16=True)")
+        if config.gradient_checkpointing:
+            hf.enable_gradient_checkpointing(model, config.gradient_checkpointing_kwargs)
+        self.policy = self.engine = distributed.Policy(model, config.autocast_dtype)
+        self.scaler = distributed.grad_scaler(self.device) if config.fp16 else None
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if self.pad_token_id is None:
             raise ValueError("tokenizer: needs a pad_token or an eos_token")
@@ -204,6 +233,16 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.eval_dataset = None
+
+    def autocast(self):
+        """The mixed-precision context of the config (``bf16``/``fp16``) for a forward pass outside ``engine``."""
+        return distributed.autocast(self.device, self.config.autocast_dtype)
+
+    def reference_engine(self, ref_model: nn.Module) -> nn.Module:
+        """A frozen reference model, its forwards under the policy's autocast, ready for this world (see
+        :func:`~fastalign.trainers.distributed.wrap_reference`): call it as ``engine(fn, *args)``."""
+        return distributed.wrap_reference(distributed.Policy(ref_model, self.config.autocast_dtype),
+                                          self.config.parallelism)
 
     # --- optimization ---------------------------------------------------------------------------------------
 
@@ -219,22 +258,31 @@ class Trainer:
         self.scheduler = get_scheduler(c.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup,
                                        num_training_steps=optimizer_steps)
 
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()``, the loss scaled by the fp16 loss scaler if there is one."""
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
     def optimizer_step(self, loss_finite: bool) -> dict[str, float]:
         """Clip the gradients and step, unless the loss (on any rank) or the gradient norm is not finite: then
         warn, drop the gradients and leave weights and optimizer state untouched. The schedule advances either
-        way."""
+        way. With fp16 the gradients are unscaled first and the loss scaler updated (an overflow lowers the scale
+        and skips the step, without a warning: the scaler expects a few)."""
         loss_finite = distributed.all_true(loss_finite)
         max_norm = self.config.max_grad_norm or math.inf
         grad_norm = math.nan
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # records overflows (on every rank under FSDP) for update()
         if loss_finite:
             norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
             grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
         skipped = not math.isfinite(grad_norm)
-        if skipped:
+        if skipped and self.scaler is None:
             what = "gradient norm" if loss_finite else "loss"
             warnings.warn(f"{self.name} step {self.step + 1}: non-finite {what}; update skipped", RuntimeWarning)
-        else:
+        elif not skipped:
             self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         learning_rate = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
@@ -248,7 +296,7 @@ class Trainer:
         for k, part in enumerate(parts):
             with distributed.gradient_sync(self.engine, k == len(parts) - 1):
                 loss, metrics = compute(part)
-                loss.backward()  # even if not finite: the ranks' gradient reductions must match
+                self.backward(loss)  # even if not finite: the ranks' gradient reductions must match
             finite &= bool(torch.isfinite(loss))
             records.append(metrics)
         return {**mean_metrics(records, self.summed_metrics), **self.optimizer_step(finite)}
@@ -278,9 +326,29 @@ class Trainer:
         self.progress = tqdm(total=total_steps, initial=self.step, desc=self.name, dynamic_ncols=True,
                              disable=c.disable_tqdm or not distributed.is_main())
 
+    def pair_schedule(self, n: int) -> tuple[int, int, int]:
+        """``(global batch, steps per epoch, total steps)`` of a run over ``n`` training pairs, each step
+        ``per_device_train_batch_size x gradient_accumulation_steps`` pairs per rank."""
+        c = self.config
+        batch = c.per_device_train_batch_size * c.gradient_accumulation_steps * distributed.world_size()
+        per_epoch = steps_per_epoch(n, batch, "train_dataset")
+        return batch, per_epoch, c.total_steps(per_epoch)
+
     def evaluate(self) -> dict[str, float]:
         """Metrics on ``eval_dataset``, named ``eval_<metric>`` (each trainer defines it)."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate_batches(self, batch_metrics) -> dict[str, float]:
+        """``batch_metrics(indices) -> metrics`` over the whole eval dataset in eval mode (the ranks share it), the
+        means over items, prefixed ``eval_``."""
+        self.model.eval()
+        records, weights = [], []
+        for indices, count in eval_batches(len(self.eval_dataset), self.config.per_device_eval_batch_size):
+            records.append(batch_metrics(indices))
+            weights.append(count)
+        self.model.train()
+        return {f"eval_{k}": v for k, v in distributed.weighted_average(records, weights).items()}
 
     def eval_due(self) -> bool:
         return self.eval_dataset is not None and self.config.eval_steps > 0 and self.step % self.config.eval_steps == 0
@@ -329,7 +397,7 @@ class Trainer:
     def save_checkpoint(self) -> str:
         """``output_dir/checkpoint-<step>``: the model (``hf.save_pretrained``), the tokenizer, and in
         ``trainer_state.pt`` the step, the global batch, the optimizer state (whole, by parameter name), the
-        schedule and every rank's random number generator states. Rank 0 writes."""
+        schedule, the fp16 loss scaler and every rank's random number generator states. Rank 0 writes."""
         directory = os.path.join(self.config.output_dir, f"checkpoint-{self.step}")
         self.save_model(directory)
         optimizer = distributed.optimizer_state_dict(self.engine, self.optimizer)
@@ -338,8 +406,11 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state_all()
         rng = distributed.gather_objects(rng)
         if distributed.is_main():
-            torch.save({"step": self.step, "global_batch": self.global_batch, "optimizer": optimizer,
-                        "scheduler": self.scheduler.state_dict(), "rng": rng}, os.path.join(directory, STATE_FILE))
+            state = {"step": self.step, "global_batch": self.global_batch, "optimizer": optimizer,
+                     "scheduler": self.scheduler.state_dict(), "rng": rng}
+            if self.scaler is not None:
+                state["scaler"] = self.scaler.state_dict()
+            torch.save(state, os.path.join(directory, STATE_FILE))
         return directory
 
     def latest_checkpoint(self) -> str:
@@ -376,11 +447,13 @@ class Trainer:
         return state
 
     def restore(self, state: dict) -> None:
-        """Restore the optimizer, schedule, step and random streams of a checkpoint, and drop the records after its
-        step from ``metrics.jsonl``. With another world size the random streams restart from ``seed``, ``step``
-        and the rank (they cannot continue exactly)."""
+        """Restore the optimizer, schedule, loss scaler, step and random streams of a checkpoint, and drop the
+        records after its step from ``metrics.jsonl``. With another world size the random streams restart from
+        ``seed``, ``step`` and the rank (they cannot continue exactly)."""
         distributed.load_optimizer_state_dict(self.engine, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
         if len(state["rng"]) == distributed.world_size():
             rng = state["rng"][distributed.rank()]

@@ -1,8 +1,8 @@
-"""``fastalign dpo|kto|ppo|grpo --config FILE.yaml``: the trainers from a YAML file.
+"""``fastalign dpo|kto|ppo|grpo|reward --config FILE.yaml``: the trainers from a YAML file.
 
 The file names a model, a tokenizer, data files (and for PPO and GRPO rewards) and, under ``config:``, the fields
-of :class:`DPOConfig` / :class:`PPOConfig` / :class:`GRPOConfig`. ``example_config(kind)`` is a commented example
-that runs as is (tiny model, built-in data).
+of the trainer's config (:class:`DPOConfig`, :class:`PPOConfig`, :class:`RewardConfig`...). ``example_config(kind)``
+is a commented example that runs as is (tiny model, built-in data).
 Mistakes (a missing file, an unknown or ill-typed field) raise :class:`ConfigError` or ``FileNotFoundError`` with a
 message that says what to fix.
 """
@@ -21,6 +21,7 @@ from .dpo import DPOConfig, DPOTrainer
 from .grpo import GRPOConfig, GRPOTrainer
 from .kto import KTOConfig, KTOTrainer
 from .ppo import PPOConfig, PPOTrainer
+from .reward import RewardConfig, RewardTrainer
 from .tasks import CountingTask
 
 BUILTIN = "builtin:"
@@ -88,7 +89,8 @@ prompts_file: builtin:counting          # JSONL, one {"prompt": ..} (or a JSON s
 eval_file: builtin:counting-heldout     # optional prompts, scored every eval_steps and at the end
 reward: counting            # "counting" (the built-in task's rule), or "package.module:function" taking
                             # (prompts, completions) and returning a list of floats
-# reward_model: path/to/reward-model    # instead of reward: a sequence-classification model directory
+# reward_model: fastalign-reward        # instead of reward: a sequence-classification model directory (here:
+                                        # the output of the reward example)
 config:                     # PPOConfig fields, TRL's names (see `pydoc fastalign.trainers.PPOConfig`)
   output_dir: fastalign-ppo
   max_steps: 100
@@ -128,6 +130,28 @@ config:                     # GRPOConfig fields, TRL's names (see `pydoc fastali
   eval_steps: 20
   loss_backend: fused
 """,
+    "reward": """\
+# fastalign reward --config reward.yaml      (relative paths are relative to the current directory)
+model: tiny                 # "tiny": a tiny Llama with a score head built in code (random init), or a directory
+                            # of a transformers sequence-classification model (num_labels: 1)
+# tiny: {hidden_size: 32, intermediate_size: 64}   # LlamaConfig fields for model: tiny
+tokenizer: counting         # as for dpo; PPO or GRPO with this reward model need the policy's tokenizer
+train_file: builtin:counting            # JSONL, one {"prompt": .., "chosen": .., "rejected": ..} per line, with an
+                                        # optional number "margin"
+eval_file: builtin:counting-heldout     # optional, same format
+config:                     # RewardConfig fields, TRL's names (see `pydoc fastalign.trainers.RewardConfig`)
+  output_dir: fastalign-reward
+  max_steps: 300
+  learning_rate: 3.0e-3
+  lr_scheduler_type: cosine
+  warmup_ratio: 0.1
+  per_device_train_batch_size: 32
+  max_length: 64            # longer pairs are dropped (as TRL)
+  center_rewards_coefficient: null      # e.g. 0.01 to keep rewards centered on 0
+  eval_steps: 100
+  gradient_checkpointing: false         # recompute the layers' activations in the backward (long sequences)
+  bf16: false               # bf16 mixed precision (CUDA, or CPU autocast); fp16: CUDA only
+""",
 }
 
 HELP = {
@@ -135,6 +159,8 @@ HELP = {
     "ppo": "train a model with PPO from a YAML config file (model, prompts, reward, PPOConfig fields)",
     "grpo": "train a model with GRPO from a YAML config file (model, prompts, rewards, GRPOConfig fields)",
     "kto": "train a model with KTO from a YAML config file (model, unpaired data files, KTOConfig fields)",
+    "reward": "train a reward model on preference pairs from a YAML config file (model, data files, RewardConfig "
+              "fields)",
 }
 KINDS = tuple(HELP)
 
@@ -167,6 +193,7 @@ _KEYS = {
             "resume_from_checkpoint"),
     "grpo": ("model", "tiny", "tokenizer", "prompts_file", "eval_file", "reward", "reward_model", "config",
              "resume_from_checkpoint"),
+    "reward": ("model", "tiny", "tokenizer", "train_file", "eval_file", "config", "resume_from_checkpoint"),
 }
 
 
@@ -232,12 +259,13 @@ def trainer_config(cls, values, path: str):
         raise ConfigError(f"{path}: config: {error}") from None
 
 
-def load_model_and_tokenizer(spec: dict, path: str):
-    """The model (``tiny`` or a directory) and its tokenizer, as the file says."""
-    from transformers import AutoTokenizer, LlamaConfig
+def load_model_and_tokenizer(spec: dict, path: str, kind: str = "dpo"):
+    """The model (``tiny`` or a directory; a sequence-classification model for ``kind="reward"``) and its
+    tokenizer, as the file says."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig
 
     from .. import hf
-    from .tiny import char_tokenizer, tiny_llama, word_tokenizer
+    from .tiny import char_tokenizer, tiny_llama, tiny_reward_model, word_tokenizer
 
     model_name = spec["model"]
     if model_name != "tiny" and not os.path.isdir(str(model_name)):
@@ -253,6 +281,8 @@ def load_model_and_tokenizer(spec: dict, path: str):
         raise FileNotFoundError(f"{path}: tokenizer: no such directory: {tokenizer_name} "
                                 f"(or use one of {', '.join(TOKENIZERS)})")
     if model_name != "tiny":
+        if kind == "reward":
+            return AutoModelForSequenceClassification.from_pretrained(model_name, num_labels=1), tokenizer
         return hf.load_pretrained(model_name), tokenizer
     overrides = spec.get("tiny") or {}
     if not isinstance(overrides, dict):
@@ -261,7 +291,7 @@ def load_model_and_tokenizer(spec: dict, path: str):
     for name in overrides:
         if name not in known:
             raise _unknown(f"{path}: tiny", str(name), known)
-    return tiny_llama(tokenizer, **overrides), tokenizer
+    return (tiny_reward_model if kind == "reward" else tiny_llama)(tokenizer, **overrides), tokenizer
 
 
 def load_data(spec: dict, key: str, path: str, kind: str):
@@ -278,7 +308,7 @@ def load_data(spec: dict, key: str, path: str, kind: str):
         raise ConfigError(f"{path}: {key}: unknown built-in data {value!r}; expected one of "
                           f"{', '.join(BUILTIN + n for n in BUILTIN_DATA)}")
     task, heldout = CountingTask(), name.endswith("heldout")
-    if kind in ("dpo", "kto"):  # KTO unpairs the preference records
+    if kind in ("dpo", "kto", "reward"):  # KTO unpairs the preference records
         return task.preference_data(300 if heldout else 4000, seed=2 if heldout else 1, heldout=heldout)
     return task.prompts(256 if heldout else 4000, seed=2 if heldout else 1, heldout=heldout)
 
@@ -318,17 +348,18 @@ def _reward_function(reward, path: str):
                           f"\"package.module:function\"): {error}") from None
 
 
-def run_from_config(kind: str, path: str) -> DPOTrainer | KTOTrainer | PPOTrainer | GRPOTrainer:
+def run_from_config(kind: str, path: str) -> DPOTrainer | KTOTrainer | PPOTrainer | GRPOTrainer | RewardTrainer:
     """Build the trainer ``path`` describes (``kind``: one of ``KINDS``), train, and return it (its
     ``history`` holds the logged records, the final model is in its ``config.output_dir``)."""
     spec = read_config_file(_check_kind(kind), path)
-    if kind in ("dpo", "kto"):
-        config_class, trainer_class = (DPOConfig, DPOTrainer) if kind == "dpo" else (KTOConfig, KTOTrainer)
+    if kind in ("dpo", "kto", "reward"):
+        config_class, trainer_class = {"dpo": (DPOConfig, DPOTrainer), "kto": (KTOConfig, KTOTrainer),
+                                       "reward": (RewardConfig, RewardTrainer)}[kind]
         config = trainer_config(config_class, spec.get("config"), path)
         train = load_data(spec, "train_file", path, kind)
         if train is None:
             raise ConfigError(f"{path}: missing field 'train_file' (a JSONL file or builtin:counting)")
-        model, tokenizer = load_model_and_tokenizer(spec, path)
+        model, tokenizer = load_model_and_tokenizer(spec, path, kind)
         trainer = trainer_class(model, tokenizer, train, config,
                                 eval_dataset=load_data(spec, "eval_file", path, kind))
     else:
@@ -346,15 +377,15 @@ def run_from_config(kind: str, path: str) -> DPOTrainer | KTOTrainer | PPOTraine
 
 
 def add_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
-    """The options of ``fastalign dpo|kto|ppo|grpo``: ``--config FILE.yaml`` and ``--example``."""
+    """The options of ``fastalign dpo|kto|ppo|grpo|reward``: ``--config FILE.yaml`` and ``--example``."""
     parser.add_argument("--config", metavar="FILE.yaml", help="the YAML config file to run")
     parser.add_argument("--example", action="store_true", help="print a commented example config file and exit")
     parser.set_defaults(config_kind=_check_kind(kind))
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """Run ``fastalign dpo|kto|ppo|grpo`` from parsed :func:`add_arguments` options; exit status 2 with a one-line
-    message on a bad config file or bad data."""
+    """Run ``fastalign dpo|kto|ppo|grpo|reward`` from parsed :func:`add_arguments` options; exit status 2 with a
+    one-line message on a bad config file or bad data."""
     kind = args.config_kind
     if args.example:
         print(example_config(kind), end="")

@@ -153,21 +153,42 @@ def broadcast_module(module: nn.Module) -> None:
 
 # --- the wrapped policy ---------------------------------------------------------------------------------------
 
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` on ``device``'s type in ``dtype`` (mixed precision), or no context for None."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device) -> torch.amp.GradScaler:
+    """The fp16 loss scaler: torch's ``GradScaler``, or with several processes its sharded variant, whose overflow
+    check is all-reduced so that every rank skips the same steps and keeps the same scale (FSDP2 ranks hold
+    different gradient shards)."""
+    if dist.is_initialized():
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device.type)
+    return torch.amp.GradScaler(device.type)
+
+
 class Policy(nn.Module):
     """The policy (a causal LM, with its value head for PPO) and whatever is computed from it, in one forward:
     ``Policy(model)(fn, *args)`` returns ``fn(model, *args)``. DDP wraps this module and FSDP2 shards it as the
     root, so that the lm_head weight, which the fused ops read without calling ``lm_head.forward``, is unsharded
-    while ``fn`` runs and its gradient goes through the usual reduction. ``generate`` is a forward method too."""
+    while ``fn`` runs and its gradient goes through the usual reduction. ``generate`` is a forward method too.
+    ``autocast_dtype``: both run under ``torch.autocast`` in that dtype (mixed precision)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None = None):
         super().__init__()
         self.model = model
+        self.autocast_dtype = autocast_dtype
+        self.device = next(model.parameters()).device
 
     def forward(self, fn, *args, **kwargs):
-        return fn(self.model, *args, **kwargs)
+        with autocast(self.device, self.autocast_dtype):
+            return fn(self.model, *args, **kwargs)
 
     def generate(self, **kwargs) -> Tensor:
-        return self.model.generate(**kwargs)
+        with autocast(self.device, self.autocast_dtype):
+            return self.model.generate(**kwargs)
 
 
 def wrap(policy: Policy, parallelism: str) -> nn.Module:

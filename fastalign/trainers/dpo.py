@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from .. import hf
 from ..objectives.dpo import DPOOptions, sequence_logps
 from . import distributed, losses
-from .common import Trainer, TrainingConfig, as_floats, batch_indices, eval_batches, require, steps_per_epoch
+from .common import Trainer, TrainingConfig, as_floats, micro_batch_indices, require
 from .data import IGNORE_INDEX, collate_ranked, load_preference_data, load_ranked_data, tokenize_ranking
 
 
@@ -123,9 +123,10 @@ class DPOTrainer(Trainer):
         for indices in tqdm(batches, desc=f"{self.name}: {what}", dynamic_ncols=True,
                             disable=self.config.disable_tqdm or not distributed.is_main()):
             batch = collate_ranked([pairs[i] for i in indices], self.pad_token_id)
-            parts = hf.causal_lm_parts(reference, *(batch[k].to(device) for k in ("input_ids", "attention_mask",
-                                                                                   "labels")))
-            tokens = losses.token_logprobs(*parts, self.config.loss_backend)
+            with self.autocast():
+                parts = hf.causal_lm_parts(reference, *(batch[k].to(device) for k in ("input_ids", "attention_mask",
+                                                                                       "labels")))
+                tokens = losses.token_logprobs(*parts, self.config.loss_backend)
             logps.append(sequence_logps(tokens, parts.targets != IGNORE_INDEX, self.config.options))
         reference.train(was_training)
         return torch.cat(logps, -1).to(self.device)
@@ -141,10 +142,9 @@ class DPOTrainer(Trainer):
 
     def step_indices(self, step: int) -> list[list[int]]:
         """This rank's micro-batches (pair indices) of ``step``."""
-        micro, accumulation = self.config.per_device_train_batch_size, self.config.gradient_accumulation_steps
-        indices = batch_indices(len(self.train_pairs), micro * accumulation, step, self.config.seed,
-                                distributed.rank(), distributed.world_size())
-        return [indices[k * micro:(k + 1) * micro] for k in range(accumulation)]
+        c = self.config
+        return micro_batch_indices(len(self.train_pairs), c.per_device_train_batch_size,
+                                   c.gradient_accumulation_steps, step, c.seed)
 
     def compute_loss(self, batch: dict, num_pairs: int | None = None,
                      num_chosen_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -159,32 +159,23 @@ class DPOTrainer(Trainer):
         return losses.dpo_loss(*parts, batch["ref_logps"], self.config.options, self.config.loss_backend,
                                num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens)
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Metrics over the whole eval dataset (shared by the ranks), prefixed ``eval_`` (means over pairs)."""
-        self.model.eval()
-        records, weights = [], []
-        for indices, count in eval_batches(len(self.eval_dataset), self.config.per_device_eval_batch_size):
-            ref = None if self.eval_ref is None else self.eval_ref[:, indices]
-            records.append(self.compute_loss(self.batch(self.eval_dataset, indices, ref))[1])
-            weights.append(count)
-        self.model.train()
-        return {f"eval_{k}": v for k, v in distributed.weighted_average(records, weights).items()}
+        return self.evaluate_batches(lambda indices: self.compute_loss(self.batch(
+            self.eval_dataset, indices, None if self.eval_ref is None else self.eval_ref[:, indices]))[1])
 
     def train(self, resume_from_checkpoint: str | bool | None = None) -> list[dict]:
         """Run the training loop; returns the logged records (also in ``output_dir/metrics.jsonl``)."""
         c = self.config
-        micro, accumulation, world = c.per_device_train_batch_size, c.gradient_accumulation_steps, \
-            distributed.world_size()
-        per_epoch = steps_per_epoch(len(self.train_pairs), micro * accumulation * world, "train_dataset")
-        total = c.total_steps(per_epoch)
+        micro, accumulation = c.per_device_train_batch_size, c.gradient_accumulation_steps
+        global_batch, per_epoch, total = self.pair_schedule(len(self.train_pairs))
         # The reference's log-probs of the micro-batches of the steps to run, before any weight changes (the
         # reference may be the policy): each one computed as it will be used, so a resumed run gets the same
         # numbers as an uninterrupted one.
-        start = self.checkpoint_step(resume_from_checkpoint, micro * accumulation * world)
+        start = self.checkpoint_step(resume_from_checkpoint, global_batch)
         used = [b for step in range(start, total) for b in self.step_indices(step)]
         ref = self.reference_logps(self.train_pairs, used)
-        self.begin(total, total, micro * accumulation * world, resume_from_checkpoint)
+        self.begin(total, total, global_batch, resume_from_checkpoint)
         self.model.train()
         while self.step < total:
             first = (self.step - start) * accumulation * micro  # this step's columns of ref

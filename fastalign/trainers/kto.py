@@ -109,7 +109,7 @@ class KTOTrainer(Trainer):
             self.eval_dataset = self.tokenize(eval_dataset, "eval_dataset")
         self.ref_model = ref_model.to(self.device).eval() if ref_model is not None else frozen_copy(model)
         distributed.broadcast_module(self.ref_model)
-        self.ref_engine = distributed.wrap_reference(distributed.Policy(self.ref_model), config.parallelism)
+        self.ref_engine = self.reference_engine(self.ref_model)
 
     def tokenize(self, dataset, name: str) -> list[tuple[list[int], str, bool]]:
         """``(prompt ids, completion text, label)`` per example; the completion is tokenized against the prompt it
@@ -202,7 +202,7 @@ class KTOTrainer(Trainer):
                 batch = self.batch(self.train_examples, indices[k * micro:(k + 1) * micro])
                 with distributed.gradient_sync(self.engine, k == accumulation - 1):
                     loss, metrics = self.compute_loss(batch, micro * accumulation)
-                    loss.backward()  # even if not finite: the ranks' gradient reductions must match
+                    self.backward(loss)  # even if not finite: the ranks' gradient reductions must match
                 finite &= bool(torch.isfinite(loss))
                 step_metrics.append(metrics)
             metrics = {**self.step_metrics(mean_metrics(step_metrics, self.summed_metrics)),

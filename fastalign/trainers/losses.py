@@ -1,7 +1,13 @@
 """The trainers' losses on ``loss_backend="fused"`` (fastalign's ops, no logits) or ``"reference"`` (materialized
-``[B, T, V]`` logits, the same formulas from ``fastalign.objectives``): the switch lives here and nowhere else."""
+``[B, T, V]`` logits, the same formulas from ``fastalign.objectives``): the switch lives here and nowhere else.
+
+Under mixed precision (``torch.autocast``, see ``TrainingConfig.bf16``) each loss takes the hidden states, lm_head
+weight and bias in the autocast dtype, as autocast gives them to a linear layer, and runs with autocast off: the
+fused ops accumulate in fp32 themselves, and the reference backend computes its logits in that dtype, as an
+autocast lm_head does (see :func:`lm_head_precision`)."""
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict
 
 import torch
@@ -19,6 +25,24 @@ from ..objectives.ppo import (PPOLossConfig, PPOTokens, ValueHeadInputs, policy_
 from .data import IGNORE_INDEX
 
 
+def lm_head_precision(loss_fn):
+    """Decorate ``loss_fn(hidden, weight, bias, ...)``: under autocast, call it with those three cast to the
+    autocast dtype (the casts are differentiable: fp32 master weights get fp32 gradients) and autocast off;
+    otherwise call it as is."""
+
+    @functools.wraps(loss_fn)
+    def run(hidden: Tensor, weight: Tensor, bias: Tensor | None, *args, **kwargs):
+        device = hidden.device.type
+        if not torch.is_autocast_enabled(device):
+            return loss_fn(hidden, weight, bias, *args, **kwargs)
+        dtype = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            return loss_fn(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), *args,
+                           **kwargs)
+
+    return run
+
+
 def materialized_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *,
                           temperature: float = 1.0, return_entropy: bool = False):
     """``[B, T]`` fp32 log-probs (and entropy) the plain way: ``[B, T, V]`` logits, then a log-softmax."""
@@ -30,6 +54,7 @@ def materialized_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
     return logprobs, -(logp.exp() * logp).sum(-1).masked_fill(~valid, 0.0)
 
 
+@lm_head_precision
 def token_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, backend: str, *,
                    temperature: float = 1.0, return_entropy: bool = False):
     """Per-token log-probs ``[B, T]`` (0 where ``targets`` is -100), and entropy with ``return_entropy``."""
@@ -40,6 +65,7 @@ def token_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets:
                                  return_entropy=return_entropy)
 
 
+@lm_head_precision
 def dpo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, ref_logps: Tensor | None,
              options: DPOOptions, backend: str, *, num_pairs: int | Tensor | None = None,
              num_chosen_tokens: int | Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
@@ -68,6 +94,7 @@ def dpo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tenso
     return result.loss, dpo_metrics(result, logps)
 
 
+@lm_head_precision
 def ppo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, old_logprobs: Tensor,
              advantages: Tensor, value_head, old_values: Tensor, returns: Tensor, config: PPOLossConfig, backend: str,
              *, temperature: float, num_tokens: int | Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
@@ -95,6 +122,7 @@ def ppo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tenso
     return loss, metrics
 
 
+@lm_head_precision
 def grpo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, advantages: Tensor,
               config: GRPOLossConfig, backend: str, *, old_logprobs: Tensor | None = None,
               ref_logprobs: Tensor | None = None, temperature: float = 1.0,
@@ -114,6 +142,7 @@ def grpo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tens
     return result.loss, result.metrics
 
 
+@lm_head_precision
 def kto_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, labels: Tensor,
              ref_logps: Tensor, kl: Tensor | None, options: KTOOptions, backend: str, *,
              num_examples: int | Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:

@@ -51,9 +51,7 @@ def reward_scores(reward_fn: RewardFn | nn.Module, prompts: list[str], completio
     ``None`` score, not applicable to that sample, becomes NaN), or from a sequence-classification reward model
     sharing the tokenizer, on the prompt + response ids ``[B, Q + R]``."""
     if isinstance(reward_fn, nn.Module):
-        out = reward_fn(input_ids=input_ids, attention_mask=attention_mask,
-                        position_ids=hf.position_ids_from_mask(attention_mask))
-        return out.logits.reshape(len(prompts), -1)[:, 0].float()
+        return hf.sequence_rewards(reward_fn, input_ids, attention_mask)
     scores = reward_fn(prompts, completions)
     if len(scores) != len(prompts):
         raise ValueError(f"{name}: returned {len(scores)} scores for {len(prompts)} completions")
@@ -89,7 +87,7 @@ class SamplingTrainer(Trainer):
         policy under FSDP)."""
         self.ref_model = ref_model.to(self.device).eval() if ref_model is not None else frozen_copy(self.model)
         distributed.broadcast_module(self.ref_model)
-        self.ref_engine = distributed.wrap_reference(distributed.Policy(self.ref_model), self.config.parallelism)
+        self.ref_engine = self.reference_engine(self.ref_model)
 
     @torch.no_grad()
     def sample(self, queries: list[list[int]]) -> Samples:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import string
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")
 PRINTABLE = tuple(c for c in string.printable if c not in "\r\x0b\x0c")
@@ -37,9 +37,19 @@ def char_tokenizer(alphabet: tuple[str, ...] = PRINTABLE) -> PreTrainedTokenizer
     return _wrap(tokenizer)
 
 
+def tiny_config(tokenizer: PreTrainedTokenizerFast, **overrides) -> LlamaConfig:
+    """The ``LlamaConfig`` of a tiny model for ``tokenizer`` (``TINY_LLAMA`` shape; ``overrides`` are LlamaConfig
+    fields, ``vocab_size`` included)."""
+    return LlamaConfig(**{**TINY_LLAMA, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+                          "eos_token_id": tokenizer.eos_token_id, "bos_token_id": None, **overrides})
+
+
 def tiny_llama(tokenizer: PreTrainedTokenizerFast, **overrides) -> LlamaForCausalLM:
-    """A randomly initialized Llama for ``tokenizer`` (``TINY_LLAMA`` shape; ``overrides`` are LlamaConfig fields,
-    ``vocab_size`` included). Initialization follows the current torch seed."""
-    fields = {**TINY_LLAMA, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
-              "eos_token_id": tokenizer.eos_token_id, "bos_token_id": None, **overrides}
-    return LlamaForCausalLM(LlamaConfig(**fields))
+    """A randomly initialized causal Llama (:func:`tiny_config`). Initialization follows the current torch seed."""
+    return LlamaForCausalLM(tiny_config(tokenizer, **overrides))
+
+
+def tiny_reward_model(tokenizer: PreTrainedTokenizerFast, **overrides) -> LlamaForSequenceClassification:
+    """A randomly initialized Llama with a scalar score head (``num_labels=1``, read at the last non-padding
+    token): a reward model for :class:`~fastalign.trainers.RewardTrainer` (:func:`tiny_config`)."""
+    return LlamaForSequenceClassification(tiny_config(tokenizer, **{"num_labels": 1, **overrides}))
