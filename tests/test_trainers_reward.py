@@ -95,7 +95,7 @@ def test_the_loss_is_trls_on_each_sequence_scored_alone(tmp_path, tok):
             "input_ids"] + [tok.eos_token_id]) for r in records])
     want = reference_loss(rewards["chosen"], rewards["rejected"], torch.tensor([r["margin"] for r in records]), 0.1)
     want.backward()
-    assert float(loss) == pytest.approx(float(want), rel=1e-5)
+    assert float(loss) == pytest.approx(float(want.detach()), rel=1e-5)
     assert metrics["accuracy"] == float((rewards["chosen"] > rewards["rejected"]).float().mean())
     for (name, p), q in zip(model.named_parameters(), alone.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
@@ -103,25 +103,26 @@ def test_the_loss_is_trls_on_each_sequence_scored_alone(tmp_path, tok):
 
 @pytest.mark.slow
 def test_a_reward_model_learns_the_counting_preferences_and_scores_ppo_rollouts(tmp_path, tok):
-    """>= 0.9 reward accuracy on held-out prompts (0.96 here after 300 steps from a random init); then the saved
-    model loads as a ``transformers`` sequence-classification model and scores a PPO rollout."""
+    """Reward accuracy on held-out prompts after 300 steps from a random init: 0.96 with this seed, 0.87 to 0.94
+    with three other init seeds (the "slip a number" pairs are the hard ones), hence the 0.85 threshold. Then the
+    saved model loads as a ``transformers`` sequence-classification model and scores a PPO rollout."""
     model = small_reward_model(tok, hidden_size=64, intermediate_size=128)
     cfg = config(tmp_path, max_steps=300, per_device_train_batch_size=32, per_device_eval_batch_size=128,
                  warmup_ratio=0.1, lr_scheduler_type="cosine", logging_steps=20, max_length=None)
     history = RewardTrainer(model, tok, TASK.preference_data(4000, seed=1), cfg,
                             eval_dataset=TASK.preference_data(256, seed=2, heldout=True)).train()
     final = history[-1]
-    assert final["eval_accuracy"] >= 0.9 and final["eval_margin"] > 1.0, final
+    assert final["eval_accuracy"] >= 0.85 and final["eval_margin"] > 1.0, final
     assert {"loss", "accuracy", "margin", "min_reward", "mean_reward", "max_reward", "num_tokens"} <= set(history[0])
     loaded = AutoModelForSequenceClassification.from_pretrained(cfg.output_dir).eval()
     torch.manual_seed(0)
     policy = tiny_llama(tok, hidden_size=32, intermediate_size=64)
     ppo = PPOTrainer(policy, tok, TASK.prompts(8, seed=3), loaded,
                      PPOConfig(output_dir=str(tmp_path / "ppo"), response_length=6, disable_tqdm=True))
-    samples = ppo.sample(ppo.prompts, ppo.queries)
+    samples = ppo.sample(ppo.queries)
     with torch.no_grad():
         want = hf.sequence_rewards(model.eval(), samples.input_ids, samples.attention_mask)
-    torch.testing.assert_close(samples.scores, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ppo.scores(ppo.prompts, samples), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("options", [{}, {"gradient_checkpointing": True, "bf16": True}], ids=["fp32", "ckpt-bf16"])
