@@ -676,7 +676,6 @@ def naive_simpo(x: DPOInputs) -> Step:
 REGISTRY["simpo"] = OpBench(make_dpo_inputs, sequence_loss_modes(
     "SimPO fwd+bwd (no reference model)", fused_simpo, naive_simpo))
 
-
 # --- train-long: one DPO training step of a whole model on one long pair ----------------------------------------
 
 TRAIN_LONG_LAYERS = 4
