@@ -258,7 +258,8 @@ def fused_rows_loss(inputs: LinearInputs, opts: LinearOptions, loss_fn: LossFn, 
             chunks = "token"
         elif coupling is not None:
             width = weight.shape[0] if opts.shard is None else opts.shard.widest_shard
-            chunks = whole_group_chunks(list(coupling), width, opts.chunk_size, buffers=2 if spec.any_extra else 1)
+            # One [rows, V] buffer: the one pass forms p in place of log p unless the entropy itself is trained.
+            chunks = whole_group_chunks(list(coupling), width, opts.chunk_size)
     plan = _Plan(rows, targets, loss_fn, chunks, spec, opts, [])
     loss = _EngineLoss.apply(hidden, weight, bias, plan)
     return EngineOutput(loss, *plan.outputs)
