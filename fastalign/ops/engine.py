@@ -252,8 +252,8 @@ def fused_rows_loss(inputs: LinearInputs, opts: LinearOptions, loss_fn: LossFn, 
         with torch.no_grad():
             loss = loss_fn(RowValues(logprobs, entropy, stats))
         return EngineOutput(loss, logprobs, entropy, stats)
-    chunks = None
-    if opts.backend == "torch" and targets.numel() > 0:
+    chunks = None  # deterministic mode: two passes, whose forward is the batch-invariant statistics pass
+    if opts.backend == "torch" and not opts.deterministic and targets.numel() > 0:
         if coupling == "token":
             chunks = "token"
         elif coupling is not None:

@@ -13,6 +13,13 @@ weight: the forward also forms what ``d hidden`` needs), and ``linear_logprobs_f
 gradient is known in the forward: logits, ``d hidden`` and ``d weight`` in one pass, three matmuls). Only the last
 holds whole ``[chunk, V]`` rows: a chunk's gradient needs its log-sum-exp over the whole vocabulary before its
 logits are dropped.
+**Deterministic mode** (``deterministic=True``): every matmul and row-wise pass runs on a block of exactly
+``BLOCK_ROWS`` rows (the last one padded with zero rows and ignored targets) and a fixed vocabulary tile, whatever
+N, the chunk size or the memory budget, and a block's tile statistics are merged on its ``[BLOCK_ROWS]`` vectors in
+tile order: a row's statistics are bitwise the same alone or in any batch, at any position (CPU matmuls are not:
+a 1-row product takes another kernel than a 64-row one, and elementwise ops on ``[N]`` vectors end in a scalar
+tail whose ``exp``/``log`` round differently). The backward walks the same fixed blocks in a fixed order and forms
+the one-hot term densely (no accumulating ``index_put_``, non-deterministic on CUDA).
 """
 from __future__ import annotations
 
@@ -34,6 +41,8 @@ VOCAB_TILE = 4096
 TILE_ROWS = 512
 """Block shape on CPU: a ``[512, 4096]`` fp32 block of logits (8 MiB) is still in cache for the elementwise passes
 after its matmul; a whole ``[chunk, V]`` block (64 MiB) streams from DRAM in each."""
+BLOCK_ROWS = 128
+"""Rows of every block in deterministic mode (fixed whatever N and the chunk size)."""
 
 
 class LinearGrads(NamedTuple):
@@ -282,14 +291,17 @@ class _GradAccumulator:
 
 def linear_lse_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *,
                        inv_temperature: float, ignore_index: int, vocab_start: int = 0,
-                       spec: RowStatsSpec = RowStatsSpec(), chunk_size: int | None = None) -> RowStats:
+                       spec: RowStatsSpec = RowStatsSpec(), chunk_size: int | None = None,
+                       deterministic: bool = False) -> RowStats:
     """Row statistics ``[N]`` (those of ``spec``) of ``(hidden [N, H] @ weight [V, H].T + bias) * inv_temperature``,
-    block by block.
+    block by block (batch-invariant ``BLOCK_ROWS`` blocks when ``deterministic``).
 
     ``targets [N]`` are vocabulary ids of which this weight holds ``vocab_start .. vocab_start + V - 1``.
     """
     lin = _Linear(weight, bias, inv_temperature)
     n = hidden.shape[0]
+    if deterministic:
+        return _invariant_lse_forward(lin, hidden, targets, ignore_index, vocab_start, spec)
     stats = None
     for cols in lin.tiles():
         tile = _empty_stats(n, lin, hidden.device, spec)
@@ -301,12 +313,35 @@ def linear_lse_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targ
     return stats
 
 
+def _invariant_lse_forward(lin: _Linear, hidden: Tensor, targets: Tensor, ignore_index: int, vocab_start: int,
+                           spec: RowStatsSpec) -> RowStats:
+    """``linear_lse_forward`` in deterministic mode: blocks of exactly ``BLOCK_ROWS`` rows (the last padded), each
+    block's tiles merged in tile order on its ``[BLOCK_ROWS]`` statistics."""
+    n = hidden.shape[0]
+    out = _empty_stats(n, lin, hidden.device, spec)
+    block = hidden.new_zeros(BLOCK_ROWS, hidden.shape[1])
+    block_targets = targets.new_full((BLOCK_ROWS,), ignore_index)
+    for rows in _chunks(n, BLOCK_ROWS):
+        count = rows.stop - rows.start
+        block[:count], block[count:] = hidden[rows], 0
+        block_targets[:count], block_targets[count:] = targets[rows], ignore_index
+        stats = None
+        for cols in lin.tiles():
+            first = vocab_start + cols.start
+            tgt = _Targets.of(block_targets, ignore_index, first, cols.stop - cols.start)
+            tile = _row_stats(lin.logits(block, cols), tgt, spec, first, softmax=False)[0]
+            stats = tile if stats is None else merge_row_stats(stats, tile)
+        _store(out, rows, stats.rows(slice(0, count)))
+    return out
+
+
 def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, stats: RowStats,
                              grad_logprobs: Tensor, grad_entropy: Tensor | None = None, *, inv_temperature: float,
                              ignore_index: int, vocab_start: int = 0, need_grad_hidden: bool = True,
                              need_grad_weight: bool = True, need_grad_bias: bool = False,
-                             chunk_size: int | None = None) -> LinearGrads:
-    """Gradients for upstream ``grad_logprobs [N]`` (and ``grad_entropy [N]``), recomputing the logits block by block.
+                             chunk_size: int | None = None, deterministic: bool = False) -> LinearGrads:
+    """Gradients for upstream ``grad_logprobs [N]`` (and ``grad_entropy [N]``), recomputing the logits block by block
+    (``BLOCK_ROWS`` blocks in a fixed order and a dense one-hot term when ``deterministic``).
 
     ``stats`` are the (global) row statistics of the forward. Callers zero the upstream gradients at ignored rows.
     """
@@ -315,10 +350,16 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
     acc = _GradAccumulator(hidden, lin, need_grad_hidden, need_grad_weight, need_grad_bias)
     scale = grad_logprobs.to(lin.dtype) * inv_temperature
     for cols in lin.tiles():
-        for rows in _block_chunks(n, cols, chunk_size, buffers=1 if grad_entropy is None else 2):
+        blocks = (_chunks(n, BLOCK_ROWS) if deterministic
+                  else _block_chunks(n, cols, chunk_size, buffers=1 if grad_entropy is None else 2))
+        for rows in blocks:
             tgt = _Targets.of(targets[rows], ignore_index, vocab_start + cols.start, cols.stop - cols.start)
             z = lin.logits(hidden[rows], cols)
-            if grad_entropy is None:  # dz = g (onehot - p), from p = exp(z - lse) in place
+            if grad_entropy is None and deterministic:  # dz = g (onehot - p) formed densely: one source per element
+                grad = z.sub_(stats.lse[rows].unsqueeze(1)).exp_().mul_(-scale[rows].unsqueeze(1))
+                grad.scatter_add_(1, tgt.index, torch.where(tgt.valid, scale[rows], 0.0).unsqueeze(1))
+                acc.add(rows, cols, hidden[rows], grad)
+            elif grad_entropy is None:  # dz = g (onehot - p), from p = exp(z - lse) in place
                 acc.add_softmax(rows, cols, hidden[rows], z.sub_(stats.lse[rows].unsqueeze(1)).exp_(), scale[rows],
                                 tgt)
             else:
