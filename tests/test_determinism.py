@@ -96,6 +96,31 @@ def test_deterministic_mode_matches_float64_reference():
     torch.testing.assert_close(grad_h.double(), want_h, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("entropy_coef", [0.0, 0.3])
+def test_one_pass_deterministic_gradients_match_float64_reference(vocab_tile, entropy_coef):
+    """GRPO (dapo, on-policy: ratio exp(lp - lp.detach()) = 1) in one pass, deterministic: the loss
+    ``-sum(A lp_ratio m) / sum(m) - c sum(H m) / sum(m)`` and its gradients against float64 logits; 3 sequences of 90
+    tokens (several blocks and, with the 128-column tile, three vocabulary tiles)."""
+    hidden, weight, bias, targets = problem(270, seed=11)
+    targets = targets.view(3, 90)
+    targets[1, 60:] = -100
+    adv = torch.tensor([0.7, -1.1, 0.4])
+    leaves = [t.clone().requires_grad_(True) for t in (hidden.view(3, 90, H), weight, bias)]
+    out = fastalign.fused_linear_grpo_loss(*leaves[:2], targets, adv, bias=leaves[2], entropy_coef=entropy_coef,
+                                           temperature=0.9, chunk_size=100, backend="torch", deterministic=True)
+    grads = torch.autograd.grad(out.loss, leaves)
+    ref = [as_f64_leaf(t) for t in (hidden.view(3, 90, H), weight, bias)]
+    lp, ent = reference_logprobs(*ref[:2], targets, ref[2], temperature=0.9)
+    m = (targets != -100).double()
+    ratio = torch.exp(lp - lp.detach())
+    want = -(adv.double()[:, None] * ratio * m).sum() / m.sum() - entropy_coef * (ent * m).sum() / m.sum()
+    want_grads = torch.autograd.grad(want, ref)
+    torch.testing.assert_close(out.loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.logprobs.double(), lp.detach(), rtol=1e-5, atol=1e-5)
+    for got, expected in zip(grads, want_grads):
+        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-6)
+
+
 def _grpo(hidden, weight, bias, targets, advantages, cu_seqlens, deterministic, chunk_size):
     return fastalign.fused_linear_grpo_loss(hidden, weight, targets, advantages, bias=bias, cu_seqlens=cu_seqlens,
                                             backend="torch", deterministic=deterministic, chunk_size=chunk_size)

@@ -174,7 +174,8 @@ class _EngineLoss(torch.autograd.Function):
                 ignore_index=opts.ignore_index, spec=plan.spec,
                 need_grad_hidden=need["need_hidden"],
                 need_grad_weight=need["need_weight"], need_grad_bias=need["need_bias"], chunk_size=opts.chunk_size,
-                chunks=None if plan.chunks == "token" else plan.chunks, shard=opts.shard)
+                chunks=None if plan.chunks == "token" else plan.chunks, shard=opts.shard,
+                deterministic=opts.deterministic)
             grads = opts.finish_grads(out.grads)
             ctx.present = [g is not None for g in grads]
             ctx.save_for_backward(*(g for g in grads if g is not None))
@@ -252,8 +253,8 @@ def fused_rows_loss(inputs: LinearInputs, opts: LinearOptions, loss_fn: LossFn, 
         with torch.no_grad():
             loss = loss_fn(RowValues(logprobs, entropy, stats))
         return EngineOutput(loss, logprobs, entropy, stats)
-    chunks = None  # deterministic mode: two passes, whose forward is the batch-invariant statistics pass
-    if opts.backend == "torch" and not opts.deterministic and targets.numel() > 0:
+    chunks = None
+    if opts.backend == "torch" and targets.numel() > 0:
         if coupling == "token":
             chunks = "token"
         elif coupling is not None:

@@ -91,19 +91,23 @@ class _Linear:
             return a @ b
         return torch.mm(a, b, out_dtype=self.dtype)
 
-    def logits(self, hidden: Tensor, cols: slice = slice(None)) -> Tensor:
+    def reserve(self, numel: int, device: torch.device) -> None:
+        """Make the logits buffer hold at least ``numel`` elements (views of a replaced buffer stay valid)."""
+        if self._buffer is None or self._buffer.numel() < numel:
+            self._buffer = None  # free the smaller buffer first
+            self._buffer = torch.empty(numel, dtype=self.dtype, device=device)
+
+    def logits(self, hidden: Tensor, cols: slice = slice(None), offset: int = 0) -> Tensor:
         """Tempered logits ``[C, tile]`` of rows ``hidden [C, H]`` and vocabulary columns ``cols``, valid until the
-        next call: they are written into one buffer reused by every block (on CPU, a fresh tensor per block costs
-        page faults worth a fifth of the matmul)."""
+        next call at the same ``offset``: they are written into one buffer reused by every block, from element
+        ``offset`` on (on CPU, a fresh tensor per block costs page faults worth a fifth of the matmul)."""
         weight = self.weight[cols]
         bias = None if self.bias is None else self.bias[cols]
         h = hidden.to(weight.dtype)
         if h.dtype == self.dtype:
             rows, width = h.shape[0], weight.shape[0]
-            if self._buffer is None or self._buffer.numel() < rows * width:
-                self._buffer = None  # free the smaller buffer first
-                self._buffer = torch.empty(rows * width, dtype=self.dtype, device=h.device)
-            z = self._buffer[:rows * width].view(rows, width)
+            self.reserve(offset + rows * width, h.device)
+            z = self._buffer[offset:offset + rows * width].view(rows, width)
             if bias is not None:
                 torch.addmm(bias, h, weight.t(), out=z)
             else:
@@ -242,6 +246,13 @@ def _entropy_logit_grads(log_p: Tensor, p: Tensor, entropy: Tensor, tgt: _Target
     return grad
 
 
+def _dense_softmax_grads(probs: Tensor, scale: Tensor, tgt: _Targets) -> Tensor:
+    """The logit gradients ``scale (onehot - probs)`` of a block ``[C, tile]`` (``scale [C]``) in place of ``probs``:
+    a scatter with one source per element, deterministic on every device (unlike an accumulating ``index_put_``)."""
+    grad = probs.mul_(-scale.unsqueeze(1))
+    return grad.scatter_add_(1, tgt.index, torch.where(tgt.valid, scale, 0.0).unsqueeze(1).to(grad.dtype))
+
+
 class _GradAccumulator:
     """Buffers for ``d hidden [N, H]``, ``d weight [V, H]``, ``d bias [V]`` (compute dtype), filled block by block."""
 
@@ -313,25 +324,53 @@ def linear_lse_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targ
     return stats
 
 
-def _invariant_lse_forward(lin: _Linear, hidden: Tensor, targets: Tensor, ignore_index: int, vocab_start: int,
-                           spec: RowStatsSpec) -> RowStats:
-    """``linear_lse_forward`` in deterministic mode: blocks of exactly ``BLOCK_ROWS`` rows (the last padded), each
-    block's tiles merged in tile order on its ``[BLOCK_ROWS]`` statistics."""
-    n = hidden.shape[0]
-    out = _empty_stats(n, lin, hidden.device, spec)
+class _InvariantBlock(NamedTuple):
+    """One ``BLOCK_ROWS`` block of the deterministic mode: its rows (``count`` of them, the rest padding), its
+    per-tile local ``log p`` ``[BLOCK_ROWS, tile]`` (with ``keep``) and lse ``[BLOCK_ROWS]``, and its merged
+    statistics ``[BLOCK_ROWS]``."""
+
+    rows: slice
+    count: int
+    tiles: list[tuple[slice, Tensor, Tensor]]  # (cols, local log p, local lse)
+    stats: RowStats
+
+
+def _invariant_blocks(lin: _Linear, hidden: Tensor, targets: Tensor, rows: slice, ignore_index: int,
+                      vocab_start: int, spec: RowStatsSpec, keep: bool) -> Iterator[_InvariantBlock]:
+    """The deterministic mode's blocks of rows ``rows``: exactly ``BLOCK_ROWS`` rows (the last padded with zero
+    rows and ignored targets) times each vocabulary tile, every tile's statistics merged in tile order on the
+    block's ``[BLOCK_ROWS]`` vectors, so that a row's statistics depend on that row alone. With ``keep`` the tiles'
+    ``log p`` of the whole range stay in the logits buffer (``BLOCK_ROWS x V`` per block), else each is overwritten
+    by the next."""
     block = hidden.new_zeros(BLOCK_ROWS, hidden.shape[1])
     block_targets = targets.new_full((BLOCK_ROWS,), ignore_index)
-    for rows in _chunks(n, BLOCK_ROWS):
-        count = rows.stop - rows.start
-        block[:count], block[count:] = hidden[rows], 0
-        block_targets[:count], block_targets[count:] = targets[rows], ignore_index
-        stats = None
+    if keep:
+        lin.reserve(-(-(rows.stop - rows.start) // BLOCK_ROWS) * BLOCK_ROWS * lin.vocab_size, hidden.device)
+    offset = 0
+    for start in range(rows.start, rows.stop, BLOCK_ROWS):
+        block_rows = slice(start, min(start + BLOCK_ROWS, rows.stop))
+        count = block_rows.stop - start
+        block[:count], block[count:] = hidden[block_rows], 0
+        block_targets[:count], block_targets[count:] = targets[block_rows], ignore_index
+        stats, tiles = None, []
         for cols in lin.tiles():
             first = vocab_start + cols.start
-            tgt = _Targets.of(block_targets, ignore_index, first, cols.stop - cols.start)
-            tile = _row_stats(lin.logits(block, cols), tgt, spec, first, softmax=False)[0]
+            z = lin.logits(block, cols, offset)
+            offset += z.numel() if keep else 0
+            tile = _row_stats(z, _Targets.of(block_targets, ignore_index, first, cols.stop - cols.start), spec,
+                              first, softmax=False)[0]  # z <- the tile's log p
+            tiles.append((cols, z, tile.lse))
             stats = tile if stats is None else merge_row_stats(stats, tile)
-        _store(out, rows, stats.rows(slice(0, count)))
+        yield _InvariantBlock(block_rows, count, tiles, stats)
+
+
+def _invariant_lse_forward(lin: _Linear, hidden: Tensor, targets: Tensor, ignore_index: int, vocab_start: int,
+                           spec: RowStatsSpec) -> RowStats:
+    """``linear_lse_forward`` in deterministic mode (``_invariant_blocks``)."""
+    out = _empty_stats(hidden.shape[0], lin, hidden.device, spec)
+    for block in _invariant_blocks(lin, hidden, targets, slice(0, hidden.shape[0]), ignore_index, vocab_start, spec,
+                                   keep=False):
+        _store(out, block.rows, block.stats.rows(slice(0, block.count)))
     return out
 
 
@@ -355,10 +394,9 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
         for rows in blocks:
             tgt = _Targets.of(targets[rows], ignore_index, vocab_start + cols.start, cols.stop - cols.start)
             z = lin.logits(hidden[rows], cols)
-            if grad_entropy is None and deterministic:  # dz = g (onehot - p) formed densely: one source per element
-                grad = z.sub_(stats.lse[rows].unsqueeze(1)).exp_().mul_(-scale[rows].unsqueeze(1))
-                grad.scatter_add_(1, tgt.index, torch.where(tgt.valid, scale[rows], 0.0).unsqueeze(1))
-                acc.add(rows, cols, hidden[rows], grad)
+            if grad_entropy is None and deterministic:
+                acc.add(rows, cols, hidden[rows], _dense_softmax_grads(
+                    z.sub_(stats.lse[rows].unsqueeze(1)).exp_(), scale[rows], tgt))
             elif grad_entropy is None:  # dz = g (onehot - p), from p = exp(z - lse) in place
                 acc.add_softmax(rows, cols, hidden[rows], z.sub_(stats.lse[rows].unsqueeze(1)).exp_(), scale[rows],
                                 tgt)
@@ -434,7 +472,8 @@ def linear_logprobs_fused(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
                           token_grads: TokenGrads, *, inv_temperature: float, ignore_index: int,
                           spec: RowStatsSpec = RowStatsSpec(), need_grad_hidden: bool = True,
                           need_grad_weight: bool = True, need_grad_bias: bool = False, chunk_size: int | None = None,
-                          chunks: Sequence[slice] | None = None, shard: ShardMerge | None = None) -> FusedResult:
+                          chunks: Sequence[slice] | None = None, shard: ShardMerge | None = None,
+                          deterministic: bool = False) -> FusedResult:
     """Log-probs (entropy and the other statistics of ``spec``) and, in the same pass, the gradients of a loss whose
     per-token gradient is known.
 
@@ -443,7 +482,9 @@ def linear_logprobs_fused(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
     whole ``[chunk, V]`` rows. ``chunks``: the row ranges to walk, in this order, together covering every row once
     (e.g. whole sequences); default: equal chunks of ``chunk_size`` rows or sized from the memory budget.
     ``shard``: the weight is one vocabulary shard; each chunk's statistics are merged across the group before its
-    gradient is formed (``d hidden`` is then this shard's partial sum).
+    gradient is formed (``d hidden`` is then this shard's partial sum). ``deterministic``: each chunk in the
+    batch-invariant blocks of ``_invariant_blocks`` (its ``[chunk, V]`` logits kept as blocks' tiles); default chunks
+    are then whole blocks, so that the gradients do not depend on the chunk size either.
     """
     lin = _Linear(weight, bias, inv_temperature)
     n, vocab = hidden.shape[0], weight.shape[0]
@@ -454,9 +495,16 @@ def linear_logprobs_fused(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
     entropy = torch.empty_like(logprobs) if spec.entropy else None
     all_stats = _empty_stats(n, lin, hidden.device, spec)
     if chunks is None:
-        chunks = _chunks(n, rows_per_chunk(n, vocab if shard is None else shard.widest_shard, chunk_size=chunk_size,
-                                           buffers=_buffers(spec)))
+        per_chunk = rows_per_chunk(n, vocab if shard is None else shard.widest_shard, chunk_size=chunk_size,
+                                   buffers=_buffers(spec))
+        if deterministic:  # whole blocks: the same blocks, so the same gradient sums, whatever the chunk size
+            per_chunk = max(1, per_chunk // BLOCK_ROWS) * BLOCK_ROWS
+        chunks = _chunks(n, per_chunk)
     for rows in chunks:
+        if deterministic:
+            _invariant_fused_chunk(lin, acc, hidden, targets, rows, token_grads, logprobs, entropy, all_stats,
+                                   spec, ignore_index, vocab_start, shard)
+            continue
         tgt = _Targets.of(targets[rows], ignore_index, vocab_start, vocab)
         valid = targets[rows] != ignore_index
         z = lin.logits(hidden[rows])
@@ -476,3 +524,34 @@ def linear_logprobs_fused(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
             acc.add_softmax(rows, every_col, hidden[rows], z.exp_(), grad_lp * inv_temperature, tgt)
         del z  # chunks may grow (whole sequences): free this chunk's logits before a larger buffer is allocated
     return FusedResult(logprobs, entropy, acc.result(), all_stats)
+
+
+def _invariant_fused_chunk(lin: _Linear, acc: _GradAccumulator, hidden: Tensor, targets: Tensor, rows: slice,
+                           token_grads: TokenGrads, logprobs: Tensor, entropy: Tensor | None, all_stats: RowStats,
+                           spec: RowStatsSpec, ignore_index: int, vocab_start: int, shard: ShardMerge | None) -> None:
+    """One chunk of ``linear_logprobs_fused`` in deterministic mode: the statistics of its blocks exactly as the
+    deterministic forward forms them (merged across the group block by block with a shard), then each block's
+    tiles' gradients from their kept ``log p``, ``log p_global = log p_tile + lse_tile - lse``."""
+    blocks = list(_invariant_blocks(lin, hidden, targets, rows, ignore_index, vocab_start, spec, keep=True))
+    if shard is not None:
+        blocks = [block._replace(stats=shard.all_reduce_stats(block.stats)) for block in blocks]
+    for block in blocks:
+        _store(all_stats, block.rows, block.stats.rows(slice(0, block.count)))
+    valid = targets[rows] != ignore_index
+    logprobs[rows] = torch.where(valid, all_stats.target_logit[rows] - all_stats.lse[rows], 0.0)
+    if entropy is not None:
+        entropy[rows] = torch.where(valid, all_stats.entropy[rows], 0.0)
+    grad_lp, grad_ent = token_grads(rows, logprobs[rows], None if entropy is None else entropy[rows],
+                                    all_stats.rows(rows))
+    for block in blocks:
+        local = slice(block.rows.start - rows.start, block.rows.stop - rows.start)
+        lse = block.stats.lse[:block.count].unsqueeze(1)
+        for cols, log_p, tile_lse in block.tiles:
+            log_p = log_p[:block.count].add_(tile_lse[:block.count].unsqueeze(1) - lse)  # the global log p
+            tgt = _Targets.of(targets[block.rows], ignore_index, vocab_start + cols.start, cols.stop - cols.start)
+            if grad_ent is None:
+                grad = _dense_softmax_grads(log_p.exp_(), grad_lp[local] * lin.inv_temperature, tgt)
+            else:
+                grad = _entropy_logit_grads(log_p, log_p.exp(), block.stats.entropy[:block.count], tgt,
+                                            grad_lp[local], grad_ent[local], lin.inv_temperature)
+            acc.add(block.rows, cols, hidden[block.rows], grad)
