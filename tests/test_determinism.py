@@ -238,6 +238,9 @@ def test_bad_deterministic_options(monkeypatch):
         fastalign.fused_linear_logprobs(hidden, weight, targets, deterministic=1)
     with pytest.raises(ValueError, match="deterministic: the triton backend has no deterministic mode"):
         fastalign.fused_linear_logprobs(hidden, weight, targets, backend="triton", deterministic=True)
+    monkeypatch.setenv("FASTALIGN_DETERMINISTIC", "1")
+    with pytest.raises(ValueError, match=r"deterministic: .*\$FASTALIGN_DETERMINISTIC=1.* backend='triton'"):
+        fastalign.fused_linear_logprobs(hidden, weight, targets, backend="triton")
     monkeypatch.setenv("FASTALIGN_DETERMINISTIC", "yes")
     with pytest.raises(ValueError, match=r"\$FASTALIGN_DETERMINISTIC: expected 0 or 1, got 'yes'"):
         fastalign.fused_linear_logprobs(hidden, weight, targets)

@@ -25,12 +25,13 @@ def resolve_deterministic(deterministic, backend: str) -> bool:
         raw = os.environ.get(DETERMINISTIC_ENV, "0")
         if raw not in ("0", "1"):
             raise ValueError(f"${DETERMINISTIC_ENV}: expected 0 or 1, got {raw!r}")
-        return raw == "1" or torch.are_deterministic_algorithms_enabled()
-    if not isinstance(deterministic, bool):
+        deterministic = raw == "1" or torch.are_deterministic_algorithms_enabled()
+    elif not isinstance(deterministic, bool):
         raise TypeError(f"deterministic: expected a bool or None, got {type(deterministic).__name__}")
     if deterministic and backend == "triton":
         raise ValueError("deterministic: the triton backend has no deterministic mode yet (its backward uses "
-                         "atomics); got deterministic=True with backend='triton' (use backend='torch' or 'auto')")
+                         "atomics); got deterministic mode (the argument, $FASTALIGN_DETERMINISTIC=1 or "
+                         "torch.use_deterministic_algorithms) with backend='triton' (use backend='torch' or 'auto')")
     return deterministic
 
 

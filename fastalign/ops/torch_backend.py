@@ -97,6 +97,10 @@ class _Linear:
             self._buffer = None  # free the smaller buffer first
             self._buffer = torch.empty(numel, dtype=self.dtype, device=device)
 
+    def buffer_view(self, offset: int, rows: int, width: int) -> Tensor:
+        """``[rows, width]`` of the logits buffer from element ``offset`` on."""
+        return self._buffer[offset:offset + rows * width].view(rows, width)
+
     def logits(self, hidden: Tensor, cols: slice = slice(None), offset: int = 0) -> Tensor:
         """Tempered logits ``[C, tile]`` of rows ``hidden [C, H]`` and vocabulary columns ``cols``, valid until the
         next call at the same ``offset``: they are written into one buffer reused by every block, from element
@@ -107,7 +111,7 @@ class _Linear:
         if h.dtype == self.dtype:
             rows, width = h.shape[0], weight.shape[0]
             self.reserve(offset + rows * width, h.device)
-            z = self._buffer[offset:offset + rows * width].view(rows, width)
+            z = self.buffer_view(offset, rows, width)
             if bias is not None:
                 torch.addmm(bias, h, weight.t(), out=z)
             else:
@@ -324,54 +328,66 @@ def linear_lse_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targ
     return stats
 
 
-class _InvariantBlock(NamedTuple):
-    """One ``BLOCK_ROWS`` block of the deterministic mode: its rows (``count`` of them, the rest padding), its
-    per-tile local ``log p`` ``[BLOCK_ROWS, tile]`` (with ``keep``) and lse ``[BLOCK_ROWS]``, and its merged
-    statistics ``[BLOCK_ROWS]``."""
+class _InvariantChunk(NamedTuple):
+    """Rows ``rows`` in the deterministic mode's blocks (``_invariant_chunk``): per vocabulary tile its columns,
+    its local ``log p`` ``[C_pad, tile]`` (kept only when asked) and statistics ``[C_pad]``; and the statistics
+    over every tile ``[C_pad]``; ``C_pad`` is the row count rounded up to whole ``BLOCK_ROWS`` blocks."""
 
     rows: slice
-    count: int
-    tiles: list[tuple[slice, Tensor, Tensor]]  # (cols, local log p, local lse)
+    tiles: list[tuple[slice, Tensor | None, RowStats]]
     stats: RowStats
 
+    def blocks(self) -> Iterator[tuple[slice, slice]]:
+        """(rows of the problem, rows of the chunk's padded vectors) of each block, padding left out."""
+        for start in range(self.rows.start, self.rows.stop, BLOCK_ROWS):
+            stop = min(start + BLOCK_ROWS, self.rows.stop)
+            yield slice(start, stop), slice(start - self.rows.start, stop - self.rows.start)
 
-def _invariant_blocks(lin: _Linear, hidden: Tensor, targets: Tensor, rows: slice, ignore_index: int,
-                      vocab_start: int, spec: RowStatsSpec, keep: bool) -> Iterator[_InvariantBlock]:
-    """The deterministic mode's blocks of rows ``rows``: exactly ``BLOCK_ROWS`` rows (the last padded with zero
-    rows and ignored targets) times each vocabulary tile, every tile's statistics merged in tile order on the
-    block's ``[BLOCK_ROWS]`` vectors, so that a row's statistics depend on that row alone. With ``keep`` the tiles'
-    ``log p`` of the whole range stay in the logits buffer (``BLOCK_ROWS x V`` per block), else each is overwritten
-    by the next."""
+
+def _invariant_chunk(lin: _Linear, hidden: Tensor, targets: Tensor, rows: slice, ignore_index: int,
+                     vocab_start: int, spec: RowStatsSpec, keep: bool) -> _InvariantChunk:
+    """The statistics of rows ``rows`` in the deterministic mode: every logits block is exactly ``BLOCK_ROWS``
+    rows (copied into one buffer, the last padded with zero rows and ignored targets) times a vocabulary tile, and
+    each block's tile statistics are merged in tile order on its own ``[BLOCK_ROWS]`` vectors, so that a row's
+    statistics depend on that row alone. Tiles outer, blocks inner: a weight tile is read once per chunk. With
+    ``keep`` the tiles' ``log p`` stay in the logits buffer (``C_pad x V``), else each block overwrites the last."""
+    count = rows.stop - rows.start
+    padded = -(-count // BLOCK_ROWS) * BLOCK_ROWS
     block = hidden.new_zeros(BLOCK_ROWS, hidden.shape[1])
-    block_targets = targets.new_full((BLOCK_ROWS,), ignore_index)
+    block_targets = targets.new_empty(BLOCK_ROWS)
     if keep:
-        lin.reserve(-(-(rows.stop - rows.start) // BLOCK_ROWS) * BLOCK_ROWS * lin.vocab_size, hidden.device)
-    offset = 0
-    for start in range(rows.start, rows.stop, BLOCK_ROWS):
-        block_rows = slice(start, min(start + BLOCK_ROWS, rows.stop))
-        count = block_rows.stop - start
-        block[:count], block[count:] = hidden[block_rows], 0
-        block_targets[:count], block_targets[count:] = targets[block_rows], ignore_index
-        stats, tiles = None, []
-        for cols in lin.tiles():
-            first = vocab_start + cols.start
-            z = lin.logits(block, cols, offset)
-            offset += z.numel() if keep else 0
-            tile = _row_stats(z, _Targets.of(block_targets, ignore_index, first, cols.stop - cols.start), spec,
-                              first, softmax=False)[0]  # z <- the tile's log p
-            tiles.append((cols, z, tile.lse))
-            stats = tile if stats is None else merge_row_stats(stats, tile)
-        yield _InvariantBlock(block_rows, count, tiles, stats)
+        lin.reserve(padded * lin.vocab_size, hidden.device)
+    tiles, offset = [], 0
+    for cols in lin.tiles():
+        first, width = vocab_start + cols.start, cols.stop - cols.start
+        tile = _empty_stats(padded, lin, hidden.device, spec)
+        for start in range(0, padded, BLOCK_ROWS):
+            inside = slice(rows.start + start, min(rows.start + start + BLOCK_ROWS, rows.stop))
+            size = inside.stop - inside.start
+            block[:size], block[size:] = hidden[inside], 0
+            block_targets[:size], block_targets[size:] = targets[inside], ignore_index
+            z = lin.logits(block, cols, offset + (start * width if keep else 0))
+            tgt = _Targets.of(block_targets, ignore_index, first, width)
+            _store(tile, slice(start, start + BLOCK_ROWS), _row_stats(z, tgt, spec, first, softmax=False)[0])
+        log_p = lin.buffer_view(offset, padded, width) if keep else None  # z <- log p, block by block
+        offset += padded * width if keep else 0
+        tiles.append((cols, log_p, tile))
+    merged = _empty_stats(padded, lin, hidden.device, spec)
+    for start in range(0, padded, BLOCK_ROWS):
+        block_rows = slice(start, start + BLOCK_ROWS)
+        stats = None
+        for _, _, tile in tiles:
+            stats = tile.rows(block_rows) if stats is None else merge_row_stats(stats, tile.rows(block_rows))
+        _store(merged, block_rows, stats)
+    return _InvariantChunk(rows, tiles, merged)
 
 
 def _invariant_lse_forward(lin: _Linear, hidden: Tensor, targets: Tensor, ignore_index: int, vocab_start: int,
                            spec: RowStatsSpec) -> RowStats:
-    """``linear_lse_forward`` in deterministic mode (``_invariant_blocks``)."""
-    out = _empty_stats(hidden.shape[0], lin, hidden.device, spec)
-    for block in _invariant_blocks(lin, hidden, targets, slice(0, hidden.shape[0]), ignore_index, vocab_start, spec,
-                                   keep=False):
-        _store(out, block.rows, block.stats.rows(slice(0, block.count)))
-    return out
+    """``linear_lse_forward`` in deterministic mode (``_invariant_chunk``)."""
+    n = hidden.shape[0]
+    return _invariant_chunk(lin, hidden, targets, slice(0, n), ignore_index, vocab_start, spec,
+                            keep=False).stats.rows(slice(0, n))
 
 
 def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, stats: RowStats,
@@ -483,7 +499,7 @@ def linear_logprobs_fused(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
     (e.g. whole sequences); default: equal chunks of ``chunk_size`` rows or sized from the memory budget.
     ``shard``: the weight is one vocabulary shard; each chunk's statistics are merged across the group before its
     gradient is formed (``d hidden`` is then this shard's partial sum). ``deterministic``: each chunk in the
-    batch-invariant blocks of ``_invariant_blocks`` (its ``[chunk, V]`` logits kept as blocks' tiles); default chunks
+    batch-invariant blocks of ``_invariant_chunk`` (its ``[chunk, V]`` logits kept tile by tile); default chunks
     are then whole blocks, so that the gradients do not depend on the chunk size either.
     """
     lin = _Linear(weight, bias, inv_temperature)
@@ -529,29 +545,32 @@ def linear_logprobs_fused(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
 def _invariant_fused_chunk(lin: _Linear, acc: _GradAccumulator, hidden: Tensor, targets: Tensor, rows: slice,
                            token_grads: TokenGrads, logprobs: Tensor, entropy: Tensor | None, all_stats: RowStats,
                            spec: RowStatsSpec, ignore_index: int, vocab_start: int, shard: ShardMerge | None) -> None:
-    """One chunk of ``linear_logprobs_fused`` in deterministic mode: the statistics of its blocks exactly as the
-    deterministic forward forms them (merged across the group block by block with a shard), then each block's
-    tiles' gradients from their kept ``log p``, ``log p_global = log p_tile + lse_tile - lse``."""
-    blocks = list(_invariant_blocks(lin, hidden, targets, rows, ignore_index, vocab_start, spec, keep=True))
-    if shard is not None:
-        blocks = [block._replace(stats=shard.all_reduce_stats(block.stats)) for block in blocks]
-    for block in blocks:
-        _store(all_stats, block.rows, block.stats.rows(slice(0, block.count)))
+    """One chunk of ``linear_logprobs_fused`` in deterministic mode: its statistics exactly as the deterministic
+    forward forms them (merged across the group block by block with a shard), then the gradients of each tile's
+    blocks from their kept ``log p``, ``log p_global = log p_tile + lse_tile - lse``, in a fixed order (tiles outer,
+    blocks inner)."""
+    chunk = _invariant_chunk(lin, hidden, targets, rows, ignore_index, vocab_start, spec, keep=True)
+    stats = chunk.stats
+    if shard is not None:  # block by block: the merge's exp/log on fixed-length vectors
+        stats = _empty_stats(stats.lse.shape[0], lin, hidden.device, spec)
+        for start in range(0, stats.lse.shape[0], BLOCK_ROWS):
+            block_rows = slice(start, start + BLOCK_ROWS)
+            _store(stats, block_rows, shard.all_reduce_stats(chunk.stats.rows(block_rows)))
+    count = rows.stop - rows.start
+    _store(all_stats, rows, stats.rows(slice(0, count)))
     valid = targets[rows] != ignore_index
     logprobs[rows] = torch.where(valid, all_stats.target_logit[rows] - all_stats.lse[rows], 0.0)
     if entropy is not None:
         entropy[rows] = torch.where(valid, all_stats.entropy[rows], 0.0)
     grad_lp, grad_ent = token_grads(rows, logprobs[rows], None if entropy is None else entropy[rows],
                                     all_stats.rows(rows))
-    for block in blocks:
-        local = slice(block.rows.start - rows.start, block.rows.stop - rows.start)
-        lse = block.stats.lse[:block.count].unsqueeze(1)
-        for cols, log_p, tile_lse in block.tiles:
-            log_p = log_p[:block.count].add_(tile_lse[:block.count].unsqueeze(1) - lse)  # the global log p
-            tgt = _Targets.of(targets[block.rows], ignore_index, vocab_start + cols.start, cols.stop - cols.start)
+    for cols, log_p, tile in chunk.tiles:
+        for block_rows, local in chunk.blocks():
+            tile_log_p = log_p[local].add_((tile.lse[local] - stats.lse[local]).unsqueeze(1))  # the global log p
+            tgt = _Targets.of(targets[block_rows], ignore_index, vocab_start + cols.start, cols.stop - cols.start)
             if grad_ent is None:
-                grad = _dense_softmax_grads(log_p.exp_(), grad_lp[local] * lin.inv_temperature, tgt)
+                grad = _dense_softmax_grads(tile_log_p.exp_(), grad_lp[local] * lin.inv_temperature, tgt)
             else:
-                grad = _entropy_logit_grads(log_p, log_p.exp(), block.stats.entropy[:block.count], tgt,
-                                            grad_lp[local], grad_ent[local], lin.inv_temperature)
-            acc.add(block.rows, cols, hidden[block.rows], grad)
+                grad = _entropy_logit_grads(tile_log_p, tile_log_p.exp(), stats.entropy[local], tgt, grad_lp[local],
+                                            grad_ent[local], lin.inv_temperature)
+            acc.add(block_rows, cols, hidden[block_rows], grad)
