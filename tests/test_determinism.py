@@ -49,6 +49,12 @@ def vocab_tile(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """64-row blocks: several blocks and chunks of them in problems of a few hundred rows."""
+    monkeypatch.setattr(torch_backend, "BLOCK_ROWS", 64)
+
+
 def test_row_statistics_are_batch_invariant(vocab_tile, monkeypatch):
     hidden, weight, bias, targets = problem(1)
     kw = dict(inv_temperature=1 / 0.7, ignore_index=-100, spec=EVERY_STAT)
@@ -97,10 +103,10 @@ def test_deterministic_mode_matches_float64_reference():
 
 
 @pytest.mark.parametrize("entropy_coef", [0.0, 0.3])
-def test_one_pass_deterministic_gradients_match_float64_reference(vocab_tile, entropy_coef):
+def test_one_pass_deterministic_gradients_match_float64_reference(vocab_tile, small_blocks, entropy_coef):
     """GRPO (dapo, on-policy: ratio exp(lp - lp.detach()) = 1) in one pass, deterministic: the loss
     ``-sum(A lp_ratio m) / sum(m) - c sum(H m) / sum(m)`` and its gradients against float64 logits; 3 sequences of 90
-    tokens (several blocks and, with the 128-column tile, three vocabulary tiles)."""
+    tokens (five 64-row blocks in chunks of one, and with the 128-column tile three vocabulary tiles)."""
     hidden, weight, bias, targets = problem(270, seed=11)
     targets = targets.view(3, 90)
     targets[1, 60:] = -100
@@ -170,10 +176,11 @@ def test_ops_are_batch_invariant_padded_and_packed():
     assert differs[False] > 0, "the default mode never differed: this test would not see a batch-variant op"
 
 
-def test_gradients_repeat_bit_for_bit_whatever_the_chunking(monkeypatch):
+def test_gradients_repeat_bit_for_bit_whatever_the_chunking(small_blocks, monkeypatch):
     """Three runs of GRPO (per-token loss, one pass by default) with three chunkings (which walk the rows in
-    different chunks, so the default mode sums d weight in a different order): deterministic gradients are bitwise
-    equal, and the default ones are not."""
+    different chunks, so the default mode sums d weight in a different order; the deterministic one walks whole
+    64-row blocks in row order whatever the chunks): deterministic gradients are bitwise equal, the default ones
+    are not."""
     hidden, weight, bias, targets = problem(300, seed=3)
     targets[::7] = -100
     adv = torch.randn(1)
