@@ -13,6 +13,7 @@ weight: the forward also forms what ``d hidden`` needs), and ``linear_logprobs_f
 gradient is known in the forward: logits, ``d hidden`` and ``d weight`` in one pass, three matmuls). Only the last
 holds whole ``[chunk, V]`` rows: a chunk's gradient needs its log-sum-exp over the whole vocabulary before its
 logits are dropped.
+
 **Deterministic mode** (``deterministic=True``): every matmul and row-wise pass runs on a block of exactly
 ``BLOCK_ROWS`` rows (the last one padded with zero rows and ignored targets) and a fixed vocabulary tile, whatever
 N, the chunk size or the memory budget, and a block's tile statistics are merged on its ``[BLOCK_ROWS]`` vectors in
@@ -99,10 +100,6 @@ class _Linear:
             self._buffer = None  # free the smaller buffer first
             self._buffer = torch.empty(numel, dtype=self.dtype, device=device)
 
-    def buffer_view(self, offset: int, rows: int, width: int) -> Tensor:
-        """``[rows, width]`` of the logits buffer from element ``offset`` on."""
-        return self._buffer[offset:offset + rows * width].view(rows, width)
-
     def logits(self, hidden: Tensor, cols: slice = slice(None), offset: int = 0) -> Tensor:
         """Tempered logits ``[C, tile]`` of rows ``hidden [C, H]`` and vocabulary columns ``cols``, valid until the
         next call at the same ``offset``: they are written into one buffer reused by every block, from element
@@ -113,7 +110,7 @@ class _Linear:
         if h.dtype == self.dtype:
             rows, width = h.shape[0], weight.shape[0]
             self.reserve(offset + rows * width, h.device)
-            z = self.buffer_view(offset, rows, width)
+            z = self._buffer[offset:offset + rows * width].view(rows, width)
             if bias is not None:
                 torch.addmm(bias, h, weight.t(), out=z)
             else:
@@ -332,18 +329,19 @@ def linear_lse_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targ
 
 class _InvariantChunk(NamedTuple):
     """Rows ``rows`` in the deterministic mode's blocks (``_invariant_chunk``): per vocabulary tile its columns,
-    its local ``log p`` ``[C_pad, tile]`` (kept only when asked) and statistics ``[C_pad]``; and the statistics
-    over every tile ``[C_pad]``; ``C_pad`` is the row count rounded up to whole ``BLOCK_ROWS`` blocks."""
+    its blocks' local ``log p`` ``[BLOCK_ROWS, tile]`` (kept only when asked, else empty) and its statistics
+    ``[C_pad]``; and the statistics over every tile ``[C_pad]``; ``C_pad`` is the row count rounded up to whole
+    ``BLOCK_ROWS`` blocks."""
 
     rows: slice
-    tiles: list[tuple[slice, Tensor | None, RowStats]]
+    tiles: list[tuple[slice, list[Tensor], RowStats]]
     stats: RowStats
 
-    def blocks(self) -> Iterator[tuple[slice, slice]]:
-        """(rows of the problem, rows of the chunk's padded vectors) of each block, padding left out."""
-        for start in range(self.rows.start, self.rows.stop, BLOCK_ROWS):
+    def blocks(self) -> Iterator[tuple[int, slice, slice]]:
+        """(index, rows of the problem, rows of the chunk's padded vectors) of each block, padding left out."""
+        for index, start in enumerate(range(self.rows.start, self.rows.stop, BLOCK_ROWS)):
             stop = min(start + BLOCK_ROWS, self.rows.stop)
-            yield slice(start, stop), slice(start - self.rows.start, stop - self.rows.start)
+            yield index, slice(start, stop), slice(start - self.rows.start, stop - self.rows.start)
 
 
 def _invariant_chunk(lin: _Linear, hidden: Tensor, targets: Tensor, rows: slice, ignore_index: int,
@@ -362,18 +360,19 @@ def _invariant_chunk(lin: _Linear, hidden: Tensor, targets: Tensor, rows: slice,
     tiles, offset = [], 0
     for cols in lin.tiles():
         first, width = vocab_start + cols.start, cols.stop - cols.start
-        tile = _empty_stats(padded, lin, hidden.device, spec)
+        tile, log_ps = _empty_stats(padded, lin, hidden.device, spec), []
         for start in range(0, padded, BLOCK_ROWS):
             inside = slice(rows.start + start, min(rows.start + start + BLOCK_ROWS, rows.stop))
             size = inside.stop - inside.start
             block[:size], block[size:] = hidden[inside], 0
             block_targets[:size], block_targets[size:] = targets[inside], ignore_index
-            z = lin.logits(block, cols, offset + (start * width if keep else 0))
+            z = lin.logits(block, cols, offset)
             tgt = _Targets.of(block_targets, ignore_index, first, width)
             _store(tile, slice(start, start + BLOCK_ROWS), _row_stats(z, tgt, spec, first, softmax=False)[0])
-        log_p = lin.buffer_view(offset, padded, width) if keep else None  # z <- log p, block by block
-        offset += padded * width if keep else 0
-        tiles.append((cols, log_p, tile))
+            if keep:  # z <- log p of the block's tile
+                log_ps.append(z)
+                offset += z.numel()
+        tiles.append((cols, log_ps, tile))
     merged = _empty_stats(padded, lin, hidden.device, spec)
     for start in range(0, padded, BLOCK_ROWS):
         block_rows = slice(start, start + BLOCK_ROWS)
@@ -566,9 +565,9 @@ def _invariant_fused_chunk(lin: _Linear, acc: _GradAccumulator, hidden: Tensor, 
         entropy[rows] = torch.where(valid, all_stats.entropy[rows], 0.0)
     grad_lp, grad_ent = token_grads(rows, logprobs[rows], None if entropy is None else entropy[rows],
                                     all_stats.rows(rows))
-    for cols, log_p, tile in chunk.tiles:
-        for block_rows, local in chunk.blocks():
-            tile_log_p = log_p[local].add_((tile.lse[local] - stats.lse[local]).unsqueeze(1))  # the global log p
+    for cols, log_ps, tile in chunk.tiles:
+        for index, block_rows, local in chunk.blocks():
+            tile_log_p = log_ps[index][:local.stop - local.start].add_((tile.lse[local] - stats.lse[local]).unsqueeze(1))  # the global log p
             tgt = _Targets.of(targets[block_rows], ignore_index, vocab_start + cols.start, cols.stop - cols.start)
             if grad_ent is None:
                 grad = _dense_softmax_grads(tile_log_p.exp_(), grad_lp[local] * lin.inv_temperature, tgt)
