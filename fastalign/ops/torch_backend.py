@@ -249,10 +249,11 @@ def _entropy_logit_grads(log_p: Tensor, p: Tensor, entropy: Tensor, tgt: _Target
     return grad
 
 
-def _dense_softmax_grads(probs: Tensor, scale: Tensor, tgt: _Targets) -> Tensor:
-    """The logit gradients ``scale (onehot - probs)`` of a block ``[C, tile]`` (``scale [C]``) in place of ``probs``:
-    a scatter with one source per element, deterministic on every device (unlike an accumulating ``index_put_``)."""
-    grad = probs.mul_(-scale.unsqueeze(1))
+def _dense_softmax_grads(probs: Tensor, scale: Tensor, tgt: _Targets, probs_scale: Tensor | None = None) -> Tensor:
+    """The logit gradients ``scale (onehot - probs_scale probs)`` of a block ``[C, tile]`` (``scale``,
+    ``probs_scale`` ``[C]``) in place of ``probs``: a scatter with one source per element, deterministic on every
+    device (unlike an accumulating ``index_put_``)."""
+    grad = probs.mul_((-scale if probs_scale is None else -scale * probs_scale).unsqueeze(1))
     return grad.scatter_add_(1, tgt.index, torch.where(tgt.valid, scale, 0.0).unsqueeze(1).to(grad.dtype))
 
 
@@ -567,11 +568,14 @@ def _invariant_fused_chunk(lin: _Linear, acc: _GradAccumulator, hidden: Tensor, 
                                     all_stats.rows(rows))
     for cols, log_ps, tile in chunk.tiles:
         for index, block_rows, local in chunk.blocks():
-            tile_log_p = log_ps[index][:local.stop - local.start].add_((tile.lse[local] - stats.lse[local]).unsqueeze(1))  # the global log p
+            tile_log_p = log_ps[index][:local.stop - local.start]
+            shift = tile.lse[local] - stats.lse[local]  # global log p = the tile's + shift
             tgt = _Targets.of(targets[block_rows], ignore_index, vocab_start + cols.start, cols.stop - cols.start)
-            if grad_ent is None:
-                grad = _dense_softmax_grads(tile_log_p.exp_(), grad_lp[local] * lin.inv_temperature, tgt)
+            if grad_ent is None:  # p = p_tile exp(shift): one [C, tile] pass less than shifting log p
+                grad = _dense_softmax_grads(tile_log_p.exp_(), grad_lp[local] * lin.inv_temperature, tgt,
+                                            shift.exp())
             else:
+                tile_log_p.add_(shift.unsqueeze(1))
                 grad = _entropy_logit_grads(tile_log_p, tile_log_p.exp(), stats.entropy[local], tgt, grad_lp[local],
                                             grad_ent[local], lin.inv_temperature)
             acc.add(block_rows, cols, hidden[block_rows], grad)
