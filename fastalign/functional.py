@@ -24,7 +24,8 @@ from .ops.validation import validate_token_mask, validate_token_tensor
 
 def fused_linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None, *,
                           temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False,
-                          backend: str = "auto", chunk_size: int | None = None, check_finite: bool = True,
+                          backend: str = "auto", chunk_size: int | None = None,
+                          deterministic: bool | None = None, check_finite: bool = True,
                           process_group=None, reduce_hidden_grad: bool = True):
     """Per-token log-probs ``log softmax((hidden @ weight.T + bias) / temperature)[targets]``, without the logits.
 
@@ -40,6 +41,11 @@ def fused_linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias:
             ``"torch"``.
         chunk_size: tokens per chunk on the torch backend; None sizes it from ``$FASTALIGN_CHUNK_BUDGET_MB``
             (default 48 MiB of ``[chunk, V]`` temporaries).
+        deterministic: batch-invariant and run-to-run deterministic (see the README's "Deterministic mode"): a
+            row's log-prob and entropy are bitwise the same whatever the other rows, the batch size, the chunk size
+            or the memory budget, and the gradients repeat bit for bit. None (default): on when
+            ``torch.are_deterministic_algorithms_enabled()`` or ``$FASTALIGN_DETERMINISTIC=1``. Torch backend only
+            for now (``"auto"`` then picks it on CUDA too).
         check_finite: raise on NaN/inf in ``hidden``, ``weight`` or ``bias`` (one cheap pass over each).
         process_group: vocab-parallel (tensor-parallel) lm_head: a ``torch.distributed.ProcessGroup`` over which
             the vocabulary is split. ``weight`` is then this rank's contiguous shard ``[V_r, H]`` (rows
@@ -58,7 +64,8 @@ def fused_linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias:
         ``(logprobs, entropy)``. Both are differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
     """
     inputs, opts = prepare_linear(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
-                                  backend=backend, chunk_size=chunk_size, check_finite=check_finite,
+                                  backend=backend, chunk_size=chunk_size, deterministic=deterministic,
+                                  check_finite=check_finite,
                                   process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
     logprobs, entropy = linear_logprobs(inputs, opts, return_entropy)
     logprobs = logprobs.view(inputs.lead_shape)
@@ -76,6 +83,7 @@ def fused_linear_ppo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_l
                           num_tokens=None, num_sequences=None, compute_entropy: bool | None = None,
                           cu_seqlens: Tensor | None = None, position_ids: Tensor | None = None,
                           ignore_index: int = -100, backend: str = "auto", chunk_size: int | None = None,
+                          deterministic: bool | None = None,
                           check_finite: bool = True, process_group=None,
                           reduce_hidden_grad: bool = True) -> PPOLossOutput:
     """PPO loss from hidden states in one pass over the vocabulary, without the logits.
@@ -113,7 +121,8 @@ def fused_linear_ppo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_l
     if cu_seqlens is not None or position_ids is not None:
         validate_sequence_layout(hidden, targets, packed=True)
     inputs, opts = prepare_linear(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
-                                  backend=backend, chunk_size=chunk_size, check_finite=check_finite,
+                                  backend=backend, chunk_size=chunk_size, deterministic=deterministic,
+                                  check_finite=check_finite,
                                   process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
     layout = packed_layout(inputs.targets.numel(), inputs.hidden.device, cu_seqlens=cu_seqlens,
                            position_ids=position_ids)
@@ -155,6 +164,7 @@ def fused_linear_dpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
                           vocab_metrics: bool = False, temperature: float = 1.0,
                           num_pairs: int | Tensor | None = None, num_chosen_tokens: int | Tensor | None = None,
                           ignore_index: int = -100, backend: str = "auto", chunk_size: int | None = None,
+                          deterministic: bool | None = None,
                           check_finite: bool = True, process_group=None,
                           reduce_hidden_grad: bool = True) -> DPOLossOutput:
     """DPO loss (TRL's ``DPOTrainer`` loss surface) and rankings from hidden states, without the logits.
@@ -202,6 +212,7 @@ def fused_linear_dpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
             parallel), an int or a one-element tensor: each loss type's mean is ``sum / num_pairs`` and the chosen
             NLL (``sft``, RPO) ``-sum(chosen token log-probs) / num_chosen_tokens``, so that the parts add up to the
             whole. Default this batch's B and its number of chosen completion tokens.
+        deterministic: as in :func:`fused_linear_logprobs`.
         backend, chunk_size, check_finite, process_group, reduce_hidden_grad: as in :func:`fused_linear_logprobs`;
             a computed reference's ``ref_weight`` (``ref_bias``) is sharded like ``weight``.
 
@@ -222,7 +233,8 @@ def fused_linear_dpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
                          num_responses=num_responses)
     validate_preference_layout(hidden, targets, options.num_responses)
     inputs, opts = prepare_linear(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
-                                  backend=backend, chunk_size=chunk_size, check_finite=check_finite,
+                                  backend=backend, chunk_size=chunk_size, deterministic=deterministic,
+                                  check_finite=check_finite,
                                   process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
     if average_log_prob is not None and not isinstance(average_log_prob, bool):
         raise TypeError(f"average_log_prob: expected a bool or None, got {type(average_log_prob).__name__}")
@@ -256,7 +268,8 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, adva
                            vespo_lambda_neg: float = 2.0, max_completion_length: int | None = None,
                            num_items_in_batch=None, cu_seqlens: Tensor | None = None,
                            position_ids: Tensor | None = None, temperature: float = 1.0, ignore_index: int = -100,
-                           backend: str = "auto", chunk_size: int | None = None, check_finite: bool = True,
+                           backend: str = "auto", chunk_size: int | None = None,
+                           deterministic: bool | None = None, check_finite: bool = True,
                            process_group=None, reduce_hidden_grad: bool = True) -> GRPOLossOutput:
     """GRPO-family loss from hidden states, with every option of TRL's ``GRPOTrainer``, without the logits.
 
@@ -297,6 +310,7 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, adva
             ``position_ids`` (a sequence starts where the position is 0). Same loss as the padded batch.
         num_items_in_batch: dapo/cispo/vespo normalizer, the completion tokens of the whole accumulated batch (a
             number or one-element tensor; default this batch's). Checked to be at least this batch's count.
+        deterministic: as in :func:`fused_linear_logprobs`.
         temperature, ignore_index, backend, chunk_size, check_finite, process_group, reduce_hidden_grad: as in
             :func:`fused_linear_logprobs` (vocab-parallel: every other argument the same on every rank).
 
@@ -311,7 +325,8 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, adva
     packed = cu_seqlens is not None or position_ids is not None
     validate_sequence_layout(hidden, targets, packed)
     inputs, opts = prepare_linear(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
-                                  backend=backend, chunk_size=chunk_size, check_finite=check_finite,
+                                  backend=backend, chunk_size=chunk_size, deterministic=deterministic,
+                                  check_finite=check_finite,
                                   process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
     config = GRPOLossConfig(
         loss_type=loss_type, importance_sampling_level=importance_sampling_level, epsilon=epsilon,
@@ -335,6 +350,7 @@ def fused_linear_kto_loss(hidden: Tensor, weight: Tensor, targets: Tensor, label
                           desirable_weight: float = 1.0, undesirable_weight: float = 1.0, loss_type: str = "kto",
                           num_examples: int | Tensor | None = None, temperature: float = 1.0,
                           ignore_index: int = -100, backend: str = "auto", chunk_size: int | None = None,
+                          deterministic: bool | None = None,
                           check_finite: bool = True, process_group=None,
                           reduce_hidden_grad: bool = True) -> KTOLossOutput:
     """KTO loss of unpaired completions from hidden states (TRL's ``KTOTrainer``), without the logits.
@@ -357,6 +373,7 @@ def fused_linear_kto_loss(hidden: Tensor, weight: Tensor, targets: Tensor, label
             ``apo_zero_unpaired``).
         num_examples: the completions of the whole accumulated batch (an int or one-element tensor): the loss is
             ``sum(losses) / num_examples``; default B (the mean).
+        deterministic: as in :func:`fused_linear_logprobs`.
         temperature, ignore_index, backend, chunk_size, check_finite, process_group, reduce_hidden_grad: as in
             :func:`fused_linear_logprobs` (vocab-parallel: every other argument the same on every rank).
 
@@ -369,7 +386,8 @@ def fused_linear_kto_loss(hidden: Tensor, weight: Tensor, targets: Tensor, label
     """
     validate_sequence_layout(hidden, targets, False)
     inputs, opts = prepare_linear(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
-                                  backend=backend, chunk_size=chunk_size, check_finite=check_finite,
+                                  backend=backend, chunk_size=chunk_size, deterministic=deterministic,
+                                  check_finite=check_finite,
                                   process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
     options = KTOOptions(beta=beta, loss_type=loss_type, desirable_weight=desirable_weight,
                          undesirable_weight=undesirable_weight)
@@ -391,7 +409,8 @@ def fused_linear_cpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
                           simpo_gamma: float = 0.5, cpo_alpha: float = 1.0, alpha: float = 0.0,
                           num_pairs: int | Tensor | None = None, num_chosen_tokens: int | Tensor | None = None,
                           temperature: float = 1.0, ignore_index: int = -100, backend: str = "auto",
-                          chunk_size: int | None = None, check_finite: bool = True, process_group=None,
+                          chunk_size: int | None = None,
+                          deterministic: bool | None = None, check_finite: bool = True, process_group=None,
                           reduce_hidden_grad: bool = True) -> DPOLossOutput:
     """CPO, SimPO and AlphaPO losses from hidden states (TRL's ``CPOTrainer``), reference-free, without the logits.
 
@@ -409,6 +428,7 @@ def fused_linear_cpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
             with ``alpha != 0``). A response without tokens has log-prob 0 (its mean too).
         num_pairs, num_chosen_tokens: normalizers over the whole accumulated batch, as in
             :func:`fused_linear_dpo_loss`.
+        deterministic: as in :func:`fused_linear_logprobs`.
         temperature, ignore_index, backend, chunk_size, check_finite, process_group, reduce_hidden_grad: as in
             :func:`fused_linear_logprobs`.
 
@@ -422,7 +442,8 @@ def fused_linear_cpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
     options = CPOOptions(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma,
                          cpo_alpha=cpo_alpha, alpha=alpha)
     inputs, opts = prepare_linear(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
-                                  backend=backend, chunk_size=chunk_size, check_finite=check_finite,
+                                  backend=backend, chunk_size=chunk_size, deterministic=deterministic,
+                                  check_finite=check_finite,
                                   process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
     _, tokens = merge_nll_targets(targets, None, int(ignore_index))
     num_pairs, num_chosen_tokens = _pair_counts(hidden, num_pairs, num_chosen_tokens)
@@ -433,7 +454,8 @@ def fused_linear_orpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, b
                            beta: float = 0.1, nll_targets: Tensor | None = None,
                            num_pairs: int | Tensor | None = None, num_chosen_tokens: int | Tensor | None = None,
                            temperature: float = 1.0, ignore_index: int = -100, backend: str = "auto",
-                           chunk_size: int | None = None, check_finite: bool = True, process_group=None,
+                           chunk_size: int | None = None,
+                           deterministic: bool | None = None, check_finite: bool = True, process_group=None,
                            reduce_hidden_grad: bool = True) -> DPOLossOutput:
     """ORPO loss from hidden states (TRL's ``ORPOTrainer``): odds ratio of the per-token mean log-probs and the
     chosen NLL, reference-free, without the logits.
@@ -447,6 +469,7 @@ def fused_linear_orpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, b
             the chosen response tokens only.
         num_pairs, num_chosen_tokens: normalizers over the whole accumulated batch (``num_chosen_tokens`` counts
             the NLL tokens), as in :func:`fused_linear_dpo_loss`.
+        deterministic: as in :func:`fused_linear_logprobs`.
         temperature, ignore_index, backend, chunk_size, check_finite, process_group, reduce_hidden_grad: as in
             :func:`fused_linear_logprobs`.
 
@@ -457,7 +480,8 @@ def fused_linear_orpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, b
     validate_preference_layout(hidden, targets, 2)
     merged, tokens = merge_nll_targets(targets, nll_targets, int(ignore_index))
     inputs, opts = prepare_linear(hidden, weight, merged, bias, temperature=temperature, ignore_index=ignore_index,
-                                  backend=backend, chunk_size=chunk_size, check_finite=check_finite,
+                                  backend=backend, chunk_size=chunk_size, deterministic=deterministic,
+                                  check_finite=check_finite,
                                   process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
     num_pairs, num_chosen_tokens = _pair_counts(hidden, num_pairs, num_chosen_tokens)
     return fused_orpo_loss(inputs, opts, beta, tokens, num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens)

@@ -14,11 +14,13 @@ class FusedLinearLogProbs(nn.Module):
     """
 
     def __init__(self, *, temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False,
-                 backend: str = "auto", chunk_size: int | None = None, check_finite: bool = True,
+                 backend: str = "auto", chunk_size: int | None = None,
+                 deterministic: bool | None = None, check_finite: bool = True,
                  process_group=None, reduce_hidden_grad: bool = True):
         super().__init__()
         self.options = dict(temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy,
-                            backend=backend, chunk_size=chunk_size, check_finite=check_finite,
+                            backend=backend, chunk_size=chunk_size, deterministic=deterministic,
+                            check_finite=check_finite,
                             process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
 
     def forward(self, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None):

@@ -174,7 +174,8 @@ class _EngineLoss(torch.autograd.Function):
                 ignore_index=opts.ignore_index, spec=plan.spec,
                 need_grad_hidden=need["need_hidden"],
                 need_grad_weight=need["need_weight"], need_grad_bias=need["need_bias"], chunk_size=opts.chunk_size,
-                chunks=None if plan.chunks == "token" else plan.chunks, shard=opts.shard)
+                chunks=None if plan.chunks == "token" else plan.chunks, shard=opts.shard,
+                deterministic=opts.deterministic)
             grads = opts.finish_grads(out.grads)
             ctx.present = [g is not None for g in grads]
             ctx.save_for_backward(*(g for g in grads if g is not None))

@@ -24,6 +24,7 @@ class LinearOptions:
     ignore_index: int = -100
     chunk_size: int | None = None  # tokens per chunk on the torch backend; None sizes it from the memory budget
     shard: VocabShard | None = None  # this rank's vocabulary shard (vocab-parallel lm_head), None: the whole
+    deterministic: bool = False  # batch-invariant, run-to-run deterministic blocks (``torch_backend`` docstring)
 
     @property
     def inv_temperature(self) -> float:
@@ -51,7 +52,8 @@ def lse_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Te
     else:
         stats = torch_backend.linear_lse_forward(hidden, weight, bias, targets, inv_temperature=opts.inv_temperature,
                                                  ignore_index=opts.ignore_index, vocab_start=opts.vocab_start,
-                                                 spec=spec, chunk_size=opts.chunk_size)
+                                                 spec=spec, chunk_size=opts.chunk_size,
+                                                 deterministic=opts.deterministic)
     return stats if opts.shard is None else opts.shard.all_reduce_stats(stats)
 
 
@@ -67,7 +69,8 @@ def logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targe
     return opts.finish_grads(torch_backend.linear_logprobs_backward(
         hidden, weight, bias, targets, stats, grad_logprobs, grad_entropy, inv_temperature=opts.inv_temperature,
         ignore_index=opts.ignore_index, vocab_start=opts.vocab_start, need_grad_hidden=need_hidden,
-        need_grad_weight=need_weight, need_grad_bias=need_bias, chunk_size=opts.chunk_size))
+        need_grad_weight=need_weight, need_grad_bias=need_bias, chunk_size=opts.chunk_size,
+        deterministic=opts.deterministic))
 
 
 def triton_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, lse: Tensor,

@@ -1,6 +1,8 @@
 """Fused per-token log-probs (and entropy) from hidden states and the lm_head weight: the autograd function."""
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -13,15 +15,40 @@ from .validation import LinearInputs, check_temperature, validate_linear_inputs
 from .vocab_parallel import vocab_shard
 
 
+DETERMINISTIC_ENV = "FASTALIGN_DETERMINISTIC"
+
+
+def resolve_deterministic(deterministic, backend: str) -> bool:
+    """``deterministic`` (a bool, or None: on when ``torch.are_deterministic_algorithms_enabled()`` or
+    ``$FASTALIGN_DETERMINISTIC=1``), checked against the requested ``backend``."""
+    if deterministic is None:
+        raw = os.environ.get(DETERMINISTIC_ENV, "0")
+        if raw not in ("0", "1"):
+            raise ValueError(f"${DETERMINISTIC_ENV}: expected 0 or 1, got {raw!r}")
+        deterministic = raw == "1" or torch.are_deterministic_algorithms_enabled()
+    elif not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic: expected a bool or None, got {type(deterministic).__name__}")
+    if deterministic and backend == "triton":
+        raise ValueError("deterministic: the triton backend has no deterministic mode yet (its backward uses "
+                         "atomics); got deterministic mode (the argument, $FASTALIGN_DETERMINISTIC=1 or "
+                         "torch.use_deterministic_algorithms) with backend='triton' (use backend='torch' or 'auto')")
+    return deterministic
+
+
 def prepare_linear(hidden, weight, targets, bias, *, temperature, ignore_index, backend, chunk_size, check_finite,
-                   process_group=None, reduce_hidden_grad=True) -> tuple[LinearInputs, LinearOptions]:
+                   process_group=None, reduce_hidden_grad=True,
+                   deterministic=False) -> tuple[LinearInputs, LinearOptions]:
     """Validate the lm_head inputs of an op and resolve its options (shared by every fused op); with a
-    ``process_group``, ``weight``/``bias`` are this rank's vocabulary shard (one all-gather of the shard sizes)."""
+    ``process_group``, ``weight``/``bias`` are this rank's vocabulary shard (one all-gather of the shard sizes).
+    In deterministic mode ``"auto"`` resolves to the torch backend (the only one with that mode so far)."""
+    deterministic = resolve_deterministic(deterministic, backend)
     shard = vocab_shard(process_group, weight, bias, reduce_hidden_grad=reduce_hidden_grad, check_finite=check_finite)
     inputs = validate_linear_inputs(hidden, weight, targets, bias, ignore_index=ignore_index,
                                     check_finite=check_finite, vocab_size=None if shard is None else shard.vocab_size)
-    opts = LinearOptions(resolve_backend(backend, inputs.hidden.device), check_temperature(temperature),
-                         int(ignore_index), check_chunk_size(chunk_size), shard)
+    resolved = resolve_backend(backend, inputs.hidden.device)
+    resolved = "torch" if deterministic else resolved
+    opts = LinearOptions(resolved, check_temperature(temperature), int(ignore_index), check_chunk_size(chunk_size),
+                         shard, deterministic)
     if opts.backend == "triton" and inputs.hidden.dtype == torch.float64:
         raise TypeError("hidden: backend='triton' takes float32, float16 or bfloat16 inputs, got torch.float64 "
                         "(use backend='torch' for float64)")
@@ -49,8 +76,8 @@ class LinearLogProbs(torch.autograd.Function):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         valid = targets != opts.ignore_index
         ctx.opts, ctx.with_entropy = opts, with_entropy
-        ctx.frozen_weight = (opts.backend == "torch" and opts.shard is None and need_hidden
-                             and not (need_weight or need_bias))
+        ctx.frozen_weight = (opts.backend == "torch" and opts.shard is None and not opts.deterministic
+                             and need_hidden and not (need_weight or need_bias))
         if ctx.frozen_weight:
             stats, moments = torch_backend.linear_weight_moments(
                 hidden, weight, bias, targets, inv_temperature=opts.inv_temperature, ignore_index=opts.ignore_index,

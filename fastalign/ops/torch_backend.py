@@ -13,6 +13,14 @@ weight: the forward also forms what ``d hidden`` needs), and ``linear_logprobs_f
 gradient is known in the forward: logits, ``d hidden`` and ``d weight`` in one pass, three matmuls). Only the last
 holds whole ``[chunk, V]`` rows: a chunk's gradient needs its log-sum-exp over the whole vocabulary before its
 logits are dropped.
+
+**Deterministic mode** (``deterministic=True``): every matmul and row-wise pass runs on a block of exactly
+``BLOCK_ROWS`` rows (the last one padded with zero rows and ignored targets) and a fixed vocabulary tile, whatever
+N, the chunk size or the memory budget, and a block's tile statistics are merged on its ``[BLOCK_ROWS]`` vectors in
+tile order: a row's statistics are bitwise the same alone or in any batch, at any position (CPU matmuls are not:
+a 1-row product takes another kernel than a 64-row one, and elementwise ops on ``[N]`` vectors end in a scalar
+tail whose ``exp``/``log`` round differently). The backward walks the same fixed blocks in a fixed order and forms
+the one-hot term densely (no accumulating ``index_put_``, non-deterministic on CUDA).
 """
 from __future__ import annotations
 
@@ -34,6 +42,10 @@ VOCAB_TILE = 4096
 TILE_ROWS = 512
 """Block shape on CPU: a ``[512, 4096]`` fp32 block of logits (8 MiB) is still in cache for the elementwise passes
 after its matmul; a whole ``[chunk, V]`` block (64 MiB) streams from DRAM in each."""
+BLOCK_ROWS = TILE_ROWS
+"""Rows of every block in deterministic mode (fixed whatever N, the chunk size and the memory budget). On this
+project's AMD EPYC a ``[128, 512] x [512, 4096]`` matmul takes 2.2x the time per row of a 512-row one (1.6x at 256
+rows), so the block is as tall as the default mode's: the price is the padding of a chunk's last block."""
 
 
 class LinearGrads(NamedTuple):
@@ -82,19 +94,23 @@ class _Linear:
             return a @ b
         return torch.mm(a, b, out_dtype=self.dtype)
 
-    def logits(self, hidden: Tensor, cols: slice = slice(None)) -> Tensor:
+    def reserve(self, numel: int, device: torch.device) -> None:
+        """Make the logits buffer hold at least ``numel`` elements (views of a replaced buffer stay valid)."""
+        if self._buffer is None or self._buffer.numel() < numel:
+            self._buffer = None  # free the smaller buffer first
+            self._buffer = torch.empty(numel, dtype=self.dtype, device=device)
+
+    def logits(self, hidden: Tensor, cols: slice = slice(None), offset: int = 0) -> Tensor:
         """Tempered logits ``[C, tile]`` of rows ``hidden [C, H]`` and vocabulary columns ``cols``, valid until the
-        next call: they are written into one buffer reused by every block (on CPU, a fresh tensor per block costs
-        page faults worth a fifth of the matmul)."""
+        next call at the same ``offset``: they are written into one buffer reused by every block, from element
+        ``offset`` on (on CPU, a fresh tensor per block costs page faults worth a fifth of the matmul)."""
         weight = self.weight[cols]
         bias = None if self.bias is None else self.bias[cols]
         h = hidden.to(weight.dtype)
         if h.dtype == self.dtype:
             rows, width = h.shape[0], weight.shape[0]
-            if self._buffer is None or self._buffer.numel() < rows * width:
-                self._buffer = None  # free the smaller buffer first
-                self._buffer = torch.empty(rows * width, dtype=self.dtype, device=h.device)
-            z = self._buffer[:rows * width].view(rows, width)
+            self.reserve(offset + rows * width, h.device)
+            z = self._buffer[offset:offset + rows * width].view(rows, width)
             if bias is not None:
                 torch.addmm(bias, h, weight.t(), out=z)
             else:
@@ -233,6 +249,14 @@ def _entropy_logit_grads(log_p: Tensor, p: Tensor, entropy: Tensor, tgt: _Target
     return grad
 
 
+def _dense_softmax_grads(probs: Tensor, scale: Tensor, tgt: _Targets, probs_scale: Tensor | None = None) -> Tensor:
+    """The logit gradients ``scale (onehot - probs_scale probs)`` of a block ``[C, tile]`` (``scale``,
+    ``probs_scale`` ``[C]``) in place of ``probs``: a scatter with one source per element, deterministic on every
+    device (unlike an accumulating ``index_put_``)."""
+    grad = probs.mul_((-scale if probs_scale is None else -scale * probs_scale).unsqueeze(1))
+    return grad.scatter_add_(1, tgt.index, torch.where(tgt.valid, scale, 0.0).unsqueeze(1).to(grad.dtype))
+
+
 class _GradAccumulator:
     """Buffers for ``d hidden [N, H]``, ``d weight [V, H]``, ``d bias [V]`` (compute dtype), filled block by block."""
 
@@ -282,14 +306,17 @@ class _GradAccumulator:
 
 def linear_lse_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *,
                        inv_temperature: float, ignore_index: int, vocab_start: int = 0,
-                       spec: RowStatsSpec = RowStatsSpec(), chunk_size: int | None = None) -> RowStats:
+                       spec: RowStatsSpec = RowStatsSpec(), chunk_size: int | None = None,
+                       deterministic: bool = False) -> RowStats:
     """Row statistics ``[N]`` (those of ``spec``) of ``(hidden [N, H] @ weight [V, H].T + bias) * inv_temperature``,
-    block by block.
+    block by block (batch-invariant ``BLOCK_ROWS`` blocks when ``deterministic``).
 
     ``targets [N]`` are vocabulary ids of which this weight holds ``vocab_start .. vocab_start + V - 1``.
     """
     lin = _Linear(weight, bias, inv_temperature)
     n = hidden.shape[0]
+    if deterministic:
+        return _invariant_lse_forward(lin, hidden, targets, ignore_index, vocab_start, spec)
     stats = None
     for cols in lin.tiles():
         tile = _empty_stats(n, lin, hidden.device, spec)
@@ -301,12 +328,77 @@ def linear_lse_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targ
     return stats
 
 
+class _InvariantChunk(NamedTuple):
+    """Rows ``rows`` in the deterministic mode's blocks (``_invariant_chunk``): per vocabulary tile its columns,
+    its blocks' local ``log p`` ``[BLOCK_ROWS, tile]`` (kept only when asked, else empty) and its statistics
+    ``[C_pad]``; and the statistics over every tile ``[C_pad]``; ``C_pad`` is the row count rounded up to whole
+    ``BLOCK_ROWS`` blocks."""
+
+    rows: slice
+    tiles: list[tuple[slice, list[Tensor], RowStats]]
+    stats: RowStats
+
+    def blocks(self) -> Iterator[tuple[int, slice, slice]]:
+        """(index, rows of the problem, rows of the chunk's padded vectors) of each block, padding left out."""
+        for index, start in enumerate(range(self.rows.start, self.rows.stop, BLOCK_ROWS)):
+            stop = min(start + BLOCK_ROWS, self.rows.stop)
+            yield index, slice(start, stop), slice(start - self.rows.start, stop - self.rows.start)
+
+
+def _invariant_chunk(lin: _Linear, hidden: Tensor, targets: Tensor, rows: slice, ignore_index: int,
+                     vocab_start: int, spec: RowStatsSpec, keep: bool) -> _InvariantChunk:
+    """The statistics of rows ``rows`` in the deterministic mode: every logits block is exactly ``BLOCK_ROWS``
+    rows (copied into one buffer, the last padded with zero rows and ignored targets) times a vocabulary tile, and
+    each block's tile statistics are merged in tile order on its own ``[BLOCK_ROWS]`` vectors, so that a row's
+    statistics depend on that row alone. Tiles outer, blocks inner: a weight tile is read once per chunk. With
+    ``keep`` the tiles' ``log p`` stay in the logits buffer (``C_pad x V``), else each block overwrites the last."""
+    count = rows.stop - rows.start
+    padded = -(-count // BLOCK_ROWS) * BLOCK_ROWS
+    block = hidden.new_zeros(BLOCK_ROWS, hidden.shape[1])
+    block_targets = targets.new_empty(BLOCK_ROWS)
+    if keep:
+        lin.reserve(padded * lin.vocab_size, hidden.device)
+    tiles, offset = [], 0
+    for cols in lin.tiles():
+        first, width = vocab_start + cols.start, cols.stop - cols.start
+        tile, log_ps = _empty_stats(padded, lin, hidden.device, spec), []
+        for start in range(0, padded, BLOCK_ROWS):
+            inside = slice(rows.start + start, min(rows.start + start + BLOCK_ROWS, rows.stop))
+            size = inside.stop - inside.start
+            block[:size], block[size:] = hidden[inside], 0
+            block_targets[:size], block_targets[size:] = targets[inside], ignore_index
+            z = lin.logits(block, cols, offset)
+            tgt = _Targets.of(block_targets, ignore_index, first, width)
+            _store(tile, slice(start, start + BLOCK_ROWS), _row_stats(z, tgt, spec, first, softmax=False)[0])
+            if keep:  # z <- log p of the block's tile
+                log_ps.append(z)
+                offset += z.numel()
+        tiles.append((cols, log_ps, tile))
+    merged = _empty_stats(padded, lin, hidden.device, spec)
+    for start in range(0, padded, BLOCK_ROWS):
+        block_rows = slice(start, start + BLOCK_ROWS)
+        stats = None
+        for _, _, tile in tiles:
+            stats = tile.rows(block_rows) if stats is None else merge_row_stats(stats, tile.rows(block_rows))
+        _store(merged, block_rows, stats)
+    return _InvariantChunk(rows, tiles, merged)
+
+
+def _invariant_lse_forward(lin: _Linear, hidden: Tensor, targets: Tensor, ignore_index: int, vocab_start: int,
+                           spec: RowStatsSpec) -> RowStats:
+    """``linear_lse_forward`` in deterministic mode (``_invariant_chunk``)."""
+    n = hidden.shape[0]
+    return _invariant_chunk(lin, hidden, targets, slice(0, n), ignore_index, vocab_start, spec,
+                            keep=False).stats.rows(slice(0, n))
+
+
 def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, stats: RowStats,
                              grad_logprobs: Tensor, grad_entropy: Tensor | None = None, *, inv_temperature: float,
                              ignore_index: int, vocab_start: int = 0, need_grad_hidden: bool = True,
                              need_grad_weight: bool = True, need_grad_bias: bool = False,
-                             chunk_size: int | None = None) -> LinearGrads:
-    """Gradients for upstream ``grad_logprobs [N]`` (and ``grad_entropy [N]``), recomputing the logits block by block.
+                             chunk_size: int | None = None, deterministic: bool = False) -> LinearGrads:
+    """Gradients for upstream ``grad_logprobs [N]`` (and ``grad_entropy [N]``), recomputing the logits block by block
+    (``BLOCK_ROWS`` blocks in a fixed order and a dense one-hot term when ``deterministic``).
 
     ``stats`` are the (global) row statistics of the forward. Callers zero the upstream gradients at ignored rows.
     """
@@ -315,10 +407,15 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
     acc = _GradAccumulator(hidden, lin, need_grad_hidden, need_grad_weight, need_grad_bias)
     scale = grad_logprobs.to(lin.dtype) * inv_temperature
     for cols in lin.tiles():
-        for rows in _block_chunks(n, cols, chunk_size, buffers=1 if grad_entropy is None else 2):
+        blocks = (_chunks(n, BLOCK_ROWS) if deterministic
+                  else _block_chunks(n, cols, chunk_size, buffers=1 if grad_entropy is None else 2))
+        for rows in blocks:
             tgt = _Targets.of(targets[rows], ignore_index, vocab_start + cols.start, cols.stop - cols.start)
             z = lin.logits(hidden[rows], cols)
-            if grad_entropy is None:  # dz = g (onehot - p), from p = exp(z - lse) in place
+            if grad_entropy is None and deterministic:
+                acc.add(rows, cols, hidden[rows], _dense_softmax_grads(
+                    z.sub_(stats.lse[rows].unsqueeze(1)).exp_(), scale[rows], tgt))
+            elif grad_entropy is None:  # dz = g (onehot - p), from p = exp(z - lse) in place
                 acc.add_softmax(rows, cols, hidden[rows], z.sub_(stats.lse[rows].unsqueeze(1)).exp_(), scale[rows],
                                 tgt)
             else:
@@ -393,7 +490,8 @@ def linear_logprobs_fused(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
                           token_grads: TokenGrads, *, inv_temperature: float, ignore_index: int,
                           spec: RowStatsSpec = RowStatsSpec(), need_grad_hidden: bool = True,
                           need_grad_weight: bool = True, need_grad_bias: bool = False, chunk_size: int | None = None,
-                          chunks: Sequence[slice] | None = None, shard: ShardMerge | None = None) -> FusedResult:
+                          chunks: Sequence[slice] | None = None, shard: ShardMerge | None = None,
+                          deterministic: bool = False) -> FusedResult:
     """Log-probs (entropy and the other statistics of ``spec``) and, in the same pass, the gradients of a loss whose
     per-token gradient is known.
 
@@ -402,7 +500,9 @@ def linear_logprobs_fused(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
     whole ``[chunk, V]`` rows. ``chunks``: the row ranges to walk, in this order, together covering every row once
     (e.g. whole sequences); default: equal chunks of ``chunk_size`` rows or sized from the memory budget.
     ``shard``: the weight is one vocabulary shard; each chunk's statistics are merged across the group before its
-    gradient is formed (``d hidden`` is then this shard's partial sum).
+    gradient is formed (``d hidden`` is then this shard's partial sum). ``deterministic``: each chunk in the
+    batch-invariant blocks of ``_invariant_chunk`` (its ``[chunk, V]`` logits kept tile by tile); default chunks
+    are then whole blocks, so that the gradients do not depend on the chunk size either.
     """
     lin = _Linear(weight, bias, inv_temperature)
     n, vocab = hidden.shape[0], weight.shape[0]
@@ -413,9 +513,16 @@ def linear_logprobs_fused(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
     entropy = torch.empty_like(logprobs) if spec.entropy else None
     all_stats = _empty_stats(n, lin, hidden.device, spec)
     if chunks is None:
-        chunks = _chunks(n, rows_per_chunk(n, vocab if shard is None else shard.widest_shard, chunk_size=chunk_size,
-                                           buffers=_buffers(spec)))
+        per_chunk = rows_per_chunk(n, vocab if shard is None else shard.widest_shard, chunk_size=chunk_size,
+                                   buffers=_buffers(spec))
+        if deterministic:  # whole blocks: the same blocks, so the same gradient sums, whatever the chunk size
+            per_chunk = max(1, per_chunk // BLOCK_ROWS) * BLOCK_ROWS
+        chunks = _chunks(n, per_chunk)
     for rows in chunks:
+        if deterministic:
+            _invariant_fused_chunk(lin, acc, hidden, targets, rows, token_grads, logprobs, entropy, all_stats,
+                                   spec, ignore_index, vocab_start, shard)
+            continue
         tgt = _Targets.of(targets[rows], ignore_index, vocab_start, vocab)
         valid = targets[rows] != ignore_index
         z = lin.logits(hidden[rows])
@@ -435,3 +542,40 @@ def linear_logprobs_fused(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
             acc.add_softmax(rows, every_col, hidden[rows], z.exp_(), grad_lp * inv_temperature, tgt)
         del z  # chunks may grow (whole sequences): free this chunk's logits before a larger buffer is allocated
     return FusedResult(logprobs, entropy, acc.result(), all_stats)
+
+
+def _invariant_fused_chunk(lin: _Linear, acc: _GradAccumulator, hidden: Tensor, targets: Tensor, rows: slice,
+                           token_grads: TokenGrads, logprobs: Tensor, entropy: Tensor | None, all_stats: RowStats,
+                           spec: RowStatsSpec, ignore_index: int, vocab_start: int, shard: ShardMerge | None) -> None:
+    """One chunk of ``linear_logprobs_fused`` in deterministic mode: its statistics exactly as the deterministic
+    forward forms them (merged across the group block by block with a shard), then the gradients of each tile's
+    blocks from their kept ``log p``, ``log p_global = log p_tile + lse_tile - lse``, in a fixed order (tiles outer,
+    blocks inner)."""
+    chunk = _invariant_chunk(lin, hidden, targets, rows, ignore_index, vocab_start, spec, keep=True)
+    stats = chunk.stats
+    if shard is not None:  # block by block: the merge's exp/log on fixed-length vectors
+        stats = _empty_stats(stats.lse.shape[0], lin, hidden.device, spec)
+        for start in range(0, stats.lse.shape[0], BLOCK_ROWS):
+            block_rows = slice(start, start + BLOCK_ROWS)
+            _store(stats, block_rows, shard.all_reduce_stats(chunk.stats.rows(block_rows)))
+    count = rows.stop - rows.start
+    _store(all_stats, rows, stats.rows(slice(0, count)))
+    valid = targets[rows] != ignore_index
+    logprobs[rows] = torch.where(valid, all_stats.target_logit[rows] - all_stats.lse[rows], 0.0)
+    if entropy is not None:
+        entropy[rows] = torch.where(valid, all_stats.entropy[rows], 0.0)
+    grad_lp, grad_ent = token_grads(rows, logprobs[rows], None if entropy is None else entropy[rows],
+                                    all_stats.rows(rows))
+    for cols, log_ps, tile in chunk.tiles:
+        for index, block_rows, local in chunk.blocks():
+            tile_log_p = log_ps[index][:local.stop - local.start]
+            shift = tile.lse[local] - stats.lse[local]  # global log p = the tile's + shift
+            tgt = _Targets.of(targets[block_rows], ignore_index, vocab_start + cols.start, cols.stop - cols.start)
+            if grad_ent is None:  # p = p_tile exp(shift): one [C, tile] pass less than shifting log p
+                grad = _dense_softmax_grads(tile_log_p.exp_(), grad_lp[local] * lin.inv_temperature, tgt,
+                                            shift.exp())
+            else:
+                tile_log_p.add_(shift.unsqueeze(1))
+                grad = _entropy_logit_grads(tile_log_p, tile_log_p.exp(), stats.entropy[local], tgt, grad_lp[local],
+                                            grad_ent[local], lin.inv_temperature)
+            acc.add(block_rows, cols, hidden[block_rows], grad)
