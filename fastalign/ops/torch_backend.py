@@ -523,8 +523,9 @@ def linear_logprobs_fused(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
     entropy = torch.empty_like(logprobs) if spec.entropy else None
     all_stats = _empty_stats(n, lin, hidden.device, spec)
     if chunks is None:
+        # One [rows, V] buffer: p takes the place of log p unless the entropy is trained (then a second, transient).
         per_chunk = rows_per_chunk(n, vocab if shard is None else shard.widest_shard, chunk_size=chunk_size,
-                                   buffers=_buffers(spec))
+                                   buffers=1)
         if deterministic:  # whole blocks: the same blocks, so the same gradient sums, whatever the chunk size
             per_chunk = max(1, per_chunk // BLOCK_ROWS) * BLOCK_ROWS
         chunks = _chunks(n, per_chunk)
