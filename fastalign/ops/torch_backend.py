@@ -162,12 +162,6 @@ def _empty_stats(num_rows: int, lin: _Linear, device: torch.device, spec: RowSta
                     empty(spec.argmax), empty(spec.argmax, torch.int64))
 
 
-def _buffers(spec: RowStatsSpec) -> int:
-    """``[rows, tile]`` temporaries of a block's statistics: the logits, and the probabilities next to ``log p``
-    when an optional statistic is asked for."""
-    return 2 if spec.any_extra else 1
-
-
 def _store(dst: Sequence[Tensor | None], rows: slice, src: Sequence[Tensor | None]) -> None:
     for d, s in zip(dst, src):
         if d is not None:
@@ -330,7 +324,7 @@ def linear_lse_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targ
     stats = None
     for cols in lin.tiles():
         tile = _empty_stats(n, lin, hidden.device, spec)
-        for rows in _block_chunks(n, cols, chunk_size, buffers=_buffers(spec)):
+        for rows in _block_chunks(n, cols, chunk_size, buffers=1):  # the logits; p only a few rows at a time
             first = vocab_start + cols.start
             tgt = _Targets.of(targets[rows], ignore_index, first, cols.stop - cols.start)
             _store(tile, rows, _row_stats(lin.logits(hidden[rows], cols), tgt, spec, first, softmax=False)[0])
@@ -450,7 +444,8 @@ def linear_weight_moments(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
         tile = _empty_stats(n, lin, hidden.device, spec)
         mean = torch.empty(n, width, dtype=lin.dtype, device=hidden.device)
         tile_moments = WeightMoments(mean, torch.empty_like(mean) if spec.entropy else None)
-        for rows in _block_chunks(n, cols, chunk_size, buffers=_buffers(spec)):
+        # The logits, and p next to log p when an optional statistic is asked for.
+        for rows in _block_chunks(n, cols, chunk_size, buffers=2 if spec.any_extra else 1):
             z = lin.logits(hidden[rows], cols)
             tgt = _Targets.of(targets[rows], ignore_index, cols.start, cols.stop - cols.start)
             block, p = _row_stats(z, tgt, spec, cols.start, softmax=True)  # z <- p, or log p next to p
