@@ -117,9 +117,9 @@ def fused_dpo_loss(inputs: LinearInputs, opts: LinearOptions, config: DPOConfig,
         return loss_of(values.logprobs, values.stats)[0].loss
 
     coupling: Coupling = None if config.batch_coupled else rows.group_rows
-    spec = RowStatsSpec(lse2=options.use_weighting, logit_sum=config.vocab_metrics, argmax=config.vocab_metrics)
-    out = fused_rows_loss(inputs, opts, loss_fn, rows=rows.index, coupling=coupling,
-                          with_entropy=config.vocab_metrics, spec=spec)
+    spec = RowStatsSpec(entropy=config.vocab_metrics, lse2=options.use_weighting, logit_sum=config.vocab_metrics,
+                        argmax=config.vocab_metrics)
+    out = fused_rows_loss(inputs, opts, loss_fn, rows=rows.index, coupling=coupling, spec=spec)
     with torch.no_grad():
         result, logps = loss_of(out.logprobs, out.stats)
         metrics = dpo_metrics(result, logps)

@@ -20,7 +20,6 @@ shard's. Rows that are not selected get no logits and a zero ``d hidden``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -224,8 +223,7 @@ def stats_tensors(stats: RowStats) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def fused_rows_loss(inputs: LinearInputs, opts: LinearOptions, loss_fn: LossFn, *, rows: Tensor | None = None,
-                    coupling: Coupling = "token", with_entropy: bool = False,
-                    spec: RowStatsSpec = RowStatsSpec()) -> EngineOutput:
+                    coupling: Coupling = "token", spec: RowStatsSpec = RowStatsSpec()) -> EngineOutput:
     """The loss ``loss_fn`` of the per-token values of rows ``rows`` of the lm_head problem ``inputs``.
 
     Args:
@@ -234,22 +232,21 @@ def fused_rows_loss(inputs: LinearInputs, opts: LinearOptions, loss_fn: LossFn, 
         rows: ``[M]`` int64 flat rows to compute, in the order the loss wants them (groups consecutive); None: all
             ``N`` rows in order.
         coupling: ``"token"``, a list of group sizes in row order (summing to M), or None (see ``Coupling``).
-        with_entropy: compute the entropy (for the loss or only for metrics).
-        spec: further row statistics to compute in the same pass (``lse2``, ``logit_sum``, ``argmax``), for the
-            loss (``values.stats``, detached) or the metrics (``EngineOutput.stats``).
+        spec: the row statistics to compute in the same pass: ``entropy`` (``values.entropy``, for the loss or only
+            for the metrics) and ``lse2``, ``logit_sum``, ``argmax`` (``values.stats``, detached, for the loss; and
+            ``EngineOutput.stats`` for the metrics).
 
     Returns:
         ``EngineOutput(loss, logprobs [M], entropy [M] | None, stats)``: the loss differentiable w.r.t.
         ``inputs.hidden``, ``inputs.weight`` and ``inputs.bias``; the per-row values detached (fp32, float64 for
         float64 inputs).
     """
-    spec = replace(spec, entropy=with_entropy)
     targets = inputs.targets if rows is None else inputs.targets[rows]
     hidden, weight, bias = inputs.hidden, inputs.weight, inputs.bias
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if not needs_grad:
         stats = lse_forward(hidden if rows is None else hidden[rows], weight, bias, targets, opts, spec=spec)
-        logprobs, entropy = token_outputs(stats, targets != opts.ignore_index, with_entropy)
+        logprobs, entropy = token_outputs(stats, targets != opts.ignore_index, spec.entropy)
         with torch.no_grad():
             loss = loss_fn(RowValues(logprobs, entropy, stats))
         return EngineOutput(loss, logprobs, entropy, stats)

@@ -20,7 +20,7 @@ from ..objectives.grpo import GRPOLossConfig, grpo_loss
 from .engine import RowValues, fused_rows_loss
 from .linear import LinearOptions
 from .segments import PackedLayout
-from .torch_backend import compute_dtype
+from .torch_backend import RowStatsSpec, compute_dtype
 from .validation import (FLOAT_DTYPES, LinearInputs, require_finite, require_same_device, require_shape,
                          require_tensor, validate_token_mask, validate_token_tensor)
 
@@ -159,7 +159,8 @@ def fused_grpo_loss(inputs: LinearInputs, opts: LinearOptions, config: GRPOLossC
     def loss_fn(values: RowValues) -> Tensor:
         return loss_of(as_batch(values.logprobs, values.rows), as_batch(values.entropy, values.rows)).loss
 
-    out = fused_rows_loss(inputs, opts, loss_fn, rows=rows, coupling=groups, with_entropy=True)
+    out = fused_rows_loss(inputs, opts, loss_fn, rows=rows, coupling=groups,
+                          spec=RowStatsSpec(entropy=True))
     logprobs, entropy = as_batch(out.logprobs), as_batch(out.entropy)
     with torch.no_grad():
         metrics = loss_of(logprobs, entropy).metrics  # fp32 (float64 for float64 inputs)

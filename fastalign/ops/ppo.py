@@ -15,6 +15,7 @@ from ..objectives.ppo import (PPOLossConfig, PPOTokens, ValueHeadInputs, policy_
 from .engine import RowValues, fused_rows_loss
 from .linear import LinearOptions, scale_precomputed_grads, triton_logprobs_backward, triton_ppo_forward
 from .segments import PackedLayout
+from .torch_backend import RowStatsSpec
 from .validation import (FLOAT_DTYPES, LinearInputs, require_finite, require_same_device,
                          require_tensor)
 
@@ -65,7 +66,7 @@ def linear_ppo_loss(inputs: LinearInputs, tokens: PPOTokens, config: PPOLossConf
         train_entropy = values.entropy if config.entropy_coef != 0 else None  # metrics-only entropy: no gradient
         return policy_loss_value(part, config, values.logprobs, train_entropy)
 
-    out = fused_rows_loss(inputs, opts, loss_fn, coupling="token", with_entropy=with_entropy)
+    out = fused_rows_loss(inputs, opts, loss_fn, coupling="token", spec=RowStatsSpec(entropy=with_entropy))
     return out.loss, out.logprobs, out.entropy
 
 
