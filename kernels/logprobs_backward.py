@@ -1,13 +1,16 @@
 """Backward of the fused linear log-softmax (log-prob and entropy gradients) without materializing the logits.
 
-Each program recomputes one [BLOCK_N, BLOCK_V] logit tile, turns it into the logit gradient dz and adds
-dz @ weight[tile] to grad_hidden and dz.T @ hidden[tile] to grad_weight, one H chunk at a time.
+Every scheme recomputes each [BLOCK_N, BLOCK_V] logit tile once and turns it into the logit gradient dz
+(`logit_grad_tile`); the gradients are then dz @ weight (d hidden), dz.T @ hidden (d weight), dz.T @ 1 (d bias):
+three tile matmuls per logit tile in all.
 
-Scheme: one kernel over all (token block, vocab block) tiles with fp32 atomic adds, as in apple/ml-cross-entropy.
-Each logit tile is computed once (3 tile matmuls: logits, d hidden, d weight) and every tile is a program, so the
-GPU fills even at small N. The price is run-to-run nondeterminism in the last bits (atomic order). The deterministic
-alternative, one kernel owning token blocks for grad_hidden and another owning vocab blocks for grad_weight,
-recomputes every logit tile twice (4 tile matmuls, a third more work) and leaves the GPU idle at small N or V.
+Default: one kernel over all (token block, vocab block) tiles that adds its products with fp32 atomics, as in
+apple/ml-cross-entropy: every tile is a program (the GPU fills at any N) and no workspace, but the sums land in
+a run-dependent order (nondeterministic last bits) and it issues one atomic per output element per tile (the GPU
+cost model, `fastalign.gpu_model`, estimates it atomic-bound at large shapes).
+`deterministic=True`: atomic-free. dz of a chunk of rows goes to a workspace and three owned-tile matmuls
+(`matmul.py`) read it: each output element written by one program, sums in a fixed order, bitwise the same on
+every run; the cost model estimates it compute-bound.
 """
 from __future__ import annotations
 
@@ -18,6 +21,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .lse_forward import LseForwardConfig, lse_forward_config
+from .matmul import matmul_into
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,58 @@ def logprobs_backward_config(dtype: torch.dtype, interpret: bool = False) -> Log
     return LogprobsBackwardConfig(128, 64, 32, 8, precision, num_warps=8, num_stages=3)
 
 
+WORKSPACE_BYTES = 1 << 30
+"""Default budget of the atomic-free backward's logit-gradient workspace (1 GiB: 4096 rows at V = 128256, bf16)."""
+
+
+def logit_grad_config(dtype: torch.dtype, interpret: bool = False) -> LseForwardConfig:
+    """`_logit_grad_kernel`'s tiles: the forward's (`lse_forward_config`), whose logits tile it recomputes."""
+    return lse_forward_config(dtype, interpret=interpret)
+
+
+@triton.jit
+def logit_grad_tile(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, grad_logprobs_ptr, grad_entropy_ptr,
+                    entropy_ptr, rows, cols, row_ok, col_ok, H, vocab_start, ignore_index, inv_temperature,
+                    HAS_BIAS: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Logit gradient dz = d loss / d (hidden @ weight.T + bias), fp32 [BLOCK_N, BLOCK_V], of token rows `rows`
+    (valid where `row_ok`) against shard-local vocab columns `cols` (valid where `col_ok`); exactly 0 at invalid
+    or ignored rows and invalid columns. Pointers and scalars as in `_logprobs_backward_kernel`."""
+    # Recompute the logit tile z = (hidden @ weight.T + bias) * inv_temperature, fp32 accumulator.
+    hidden_rows = hidden_ptr + rows.to(tl.int64)[:, None] * H  # int64: rows * H overflows int32 at scale
+    weight_rows = weight_ptr + cols.to(tl.int64)[:, None] * H
+    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    for k0 in range(0, H, BLOCK_H):
+        ks = k0 + tl.arange(0, BLOCK_H)
+        k_ok = ks < H
+        h = tl.load(hidden_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(weight_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    z = acc * inv_temperature
+
+    # Shard-local target column (int32: compared over a whole tile). Ignored rows and targets past V match
+    # nothing that survives the `keep` mask below.
+    t = tl.load(targets_ptr + rows, mask=row_ok, other=ignore_index)
+    y = (t - vocab_start).to(tl.int32)
+
+    # dz = g_lp * (onehot(y) - p) - g_ent * p * (z - lse + entropy), with p = softmax(z) from the global lse.
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    g_lp = tl.load(grad_logprobs_ptr + rows, mask=row_ok, other=0.0)
+    p = tl.exp(z - lse[:, None])
+    dz = tl.where(cols[None, :] == y[:, None], g_lp[:, None], 0.0) - g_lp[:, None] * p
+    if HAS_ENTROPY_GRAD:
+        g_ent = tl.load(grad_entropy_ptr + rows, mask=row_ok, other=0.0)
+        entropy = tl.load(entropy_ptr + rows, mask=row_ok, other=0.0)
+        dz -= g_ent[:, None] * p * (z - lse[:, None] + entropy[:, None])
+    # Chain rule through the temperature. Padding and ignored rows (whose lse may be anything) and padding
+    # columns contribute nothing: where() also drops an inf/nan p there.
+    keep = (row_ok & (t != ignore_index))[:, None] & col_ok[None, :]
+    dz = tl.where(keep, dz * inv_temperature, 0.0)
+    return dz
+
+
 @triton.jit
 def _logprobs_backward_kernel(
     hidden_ptr, weight_ptr, bias_ptr, targets_ptr,  # [N, H], [V, H], [V], [N] (all contiguous)
@@ -79,37 +137,9 @@ def _logprobs_backward_kernel(
     col_ok = cols < V
     rows64 = rows.to(tl.int64)  # int64: rows * H and cols * H overflow int32 at scale
     cols64 = cols.to(tl.int64)
-
-    # Recompute the logit tile z = (hidden @ weight.T + bias) * inv_temperature, fp32 accumulator.
-    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-    for k0 in range(0, H, BLOCK_H):
-        ks = k0 + tl.arange(0, BLOCK_H)
-        k_ok = ks < H
-        h = tl.load(hidden_ptr + rows64[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(weight_ptr + cols64[:, None] * H + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    z = acc * inv_temperature
-
-    # Shard-local target column (int32: compared over a whole tile). Ignored rows and targets past V match
-    # nothing that survives the `keep` mask below.
-    t = tl.load(targets_ptr + rows, mask=row_ok, other=ignore_index)
-    y = (t - vocab_start).to(tl.int32)
-
-    # dz = g_lp * (onehot(y) - p) - g_ent * p * (z - lse + entropy), with p = softmax(z) from the global lse.
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    g_lp = tl.load(grad_logprobs_ptr + rows, mask=row_ok, other=0.0)
-    p = tl.exp(z - lse[:, None])
-    dz = tl.where(cols[None, :] == y[:, None], g_lp[:, None], 0.0) - g_lp[:, None] * p
-    if HAS_ENTROPY_GRAD:
-        g_ent = tl.load(grad_entropy_ptr + rows, mask=row_ok, other=0.0)
-        entropy = tl.load(entropy_ptr + rows, mask=row_ok, other=0.0)
-        dz -= g_ent[:, None] * p * (z - lse[:, None] + entropy[:, None])
-    # Chain rule through the temperature. Padding and ignored rows (whose lse may be anything) and padding
-    # columns contribute nothing: where() also drops an inf/nan p there.
-    keep = (row_ok & (t != ignore_index))[:, None] & col_ok[None, :]
-    dz = tl.where(keep, dz * inv_temperature, 0.0)
+    dz = logit_grad_tile(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, grad_logprobs_ptr,
+                         grad_entropy_ptr, entropy_ptr, rows, cols, row_ok, col_ok, H, vocab_start, ignore_index,
+                         inv_temperature, HAS_BIAS, HAS_ENTROPY_GRAD, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
 
     if COMPUTE_GRAD_BIAS:
         tl.atomic_add(grad_bias_ptr + cols, tl.sum(dz, axis=0), mask=col_ok, sem="relaxed")
@@ -135,6 +165,27 @@ def _logprobs_backward_kernel(
                           mask=col_ok[:, None] & k_ok[None, :], sem="relaxed")
 
 
+@triton.jit
+def _logit_grad_kernel(
+    hidden_ptr, weight_ptr, bias_ptr, targets_ptr,  # [N, H], [V, H], [V], [N] (all contiguous)
+    lse_ptr, grad_logprobs_ptr, grad_entropy_ptr, entropy_ptr,  # fp32 [N]
+    dz_ptr,  # out: [N, V] in the input dtype
+    N, V, H, vocab_start, ignore_index, inv_temperature,
+    HAS_BIAS: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Program (i, j): the logit gradient of token block i and vocab tile j, stored once (no atomics)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_ok = rows < N
+    col_ok = cols < V
+    dz = logit_grad_tile(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, grad_logprobs_ptr,
+                         grad_entropy_ptr, entropy_ptr, rows, cols, row_ok, col_ok, H, vocab_start, ignore_index,
+                         inv_temperature, HAS_BIAS, HAS_ENTROPY_GRAD, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
+    tl.store(dz_ptr + rows.to(tl.int64)[:, None] * V + cols[None, :], dz.to(dz_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -143,7 +194,9 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
                              grad_logprobs: Tensor, grad_entropy: Tensor | None = None,
                              entropy: Tensor | None = None, *, inv_temperature: float, ignore_index: int,
                              vocab_start: int = 0, need_grad_hidden: bool = True, need_grad_weight: bool = True,
-                             need_grad_bias: bool = False) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+                             need_grad_bias: bool = False, deterministic: bool = False,
+                             workspace_bytes: int = WORKSPACE_BYTES,
+                             ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of sum_n g_lp[n] * logprob[n] + g_ent[n] * entropy[n] w.r.t. hidden, weight and bias.
 
     hidden [N, H], weight [V, H] (rows are global vocab ids vocab_start ..), bias [V] or None, all of one dtype
@@ -152,9 +205,11 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
     get exactly 0 either way. Non-contiguous inputs are copied (`.contiguous()`).
     Returns fp32 grad_hidden [N, H], grad_weight [V, H], grad_bias [V], each None unless asked for.
 
-    Writes: program p of the 1-D grid cdiv(N, BLOCK_N) * cdiv(V, BLOCK_V) owns one (token block, vocab block)
-    tile and adds into grad_hidden[token block], grad_weight[vocab block] and grad_bias[vocab block] with fp32
-    atomic adds only (outputs start at zero); nothing else is written.
+    Writes (default): program p of the 1-D grid cdiv(N, BLOCK_N) * cdiv(V, BLOCK_V) owns one (token block, vocab
+    block) tile and adds into grad_hidden[token block], grad_weight[vocab block] and grad_bias[vocab block] with
+    fp32 atomic adds only (outputs start at zero); nothing else is written.
+    `deterministic=True`: no atomics, bitwise the same gradients on every run (`_atomic_free_backward`), at the
+    price of a workspace of at most about `workspace_bytes`.
     """
     if hidden.device.type != "cuda" and not _interpreting():
         raise ValueError(f"fastalign.kernels: expected CUDA tensors (or TRITON_INTERPRET=1), got {hidden.device}")
@@ -176,6 +231,11 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
     if n == 0 or not (need_grad_hidden or need_grad_weight or need_grad_bias):
         return grad_hidden, grad_weight, grad_bias
 
+    if deterministic:
+        _atomic_free_backward(hidden, weight, bias, targets, lse, grad_logprobs, grad_entropy, entropy,
+                              grad_hidden, grad_weight, grad_bias, inv_temperature=inv_temperature,
+                              ignore_index=ignore_index, vocab_start=vocab_start, workspace_bytes=workspace_bytes)
+        return grad_hidden, grad_weight, grad_bias
     cfg = logprobs_backward_config(hidden.dtype, interpret=_interpreting())
     grid = (triton.cdiv(n, cfg.BLOCK_N) * triton.cdiv(v, cfg.BLOCK_V),)
     unused = lse  # stands in for the pointers a constexpr flag switches off (never dereferenced)
@@ -191,3 +251,47 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
         **cfg.constexprs(), **cfg.launch_options(),
     )
     return grad_hidden, grad_weight, grad_bias
+
+
+def workspace_rows(v: int, dtype: torch.dtype, workspace_bytes: int, block_n: int) -> int:
+    """Rows of the atomic-free backward's logit-gradient workspace [rows, V]: as many whole token blocks as fit in
+    `workspace_bytes` (at least one). Depends on V, the dtype and the budget only, never on N."""
+    per_row = v * torch.empty((), dtype=dtype).element_size()
+    return max(1, workspace_bytes // (per_row * block_n)) * block_n
+
+
+def _atomic_free_backward(hidden, weight, bias, targets, lse, grad_logprobs, grad_entropy, entropy,
+                          grad_hidden, grad_weight, grad_bias, *, inv_temperature, ignore_index, vocab_start,
+                          workspace_bytes):
+    """The atomic-free scheme, into the zero-initialized fp32 outputs that are not None. The rows go in chunks of
+    `workspace_rows`, in row order; per chunk:
+      1. `_logit_grad_kernel`: dz [rows, V] (input dtype, as the atomic kernel feeds its tensor cores), each logit
+         tile recomputed once;
+      2. grad_hidden[chunk] = dz @ weight (K = V), grad_weight += dz.T @ hidden[chunk], grad_bias += dz.T @ 1
+         (`matmul_into`: each output tile owned by one program, its K walked in order; the chunks add in row order).
+    Three matmuls as the atomic kernel; extra traffic: dz written once and read twice, grad_weight read and written
+    once per chunk."""
+    interpret = _interpreting()
+    cfg = logit_grad_config(hidden.dtype, interpret=interpret)
+    (n, h), v = hidden.shape, weight.shape[0]
+    chunk = workspace_rows(v, hidden.dtype, workspace_bytes, cfg.BLOCK_N)
+    dz = torch.empty(min(chunk, n), v, device=hidden.device, dtype=hidden.dtype)
+    ones = torch.ones(min(chunk, n), 1, device=hidden.device, dtype=hidden.dtype)
+    unused = lse
+    for start in range(0, n, chunk):
+        rows = slice(start, min(start + chunk, n))
+        m = rows.stop - start
+        _logit_grad_kernel[(triton.cdiv(m, cfg.BLOCK_N), triton.cdiv(v, cfg.BLOCK_V))](
+            hidden[rows], weight, bias if bias is not None else unused, targets[rows], lse[rows],
+            grad_logprobs[rows], grad_entropy[rows] if grad_entropy is not None else unused,
+            entropy[rows] if entropy is not None else unused, dz,
+            m, v, h, vocab_start, ignore_index, float(inv_temperature),
+            HAS_BIAS=bias is not None, HAS_ENTROPY_GRAD=grad_entropy is not None,
+            **cfg.constexprs(), **cfg.launch_options(),
+        )
+        if grad_hidden is not None:
+            matmul_into(grad_hidden[rows], dz[:m], weight, accumulate=False, interpret=interpret)
+        if grad_weight is not None:
+            matmul_into(grad_weight, dz[:m].T, hidden[rows], accumulate=True, interpret=interpret)
+        if grad_bias is not None:
+            matmul_into(grad_bias[:, None], dz[:m].T, ones[:m], accumulate=True, interpret=interpret)

@@ -1,0 +1,82 @@
+"""C (+)= A @ B with fp32 accumulation and no atomics: every output tile is owned by one program, which walks the
+reduction dimension in order, so the result is bitwise the same on every run (the atomic-free backward's
+d hidden, d weight and d bias products)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class MatmulConfig:
+    """Tile sizes and launch options of `_matmul_kernel` (the compile test builds exactly these)."""
+
+    BLOCK_M: int
+    BLOCK_P: int
+    BLOCK_K: int
+    DOT_PRECISION: str
+    num_warps: int
+    num_stages: int
+
+    def constexprs(self) -> dict:
+        return {"BLOCK_M": self.BLOCK_M, "BLOCK_P": self.BLOCK_P, "BLOCK_K": self.BLOCK_K,
+                "DOT_PRECISION": self.DOT_PRECISION}
+
+    def launch_options(self) -> dict:
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages, "enable_fp_fusion": True}
+
+
+def matmul_config(dtype: torch.dtype, interpret: bool = False) -> MatmulConfig:
+    """GPU config for operands of `dtype` (fp32 operands: 3xTF32 tensor-core dots, about fp32 accuracy, whose split
+    operands need smaller tiles); `interpret=True`: small tiles for the CPU interpreter."""
+    precision = "tf32x3" if dtype == torch.float32 else "tf32"  # the precision only matters for fp32 operands
+    if interpret:
+        return MatmulConfig(16, 16, 16, precision, num_warps=1, num_stages=1)
+    if dtype == torch.float32:
+        return MatmulConfig(64, 64, 32, precision, num_warps=4, num_stages=3)
+    return MatmulConfig(128, 128, 64, precision, num_warps=8, num_stages=3)
+
+
+@triton.jit
+def _matmul_kernel(
+    a_ptr, b_ptr, c_ptr,  # A [M, K], B [K, P] (any strides, one dtype), C fp32 [M, P] (unit column stride)
+    M, P, K, stride_am, stride_ak, stride_bk, stride_bp, stride_cm,
+    ACCUMULATE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Program (i, j): C[i*BLOCK_M.., j*BLOCK_P..] = (C +) sum over K tiles, in order, of A tile @ B tile."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rp = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    m_ok = rm < M
+    p_ok = rp < P
+    a_rows = a_ptr + rm.to(tl.int64)[:, None] * stride_am  # int64: offsets grow with N * V
+    b_cols = b_ptr + rp.to(tl.int64)[None, :] * stride_bp
+    acc = tl.zeros([BLOCK_M, BLOCK_P], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        k_ok = ks < K
+        a = tl.load(a_rows + ks[None, :] * stride_ak, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_cols + ks[:, None] * stride_bk, mask=k_ok[:, None] & p_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    c = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rp[None, :]
+    ok = m_ok[:, None] & p_ok[None, :]
+    if ACCUMULATE:
+        acc += tl.load(c, mask=ok, other=0.0)  # after this tile's own sum: a fixed order across launches
+    tl.store(c, acc, mask=ok)
+
+
+def matmul_into(out: Tensor, a: Tensor, b: Tensor, *, accumulate: bool, interpret: bool = False) -> None:
+    """out (+)= a @ b for a [M, K], b [K, P] of one dtype (any strides), out fp32 [M, P] with unit column stride.
+
+    Writes: program (i, j) of grid (cdiv(M, BLOCK_M), cdiv(P, BLOCK_P)) alone writes out's tile (i, j), once,
+    after summing its K tiles in order (no atomics).
+    """
+    (m, k), p = a.shape, b.shape[1]
+    cfg = matmul_config(a.dtype, interpret=interpret)
+    grid = (triton.cdiv(m, cfg.BLOCK_M), triton.cdiv(p, cfg.BLOCK_P))
+    _matmul_kernel[grid](a, b, out, m, p, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0),
+                         ACCUMULATE=accumulate, **cfg.constexprs(), **cfg.launch_options())
