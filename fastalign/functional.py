@@ -44,8 +44,8 @@ def fused_linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias:
         deterministic: batch-invariant and run-to-run deterministic (see the README's "Deterministic mode"): a
             row's log-prob and entropy are bitwise the same whatever the other rows, the batch size, the chunk size
             or the memory budget, and the gradients repeat bit for bit. None (default): on when
-            ``torch.are_deterministic_algorithms_enabled()`` or ``$FASTALIGN_DETERMINISTIC=1``. Torch backend only
-            for now (``"auto"`` then picks it on CUDA too).
+            ``torch.are_deterministic_algorithms_enabled()`` or ``$FASTALIGN_DETERMINISTIC=1``. On triton: a fixed
+            vocabulary split merged in order and the atomic-free backward (a logit-gradient workspace of <= 1 GiB).
         check_finite: raise on NaN/inf in ``hidden``, ``weight`` or ``bias`` (one cheap pass over each).
         process_group: vocab-parallel (tensor-parallel) lm_head: a ``torch.distributed.ProcessGroup`` over which
             the vocabulary is split. ``weight`` is then this rank's contiguous shard ``[V_r, H]`` (rows

@@ -195,7 +195,7 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
                              entropy: Tensor | None = None, *, inv_temperature: float, ignore_index: int,
                              vocab_start: int = 0, need_grad_hidden: bool = True, need_grad_weight: bool = True,
                              need_grad_bias: bool = False, deterministic: bool = False,
-                             workspace_bytes: int = WORKSPACE_BYTES,
+                             workspace_bytes: int | None = None,
                              ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of sum_n g_lp[n] * logprob[n] + g_ent[n] * entropy[n] w.r.t. hidden, weight and bias.
 
@@ -209,7 +209,7 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
     block) tile and adds into grad_hidden[token block], grad_weight[vocab block] and grad_bias[vocab block] with
     fp32 atomic adds only (outputs start at zero); nothing else is written.
     `deterministic=True`: no atomics, bitwise the same gradients on every run (`_atomic_free_backward`), at the
-    price of a workspace of at most about `workspace_bytes`.
+    price of a workspace of about `workspace_bytes` (None: `WORKSPACE_BYTES`; at least one token block).
     """
     if hidden.device.type != "cuda" and not _interpreting():
         raise ValueError(f"fastalign.kernels: expected CUDA tensors (or TRITON_INTERPRET=1), got {hidden.device}")
@@ -234,7 +234,8 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
     if deterministic:
         _atomic_free_backward(hidden, weight, bias, targets, lse, grad_logprobs, grad_entropy, entropy,
                               grad_hidden, grad_weight, grad_bias, inv_temperature=inv_temperature,
-                              ignore_index=ignore_index, vocab_start=vocab_start, workspace_bytes=workspace_bytes)
+                              ignore_index=ignore_index, vocab_start=vocab_start,
+                              workspace_bytes=WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes)
         return grad_hidden, grad_weight, grad_bias
     cfg = logprobs_backward_config(hidden.dtype, interpret=_interpreting())
     grid = (triton.cdiv(n, cfg.BLOCK_N) * triton.cdiv(v, cfg.BLOCK_V),)

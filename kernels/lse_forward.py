@@ -183,6 +183,21 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+DETERMINISTIC_SPLIT_COLUMNS = 4096
+"""Vocabulary columns per split in deterministic mode (64 under the interpreter): a fixed split whatever N, so a
+row's statistics do not depend on its batch (32 splits at V = 128256)."""
+
+
+def _tiles_per_split(n_row_blocks: int, n_vocab_tiles: int, block_v: int, device: torch.device,
+                     deterministic: bool) -> int:
+    """Vocab tiles per split: fixed (`DETERMINISTIC_SPLIT_COLUMNS`) when `deterministic`, else sized to fill the
+    GPU (`_num_vocab_splits`)."""
+    if deterministic:
+        columns = 64 if _interpreting() else DETERMINISTIC_SPLIT_COLUMNS
+        return max(1, columns // block_v)
+    return triton.cdiv(n_vocab_tiles, _num_vocab_splits(n_row_blocks, n_vocab_tiles, device))
+
+
 def _num_vocab_splits(n_row_blocks: int, n_vocab_tiles: int, device: torch.device) -> int:
     """How many runs of vocab tiles to split each token block into, so that small N still fills the GPU.
 
@@ -207,13 +222,15 @@ class LsePartials(NamedTuple):
 
 def lse_forward_partials(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *,
                          inv_temperature: float, ignore_index: int, vocab_start: int = 0,
-                         spec: RowStatsSpec = RowStatsSpec()) -> LsePartials:
+                         spec: RowStatsSpec = RowStatsSpec(), deterministic: bool = False) -> LsePartials:
     """Split statistics of z = (hidden @ weight.T + bias) * inv_temperature without materializing z.
 
     hidden [N, H], weight [V, H] (rows are global vocab ids vocab_start .. vocab_start + V - 1), bias [V] or None,
     all of one dtype (fp32/fp16/bf16); targets [N] int64 global vocab ids. Non-contiguous inputs are copied
     (`.contiguous()`). Returns the fp32 [num_splits, N] partials, to merge with `merge_lse_partials` (or in the
     epilogue kernels, via `merge_split_partials`); the optional ones are None unless `spec` asks for them.
+
+    `deterministic=True`: every split covers a fixed number of columns whatever N (batch invariance).
 
     Writes: program (i, s) of grid (cdiv(N, BLOCK_N), num_splits) alone writes the partial statistics of rows
     i*BLOCK_N .. (i+1)*BLOCK_N - 1 for vocab split s (no atomics).
@@ -227,8 +244,9 @@ def lse_forward_partials(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
 
     n_row_blocks = triton.cdiv(n, cfg.BLOCK_N)
     n_vocab_tiles = triton.cdiv(v, cfg.BLOCK_V)
-    splits = _num_vocab_splits(max(n_row_blocks, 1), n_vocab_tiles, hidden.device)
-    tiles_per_split = triton.cdiv(n_vocab_tiles, splits)
+    tiles_per_split = _tiles_per_split(max(n_row_blocks, 1), n_vocab_tiles, cfg.BLOCK_V, hidden.device,
+                                       deterministic)
+    splits = triton.cdiv(n_vocab_tiles, tiles_per_split)
 
     def buffer(wanted: bool = True, dtype: torch.dtype = torch.float32) -> Tensor | None:
         return torch.empty(splits, n, device=hidden.device, dtype=dtype) if wanted else None
@@ -248,33 +266,45 @@ def lse_forward_partials(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
     return partials
 
 
-def merge_lse_partials(partials: LsePartials) -> RowStats:
-    """Merge the splits: rescale each split's sums to the global max (as `merge_split_partials` does in a kernel).
+def _sum_splits(t: Tensor, ordered: bool) -> Tensor:
+    """Sum of [num_splits, N] over the splits; `ordered`: split 0 first, then 1, ... elementwise, so a row's sum
+    never depends on N (a device reduction may pick its order by shape)."""
+    if not ordered:
+        return t.sum(dim=0)
+    total = t[0]
+    for split in t[1:]:
+        total = total + split
+    return total
+
+
+def merge_lse_partials(partials: LsePartials, ordered: bool = False) -> RowStats:
+    """Merge the splits: rescale each split's sums to the global max (as `merge_split_partials` does in a kernel);
+    `ordered`: the splits summed in a fixed order (deterministic mode, `_sum_splits`).
 
     Returns the [N] statistics (fp32; argmax int64), the optional ones None where the partials hold none. The
     arg-max is the first split's (the smallest id) among those whose max is the global max.
     """
     m = partials.max.amax(dim=0)
     scale = torch.exp(partials.max - m)
-    sumexp = (partials.sumexp * scale).sum(dim=0)
+    sumexp = _sum_splits(partials.sumexp * scale, ordered)
     entropy = lse2 = logit_sum = max_logit = argmax = None
     if partials.sum_ez is not None:  # re-centred on m: terms of one sign; H = log(sumexp) - E_p[z - m]
-        sum_ez = (scale * (partials.sum_ez + (partials.max - m) * partials.sumexp)).sum(dim=0)
+        sum_ez = _sum_splits(scale * (partials.sum_ez + (partials.max - m) * partials.sumexp), ordered)
         entropy = torch.log(sumexp) - sum_ez / sumexp
     if partials.sumexp2 is not None:
-        lse2 = 2 * m + torch.log((partials.sumexp2 * scale * scale).sum(dim=0))
+        lse2 = 2 * m + torch.log(_sum_splits(partials.sumexp2 * scale * scale, ordered))
     if partials.logit_sum is not None:
-        logit_sum = partials.logit_sum.sum(dim=0)
+        logit_sum = _sum_splits(partials.logit_sum, ordered)
     if partials.argmax is not None:
         first = (partials.max == m).to(torch.uint8).argmax(dim=0, keepdim=True)  # the first split at the max
         max_logit, argmax = m, partials.argmax.gather(0, first).squeeze(0)
-    return RowStats(m + torch.log(sumexp), partials.target_logit.sum(dim=0), entropy, lse2, logit_sum, max_logit,
+    return RowStats(m + torch.log(sumexp), _sum_splits(partials.target_logit, ordered), entropy, lse2, logit_sum, max_logit,
                     argmax)
 
 
 def linear_lse_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *,
                        inv_temperature: float, ignore_index: int, vocab_start: int = 0,
-                       spec: RowStatsSpec = RowStatsSpec()) -> RowStats:
+                       spec: RowStatsSpec = RowStatsSpec(), deterministic: bool = False) -> RowStats:
     """Per-row statistics of z = (hidden @ weight.T + bias) * inv_temperature without materializing z.
 
     Inputs as `lse_forward_partials`. Returns [N] tensors (`RowStats`), fp32 unless stated:
@@ -286,8 +316,12 @@ def linear_lse_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targ
       logit_sum      sum_v z_v,
       max_logit, argmax   max_v z_v and the int64 global id of its first occurrence.
 
+    `deterministic=True`: batch-invariant (fixed split, splits merged in a fixed order): a row's statistics are
+    bitwise the same whatever the other rows.
+
     Writes: as `lse_forward_partials`; the splits are then merged here in PyTorch (`merge_lse_partials`).
     """
-    return merge_lse_partials(lse_forward_partials(hidden, weight, bias, targets, inv_temperature=inv_temperature,
-                                                   ignore_index=ignore_index, vocab_start=vocab_start,
-                                                   spec=spec))
+    partials = lse_forward_partials(hidden, weight, bias, targets, inv_temperature=inv_temperature,
+                                    ignore_index=ignore_index, vocab_start=vocab_start, spec=spec,
+                                    deterministic=deterministic)
+    return merge_lse_partials(partials, ordered=deterministic)

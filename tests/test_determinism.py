@@ -10,6 +10,7 @@ import torch
 import fastalign
 from fastalign.kernels.row_stats import RowStatsSpec
 from fastalign.ops import torch_backend
+from conftest import BACKENDS
 from reference import as_f64_leaf, reference_logprobs
 
 H, V = 32, 300
@@ -75,14 +76,16 @@ def test_row_statistics_are_batch_invariant(vocab_tile, monkeypatch):
     assert differs[False], "the default mode never differed: this test would not see a batch-variant backend"
 
 
-def test_deterministic_mode_matches_float64_reference():
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    "triton" not in BACKENDS, reason="needs CUDA or TRITON_INTERPRET=1"))])
+def test_deterministic_mode_matches_float64_reference(backend):
     """Values and gradients (log-prob and entropy upstream, bias, temperature, ignored rows, N not a multiple of
-    the block) against materialized float64 logits."""
+    the block) against materialized float64 logits; on triton, the fixed vocab split and the atomic-free backward."""
     hidden, weight, bias, targets = problem(131)
     targets[::4] = -100
     leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
     lp, ent = fastalign.fused_linear_logprobs(*leaves[:2], targets, leaves[2], temperature=0.8, return_entropy=True,
-                                              backend="torch", deterministic=True)
+                                              backend=backend, deterministic=True)
     g = torch.Generator().manual_seed(1)
     up_lp, up_ent = torch.randn(131, generator=g), torch.randn(131, generator=g)
     grads = torch.autograd.grad((lp * up_lp + ent * up_ent).sum(), leaves)
@@ -94,7 +97,7 @@ def test_deterministic_mode_matches_float64_reference():
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
     # Log-prob upstream only (the dense one-hot path), frozen weight (no moments shortcut in deterministic mode).
-    frozen = fastalign.fused_linear_logprobs(leaves[0], weight, targets, bias, backend="torch", deterministic=True)
+    frozen = fastalign.fused_linear_logprobs(leaves[0], weight, targets, bias, backend=backend, deterministic=True)
     (grad_h,) = torch.autograd.grad((frozen * up_lp).sum(), [leaves[0]])
     ref_h = as_f64_leaf(hidden)
     (want_h,) = torch.autograd.grad((reference_logprobs(ref_h, weight, targets, bias)[0] * up_lp.double()).sum(),
@@ -243,11 +246,67 @@ def test_bad_deterministic_options(monkeypatch):
     hidden, weight, _, targets = problem(2)
     with pytest.raises(TypeError, match="deterministic: expected a bool or None, got int"):
         fastalign.fused_linear_logprobs(hidden, weight, targets, deterministic=1)
-    with pytest.raises(ValueError, match="deterministic: the triton backend has no deterministic mode"):
-        fastalign.fused_linear_logprobs(hidden, weight, targets, backend="triton", deterministic=True)
-    monkeypatch.setenv("FASTALIGN_DETERMINISTIC", "1")
-    with pytest.raises(ValueError, match=r"deterministic: .*\$FASTALIGN_DETERMINISTIC=1.* backend='triton'"):
-        fastalign.fused_linear_logprobs(hidden, weight, targets, backend="triton")
     monkeypatch.setenv("FASTALIGN_DETERMINISTIC", "yes")
     with pytest.raises(ValueError, match=r"\$FASTALIGN_DETERMINISTIC: expected 0 or 1, got 'yes'"):
         fastalign.fused_linear_logprobs(hidden, weight, targets)
+
+
+triton_only = pytest.mark.skipif("triton" not in BACKENDS, reason="needs CUDA or TRITON_INTERPRET=1")
+
+
+@pytest.mark.slow
+@triton_only
+def test_triton_rows_are_batch_invariant():
+    """Triton (under the interpreter here): the probe row's log-prob and entropy, from the log-prob op and from the
+    PPO epilogue path, alone and at a random position in batches of 2, 7 and 64 rows (1 and 4 token blocks, so the
+    default mode splits the vocabulary differently), with 3 chunk sizes (a torch-backend option: shown not to
+    matter); bitwise equal in deterministic mode, not in the default one."""
+    probe_h, weight, bias, probe_t = problem(1, seed=7)
+    differs = {False: 0, True: 0}
+    for deterministic in (False, True):
+        kw = dict(bias=bias, backend="triton", deterministic=deterministic)
+        alone = fastalign.fused_linear_logprobs(probe_h, weight, probe_t, return_entropy=True, **kw)
+        ppo_alone = fastalign.fused_linear_ppo_loss(probe_h[None].requires_grad_(True), weight, probe_t[None],
+                                                    torch.zeros(1, 1), torch.ones(1, 1), compute_entropy=True, **kw)
+        assert same(ppo_alone.logprobs[0], alone[0])
+        for n in SIZES[:3]:
+            for chunk_size in (None, 4, 50):
+                hid, tgt, rows = embed(probe_h, probe_t, n, seed=n)
+                lp, ent = fastalign.fused_linear_logprobs(hid, weight, tgt, return_entropy=True,
+                                                          chunk_size=chunk_size, **kw)
+                differs[deterministic] += (not same(lp[rows], alone[0])) + (not same(ent[rows], alone[1]))
+                ppo = fastalign.fused_linear_ppo_loss(hid[None].requires_grad_(True), weight, tgt[None],
+                                                      torch.zeros(1, n), torch.ones(1, n), compute_entropy=True,
+                                                      chunk_size=chunk_size, **kw)
+                differs[deterministic] += (not same(ppo.logprobs[0, rows], ppo_alone.logprobs[0])) + (
+                    not same(ppo.entropy[0, rows], ppo_alone.entropy[0]))
+    assert differs[True] == 0
+    assert differs[False] > 0, "the default mode never differed: this test would not see a batch-variant split"
+
+
+@pytest.mark.slow
+@triton_only
+def test_triton_gradients_repeat_bit_for_bit(monkeypatch):
+    """Triton, deterministic: 3 runs of the log-prob op (log-prob and entropy upstream, bias, temperature, ignored
+    rows) with a workspace of 32 rows (several chunks: d weight and d bias summed across chunks), and 3 runs of
+    the PPO op: bitwise equal gradients. (Under the interpreter the atomic kernel is sequential too, so the default
+    mode cannot be shown to differ here; the compile test shows that the deterministic kernels hold no atomics.)"""
+    from fastalign.kernels import logprobs_backward
+
+    monkeypatch.setattr(logprobs_backward, "WORKSPACE_BYTES", 32 * V * 4)
+    hidden, weight, bias, targets = problem(40, seed=4)
+    targets[::6] = -100
+    up = torch.randn(2, 40, generator=torch.Generator().manual_seed(2))
+    runs = []
+    for _ in range(3):
+        leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+        lp, ent = fastalign.fused_linear_logprobs(*leaves[:2], targets, leaves[2], temperature=0.9,
+                                                  return_entropy=True, backend="triton", deterministic=True)
+        grads = torch.autograd.grad((lp * up[0] + ent * up[1]).sum(), leaves)
+        out = fastalign.fused_linear_ppo_loss(leaves[0].view(4, 10, H), leaves[1], targets.view(4, 10),
+                                              up[0].view(4, 10), up[1].view(4, 10), bias=leaves[2],
+                                              backend="triton", compute_entropy=True, entropy_coef=0.1,
+                                              deterministic=True)
+        runs.append(grads + torch.autograd.grad(out.loss, leaves))
+    assert all(same(a, b) for run in runs[1:] for a, b in zip(run, runs[0]))
+    assert all(g.abs().max() > 0 for g in runs[0])

@@ -24,7 +24,8 @@ class LinearOptions:
     ignore_index: int = -100
     chunk_size: int | None = None  # tokens per chunk on the torch backend; None sizes it from the memory budget
     shard: VocabShard | None = None  # this rank's vocabulary shard (vocab-parallel lm_head), None: the whole
-    deterministic: bool = False  # batch-invariant, run-to-run deterministic blocks (``torch_backend`` docstring)
+    deterministic: bool = False  # batch-invariant, run-to-run deterministic (``torch_backend``; triton: fixed vocab
+    # splits merged in order, the atomic-free backward of ``fastalign.kernels.logprobs_backward``)
 
     @property
     def inv_temperature(self) -> float:
@@ -48,7 +49,8 @@ def lse_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Te
         from fastalign.kernels.lse_forward import linear_lse_forward
 
         stats = linear_lse_forward(hidden, weight, bias, targets, inv_temperature=opts.inv_temperature,
-                                   ignore_index=opts.ignore_index, vocab_start=opts.vocab_start, spec=spec)
+                                   ignore_index=opts.ignore_index, vocab_start=opts.vocab_start, spec=spec,
+                                   deterministic=opts.deterministic)
     else:
         stats = torch_backend.linear_lse_forward(hidden, weight, bias, targets, inv_temperature=opts.inv_temperature,
                                                  ignore_index=opts.ignore_index, vocab_start=opts.vocab_start,
@@ -84,7 +86,8 @@ def triton_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
     return opts.finish_grads(LinearGrads(*linear_logprobs_backward(
         hidden, weight, bias, targets, lse, grad_logprobs, grad_entropy, None if grad_entropy is None else entropy,
         inv_temperature=opts.inv_temperature, ignore_index=opts.ignore_index, vocab_start=opts.vocab_start,
-        need_grad_hidden=need_hidden, need_grad_weight=need_weight, need_grad_bias=need_bias)))
+        need_grad_hidden=need_hidden, need_grad_weight=need_weight, need_grad_bias=need_bias,
+        deterministic=opts.deterministic)))
 
 
 def triton_ppo_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, opts: LinearOptions,
@@ -112,10 +115,11 @@ def triton_lse_partials(hidden: Tensor, weight: Tensor, bias: Tensor | None, tar
     from fastalign.kernels.lse_forward import LsePartials, lse_forward_partials, merge_lse_partials
 
     partials = lse_forward_partials(hidden, weight, bias, targets, inv_temperature=opts.inv_temperature,
-                                    ignore_index=opts.ignore_index, vocab_start=opts.vocab_start, spec=spec)
+                                    ignore_index=opts.ignore_index, vocab_start=opts.vocab_start, spec=spec,
+                                    deterministic=opts.deterministic)
     if opts.shard is None:
         return partials
-    stats = opts.shard.all_reduce_stats(merge_lse_partials(partials))
+    stats = opts.shard.all_reduce_stats(merge_lse_partials(partials, ordered=opts.deterministic))
     top = stats.lse if stats.argmax is None else stats.max_logit
     sumexp = torch.exp(stats.lse - top)
     sum_ez = None if stats.entropy is None else sumexp * ((stats.lse - top) - stats.entropy)

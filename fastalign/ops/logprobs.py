@@ -18,9 +18,9 @@ from .vocab_parallel import vocab_shard
 DETERMINISTIC_ENV = "FASTALIGN_DETERMINISTIC"
 
 
-def resolve_deterministic(deterministic, backend: str) -> bool:
+def resolve_deterministic(deterministic) -> bool:
     """``deterministic`` (a bool, or None: on when ``torch.are_deterministic_algorithms_enabled()`` or
-    ``$FASTALIGN_DETERMINISTIC=1``), checked against the requested ``backend``."""
+    ``$FASTALIGN_DETERMINISTIC=1``)."""
     if deterministic is None:
         raw = os.environ.get(DETERMINISTIC_ENV, "0")
         if raw not in ("0", "1"):
@@ -28,10 +28,6 @@ def resolve_deterministic(deterministic, backend: str) -> bool:
         deterministic = raw == "1" or torch.are_deterministic_algorithms_enabled()
     elif not isinstance(deterministic, bool):
         raise TypeError(f"deterministic: expected a bool or None, got {type(deterministic).__name__}")
-    if deterministic and backend == "triton":
-        raise ValueError("deterministic: the triton backend has no deterministic mode yet (its backward uses "
-                         "atomics); got deterministic mode (the argument, $FASTALIGN_DETERMINISTIC=1 or "
-                         "torch.use_deterministic_algorithms) with backend='triton' (use backend='torch' or 'auto')")
     return deterministic
 
 
@@ -39,14 +35,12 @@ def prepare_linear(hidden, weight, targets, bias, *, temperature, ignore_index, 
                    process_group=None, reduce_hidden_grad=True,
                    deterministic=False) -> tuple[LinearInputs, LinearOptions]:
     """Validate the lm_head inputs of an op and resolve its options (shared by every fused op); with a
-    ``process_group``, ``weight``/``bias`` are this rank's vocabulary shard (one all-gather of the shard sizes).
-    In deterministic mode ``"auto"`` resolves to the torch backend (the only one with that mode so far)."""
-    deterministic = resolve_deterministic(deterministic, backend)
+    ``process_group``, ``weight``/``bias`` are this rank's vocabulary shard (one all-gather of the shard sizes)."""
+    deterministic = resolve_deterministic(deterministic)
     shard = vocab_shard(process_group, weight, bias, reduce_hidden_grad=reduce_hidden_grad, check_finite=check_finite)
     inputs = validate_linear_inputs(hidden, weight, targets, bias, ignore_index=ignore_index,
                                     check_finite=check_finite, vocab_size=None if shard is None else shard.vocab_size)
     resolved = resolve_backend(backend, inputs.hidden.device)
-    resolved = "torch" if deterministic else resolved
     opts = LinearOptions(resolved, check_temperature(temperature), int(ignore_index), check_chunk_size(chunk_size),
                          shard, deterministic)
     if opts.backend == "triton" and inputs.hidden.dtype == torch.float64:
