@@ -82,13 +82,16 @@ SHAPES = {
 }
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_forward_matches_reference(shape, dtype):
+def test_forward_matches_reference(shape, dtype, deterministic):
+    """Deterministic: the fixed 64-column vocab split of the interpreter (2 or 3 splits for V = 97, 130)."""
     n, h, v, bias, inv_t, n_ignored = SHAPES[shape]
     hidden, weight, b, targets = make_problem(n, h, v, dtype, bias=bias, n_ignored=n_ignored)
     lse, target_logit, entropy = linear_lse_forward(hidden, weight, b, targets, inv_temperature=inv_t,
-                                                    ignore_index=IGNORE, spec=ENTROPY)[:3]
+                                                    ignore_index=IGNORE, spec=ENTROPY,
+                                                    deterministic=deterministic)[:3]
     for actual, ref in zip((lse, target_logit, entropy), reference_forward(hidden, weight, b, targets, inv_t)):
         assert_close(actual, ref, 1e-5)
     assert (target_logit[targets == IGNORE] == 0).all()
@@ -97,10 +100,17 @@ def test_forward_matches_reference(shape, dtype):
     assert all(s is None for s in plain[2:])
 
 
+# The atomic kernel, the atomic-free one with its default workspace (one chunk of rows), and with a 16-row one
+# (several chunks: d weight and d bias summed across chunks).
+SCHEMES = {"atomic": dict(), "atomic_free": dict(deterministic=True),
+           "atomic_free_chunked": dict(deterministic=True, workspace_bytes=1)}
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("with_entropy", [False, True], ids=["logprob_grad", "with_entropy_grad"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_backward_matches_reference(shape, with_entropy, dtype):
+def test_backward_matches_reference(shape, with_entropy, dtype, scheme):
     n, h, v, bias, inv_t, n_ignored = SHAPES[shape]
     hidden, weight, b, targets = make_problem(n, h, v, dtype, bias=bias, n_ignored=n_ignored)
     g_lp, g_ent = upstream_grads(targets, with_entropy)
@@ -108,18 +118,20 @@ def test_backward_matches_reference(shape, with_entropy, dtype):
 
     grads = linear_logprobs_backward(hidden, weight, b, targets, lse.float(), g_lp,
                                      g_ent, entropy.float() if with_entropy else None, inv_temperature=inv_t,
-                                     ignore_index=IGNORE, need_grad_bias=bias)
+                                     ignore_index=IGNORE, need_grad_bias=bias, **SCHEMES[scheme])
     for actual, ref in zip(grads, ref_grads):
         assert (actual is None) == (ref is None)
         if ref is not None:
             assert_close(actual, ref, BACKWARD_TOL[dtype])
 
 
-def test_need_flags_skip_outputs():
+@pytest.mark.parametrize("scheme", SCHEMES, ids=str)
+def test_need_flags_skip_outputs(scheme):
+    """Each gradient alone (the frozen-weight case: d hidden only), on each scheme."""
     hidden, weight, b, targets = make_problem(21, 18, 45, torch.float32, n_ignored=2)
     g_lp, _ = upstream_grads(targets, False)
     (ref_h, ref_w, ref_b), lse, _ = reference_backward(hidden, weight, b, targets, g_lp, None, 1.0)
-    common = dict(inv_temperature=1.0, ignore_index=IGNORE)
+    common = dict(inv_temperature=1.0, ignore_index=IGNORE, **SCHEMES[scheme])
 
     gh, gw, gb = linear_logprobs_backward(hidden, weight, b, targets, lse.float(), g_lp, need_grad_weight=False,
                                           **common)
