@@ -52,6 +52,7 @@ class CompileResult:
     local: int  # bytes of local memory per thread; non-zero means spills
     shared: int  # bytes of shared memory (Triton's dynamic allocation plus static)
     opcodes: dict  # SASS opcode (without modifiers) -> count
+    ptx_atomics: int  # PTX `atom`/`red` instructions
 
     @property
     def spills(self) -> bool:
@@ -119,8 +120,10 @@ def _compile_one(spec: dict) -> dict:
     # SASS lines look like `/*0120*/  @!P0 HMMA.16816.F32.BF16 R4, R8, R12, R4 ;`: count the opcode before the dot.
     instruction = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
     opcodes = collections.Counter(m.group(1) for m in instruction.finditer(sass))
+    atomics = re.findall(r"^\s*(?:@!?%\w+\s+)?(?:atom|red)\.", compiled.asm["ptx"], flags=re.MULTILINE)
     return {"registers": res["REG"], "stack": res["STACK"], "local": res["LOCAL"],
-            "shared": compiled.metadata.shared + res["SHARED"], "opcodes": dict(opcodes)}
+            "shared": compiled.metadata.shared + res["SHARED"], "opcodes": dict(opcodes),
+            "ptx_atomics": len(atomics)}
 
 
 if __name__ == "__main__":  # worker: JSON specs on stdin, one per line; a JSON list of results as last stdout line

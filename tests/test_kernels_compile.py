@@ -5,6 +5,9 @@ Fails on a compile error, on any register spill (cubin STACK or LOCAL non-zero),
 block may use, and, for kernels with a matmul, when the SASS holds no tensor-core instruction (HMMA on sm_80, HGMMA
 or HMMA on sm_90; fp32 inputs use 3xTF32 tensor-core dots, so they are held to this too). A new kernel is one entry
 in VARIANTS.
+
+The kernels of the triton backend's deterministic mode (DETERMINISTIC) must hold no atomic at all: no PTX `atom` or
+`red` instruction, for sm_80 and sm_90 (the atomic backward is the control: it has them).
 """
 from functools import partial
 from typing import Callable, NamedTuple
@@ -13,8 +16,10 @@ import pytest
 import torch
 from aot import CompileSpec, compile_kernels
 
-from fastalign.kernels.logprobs_backward import _logprobs_backward_kernel, logprobs_backward_config
+from fastalign.kernels.logprobs_backward import (_logit_grad_kernel, _logprobs_backward_kernel, logit_grad_config,
+                                                 logprobs_backward_config)
 from fastalign.kernels.lse_forward import _lse_forward_kernel, lse_forward_config
+from fastalign.kernels.matmul import _matmul_kernel, matmul_config
 from fastalign.kernels.ppo_epilogue import _ppo_epilogue_kernel
 from fastalign.kernels.row_stats import RowStatsSpec
 from fastalign.kernels.token_epilogue import token_epilogue_config
@@ -59,6 +64,28 @@ def logprobs_backward_spec(dtype: torch.dtype, arch: int, *, has_bias: bool, ent
     return _spec(_logprobs_backward_kernel, types, flags, logprobs_backward_config(dtype), arch)
 
 
+def logit_grad_spec(dtype: torch.dtype, arch: int, *, has_bias: bool, entropy_grad: bool) -> CompileSpec:
+    x = "*" + DTYPES[dtype]
+    types = {"hidden_ptr": x, "weight_ptr": x, "bias_ptr": x, "targets_ptr": "*i64",
+             "lse_ptr": "*fp32", "grad_logprobs_ptr": "*fp32", "grad_entropy_ptr": "*fp32", "entropy_ptr": "*fp32",
+             "dz_ptr": x, "N": "i32", "V": "i32", "H": "i32", "vocab_start": "i32", "ignore_index": "i32",
+             "inv_temperature": "fp32"}
+    flags = {"HAS_BIAS": has_bias, "HAS_ENTROPY_GRAD": entropy_grad}
+    return _spec(_logit_grad_kernel, types, flags, logit_grad_config(dtype), arch)
+
+
+def matmul_spec(dtype: torch.dtype, arch: int, *, product: str) -> CompileSpec:
+    """The atomic-free backward's three products, with the strides (and sizes) equal to 1 that the runtime turns
+    into constants: d hidden = dz @ weight, d weight += dz.T @ hidden, d bias += dz.T @ ones."""
+    x = "*" + DTYPES[dtype]
+    types = {"a_ptr": x, "b_ptr": x, "c_ptr": "*fp32", "M": "i32", "P": "i32", "K": "i32", "stride_am": "i32",
+             "stride_ak": "i32", "stride_bk": "i32", "stride_bp": "i32", "stride_cm": "i32"}
+    ones = {"d_hidden": {"stride_ak": 1, "stride_bp": 1, "ACCUMULATE": False},
+            "d_weight": {"stride_am": 1, "stride_bp": 1, "ACCUMULATE": True},
+            "d_bias": {"P": 1, "stride_am": 1, "stride_bk": 1, "stride_bp": 1, "stride_cm": 1, "ACCUMULATE": True}}
+    return _spec(_matmul_kernel, types, ones[product], matmul_config(dtype), arch)
+
+
 def ppo_epilogue_spec(dtype: torch.dtype, arch: int, *, dual_clip: bool, kl_estimator: str | None,
                       with_entropy: bool) -> CompileSpec:
     """`dtype` is that of the partials and per-token inputs: fp32 whatever the lm_head's dtype."""
@@ -90,6 +117,11 @@ VARIANTS = {
                                               grad_hidden=True, grad_weight=True, grad_bias=True)),
     "logprobs_backward[frozen_weight]": Variant(partial(logprobs_backward_spec, has_bias=False, entropy_grad=False,
                                                         grad_hidden=True, grad_weight=False, grad_bias=False)),
+    "logit_grad[bias,entropy]": Variant(partial(logit_grad_spec, has_bias=True, entropy_grad=True)),
+    "logit_grad[plain]": Variant(partial(logit_grad_spec, has_bias=False, entropy_grad=False)),
+    "matmul[d_hidden]": Variant(partial(matmul_spec, product="d_hidden")),
+    "matmul[d_weight]": Variant(partial(matmul_spec, product="d_weight")),
+    "matmul[d_bias]": Variant(partial(matmul_spec, product="d_bias"), (torch.float32, torch.bfloat16)),
     "ppo_epilogue[dual_clip,k3,entropy]": Variant(partial(ppo_epilogue_spec, dual_clip=True, kl_estimator="k3",
                                                           with_entropy=True), (torch.float32,), tensor_cores=False),
     "ppo_epilogue[plain]": Variant(partial(ppo_epilogue_spec, dual_clip=False, kl_estimator=None,
@@ -116,3 +148,20 @@ def test_compiles_without_spills_and_on_tensor_cores(compiled, name, dtype, arch
     if VARIANTS[name].tensor_cores:
         assert r.count(*TENSOR_CORE_OPS[arch]) > 0, \
             f"no tensor-core instruction {TENSOR_CORE_OPS[arch]} in SASS: {usage}"
+
+
+DETERMINISTIC = ("lse_forward", "logit_grad", "matmul", "ppo_epilogue")
+"""Kernel families the deterministic mode runs: the fixed-split forward, the PPO epilogue and the atomic-free
+backward (its logit-gradient tiles and owned-tile matmuls)."""
+DETERMINISTIC_CASES = [case for case in CASES if case[0].split("[")[0] in DETERMINISTIC]
+
+
+@pytest.mark.parametrize("name,dtype,arch", DETERMINISTIC_CASES,
+                         ids=[f"{n}-{DTYPES[d]}-sm{a}" for n, d, a in DETERMINISTIC_CASES])
+def test_deterministic_kernels_hold_no_atomics(compiled, name, dtype, arch):
+    assert compiled[(name, dtype, arch)].ptx_atomics == 0, f"{name} {DTYPES[dtype]} sm_{arch}: atom/red in PTX"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_atomics_check_sees_the_atomic_backward(compiled, arch):
+    assert compiled[("logprobs_backward[all]", torch.bfloat16, arch)].ptx_atomics > 0
