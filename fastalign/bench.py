@@ -1055,8 +1055,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"H, hidden size of the model (default {ISSUE_PROBLEM.hidden_size})")
     parser.add_argument("--vocab", type=int, default=None,
                         help=f"V, vocabulary size (default {ISSUE_PROBLEM.vocab_size})")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                        help="dtype of hidden states and weight (the targets are set for float32)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="dtype of hidden states and weight (default float32, the targets are set for it; "
+                             "bfloat16 with --gpu-model)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where to run: cpu or cuda (default: cuda when available)")
     parser.add_argument("--bias", action="store_true", help="give the lm_head a bias (logprobs only)")
@@ -1066,6 +1067,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"tiny sizes that run in seconds (N={QUICK_PROBLEM.tokens}, H={QUICK_PROBLEM.hidden_size},"
                              f" V={QUICK_PROBLEM.vocab_size}); explicit --tokens/--hidden/--vocab still win")
+    parser.add_argument("--gpu-model", action="store_true",
+                        help="print the GPU cost model of the triton kernels instead of running anything: per launch "
+                             "FLOPs, bytes, atomics and the H100 roofline time, ESTIMATES (default sizes N=32768, "
+                             "H=4096, V=128256, bfloat16; --tokens/--hidden/--vocab/--dtype override)")
 
 
 def problem_from_arguments(args: argparse.Namespace, op: str | None = None) -> Problem:
@@ -1074,7 +1079,8 @@ def problem_from_arguments(args: argparse.Namespace, op: str | None = None) -> P
     op = args.op if op is None else op
     base = QUICK_PROBLEM if args.quick else REGISTRY[op].issue_problem if op in REGISTRY else ISSUE_PROBLEM
     return Problem(tokens=args.tokens or base.tokens, hidden_size=args.hidden or base.hidden_size,
-                   vocab_size=args.vocab or base.vocab_size, dtype=args.dtype, device=args.device, bias=args.bias)
+                   vocab_size=args.vocab or base.vocab_size, dtype=args.dtype or "float32", device=args.device,
+                   bias=args.bias)
 
 
 def problem_arguments(problem: Problem) -> list[str]:
@@ -1086,6 +1092,13 @@ def problem_arguments(problem: Problem) -> list[str]:
 def run_from_arguments(args: argparse.Namespace) -> dict:
     """Run the benchmark(s) the options describe, print the Markdown tables, write the JSON if asked; the results
     (with ``--op all``: ``{"ops": {op: results}}``, each op's as for a single op)."""
+    if args.gpu_model:
+        from . import gpu_model
+
+        problem = gpu_model.Problem(args.tokens or 32768, args.hidden or 4096, args.vocab or 128256,
+                                    getattr(torch, args.dtype or "bfloat16"))
+        print(gpu_model.render(problem), flush=True)
+        return {}
     ops = ALL_OPS if args.op == "all" else (args.op,)
     everything = {}
     for op in ops:

@@ -45,7 +45,7 @@ def fused_linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias:
             row's log-prob and entropy are bitwise the same whatever the other rows, the batch size, the chunk size
             or the memory budget, and the gradients repeat bit for bit. None (default): on when
             ``torch.are_deterministic_algorithms_enabled()`` or ``$FASTALIGN_DETERMINISTIC=1``. On triton: a fixed
-            vocabulary split merged in order and the atomic-free backward (a logit-gradient workspace of <= 1 GiB).
+            vocabulary split merged in order and the atomic-free backward (a logit-gradient workspace of about 512 MiB).
         check_finite: raise on NaN/inf in ``hidden``, ``weight`` or ``bias`` (one cheap pass over each).
         process_group: vocab-parallel (tensor-parallel) lm_head: a ``torch.distributed.ProcessGroup`` over which
             the vocabulary is split. ``weight`` is then this rank's contiguous shard ``[V_r, H]`` (rows

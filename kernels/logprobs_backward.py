@@ -61,8 +61,9 @@ def logprobs_backward_config(dtype: torch.dtype, interpret: bool = False) -> Log
     return LogprobsBackwardConfig(128, 64, 32, 8, precision, num_warps=8, num_stages=3)
 
 
-WORKSPACE_BYTES = 1 << 30
-"""Default budget of the atomic-free backward's logit-gradient workspace (1 GiB: 4096 rows at V = 128256, bf16)."""
+WORKSPACE_BYTES = 512 << 20
+"""Default budget of the atomic-free backward's logit-gradient workspace (512 MiB: 2048 rows at V = 128256 in bf16,
+whose [2048, 4096] hidden rows then stay in L2 while the vocabulary streams by; `fastalign.gpu_model`)."""
 
 
 def logit_grad_config(dtype: torch.dtype, interpret: bool = False) -> LseForwardConfig:

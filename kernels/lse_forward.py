@@ -188,24 +188,18 @@ DETERMINISTIC_SPLIT_COLUMNS = 4096
 row's statistics do not depend on its batch (32 splits at V = 128256)."""
 
 
-def _tiles_per_split(n_row_blocks: int, n_vocab_tiles: int, block_v: int, device: torch.device,
-                     deterministic: bool) -> int:
-    """Vocab tiles per split: fixed (`DETERMINISTIC_SPLIT_COLUMNS`) when `deterministic`, else sized to fill the
-    GPU (`_num_vocab_splits`)."""
+def tiles_per_split(n_row_blocks: int, n_vocab_tiles: int, block_v: int, sms: int | None, *,
+                    deterministic: bool) -> int:
+    """Vocab tiles per split of one launch. Deterministic: a fixed `DETERMINISTIC_SPLIT_COLUMNS` columns (64
+    under the interpreter) whatever N. Else sized so that small N still fills the GPU: about two programs per SM
+    (`sms` streaming multiprocessors; None: 4 programs, the interpreter's, to exercise the merge), every split
+    non-empty."""
     if deterministic:
         columns = 64 if _interpreting() else DETERMINISTIC_SPLIT_COLUMNS
         return max(1, columns // block_v)
-    return triton.cdiv(n_vocab_tiles, _num_vocab_splits(n_row_blocks, n_vocab_tiles, device))
-
-
-def _num_vocab_splits(n_row_blocks: int, n_vocab_tiles: int, device: torch.device) -> int:
-    """How many runs of vocab tiles to split each token block into, so that small N still fills the GPU.
-
-    Aims at about two programs per SM (4 under the interpreter, to exercise the merge); every split is non-empty.
-    """
-    wanted = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    wanted = 4 if sms is None else 2 * sms
     splits = min(n_vocab_tiles, max(1, math.ceil(wanted / n_row_blocks)))
-    return math.ceil(n_vocab_tiles / math.ceil(n_vocab_tiles / splits))
+    return math.ceil(n_vocab_tiles / splits)
 
 
 class LsePartials(NamedTuple):
@@ -244,9 +238,9 @@ def lse_forward_partials(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
 
     n_row_blocks = triton.cdiv(n, cfg.BLOCK_N)
     n_vocab_tiles = triton.cdiv(v, cfg.BLOCK_V)
-    tiles_per_split = _tiles_per_split(max(n_row_blocks, 1), n_vocab_tiles, cfg.BLOCK_V, hidden.device,
-                                       deterministic)
-    splits = triton.cdiv(n_vocab_tiles, tiles_per_split)
+    sms = torch.cuda.get_device_properties(hidden.device).multi_processor_count if hidden.is_cuda else None
+    per_split = tiles_per_split(max(n_row_blocks, 1), n_vocab_tiles, cfg.BLOCK_V, sms, deterministic=deterministic)
+    splits = triton.cdiv(n_vocab_tiles, per_split)
 
     def buffer(wanted: bool = True, dtype: torch.dtype = torch.float32) -> Tensor | None:
         return torch.empty(splits, n, device=hidden.device, dtype=dtype) if wanted else None
@@ -258,7 +252,7 @@ def lse_forward_partials(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
         _lse_forward_kernel[(n_row_blocks, splits)](
             hidden, weight, bias if bias is not None else hidden, targets,
             *(unused if p is None else p for p in partials),
-            n, v, h, tiles_per_split, vocab_start, ignore_index, float(inv_temperature),
+            n, v, h, per_split, vocab_start, ignore_index, float(inv_temperature),
             HAS_BIAS=bias is not None, WITH_ENTROPY=spec.entropy, WITH_LSE2=spec.lse2,
             WITH_LOGIT_SUM=spec.logit_sum, WITH_ARGMAX=spec.argmax,
             **cfg.constexprs(), **cfg.launch_options(),

@@ -18,13 +18,14 @@ class MatmulConfig:
     BLOCK_M: int
     BLOCK_P: int
     BLOCK_K: int
+    GROUP_M: int
     DOT_PRECISION: str
     num_warps: int
     num_stages: int
 
     def constexprs(self) -> dict:
         return {"BLOCK_M": self.BLOCK_M, "BLOCK_P": self.BLOCK_P, "BLOCK_K": self.BLOCK_K,
-                "DOT_PRECISION": self.DOT_PRECISION}
+                "GROUP_M": self.GROUP_M, "DOT_PRECISION": self.DOT_PRECISION}
 
     def launch_options(self) -> dict:
         return {"num_warps": self.num_warps, "num_stages": self.num_stages, "enable_fp_fusion": True}
@@ -37,10 +38,10 @@ def matmul_config(dtype: torch.dtype, interpret: bool = False) -> MatmulConfig:
     product; a 128x128 16-bit tile reaches 255 and spills there (its fp32 C tile is loaded, added and stored)."""
     precision = "tf32x3" if dtype == torch.float32 else "tf32"  # the precision only matters for fp32 operands
     if interpret:
-        return MatmulConfig(16, 16, 16, precision, num_warps=1, num_stages=1)
+        return MatmulConfig(16, 16, 16, 2, precision, num_warps=1, num_stages=1)
     if dtype == torch.float32:
-        return MatmulConfig(64, 64, 16, precision, num_warps=4, num_stages=3)
-    return MatmulConfig(128, 64, 32, precision, num_warps=8, num_stages=3)
+        return MatmulConfig(64, 64, 16, 8, precision, num_warps=4, num_stages=3)
+    return MatmulConfig(128, 64, 32, 8, precision, num_warps=8, num_stages=3)
 
 
 @triton.jit
@@ -48,11 +49,17 @@ def _matmul_kernel(
     a_ptr, b_ptr, c_ptr,  # A [M, K], B [K, P] (any strides, one dtype), C fp32 [M, P] (unit column stride)
     M, P, K, stride_am, stride_ak, stride_bk, stride_bp, stride_cm,
     ACCUMULATE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    """Program (i, j): C[i*BLOCK_M.., j*BLOCK_P..] = (C +) sum over K tiles, in order, of A tile @ B tile."""
-    m0 = tl.program_id(0) * BLOCK_M
-    p0 = tl.program_id(1) * BLOCK_P
+    """Program p: C tile (i, j) = (C +) sum over K tiles, in order, of A tile @ B tile."""
+    # 1-D grid; consecutive programs walk GROUP_M row blocks across all column blocks, so the A rows they share stay
+    # in L2 (with the rows fastest, a [V, H] product would fetch A once per column block).
+    pid = tl.program_id(0)
+    num_p = tl.cdiv(P, BLOCK_P)
+    i, j = tl.swizzle2d(pid // num_p, pid % num_p, tl.cdiv(M, BLOCK_M), num_p, GROUP_M)
+    m0 = i * BLOCK_M
+    p0 = j * BLOCK_P
     rm = tl.arange(0, BLOCK_M)
     rp = tl.arange(0, BLOCK_P)
     ks = tl.arange(0, BLOCK_K)
@@ -80,11 +87,11 @@ def _matmul_kernel(
 def matmul_into(out: Tensor, a: Tensor, b: Tensor, *, accumulate: bool, interpret: bool = False) -> None:
     """out (+)= a @ b for a [M, K], b [K, P] of one dtype (any strides), out fp32 [M, P] with unit column stride.
 
-    Writes: program (i, j) of grid (cdiv(M, BLOCK_M), cdiv(P, BLOCK_P)) alone writes out's tile (i, j), once,
+    Writes: each program of the 1-D grid cdiv(M, BLOCK_M) * cdiv(P, BLOCK_P) alone writes one tile of out, once,
     after summing its K tiles in order (no atomics).
     """
     (m, k), p = a.shape, b.shape[1]
     cfg = matmul_config(a.dtype, interpret=interpret)
-    grid = (triton.cdiv(m, cfg.BLOCK_M), triton.cdiv(p, cfg.BLOCK_P))
+    grid = (triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(p, cfg.BLOCK_P),)
     _matmul_kernel[grid](a, b, out, m, p, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0),
                          ACCUMULATE=accumulate, **cfg.constexprs(), **cfg.launch_options())
