@@ -136,6 +136,12 @@ def test_against_reference(backend, options):
     assert 0.0 < float(out.metrics["policy/clipfrac"]) < 1.0  # the problem exercises both branches
 
 
+def test_deterministic_mode_against_reference(backend, monkeypatch):
+    """$FASTALIGN_DETERMINISTIC=1: on triton the fixed vocab split, the epilogue and the atomic-free backward."""
+    monkeypatch.setenv("FASTALIGN_DETERMINISTIC", "1")
+    run_both(backend, make_ppo_problem(), kl_coef=0.05, kl_estimator="k3", entropy_coef=0.01)
+
+
 def test_policy_only_without_value_head_or_reference(backend):
     out = run_both(backend, make_ppo_problem(value_head=False, ref=False, bias=False))
     assert "loss/value" not in out.metrics and out.values is None
