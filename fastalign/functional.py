@@ -13,10 +13,10 @@ from .objectives.preference import CPOOptions
 from .objectives.ppo import PPOLossConfig
 from .ops.cpo import fused_cpo_loss, fused_orpo_loss, merge_nll_targets
 from .ops.dpo import DPOConfig, DPOLossOutput, fused_dpo_loss, validate_preference_layout, validate_reference
-from .ops.grpo import GRPOLossOutput, fused_grpo_loss, validate_grpo_inputs, validate_sequence_layout
+from .ops.grpo import GRPOLossOutput, fused_grpo_loss, validate_grpo_inputs
 from .ops.kto import KTOLossOutput, fused_kto_loss, validate_kto_inputs
 from .ops.logprobs import linear_logprobs, prepare_linear
-from .ops.segments import packed_layout
+from .ops.segments import packed_layout, validate_sequence_layout
 from .ops.ppo import PPOLossOutput, ppo_loss, validate_value_head
 from .ops.torch_backend import compute_dtype
 from .ops.validation import validate_token_mask, validate_token_tensor
@@ -163,6 +163,7 @@ def fused_linear_dpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
                           reference_free: bool = False, bco_state: RunningMean | None = None,
                           vocab_metrics: bool = False, temperature: float = 1.0,
                           num_pairs: int | Tensor | None = None, num_chosen_tokens: int | Tensor | None = None,
+                          cu_seqlens: Tensor | None = None, position_ids: Tensor | None = None,
                           ignore_index: int = -100, backend: str = "auto", chunk_size: int | None = None,
                           deterministic: bool | None = None,
                           check_finite: bool = True, process_group=None,
@@ -212,6 +213,12 @@ def fused_linear_dpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
             parallel), an int or a one-element tensor: each loss type's mean is ``sum / num_pairs`` and the chosen
             NLL (``sft``, RPO) ``-sum(chosen token log-probs) / num_chosen_tokens``, so that the parts add up to the
             whole. Default this batch's B and its number of chosen completion tokens.
+        cu_seqlens, position_ids: a packed (padding-free) batch instead of a padded one (TRL's ``padding_free``):
+            ``hidden [N, H]`` (or ``[1, N, H]``), ``targets [N]`` (``ref_hidden`` like ``hidden``) of the K*B
+            sequences given by flash-attention's ``cu_seqlens`` (int ``[S + 1]`` offsets) or transformers'
+            ``position_ids`` (a sequence starts where the position is 0), in the padded layout's order: the B
+            chosen sequences, then the B rejected ones (K groups of B, best first). Precomputed reference log-probs
+            stay per sequence (``[B]``, ``[K, B]``). Same loss as the padded batch.
         deterministic: as in :func:`fused_linear_logprobs`.
         backend, chunk_size, check_finite, process_group, reduce_hidden_grad: as in :func:`fused_linear_logprobs`;
             a computed reference's ``ref_weight`` (``ref_bias``) is sharded like ``weight``.
@@ -231,7 +238,8 @@ def fused_linear_dpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
                          f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
                          discopop_tau=discopop_tau, ld_alpha=ld_alpha, use_weighting=use_weighting,
                          num_responses=num_responses)
-    validate_preference_layout(hidden, targets, options.num_responses)
+    sequences, layout = validate_preference_layout(hidden, targets, options.num_responses, cu_seqlens=cu_seqlens,
+                                                   position_ids=position_ids)
     inputs, opts = prepare_linear(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
                                   backend=backend, chunk_size=chunk_size, deterministic=deterministic,
                                   check_finite=check_finite,
@@ -242,17 +250,13 @@ def fused_linear_dpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
         raise TypeError(f"vocab_metrics: expected a bool, got {type(vocab_metrics).__name__}")
     if bco_state is not None and not isinstance(bco_state, RunningMean):
         raise TypeError(f"bco_state: expected a RunningMean or None, got {type(bco_state).__name__}")
-    groups = hidden.shape[0] // options.num_responses
-    if num_pairs is not None:
-        num_pairs = check_count("num_pairs", num_pairs, groups, "at least the pairs in this batch")
-    if num_chosen_tokens is not None:
-        num_chosen_tokens = check_count("num_chosen_tokens", num_chosen_tokens, 1, "a token count")
+    num_pairs, num_chosen_tokens = _pair_counts(sequences // options.num_responses, num_pairs, num_chosen_tokens)
     config = DPOConfig(options, bool(average_log_prob), num_pairs, num_chosen_tokens, bco_state, vocab_metrics)
-    reference = validate_reference(inputs, opts, options, ref_chosen_logps=ref_chosen_logps,
+    reference = validate_reference(inputs, opts, options, sequences, ref_chosen_logps=ref_chosen_logps,
                                    ref_rejected_logps=ref_rejected_logps, ref_logps=ref_logps,
                                    ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
                                    check_finite=check_finite)
-    return fused_dpo_loss(inputs, opts, config, reference)
+    return fused_dpo_loss(inputs, opts, config, reference, layout)
 
 
 def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tensor, *,
@@ -349,6 +353,7 @@ def fused_linear_kto_loss(hidden: Tensor, weight: Tensor, targets: Tensor, label
                           kl: Tensor | None, bias: Tensor | None = None, beta: float = 0.1,
                           desirable_weight: float = 1.0, undesirable_weight: float = 1.0, loss_type: str = "kto",
                           num_examples: int | Tensor | None = None, temperature: float = 1.0,
+                          cu_seqlens: Tensor | None = None, position_ids: Tensor | None = None,
                           ignore_index: int = -100, backend: str = "auto", chunk_size: int | None = None,
                           deterministic: bool | None = None,
                           check_finite: bool = True, process_group=None,
@@ -373,6 +378,8 @@ def fused_linear_kto_loss(hidden: Tensor, weight: Tensor, targets: Tensor, label
             ``apo_zero_unpaired``).
         num_examples: the completions of the whole accumulated batch (an int or one-element tensor): the loss is
             ``sum(losses) / num_examples``; default B (the mean).
+        cu_seqlens, position_ids: a packed batch of B completions (``hidden [N, H]`` or ``[1, N, H]``, ``targets
+            [N]``; ``labels`` and ``ref_logps`` stay ``[B]``), as in :func:`fused_linear_grpo_loss`.
         deterministic: as in :func:`fused_linear_logprobs`.
         temperature, ignore_index, backend, chunk_size, check_finite, process_group, reduce_hidden_grad: as in
             :func:`fused_linear_logprobs` (vocab-parallel: every other argument the same on every rank).
@@ -384,21 +391,26 @@ def fused_linear_kto_loss(hidden: Tensor, weight: Tensor, targets: Tensor, label
         (sides present only; ``fastalign.objectives.kto.kto_metric_means`` turns summed ones into TRL's logged
         means). All but ``loss`` detached, fp32 (float64 for float64 inputs).
     """
-    validate_sequence_layout(hidden, targets, False)
+    packed = cu_seqlens is not None or position_ids is not None
+    validate_sequence_layout(hidden, targets, packed)
     inputs, opts = prepare_linear(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
                                   backend=backend, chunk_size=chunk_size, deterministic=deterministic,
                                   check_finite=check_finite,
                                   process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
     options = KTOOptions(beta=beta, loss_type=loss_type, desirable_weight=desirable_weight,
                          undesirable_weight=undesirable_weight)
-    examples = validate_kto_inputs(targets, compute_dtype(inputs.hidden.dtype), options, labels=labels,
-                                   ref_logps=ref_logps, kl=kl, num_examples=num_examples, check_finite=check_finite)
-    return fused_kto_loss(inputs, opts, options, examples)
+    layout = packed_layout(inputs.targets.numel(), inputs.hidden.device, cu_seqlens=cu_seqlens,
+                           position_ids=position_ids)
+    examples = validate_kto_inputs(targets, targets.shape[0] if layout is None else layout.num_sequences,
+                                   compute_dtype(inputs.hidden.dtype), options, labels=labels, ref_logps=ref_logps,
+                                   kl=kl, num_examples=num_examples, check_finite=check_finite)
+    return fused_kto_loss(inputs, opts, options, examples, layout)
 
 
-def _pair_counts(hidden: Tensor, num_pairs, num_chosen_tokens):
+def _pair_counts(pairs: int, num_pairs, num_chosen_tokens):
+    """The normalizers over the accumulated batch, checked against this batch's ``pairs`` (prompts)."""
     if num_pairs is not None:
-        num_pairs = check_count("num_pairs", num_pairs, hidden.shape[0] // 2, "at least the pairs in this batch")
+        num_pairs = check_count("num_pairs", num_pairs, pairs, "at least the pairs in this batch")
     if num_chosen_tokens is not None:
         num_chosen_tokens = check_count("num_chosen_tokens", num_chosen_tokens, 1, "a token count")
     return num_pairs, num_chosen_tokens
@@ -408,6 +420,7 @@ def fused_linear_cpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
                           beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
                           simpo_gamma: float = 0.5, cpo_alpha: float = 1.0, alpha: float = 0.0,
                           num_pairs: int | Tensor | None = None, num_chosen_tokens: int | Tensor | None = None,
+                          cu_seqlens: Tensor | None = None, position_ids: Tensor | None = None,
                           temperature: float = 1.0, ignore_index: int = -100, backend: str = "auto",
                           chunk_size: int | None = None,
                           deterministic: bool | None = None, check_finite: bool = True, process_group=None,
@@ -428,6 +441,8 @@ def fused_linear_cpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
             with ``alpha != 0``). A response without tokens has log-prob 0 (its mean too).
         num_pairs, num_chosen_tokens: normalizers over the whole accumulated batch, as in
             :func:`fused_linear_dpo_loss`.
+        cu_seqlens, position_ids: a packed batch of the 2B sequences, chosen first, as in
+            :func:`fused_linear_dpo_loss`.
         deterministic: as in :func:`fused_linear_logprobs`.
         temperature, ignore_index, backend, chunk_size, check_finite, process_group, reduce_hidden_grad: as in
             :func:`fused_linear_logprobs`.
@@ -438,21 +453,23 @@ def fused_linear_cpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
         ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``,
         ``nll_loss`` (0 when ``cpo_alpha=0``); all but ``loss`` detached.
     """
-    validate_preference_layout(hidden, targets, 2)
+    sequences, layout = validate_preference_layout(hidden, targets, 2, cu_seqlens=cu_seqlens, position_ids=position_ids)
     options = CPOOptions(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma,
                          cpo_alpha=cpo_alpha, alpha=alpha)
     inputs, opts = prepare_linear(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
                                   backend=backend, chunk_size=chunk_size, deterministic=deterministic,
                                   check_finite=check_finite,
                                   process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
-    _, tokens = merge_nll_targets(targets, None, int(ignore_index))
-    num_pairs, num_chosen_tokens = _pair_counts(hidden, num_pairs, num_chosen_tokens)
-    return fused_cpo_loss(inputs, opts, options, tokens, num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens)
+    _, tokens = merge_nll_targets(targets, None, int(ignore_index), layout)
+    num_pairs, num_chosen_tokens = _pair_counts(sequences // 2, num_pairs, num_chosen_tokens)
+    return fused_cpo_loss(inputs, opts, options, tokens, num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens,
+                          layout=layout)
 
 
 def fused_linear_orpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,
                            beta: float = 0.1, nll_targets: Tensor | None = None,
                            num_pairs: int | Tensor | None = None, num_chosen_tokens: int | Tensor | None = None,
+                           cu_seqlens: Tensor | None = None, position_ids: Tensor | None = None,
                            temperature: float = 1.0, ignore_index: int = -100, backend: str = "auto",
                            chunk_size: int | None = None,
                            deterministic: bool | None = None, check_finite: bool = True, process_group=None,
@@ -469,6 +486,9 @@ def fused_linear_orpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, b
             the chosen response tokens only.
         num_pairs, num_chosen_tokens: normalizers over the whole accumulated batch (``num_chosen_tokens`` counts
             the NLL tokens), as in :func:`fused_linear_dpo_loss`.
+        cu_seqlens, position_ids: a packed batch of the 2B sequences, chosen first, as in
+            :func:`fused_linear_dpo_loss`; ``nll_targets`` then shaped like ``targets``, ``ignore_index`` on the
+            rejected sequences.
         deterministic: as in :func:`fused_linear_logprobs`.
         temperature, ignore_index, backend, chunk_size, check_finite, process_group, reduce_hidden_grad: as in
             :func:`fused_linear_logprobs`.
@@ -477,11 +497,12 @@ def fused_linear_orpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, b
         ``DPOLossOutput``: rewards ``beta * logps`` (means); ``metrics`` TRL's ``rewards/*``, ``logps/*``,
         ``nll_loss``, ``log_odds_ratio``, ``log_odds_chosen``; all but ``loss`` detached.
     """
-    validate_preference_layout(hidden, targets, 2)
-    merged, tokens = merge_nll_targets(targets, nll_targets, int(ignore_index))
+    sequences, layout = validate_preference_layout(hidden, targets, 2, cu_seqlens=cu_seqlens, position_ids=position_ids)
+    merged, tokens = merge_nll_targets(targets, nll_targets, int(ignore_index), layout)
     inputs, opts = prepare_linear(hidden, weight, merged, bias, temperature=temperature, ignore_index=ignore_index,
                                   backend=backend, chunk_size=chunk_size, deterministic=deterministic,
                                   check_finite=check_finite,
                                   process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
-    num_pairs, num_chosen_tokens = _pair_counts(hidden, num_pairs, num_chosen_tokens)
-    return fused_orpo_loss(inputs, opts, beta, tokens, num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens)
+    num_pairs, num_chosen_tokens = _pair_counts(sequences // 2, num_pairs, num_chosen_tokens)
+    return fused_orpo_loss(inputs, opts, beta, tokens, num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens,
+                           layout=layout)

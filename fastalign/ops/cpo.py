@@ -4,7 +4,8 @@ Layout as the DPO op: ``[2B, T]`` rows, the chosen responses of B pairs, then th
 tokens (the responses, plus the chosen sequences' NLL tokens) go through the shared engine
 (``fastalign.ops.engine``) pair by pair (the DPO op's ``PreferenceRows``), one pair per group: on the torch backend whole pairs per chunk (one pass,
 three matmuls) when the largest fits the memory budget, else two passes; triton makes two passes. The losses are
-those of ``fastalign.objectives.preference`` on the per-sequence sums (or means) and the chosen NLL.
+those of ``fastalign.objectives.preference`` on the per-sequence sums (or means) and the chosen NLL. Packed batches
+(``cu_seqlens`` / ``position_ids``, ``fastalign.ops.segments``) hold the 2B sequences in the same order.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from ..objectives.preference import CPOOptions, cpo_loss, orpo_loss, orpo_metric
 from .dpo import DPOLossOutput, PreferenceRows
 from .engine import fused_rows_loss
 from .linear import LinearOptions
+from .segments import PackedLayout
 from .torch_backend import compute_dtype
 from .validation import LinearInputs, require_shape, require_tensor
 
@@ -31,18 +33,30 @@ class PairTokens(NamedTuple):
     nll: Tensor
 
 
-def merge_nll_targets(targets: Tensor, nll_targets, ignore_index: int) -> tuple[Tensor, PairTokens]:
-    """``targets [2B, T]`` with the chosen rows' NLL targets filled in where the response has none, and the masks.
+def merge_nll_targets(targets: Tensor, nll_targets, ignore_index: int,
+                      layout: PackedLayout | None = None) -> tuple[Tensor, PairTokens]:
+    """``targets [2B, T]`` with the chosen rows' NLL targets filled in where the response has none, and the masks
+    (``[2B, T]`` and ``[B, T]``; of the padded layout for a packed batch, whose merged targets stay packed).
 
     nll_targets: ``[B, T]`` next-token ids of the chosen sequences for the NLL (e.g. prompt and response, as TRL's
-    ORPO), ``ignore_index`` elsewhere; it must agree with ``targets`` on the response tokens. None: the chosen
-    response tokens.
+    ORPO), ``ignore_index`` elsewhere; it must agree with ``targets`` on the response tokens. Packed: shaped like
+    ``targets``, ``ignore_index`` on the rejected sequences' rows. None: the chosen response tokens.
     """
-    targets = require_tensor("targets", targets)
+    given = targets = require_tensor("targets", targets)
+    if layout is not None:
+        targets = layout.to_padded(targets.reshape(-1), ignore_index)
+        if nll_targets is not None:
+            nll_targets = require_tensor("nll_targets", nll_targets)
+            require_shape("nll_targets", nll_targets, tuple(given.shape), "the shape of targets, packed")
+            nll_targets = layout.to_padded(nll_targets.reshape(-1), ignore_index)
+            if bool((nll_targets[nll_targets.shape[0] // 2:] != ignore_index).any()):
+                raise ValueError(f"nll_targets: expected ignore_index ({ignore_index}) on the rejected sequences' "
+                                 f"rows (the second half of the packed sequences), got token ids")
+            nll_targets = nll_targets[:nll_targets.shape[0] // 2]
     b = targets.shape[0] // 2
     response = targets != ignore_index
     if nll_targets is None:
-        return targets, PairTokens(response, response[:b])
+        return given, PairTokens(response, response[:b])
     nll_targets = require_tensor("nll_targets", nll_targets)
     require_shape("nll_targets", nll_targets, (b, targets.shape[1]), "[B, T]: the chosen sequences' NLL targets")
     if nll_targets.device != targets.device:
@@ -54,19 +68,20 @@ def merge_nll_targets(targets: Tensor, nll_targets, ignore_index: int) -> tuple[
         raise ValueError("nll_targets: expected the same ids as targets on the chosen response tokens, got others")
     merged = targets.clone()
     merged[:b] = torch.where(response[:b], targets[:b], nll_targets)
-    return merged, PairTokens(response, nll)
+    return merged if layout is None else layout.to_packed(merged).view(given.shape), PairTokens(response, nll)
 
 
 def fused_pair_loss(inputs: LinearInputs, opts: LinearOptions, tokens: PairTokens,
-                    loss_of: Callable[[Tensor, Tensor, Tensor], DPOResult], average_log_prob: bool
-                    ) -> tuple[Tensor, DPOResult, Tensor]:
+                    loss_of: Callable[[Tensor, Tensor, Tensor], DPOResult], average_log_prob: bool,
+                    layout: PackedLayout | None) -> tuple[Tensor, DPOResult, Tensor]:
     """A pair loss through the engine: ``loss_of(chosen_logps [B], rejected_logps [B], chosen_nll_sums [B])`` on
     the per-sequence response sums (means with ``average_log_prob``) and the chosen NLL tokens' log-prob sums.
     ``inputs.targets`` hold the response targets and the chosen rows' NLL targets (``merge_nll_targets``). Returns
-    the engine's loss, the (detached) result and the per-sequence log-probs ``[2, B]``."""
+    the engine's loss, the (detached) result and the per-sequence log-probs ``[2, B]``. Packed: N rows with
+    their ``layout``."""
     dtype = compute_dtype(inputs.hidden.dtype)
     b = tokens.response.shape[0] // 2
-    rows = PreferenceRows.of(inputs.targets.view(inputs.lead_shape), opts.ignore_index, 2)  # one group a pair
+    rows = PreferenceRows.of(inputs.targets.view(inputs.lead_shape), opts.ignore_index, 2, layout)  # group: a pair
     response, nll = tokens.response.to(dtype), tokens.nll.to(dtype)
     counts = tokens.response.sum(1).to(dtype)
 
@@ -76,7 +91,7 @@ def fused_pair_loss(inputs: LinearInputs, opts: LinearOptions, tokens: PairToken
         logps = (sums / counts.clamp(min=1) if average_log_prob else sums).view(2, b)
         return loss_of(logps[0], logps[1], (batch[:b] * nll).sum(-1)), logps
 
-    out = fused_rows_loss(inputs, opts, lambda values: result_of(values.logprobs)[0].loss, rows=rows.index,
+    out = fused_rows_loss(inputs, opts, lambda values: result_of(values.logprobs)[0].loss, rows=rows.rows,
                           coupling=rows.group_rows)
     with torch.no_grad():
         result, logps = result_of(out.logprobs)
@@ -90,27 +105,29 @@ def nll_of(sums: Tensor, counts: Tensor, num_chosen_tokens) -> Tensor:
 
 
 def fused_cpo_loss(inputs: LinearInputs, opts: LinearOptions, options: CPOOptions, tokens: PairTokens, *,
-                   num_pairs, num_chosen_tokens) -> DPOLossOutput:
-    """The fused CPO / SimPO / AlphaPO loss on validated inputs (``inputs.lead_shape == (2B, T)``)."""
+                   num_pairs, num_chosen_tokens, layout: PackedLayout | None = None) -> DPOLossOutput:
+    """The fused CPO / SimPO / AlphaPO loss on validated inputs (``inputs.lead_shape == (2B, T)``, or N packed rows
+    with their ``layout``)."""
     counts = tokens.nll.sum(1).to(compute_dtype(inputs.hidden.dtype))
 
     def loss_of(chosen: Tensor, rejected: Tensor, nll_sums: Tensor) -> DPOResult:
         nll = None if options.cpo_alpha == 0 else nll_of(nll_sums, counts, num_chosen_tokens)
         return cpo_loss(chosen, rejected, options, chosen_nll=nll, num_pairs=num_pairs)
 
-    loss, result, logps = fused_pair_loss(inputs, opts, tokens, loss_of, options.average_log_prob)
+    loss, result, logps = fused_pair_loss(inputs, opts, tokens, loss_of, options.average_log_prob, layout)
     return pair_output(loss, result, logps, dpo_metrics(result, logps))
 
 
 def fused_orpo_loss(inputs: LinearInputs, opts: LinearOptions, beta: float, tokens: PairTokens, *, num_pairs,
-                    num_chosen_tokens) -> DPOLossOutput:
-    """The fused ORPO loss on validated inputs (``inputs.lead_shape == (2B, T)``): per-token means, the NLL."""
+                    num_chosen_tokens, layout: PackedLayout | None = None) -> DPOLossOutput:
+    """The fused ORPO loss on validated inputs (``inputs.lead_shape == (2B, T)``, or N packed rows with their
+    ``layout``): per-token means, the NLL."""
     counts = tokens.nll.sum(1).to(compute_dtype(inputs.hidden.dtype))
 
     def loss_of(chosen: Tensor, rejected: Tensor, nll_sums: Tensor) -> DPOResult:
         return orpo_loss(chosen, rejected, nll_of(nll_sums, counts, num_chosen_tokens), beta, num_pairs=num_pairs)
 
-    loss, result, logps = fused_pair_loss(inputs, opts, tokens, loss_of, True)
+    loss, result, logps = fused_pair_loss(inputs, opts, tokens, loss_of, True, layout)
     return pair_output(loss, result, logps, orpo_metrics(result, logps[0], logps[1]))
 
 

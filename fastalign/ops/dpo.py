@@ -8,6 +8,10 @@ backend makes one pass of whole groups (three matmuls) where a group fits the me
 losses that couple the whole batch (``aot`` and ``aot_unpaired`` sort it, ``bco_pair``'s running mean averages it)
 and WPO-weighted ``sft`` take two passes. A reference model's log-probs are computed forward only, on the same
 rows.
+
+Packed (padding-free) batches (``fastalign.ops.segments``): ``hidden [N, H]`` and ``targets [N]`` hold the K*B
+sequences in the same order (the chosen ones, then the rejected ones: TRL's concatenated order), described by
+``cu_seqlens`` or ``position_ids``; only the per-token log-probs are placed into the padded ``[K*B, L]`` layout.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from ..objectives.dpo import (VOCABULARY_METRICS, DPOOptions, DPOResult, Running
                               sequence_logps, vocabulary_metrics)
 from .engine import Coupling, RowValues, fused_rows_loss
 from .linear import LinearOptions
+from .segments import PackedLayout, packed_layout, validate_sequence_layout
 from .torch_backend import RowStats, RowStatsSpec, compute_dtype
 from .validation import FLOAT_DTYPES, LinearInputs, require_finite, require_same_device, require_shape, require_tensor
 
@@ -51,21 +56,27 @@ class DPOConfig:
 
 
 class PreferenceRows(NamedTuple):
-    """The completion tokens of a ``[K*B, T]`` batch, gathered prompt by prompt (its K responses in rank order)."""
+    """The completion tokens of a ``[K*B, T]`` batch (a packed batch's padded layout), gathered prompt by prompt (its
+    K responses in rank order)."""
 
-    index: Tensor  # [M] flat row (in [0, K*B*T)) of each completion token
+    index: Tensor  # [M] flat position (in [0, K*B*T)) of each completion token
     mask: Tensor  # [K*B, T] bool completion mask
     group_rows: list[int]  # completion tokens per prompt, in gathered order
+    rows: Tensor  # [M] the row of hidden of each (``index``, or its packed row)
 
     @classmethod
-    def of(cls, targets: Tensor, ignore_index: int, num_responses: int) -> PreferenceRows:
+    def of(cls, targets: Tensor, ignore_index: int, num_responses: int,
+           layout: PackedLayout | None = None) -> PreferenceRows:
+        """``targets [K*B, T]``, or packed ``[N]`` (any shape of N elements) with its ``layout``."""
+        if layout is not None:
+            targets = layout.to_padded(targets.reshape(-1), ignore_index)
         rows, length = targets.shape
         mask = targets != ignore_index
         order = torch.arange(rows * length, device=targets.device).view(num_responses, rows // num_responses, length)
         order = order.transpose(0, 1).reshape(-1)  # prompt by prompt, then response, then position
         index = order[mask.reshape(-1)[order]]
         group_rows = mask.sum(dim=1).view(num_responses, -1).sum(dim=0).tolist()
-        return cls(index, mask, group_rows)
+        return cls(index, mask, group_rows, index if layout is None else layout.packed_rows(index))
 
     def as_batch(self, values: Tensor) -> Tensor:
         """``[M]`` gathered values as ``[K*B, T]`` (0 off the completion mask), differentiably."""
@@ -87,18 +98,20 @@ class DPOLossOutput(NamedTuple):
 
 
 def fused_dpo_loss(inputs: LinearInputs, opts: LinearOptions, config: DPOConfig,
-                   reference: LinearInputs | Tensor | None) -> DPOLossOutput:
-    """The fused DPO loss on validated inputs (``inputs.lead_shape == (K*B, T)``).
+                   reference: LinearInputs | Tensor | None, layout: PackedLayout | None = None) -> DPOLossOutput:
+    """The fused DPO loss on validated inputs: ``inputs.lead_shape == (K*B, T)``, or N packed rows with their
+    ``layout`` of K*B sequences.
 
     reference: the reference lm_head problem (computed here, forward only), precomputed reference log-probs
     ``[K, B]`` (as the policy's: sums, or means with ``average_log_prob``), or None (reference-free).
     """
     options = config.options
     dtype = compute_dtype(inputs.hidden.dtype)
-    rows = PreferenceRows.of(inputs.targets.view(inputs.lead_shape), opts.ignore_index, options.num_responses)
+    rows = PreferenceRows.of(inputs.targets.view(inputs.lead_shape), opts.ignore_index, options.num_responses,
+                             layout)
     if isinstance(reference, LinearInputs):
         with torch.no_grad():
-            ref_tokens = fused_rows_loss(reference, opts, lambda values: values.logprobs.sum(), rows=rows.index,
+            ref_tokens = fused_rows_loss(reference, opts, lambda values: values.logprobs.sum(), rows=rows.rows,
                                          coupling=None).logprobs
             reference = sequence_logps(rows.as_batch(ref_tokens), rows.mask, options,
                                        average_log_prob=config.average_log_prob)
@@ -119,14 +132,14 @@ def fused_dpo_loss(inputs: LinearInputs, opts: LinearOptions, config: DPOConfig,
     coupling: Coupling = None if config.batch_coupled else rows.group_rows
     spec = RowStatsSpec(entropy=config.vocab_metrics, lse2=options.use_weighting, logit_sum=config.vocab_metrics,
                         argmax=config.vocab_metrics)
-    out = fused_rows_loss(inputs, opts, loss_fn, rows=rows.index, coupling=coupling, spec=spec)
+    out = fused_rows_loss(inputs, opts, loss_fn, rows=rows.rows, coupling=coupling, spec=spec)
     with torch.no_grad():
         result, logps = loss_of(out.logprobs, out.stats)
         metrics = dpo_metrics(result, logps)
         if config.vocab_metrics and out.stats is not None:
             vocab = inputs.weight.shape[0] if opts.shard is None else opts.shard.vocab_size
             rank = torch.div(rows.index, rows.mask.numel() // options.num_responses, rounding_mode="floor")
-            correct = out.stats.argmax == inputs.targets[rows.index]
+            correct = out.stats.argmax == inputs.targets[rows.rows]
             # TRL's logits/* are of the untempered logits: the tempered sum times the temperature
             metrics.update(vocabulary_metrics(out.stats.logit_sum * (opts.temperature / vocab), out.entropy,
                                               correct, rank, options.num_responses))
@@ -136,11 +149,22 @@ def fused_dpo_loss(inputs: LinearInputs, opts: LinearOptions, config: DPOConfig,
                          result.rewards, logps, result.bco_state)
 
 
-def validate_preference_layout(hidden, targets, num_responses: int) -> None:
-    """``hidden [K*B, T, H]`` and ``targets [K*B, T]``: K groups of B sequences of T tokens, best first."""
-    hidden = require_tensor("hidden", hidden, dtypes=FLOAT_DTYPES)
+def validate_preference_layout(hidden, targets, num_responses: int, *, cu_seqlens=None,
+                               position_ids=None) -> tuple[int, PackedLayout | None]:
+    """``hidden [K*B, T, H]`` and ``targets [K*B, T]``: K groups of B sequences of T tokens, best first; or packed,
+    ``hidden [N, H]`` (``[1, N, H]``) and ``targets [N]`` (``[1, N]``) of the K*B sequences of ``cu_seqlens`` or
+    ``position_ids`` in the same order. Returns the number of sequences K*B and the packed layout (or None)."""
     layout = "B chosen then B rejected sequences" if num_responses == 2 else \
         f"{num_responses} groups of B sequences, best first"
+    if cu_seqlens is not None or position_ids is not None:
+        validate_sequence_layout(hidden, targets, packed=True)
+        packed = packed_layout(targets.numel(), hidden.device, cu_seqlens=cu_seqlens, position_ids=position_ids)
+        if packed.num_sequences % num_responses:
+            name = "cu_seqlens" if cu_seqlens is not None else "position_ids"
+            raise ValueError(f"{name}: expected a multiple {num_responses}B of packed sequences ({layout}), got "
+                             f"{packed.num_sequences}")
+        return packed.num_sequences, packed
+    hidden = require_tensor("hidden", hidden, dtypes=FLOAT_DTYPES)
     if hidden.dim() != 3:
         raise ValueError(f"hidden: expected shape [{num_responses}B, T, H] ({layout}), got {tuple(hidden.shape)}")
     rows, length = hidden.shape[:2]
@@ -149,12 +173,14 @@ def validate_preference_layout(hidden, targets, num_responses: int) -> None:
                          f"of T >= 1 tokens, got shape {tuple(hidden.shape)}")
     require_shape("targets", require_tensor("targets", targets), (rows, length),
                   f"[{num_responses}B, T], the leading dimensions of hidden {tuple(hidden.shape)}")
+    return rows, None
 
 
-def validate_reference(inputs: LinearInputs, opts: LinearOptions, options: DPOOptions, *, ref_chosen_logps,
-                       ref_rejected_logps, ref_logps, ref_hidden, ref_weight, ref_bias,
+def validate_reference(inputs: LinearInputs, opts: LinearOptions, options: DPOOptions, num_sequences: int, *,
+                       ref_chosen_logps, ref_rejected_logps, ref_logps, ref_hidden, ref_weight, ref_bias,
                        check_finite: bool) -> LinearInputs | Tensor | None:
-    """The reference of the DPO op: precomputed log-probs ``[K, B]``, a reference lm_head problem, or None."""
+    """The reference of the DPO op on ``num_sequences`` K*B sequences: precomputed log-probs ``[K, B]``, a
+    reference lm_head problem (``ref_hidden`` shaped like ``hidden``, padded or packed), or None."""
     precomputed = {"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps,
                    "ref_logps": ref_logps}
     computed = {"ref_hidden": ref_hidden, "ref_weight": ref_weight, "ref_bias": ref_bias}
@@ -172,7 +198,7 @@ def validate_reference(inputs: LinearInputs, opts: LinearOptions, options: DPOOp
         raise ValueError(f"ref_hidden: expected either precomputed reference log-probs or "
                          f"ref_hidden/ref_weight(/ref_bias), not both; got {', '.join(given)}")
     k = options.num_responses
-    b = inputs.lead_shape[0] // k
+    b = num_sequences // k
     if given[0] in precomputed:
         return _precomputed_reference(inputs, k, b, ref_chosen_logps, ref_rejected_logps, ref_logps, check_finite)
     for name in ("ref_hidden", "ref_weight"):
@@ -212,7 +238,7 @@ def _precomputed_reference(inputs: LinearInputs, k: int, b: int, ref_chosen_logp
         if k != 2:
             raise ValueError(f"ref_logps: expected the reference log-probs [K, B] with num_responses={k} "
                              f"(ref_chosen_logps/ref_rejected_logps are for pairs), got None")
-        values = {name: (value, (b,), "one log-prob per pair, B = hidden.shape[0] // 2")
+        values = {name: (value, (b,), "one log-prob per pair, B = the sequences // 2")
                   for name, value in pair.items()}
     for name, (value, shape, meaning) in values.items():
         if value is None:

@@ -131,12 +131,7 @@ def fused_grpo_loss(inputs: LinearInputs, opts: LinearOptions, config: GRPOLossC
     shape = tokens.mask.shape  # [S, T]
     dtype = compute_dtype(inputs.hidden.dtype)
     positions = tokens.mask.reshape(-1).nonzero().squeeze(1)  # completion tokens in [S, T], sequence by sequence
-    if layout is None:
-        rows = positions
-    else:  # their packed rows
-        packed_row = torch.full((shape.numel(),), -1, dtype=torch.long, device=positions.device)
-        packed_row[layout.index] = torch.arange(layout.index.numel(), device=positions.device)
-        rows = packed_row[positions]
+    rows = positions if layout is None else layout.packed_rows(positions)  # their rows of hidden
     if config.coupling == "sequence":  # whole sequences per chunk
         groups = tokens.mask.sum(-1).tolist()
     else:
@@ -167,21 +162,3 @@ def fused_grpo_loss(inputs: LinearInputs, opts: LinearOptions, config: GRPOLossC
     if layout is not None:
         logprobs, entropy = layout.to_packed(logprobs), layout.to_packed(entropy)
     return GRPOLossOutput(out.loss, metrics, logprobs.view(inputs.lead_shape), entropy.view(inputs.lead_shape))
-
-
-def validate_sequence_layout(hidden, targets, packed: bool) -> None:
-    """``hidden [B, T, H]`` and ``targets [B, T]``: B sequences of T tokens; packed, ``hidden [N, H]`` (or
-    ``[1, N, H]``) and ``targets [N]`` (``[1, N]``)."""
-    hidden = require_tensor("hidden", hidden, dtypes=FLOAT_DTYPES)
-    if packed:
-        if not (hidden.dim() == 2 or hidden.dim() == 3 and hidden.shape[0] == 1) or hidden.shape[-2] == 0:
-            raise ValueError(f"hidden: expected shape [N, H] or [1, N, H] with N >= 1 (a packed batch, with "
-                             f"cu_seqlens or position_ids), got {tuple(hidden.shape)}")
-        require_shape("targets", require_tensor("targets", targets), tuple(hidden.shape[:-1]),
-                      f"the leading dimensions of hidden {tuple(hidden.shape)}")
-        return
-    if hidden.dim() != 3 or hidden.shape[0] == 0 or hidden.shape[1] == 0:
-        raise ValueError(f"hidden: expected shape [B, T, H] with B, T >= 1 (B completions of T tokens), "
-                         f"got {tuple(hidden.shape)}")
-    require_shape("targets", require_tensor("targets", targets), tuple(hidden.shape[:2]),
-                  f"[B, T], the leading dimensions of hidden {tuple(hidden.shape)}")

@@ -2,7 +2,8 @@
 (``fastalign.ops.engine``, one sequence per group), the loss of ``fastalign.objectives.kto`` on those sums.
 
 Only completion tokens (``targets != ignore_index``) get logits. On the torch backend whole sequences go per chunk
-(one pass, three matmuls) when the longest fits the memory budget, else two passes; triton makes two passes.
+(one pass, three matmuls) when the longest fits the memory budget, else two passes; triton makes two passes. Packed batches (``cu_seqlens`` /
+``position_ids``, ``fastalign.ops.segments``): one completion per packed sequence.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from ..objectives.kto import KTOOptions, kto_loss, kto_metrics
 from .dpo import PreferenceRows
 from .engine import fused_rows_loss
 from .linear import LinearOptions
+from .segments import PackedLayout
 from .validation import FLOAT_DTYPES, LinearInputs, require_finite, require_same_device, require_shape, require_tensor
 
 
@@ -37,10 +39,10 @@ class KTOInputs(NamedTuple):
     num_examples: int | Tensor | None
 
 
-def validate_kto_inputs(targets: Tensor, dtype: torch.dtype, options: KTOOptions, *, labels, ref_logps, kl,
-                        num_examples, check_finite: bool) -> KTOInputs:
-    """Check the KTO op's per-completion arguments against ``targets [B, T]``."""
-    b = targets.shape[0]
+def validate_kto_inputs(targets: Tensor, num_sequences: int, dtype: torch.dtype, options: KTOOptions, *, labels,
+                        ref_logps, kl, num_examples, check_finite: bool) -> KTOInputs:
+    """Check the KTO op's per-completion arguments against the ``num_sequences`` B completions of ``targets``."""
+    b = num_sequences
     labels = require_tensor("labels", labels)
     if labels.dtype != torch.bool:
         raise TypeError(f"labels: expected a bool tensor (True: desirable), got dtype {labels.dtype}")
@@ -67,17 +69,18 @@ def validate_kto_inputs(targets: Tensor, dtype: torch.dtype, options: KTOOptions
     return KTOInputs(labels, ref_logps.detach().to(dtype), kl, num_examples)
 
 
-def fused_kto_loss(inputs: LinearInputs, opts: LinearOptions, options: KTOOptions,
-                   examples: KTOInputs) -> KTOLossOutput:
-    """The fused KTO loss on validated inputs (``inputs.lead_shape == (B, T)``)."""
-    rows = PreferenceRows.of(inputs.targets.view(inputs.lead_shape), opts.ignore_index, 1)  # one group a sequence
+def fused_kto_loss(inputs: LinearInputs, opts: LinearOptions, options: KTOOptions, examples: KTOInputs,
+                   layout: PackedLayout | None = None) -> KTOLossOutput:
+    """The fused KTO loss on validated inputs: ``inputs.lead_shape == (B, T)``, or N packed rows with their
+    ``layout`` of B sequences."""
+    rows = PreferenceRows.of(inputs.targets.view(inputs.lead_shape), opts.ignore_index, 1, layout)  # group: sequence
 
     def loss_of(logprobs: Tensor):
         logps = rows.as_batch(logprobs).sum(-1)
         return kto_loss(logps, examples.ref_logps, examples.labels, examples.kl, options,
                         num_examples=examples.num_examples), logps
 
-    out = fused_rows_loss(inputs, opts, lambda values: loss_of(values.logprobs)[0].loss, rows=rows.index,
+    out = fused_rows_loss(inputs, opts, lambda values: loss_of(values.logprobs)[0].loss, rows=rows.rows,
                           coupling=rows.group_rows)
     with torch.no_grad():
         result, logps = loss_of(out.logprobs)

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .validation import INT_DTYPES, require_tensor
+from .validation import FLOAT_DTYPES, INT_DTYPES, require_shape, require_tensor
 
 
 class PackedLayout(NamedTuple):
@@ -33,6 +33,12 @@ class PackedLayout(NamedTuple):
     def to_packed(self, padded: Tensor) -> Tensor:
         """``padded [S, L, ...]`` back to ``[N, ...]``."""
         return padded.reshape(self.shape[0] * self.shape[1], *padded.shape[2:])[self.index]
+
+    def packed_rows(self, positions: Tensor) -> Tensor:
+        """The packed row ``[M]`` of each flat ``[S, L]`` position ``[M]`` (positions that hold a row)."""
+        row = torch.full((self.shape[0] * self.shape[1],), -1, dtype=torch.long, device=self.index.device)
+        row[self.index] = torch.arange(self.index.numel(), device=self.index.device)
+        return row[positions]
 
 
 def packed_layout(num_rows: int, device: torch.device, *, cu_seqlens=None, position_ids=None) -> PackedLayout | None:
@@ -70,3 +76,21 @@ def packed_layout(num_rows: int, device: torch.device, *, cu_seqlens=None, posit
         lengths = torch.bincount(segment)
     longest = max(int(lengths.max()), 1)
     return PackedLayout(segment * longest + position, (lengths.numel(), longest))
+
+
+def validate_sequence_layout(hidden, targets, packed: bool) -> None:
+    """``hidden [B, T, H]`` and ``targets [B, T]``: B sequences of T tokens; packed, ``hidden [N, H]`` (or
+    ``[1, N, H]``) and ``targets [N]`` (``[1, N]``)."""
+    hidden = require_tensor("hidden", hidden, dtypes=FLOAT_DTYPES)
+    if packed:
+        if not (hidden.dim() == 2 or hidden.dim() == 3 and hidden.shape[0] == 1) or hidden.shape[-2] == 0:
+            raise ValueError(f"hidden: expected shape [N, H] or [1, N, H] with N >= 1 (a packed batch, with "
+                             f"cu_seqlens or position_ids), got {tuple(hidden.shape)}")
+        require_shape("targets", require_tensor("targets", targets), tuple(hidden.shape[:-1]),
+                      f"the leading dimensions of hidden {tuple(hidden.shape)}")
+        return
+    if hidden.dim() != 3 or hidden.shape[0] == 0 or hidden.shape[1] == 0:
+        raise ValueError(f"hidden: expected shape [B, T, H] with B, T >= 1 (B completions of T tokens), "
+                         f"got {tuple(hidden.shape)}")
+    require_shape("targets", require_tensor("targets", targets), tuple(hidden.shape[:2]),
+                  f"[B, T], the leading dimensions of hidden {tuple(hidden.shape)}")
