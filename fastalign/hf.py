@@ -7,6 +7,11 @@ never runs.
 
 A :class:`ValueHead` (``[H] -> 1``) attaches to a causal LM as its ``value_head`` submodule (it moves, trains and
 checkpoints with it); :func:`save_pretrained` / :func:`load_pretrained` write and read it next to the model.
+
+Padding-free forwards (:func:`packed_hidden_states`): a padded batch's real tokens packed into one row with
+``position_ids`` restarting at 0 per sequence; no attention crosses a sequence boundary, through flash-attention's
+varlen path (``attn_implementation="flash_attention_2"``/``"flash_attention_3"``, given ``cu_seqlens``) or, on
+``sdpa``/``eager``, a 4D block-diagonal causal mask (``[1, 1, N, N]``: O(N^2) memory, for CPU and tests).
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import glob
 import os
 from typing import NamedTuple
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -136,6 +142,68 @@ def hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | 
     return out.last_hidden_state
 
 
+class PackedSequences(NamedTuple):
+    """The real tokens of a padded ``[B, T]`` batch (any padding side) packed into one row of N, sequence by
+    sequence: ``position_ids [1, N]`` restart at 0, ``cu_seqlens`` int32 ``[B + 1]`` (flash-attention's offsets)."""
+
+    keep: Tensor  # [B, T] bool, the real tokens
+    position_ids: Tensor  # [1, N] int64
+    cu_seqlens: Tensor  # [B + 1] int32
+
+    @classmethod
+    def of(cls, attention_mask: Tensor) -> PackedSequences:
+        keep = attention_mask.bool()
+        cu = torch.nn.functional.pad(keep.sum(-1).cumsum(0), (1, 0)).int()
+        return cls(keep, position_ids_from_mask(keep)[keep].unsqueeze(0), cu)
+
+    def pack(self, values: Tensor) -> Tensor:
+        """``values [B, T, ...]`` as ``[1, N, ...]``."""
+        return values[self.keep].unsqueeze(0)
+
+    def unpack(self, packed: Tensor, fill: float | int) -> Tensor:
+        """``packed [1, N, ...]`` back to ``[B, T, ...]``, ``fill`` at padding (differentiable)."""
+        rows = packed[0]
+        return rows.new_full((*self.keep.shape, *rows.shape[1:]), fill).index_put((self.keep,), rows)
+
+
+def packed_attention(model: nn.Module, packed: PackedSequences, dtype: torch.dtype) -> dict:
+    """The attention arguments that keep each packed sequence to itself: flash-attention's varlen ``cu_seq_lens_*``
+    and ``max_length_*``, or a 4D block-diagonal causal mask ``[1, 1, N, N]`` (bool for ``sdpa``; additive,
+    ``dtype``'s minimum where masked, for ``eager``)."""
+    implementation = getattr(unwrap_model(model).config, "_attn_implementation", None) or "eager"
+    if implementation.startswith("flash_attention") or implementation.endswith("flash-attn2"):
+        longest = int((packed.cu_seqlens[1:] - packed.cu_seqlens[:-1]).max())
+        return dict(cu_seq_lens_q=packed.cu_seqlens, cu_seq_lens_k=packed.cu_seqlens, max_length_q=longest,
+                    max_length_k=longest)
+    if implementation not in ("sdpa", "eager"):
+        raise ValueError(f"model: padding-free batches take attn_implementation 'flash_attention_2' (or _3), 'sdpa' "
+                         f"or 'eager', got {implementation!r}")
+    n = packed.position_ids.shape[1]
+    device = packed.position_ids.device
+    lengths = (packed.cu_seqlens[1:] - packed.cu_seqlens[:-1]).long()
+    segment = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths)
+    index = torch.arange(n, device=device)
+    allowed = (segment[:, None] == segment[None, :]) & (index[None, :] <= index[:, None])  # [query, key]
+    if implementation == "sdpa":
+        return dict(attention_mask=allowed[None, None])
+    additive = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return dict(attention_mask=additive[None, None])
+
+
+def packed_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor
+                         ) -> tuple[Tensor, PackedSequences]:
+    """Last hidden states ``[1, N, H]`` of the real tokens of ``input_ids [B, T]`` packed into one row (see
+    :class:`PackedSequences`), each sequence attending to itself only: the same states as :func:`hidden_states` of
+    the padded batch at its real tokens."""
+    packed = PackedSequences.of(attention_mask)
+    embeddings = get_backbone(model).get_input_embeddings().weight
+    dtype = torch.get_autocast_dtype(embeddings.device.type) if torch.is_autocast_enabled(
+        embeddings.device.type) else embeddings.dtype
+    out = get_backbone(model)(input_ids=packed.pack(input_ids), position_ids=packed.position_ids, use_cache=False,
+                              **packed_attention(model, packed, dtype))
+    return out.last_hidden_state, packed
+
+
 def shifted_labels(input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None,
                    ignore_index: int = -100) -> Tensor:
     """Targets ``[B, T-1]``: ``labels[:, 1:]`` (default ``input_ids`` with padding set to ``ignore_index``)."""
@@ -151,6 +219,26 @@ def causal_lm_parts(model: nn.Module, input_ids: Tensor, attention_mask: Tensor 
     hidden = hidden_states(model, input_ids, attention_mask)[:, :-1]
     weight, bias = get_lm_head(model)
     return CausalLMParts(hidden, weight, bias, shifted_labels(input_ids, attention_mask, labels, ignore_index))
+
+
+def packed_causal_lm_parts(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None = None,
+                          ignore_index: int = -100) -> tuple[CausalLMParts, PackedSequences]:
+    """:func:`causal_lm_parts` padding-free: hidden states ``[1, N, H]`` of every real token and targets ``[1, N]``
+    (the next token of the same sequence; ``ignore_index`` at each sequence's last token), and the packing."""
+    hidden, packed = packed_hidden_states(model, input_ids, attention_mask)
+    targets = torch.nn.functional.pad(shifted_labels(input_ids, attention_mask, labels, ignore_index), (0, 1),
+                                      value=ignore_index)
+    weight, bias = get_lm_head(model)
+    return CausalLMParts(hidden, weight, bias, packed.pack(targets)), packed
+
+
+def lm_inputs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None,
+              padding_free: bool) -> tuple[CausalLMParts, PackedSequences | None]:
+    """The fused ops' inputs for a causal LM's loss on ``input_ids [B, T]``: :func:`causal_lm_parts` and None, or
+    with ``padding_free`` :func:`packed_causal_lm_parts` and its packing."""
+    if padding_free:
+        return packed_causal_lm_parts(model, input_ids, attention_mask, labels)
+    return causal_lm_parts(model, input_ids, attention_mask, labels), None
 
 
 def sequence_rewards(reward_model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:

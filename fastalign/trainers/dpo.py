@@ -25,7 +25,9 @@ class DPOConfig(TrainingConfig):
     [best, ..., worst]}`` and the Plackett-Luce loss. ``max_length``: prompt + response tokens;
     ``max_prompt_length``: prompt tokens (the prompt keeps its end, the responses their start). Reference log-probs
     (sums over the completion, as TRL precomputes them) are computed when ``train()`` starts, for the batches of
-    the steps it will run only (and of the eval dataset when the trainer is built).
+    the steps it will run only (and of the eval dataset when the trainer is built). ``padding_free`` (TRL's name): each batch's sequences packed into one row without padding, the model given
+    ``position_ids`` and the fused loss the packing (see ``fastalign.hf.packed_hidden_states``: flash-attention-2's
+    varlen path, or a block-diagonal causal mask on ``sdpa``/``eager``).
     """
 
     learning_rate: float = 1e-6
@@ -43,6 +45,7 @@ class DPOConfig(TrainingConfig):
     reference_free: bool = False
     max_length: int | None = 1024
     max_prompt_length: int | None = 512
+    padding_free: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -124,10 +127,12 @@ class DPOTrainer(Trainer):
                             disable=self.config.disable_tqdm or not distributed.is_main()):
             batch = collate_ranked([pairs[i] for i in indices], self.pad_token_id)
             with self.autocast():
-                parts = hf.causal_lm_parts(reference, *(batch[k].to(device) for k in ("input_ids", "attention_mask",
-                                                                                       "labels")))
-                tokens = losses.token_logprobs(*parts, self.config.loss_backend)
-            logps.append(sequence_logps(tokens, parts.targets != IGNORE_INDEX, self.config.options))
+                parts, packed = hf.lm_inputs(reference, *(batch[k].to(device) for k in ("input_ids",
+                                                                                         "attention_mask", "labels")),
+                                             self.config.padding_free)
+                tokens = losses.token_logprobs(*parts, self.config.loss_backend, packed=packed)
+            targets = parts.targets if packed is None else packed.unpack(parts.targets, IGNORE_INDEX)
+            logps.append(sequence_logps(tokens, targets != IGNORE_INDEX, self.config.options))
         reference.train(was_training)
         return torch.cat(logps, -1).to(self.device)
 
@@ -155,9 +160,10 @@ class DPOTrainer(Trainer):
 
     def policy_loss(self, model: nn.Module, batch: dict, num_pairs, num_chosen_tokens):
         """Inside the policy's forward: hidden states of ``batch`` and the DPO loss on them."""
-        parts = hf.causal_lm_parts(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        parts, packed = hf.lm_inputs(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                     self.config.padding_free)
         return losses.dpo_loss(*parts, batch["ref_logps"], self.config.options, self.config.loss_backend,
-                               num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens)
+                               num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens, packed=packed)
 
     def evaluate(self) -> dict[str, float]:
         """Metrics over the whole eval dataset (shared by the ranks), prefixed ``eval_`` (means over pairs)."""

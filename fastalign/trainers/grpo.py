@@ -33,7 +33,9 @@ class GRPOConfig(TrainingConfig):
     (default all 1; a ``None`` score is skipped), minus the group mean, over ``std + 1e-4`` with ``scale_rewards``
     ``"group"`` / ``"batch"`` (``"none"``: not scaled; ``True`` / ``False`` mean ``"group"`` / ``"none"`` as in
     older TRL). The loss options are those of :class:`~fastalign.objectives.grpo.GRPOLossConfig`; the reference
-    model exists only when ``beta != 0``.
+    model exists only when ``beta != 0``. ``padding_free`` (TRL's name): each batch's sequences packed into one row without padding, the model given
+    ``position_ids`` and the fused loss the packing (see ``fastalign.hf.packed_hidden_states``: flash-attention-2's
+    varlen path, or a block-diagonal causal mask on ``sdpa``/``eager``).
     """
 
     learning_rate: float = 1e-6
@@ -63,6 +65,7 @@ class GRPOConfig(TrainingConfig):
     vespo_lambda_pos: float = 3.0
     vespo_k_neg: float = 3.0
     vespo_lambda_neg: float = 2.0
+    padding_free: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -207,10 +210,12 @@ class GRPOTrainer(SamplingTrainer):
                     advantages: Tensor, old_logprobs: Tensor | None, ref_logprobs: Tensor | None,
                     num_items_in_batch: Tensor):
         """Inside the policy's forward: hidden states of the rows and the GRPO loss on them."""
-        hidden = self.response_hidden(model, input_ids, attention_mask, targets.shape[1])
+        hidden, packed, (targets, old_logprobs, ref_logprobs) = self.response_inputs(
+            model, input_ids, attention_mask, targets, old_logprobs, ref_logprobs)
         return losses.grpo_loss(hidden, *hf.get_lm_head(model), targets, advantages, self.config.loss_config,
                                 self.config.loss_backend, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
-                                temperature=self.config.temperature, num_items_in_batch=num_items_in_batch)
+                                temperature=self.config.temperature, num_items_in_batch=num_items_in_batch,
+                                packed=packed)
 
     def train(self, resume_from_checkpoint: str | bool | None = None) -> list[dict]:
         """Run the training loop; returns the logged records (also in ``output_dir/metrics.jsonl``)."""

@@ -51,7 +51,9 @@ class KTOConfig(TrainingConfig):
     two kinds of examples' losses (KTO paper Eq. 8: keep ``desirable_weight * n_desirable / (undesirable_weight *
     n_undesirable)`` in ``[1, 4/3]``). ``max_length``: prompt + completion tokens; ``max_prompt_length``: prompt
     tokens (the prompt keeps its end, the completion its start). ``kto`` needs ``per_device_train_batch_size`` >= 2
-    (its KL pairs come from the other examples of the batch).
+    (its KL pairs come from the other examples of the batch). ``padding_free`` (TRL's name): each batch's sequences packed into one row without padding, the model given
+    ``position_ids`` and the fused loss the packing (see ``fastalign.hf.packed_hidden_states``: flash-attention-2's
+    varlen path, or a block-diagonal causal mask on ``sdpa``/``eager``).
     """
 
     learning_rate: float = 1e-6
@@ -61,6 +63,7 @@ class KTOConfig(TrainingConfig):
     undesirable_weight: float = 1.0
     max_length: int | None = 1024
     max_prompt_length: int | None = 512
+    padding_free: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -132,8 +135,8 @@ class KTOTrainer(Trainer):
 
     def sequence_logps(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
         """Inside a forward (policy or reference): sequence log-prob sums ``[N]`` of the labelled tokens."""
-        parts = hf.causal_lm_parts(model, input_ids, attention_mask, labels)
-        return losses.token_logprobs(*parts, self.config.loss_backend).sum(-1)  # 0 off the completion
+        parts, packed = hf.lm_inputs(model, input_ids, attention_mask, labels, self.config.padding_free)
+        return losses.token_logprobs(*parts, self.config.loss_backend, packed=packed).sum(-1)  # 0 off the completion
 
     @torch.no_grad()
     def reference_and_kl(self, batch: dict) -> tuple[Tensor, Tensor | None]:
@@ -161,9 +164,10 @@ class KTOTrainer(Trainer):
     def policy_loss(self, model: nn.Module, batch: dict, ref: Tensor, kl: Tensor | None, num_examples):
         """Inside the policy's forward: hidden states of the examples and the KTO loss on them."""
         b = batch["label"].shape[0]
-        parts = hf.causal_lm_parts(model, *(batch[k][:b] for k in ("input_ids", "attention_mask", "labels")))
+        parts, packed = hf.lm_inputs(model, *(batch[k][:b] for k in ("input_ids", "attention_mask", "labels")),
+                                     self.config.padding_free)
         return losses.kto_loss(*parts, batch["label"], ref, kl, self.config.options, self.config.loss_backend,
-                               num_examples=num_examples)
+                               num_examples=num_examples, packed=packed)
 
     @staticmethod
     def step_metrics(metrics: dict[str, float]) -> dict[str, float]:

@@ -4,7 +4,11 @@
 Under mixed precision (``torch.autocast``, see ``TrainingConfig.bf16``) each loss takes the hidden states, lm_head
 weight and bias in the autocast dtype, as autocast gives them to a linear layer, and runs with autocast off: the
 fused ops accumulate in fp32 themselves, and the reference backend computes its logits in that dtype, as an
-autocast lm_head does (see :func:`lm_head_precision`)."""
+autocast lm_head does (see :func:`lm_head_precision`).
+
+Padding-free batches (``padding_free=True``): ``hidden [1, N, H]`` and every per-token input ``[1, N]`` packed as
+``hf.PackedSequences`` says (``packed``); the fused losses take the packing's ``cu_seqlens``, the reference backend
+unpacks everything to the padded ``[B, T]`` layout first."""
 from __future__ import annotations
 
 import functools
@@ -14,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..hf import PackedSequences
 from ..functional import (fused_linear_dpo_loss, fused_linear_grpo_loss, fused_linear_kto_loss, fused_linear_logprobs,
                           fused_linear_ppo_loss)
 from ..objectives.aggregation import aggregation_weights
@@ -54,10 +59,26 @@ def materialized_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
     return logprobs, -(logp.exp() * logp).sum(-1).masked_fill(~valid, 0.0)
 
 
+def unpacked(packed: PackedSequences | None, hidden: Tensor, targets: Tensor, *per_token: Tensor | None) -> tuple:
+    """Packed ``hidden [1, N, H]``, ``targets`` and per-token values ``[1, N]`` in the padded ``[B, T]`` layout
+    (-100 / 0 at padding); as they are without a packing."""
+    if packed is None:
+        return hidden, targets, *per_token
+    return (packed.unpack(hidden, 0.0), packed.unpack(targets, IGNORE_INDEX),
+            *(None if t is None else packed.unpack(t, 0.0) for t in per_token))
+
+
+def layout_of(packed: PackedSequences | None) -> dict:
+    """The fused ops' packed-layout argument (none for a padded batch)."""
+    return {} if packed is None else {"cu_seqlens": packed.cu_seqlens}
+
+
 @lm_head_precision
 def token_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, backend: str, *,
-                   temperature: float = 1.0, return_entropy: bool = False):
-    """Per-token log-probs ``[B, T]`` (0 where ``targets`` is -100), and entropy with ``return_entropy``."""
+                   temperature: float = 1.0, return_entropy: bool = False, packed: PackedSequences | None = None):
+    """Per-token log-probs ``[B, T]`` (0 where ``targets`` is -100), and entropy with ``return_entropy``; of a
+    ``packed`` batch in its padded layout (no sequence-level term: the fused op skips the padding's rows)."""
+    hidden, targets = unpacked(packed, hidden, targets)
     if backend == "fused":
         return fused_linear_logprobs(hidden, weight, targets, bias, temperature=temperature,
                                      return_entropy=return_entropy, check_finite=False)
@@ -68,7 +89,8 @@ def token_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets:
 @lm_head_precision
 def dpo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, ref_logps: Tensor | None,
              options: DPOOptions, backend: str, *, num_pairs: int | Tensor | None = None,
-             num_chosen_tokens: int | Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+             num_chosen_tokens: int | Tensor | None = None,
+             packed: PackedSequences | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """DPO loss and TRL metrics of ``B`` groups of K responses: ``hidden [K*B, T, H]``, ``targets [K*B, T]`` (best
     rows first), reference log-probs ``[K, B]`` (sums; None with ``reference_free``). Not the metrics over the
     vocabulary: they are token means, which the trainers' metric averaging (over micro-batches and ranks) would
@@ -83,8 +105,9 @@ def dpo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tenso
             f_alpha_divergence_coef=o.f_alpha_divergence_coef, discopop_tau=o.discopop_tau, ld_alpha=o.ld_alpha,
             use_weighting=o.use_weighting, num_responses=o.num_responses, rpo_alpha=o.rpo_alpha,
             reference_free=o.reference_free, num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens,
-            check_finite=False)
+            check_finite=False, **layout_of(packed))
         return out.loss, out.metrics
+    hidden, targets = unpacked(packed, hidden, targets)
     logp = torch.log_softmax(F.linear(hidden, weight, bias).float(), dim=-1)
     mask = targets != IGNORE_INDEX
     logprobs = logp.gather(-1, targets.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0.0)
@@ -97,7 +120,8 @@ def dpo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tenso
 @lm_head_precision
 def ppo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, old_logprobs: Tensor,
              advantages: Tensor, value_head, old_values: Tensor, returns: Tensor, config: PPOLossConfig, backend: str,
-             *, temperature: float, num_tokens: int | Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+             *, temperature: float, num_tokens: int | Tensor | None = None,
+             packed: PackedSequences | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped PPO loss (policy + ``vf_coef`` x value, token sums over ``num_tokens``, default the number of
     response tokens: the means) and its TRL metrics on the response tokens: ``hidden [B, T, H]`` at the positions
     that predict ``targets [B, T]`` (-100 after EOS), per-token ``[B, T]`` inputs, the linear ``value_head`` on the
@@ -107,8 +131,10 @@ def ppo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tenso
             hidden, weight, targets, old_logprobs, advantages, bias=bias, cliprange=config.cliprange,
             value_head_weight=value_head.weight, value_head_bias=value_head.bias, old_values=old_values,
             returns=returns, cliprange_value=config.cliprange_value, vf_coef=config.vf_coef,
-            temperature=temperature, num_tokens=num_tokens, check_finite=False)
+            temperature=temperature, num_tokens=num_tokens, check_finite=False, **layout_of(packed))
         return out.loss, out.metrics
+    hidden, targets, old_logprobs, advantages, old_values, returns = unpacked(
+        packed, hidden, targets, old_logprobs, advantages, old_values, returns)
     logprobs = materialized_logprobs(hidden, weight, bias, targets, temperature=temperature).reshape(-1)
     mask = (targets != IGNORE_INDEX).reshape(-1)
     weights = aggregation_weights(mask, num_tokens=num_tokens)
@@ -126,15 +152,18 @@ def ppo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tenso
 def grpo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, advantages: Tensor,
               config: GRPOLossConfig, backend: str, *, old_logprobs: Tensor | None = None,
               ref_logprobs: Tensor | None = None, temperature: float = 1.0,
-              num_items_in_batch: int | Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+              num_items_in_batch: int | Tensor | None = None,
+              packed: PackedSequences | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO loss (TRL's ``_compute_loss`` for one process, without the gradient-accumulation division) and its TRL
     metrics over the completion tokens (``targets != -100``): ``hidden [B, T, H]`` at the positions that predict
     ``targets [B, T]``, ``advantages [B]``, old / reference log-probs ``[B, T]`` (None: on-policy / no KL)."""
     if backend == "fused":
         out = fused_linear_grpo_loss(hidden, weight, targets, advantages, old_logprobs=old_logprobs, bias=bias,
                                      ref_logprobs=ref_logprobs, num_items_in_batch=num_items_in_batch,
-                                     temperature=temperature, check_finite=False, **asdict(config))
+                                     temperature=temperature, check_finite=False, **asdict(config),
+                                     **layout_of(packed))
         return out.loss, out.metrics
+    hidden, targets, old_logprobs, ref_logprobs = unpacked(packed, hidden, targets, old_logprobs, ref_logprobs)
     logprobs, entropy = materialized_logprobs(hidden, weight, bias, targets, temperature=temperature,
                                               return_entropy=True)
     result = grpo_objective(logprobs, advantages, targets != IGNORE_INDEX, config, old_logprobs=old_logprobs,
@@ -145,7 +174,8 @@ def grpo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tens
 @lm_head_precision
 def kto_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, labels: Tensor,
              ref_logps: Tensor, kl: Tensor | None, options: KTOOptions, backend: str, *,
-             num_examples: int | Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+             num_examples: int | Tensor | None = None,
+             packed: PackedSequences | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """KTO loss and TRL's per-batch metrics of ``B`` examples: ``hidden [B, T, H]``, ``targets [B, T]`` (-100 off
     the completion), ``labels [B]`` bool (desirable), reference sequence log-probs ``[B]``, the batch KL estimate
     (``kto_kl``; None for ``apo_zero_unpaired``). ``num_examples``: divisor of the losses' sum (default ``B``)."""
@@ -153,8 +183,9 @@ def kto_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tenso
         out = fused_linear_kto_loss(hidden, weight, targets, labels, ref_logps=ref_logps, kl=kl, bias=bias,
                                     beta=options.beta, desirable_weight=options.desirable_weight,
                                     undesirable_weight=options.undesirable_weight, loss_type=options.loss_type,
-                                    num_examples=num_examples, check_finite=False)
+                                    num_examples=num_examples, check_finite=False, **layout_of(packed))
         return out.loss, out.metrics
+    hidden, targets = unpacked(packed, hidden, targets)
     logps = materialized_logprobs(hidden, weight, bias, targets).sum(-1)  # 0 off the completion
     result = kto_objective(logps, ref_logps, labels, kl, options, num_examples=num_examples)
     return result.loss, kto_metrics(result, logps)

@@ -26,7 +26,9 @@ class PPOConfig(TrainingConfig):
     ``missing_eos_penalty`` is subtracted from the score of a response without EOS. Rewards: the score on the last
     token, ``-kl_coef * kl`` (``kl_estimator``) on every token; GAE with ``gamma``, ``lam``; whitened advantages.
     ``max_prompt_length``: prompts keep their last tokens. With several processes, each rank rolls out its share
-    of the prompts; whitening and the loss's token mean are over all ranks' tokens.
+    of the prompts; whitening and the loss's token mean are over all ranks' tokens. ``padding_free`` (TRL's name): each batch's sequences packed into one row without padding, the model given
+    ``position_ids`` and the fused loss the packing (see ``fastalign.hf.packed_hidden_states``: flash-attention-2's
+    varlen path, or a block-diagonal causal mask on ``sdpa``/``eager``).
     """
 
     learning_rate: float = 3e-6
@@ -44,6 +46,7 @@ class PPOConfig(TrainingConfig):
     cliprange: float = 0.2
     cliprange_value: float = 0.2
     vf_coef: float = 0.1
+    padding_free: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -172,10 +175,11 @@ class PPOTrainer(SamplingTrainer):
     def policy_loss(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor, targets: Tensor,
                     old_logprobs: Tensor, advantages: Tensor, old_values: Tensor, returns: Tensor, num_tokens):
         """Inside the policy's forward: hidden states of the rows and the PPO loss on them."""
-        hidden = self.response_hidden(model, input_ids, attention_mask, targets.shape[1])
-        return losses.ppo_loss(hidden, *hf.get_lm_head(model), targets, old_logprobs, advantages,
-                               hf.get_value_head(model), old_values, returns, self.config.loss_config,
-                               self.config.loss_backend, temperature=self.config.temperature, num_tokens=num_tokens)
+        hidden, packed, tokens = self.response_inputs(model, input_ids, attention_mask, targets, old_logprobs,
+                                                      advantages, old_values, returns)
+        return losses.ppo_loss(hidden, *hf.get_lm_head(model), *tokens[:3], hf.get_value_head(model), *tokens[3:],
+                               self.config.loss_config, self.config.loss_backend, temperature=self.config.temperature,
+                               num_tokens=num_tokens, packed=packed)
 
     def train(self, resume_from_checkpoint: str | bool | None = None) -> list[dict]:
         """Run the training loop; returns the logged records (also in ``output_dir/metrics.jsonl``)."""

@@ -18,7 +18,7 @@ from .. import hf
 from ..objectives.ppo import kl_penalty
 from . import distributed, losses
 from .common import Trainer, TrainingConfig, eval_batches, frozen_copy
-from .data import encode_prompt, load_prompts, pad
+from .data import IGNORE_INDEX, encode_prompt, load_prompts, pad
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
 SCALE_REWARDS = ("group", "batch", "none")
@@ -107,10 +107,32 @@ class SamplingTrainer(Trainer):
         """The score ``[B]`` of each sampled response that :meth:`evaluate` averages (each trainer defines it)."""
         raise NotImplementedError
 
-    @staticmethod
-    def response_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, width: int) -> Tensor:
-        """Hidden states ``[B, R, H]`` at the positions that predict the ``width`` response tokens."""
-        return hf.hidden_states(model, input_ids, attention_mask)[:, -width - 1:-1]
+    def response_hidden(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor, width: int) -> Tensor:
+        """Hidden states ``[B, R, H]`` at the positions that predict the ``width`` response tokens (with
+        ``padding_free``, of a packed forward)."""
+        if not self.config.padding_free:
+            return hf.hidden_states(model, input_ids, attention_mask)[:, -width - 1:-1]
+        hidden, packed = hf.packed_hidden_states(model, input_ids, attention_mask)
+        return packed.unpack(hidden, 0.0)[:, -width - 1:-1]
+
+    def response_inputs(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor, targets: Tensor,
+                        *per_token: Tensor | None) -> tuple[Tensor, hf.PackedSequences | None, tuple]:
+        """A loss's inputs for the response ``targets [B, R]`` and per-token values ``[B, R]`` (None allowed): the
+        hidden states ``[B, R, H]`` and those tensors, or with ``padding_free`` the packed forward's ``[1, N, H]``,
+        its packing and the tensors packed ``[1, N]`` (-100 / 0 off the response)."""
+        width = targets.shape[1]
+        if not self.config.padding_free:
+            return self.response_hidden(model, input_ids, attention_mask, width), None, (targets, *per_token)
+        hidden, packed = hf.packed_hidden_states(model, input_ids, attention_mask)
+
+        def place(values: Tensor | None, fill: float | int) -> Tensor | None:
+            if values is None:
+                return None
+            full = values.new_full(packed.keep.shape, fill)
+            full[:, -width - 1:-1] = values
+            return packed.pack(full)
+
+        return hidden, packed, (place(targets, IGNORE_INDEX), *(place(t, 0) for t in per_token))
 
     def response_logprobs(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
                           targets: Tensor) -> Tensor:
