@@ -134,3 +134,29 @@ def test_command_line_help_of_every_command(capsys):
     done = subprocess.run([sys.executable, "-m", "fastalign.cli", "dpo", "--config", "/nonexistent.yaml"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "/nonexistent.yaml" in done.stderr
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_packed_bench_draws_uneven_pairs_and_both_steps_train_the_same():
+    """16 pairs, lengths log-uniform in [N/64, N] from the seed; the packed and the padded step give the same loss
+    (each on its own copy of the model) and both update the weights."""
+    problem = bench.Problem(tokens=256, hidden_size=16, vocab_size=64)
+    lengths = bench.packed_lengths(problem)
+    assert len(lengths) == 2 * bench.PACKED_PAIRS and min(lengths) >= 4 and max(lengths) <= 256
+    assert max(lengths) / min(lengths) > 8 and lengths == bench.packed_lengths(problem)
+    x = bench.make_packed_inputs(problem)
+    assert x.batch["input_ids"].shape == (2 * bench.PACKED_PAIRS, max(lengths))
+    assert x.batch["attention_mask"].sum(1).tolist() == lengths
+    padded, packed = (bench.packed_step(padding_free)(x) for padding_free in (False, True))
+    first = [padded(), packed()]
+    torch.testing.assert_close(first[1], first[0], rtol=1e-5, atol=1e-6)
+    assert padded() != first[0]  # the step trained
+
+
+
+@pytest.mark.slow
+@linux_only
+def test_packed_bench_memory_worker_runs_a_training_step():
+    extra = bench.memory_in_subprocess("packed", "step", "packed", bench.Problem(tokens=64, hidden_size=16,
+                                                                                  vocab_size=64))
+    assert isinstance(extra, int) and extra > 0
