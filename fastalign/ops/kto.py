@@ -2,8 +2,8 @@
 (``fastalign.ops.engine``, one sequence per group), the loss of ``fastalign.objectives.kto`` on those sums.
 
 Only completion tokens (``targets != ignore_index``) get logits. On the torch backend whole sequences go per chunk
-(one pass, three matmuls) when the longest fits the memory budget, else two passes; triton makes two passes. Packed batches (``cu_seqlens`` /
-``position_ids``, ``fastalign.ops.segments``): one completion per packed sequence.
+(one pass, three matmuls) when the longest fits the memory budget, else two passes; triton makes two passes.
+Packed batches (``cu_seqlens`` / ``position_ids``, ``fastalign.ops.segments``): one completion per sequence.
 """
 from __future__ import annotations
 

@@ -25,7 +25,8 @@ class DPOConfig(TrainingConfig):
     [best, ..., worst]}`` and the Plackett-Luce loss. ``max_length``: prompt + response tokens;
     ``max_prompt_length``: prompt tokens (the prompt keeps its end, the responses their start). Reference log-probs
     (sums over the completion, as TRL precomputes them) are computed when ``train()`` starts, for the batches of
-    the steps it will run only (and of the eval dataset when the trainer is built). ``padding_free`` (TRL's name): each batch's sequences packed into one row without padding, the model given
+    the steps it will run only (and of the eval dataset when the trainer is built).
+    ``padding_free`` (TRL's name): each batch's sequences packed into one row without padding, the model given
     ``position_ids`` and the fused loss the packing (see ``fastalign.hf.packed_hidden_states``: flash-attention-2's
     varlen path, or a block-diagonal causal mask on ``sdpa``/``eager``).
     """

@@ -33,7 +33,8 @@ class GRPOConfig(TrainingConfig):
     (default all 1; a ``None`` score is skipped), minus the group mean, over ``std + 1e-4`` with ``scale_rewards``
     ``"group"`` / ``"batch"`` (``"none"``: not scaled; ``True`` / ``False`` mean ``"group"`` / ``"none"`` as in
     older TRL). The loss options are those of :class:`~fastalign.objectives.grpo.GRPOLossConfig`; the reference
-    model exists only when ``beta != 0``. ``padding_free`` (TRL's name): each batch's sequences packed into one row without padding, the model given
+    model exists only when ``beta != 0``.
+    ``padding_free`` (TRL's name): each batch's sequences packed into one row without padding, the model given
     ``position_ids`` and the fused loss the packing (see ``fastalign.hf.packed_hidden_states``: flash-attention-2's
     varlen path, or a block-diagonal causal mask on ``sdpa``/``eager``).
     """

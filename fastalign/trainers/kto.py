@@ -51,7 +51,8 @@ class KTOConfig(TrainingConfig):
     two kinds of examples' losses (KTO paper Eq. 8: keep ``desirable_weight * n_desirable / (undesirable_weight *
     n_undesirable)`` in ``[1, 4/3]``). ``max_length``: prompt + completion tokens; ``max_prompt_length``: prompt
     tokens (the prompt keeps its end, the completion its start). ``kto`` needs ``per_device_train_batch_size`` >= 2
-    (its KL pairs come from the other examples of the batch). ``padding_free`` (TRL's name): each batch's sequences packed into one row without padding, the model given
+    (its KL pairs come from the other examples of the batch).
+    ``padding_free`` (TRL's name): each batch's sequences packed into one row without padding, the model given
     ``position_ids`` and the fused loss the packing (see ``fastalign.hf.packed_hidden_states``: flash-attention-2's
     varlen path, or a block-diagonal causal mask on ``sdpa``/``eager``).
     """

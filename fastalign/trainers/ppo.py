@@ -26,7 +26,8 @@ class PPOConfig(TrainingConfig):
     ``missing_eos_penalty`` is subtracted from the score of a response without EOS. Rewards: the score on the last
     token, ``-kl_coef * kl`` (``kl_estimator``) on every token; GAE with ``gamma``, ``lam``; whitened advantages.
     ``max_prompt_length``: prompts keep their last tokens. With several processes, each rank rolls out its share
-    of the prompts; whitening and the loss's token mean are over all ranks' tokens. ``padding_free`` (TRL's name): each batch's sequences packed into one row without padding, the model given
+    of the prompts; whitening and the loss's token mean are over all ranks' tokens.
+    ``padding_free`` (TRL's name): each batch's sequences packed into one row without padding, the model given
     ``position_ids`` and the fused loss the packing (see ``fastalign.hf.packed_hidden_states``: flash-attention-2's
     varlen path, or a block-diagonal causal mask on ``sdpa``/``eager``).
     """
