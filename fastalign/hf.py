@@ -10,8 +10,10 @@ checkpoints with it); :func:`save_pretrained` / :func:`load_pretrained` write an
 
 Padding-free forwards (:func:`packed_hidden_states`): a padded batch's real tokens packed into one row with
 ``position_ids`` restarting at 0 per sequence; no attention crosses a sequence boundary, through flash-attention's
-varlen path (``attn_implementation="flash_attention_2"``/``"flash_attention_3"``, given ``cu_seqlens``) or, on
-``sdpa``/``eager``, a 4D block-diagonal causal mask (``[1, 1, N, N]``: O(N^2) memory, for CPU and tests).
+varlen path (``attn_implementation="flash_attention_2"``/``"flash_attention_3"``, given ``cu_seqlens``), on
+``sdpa`` one causal ``scaled_dot_product_attention`` per sequence (:func:`segment_attention`, swapped in for the
+packed forward only), and on ``eager`` (or ``sdpa`` with gradient checkpointing, whose backward recomputes the
+layers with the model's own attention) a 4D block-diagonal causal mask (``[1, 1, N, N]``: O(N^2) memory).
 """
 from __future__ import annotations
 
@@ -19,9 +21,12 @@ import glob
 import os
 from typing import NamedTuple
 
+import contextlib
+
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from transformers import AttentionInterface
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -75,13 +80,19 @@ def get_backbone(model: nn.Module) -> nn.Module:
     return backbone
 
 
+def gradient_checkpointing_on(model: nn.Module) -> bool:
+    """Whether the model recomputes its layers in the backward."""
+    causal_lm = unwrap_model(model)
+    if hasattr(causal_lm, "activation_checkpointing_disable"):  # newer transformers
+        return bool(causal_lm.is_activation_checkpointing)
+    return bool(causal_lm.is_gradient_checkpointing)
+
+
 def set_gradient_checkpointing(model: nn.Module, enabled: bool) -> None:
     """Turn gradient checkpointing on (:func:`enable_gradient_checkpointing`'s defaults) or off, if it is not."""
     causal_lm = unwrap_model(model)
-    if hasattr(causal_lm, "activation_checkpointing_disable"):  # newer transformers
-        on, disable = causal_lm.is_activation_checkpointing, causal_lm.activation_checkpointing_disable
-    else:
-        on, disable = causal_lm.is_gradient_checkpointing, causal_lm.gradient_checkpointing_disable
+    on = gradient_checkpointing_on(model)
+    disable = getattr(causal_lm, "activation_checkpointing_disable", None) or causal_lm.gradient_checkpointing_disable
     if enabled and not on:
         enable_gradient_checkpointing(model)
     elif on and not enabled:
@@ -166,18 +177,39 @@ class PackedSequences(NamedTuple):
         return rows.new_full((*self.keep.shape, *rows.shape[1:]), fill).index_put((self.keep,), rows)
 
 
-def packed_attention(model: nn.Module, packed: PackedSequences, dtype: torch.dtype) -> dict:
-    """The attention arguments that keep each packed sequence to itself: flash-attention's varlen ``cu_seq_lens_*``
-    and ``max_length_*``, or a 4D block-diagonal causal mask ``[1, 1, N, N]`` (bool for ``sdpa``; additive,
-    ``dtype``'s minimum where masked, for ``eager``)."""
+SEGMENT_ATTENTION = "fastalign_segments"
+
+
+def segment_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask, *,
+                      cu_seq_lens_q: Tensor, dropout: float = 0.0, scaling: float | None = None, **_) -> tuple:
+    """A transformers attention function for one packed row: each sequence of ``cu_seq_lens_q`` attends causally to
+    itself only, one ``scaled_dot_product_attention`` call per sequence (cost: the sum of the squared lengths).
+    ``query [1, heads, N, d]``, ``key``/``value`` ``[1, kv_heads, N, d]`` -> ``([1, N, heads, d], None)``."""
+    bounds = cu_seq_lens_q.tolist()
+    out = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=dropout, scale=scaling, is_causal=True,
+        enable_gqa=query.shape[1] != key.shape[1]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a], dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
+
+
+def packed_attention(model: nn.Module, packed: PackedSequences, dtype: torch.dtype) -> tuple[str | None, dict]:
+    """How the packed forward keeps each sequence to itself: the attention implementation to swap in for it (None:
+    the model's) and the backbone's extra arguments: flash-attention's varlen ``cu_seq_lens_*`` and ``max_length_*``
+    (also for :func:`segment_attention` on ``sdpa``), or a 4D block-diagonal causal mask ``[1, 1, N, N]`` (bool for
+    ``sdpa`` under gradient checkpointing; additive, ``dtype``'s minimum where masked, for ``eager``)."""
     implementation = getattr(unwrap_model(model).config, "_attn_implementation", None) or "eager"
-    if implementation.startswith("flash_attention") or implementation.endswith("flash-attn2"):
-        longest = int((packed.cu_seqlens[1:] - packed.cu_seqlens[:-1]).max())
-        return dict(cu_seq_lens_q=packed.cu_seqlens, cu_seq_lens_k=packed.cu_seqlens, max_length_q=longest,
-                    max_length_k=longest)
-    if implementation not in ("sdpa", "eager"):
+    flash = implementation.startswith("flash_attention") or implementation.endswith("flash-attn2")
+    if not flash and implementation not in ("sdpa", "eager"):
         raise ValueError(f"model: padding-free batches take attn_implementation 'flash_attention_2' (or _3), 'sdpa' "
                          f"or 'eager', got {implementation!r}")
+    if flash or implementation == "sdpa" and not gradient_checkpointing_on(model):
+        longest = int((packed.cu_seqlens[1:] - packed.cu_seqlens[:-1]).max())
+        return None if flash else SEGMENT_ATTENTION, dict(
+            cu_seq_lens_q=packed.cu_seqlens, cu_seq_lens_k=packed.cu_seqlens, max_length_q=longest,
+            max_length_k=longest)
     n = packed.position_ids.shape[1]
     device = packed.position_ids.device
     lengths = (packed.cu_seqlens[1:] - packed.cu_seqlens[:-1]).long()
@@ -185,9 +217,22 @@ def packed_attention(model: nn.Module, packed: PackedSequences, dtype: torch.dty
     index = torch.arange(n, device=device)
     allowed = (segment[:, None] == segment[None, :]) & (index[None, :] <= index[:, None])  # [query, key]
     if implementation == "sdpa":
-        return dict(attention_mask=allowed[None, None])
+        return None, dict(attention_mask=allowed[None, None])
     additive = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
-    return dict(attention_mask=additive[None, None])
+    return None, dict(attention_mask=additive[None, None])
+
+
+@contextlib.contextmanager
+def attention_implementation(model: nn.Module, implementation: str | None):
+    """Run the model's attention with ``implementation`` inside the block (None: unchanged)."""
+    config = unwrap_model(model).config
+    previous = config._attn_implementation
+    if implementation is not None:
+        config._attn_implementation = implementation
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
 
 
 def packed_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor
@@ -199,8 +244,10 @@ def packed_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Te
     embeddings = get_backbone(model).get_input_embeddings().weight
     dtype = torch.get_autocast_dtype(embeddings.device.type) if torch.is_autocast_enabled(
         embeddings.device.type) else embeddings.dtype
-    out = get_backbone(model)(input_ids=packed.pack(input_ids), position_ids=packed.position_ids, use_cache=False,
-                              **packed_attention(model, packed, dtype))
+    implementation, kwargs = packed_attention(model, packed, dtype)
+    with attention_implementation(model, implementation):
+        out = get_backbone(model)(input_ids=packed.pack(input_ids), position_ids=packed.position_ids,
+                                  use_cache=False, **kwargs)
     return out.last_hidden_state, packed
 
 

@@ -1,6 +1,7 @@
 """Padding-free trainers (``padding_free=True``) on a tiny Llama: a packed forward gives each sequence the hidden
-states of its own separate forward (no attention across a boundary, sdpa and eager), one packed training step equals
-the padded step (losses, gradients and parameter updates) for DPO, KTO, GRPO and PPO, the option is validated."""
+states of its own separate forward (no attention across a boundary: sdpa's per-sequence attention, the block-diagonal
+mask of eager and of sdpa under gradient checkpointing), one packed training step equals the padded step (losses,
+gradients and parameter updates) for DPO, KTO, GRPO and PPO, the option is validated."""
 import pytest
 import torch
 
@@ -24,11 +25,19 @@ def tiny(attn_implementation="sdpa"):
                       attn_implementation=attn_implementation), tokenizer
 
 
-@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-def test_packed_forward_equals_separate_forwards(attn_implementation):
+@pytest.mark.parametrize("attn_implementation, checkpointing, swapped", [
+    ("sdpa", False, hf.SEGMENT_ATTENTION), ("sdpa", True, None), ("eager", False, None)])
+def test_packed_forward_equals_separate_forwards(attn_implementation, checkpointing, swapped, monkeypatch):
     """Left padding, right padding, a length-1 sequence: each packed sequence's hidden states (and their
-    gradients w.r.t. the weights) are those of the sequence alone."""
+    gradients w.r.t. the weights, recomputed in the backward under gradient checkpointing) are those of the
+    sequence alone."""
     model, _ = tiny(attn_implementation)
+    hf.set_gradient_checkpointing(model, checkpointing)
+    model.train(checkpointing)  # transformers checkpoints in training mode only
+    seen = []
+    monkeypatch.setattr(hf, "attention_implementation",
+                        lambda model, implementation, wrapped=hf.attention_implementation: (
+                            seen.append(implementation), wrapped(model, implementation))[1])
     g = torch.Generator().manual_seed(1)
     input_ids = torch.randint(3, model.config.vocab_size, (4, 7), generator=g)
     attention_mask = torch.ones(4, 7, dtype=torch.long)
@@ -36,6 +45,7 @@ def test_packed_forward_equals_separate_forwards(attn_implementation):
     attention_mask[1, :3] = 0  # left padding
     attention_mask[2, 1:] = 0  # one token
     hidden, packed = hf.packed_hidden_states(model, input_ids, attention_mask)
+    assert seen == [swapped] and model.config._attn_implementation == attn_implementation
     assert packed.cu_seqlens.tolist() == [0, 5, 9, 10, 17]
     assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 0, 1, 2, 3, 4, 5, 6]]
     alone = torch.cat([hf.hidden_states(model, ids[mask.bool()][None])[0]
@@ -54,8 +64,8 @@ def test_flash_attention_gets_the_varlen_arguments_and_other_implementations_are
     model, _ = tiny()
     packed = hf.PackedSequences.of(torch.tensor([[1, 1, 0], [1, 1, 1]]))
     model.config._attn_implementation = "flash_attention_2"
-    kwargs = hf.packed_attention(model, packed, torch.float32)
-    assert kwargs["cu_seq_lens_q"].tolist() == [0, 2, 5] and kwargs["cu_seq_lens_q"].dtype == torch.int32
+    swapped, kwargs = hf.packed_attention(model, packed, torch.float32)
+    assert swapped is None and kwargs["cu_seq_lens_q"].tolist() == [0, 2, 5] and kwargs["cu_seq_lens_q"].dtype == torch.int32
     assert kwargs["max_length_q"] == kwargs["max_length_k"] == 3 and "attention_mask" not in kwargs
     model.config._attn_implementation = "flex_attention"
     with pytest.raises(ValueError, match="model: padding-free batches take attn_implementation"):
