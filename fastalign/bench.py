@@ -791,8 +791,8 @@ def make_packed_inputs(problem: Problem) -> PackedStepInputs:
 
 def packed_step(padding_free: bool) -> VariantFactory:
     """One DPO training step (forward, backward, AdamW step) of a copy of the tiny Llama, the batch packed into one
-    row (``padding_free=True``: sdpa with the block-diagonal mask) or padded; returns the loss. AdamW's state is
-    allocated at set-up, by a step on the batch's first two columns."""
+    row (``padding_free=True``: per-sequence sdpa, ``fastalign.hf.segment_attention``) or padded; returns the loss.
+    AdamW's state is allocated at set-up, by a step on the batch's first two columns."""
     import copy
 
     from .trainers import DPOConfig, DPOTrainer

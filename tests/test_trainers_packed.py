@@ -65,7 +65,8 @@ def test_flash_attention_gets_the_varlen_arguments_and_other_implementations_are
     packed = hf.PackedSequences.of(torch.tensor([[1, 1, 0], [1, 1, 1]]))
     model.config._attn_implementation = "flash_attention_2"
     swapped, kwargs = hf.packed_attention(model, packed, torch.float32)
-    assert swapped is None and kwargs["cu_seq_lens_q"].tolist() == [0, 2, 5] and kwargs["cu_seq_lens_q"].dtype == torch.int32
+    assert swapped is None and kwargs["cu_seq_lens_q"].tolist() == [0, 2, 5]
+    assert kwargs["cu_seq_lens_q"].dtype == torch.int32
     assert kwargs["max_length_q"] == kwargs["max_length_k"] == 3 and "attention_mask" not in kwargs
     model.config._attn_implementation = "flex_attention"
     with pytest.raises(ValueError, match="model: padding-free batches take attn_implementation"):

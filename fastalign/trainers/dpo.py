@@ -28,7 +28,7 @@ class DPOConfig(TrainingConfig):
     the steps it will run only (and of the eval dataset when the trainer is built).
     ``padding_free`` (TRL's name): each batch's sequences packed into one row without padding, the model given
     ``position_ids`` and the fused loss the packing (see ``fastalign.hf.packed_hidden_states``: flash-attention-2's
-    varlen path, or a block-diagonal causal mask on ``sdpa``/``eager``).
+    varlen path, per-sequence ``sdpa``, or a block-diagonal causal mask on ``eager``).
     """
 
     learning_rate: float = 1e-6

@@ -36,7 +36,7 @@ class GRPOConfig(TrainingConfig):
     model exists only when ``beta != 0``.
     ``padding_free`` (TRL's name): each batch's sequences packed into one row without padding, the model given
     ``position_ids`` and the fused loss the packing (see ``fastalign.hf.packed_hidden_states``: flash-attention-2's
-    varlen path, or a block-diagonal causal mask on ``sdpa``/``eager``).
+    varlen path, per-sequence ``sdpa``, or a block-diagonal causal mask on ``eager``).
     """
 
     learning_rate: float = 1e-6

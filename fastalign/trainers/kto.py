@@ -54,7 +54,7 @@ class KTOConfig(TrainingConfig):
     (its KL pairs come from the other examples of the batch).
     ``padding_free`` (TRL's name): each batch's sequences packed into one row without padding, the model given
     ``position_ids`` and the fused loss the packing (see ``fastalign.hf.packed_hidden_states``: flash-attention-2's
-    varlen path, or a block-diagonal causal mask on ``sdpa``/``eager``).
+    varlen path, per-sequence ``sdpa``, or a block-diagonal causal mask on ``eager``).
     """
 
     learning_rate: float = 1e-6

@@ -29,7 +29,7 @@ class PPOConfig(TrainingConfig):
     of the prompts; whitening and the loss's token mean are over all ranks' tokens.
     ``padding_free`` (TRL's name): each batch's sequences packed into one row without padding, the model given
     ``position_ids`` and the fused loss the packing (see ``fastalign.hf.packed_hidden_states``: flash-attention-2's
-    varlen path, or a block-diagonal causal mask on ``sdpa``/``eager``).
+    varlen path, per-sequence ``sdpa``, or a block-diagonal causal mask on ``eager``).
     """
 
     learning_rate: float = 3e-6
