@@ -172,6 +172,7 @@ def fused_and_reference_losses(tmp_path, **overrides):
     trainer = make_trainer(tmp_path, length, per_device_train_batch_size=16, **overrides)
     model = trainer.model
     batch = trainer.rollout([i for i in range(4) for _ in range(4)])
+    torch.manual_seed(2)  # a perturbation that clips some ratios in every case below (not with seeds 0, 1)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))

@@ -2,6 +2,7 @@
 ``GRPOConfig`` names, TRL's ``GRPOTrainer`` semantics, every loss type of ``fastalign.fused_linear_grpo_loss``)."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 from typing import NamedTuple
 
@@ -11,13 +12,14 @@ from torch import Tensor, nn
 from .. import hf
 from ..objectives.grpo import TOKEN_COUNT_LOSS_TYPES, GRPOLossConfig
 from . import distributed, losses
-from .common import TrainingConfig, as_floats, batch_indices, mean_metrics, require, steps_per_epoch
+from .common import as_floats, batch_indices, mean_metrics, require, steps_per_epoch
 from .data import IGNORE_INDEX
-from .rollout import SCALE_REWARDS, RewardFn, Samples, SamplingTrainer, group_advantages, reward_name, reward_scores
+from .rollout import SCALE_REWARDS, RewardFn, Samples, SamplingConfig, SamplingTrainer, group_advantages, reward_name, reward_scores
 
 @dataclass
-class GRPOConfig(TrainingConfig):
-    """GRPO options (TRL's ``GRPOConfig`` names and defaults) on top of :class:`TrainingConfig`.
+class GRPOConfig(SamplingConfig):
+    """GRPO options (TRL's ``GRPOConfig`` names and defaults) on top of
+    :class:`~fastalign.trainers.rollout.SamplingConfig`.
 
     One step: a generation batch of ``per_device_train_batch_size x gradient_accumulation_steps`` completions per
     rank, ``num_generations`` for each of the step's prompts (the global batch must be a multiple of it; a group's
@@ -105,6 +107,7 @@ class GenerationBatch(NamedTuple):
     old_logprobs: Tensor | None  # [B, R] policy log-probs at sampling time, with num_iterations > 1 only
     ref_logprobs: Tensor | None  # [B, R] reference log-probs, with beta != 0 only
     num_items_in_batch: Tensor  # completion tokens of the step on all ranks
+    micro_batches: list[Tensor]  # the rows of each micro-batch (TRL shuffles the generation batch once)
     metrics: dict[str, float]
 
 
@@ -161,8 +164,9 @@ class GRPOTrainer(SamplingTrainer):
     @torch.no_grad()
     def rollout(self, indices: list[int]) -> GenerationBatch:
         """Sample a completion of prompt ``i`` for each ``i`` in ``indices`` (this rank's share of the step's
-        groups), score it, normalize the rewards over the groups of all ranks, and compute the old (``num_iterations
-        > 1``) and reference (``beta != 0``) log-probs in forward-only passes."""
+        groups), score it, normalize the rewards over the groups of all ranks, draw the micro-batches, and compute
+        the old (``num_iterations > 1``, in those micro-batches) and reference (``beta != 0``) log-probs in
+        forward-only passes."""
         c = self.config
         prompts = [self.prompts[i] for i in indices]
         s = self.sample([self.queries[i] for i in indices])
@@ -179,14 +183,17 @@ class GRPOTrainer(SamplingTrainer):
                         "completions/max_length": all_lengths.max(), "completions/clipped_ratio": 1 - all_eos.mean()})
         keep = s.mask & s.has_eos[:, None] if c.mask_truncated_completions else s.mask
         targets = s.response.masked_fill(~keep, IGNORE_INDEX)
-        old = self.engine(self.response_logprobs, s.input_ids, s.attention_mask, targets) \
-            if c.num_iterations > 1 else None
+        micro_batches = torch.randperm(len(indices)).split(c.per_device_train_batch_size)
+        old = None
+        if c.num_iterations > 1:  # with the entropy, as the loss op computes them (the same bits, see losses)
+            old = self.forward_as_trained(functools.partial(self.response_logprobs, return_entropy=True),
+                                          micro_batches, s.input_ids, s.attention_mask, targets)[0]
         ref = None
         if self.ref_engine is not None:
             ref = self.ref_engine(self.response_logprobs, s.input_ids, s.attention_mask, targets)
             distributed.reshard(self.ref_engine)
         return GenerationBatch(s.input_ids, s.attention_mask, targets, advantages[mine].to(self.device), old, ref,
-                               distributed.global_count(lengths.sum()), as_floats(metrics))
+                               distributed.global_count(lengths.sum()), micro_batches, as_floats(metrics))
 
     def compute_loss(self, batch: GenerationBatch, rows: Tensor) -> tuple[Tensor, dict[str, float]]:
         """The GRPO loss of ``rows`` of the batch, as its share of the optimizer step's loss, computed as the policy's
@@ -216,7 +223,7 @@ class GRPOTrainer(SamplingTrainer):
         return losses.grpo_loss(hidden, *hf.get_lm_head(model), targets, advantages, self.config.loss_config,
                                 self.config.loss_backend, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
                                 temperature=self.config.temperature, num_items_in_batch=num_items_in_batch,
-                                packed=packed)
+                                packed=packed, deterministic=self.config.deterministic)
 
     def train(self, resume_from_checkpoint: str | bool | None = None) -> list[dict]:
         """Run the training loop; returns the logged records (also in ``output_dir/metrics.jsonl``)."""
@@ -235,8 +242,7 @@ class GRPOTrainer(SamplingTrainer):
             step_prompts = batch_indices(len(self.prompts), groups, self.step, c.seed)  # the same on every rank
             completions = [i for i in step_prompts for _ in range(c.num_generations)]
             batch = self.rollout(completions[distributed.rank() * local:(distributed.rank() + 1) * local])
-            micro_batches = torch.randperm(local).split(micro)  # TRL shuffles the generation batch once
-            updates = [self.update(micro_batches, lambda rows: self.compute_loss(batch, rows))
+            updates = [self.update(batch.micro_batches, lambda rows: self.compute_loss(batch, rows))
                        for _ in range(c.num_iterations)]
             self.end_step({**batch.metrics, **mean_metrics(updates), "epoch": (self.step + 1) / per_epoch})
         self.finish()

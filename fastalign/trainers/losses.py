@@ -75,13 +75,15 @@ def layout_of(packed: PackedSequences | None) -> dict:
 
 @lm_head_precision
 def token_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, backend: str, *,
-                   temperature: float = 1.0, return_entropy: bool = False, packed: PackedSequences | None = None):
+                   temperature: float = 1.0, return_entropy: bool = False, packed: PackedSequences | None = None,
+                   deterministic: bool | None = None):
     """Per-token log-probs ``[B, T]`` (0 where ``targets`` is -100), and entropy with ``return_entropy``; of a
-    ``packed`` batch in its padded layout (no sequence-level term: the fused op skips the padding's rows)."""
+    ``packed`` batch in its padded layout (no sequence-level term: the fused op skips the padding's rows).
+    ``deterministic``: the fused op's mode (the reference backend has none)."""
     hidden, targets = unpacked(packed, hidden, targets)
     if backend == "fused":
         return fused_linear_logprobs(hidden, weight, targets, bias, temperature=temperature,
-                                     return_entropy=return_entropy, check_finite=False)
+                                     return_entropy=return_entropy, check_finite=False, deterministic=deterministic)
     return materialized_logprobs(hidden, weight, bias, targets, temperature=temperature,
                                  return_entropy=return_entropy)
 
@@ -121,21 +123,25 @@ def dpo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tenso
 def ppo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, old_logprobs: Tensor,
              advantages: Tensor, value_head, old_values: Tensor, returns: Tensor, config: PPOLossConfig, backend: str,
              *, temperature: float, num_tokens: int | Tensor | None = None,
-             packed: PackedSequences | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+             packed: PackedSequences | None = None,
+             deterministic: bool | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped PPO loss (policy + ``vf_coef`` x value, token sums over ``num_tokens``, default the number of
-    response tokens: the means) and its TRL metrics on the response tokens: ``hidden [B, T, H]`` at the positions
-    that predict ``targets [B, T]`` (-100 after EOS), per-token ``[B, T]`` inputs, the linear ``value_head`` on the
-    same hidden rows."""
+    response tokens: the means) and its TRL metrics on the response tokens, the entropy included: ``hidden [B, T,
+    H]`` at the positions that predict ``targets [B, T]`` (-100 after EOS), per-token ``[B, T]`` inputs, the linear
+    ``value_head`` on the same hidden rows. The entropy is computed as the rollout's log-probs compute it: a fused
+    op's log-probs are batch-invariant (``deterministic``) for one set of row statistics, not across sets."""
     if backend == "fused":
         out = fused_linear_ppo_loss(
             hidden, weight, targets, old_logprobs, advantages, bias=bias, cliprange=config.cliprange,
             value_head_weight=value_head.weight, value_head_bias=value_head.bias, old_values=old_values,
             returns=returns, cliprange_value=config.cliprange_value, vf_coef=config.vf_coef,
-            temperature=temperature, num_tokens=num_tokens, check_finite=False, **layout_of(packed))
+            temperature=temperature, num_tokens=num_tokens, compute_entropy=True, check_finite=False,
+            deterministic=deterministic, **layout_of(packed))
         return out.loss, out.metrics
     hidden, targets, old_logprobs, advantages, old_values, returns = unpacked(
         packed, hidden, targets, old_logprobs, advantages, old_values, returns)
-    logprobs = materialized_logprobs(hidden, weight, bias, targets, temperature=temperature).reshape(-1)
+    logprobs, entropy = (t.reshape(-1) for t in materialized_logprobs(hidden, weight, bias, targets,
+                                                                       temperature=temperature, return_entropy=True))
     mask = (targets != IGNORE_INDEX).reshape(-1)
     weights = aggregation_weights(mask, num_tokens=num_tokens)
     tokens = PPOTokens(old_logprobs.reshape(-1), advantages.reshape(-1), None, weights)
@@ -143,7 +149,7 @@ def ppo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tenso
     value = value_loss_terms(hidden.reshape(-1, hidden.shape[-1]), head, weights, mask, config.cliprange_value)
     loss = policy_loss_value(tokens, config, logprobs, None) + config.vf_coef * value.loss
     with torch.no_grad():
-        metrics = ppo_metrics(tokens, config, mask, logprobs.detach(), None, value.metrics)
+        metrics = ppo_metrics(tokens, config, mask, logprobs.detach(), entropy, value.metrics)
     metrics["loss/total"] = loss.detach()
     return loss, metrics
 
@@ -153,15 +159,16 @@ def grpo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tens
               config: GRPOLossConfig, backend: str, *, old_logprobs: Tensor | None = None,
               ref_logprobs: Tensor | None = None, temperature: float = 1.0,
               num_items_in_batch: int | Tensor | None = None,
-              packed: PackedSequences | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+              packed: PackedSequences | None = None,
+              deterministic: bool | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO loss (TRL's ``_compute_loss`` for one process, without the gradient-accumulation division) and its TRL
     metrics over the completion tokens (``targets != -100``): ``hidden [B, T, H]`` at the positions that predict
     ``targets [B, T]``, ``advantages [B]``, old / reference log-probs ``[B, T]`` (None: on-policy / no KL)."""
     if backend == "fused":
         out = fused_linear_grpo_loss(hidden, weight, targets, advantages, old_logprobs=old_logprobs, bias=bias,
                                      ref_logprobs=ref_logprobs, num_items_in_batch=num_items_in_batch,
-                                     temperature=temperature, check_finite=False, **asdict(config),
-                                     **layout_of(packed))
+                                     temperature=temperature, check_finite=False, deterministic=deterministic,
+                                     **asdict(config), **layout_of(packed))
         return out.loss, out.metrics
     hidden, targets, old_logprobs, ref_logprobs = unpacked(packed, hidden, targets, old_logprobs, ref_logprobs)
     logprobs, entropy = materialized_logprobs(hidden, weight, bias, targets, temperature=temperature,

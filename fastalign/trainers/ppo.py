@@ -11,14 +11,14 @@ from .. import hf
 from ..objectives.aggregation import masked_whiten
 from ..objectives.ppo import KL_ESTIMATORS, PPOLossConfig
 from . import distributed, losses
-from .common import TrainingConfig, as_floats, batch_indices, mean_metrics, require, steps_per_epoch
+from .common import as_floats, batch_indices, mean_metrics, require, steps_per_epoch
 from .data import IGNORE_INDEX
-from .rollout import RewardFn, Samples, SamplingTrainer, gae, reward_scores, rewards_with_kl
+from .rollout import RewardFn, Samples, SamplingConfig, SamplingTrainer, gae, reward_scores, rewards_with_kl
 
 
 @dataclass
-class PPOConfig(TrainingConfig):
-    """PPO options (TRL's ``PPOConfig`` names) on top of :class:`TrainingConfig`.
+class PPOConfig(SamplingConfig):
+    """PPO options (TRL's ``PPOConfig`` names) on top of :class:`~fastalign.trainers.rollout.SamplingConfig`.
 
     One step: a rollout of ``per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches``
     prompts, then ``num_ppo_epochs`` passes over it in ``num_mini_batches`` optimizer steps. Responses: at most
@@ -79,6 +79,7 @@ class Rollout(NamedTuple):
     values: Tensor  # [B, R]
     advantages: Tensor  # [B, R] whitened
     returns: Tensor  # [B, R]
+    order: Tensor  # [B] the rows' order in the first epoch (its micro-batches computed logprobs and values)
     metrics: dict[str, float]
 
 
@@ -125,13 +126,16 @@ class PPOTrainer(SamplingTrainer):
 
     @torch.no_grad()
     def rollout(self, indices: list[int]) -> Rollout:
-        """Sample, then log-probs, reference log-probs and values in forward-only passes, rewards, GAE."""
+        """Sample, draw the first epoch's row order, then log-probs and values (in that epoch's micro-batches) and
+        reference log-probs in forward-only passes, rewards, GAE."""
         c = self.config
         s = self.sample([self.queries[i] for i in indices])
         scores = self.scores([self.prompts[i] for i in indices], s)
         mask = s.mask
         targets = s.response.masked_fill(~mask, IGNORE_INDEX)
-        logprobs, entropy, values = self.engine(self.policy_outputs, s.input_ids, s.attention_mask, targets)
+        order = torch.randperm(len(indices))
+        logprobs, entropy, values = self.forward_as_trained(self.policy_outputs, order.split(
+            c.per_device_train_batch_size), s.input_ids, s.attention_mask, targets)
         values = values.masked_fill(~mask, 0.0)
         ref_logprobs = self.ref_engine(self.response_logprobs, s.input_ids, s.attention_mask, targets)
         distributed.reshard(self.ref_engine)
@@ -145,7 +149,7 @@ class PPOTrainer(SamplingTrainer):
                    "objective/entropy": entropy.sum(-1).mean(), "objective/non_score_reward": non_score.mean(),
                    "objective/rlhf_reward": (scores + non_score).mean(), "val/num_eos_tokens": s.has_eos.sum(),
                    "completions/mean_length": mask.sum(-1).float().mean()}
-        return Rollout(s.input_ids, s.attention_mask, targets, mask, logprobs, values, advantages, returns,
+        return Rollout(s.input_ids, s.attention_mask, targets, mask, logprobs, values, advantages, returns, order,
                        as_floats(metrics))
 
     def policy_outputs(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
@@ -153,7 +157,8 @@ class PPOTrainer(SamplingTrainer):
         """Inside the policy's forward: log-probs, entropy and values ``[B, R]`` of the response ``targets``."""
         hidden = self.response_hidden(model, input_ids, attention_mask, targets.shape[1])
         logprobs, entropy = losses.token_logprobs(hidden, *hf.get_lm_head(model), targets, self.config.loss_backend,
-                                                  temperature=self.config.temperature, return_entropy=True)
+                                                  temperature=self.config.temperature, return_entropy=True,
+                                                  deterministic=self.config.deterministic)
         return logprobs, entropy, hf.get_value_head(model)(hidden).float()
 
     def compute_loss(self, rollout: Rollout, rows: Tensor,
@@ -167,6 +172,7 @@ class PPOTrainer(SamplingTrainer):
         loss, metrics = self.engine(self.policy_loss, r.input_ids[rows], r.attention_mask[rows], r.targets[rows],
                                     r.logprobs[rows], r.advantages[rows], r.values[rows], r.returns[rows], num_tokens)
         metrics = as_floats(metrics)
+        metrics["policy/entropy_avg"] = metrics.pop("objective/entropy")  # TRL's name for the update's entropy
         if num_tokens is not None:
             world = distributed.world_size()
             loss = loss * world
@@ -180,7 +186,8 @@ class PPOTrainer(SamplingTrainer):
                                                       advantages, old_values, returns)
         return losses.ppo_loss(hidden, *hf.get_lm_head(model), *tokens[:3], hf.get_value_head(model), *tokens[3:],
                                self.config.loss_config, self.config.loss_backend, temperature=self.config.temperature,
-                               num_tokens=num_tokens, packed=packed)
+                               num_tokens=num_tokens, packed=packed,
+                               deterministic=self.config.deterministic)
 
     def train(self, resume_from_checkpoint: str | bool | None = None) -> list[dict]:
         """Run the training loop; returns the logged records (also in ``output_dir/metrics.jsonl``)."""
@@ -195,8 +202,8 @@ class PPOTrainer(SamplingTrainer):
             rollout = self.rollout(batch_indices(len(self.prompts), batch, self.step, c.seed, distributed.rank(),
                                                  world))
             updates = []
-            for _ in range(c.num_ppo_epochs):
-                for mini_rows in torch.randperm(batch).split(mini):
+            for epoch in range(c.num_ppo_epochs):
+                for mini_rows in (rollout.order if epoch == 0 else torch.randperm(batch)).split(mini):
                     # The mini-batch's tokens on all ranks: each micro-batch's loss is its share of the mini-batch's
                     # token mean (times the world size, see compute_loss).
                     num_tokens = distributed.global_count(rollout.mask[mini_rows].sum())

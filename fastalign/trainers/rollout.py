@@ -9,6 +9,7 @@ and including the first EOS), and values and rewards are 0 past it, so the episo
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import torch
@@ -56,6 +57,22 @@ def reward_scores(reward_fn: RewardFn | nn.Module, prompts: list[str], completio
     if len(scores) != len(prompts):
         raise ValueError(f"{name}: returned {len(scores)} scores for {len(prompts)} completions")
     return torch.tensor([float("nan") if s is None else float(s) for s in scores], device=input_ids.device)
+
+
+@dataclass
+class SamplingConfig(TrainingConfig):
+    """What PPO's and GRPO's configs add to :class:`TrainingConfig` alike.
+
+    ``deterministic``: the fused ops' deterministic mode (batch-invariant log-probs; None: the ops' default, on
+    when ``torch.are_deterministic_algorithms_enabled()`` or ``$FASTALIGN_DETERMINISTIC=1``). The rollout's
+    old log-probs are always computed in the first update's micro-batches (same rows, same order, same shapes), so
+    that in this mode they equal the first update's log-probs bit for bit: on-policy ``policy/ratio_mean`` is
+    exactly 1 and ``policy/clipfrac`` exactly 0. Needs ``loss_backend="fused"`` (the reference loss is not
+    batch-invariant), a model whose forward repeats bit for bit on the same batch (no dropout) and no
+    ``padding_free`` (the update's forward is packed, the rollout's padded).
+    """
+
+    deterministic: bool | None = None
 
 
 class SamplingTrainer(Trainer):
@@ -134,13 +151,24 @@ class SamplingTrainer(Trainer):
 
         return hidden, packed, (place(targets, IGNORE_INDEX), *(place(t, 0) for t in per_token))
 
-    def response_logprobs(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
-                          targets: Tensor) -> Tensor:
+    def response_logprobs(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor, targets: Tensor,
+                          return_entropy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Inside a model's forward (policy or reference engine): its log-probs ``[B, R]`` of the response
-        ``targets`` (0 where -100) at the sampling temperature."""
+        ``targets`` (0 where -100) at the sampling temperature (and the entropy ``[B, R]``)."""
         hidden = self.response_hidden(model, input_ids, attention_mask, targets.shape[1])
         return losses.token_logprobs(hidden, *hf.get_lm_head(model), targets, self.config.loss_backend,
-                                     temperature=self.config.temperature)
+                                     temperature=self.config.temperature, return_entropy=return_entropy,
+                                     deterministic=self.config.deterministic)
+
+    def forward_as_trained(self, fn, micro_batches: list[Tensor], *tensors: Tensor):
+        """``self.engine(fn, *rows of tensors)`` for each micro-batch (row indices, as the first update will take
+        them), the outputs (a tensor or a tuple of them, ``[rows, ...]``) put back in row order ``[B, ...]``: the
+        same forward as the first update's, so the old log-probs repeat it bit for bit in deterministic mode."""
+        outputs = [self.engine(fn, *(t[rows] for t in tensors)) for rows in micro_batches]
+        order = torch.cat(micro_batches).argsort().to(tensors[0].device)
+        if isinstance(outputs[0], Tensor):
+            return torch.cat(outputs)[order]
+        return tuple(torch.cat(parts)[order] for parts in zip(*outputs))
 
     def evaluate(self) -> dict[str, float]:
         """Mean score (``eval_metric``) of responses sampled as in training for the eval prompts (shared by the
