@@ -997,19 +997,23 @@ def summarize_mode(mode: Mode, seconds: dict[str, list[float]], memory: dict[str
 
 
 def run_benchmark(op: str = "logprobs", problem: Problem = ISSUE_PROBLEM, *, rounds: int = 3, memory: bool = True,
-                  log: Callable[[str], None] | None = None) -> dict:
-    """Time every mode of ``op`` (and measure memory in subprocesses); the results as a JSON-ready dict."""
+                  memory_jobs: int | None = None, log: Callable[[str], None] | None = None) -> dict:
+    """Time every mode of ``op`` (and measure memory in subprocesses, ``memory_jobs`` at a time, default one per
+    CPU; 1 keeps the peak of the whole run at the largest variant's); the results as a JSON-ready dict."""
     if op not in REGISTRY:
         raise ValueError(f"op: expected one of {sorted(REGISTRY)}, got {op!r}")
     if rounds < 1:
         raise ValueError(f"rounds: expected a positive int, got {rounds!r}")
+    memory_jobs = os.cpu_count() if memory_jobs is None else memory_jobs
+    if isinstance(memory_jobs, bool) or not isinstance(memory_jobs, int) or memory_jobs < 1:
+        raise ValueError(f"memory_jobs: expected None or an int >= 1, got {memory_jobs!r}")
     log = log or (lambda message: None)
     spec = REGISTRY[op]
     memory_bytes: dict[str, dict[str, int]] = {name: {} for name in spec.modes}
     if memory:
         jobs = [(mode_name, variant) for mode_name, mode in spec.modes.items() for variant in mode.memory_variants]
-        log(f"memory: {len(jobs)} variants, each in a fresh process, {os.cpu_count()} at a time")
-        with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        log(f"memory: {len(jobs)} variants, each in a fresh process, {memory_jobs} at a time")
+        with ThreadPoolExecutor(max_workers=memory_jobs) as pool:
             measured = pool.map(lambda job: memory_in_subprocess(op, *job, problem), jobs)
             for (mode_name, variant), extra in zip(jobs, measured):
                 memory_bytes[mode_name][variant] = extra
@@ -1141,6 +1145,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bias", action="store_true", help="give the lm_head a bias (logprobs only)")
     parser.add_argument("--rounds", type=int, default=3, help="timing rounds; the best is kept (default 3)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement (one process each)")
+    parser.add_argument("--memory-jobs", type=int, default=None,
+                        help="memory measurements run at the same time (default: one per CPU); 1 for the sizes whose "
+                             "reference variant needs many GB (dpo-long-pair, train-long)")
     parser.add_argument("--json-out", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--quick", action="store_true",
                         help=f"tiny sizes that run in seconds (N={QUICK_PROBLEM.tokens}, H={QUICK_PROBLEM.hidden_size},"
@@ -1182,7 +1189,7 @@ def run_from_arguments(args: argparse.Namespace) -> dict:
     for op in ops:
         log = lambda message, op=op: print(f"[bench {op}] {message}", file=sys.stderr, flush=True)  # noqa: E731
         everything[op] = run_benchmark(op, problem_from_arguments(args, op), rounds=args.rounds,
-                                       memory=not args.no_memory, log=log)
+                                       memory=not args.no_memory, memory_jobs=args.memory_jobs, log=log)
         print(render_markdown(everything[op]), flush=True)
     results = {"ops": everything} if args.op == "all" else everything[args.op]
     if args.json_out:

@@ -58,6 +58,12 @@ def test_memory_is_measured_for_every_memory_target_reference():
     assert mode.memory_variants == ("fused", "naive", "other")
 
 
+@pytest.mark.parametrize("jobs", [0, 1.5, True])
+def test_memory_jobs_must_be_a_positive_int(jobs):
+    with pytest.raises(ValueError, match=rf"memory_jobs: expected None or an int >= 1, got {jobs!r}"):
+        bench.run_benchmark("logprobs", TINY, memory_jobs=jobs)
+
+
 @pytest.mark.parametrize("op", sorted(bench.REGISTRY))
 def test_table_has_every_variant_and_target_row(op):
     results = bench.run_benchmark(op, TINY, rounds=1, memory=False)
@@ -106,7 +112,7 @@ def test_cli_bench_all_runs_logprobs_ppo_dpo(tmp_path, capsys):
 @linux_only
 def test_cli_bench_quick_prints_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--quick", "--rounds", "1", "--json-out", str(out)]) == 0
+    assert main(["bench", "--quick", "--rounds", "1", "--memory-jobs", "1", "--json-out", str(out)]) == 0
     table = capsys.readouterr().out
     assert "| target (candidate: fused) |" in table and "not measured" not in table
     assert "PASS" not in table and "FAIL" not in table and f"| {bench.QUICK_VERDICT} |" in table
