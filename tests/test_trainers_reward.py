@@ -103,16 +103,17 @@ def test_the_loss_is_trls_on_each_sequence_scored_alone(tmp_path, tok):
 
 @pytest.mark.slow
 def test_a_reward_model_learns_the_counting_preferences_and_scores_ppo_rollouts(tmp_path, tok):
-    """Reward accuracy on held-out prompts after 300 steps from a random init: 0.96 with this seed, 0.87 to 0.94
-    with three other init seeds (the "slip a number" pairs are the hard ones), hence the 0.85 threshold. Then the
+    """Reward accuracy on held-out prompts after 300 steps from a random init (H=128, learning rate 1e-3): 0.977,
+    0.971, 0.932, 0.973 with init seeds 0-3 on 512 held-out pairs (AMD EPYC; the "slip a number" pairs are the hard
+    ones). At H=64 and 3e-3 it was 0.86 to 0.96, with or without weight decay, 3 layers or longer prompts. Then the
     saved model loads as a ``transformers`` sequence-classification model and scores a PPO rollout."""
-    model = small_reward_model(tok, hidden_size=64, intermediate_size=128)
+    model = small_reward_model(tok, hidden_size=128, intermediate_size=256)
     cfg = config(tmp_path, max_steps=300, per_device_train_batch_size=32, per_device_eval_batch_size=128,
-                 warmup_ratio=0.1, lr_scheduler_type="cosine", logging_steps=20, max_length=None)
+                 learning_rate=1e-3, warmup_ratio=0.1, lr_scheduler_type="cosine", logging_steps=20, max_length=None)
     history = RewardTrainer(model, tok, TASK.preference_data(4000, seed=1), cfg,
                             eval_dataset=TASK.preference_data(256, seed=2, heldout=True)).train()
     final = history[-1]
-    assert final["eval_accuracy"] >= 0.85 and final["eval_margin"] > 1.0, final
+    assert final["eval_accuracy"] >= 0.9 and final["eval_margin"] > 1.0, final
     assert {"loss", "accuracy", "margin", "min_reward", "mean_reward", "max_reward", "num_tokens"} <= set(history[0])
     loaded = AutoModelForSequenceClassification.from_pretrained(cfg.output_dir).eval()
     torch.manual_seed(0)
