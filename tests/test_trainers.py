@@ -316,8 +316,12 @@ def train_until_killed(trainer, method: str, step: int) -> None:
         trainer.train()
 
 
-@pytest.mark.parametrize("options", [{}, {"gradient_checkpointing": True, "bf16": True}], ids=["fp32", "ckpt-bf16"])
-@pytest.mark.parametrize("kind", ["dpo", "ppo", "grpo"])
+LONG = {"gradient_checkpointing": True, "bf16": True}
+
+
+@pytest.mark.parametrize("kind, options", [(kind, options) for kind in ("dpo", "ppo", "grpo") for options in ({}, LONG)]
+                         + [(kind, {**LONG, "deterministic": True}) for kind in ("ppo", "grpo")],
+                         ids=lambda x: x if isinstance(x, str) else "-".join(x) or "fp32")
 def test_resume_continues_exactly(tmp_path, kind, options):
     full = make_trainer(kind, tmp_path / "full", **options)
     full.train()

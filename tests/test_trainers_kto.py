@@ -142,17 +142,18 @@ def test_kto_fused_and_reference_backends_agree(tmp_path, loss_type):
         torch.testing.assert_close(g_f, g_r, rtol=1e-4, atol=1e-5)
 
 
-def make_trainer(tmp_path):
+def make_trainer(tmp_path, **options):
     model, tok = tiny()
     config = kto_config(tmp_path, max_steps=6, save_steps=3, per_device_train_batch_size=4,
-                        gradient_accumulation_steps=2)
+                        gradient_accumulation_steps=2, **options)
     return KTOTrainer(model, tok, unpaired(20, seed=1), config)
 
 
-def test_kto_resume_continues_exactly(tmp_path):
-    full = make_trainer(tmp_path / "full")
+@pytest.mark.parametrize("options", [{}, {"gradient_checkpointing": True, "bf16": True}], ids=["fp32", "ckpt-bf16"])
+def test_kto_resume_continues_exactly(tmp_path, options):
+    full = make_trainer(tmp_path / "full", **options)
     full.train()
-    crashed = make_trainer(tmp_path / "resumed")
+    crashed = make_trainer(tmp_path / "resumed", **options)
     original = crashed.compute_loss
 
     def crash(*args):
@@ -163,7 +164,7 @@ def test_kto_resume_continues_exactly(tmp_path):
     crashed.compute_loss = crash
     with pytest.raises(KeyboardInterrupt):
         crashed.train()
-    resumed = make_trainer(tmp_path / "resumed")
+    resumed = make_trainer(tmp_path / "resumed", **options)
     resumed.train(resume_from_checkpoint=True)
     for (key, a), b in zip(weights(full.model).items(), weights(resumed.model).values()):
         assert torch.equal(a, b), key
