@@ -14,7 +14,8 @@ from ..objectives.grpo import TOKEN_COUNT_LOSS_TYPES, GRPOLossConfig
 from . import distributed, losses
 from .common import as_floats, batch_indices, mean_metrics, require, steps_per_epoch
 from .data import IGNORE_INDEX
-from .rollout import SCALE_REWARDS, RewardFn, Samples, SamplingConfig, SamplingTrainer, group_advantages, reward_name, reward_scores
+from .rollout import (SCALE_REWARDS, RewardFn, Samples, SamplingConfig, SamplingTrainer, group_advantages,
+                      reward_name, reward_scores)
 
 @dataclass
 class GRPOConfig(SamplingConfig):
