@@ -7,11 +7,14 @@ rejected answers turn around, get a number wrong or do not stop. Steps:
 
 1. DPO with RPO's NLL term (``rpo_alpha=1``; there is no SFT stage, so the NLL term is what teaches the model to
    write answers while the DPO term teaches which ones are preferred); reward accuracy on held-out prompts.
-2. A reward model trained on preference pairs (Bradley-Terry; a score head on a copy of the DPO policy's backbone,
-   as RLHF starts it from the SFT model); its accuracy on held-out pairs. PPO below still trains on the rule:
-   against this reward model it was exploited in our runs (see the README).
-3. PPO from the DPO policy with the task's rule-based reward (fraction of positions right), on the training
-   prompts; the mean score of sampled answers to held-out prompts before and after.
+2. A reward model trained on preference pairs (Bradley-Terry, a score head on a Llama of width 128 from random
+   weights); its accuracy on held-out pairs.
+3. PPO from the DPO policy against that learned reward (not the rule), on the training prompts; the mean rule score
+   (fraction of positions right) of sampled answers to held-out prompts before and after. Two things made PPO
+   exploit the learned reward before: a weaker reward model (a score head on the DPO backbone, width 64: 0.8-0.88
+   held-out accuracy, 0.64 when ranking the policy's own wrong samples against the right answer) and PPO steps
+   large enough (learning rate 1e-3) to move 4-10 nats of KL within 25 steps, into answers the reward model
+   misjudges; either alone still lowered the rule score in our runs.
 4. GRPO from the same DPO policy with the same reward (8 sampled answers per prompt, no value model, no reference
    model); the mean reward of sampled answers to held-out prompts before and after.
 5. Peak memory of one DPO training step at 2 x 8192 tokens with a 32k vocabulary, fused vs reference loss, each in
@@ -56,8 +59,8 @@ class DemoSettings:
     heldout_prompts: int = 256
 
 
-FULL = DemoSettings(dpo_steps=120, ppo_steps=200, grpo_steps=200, reward_steps=100, memory_tokens=8192)
-QUICK = DemoSettings(dpo_steps=120, ppo_steps=100, grpo_steps=150, reward_steps=100, memory_tokens=512)
+FULL = DemoSettings(dpo_steps=120, ppo_steps=200, grpo_steps=200, reward_steps=300, memory_tokens=8192)
+QUICK = DemoSettings(dpo_steps=120, ppo_steps=100, grpo_steps=150, reward_steps=300, memory_tokens=512)
 
 
 def dpo_config(output_dir: str, steps: int) -> DPOConfig:
@@ -67,7 +70,7 @@ def dpo_config(output_dir: str, steps: int) -> DPOConfig:
 
 
 def ppo_config(output_dir: str, steps: int) -> PPOConfig:
-    return PPOConfig(output_dir=output_dir, max_steps=steps, learning_rate=1e-3, warmup_ratio=0.05,
+    return PPOConfig(output_dir=output_dir, max_steps=steps, learning_rate=2e-4, warmup_ratio=0.05,
                      per_device_train_batch_size=32, per_device_eval_batch_size=128, num_ppo_epochs=4,
                      response_length=6, temperature=1.0, missing_eos_penalty=1.0, kl_coef=0.05, logging_steps=5,
                      eval_steps=25)
@@ -80,16 +83,16 @@ def grpo_config(output_dir: str, steps: int) -> GRPOConfig:
 
 
 def reward_config(output_dir: str, steps: int) -> RewardConfig:
-    return RewardConfig(output_dir=output_dir, max_steps=steps, learning_rate=3e-3, lr_scheduler_type="cosine",
+    return RewardConfig(output_dir=output_dir, max_steps=steps, learning_rate=1e-3, lr_scheduler_type="cosine",
                         warmup_ratio=0.1, per_device_train_batch_size=32, per_device_eval_batch_size=128,
                         logging_steps=5, eval_steps=50, max_length=32)
 
 
-def train_reward_model(policy, tokenizer, task: CountingTask, settings: DemoSettings, output_dir: str):
-    """A reward model on a copy of the policy's backbone (as RLHF starts it from the SFT model) with a new score
-    head, trained on preference pairs of the task; returns it (in eval mode) and its logged records."""
-    reward_model = tiny_reward_model(tokenizer).to(next(policy.parameters()).device)
-    reward_model.model.load_state_dict(policy.model.state_dict())
+def train_reward_model(tokenizer, task: CountingTask, settings: DemoSettings, output_dir: str):
+    """A reward model (a tiny Llama of width 128 with a score head, random init) trained on preference pairs of the
+    task; returns it (in eval mode) and its logged records."""
+    torch.manual_seed(0)
+    reward_model = tiny_reward_model(tokenizer, hidden_size=128, intermediate_size=256)
     trainer = RewardTrainer(reward_model, tokenizer, task.preference_data(settings.train_pairs, seed=5),
                             reward_config(output_dir, settings.reward_steps),
                             eval_dataset=task.preference_data(settings.heldout_pairs, seed=2, heldout=True))
@@ -173,7 +176,7 @@ def plot(path: str, dpo_history: list[dict], ppo_history: list[dict], grpo_histo
     ax.plot(*series(ppo_history, "objective/scores"), label="rollout score")
     ax.plot(*series(ppo_history, "eval_objective/scores"), "o-", label="held-out score")
     ax.plot(*series(ppo_history, "objective/kl"), label="KL to reference")
-    ax.set(title="PPO (rule-based reward)", xlabel="step")
+    ax.set(title="PPO (learned reward; scores from the reward model)", xlabel="step")
     ax.legend()
     ax = axes[3]
     ax.plot(*series(grpo_history, "reward"), label="rollout reward")
@@ -191,13 +194,20 @@ def plot(path: str, dpo_history: list[dict], ppo_history: list[dict], grpo_histo
     plt.close(fig)
 
 
-def train_on_prompts(trainer_class, model, tokenizer, task: CountingTask, settings: DemoSettings,
-                     config) -> tuple[float, list[dict]]:
-    """Train ``model`` with ``trainer_class`` (PPO or GRPO) on the task's training prompts and rule-based reward;
-    returns the held-out score before training and the logged records (the held-out score every ``eval_steps``)."""
-    trainer = trainer_class(model, tokenizer, task.prompts(settings.train_pairs, seed=3), task.score, config,
-                            eval_dataset=task.prompts(settings.heldout_prompts, seed=4, heldout=True))
-    return trainer.evaluate()[trainer.eval_metric], trainer.train()
+def prompt_trainer(trainer_class, model, tokenizer, task: CountingTask, settings: DemoSettings, config, reward):
+    """A ``trainer_class`` (PPO or GRPO) for ``model`` on the task's training prompts and ``reward``, evaluated on
+    held-out prompts."""
+    return trainer_class(model, tokenizer, task.prompts(settings.train_pairs, seed=3), reward, config,
+                         eval_dataset=task.prompts(settings.heldout_prompts, seed=4, heldout=True))
+
+
+def rule_score(trainer: PPOTrainer, task: CountingTask) -> float:
+    """PPO's held-out evaluation (one sampled answer per prompt) scored by the task's rule, whatever it trains on."""
+    reward_fn, trainer.reward_fn = trainer.reward_fn, task.score
+    try:
+        return trainer.evaluate()[trainer.eval_metric]
+    finally:
+        trainer.reward_fn = reward_fn
 
 
 def run_demo(json_out: str | None = None, out_dir: str = "fastalign-demo", quick: bool = False) -> dict:
@@ -223,15 +233,20 @@ def run_demo(json_out: str | None = None, out_dir: str = "fastalign-demo", quick
         dpo_history = dpo.train()
         final = dpo_history[-1]
         dpo_model = copy.deepcopy(model)  # GRPO starts from here too
-        print(f"[2/5] reward model: the DPO policy's backbone with a score head, trained on preference pairs, "
+        print(f"[2/5] reward model: a tiny Llama with a score head, trained on preference pairs, "
               f"{settings.reward_steps} steps", flush=True)
-        _, reward_history = train_reward_model(model, tokenizer, task, settings, os.path.join(out_dir, "reward"))
-        print(f"[3/5] PPO from the DPO policy, rule-based reward, {settings.ppo_steps} steps", flush=True)
-        score_start, ppo_history = train_on_prompts(PPOTrainer, model, tokenizer, task, settings,
-                                                    ppo_config(os.path.join(out_dir, "ppo"), settings.ppo_steps))
-        print(f"[4/5] GRPO from the DPO policy, the same reward, {settings.grpo_steps} steps", flush=True)
-        grpo_start, grpo_history = train_on_prompts(GRPOTrainer, dpo_model, tokenizer, task, settings,
-                                                    grpo_config(os.path.join(out_dir, "grpo"), settings.grpo_steps))
+        reward_model, reward_history = train_reward_model(tokenizer, task, settings, os.path.join(out_dir, "reward"))
+        print(f"[3/5] PPO from the DPO policy against the learned reward, {settings.ppo_steps} steps", flush=True)
+        ppo = prompt_trainer(PPOTrainer, model, tokenizer, task, settings,
+                             ppo_config(os.path.join(out_dir, "ppo"), settings.ppo_steps), reward_model)
+        score_start = rule_score(ppo, task)
+        ppo_history = ppo.train()
+        score_end = rule_score(ppo, task)
+        print(f"[4/5] GRPO from the DPO policy, the task's rule as reward, {settings.grpo_steps} steps", flush=True)
+        grpo = prompt_trainer(GRPOTrainer, dpo_model, tokenizer, task, settings,
+                              grpo_config(os.path.join(out_dir, "grpo"), settings.grpo_steps), task.score)
+        grpo_start = grpo.evaluate()[grpo.eval_metric]
+        grpo_history = grpo.train()
     finally:
         torch.set_num_threads(threads)
     rollout_scores = [r["objective/scores"] for r in ppo_history if "objective/scores" in r]
@@ -245,8 +260,8 @@ def run_demo(json_out: str | None = None, out_dir: str = "fastalign-demo", quick
                 "steps": settings.dpo_steps},
         "reward_model": {"accuracy": reward_history[-1]["eval_accuracy"],
                          "margin": reward_history[-1]["eval_margin"], "steps": settings.reward_steps},
-        "ppo": {"score_start": score_start, "score_end": ppo_history[-1]["eval_objective/scores"],
-                "rollout_score_start": rollout_scores[0], "rollout_score_end": rollout_scores[-1],
+        "ppo": {"score_start": score_start, "score_end": score_end,  # under the rule
+                "reward_model_score_start": rollout_scores[0], "reward_model_score_end": rollout_scores[-1],
                 "steps": settings.ppo_steps},
         "grpo": {"score_start": grpo_start, "score_end": grpo_history[-1]["eval_reward"],
                  "rollout_reward_start": rollout_rewards[0], "rollout_reward_end": rollout_rewards[-1],
@@ -255,7 +270,7 @@ def run_demo(json_out: str | None = None, out_dir: str = "fastalign-demo", quick
         "seconds": time.perf_counter() - start,
         "plot": os.path.join(out_dir, "demo.png"),
     }
-    plot(results["plot"], dpo_history, [{"step": 0, "eval_objective/scores": score_start}, *ppo_history],
+    plot(results["plot"], dpo_history, ppo_history,
          [{"step": 0, "eval_reward": grpo_start}, *grpo_history], memory)
     print(summary(results), flush=True)
     if json_out:
@@ -273,8 +288,9 @@ def summary(results: dict) -> str:
         "fastalign demo: summary",
         f"  DPO  held-out reward accuracy {dpo['reward_accuracy']:.3f}, reward margin {dpo['reward_margin']:.2f}",
         f"  reward model  held-out accuracy {reward['accuracy']:.3f}, margin {reward['margin']:.2f}",
-        f"  PPO  held-out mean score {ppo['score_start']:.3f} -> {ppo['score_end']:.3f} "
-        f"(training rollouts {ppo['rollout_score_start']:.3f} -> {ppo['rollout_score_end']:.3f})",
+        f"  PPO  on the learned reward: held-out mean rule score {ppo['score_start']:.3f} -> {ppo['score_end']:.3f} "
+        f"(training rollouts' learned reward {ppo['reward_model_score_start']:.2f} -> "
+        f"{ppo['reward_model_score_end']:.2f})",
         f"  GRPO held-out mean reward {grpo['score_start']:.3f} -> {grpo['score_end']:.3f} "
         f"(training rollouts {grpo['rollout_reward_start']:.3f} -> {grpo['rollout_reward_end']:.3f})",
         f"  memory, one DPO step at 2 x {memory['sequence_length']} tokens, V={memory['vocab_size']}, fp32: "

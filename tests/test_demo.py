@@ -14,9 +14,13 @@ def test_quick_demo_learns_and_measures_memory(tmp_path, capsys):
     assert json.loads(json_out.read_text()) == results
     dpo, ppo, grpo, memory = results["dpo"], results["ppo"], results["grpo"], results["memory"]
     assert dpo["reward_accuracy"] >= 0.9 and dpo["reward_margin"] > 0.5  # held-out prompts
-    # the reward model on the DPO backbone: 0.88 held-out accuracy in the one run measured (AMD EPYC)
-    assert results["reward_model"]["accuracy"] >= 0.8 and results["reward_model"]["margin"] > 1.0
-    assert ppo["score_end"] > ppo["score_start"] + 0.1  # held-out prompts, sampled at the training temperature
+    # the reward model: 0.93-0.98 held-out accuracy over 4 init seeds at the test's sizes (tests/test_trainers_reward)
+    assert results["reward_model"]["accuracy"] >= 0.9 and results["reward_model"]["margin"] > 1.0
+    # PPO against the learned reward raises the held-out rule score (sampled at the training temperature): 0.50 ->
+    # 0.58, 0.55, 0.61 with PPO seeds 0-2 in the runs that chose these settings (AMD EPYC); one evaluation's noise
+    # (256 prompts) is about 0.02
+    assert ppo["score_end"] > ppo["score_start"] + 0.02
+    assert ppo["reward_model_score_end"] > ppo["reward_model_score_start"]
     # GRPO from the DPO policy: +0.27 to +0.40 in 6 runs here (3 seeds, 2 versions of the engine); the noise of one
     # evaluation (256 prompts) is about 0.02
     assert grpo["score_end"] > grpo["score_start"] + 0.15
@@ -25,7 +29,7 @@ def test_quick_demo_learns_and_measures_memory(tmp_path, capsys):
     assert (tmp_path / "demo" / "demo.png").stat().st_size > 10_000
     out = capsys.readouterr().out
     assert "held-out reward accuracy" in out and "GRPO held-out mean reward" in out and "reference" in out
-    assert "reward model  held-out accuracy" in out
+    assert "reward model  held-out accuracy" in out and "PPO  on the learned reward" in out
     # quick mode trains like the full demo (only the PPO run is shorter), so the targets above carry over
     assert QUICK.dpo_steps == FULL.dpo_steps and QUICK.reward_steps == FULL.reward_steps
     assert QUICK.ppo_steps <= FULL.ppo_steps
