@@ -123,15 +123,16 @@ def _pad(x: int, block: int) -> int:
 
 
 def lse_forward_cost(p: Problem, gpu: GPU, *, deterministic: bool, pass_name: str) -> LaunchCost:
-    """`_lse_forward_kernel`: program (row block i, split s) walks its split's vocab tiles; grid axis 0 fastest."""
+    """`_lse_forward_kernel`: program (row block i, split s), in swizzled order, walks its split's vocab tiles."""
     from fastalign.kernels.lse_forward import lse_forward_config, tiles_per_split
 
     cfg = lse_forward_config(p.dtype)
     rows, tiles = math.ceil(p.tokens / cfg.BLOCK_N), math.ceil(p.vocab / cfg.BLOCK_V)
-    per_split = tiles_per_split(rows, tiles, cfg.BLOCK_V, gpu.sms, deterministic=deterministic)
+    per_split = tiles_per_split(rows, tiles, cfg.BLOCK_V, gpu.sms, deterministic=deterministic, group_n=cfg.GROUP_N)
     splits = math.ceil(tiles / per_split)
     programs = ([(("h", i), ("w", t)) for t in range(s * per_split, min(tiles, (s + 1) * per_split))]
-                for s in range(splits) for i in range(rows))
+                for i, s in (swizzle2d(pid // splits, pid % splits, rows, splits, cfg.GROUP_N)
+                             for pid in range(rows * splits)))
     sizes = {"h": cfg.BLOCK_N * p.hidden * p.itemsize, "w": cfg.BLOCK_V * p.hidden * p.itemsize}
     hbm, l2 = traffic(programs, lambda key: sizes[key[0]], gpu)
     out = 4 * 4 * splits * p.tokens  # four fp32 partials per (split, row)
@@ -147,7 +148,7 @@ def ppo_epilogue_cost(p: Problem, gpu: GPU, *, deterministic: bool, pass_name: s
     cfg = lse_forward_config(p.dtype)
     tiles = math.ceil(p.vocab / cfg.BLOCK_V)
     splits = math.ceil(tiles / tiles_per_split(math.ceil(p.tokens / cfg.BLOCK_N), tiles, cfg.BLOCK_V, gpu.sms,
-                                               deterministic=deterministic))
+                                               deterministic=deterministic, group_n=cfg.GROUP_N))
     moved = p.tokens * (4 * 4 * splits + 8 + 4 * 4 + 4 * 6 + 2)
     return LaunchCost(pass_name, "ppo_epilogue", 0, moved, moved, 0)
 
@@ -198,7 +199,8 @@ def atomic_free_backward_cost(p: Problem, gpu: GPU, *, pass_name: str) -> list[L
 
     def one_chunk(m: int) -> list[LaunchCost]:
         rows, tiles = math.ceil(m / cfg.BLOCK_N), math.ceil(p.vocab / cfg.BLOCK_V)
-        programs = ([(("h", i), ("w", j))] for j in range(tiles) for i in range(rows))
+        programs = ([(("h", i), ("w", j))] for i, j in
+                    (swizzle2d(pid // tiles, pid % tiles, rows, tiles, cfg.GROUP_N) for pid in range(rows * tiles)))
         sizes = {"h": cfg.BLOCK_N * p.hidden * p.itemsize, "w": cfg.BLOCK_V * p.hidden * p.itemsize}
         hbm, l2 = traffic(programs, lambda key: sizes[key[0]], gpu)
         dz = m * p.vocab * p.itemsize

@@ -173,11 +173,16 @@ def _logit_grad_kernel(
     dz_ptr,  # out: [N, V] in the input dtype
     N, V, H, vocab_start, ignore_index, inv_temperature,
     HAS_BIAS: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    """Program (i, j): the logit gradient of token block i and vocab tile j, stored once (no atomics)."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    """Program p: the logit gradient of one (token block, vocab tile), stored once (no atomics)."""
+    # 1-D grid in grouped order (as the forward): GROUP_N token blocks down one vocab tile, then the next tile.
+    pid = tl.program_id(0)
+    num_v_blocks = tl.cdiv(V, BLOCK_V)
+    pid_n, pid_v = tl.swizzle2d(pid // num_v_blocks, pid % num_v_blocks, tl.cdiv(N, BLOCK_N), num_v_blocks, GROUP_N)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < N
     col_ok = cols < V
     dz = logit_grad_tile(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, grad_logprobs_ptr,
@@ -283,7 +288,7 @@ def _atomic_free_backward(hidden, weight, bias, targets, lse, grad_logprobs, gra
     for start in range(0, n, chunk):
         rows = slice(start, min(start + chunk, n))
         m = rows.stop - start
-        _logit_grad_kernel[(triton.cdiv(m, cfg.BLOCK_N), triton.cdiv(v, cfg.BLOCK_V))](
+        _logit_grad_kernel[(triton.cdiv(m, cfg.BLOCK_N) * triton.cdiv(v, cfg.BLOCK_V),)](
             hidden[rows], weight, bias if bias is not None else unused, targets[rows], lse[rows],
             grad_logprobs[rows], grad_entropy[rows] if grad_entropy is not None else unused,
             entropy[rows] if entropy is not None else unused, dz,

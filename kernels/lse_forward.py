@@ -28,12 +28,13 @@ class LseForwardConfig:
     BLOCK_N: int
     BLOCK_V: int
     BLOCK_H: int
+    GROUP_N: int  # token blocks per group of the grouped program order
     DOT_PRECISION: str
     num_warps: int
     num_stages: int
 
     def constexprs(self) -> dict:
-        return {"BLOCK_N": self.BLOCK_N, "BLOCK_V": self.BLOCK_V, "BLOCK_H": self.BLOCK_H,
+        return {"BLOCK_N": self.BLOCK_N, "BLOCK_V": self.BLOCK_V, "BLOCK_H": self.BLOCK_H, "GROUP_N": self.GROUP_N,
                 "DOT_PRECISION": self.DOT_PRECISION}
 
     def launch_options(self) -> dict:
@@ -49,9 +50,9 @@ def lse_forward_config(dtype: torch.dtype, interpret: bool = False) -> LseForwar
     """
     precision = "tf32x3" if dtype == torch.float32 else "tf32"  # the precision only matters for fp32 operands
     if interpret:
-        return LseForwardConfig(16, 32, 16, precision, num_warps=1, num_stages=1)
+        return LseForwardConfig(16, 32, 16, 2, precision, num_warps=1, num_stages=1)
     block_h = 16 if dtype == torch.float32 else 64
-    return LseForwardConfig(128, 64, block_h, precision, num_warps=8, num_stages=3)
+    return LseForwardConfig(128, 64, block_h, 8, precision, num_warps=8, num_stages=3)
 
 
 @triton.jit
@@ -62,11 +63,17 @@ def _lse_forward_kernel(
     N, V, H, tiles_per_split, vocab_start, ignore_index, inv_temperature,
     HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, WITH_LSE2: tl.constexpr, WITH_LOGIT_SUM: tl.constexpr,
     WITH_ARGMAX: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    """Program (i, s): rows [i*BLOCK_N, (i+1)*BLOCK_N) against the s-th run of `tiles_per_split` vocab tiles."""
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
+    """Program p: one (token block i, vocab split s), rows [i*BLOCK_N, (i+1)*BLOCK_N) against the s-th run of
+    `tiles_per_split` vocab tiles."""
+    # 1-D grid in grouped order: consecutive programs take GROUP_N token blocks across the splits, so the programs
+    # running together share GROUP_N blocks of hidden rows and a few weight tiles per step in L2 (with the token
+    # blocks fastest, every SM would stream its own [BLOCK_N, H] block once per vocab tile; `fastalign.gpu_model`).
+    pid = tl.program_id(0)
+    num_splits = tl.cdiv(tl.cdiv(V, BLOCK_V), tiles_per_split)
+    pid_n, split = tl.swizzle2d(pid // num_splits, pid % num_splits, tl.cdiv(N, BLOCK_N), num_splits, GROUP_N)
 
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -189,16 +196,18 @@ row's statistics do not depend on its batch (32 splits at V = 128256)."""
 
 
 def tiles_per_split(n_row_blocks: int, n_vocab_tiles: int, block_v: int, sms: int | None, *,
-                    deterministic: bool) -> int:
+                    deterministic: bool, group_n: int) -> int:
     """Vocab tiles per split of one launch. Deterministic: a fixed `DETERMINISTIC_SPLIT_COLUMNS` columns (64
     under the interpreter) whatever N. Else sized so that small N still fills the GPU: about two programs per SM
-    (`sms` streaming multiprocessors; None: 4 programs, the interpreter's, to exercise the merge), every split
-    non-empty."""
+    (`sms` streaming multiprocessors; None: 4 programs, the interpreter's, to exercise the merge), and so that at
+    large N one wave of `sms` programs spans at most `group_n` token blocks (at least sms / group_n splits: the
+    grouped order's L2 sharing); every split non-empty."""
     if deterministic:
         columns = 64 if _interpreting() else DETERMINISTIC_SPLIT_COLUMNS
         return max(1, columns // block_v)
     wanted = 4 if sms is None else 2 * sms
-    splits = min(n_vocab_tiles, max(1, math.ceil(wanted / n_row_blocks)))
+    grouped = 1 if sms is None else math.ceil(sms / group_n)
+    splits = min(n_vocab_tiles, max(grouped, math.ceil(wanted / n_row_blocks)))
     return math.ceil(n_vocab_tiles / splits)
 
 
@@ -226,8 +235,9 @@ def lse_forward_partials(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
 
     `deterministic=True`: every split covers a fixed number of columns whatever N (batch invariance).
 
-    Writes: program (i, s) of grid (cdiv(N, BLOCK_N), num_splits) alone writes the partial statistics of rows
-    i*BLOCK_N .. (i+1)*BLOCK_N - 1 for vocab split s (no atomics).
+    Writes: each program of the 1-D grid cdiv(N, BLOCK_N) * num_splits owns one (token block i, split s) (grouped
+    order, a bijection) and alone writes the partial statistics of rows i*BLOCK_N .. (i+1)*BLOCK_N - 1 for vocab
+    split s (no atomics).
     """
     if hidden.device.type != "cuda" and not _interpreting():
         raise ValueError(f"fastalign.kernels: expected CUDA tensors (or TRITON_INTERPRET=1), got {hidden.device}")
@@ -239,7 +249,8 @@ def lse_forward_partials(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
     n_row_blocks = triton.cdiv(n, cfg.BLOCK_N)
     n_vocab_tiles = triton.cdiv(v, cfg.BLOCK_V)
     sms = torch.cuda.get_device_properties(hidden.device).multi_processor_count if hidden.is_cuda else None
-    per_split = tiles_per_split(max(n_row_blocks, 1), n_vocab_tiles, cfg.BLOCK_V, sms, deterministic=deterministic)
+    per_split = tiles_per_split(max(n_row_blocks, 1), n_vocab_tiles, cfg.BLOCK_V, sms, deterministic=deterministic,
+                                group_n=cfg.GROUP_N)
     splits = triton.cdiv(n_vocab_tiles, per_split)
 
     def buffer(wanted: bool = True, dtype: torch.dtype = torch.float32) -> Tensor | None:
@@ -249,7 +260,7 @@ def lse_forward_partials(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
                            buffer(spec.logit_sum), buffer(spec.argmax, torch.int64))
     if n > 0:
         unused = partials.max  # stands in for the pointers a constexpr flag switches off (never dereferenced)
-        _lse_forward_kernel[(n_row_blocks, splits)](
+        _lse_forward_kernel[(n_row_blocks * splits,)](
             hidden, weight, bias if bias is not None else hidden, targets,
             *(unused if p is None else p for p in partials),
             n, v, h, per_split, vocab_start, ignore_index, float(inv_temperature),

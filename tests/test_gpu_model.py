@@ -5,6 +5,7 @@ import torch
 
 from fastalign import gpu_model as gm
 from fastalign.kernels.logprobs_backward import logit_grad_config, logprobs_backward_config
+from fastalign.kernels.lse_forward import lse_forward_config
 from fastalign.kernels.matmul import matmul_config
 
 BIG_L2 = gm.GPU(sms=4, l2_bytes=10**12)
@@ -43,6 +44,23 @@ def test_estimate_picks_the_slowest_resource():
     assert cost.estimate(gpu, torch.bfloat16) == (pytest.approx(2e-3), "HBM")
     # fp32 inputs: 3xTF32, a third of the TF32 rate: 495e12 / 3 FLOP/s.
     assert cost.times(gpu, torch.float32)["compute"] == pytest.approx(989e9 * 3 / 495e12)
+
+
+def test_lse_forward_grouped_order_by_hand():
+    """N=2048, H=64, V=128, bf16, 16 SMs, 400 kB of L2: 16 token blocks of 128 rows, 2 vocab tiles of 64. The
+    default split gives 2 splits of one tile (2 programs per SM wanted: 32 programs). Grouped order, 8 token blocks
+    per group: wave 1 is token blocks 0-7 against both splits (147 kB, fits in half the L2), wave 2 blocks 8-15, so
+    each hidden block is fetched once. Token blocks fastest, a wave would be all 16 blocks against one split
+    (270 kB, does not fit) and each hidden block would be fetched twice."""
+    cfg = lse_forward_config(torch.bfloat16)
+    assert (cfg.BLOCK_N, cfg.BLOCK_V, cfg.GROUP_N) == (128, 64, 8), "the hand numbers below assume these tiles"
+    c = gm.lse_forward_cost(gm.Problem(2048, 64, 128), gm.GPU(sms=16, l2_bytes=400_000), deterministic=False,
+                            pass_name="f")
+    hidden_block, weight_tile, partials = 128 * 64 * 2, 64 * 64 * 2, 4 * 4 * 2 * 2048
+    assert c.kernel == "lse_forward (2 vocab splits)"
+    assert c.hbm_bytes == 16 * hidden_block + 2 * weight_tile + partials
+    assert c.l2_bytes == 32 * (hidden_block + weight_tile) + partials
+    assert c.flops == 2 * 2048 * 128 * 64
 
 
 def test_atomic_backward_by_hand():
