@@ -175,10 +175,11 @@ def atomic_backward_cost(p: Problem, gpu: GPU, *, pass_name: str) -> LaunchCost:
 
 def _matmul_cost(m: int, pdim: int, k: int, p: Problem, gpu: GPU, *, accumulate: bool, pass_name: str,
                  kernel: str) -> LaunchCost:
-    """`_matmul_kernel` C [m, pdim] (+)= A [m, k] @ B [k, pdim], swizzled programs, one visit each."""
+    """`_matmul_kernel` C [m, pdim] (+)= A [m, k] @ B [k, pdim], swizzled programs, one visit each; the tiles of
+    `matmul_config` for the backward's operands, whose strides are H and V (aligned when both are multiples of 16)."""
     from fastalign.kernels.matmul import matmul_config
 
-    cfg = matmul_config(p.dtype)
+    cfg = matmul_config(p.dtype, aligned=p.hidden % 16 == 0 and p.vocab % 16 == 0)
     mb, pb = math.ceil(m / cfg.BLOCK_M), math.ceil(pdim / cfg.BLOCK_P)
     programs = ([(("a", i), ("b", j))] for i, j in
                 (swizzle2d(pid // pb, pid % pb, mb, pb, cfg.GROUP_M) for pid in range(mb * pb)))

@@ -31,18 +31,32 @@ class MatmulConfig:
         return {"num_warps": self.num_warps, "num_stages": self.num_stages, "enable_fp_fusion": True}
 
 
-def matmul_config(dtype: torch.dtype, interpret: bool = False) -> MatmulConfig:
+def matmul_config(dtype: torch.dtype, interpret: bool = False, aligned: bool = True) -> MatmulConfig:
     """GPU config for operands of `dtype` (fp32 operands: 3xTF32 tensor-core dots, about fp32 accuracy, whose split
-    operands need smaller tiles); `interpret=True`: small tiles for the CPU interpreter. Registers per thread
-    (sm_80 / sm_90, from the compile test): 16-bit about 161 / 166, fp32 about 127 / 117; a 128x128 16-bit tile
-    reaches 255 and spills on the accumulating product (its fp32 C tile is loaded, added and stored), and fp32
-    with 4 warps spilled on sm_80."""
+    operands need smaller tiles); `interpret=True`: small tiles for the CPU interpreter. `aligned`: every stride
+    other than 1 a multiple of 16 and the pointers 16-byte aligned (`is_aligned`), so that Triton's runtime
+    specializes them and vectorizes the loads and the C tile's store: 16-bit operands then take 128 x 128 tiles
+    (64 FLOPs per byte loaded, the GPU cost model's L2 traffic; 128 x 64 tiles do 43), else 128 x 64.
+
+    Registers per thread (sm_80 / sm_90, from the compile test): 16-bit aligned 128 x 128 at most 212 / 146, the
+    128 x 64 fallback about 161 / 166 (128 x 128 without the alignment spilled on the accumulating product); fp32
+    about 127 / 117. 128 x 256 spilled on the accumulating product even aligned (240 / 264 bytes), and no tile with
+    the >= 99 FLOPs per byte a 10 TB/s L2 needs to feed 989 TFLOPS fits in the registers (256 x 256: a 256-register
+    fp32 accumulator per thread at 8 warps)."""
     precision = "tf32x3" if dtype == torch.float32 else "tf32"  # the precision only matters for fp32 operands
     if interpret:
         return MatmulConfig(16, 16, 16, 2, precision, num_warps=1, num_stages=1)
     if dtype == torch.float32:
         return MatmulConfig(64, 64, 16, 8, precision, num_warps=8, num_stages=3)
+    if aligned:
+        return MatmulConfig(128, 128, 32, 8, precision, num_warps=8, num_stages=3)
     return MatmulConfig(128, 64, 32, 8, precision, num_warps=8, num_stages=3)
+
+
+def is_aligned(*tensors: Tensor) -> bool:
+    """Whether Triton's runtime specializes every pointer of `tensors` as 16-byte aligned and every stride as 1 or
+    a multiple of 16 (the condition of `matmul_config`'s large tiles)."""
+    return all(t.data_ptr() % 16 == 0 and all(s == 1 or s % 16 == 0 for s in t.stride()) for t in tensors)
 
 
 @triton.jit
@@ -92,7 +106,7 @@ def matmul_into(out: Tensor, a: Tensor, b: Tensor, *, accumulate: bool, interpre
     after summing its K tiles in order (no atomics).
     """
     (m, k), p = a.shape, b.shape[1]
-    cfg = matmul_config(a.dtype, interpret=interpret)
+    cfg = matmul_config(a.dtype, interpret=interpret, aligned=is_aligned(a, b, out))
     grid = (triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(p, cfg.BLOCK_P),)
     _matmul_kernel[grid](a, b, out, m, p, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0),
                          ACCUMULATE=accumulate, **cfg.constexprs(), **cfg.launch_options())

@@ -6,7 +6,7 @@ import torch
 from fastalign import gpu_model as gm
 from fastalign.kernels.logprobs_backward import logit_grad_config, logprobs_backward_config
 from fastalign.kernels.lse_forward import lse_forward_config
-from fastalign.kernels.matmul import matmul_config
+from fastalign.kernels.matmul import is_aligned, matmul_config
 
 BIG_L2 = gm.GPU(sms=4, l2_bytes=10**12)
 
@@ -77,19 +77,33 @@ def test_atomic_backward_by_hand():
 
 
 def test_atomic_free_backward_by_hand():
-    """Same problem: the same 3 matmuls of 2*N*V*H FLOPs each, in three launches, and no atomic."""
+    """N=256, H=128, V=128, bf16: the same 3 matmuls of 2*N*V*H FLOPs each, in three launches, and no atomic; the
+    16-bit logit-gradient and (aligned) matmul tiles are 128 x 128."""
     lg, mm = logit_grad_config(torch.bfloat16), matmul_config(torch.bfloat16)
-    assert (lg.BLOCK_N, lg.BLOCK_V, mm.BLOCK_M, mm.BLOCK_P, mm.BLOCK_K) == (128, 64, 128, 64, 32)
-    costs = gm.atomic_free_backward_cost(gm.Problem(256, 64, 128), BIG_L2, pass_name="b")
-    assert [c.flops for c in costs] == [2 * 256 * 128 * 64] * 3
+    assert (lg.BLOCK_N, lg.BLOCK_V, mm.BLOCK_M, mm.BLOCK_P, mm.BLOCK_K) == (128, 128, 128, 128, 32)
+    costs = gm.atomic_free_backward_cost(gm.Problem(256, 128, 128), BIG_L2, pass_name="b")
+    assert [c.flops for c in costs] == [2 * 256 * 128 * 128] * 3
     assert all(c.atomics == 0 for c in costs)
-    # logit_grad: hidden 2 x 16384 B, weight 2 x 8192 B, all in one wave; plus dz written, 256*128*2 B.
-    assert costs[0].hbm_bytes == 2 * 16384 + 2 * 8192 + 256 * 128 * 2
-    # d hidden [256, 64] = dz [256, 128] @ W [128, 64]: A rows 2 x 128*128*2 B, B columns 1 x 64*128*2 B, written
-    # fp32 4 * 256 * 64 B. d weight [128, 64] += dz.T @ h [256, 64]: A 1 x 128*256*2, B 1 x 64*256*2, fp32
-    # read and written 8 * 128 * 64 B.
-    assert costs[1].hbm_bytes == 2 * 32768 + 16384 + 4 * 256 * 64
-    assert costs[2].hbm_bytes == 65536 + 32768 + 8 * 128 * 64
+    # logit_grad: hidden blocks 2 x 128*128*2 B, one weight tile 128*128*2 B, all in one wave; dz written 256*128*2 B.
+    assert costs[0].hbm_bytes == 2 * 32768 + 32768 + 256 * 128 * 2
+    # d hidden [256, 128] = dz [256, 128] @ W [128, 128]: A rows 2 x 128*128*2 B, B columns 1 x 128*128*2 B, written
+    # fp32 4 * 256 * 128 B. d weight [128, 128] += dz.T @ h [256, 128]: A 1 x 128*256*2, B 1 x 128*256*2, fp32
+    # read and written 8 * 128 * 128 B.
+    assert costs[1].hbm_bytes == 2 * 32768 + 32768 + 4 * 256 * 128
+    assert costs[2].hbm_bytes == 65536 + 65536 + 8 * 128 * 128
+    # L2: each program's blocks once (d hidden: 2 programs of A + B; d weight: 1 program).
+    assert costs[1].l2_bytes == 2 * (32768 + 32768) + 4 * 256 * 128
+
+
+def test_matmul_tiles_follow_the_runtime_alignment():
+    """128 x 128 16-bit tiles only where Triton specializes the strides (1 or multiples of 16) and pointers; the
+    cost model takes the same tiles for H and V multiples of 16."""
+    x = torch.empty(64, 48)
+    assert is_aligned(x, x.T, x[16:32])
+    assert not is_aligned(torch.empty(64, 47)) and not is_aligned(x[:, 1:])  # 4-byte offset
+    assert matmul_config(torch.bfloat16, aligned=False).BLOCK_P == 64
+    odd = gm.atomic_free_backward_cost(gm.Problem(256, 128, 127), BIG_L2, pass_name="b")
+    assert odd[1].l2_bytes == 2 * 2 * (128 * 127 * 2 + 64 * 127 * 2) + 4 * 256 * 128  # 2 x 2 programs of 128 x 64
 
 
 def test_render_labels_estimates():

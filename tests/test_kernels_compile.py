@@ -9,6 +9,7 @@ in VARIANTS.
 The kernels of the triton backend's deterministic mode (DETERMINISTIC) must hold no atomic at all: no PTX `atom` or
 `red` instruction, for sm_80 and sm_90 (the atomic backward is the control: it has them).
 """
+import dataclasses
 from functools import partial
 from typing import Callable, NamedTuple
 
@@ -74,16 +75,20 @@ def logit_grad_spec(dtype: torch.dtype, arch: int, *, has_bias: bool, entropy_gr
     return _spec(_logit_grad_kernel, types, flags, logit_grad_config(dtype), arch)
 
 
-def matmul_spec(dtype: torch.dtype, arch: int, *, product: str) -> CompileSpec:
+def matmul_spec(dtype: torch.dtype, arch: int, *, product: str, aligned: bool = True) -> CompileSpec:
     """The atomic-free backward's three products, with the strides (and sizes) equal to 1 that the runtime turns
-    into constants: d hidden = dz @ weight, d weight += dz.T @ hidden, d bias += dz.T @ ones."""
+    into constants: d hidden = dz @ weight, d weight += dz.T @ hidden, d bias += dz.T @ ones. `aligned`: the other
+    strides (H, V) specialized as multiples of 16, as the runtime does at H = 4096, V = 128256, with the tiles
+    `matmul_config` takes then; else (odd H or V) its fallback tiles."""
     x = "*" + DTYPES[dtype]
     types = {"a_ptr": x, "b_ptr": x, "c_ptr": "*fp32", "M": "i32", "P": "i32", "K": "i32", "stride_am": "i32",
              "stride_ak": "i32", "stride_bk": "i32", "stride_bp": "i32", "stride_cm": "i32"}
     ones = {"d_hidden": {"stride_ak": 1, "stride_bp": 1, "ACCUMULATE": False},
             "d_weight": {"stride_am": 1, "stride_bp": 1, "ACCUMULATE": True},
             "d_bias": {"P": 1, "stride_am": 1, "stride_bk": 1, "stride_bp": 1, "stride_cm": 1, "ACCUMULATE": True}}
-    return _spec(_matmul_kernel, types, ones[product], matmul_config(dtype), arch)
+    spec = _spec(_matmul_kernel, types, ones[product], matmul_config(dtype, aligned=aligned), arch)
+    strides = tuple(n for n, ty in spec.signature.items() if aligned and n.startswith("stride") and ty != "constexpr")
+    return dataclasses.replace(spec, aligned=spec.aligned + strides)
 
 
 def ppo_epilogue_spec(dtype: torch.dtype, arch: int, *, dual_clip: bool, kl_estimator: str | None,
@@ -121,6 +126,8 @@ VARIANTS = {
     "logit_grad[plain]": Variant(partial(logit_grad_spec, has_bias=False, entropy_grad=False)),
     "matmul[d_hidden]": Variant(partial(matmul_spec, product="d_hidden")),
     "matmul[d_weight]": Variant(partial(matmul_spec, product="d_weight")),
+    "matmul[d_hidden,odd]": Variant(partial(matmul_spec, product="d_hidden", aligned=False)),
+    "matmul[d_weight,odd]": Variant(partial(matmul_spec, product="d_weight", aligned=False)),
     "matmul[d_bias]": Variant(partial(matmul_spec, product="d_bias"), (torch.float32, torch.bfloat16)),
     "ppo_epilogue[dual_clip,k3,entropy]": Variant(partial(ppo_epilogue_spec, dual_clip=True, kl_estimator="k3",
                                                           with_entropy=True), (torch.float32,), tensor_cores=False),
