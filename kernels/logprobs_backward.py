@@ -78,6 +78,19 @@ def logit_grad_config(dtype: torch.dtype, interpret: bool = False) -> LseForward
 
 
 @triton.jit
+def grouped_tile(N, V, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, GROUP_N: tl.constexpr):
+    """This program's (token block, vocab tile) of a 1-D grid in grouped order: consecutive programs walk GROUP_N
+    token blocks down one vocab tile, then the next tile, so the programs running together share hidden and weight
+    tiles in L2. Returns rows [BLOCK_N], cols [BLOCK_V] (shard-local) and their validity masks."""
+    pid = tl.program_id(0)
+    num_v_blocks = tl.cdiv(V, BLOCK_V)
+    pid_n, pid_v = tl.swizzle2d(pid // num_v_blocks, pid % num_v_blocks, tl.cdiv(N, BLOCK_N), num_v_blocks, GROUP_N)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    return rows, cols, rows < N, cols < V
+
+
+@triton.jit
 def logit_grad_tile(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, grad_logprobs_ptr, grad_entropy_ptr,
                     entropy_ptr, rows, cols, row_ok, col_ok, H, vocab_start, ignore_index, inv_temperature,
                     HAS_BIAS: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -132,16 +145,8 @@ def _logprobs_backward_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     """Program p: one (token block, vocab block) tile; adds its share to the gradients with atomics."""
-    # 1-D grid; consecutive programs walk GROUP_N token blocks down one vocab block, so programs running together
-    # share hidden and weight tiles in L2 and spread their atomics over several blocks of rows.
-    pid = tl.program_id(0)
-    num_v_blocks = tl.cdiv(V, BLOCK_V)
-    pid_n, pid_v = tl.swizzle2d(pid // num_v_blocks, pid % num_v_blocks, tl.cdiv(N, BLOCK_N), num_v_blocks, GROUP_N)
-
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    row_ok = rows < N
-    col_ok = cols < V
+    # Grouped order also spreads the atomics of the programs running together over several blocks of rows.
+    rows, cols, row_ok, col_ok = grouped_tile(N, V, BLOCK_N, BLOCK_V, GROUP_N)
     rows64 = rows.to(tl.int64)  # int64: rows * H and cols * H overflow int32 at scale
     cols64 = cols.to(tl.int64)
     dz = logit_grad_tile(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, grad_logprobs_ptr,
@@ -183,14 +188,7 @@ def _logit_grad_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     """Program p: the logit gradient of one (token block, vocab tile), stored once (no atomics)."""
-    # 1-D grid in grouped order (as the forward): GROUP_N token blocks down one vocab tile, then the next tile.
-    pid = tl.program_id(0)
-    num_v_blocks = tl.cdiv(V, BLOCK_V)
-    pid_n, pid_v = tl.swizzle2d(pid // num_v_blocks, pid % num_v_blocks, tl.cdiv(N, BLOCK_N), num_v_blocks, GROUP_N)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    row_ok = rows < N
-    col_ok = cols < V
+    rows, cols, row_ok, col_ok = grouped_tile(N, V, BLOCK_N, BLOCK_V, GROUP_N)
     dz = logit_grad_tile(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, grad_logprobs_ptr,
                          grad_entropy_ptr, entropy_ptr, rows, cols, row_ok, col_ok, H, vocab_start, ignore_index,
                          inv_temperature, HAS_BIAS, HAS_ENTROPY_GRAD, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
