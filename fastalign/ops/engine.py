@@ -13,6 +13,9 @@ values; how the loss couples the rows decides the plan:
   all rows, the loss and its per-token gradient, then in the autograd backward the pass that recomputes the
   logits (four matmuls in all, memory O(chunk) whatever the group sizes).
 - **forward only** (no gradient needed): the statistics pass and the loss.
+- **compiled** (under ``torch.compile``): the two-pass plan as registered operators (``ops.registered``), so that
+  dynamo traces the whole op: ``fastalign::token_stats``, the loss in plain PyTorch, then in the backward
+  ``fastalign::logprobs_backward`` (four matmuls, whatever the coupling).
 
 Vocab parallelism (``opts.shard``) is handled below this module: the statistics are global, the gradients the
 shard's. Rows that are not selected get no logits and a zero ``d hidden``.
@@ -29,6 +32,7 @@ from . import torch_backend
 from .chunking import rows_per_chunk
 from .linear import LinearOptions, logprobs_backward, lse_forward, scale_precomputed_grads
 from .logprobs import token_outputs
+from .registered import registered_token_stats
 from .torch_backend import RowStats, RowStatsSpec
 from .validation import LinearInputs
 
@@ -241,6 +245,8 @@ def fused_rows_loss(inputs: LinearInputs, opts: LinearOptions, loss_fn: LossFn, 
         ``inputs.hidden``, ``inputs.weight`` and ``inputs.bias``; the per-row values detached (fp32, float64 for
         float64 inputs).
     """
+    if torch.compiler.is_compiling():
+        return registered_rows_loss(inputs, opts, loss_fn, rows=rows, spec=spec)
     targets = inputs.targets if rows is None else inputs.targets[rows]
     hidden, weight, bias = inputs.hidden, inputs.weight, inputs.bias
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
@@ -261,3 +267,15 @@ def fused_rows_loss(inputs: LinearInputs, opts: LinearOptions, loss_fn: LossFn, 
     plan = _Plan(rows, targets, loss_fn, chunks, spec, opts, [])
     loss = _EngineLoss.apply(hidden, weight, bias, plan)
     return EngineOutput(loss, *plan.outputs)
+
+
+def registered_rows_loss(inputs: LinearInputs, opts: LinearOptions, loss_fn: LossFn, *, rows: Tensor | None,
+                         spec: RowStatsSpec) -> EngineOutput:
+    """``fused_rows_loss``'s compiled plan: the registered statistics op on the rows, ``loss_fn`` on its
+    differentiable log-probs and entropy, autograd through the registered backward (``ops.registered``)."""
+    hidden, targets = inputs.hidden, inputs.targets
+    if rows is not None:
+        hidden, targets = hidden.index_select(0, rows), targets.index_select(0, rows)
+    logprobs, entropy, stats = registered_token_stats(hidden, inputs.weight, inputs.bias, targets, opts, spec)
+    loss = loss_fn(RowValues(logprobs, entropy, stats))
+    return EngineOutput(loss, logprobs.detach(), None if entropy is None else entropy.detach(), stats)

@@ -10,6 +10,7 @@ from . import torch_backend
 from .chunking import check_chunk_size
 from .dispatch import resolve_backend
 from .linear import LinearOptions, logprobs_backward, lse_forward
+from .registered import registered_token_stats
 from .torch_backend import RowStats, RowStatsSpec
 from .validation import LinearInputs, check_temperature, validate_linear_inputs
 from .vocab_parallel import vocab_shard
@@ -112,6 +113,10 @@ class LinearLogProbs(torch.autograd.Function):
 
 def linear_logprobs(inputs: LinearInputs, opts: LinearOptions, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
     """Flat ``[N]`` log-probs (and entropy), through autograd only when a gradient can be needed."""
+    if torch.compiler.is_compiling():  # the registered op (ops.registered): two passes when differentiated
+        logprobs, entropy, _ = registered_token_stats(inputs.hidden, inputs.weight, inputs.bias, inputs.targets,
+                                                      opts, RowStatsSpec(entropy=with_entropy))
+        return logprobs, entropy
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (inputs.hidden, inputs.weight, inputs.bias))
     if needs_grad:
