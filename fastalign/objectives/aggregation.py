@@ -58,6 +58,8 @@ def _check_normalizer(name: str, value: Normalizer | None, loss_agg: str, applie
         raise ValueError(f"{name} does not apply to loss_agg={loss_agg!r}; pass it only for the matching mode")
     if isinstance(value, torch.Tensor) and value.numel() != 1:
         raise ValueError(f"{name}: expected a number or a one-element tensor, got shape {tuple(value.shape)}")
+    if torch.compiler.is_compiling():  # the value checks below sync: not in a compiled graph
+        return
     if float(value) <= 0:
         raise ValueError(f"{name} must be positive, got {float(value)}")
     own = int(local_normalizer(mask, loss_agg))

@@ -560,11 +560,12 @@ def vocabulary_metrics(logit_means: Tensor, entropy: Tensor, correct: Tensor, ra
     arg-max is its target; rank, the rank of its response (0 the best). ``logits/chosen`` and ``logits/rejected``
     are token means over the best and the worst responses, ``entropy`` over every completion token,
     ``mean_token_accuracy`` over the best responses' tokens (TRL: the chosen ones); 0 where there is no token.
+    A rank of -1 marks a row to leave out (not a completion token).
     """
     def mean(values: Tensor, where: Tensor) -> Tensor:
         return (values * where).sum() / where.sum().clamp(min=1)
 
     best, worst = rank == 0, rank == num_responses - 1
     return dict(zip(VOCABULARY_METRICS, (mean(logit_means, best), mean(logit_means, worst),
-                                         mean(entropy, torch.ones_like(best)),
+                                         mean(entropy, rank >= 0),
                                          mean(correct.to(logit_means.dtype), best))))

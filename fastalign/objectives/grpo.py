@@ -143,13 +143,16 @@ class GRPOResult(NamedTuple):
 
 def high_entropy_mask(entropy: Tensor, mask: Tensor, quantile: float) -> Tensor:
     """TRL's ``get_high_entropy_mask`` for one process: bool ``[B, T]``, the masked tokens whose entropy is at least
-    the ``quantile`` of the masked entropies (``torch.quantile``, linear interpolation); all False without any."""
+    the ``quantile`` of the masked entropies (``torch.quantile``'s linear interpolation); all False without any.
+    Without a data-dependent shape (compilable): the masked entropies sort first, the others (inf) after them."""
     mask = mask.bool()
-    values = entropy.detach()[mask]
-    if values.numel() == 0:
-        return torch.zeros_like(mask)
-    threshold = torch.quantile(values, quantile)
-    return (entropy.detach() * mask >= threshold) & mask
+    values = entropy.detach()
+    count = mask.sum()
+    ordered = torch.where(mask, values, float("inf")).reshape(-1).sort().values
+    rank = torch.tensor(quantile, dtype=values.dtype, device=values.device) * (count - 1).clamp(min=0)
+    below, above = (ordered.index_select(0, r.long().view(1)) for r in (rank, rank.ceil()))
+    threshold = torch.lerp(below, above, rank - rank.floor())
+    return (values * mask >= threshold) & mask & (count > 0)
 
 
 def off_policy_mask(advantages: Tensor, logprobs: Tensor, sampling_logprobs: Tensor, mask: Tensor,
@@ -199,11 +202,12 @@ def _sequence_means(x: Tensor, mask: Tensor) -> Tensor:
 
 
 def _nan_extreme(x: Tensor, largest: bool) -> Tensor:
-    """TRL's ``nanmin`` / ``nanmax``: NaN when every value is NaN."""
-    kept = x[~torch.isnan(x)]
-    if kept.numel() == 0:
+    """TRL's ``nanmin`` / ``nanmax``: NaN when every value is NaN (without a data-dependent shape: compilable)."""
+    if x.numel() == 0:
         return x.new_tensor(float("nan"))
-    return kept.max() if largest else kept.min()
+    nan = torch.isnan(x)
+    filled = torch.where(nan, float("-inf") if largest else float("inf"), x)
+    return torch.where(nan.all(), float("nan"), filled.max() if largest else filled.min())
 
 
 def grpo_loss(logprobs: Tensor, advantages: Tensor, mask: Tensor, config: GRPOLossConfig = GRPOLossConfig(), *,

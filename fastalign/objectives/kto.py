@@ -160,14 +160,15 @@ def kto_loss(
 def kto_metrics(result: KTOResult, policy_logps: Tensor) -> dict[str, Tensor]:
     """TRL's per-batch KTO metrics, detached: ``kl``, and for each side present in the batch the sums
     ``rewards/chosen_sum``, ``logps/chosen_sum``, ``count/chosen`` (``rejected`` likewise). Sum them over
-    micro-batches and ranks, then ``kto_metric_means`` gives what TRL logs. (TRL's ``logits/*_sum``, sums of the
+    micro-batches and ranks, then ``kto_metric_means`` gives what TRL logs (under ``torch.compile`` both sides are
+always present, an absent one with count 0). (TRL's ``logits/*_sum``, sums of the
     full logits, need the logits and are not computed.)"""
     check_sequence_logps("policy_logps", policy_logps, result.rewards)
     metrics = {"kl": result.kl.detach()}
     for side, mask in (("chosen", result.labels), ("rejected", ~result.labels)):
-        if bool(mask.any()):
-            metrics[f"rewards/{side}_sum"] = result.rewards[mask].sum()
-            metrics[f"logps/{side}_sum"] = policy_logps.detach()[mask].sum()
+        if torch.compiler.is_compiling() or bool(mask.any()):  # compiled: both sides (keys cannot depend on data)
+            metrics[f"rewards/{side}_sum"] = torch.where(mask, result.rewards, 0.0).sum()
+            metrics[f"logps/{side}_sum"] = torch.where(mask, policy_logps.detach(), 0.0).sum()
             metrics[f"count/{side}"] = mask.sum().to(result.rewards.dtype)
     return metrics
 

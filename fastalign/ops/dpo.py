@@ -61,26 +61,34 @@ class PreferenceRows(NamedTuple):
 
     index: Tensor  # [M] flat position (in [0, K*B*T)) of each completion token
     mask: Tensor  # [K*B, T] bool completion mask
-    group_rows: list[int]  # completion tokens per prompt, in gathered order
+    group_rows: list[int] | None  # completion tokens per prompt, in gathered order
     rows: Tensor  # [M] the row of hidden of each (``index``, or its packed row)
 
     @classmethod
     def of(cls, targets: Tensor, ignore_index: int, num_responses: int,
            layout: PackedLayout | None = None) -> PreferenceRows:
-        """``targets [K*B, T]``, or packed ``[N]`` (any shape of N elements) with its ``layout``."""
+        """``targets [K*B, T]``, or packed ``[N]`` (any shape of N elements) with its ``layout``. Under
+        ``torch.compile`` every position, prompt by prompt (no data-dependent shape: the ignored rows' log-probs
+        are 0), and ``group_rows`` None (the compiled engine takes two passes anyway); not packed."""
         if layout is not None:
             targets = layout.to_padded(targets.reshape(-1), ignore_index)
         rows, length = targets.shape
         mask = targets != ignore_index
         order = torch.arange(rows * length, device=targets.device).view(num_responses, rows // num_responses, length)
         order = order.transpose(0, 1).reshape(-1)  # prompt by prompt, then response, then position
+        if torch.compiler.is_compiling():
+            if layout is not None:
+                raise ValueError("cu_seqlens: packed batches are not supported under torch.compile yet (their "
+                                 "layout has data-dependent shapes); got a packed batch in a compiled call")
+            return cls(order, mask, None, order)
         index = order[mask.reshape(-1)[order]]
         group_rows = mask.sum(dim=1).view(num_responses, -1).sum(dim=0).tolist()
         return cls(index, mask, group_rows, index if layout is None else layout.packed_rows(index))
 
     def as_batch(self, values: Tensor) -> Tensor:
         """``[M]`` gathered values as ``[K*B, T]`` (0 off the completion mask), differentiably."""
-        return values.new_zeros(self.mask.numel()).index_put((self.index,), values).view(self.mask.shape)
+        batch = values.new_zeros(self.mask.numel()).index_put((self.index,), values).view(self.mask.shape)
+        return torch.where(self.mask, batch, 0.0) if self.group_rows is None else batch  # compiled: every row
 
 
 class DPOLossOutput(NamedTuple):
@@ -139,6 +147,7 @@ def fused_dpo_loss(inputs: LinearInputs, opts: LinearOptions, config: DPOConfig,
         if config.vocab_metrics and out.stats is not None:
             vocab = inputs.weight.shape[0] if opts.shard is None else opts.shard.vocab_size
             rank = torch.div(rows.index, rows.mask.numel() // options.num_responses, rounding_mode="floor")
+            rank = torch.where(rows.mask.reshape(-1)[rows.index], rank, -1)  # compiled: -1 at the ignored rows
             correct = out.stats.argmax == inputs.targets[rows.rows]
             # TRL's logits/* are of the untempered logits: the tempered sum times the temperature
             metrics.update(vocabulary_metrics(out.stats.logit_sum * (opts.temperature / vocab), out.entropy,

@@ -95,12 +95,15 @@ def validate_grpo_inputs(targets: Tensor, num_sequences: int, dtype: torch.dtype
     ratio = importance_sampling_ratio
     if ratio is not None:
         ratio = per_sequence_or_token("importance_sampling_ratio", ratio, ((s,), (s, 1)))
-        if bool((ratio < 0).any()):
+        if not torch.compiler.is_compiling() and bool((ratio < 0).any()):
             raise ValueError("importance_sampling_ratio: expected non-negative ratios, got negative values")
     if sampling_logprobs is not None and config.off_policy_mask_threshold is None:
         raise ValueError("sampling_logprobs: only used by the off-policy mask; set off_policy_mask_threshold or "
                          "pass None")
-    if num_items_in_batch is not None:
+    if num_items_in_batch is not None and torch.compiler.is_compiling():  # compiled: not checked (a sync)
+        num_items_in_batch = (num_items_in_batch.reshape(()) if isinstance(num_items_in_batch, Tensor)
+                              else float(num_items_in_batch))
+    elif num_items_in_batch is not None:
         num_items_in_batch = _check_num_items(num_items_in_batch, int(completion.sum()))
     return GRPOInputs(advantages, completion, token("old_logprobs", old_logprobs), token("ref_logprobs", ref_logprobs),
                       ratio, token("sampling_logprobs", sampling_logprobs), num_items_in_batch)
@@ -130,9 +133,16 @@ def fused_grpo_loss(inputs: LinearInputs, opts: LinearOptions, config: GRPOLossC
     tokens = tokens.padded(layout)
     shape = tokens.mask.shape  # [S, T]
     dtype = compute_dtype(inputs.hidden.dtype)
-    positions = tokens.mask.reshape(-1).nonzero().squeeze(1)  # completion tokens in [S, T], sequence by sequence
+    compiling = torch.compiler.is_compiling()
+    if compiling:  # every row (no data-dependent shape): the loss masks them, the outputs are masked below
+        if layout is not None:
+            raise ValueError("cu_seqlens: packed batches are not supported under torch.compile yet (their layout "
+                             "has data-dependent shapes); got a packed batch in a compiled call")
+        positions = torch.arange(shape.numel(), device=tokens.mask.device)
+    else:
+        positions = tokens.mask.reshape(-1).nonzero().squeeze(1)  # completion tokens in [S, T], by sequence
     rows = positions if layout is None else layout.packed_rows(positions)  # their rows of hidden
-    if config.coupling == "sequence":  # whole sequences per chunk
+    if config.coupling == "sequence" and not compiling:  # whole sequences per chunk
         groups = tokens.mask.sum(-1).tolist()
     else:
         groups = "token" if config.coupling == "token" else None
@@ -143,7 +153,8 @@ def fused_grpo_loss(inputs: LinearInputs, opts: LinearOptions, config: GRPOLossC
         if values is None:
             return None
         where = positions if part is None else positions[part]
-        return values.new_zeros(shape.numel()).index_put((where,), values).view(shape)
+        batch = values.new_zeros(shape.numel()).index_put((where,), values).view(shape)
+        return torch.where(tokens.mask, batch, 0.0) if compiling else batch  # compiled: every row was computed
 
     def loss_of(logprobs: Tensor, entropy: Tensor | None):
         return grpo_loss(logprobs, tokens.advantages, float_mask, config, old_logprobs=tokens.old_logprobs,
