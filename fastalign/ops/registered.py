@@ -63,8 +63,9 @@ def _options(args: OptionArgs) -> LinearOptions:
 
 
 def _fresh(t: Tensor) -> Tensor:
-    """``t``, or a copy when it is a view (an op's outputs may alias neither its inputs nor each other)."""
-    return t.clone() if t._base is not None else t
+    """``t``, or a copy when it does not own its whole storage (a view of a buffer: an op's outputs may alias
+    neither its inputs nor each other)."""
+    return t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t
 
 
 @torch.library.custom_op("fastalign::token_stats", mutates_args=())

@@ -1,0 +1,270 @@
+"""``torch.compile(fullgraph=True)`` through the fused ops: the registered operators (``torch.library.opcheck``, values
+and gradients against a float64 reference that materializes the logits), every public op compiled without a graph
+break and equal to eager, a tiny HF Llama with the fused DPO and GRPO losses, and recompiles over sequence lengths.
+
+The public ops compile with ``aot_eager`` (dynamo with ``fullgraph=True``, then AOTAutograd's fake-tensor trace of the
+forward and backward: everything but inductor's code generation, which sees the registered ops as opaque calls);
+the log-probs op and the HF model also with inductor. Compile time counts in the suite's budget: shapes are tiny.
+"""
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from fastalign import (fused_linear_cpo_loss, fused_linear_dpo_loss, fused_linear_grpo_loss, fused_linear_kto_loss,
+                       fused_linear_logprobs, fused_linear_orpo_loss, fused_linear_ppo_loss)
+from fastalign.ops import registered
+from fastalign.ops.linear import LinearOptions
+
+from distributed import run_ranks
+
+IGNORE = -100
+
+
+def naive_token_values(hidden, weight, bias, targets, temperature):
+    """float64 reference: log-probs and entropy ``[N]`` from the materialized logits, 0 at ignored rows."""
+    z = hidden.double() @ weight.double().T
+    if bias is not None:
+        z = z + bias.double()
+    log_p = (z / temperature).log_softmax(-1)
+    valid = targets != IGNORE
+    logprobs = log_p.gather(1, torch.where(valid, targets, 0)[:, None]).squeeze(1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    return torch.where(valid, logprobs, 0.0), torch.where(valid, entropy, 0.0), z / temperature
+
+
+def problem(n=7, h=5, v=37, bias=True, requires_grad=True):
+    hidden = torch.randn(h, n).T  # non-contiguous [N, H]
+    weight, b = torch.randn(v, h), (torch.randn(v) if bias else None)
+    targets = torch.randint(0, v, (n,))
+    if n > 1:
+        targets[1] = IGNORE
+    for t in (hidden, weight, b):
+        if t is not None:
+            t.requires_grad_(requires_grad)
+    return hidden, weight, b, targets
+
+
+SPECS = [(False, False, False, False), (True, True, True, True)]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("spec", SPECS)
+def test_opcheck_token_stats(bias, spec):
+    hidden, weight, b, targets = problem(bias=bias)
+    args = registered.options_args(LinearOptions(temperature=0.7, chunk_size=3))
+    torch.library.opcheck(torch.ops.fastalign.token_stats, (hidden, weight, b, targets, *args, *spec))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_opcheck_logprobs_backward(bias, deterministic):
+    hidden, weight, b, targets = problem(bias=bias, requires_grad=False)
+    n = hidden.shape[0]
+    args = registered.options_args(LinearOptions(temperature=0.7, chunk_size=3, deterministic=deterministic))
+    lse, entropy = torch.randn(n) + 3, torch.rand(n)
+    for grad_entropy, need in ((torch.randn(n), (True, True, bias)), (None, (True, False, False))):
+        torch.library.opcheck(torch.ops.fastalign.logprobs_backward,
+                              (hidden, weight, b, targets, lse, entropy, torch.randn(n), grad_entropy, *args, *need))
+
+
+@pytest.mark.parametrize("shape", [(7, 5, 37), (1, 1, 3)])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_registered_values_and_grads_match_float64(shape, frozen):
+    """The registered statistics op and its registered backward against the float64 reference: log-probs, entropy,
+    lse2, logit sum, argmax, and the gradients of a loss of both log-probs and entropy (temperature, bias, an ignored
+    row, chunks of 3 rows over V = 37; N = H = 1; a frozen weight gets no gradient)."""
+    n, h, v = shape
+    hidden, weight, bias, targets = problem(n, h, v)
+    weight.requires_grad_(not frozen)
+    opts = LinearOptions(temperature=0.7, chunk_size=3)
+    spec = registered.RowStatsSpec(entropy=True, lse2=True, logit_sum=True, argmax=True)
+    logprobs, entropy, stats = registered.registered_token_stats(hidden, weight, bias, targets, opts, spec)
+    a, c = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+    ((logprobs.double() * a).sum() + (entropy.double() * c).sum()).backward()
+    got = [hidden.grad, weight.grad, bias.grad]
+    for t in (hidden, weight, bias):
+        t.grad = None
+    ref_lp, ref_ent, z = naive_token_values(hidden, weight, bias, targets, 0.7)
+    ((ref_lp * a).sum() + (ref_ent * c).sum()).backward()
+    torch.testing.assert_close(logprobs.double(), ref_lp.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy.double(), ref_ent.detach(), rtol=1e-5, atol=1e-5)
+    z = z.detach()
+    torch.testing.assert_close(stats.lse.double(), z.logsumexp(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.lse2.double(), (2 * z).logsumexp(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.logit_sum.double(), z.sum(-1), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(stats.max_logit.double(), z.max(-1).values, rtol=1e-5, atol=1e-5)
+    assert not (logprobs.grad_fn is None) and stats.lse.grad_fn is None
+    for g, t in zip(got, (hidden, weight, bias)):
+        if t.grad is None:
+            assert g is None
+        else:
+            torch.testing.assert_close(g, t.grad, rtol=1e-4, atol=1e-5)
+    assert (weight.grad is None) == frozen
+
+
+def _shard_run(rank, world_size, sizes):
+    """One rank of a vocab-parallel check: opcheck of both registered ops with this rank's shard, and the values and
+    gradients of the registered path against the whole vocabulary's float64 reference."""
+    import torch.distributed as dist
+
+    from fastalign.ops.vocab_parallel import vocab_shard
+
+    torch.manual_seed(0)
+    hidden, weight, bias, targets = problem(7, 5, sum(sizes))
+    start = sum(sizes[:rank])
+    w_shard = weight.detach()[start:start + sizes[rank]].clone().requires_grad_(True)
+    b_shard = bias.detach()[start:start + sizes[rank]].clone().requires_grad_(True)
+    shard = vocab_shard(dist.group.WORLD, w_shard, b_shard, reduce_hidden_grad=True, check_finite=True)
+    opts = LinearOptions(temperature=0.7, chunk_size=3, shard=shard)
+    args = registered.options_args(opts)
+    torch.library.opcheck(torch.ops.fastalign.token_stats, (hidden, w_shard, b_shard, targets, *args, *SPECS[1]))
+    n = hidden.shape[0]
+    torch.library.opcheck(torch.ops.fastalign.logprobs_backward,
+                          (hidden.detach(), w_shard.detach(), b_shard.detach(), targets, torch.randn(n) + 3,
+                           torch.rand(n), torch.randn(n), torch.randn(n), *args, True, True, True))
+    logprobs, entropy, _ = registered.registered_token_stats(hidden, w_shard, b_shard, targets, opts,
+                                                             registered.RowStatsSpec(entropy=True))
+    a, c = torch.randn(n), torch.randn(n)
+    ((logprobs * a).sum() + (entropy * c).sum()).backward()
+    grad_hidden, hidden.grad = hidden.grad, None
+    ref_lp, ref_ent, _ = naive_token_values(hidden, weight, bias, targets, 0.7)
+    ((ref_lp * a.double()).sum() + (ref_ent * c.double()).sum()).backward()
+    rows = slice(start, start + sizes[rank])
+    return [(logprobs.detach(), ref_lp.detach()), (entropy.detach(), ref_ent.detach()),
+            (grad_hidden, hidden.grad), (w_shard.grad, weight.grad[rows]), (b_shard.grad, bias.grad[rows])]
+
+
+@pytest.mark.slow
+def test_registered_vocab_parallel_uneven_shards():
+    """The registered ops with a vocabulary shard (the group travels by name): opcheck on 2 gloo ranks of an uneven
+    split (V = 37 as 25 + 12), values and shard gradients equal to the whole vocabulary's float64 reference."""
+    for pairs in run_ranks(_shard_run, 2, [25, 12]):
+        for got, want in pairs:
+            torch.testing.assert_close(got.double(), want.double(), rtol=1e-4, atol=1e-5)
+
+
+# Public ops: a function of hidden states and the lm_head weight per op, with a tiny [4, 6] batch.
+B, T, H, V = 2, 6, 8, 37
+
+
+def _batch(length=T):
+    hidden = torch.randn(2 * B, length, H, requires_grad=True)
+    weight = torch.randn(V, H, requires_grad=True)
+    targets = torch.randint(0, V, (2 * B, length))
+    targets[:, :2] = IGNORE  # prompt
+    targets[1, -1] = IGNORE  # padding
+    return hidden, weight, targets
+
+
+def _inputs(length=T):
+    g = torch.Generator().manual_seed(1)
+    return dict(old=-3 + 0.1 * torch.randn(2 * B, length, generator=g), adv=torch.randn(2 * B, generator=g),
+                ref=-5 - torch.rand(2 * B, generator=g))
+
+
+def op_logprobs(hidden, weight, targets, x):
+    logprobs, entropy = fused_linear_logprobs(hidden, weight, targets, temperature=0.8, return_entropy=True)
+    return (logprobs * logprobs).sum() + entropy.sum(), {"logprobs": logprobs}
+
+
+def op_ppo(hidden, weight, targets, x):
+    out = fused_linear_ppo_loss(hidden, weight, targets, x["old"], x["adv"][:, None].expand_as(x["old"]),
+                                entropy_coef=0.01, kl_coef=0.05, ref_logprobs=x["old"] + 0.1)
+    return out.loss, out.metrics
+
+
+def op_grpo(hidden, weight, targets, x):
+    out = fused_linear_grpo_loss(hidden, weight, targets, x["adv"], old_logprobs=x["old"], beta=0.04,
+                                 ref_logprobs=x["old"] + 0.1, top_entropy_quantile=0.5)
+    return out.loss, {**out.metrics, "logprobs": out.logprobs, "entropy": out.entropy}
+
+
+def op_gspo(hidden, weight, targets, x):
+    out = fused_linear_grpo_loss(hidden, weight, targets, x["adv"], old_logprobs=x["old"],
+                                 importance_sampling_level="sequence", loss_type="vespo")
+    return out.loss, out.metrics
+
+
+def op_dpo(hidden, weight, targets, x):
+    out = fused_linear_dpo_loss(hidden, weight, targets, ref_logps=x["ref"].view(2, B), vocab_metrics=True,
+                                loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5])
+    return out.loss, {**out.metrics, "logps": out.logps}
+
+
+def op_kto(hidden, weight, targets, x):
+    out = fused_linear_kto_loss(hidden, weight, targets, torch.tensor([True, False, True, True]),
+                                ref_logps=x["ref"], kl=torch.tensor(0.1))
+    return out.loss, out.metrics
+
+
+def op_cpo(hidden, weight, targets, x):
+    out = fused_linear_cpo_loss(hidden, weight, targets, loss_type="simpo")
+    return out.loss, out.metrics
+
+
+def op_orpo(hidden, weight, targets, x):
+    out = fused_linear_orpo_loss(hidden, weight, targets)
+    return out.loss, out.metrics
+
+
+OPS = [op_logprobs, op_ppo, op_grpo, op_gspo, op_dpo, op_kto, op_cpo, op_orpo]
+
+
+def _run(fn, hidden, weight, targets, x):
+    loss, outputs = fn(hidden, weight, targets, x)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    return loss, outputs, grads
+
+
+def _assert_same(compiled, eager):
+    (loss, outputs, grads), (ref_loss, ref_outputs, ref_grads) = compiled, eager
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert outputs.keys() == ref_outputs.keys()
+    for name in outputs:
+        torch.testing.assert_close(outputs[name], ref_outputs[name], rtol=1e-5, atol=1e-6, equal_nan=True,
+                                   msg=lambda m: f"{name}: {m}")
+    for g, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-6)
+    assert ref_grads[0].abs().sum() > 0 and ref_grads[1].abs().sum() > 0  # the test can see a missing gradient
+
+
+@pytest.mark.parametrize("fn", OPS, ids=lambda f: f.__name__)
+def test_public_op_compiles_fullgraph(fn):
+    """Each public op compiles with ``fullgraph=True`` (no graph break: ``explain`` counts 0) and the compiled loss,
+    outputs, metrics and gradients equal eager's."""
+    hidden, weight, targets = _batch()
+    x = _inputs()
+    explained = torch._dynamo.explain(fn)(hidden, weight, targets, x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    _assert_same(_run(compiled, hidden, weight, targets, x), _run(fn, hidden, weight, targets, x))
+
+
+def test_logprobs_compiles_with_inductor():
+    hidden, weight, targets = _batch()
+    compiled = torch.compile(op_logprobs, fullgraph=True)
+    _assert_same(_run(compiled, hidden, weight, targets, None), _run(op_logprobs, hidden, weight, targets, None))
+
+
+def test_no_recompile_across_sequence_lengths():
+    """With the sequence dimension marked dynamic, 5 batches of different lengths compile at most twice (the fake
+    kernels have no data-dependent shape; GRPO's compiled rows are all rows, whatever the mask)."""
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(op_grpo, fullgraph=True, backend=counter)
+    for length in (5, 7, 9, 12, 16):
+        hidden, weight, targets = _batch(length)
+        x = _inputs(length)
+        for t in (hidden, targets, x["old"]):
+            torch._dynamo.mark_dynamic(t, 1)
+        _assert_same(_run(compiled, hidden, weight, targets, x), _run(op_grpo, hidden, weight, targets, x))
+    assert counter.frame_count <= 2, counter.frame_count
+
+
+def test_compiled_call_still_raises_clear_errors():
+    """Under compile (without ``fullgraph``: the raise is the graph's end) a wrong shape still gets its ValueError;
+    only the value checks that would sync (target range, NaN/inf) are skipped."""
+    hidden, weight, targets = _batch()
+    compiled = torch.compile(op_logprobs, backend="aot_eager")
+    with pytest.raises(ValueError, match="targets: expected shape"):
+        compiled(hidden, weight, targets[:, :-1], None)
