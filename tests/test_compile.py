@@ -268,3 +268,39 @@ def test_compiled_call_still_raises_clear_errors():
     compiled = torch.compile(op_logprobs, backend="aot_eager")
     with pytest.raises(ValueError, match="targets: expected shape"):
         compiled(hidden, weight, targets[:, :-1], None)
+
+
+@pytest.mark.slow
+def test_tiny_llama_dpo_and_grpo_compile_fullgraph():
+    """A tiny HF Llama's forward, the fused DPO and GRPO losses on its hidden states and the backward compile with
+    inductor and ``fullgraph=True`` (0 graph breaks) and give eager's loss and every parameter's gradient."""
+    from fastalign.hf import causal_lm_parts
+    from fastalign.trainers.tiny import char_tokenizer, tiny_llama
+
+    tokenizer = char_tokenizer()
+    model = tiny_llama(tokenizer, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    ids = torch.randint(3, len(tokenizer), (2 * B, 9))
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0  # right padding
+    labels = ids.masked_fill(torch.arange(9) < 3, IGNORE)  # prompt
+    advantages = torch.tensor([1.0, -1.0, 0.5, 0.0])
+
+    def step(ids, mask, labels):
+        parts = causal_lm_parts(model, ids, mask, labels)
+        dpo = fused_linear_dpo_loss(parts.hidden, parts.weight, parts.targets, bias=parts.bias,
+                                    ref_logps=torch.full((2, B), -30.0))
+        grpo = fused_linear_grpo_loss(parts.hidden, parts.weight, parts.targets, advantages)
+        return dpo.loss + grpo.loss
+
+    explained = torch._dynamo.explain(step)(ids, mask, labels)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for fn in (torch.compile(step, fullgraph=True), step):
+        loss = fn(ids, mask, labels)
+        results.append((loss.detach(), torch.autograd.grad(loss, params)))
+    (loss, grads), (ref_loss, ref_grads) = results
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for g, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
+    assert sum(g.abs().sum() for g in ref_grads) > 0
