@@ -304,3 +304,32 @@ def test_tiny_llama_dpo_and_grpo_compile_fullgraph():
     for g, ref in zip(grads, ref_grads):
         torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
     assert sum(g.abs().sum() for g in ref_grads) > 0
+
+
+@pytest.mark.slow
+def test_compiled_dpo_trainer_step_equals_eager(tmp_path):
+    """``torch_compile=True`` (TRL's field; ``aot_eager`` to keep the test short): a DPO trainer's compiled steps
+    give eager's losses and weights, and the compiled forward ran the registered ops."""
+    from fastalign.trainers import DPOConfig, DPOTrainer
+    from fastalign.trainers.tasks import CountingTask
+    from fastalign.trainers.tiny import tiny_llama, word_tokenizer
+
+    task = CountingTask()
+    runs = []
+    for compiled in (True, False):
+        tokenizer = word_tokenizer(task.words)
+        torch.manual_seed(0)
+        model = tiny_llama(tokenizer, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+        config = DPOConfig(output_dir=str(tmp_path / str(compiled)), learning_rate=3e-3, per_device_train_batch_size=4,
+                           max_steps=2, disable_tqdm=True, max_length=24, max_prompt_length=12,
+                           torch_compile=compiled, torch_compile_backend="aot_eager")
+        torch._dynamo.utils.counters.clear()
+        history = DPOTrainer(model, tokenizer, task.preference_data(8, seed=1), config).train()
+        assert (torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0) == compiled
+        assert not torch._dynamo.utils.counters["graph_break"]
+        runs.append(([record["loss"] for record in history if "loss" in record], model.state_dict()))
+    (losses, state), (ref_losses, ref_state) = runs
+    assert len(losses) == 2
+    torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-6)
+    for name, value in ref_state.items():
+        torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")

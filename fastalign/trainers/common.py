@@ -76,6 +76,10 @@ class TrainingConfig:
     the forward passes under ``torch.autocast`` in that dtype with fp32 master weights (the fused ops take the
     hidden states and lm_head weight in that dtype and accumulate in fp32); ``fp16`` adds a dynamic loss scaler
     (``torch.amp.GradScaler``) and needs CUDA; ``bf16`` also runs on the CPU (CPU autocast).
+
+    ``torch_compile``: compile the policy's forward with ``torch.compile`` (the model and the fused loss in one
+    graph, the fused ops as registered operators: two passes over the vocabulary, see ``fastalign.ops.registered``;
+    no packed batches), with ``torch_compile_backend`` (default inductor).
     """
 
     output_dir: str = "fastalign-output"
@@ -105,6 +109,8 @@ class TrainingConfig:
     gradient_checkpointing_kwargs: dict | None = None
     bf16: bool = False
     fp16: bool = False
+    torch_compile: bool = False
+    torch_compile_backend: str | None = None
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -220,6 +226,8 @@ class Trainer:
         if config.gradient_checkpointing:
             hf.enable_gradient_checkpointing(model, config.gradient_checkpointing_kwargs)
         self.policy = self.engine = distributed.Policy(model, config.autocast_dtype)
+        if config.torch_compile:  # the forward (model and fused loss) only: generation and evaluation stay eager
+            self.policy.compile(backend=config.torch_compile_backend or "inductor")
         self.scaler = distributed.grad_scaler(self.device) if config.fp16 else None
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if self.pad_token_id is None:

@@ -156,14 +156,15 @@ class DPOTrainer(Trainer):
                      num_chosen_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """DPO loss of one collated batch and its metrics (TRL names, plus ``loss``), computed as the policy's
         forward. ``num_pairs``, ``num_chosen_tokens``: the normalizers (default: this batch's, the mean)."""
-        loss, metrics = self.engine(self.policy_loss, batch, num_pairs, num_chosen_tokens)
+        loss, metrics = self.engine(self.policy_loss, batch, self.config.options, num_pairs, num_chosen_tokens)
         return loss, {"loss": float(loss.detach()), **as_floats(metrics)}
 
-    def policy_loss(self, model: nn.Module, batch: dict, num_pairs, num_chosen_tokens):
-        """Inside the policy's forward: hidden states of ``batch`` and the DPO loss on them."""
+    def policy_loss(self, model: nn.Module, batch: dict, options: DPOOptions, num_pairs, num_chosen_tokens):
+        """Inside the policy's forward: hidden states of ``batch`` and the DPO loss on them (``options`` built
+        outside: a compiled forward cannot trace ``dataclasses.fields``)."""
         parts, packed = hf.lm_inputs(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
                                      self.config.padding_free)
-        return losses.dpo_loss(*parts, batch["ref_logps"], self.config.options, self.config.loss_backend,
+        return losses.dpo_loss(*parts, batch["ref_logps"], options, self.config.loss_backend,
                                num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens, packed=packed)
 
     def evaluate(self) -> dict[str, float]:
