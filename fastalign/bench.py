@@ -814,6 +814,54 @@ def packed_step(padding_free: bool) -> VariantFactory:
         step({k: t if k == "ref_logps" else t[:, :2] for k, t in x.batch.items()})  # AdamW's state, 2 tokens a row
         return step
 
+
+# --- torch.compile -----------------------------------------------------------------------------------------------
+
+class CompileInputs(NamedTuple):
+    model: Any  # the tiny Llama (fastalign.trainers.tiny.TINY_LLAMA shape, hidden H, vocabulary V)
+    ids: Tensor  # [2B, T] token ids of B pairs (chosen rows first)
+    labels: Tensor  # [2B, T] the first T/4 tokens ignored (the prompt)
+
+
+COMPILE_PAIRS = 4
+
+
+def make_compile_inputs(problem: Problem) -> CompileInputs:
+    """The tiny Llama of ``fastalign.trainers.tiny`` with hidden size H and vocabulary V, and ``COMPILE_PAIRS`` random
+    pairs of T = N / (2 * COMPILE_PAIRS) tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .trainers.tiny import TINY_LLAMA
+
+    torch.manual_seed(problem.seed)
+    heads = max(1, problem.hidden_size // 16)
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, "hidden_size": problem.hidden_size,
+                                            "intermediate_size": 2 * problem.hidden_size,
+                                            "num_attention_heads": heads, "num_key_value_heads": heads,
+                                            "vocab_size": problem.vocab_size})).to(problem.device)
+    length = max(problem.tokens // (2 * COMPILE_PAIRS), 4)
+    ids = torch.randint(0, problem.vocab_size, (2 * COMPILE_PAIRS, length), device=problem.device)
+    return CompileInputs(model, ids, ids.masked_fill(torch.arange(length, device=ids.device) < length // 4, -100))
+
+
+def dpo_model_step(compiled: bool) -> VariantFactory:
+    """One DPO step of the model without the optimizer: forward, fused DPO loss (precomputed reference log-probs),
+    backward; ``compiled``: forward and loss through ``torch.compile(fullgraph=True)`` (inductor, which compiles their
+    backward too; the warm-up call compiles)."""
+    from .hf import causal_lm_parts
+
+    def factory(x: CompileInputs) -> Step:
+        params = [p for p in x.model.parameters() if p.requires_grad]
+        ref_logps = torch.full((2, COMPILE_PAIRS), -10.0, device=x.ids.device)
+
+        def forward():
+            parts = causal_lm_parts(x.model, x.ids, None, x.labels)
+            return fused_linear_dpo_loss(parts.hidden, parts.weight, parts.targets, bias=parts.bias,
+                                         ref_logps=ref_logps, beta=DPO_BETA).loss
+
+        loss = torch.compile(forward, fullgraph=True) if compiled else forward
+        return lambda: torch.autograd.grad(loss(), params)
+
     return factory
 
 
@@ -823,6 +871,13 @@ REGISTRY["packed"] = OpBench(make_packed_inputs, {
                  targets=(Target("time", "padded", 0.5), Target("memory", "padded", 0.5)), candidate="packed",
                  baseline="padded"),
 }, issue_problem=Problem(tokens=4096, hidden_size=64, vocab_size=128))
+
+
+REGISTRY["compile"] = OpBench(make_compile_inputs, {
+    "dpo-step": Mode("One DPO step (forward, fused loss, backward) of the tiny Llama, torch.compile vs eager",
+                     {"compiled": dpo_model_step(True), "eager": dpo_model_step(False)},
+                     floor=None, targets=(), candidate="compiled", baseline="eager"),
+}, issue_problem=Problem(tokens=2048, hidden_size=64, vocab_size=4096))
 
 ALL_OPS = ("logprobs", "ppo", "grpo", "dpo")
 """What ``--op all`` runs, in order (not ``dpo-long-pair`` nor ``train-long``: their reference variants need over
@@ -1128,7 +1183,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                              f"naive variant needs ~12 GB; ask for it by name. train-long (not in 'all' either): one "
                              f"DPO training step (forward, backward, AdamW) of a {TRAIN_LONG_LAYERS}-layer Llama-style "
                              f"model with hidden size H and vocabulary V on one pair of T=N/2 (default N=32768): "
-                             f"reference loss, fused, + gradient checkpointing, + bf16")
+                             f"reference loss, fused, + gradient checkpointing, + bf16. compile: one DPO step of the "
+                             f"tiny Llama (hidden H, vocabulary V, {COMPILE_PAIRS} pairs of T=N/{2 * COMPILE_PAIRS}, "
+                             f"default N=2048, H=64, V=4096) compiled with torch.compile vs eager")
     parser.add_argument("--tokens", type=int, default=None,
                         help=f"N, tokens in the batch (default {ISSUE_PROBLEM.tokens}; "
                              f"{REGISTRY['dpo-ranking'].issue_problem.tokens} for dpo-ranking, "

@@ -14,8 +14,8 @@ TINY = bench.Problem(tokens=32, hidden_size=16, vocab_size=64)
 linux_only = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS needs Linux /proc")
 
 
-@pytest.mark.parametrize("op", sorted(bench.REGISTRY))
-def test_every_variant_runs_and_fused_matches_naive(op):
+@pytest.mark.parametrize("op", sorted(set(bench.REGISTRY) - {"compile"}))  # compile: an inductor build of ~40 s;
+def test_every_variant_runs_and_fused_matches_naive(op):  # its step is test_compile.py's tiny-Llama test
     inputs = bench.REGISTRY[op].make_inputs(TINY)
     for mode in bench.REGISTRY[op].modes.values():
         outputs = {name: factory(inputs)() for name, factory in mode.variants.items()}
