@@ -1,5 +1,5 @@
-"""``torch.compile(fullgraph=True)`` through the fused ops: the registered operators (``torch.library.opcheck``, values
-and gradients against a float64 reference that materializes the logits), every public op compiled without a graph
+"""``torch.compile(fullgraph=True)`` through the fused ops: the registered operators (``torch.library.opcheck`` on
+every backend available, values and gradients against a float64 reference that materializes the logits), every public op compiled without a graph
 break and equal to eager, a tiny HF Llama with the fused DPO and GRPO losses, and recompiles over sequence lengths.
 
 The public ops compile with ``aot_eager`` (dynamo with ``fullgraph=True``, then AOTAutograd's fake-tensor trace of the
@@ -13,6 +13,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from fastalign import (fused_linear_cpo_loss, fused_linear_dpo_loss, fused_linear_grpo_loss, fused_linear_kto_loss,
                        fused_linear_logprobs, fused_linear_orpo_loss, fused_linear_ppo_loss)
+from conftest import BACKENDS
 from fastalign.ops import registered
 from fastalign.ops.linear import LinearOptions
 
@@ -50,18 +51,21 @@ SPECS = [(False, False, False, False), (True, True, True, True)]
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("spec", SPECS)
-def test_opcheck_token_stats(bias, spec):
+def test_opcheck_token_stats(bias, spec, backend):
     hidden, weight, b, targets = problem(bias=bias)
-    args = registered.options_args(LinearOptions(temperature=0.7, chunk_size=3))
+    args = registered.options_args(LinearOptions(backend, temperature=0.7, chunk_size=3))
     torch.library.opcheck(torch.ops.fastalign.token_stats, (hidden, weight, b, targets, *args, *spec))
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_opcheck_logprobs_backward(bias, deterministic):
+@pytest.mark.parametrize("backend, deterministic", [("torch", False), ("torch", True), ("triton", False)])
+def test_opcheck_logprobs_backward(bias, backend, deterministic):
+    if backend not in BACKENDS:
+        pytest.skip("triton is not installed")
     hidden, weight, b, targets = problem(bias=bias, requires_grad=False)
     n = hidden.shape[0]
-    args = registered.options_args(LinearOptions(temperature=0.7, chunk_size=3, deterministic=deterministic))
+    args = registered.options_args(LinearOptions(backend, temperature=0.7, chunk_size=3,
+                                                 deterministic=deterministic))
     lse, entropy = torch.randn(n) + 3, torch.rand(n)
     for grad_entropy, need in ((torch.randn(n), (True, True, bias)), (None, (True, False, False))):
         torch.library.opcheck(torch.ops.fastalign.logprobs_backward,

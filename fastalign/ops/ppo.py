@@ -55,9 +55,10 @@ class LinearPPOPolicyTriton(torch.autograd.Function):
 def linear_ppo_loss(inputs: LinearInputs, tokens: PPOTokens, config: PPOLossConfig, opts: LinearOptions,
                     with_entropy: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """Policy loss (scalar), detached log-probs ``[N]`` and entropy ``[N]``: the engine's one pass of per-token terms
-    (torch backend; three matmuls), or the triton epilogue path when a gradient is needed on triton."""
+    (torch backend; three matmuls), or the triton epilogue path when a gradient is needed on triton (not under
+    ``torch.compile``: the engine's registered ops then)."""
     hidden, weight, bias = inputs.hidden, inputs.weight, inputs.bias
-    if opts.backend == "triton" and torch.is_grad_enabled() and any(
+    if opts.backend == "triton" and not torch.compiler.is_compiling() and torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (hidden, weight, bias)):
         return LinearPPOPolicyTriton.apply(hidden, weight, bias, inputs.targets, tokens, config, opts, with_entropy)
 
