@@ -58,7 +58,8 @@ def test_opcheck_token_stats(bias, spec, backend):
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("backend, deterministic", [("torch", False), ("torch", True), ("triton", False)])
+@pytest.mark.parametrize("backend, deterministic", [("torch", False), ("torch", True), ("triton", False),
+                                                    ("triton", True)])
 def test_opcheck_logprobs_backward(bias, backend, deterministic):
     if backend not in BACKENDS:
         pytest.skip("triton is not installed")
