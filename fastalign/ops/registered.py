@@ -96,8 +96,8 @@ def _(hidden, weight, bias, targets, backend, temperature, ignore_index, chunk_s
 
 def _setup_stats(ctx, inputs, output):
     hidden, weight, bias, targets, *options = inputs
-    ctx.options = options[:10]
-    ctx.has_entropy = options[10]
+    count = len(OptionArgs._fields)
+    ctx.options, ctx.has_entropy = options[:count], options[count]  # the spec's entropy flag follows the options
     logprobs, entropy, lse = output[:3]
     ctx.mark_non_differentiable(*output[2:])
     ctx.has_bias = bias is not None
