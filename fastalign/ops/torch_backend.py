@@ -168,60 +168,89 @@ def _store(dst: Sequence[Tensor | None], rows: slice, src: Sequence[Tensor | Non
             d[rows] = s
 
 
-def _row_stats(z: Tensor, tgt: _Targets, spec: RowStatsSpec, id_start: int,
-               softmax: bool) -> tuple[RowStats, Tensor | None]:
+def _row_stats(z: Tensor, tgt: _Targets, spec: RowStatsSpec, id_start: int, softmax: bool,
+               keep_log_p: bool = True) -> tuple[RowStats, Tensor | None]:
     """Statistics of one block of tempered logits ``z [C, tile]`` (``id_start``: the global id of its first column)
-    and its probabilities ``p``, when formed (``softmax``, or needed by the statistics).
+    and, with ``softmax``, its probabilities ``p``.
 
-    Without optional statistics, ``z`` is replaced by ``log_softmax(z)``, or by ``p`` with ``softmax``: one fused
-    row-wise log-softmax pass (each row is reduced while in cache) serves the lse, and one exp pass ``p``, cheaper
-    than ``torch.logsumexp`` (several passes and a ``[C, V]`` temporary). With them, ``z`` is replaced by
-    ``log p`` (and ``p``, with ``softmax``, is a new tensor; without, the entropy and ``lse2`` form ``p`` a few rows
-    at a time); the lse comes from the row max (``log p`` there is small: no rounding of
-    the size of ``|z|``), the entropy is ``-sum_v p_v log p_v`` (terms of one sign, not ``lse - E_p[z]``, a
-    difference of two numbers of size ``|z|``), ``lse2 = 2 lse + log sum_v p_v^2``.
+    ``z`` is replaced by ``log_softmax(z)``, or with ``softmax`` by ``p`` itself unless optional statistics are
+    computed and ``keep_log_p`` asks for ``log p`` (then ``p`` is a new tensor). Every row-wise pass runs
+    ``_STAT_ROWS`` rows at a time, so that the block's rows are read from memory once after its matmul and the
+    log-softmax, ``exp``, the entropy and ``lse2`` dots and the copy of ``p`` in place work on rows still in cache.
+    Without optional statistics, the lse is the first column's ``z - log p``. With them, the lse comes from the row
+    max (``log p`` there is small: no rounding of the size of ``|z|``), the entropy is ``-sum_v p_v log p_v``
+    (terms of one sign, not ``lse - E_p[z]``, a difference of two numbers of size ``|z|``),
+    ``lse2 = 2 lse + log sum_v p_v^2``.
     """
+    num_rows = len(z)
     target_logit = z.gather(1, tgt.index).squeeze(1).masked_fill(~tgt.valid, 0.0)
+
+    def vector(wanted: bool = True, dtype: torch.dtype = z.dtype) -> Tensor | None:
+        return z.new_empty(num_rows, dtype=dtype) if wanted else None
+
+    lse = vector()
     if not spec.any_extra:
         first = z[:, 0].clone()
-        torch._log_softmax(z, 1, False, out=z)  # z <- z - lse, row by row (an aliased out is safe row-wise)
-        lse = first - z[:, 0]
-        return RowStats(lse, target_logit), (z.exp_() if softmax else None)
-    logit_sum = z.sum(dim=1) if spec.logit_sum else None
-    row_max, at_max = z.max(dim=1, keepdim=True)  # ties: the first (smallest) column
-    torch._log_softmax(z, 1, False, out=z)  # z <- log p
-    lse = (row_max - z.gather(1, at_max)).squeeze(1)
-    p = z.exp() if softmax else None
-    entropy = sum_p2 = None
-    if spec.entropy or spec.lse2:
-        entropy = z.new_empty(len(z)) if spec.entropy else None
-        sum_p2 = z.new_empty(len(z)) if spec.lse2 else None
-        if p is not None:
-            blocks = [(slice(None), p)]
-        else:  # p a few rows at a time into one workspace: no second [C, tile] buffer, and no allocation per slice
-            # (allocations interleaved with 4 MiB temporaries fragment the CPU heap: +90 MiB of peak RSS seen)
-            work = z.new_empty(min(_STAT_ROWS, len(z)), z.shape[1])
-            blocks = ((rows, torch.exp(z[rows], out=work[:len(z[rows])]))
-                      for rows in (slice(i, i + _STAT_ROWS) for i in range(0, len(z), _STAT_ROWS)))
-        for rows, q in blocks:
+        for rows in _stat_blocks(num_rows):
+            block = z[rows]
+            torch._log_softmax(block, 1, False, out=block)  # log p, row by row (an aliased out is safe row-wise)
+            torch.sub(first[rows], block[:, 0], out=lse[rows])
+            if softmax:
+                block.exp_()
+        return RowStats(lse, target_logit), (z if softmax else None)
+    logit_sum, entropy, sum_p2 = vector(spec.logit_sum), vector(spec.entropy), vector(spec.lse2)
+    row_max, at_max = vector(), vector(spec.argmax, torch.int64)  # ties: the first (smallest) column
+    p = None if not softmax else (z.new_empty(z.shape) if keep_log_p else z)
+    dots = spec.entropy or spec.lse2
+    # p of a few rows at a time when it is not kept next to log p (no second [C, tile] buffer), and the products
+    # summed by the dots: two workspaces of a few rows, allocated once (no allocation per slice: allocations
+    # interleaved with 4 MiB temporaries fragment the CPU heap, +90 MiB of peak RSS seen)
+    work = z.new_empty(min(_STAT_ROWS, num_rows), z.shape[1]) if dots and (p is None or p is z) else None
+    products = z.new_empty(min(_STAT_ROWS, num_rows), z.shape[1]) if dots else None
+    for rows in _stat_blocks(num_rows):
+        block = z[rows]
+        if logit_sum is not None:
+            torch.sum(block, 1, out=logit_sum[rows])
+        if spec.argmax:
+            torch.max(block, 1, out=(row_max[rows], at_max[rows]))
+        else:  # no indices: a max with them is 8x slower
+            torch.amax(block, 1, out=row_max[rows])
+        torch._log_softmax(block, 1, False, out=block)  # log p
+        # log p = z - c row by row is monotonic in z: its max sits at the max logit
+        torch.sub(row_max[rows], torch.amax(block, 1), out=lse[rows])
+        q = None
+        if dots:
+            q = torch.exp(block, out=work[:len(block)] if work is not None else p[rows])
             if entropy is not None:
-                _dot(q, z[rows], out=entropy[rows])
+                _dot(q, block, entropy[rows], products)
             if sum_p2 is not None:
-                _dot(q, q, out=sum_p2[rows])
-        if entropy is not None:
-            entropy.neg_()
+                _dot(q, q, sum_p2[rows], products)
+        elif p is not None and p is not z:
+            torch.exp(block, out=p[rows])
+        if p is z and q is not None:
+            block.copy_(q)
+        elif p is z:
+            block.exp_()
+    if entropy is not None:
+        entropy.neg_()
     return RowStats(lse, target_logit, entropy, None if sum_p2 is None else sum_p2.log_().add_(2 * lse), logit_sum,
-                    row_max.squeeze(1) if spec.argmax else None,
-                    at_max.squeeze(1).add_(id_start) if spec.argmax else None), p
+                    row_max if spec.argmax else None,
+                    at_max.add_(id_start) if spec.argmax else None), p
 
 
 _STAT_ROWS = 32
-"""Rows of ``p`` formed at a time for the entropy and ``lse2`` when ``p`` itself is not kept (4 MiB at V=32k)."""
+"""Rows of a block's row-wise passes at a time (4 MiB at V=32k: in cache between the passes)."""
 
 
-def _dot(a: Tensor, b: Tensor, out: Tensor) -> None:
-    """Row-wise dot products of ``[C, tile]`` blocks into ``out [C]``, batched: no ``[C, tile]`` temporary."""
-    torch.bmm(a.unsqueeze(1), b.unsqueeze(2), out=out.view(-1, 1, 1))
+def _stat_blocks(num_rows: int) -> Iterator[slice]:
+    return _chunks(num_rows, _STAT_ROWS)
+
+
+def _dot(a: Tensor, b: Tensor, out: Tensor, products: Tensor) -> None:
+    """Row-wise dot products of ``[C, tile]`` blocks into ``out [C]``, the products in the workspace ``products``
+    (at least ``[C, tile]``; a multiply and a row sum are 4x faster on CPU than a batched ``bmm`` of the rows)."""
+    products = products[:len(a)]
+    torch.sum(torch.mul(a, b, out=products), 1, out=out)
 
 
 def _merge_moments(a: RowStats, ma: WeightMoments, b: RowStats, mb: WeightMoments, merged: RowStats) -> WeightMoments:
@@ -262,22 +291,35 @@ def _dense_softmax_grads(probs: Tensor, scale: Tensor, tgt: _Targets, probs_scal
 
 
 class _GradAccumulator:
-    """Buffers for ``d hidden [N, H]``, ``d weight [V, H]``, ``d bias [V]`` (compute dtype), filled block by block."""
+    """Buffers for ``d hidden [N, H]``, ``d weight [V, H]``, ``d bias [V]`` (compute dtype), filled block by block.
+
+    ``d weight`` is not zeroed first: the first block of each vocabulary tile writes its product there (a 64 MiB
+    zero fill less at V=32k, H=512), later ones add to it. Callers walk every tile for each chunk of rows, so the
+    tiles are either all written or none (then ``result`` zeroes it)."""
 
     def __init__(self, hidden: Tensor, lin: _Linear, need_hidden: bool, need_weight: bool, need_bias: bool):
         kw = dict(dtype=lin.dtype, device=hidden.device)
         vocab, width = lin.weight.shape
         self.lin = lin
         self.hidden = torch.zeros(hidden.shape[0], width, **kw) if need_hidden else None
-        self.weight = torch.zeros(vocab, width, **kw) if need_weight else None
+        self.weight = torch.empty(vocab, width, **kw) if need_weight else None
         self.bias = torch.zeros(vocab, **kw) if need_bias else None
+        self._written: set[tuple[int, int]] = set()  # the (start, stop) columns of the tiles of d weight written
+
+    def _add_weight(self, cols: slice, logit_grads_t: Tensor, hidden_rows: Tensor) -> Tensor:
+        """``d weight[cols] (+)= logit_grads_t [tile, C] @ hidden_rows [C, H]``; returns ``d weight[cols]``."""
+        d_weight, key = self.weight[cols], (cols.start, cols.stop)
+        if key in self._written:
+            return d_weight.addmm_(logit_grads_t, hidden_rows)
+        self._written.add(key)
+        return torch.mm(logit_grads_t, hidden_rows, out=d_weight)
 
     def add(self, rows: slice, cols: slice, hidden_rows: Tensor, logit_grads: Tensor) -> None:
         """Add the gradients of the block's logit gradients ``[C, tile]``."""
         if self.hidden is not None:
             self.hidden[rows].add_(self.lin.times_weight(logit_grads, cols))
         if self.weight is not None:
-            self.weight[cols].addmm_(logit_grads.t(), hidden_rows.to(self.lin.dtype))
+            self._add_weight(cols, logit_grads.t(), hidden_rows.to(self.lin.dtype))
         if self.bias is not None:
             self.bias[cols].add_(logit_grads.sum(dim=0))
 
@@ -296,8 +338,7 @@ class _GradAccumulator:
             self.hidden[rows].addcmul_(self.lin.times_weight(probs, cols), neg_scale).add_(target_rows)
         if self.weight is not None:
             h = hidden_rows.to(self.lin.dtype)
-            d_weight = self.weight[cols]
-            d_weight.addmm_(probs.t(), h * neg_scale)
+            d_weight = self._add_weight(cols, probs.t(), h * neg_scale)
             d_weight.index_put_((target,), h * on_target, accumulate=True)
         if self.bias is not None:
             d_bias = self.bias[cols]
@@ -305,6 +346,8 @@ class _GradAccumulator:
             d_bias.index_put_((target,), on_target.squeeze(1), accumulate=True)
 
     def result(self) -> LinearGrads:
+        if self.weight is not None and not self._written:
+            self.weight.zero_()
         return LinearGrads(self.hidden, self.weight, self.bias)
 
 
@@ -524,6 +567,7 @@ def linear_logprobs_fused(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
         if deterministic:  # whole blocks: the same blocks, so the same gradient sums, whatever the chunk size
             per_chunk = max(1, per_chunk // BLOCK_ROWS) * BLOCK_ROWS
         chunks = _chunks(n, per_chunk)
+    entropy_trained = False
     for rows in chunks:
         if deterministic:
             _invariant_fused_chunk(lin, acc, hidden, targets, rows, token_grads, logprobs, entropy, all_stats,
@@ -532,7 +576,10 @@ def linear_logprobs_fused(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
         tgt = _Targets.of(targets[rows], ignore_index, vocab_start, vocab)
         valid = targets[rows] != ignore_index
         z = lin.logits(hidden[rows])
-        stats, _ = _row_stats(z, tgt, spec, vocab_start, softmax=False)  # z <- log p
+        # p in place of log p in the statistics' pass, unless a shard must rescale log p first or the entropy is
+        # trained (known from the first chunk's gradients: a wrong guess recomputes that chunk's log p)
+        in_place = shard is None and not entropy_trained
+        stats, p = _row_stats(z, tgt, spec, vocab_start, softmax=in_place, keep_log_p=False)  # z <- p or log p
         if shard is not None:  # rescale log p from the shard's softmax to the whole vocabulary's
             shard_lse, stats = stats.lse, shard.all_reduce_stats(stats)
             z.add_((shard_lse - stats.lse).unsqueeze(1))
@@ -541,12 +588,16 @@ def linear_logprobs_fused(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
         if entropy is not None:
             entropy[rows] = torch.where(valid, stats.entropy, 0.0)
         grad_lp, grad_ent = token_grads(rows, logprobs[rows], None if entropy is None else entropy[rows], stats)
+        if grad_ent is not None and in_place:  # the entropy is trained after all: log p again
+            entropy_trained, p = True, None
+            z = lin.logits(hidden[rows]).sub_(stats.lse.unsqueeze(1))
         if grad_ent is not None:  # the entropy's gradient needs log p next to p: a second [C, V] buffer
             acc.add(rows, every_col, hidden[rows],
                     _entropy_logit_grads(z, z.exp(), stats.entropy, tgt, grad_lp, grad_ent, inv_temperature))
-        else:  # dz = g (onehot - p), p in place of log p (entropy, if any, for the metrics only)
-            acc.add_softmax(rows, every_col, hidden[rows], z.exp_(), grad_lp * inv_temperature, tgt)
-        del z  # chunks may grow (whole sequences): free this chunk's logits before a larger buffer is allocated
+        else:  # dz = g (onehot - p) (entropy, if any, for the metrics only)
+            acc.add_softmax(rows, every_col, hidden[rows], z.exp_() if p is None else p, grad_lp * inv_temperature,
+                            tgt)
+        del z, p  # chunks may grow (whole sequences): free this chunk's logits before a larger buffer is allocated
     return FusedResult(logprobs, entropy, acc.result(), all_stats)
 
 
