@@ -96,13 +96,45 @@ def test_deterministic_mode_matches_float64_reference(backend):
     torch.testing.assert_close(ent.double(), ref_ent.detach(), rtol=1e-5, atol=1e-5)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
-    # Log-prob upstream only (the dense one-hot path), frozen weight (no moments shortcut in deterministic mode).
+    # Log-prob upstream only, frozen weight (on torch the weight moments' path).
     frozen = fastalign.fused_linear_logprobs(leaves[0], weight, targets, bias, backend=backend, deterministic=True)
     (grad_h,) = torch.autograd.grad((frozen * up_lp).sum(), [leaves[0]])
     ref_h = as_f64_leaf(hidden)
     (want_h,) = torch.autograd.grad((reference_logprobs(ref_h, weight, targets, bias)[0] * up_lp.double()).sum(),
                                     [ref_h])
     torch.testing.assert_close(grad_h.double(), want_h, rtol=1e-4, atol=1e-5)
+
+
+def test_frozen_weight_is_batch_invariant(vocab_tile, small_blocks):
+    """A frozen weight (the forward forms the weight moments, the backward is elementwise): a row's log-prob,
+    entropy and ``d hidden`` are bitwise the same alone or inside batches (several 64-row blocks, the last padded),
+    the values bitwise those of the no-grad forward; the gradients against float64 logits."""
+    hidden, weight, bias, targets = problem(3, seed=7)
+    targets[1] = -100
+    g = torch.Generator().manual_seed(2)
+    up_lp, up_ent = torch.randn(3, generator=g), torch.randn(3, generator=g)
+
+    def run(h, t, rows):
+        leaf = h.clone().requires_grad_(True)
+        lp, ent = fastalign.fused_linear_logprobs(leaf, weight, t, bias, temperature=0.8, return_entropy=True,
+                                                  backend="torch", deterministic=True)
+        (grad,) = torch.autograd.grad((lp[rows] * up_lp).sum() + (ent[rows] * up_ent).sum(), [leaf])
+        with torch.no_grad():
+            no_grad = fastalign.fused_linear_logprobs(h, weight, t, bias, temperature=0.8, return_entropy=True,
+                                                      backend="torch", deterministic=True)
+        assert same(lp, no_grad[0]) and same(ent, no_grad[1])
+        return lp[rows], ent[rows], grad[rows]
+
+    alone = run(hidden, targets, slice(0, 3))
+    for n in (7, 64, 150):
+        big_hidden, big_targets, rows = embed(hidden, targets, n, seed=n)
+        assert all(same(a, b) for a, b in zip(run(big_hidden, big_targets, rows), alone)), n
+    ref = as_f64_leaf(hidden)
+    lp, ent = reference_logprobs(ref, weight, targets, bias, temperature=0.8)
+    (want,) = torch.autograd.grad((lp * up_lp.double() + ent * up_ent.double()).sum(), [ref])
+    torch.testing.assert_close(alone[0].double(), lp.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(alone[1].double(), ent.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(alone[2].double(), want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("entropy_coef", [0.0, 0.3])

@@ -71,12 +71,12 @@ class LinearLogProbs(torch.autograd.Function):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         valid = targets != opts.ignore_index
         ctx.opts, ctx.with_entropy = opts, with_entropy
-        ctx.frozen_weight = (opts.backend == "torch" and opts.shard is None and not opts.deterministic
-                             and need_hidden and not (need_weight or need_bias))
+        ctx.frozen_weight = (opts.backend == "torch" and opts.shard is None and need_hidden
+                             and not (need_weight or need_bias))
         if ctx.frozen_weight:
             stats, moments = torch_backend.linear_weight_moments(
                 hidden, weight, bias, targets, inv_temperature=opts.inv_temperature, ignore_index=opts.ignore_index,
-                spec=RowStatsSpec(entropy=with_entropy), chunk_size=opts.chunk_size)
+                spec=RowStatsSpec(entropy=with_entropy), chunk_size=opts.chunk_size, deterministic=opts.deterministic)
             ctx.save_for_backward(weight, targets, valid, *moments)
         else:
             stats = lse_forward(hidden, weight, bias, targets, opts, spec=RowStatsSpec(entropy=with_entropy))

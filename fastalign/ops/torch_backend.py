@@ -475,20 +475,28 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
 
 def linear_weight_moments(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *,
                           inv_temperature: float, ignore_index: int, spec: RowStatsSpec = RowStatsSpec(),
-                          chunk_size: int | None = None) -> tuple[RowStats, WeightMoments]:
+                          chunk_size: int | None = None, deterministic: bool = False) -> tuple[RowStats, WeightMoments]:
     """Forward statistics (those of ``spec``) plus the weight moments ``[N, H]``, so that with a frozen weight the
     backward is elementwise: ``d hidden = inv_temperature * (g_lp (W_y - mean) - g_ent entropy)``. Two matmuls
     (three with entropy); each tile's moments are merged as its statistics are (``_merge_moments``), the entropy
-    moment in its centred form ``sum_v p_v (log p_v + H) W_v``."""
+    moment in its centred form ``sum_v p_v (log p_v + H) W_v``. ``deterministic``: the rows padded to whole
+    ``BLOCK_ROWS`` blocks, each block's tiles merged on its own vectors in tile order, as ``_invariant_chunk`` does:
+    the same statistics bit for bit, and moments that depend on the row alone."""
     lin = _Linear(weight, bias, inv_temperature)
     n, width = hidden.shape[0], weight.shape[1]
-    stats = moments = None
+    if deterministic:  # zero rows with ignored targets up to whole blocks
+        padded = -(-n // BLOCK_ROWS) * BLOCK_ROWS
+        hidden = torch.cat([hidden, hidden.new_zeros(padded - n, hidden.shape[1])])
+        targets = torch.cat([targets, targets.new_full((padded - n,), ignore_index)])
+    rows_all = hidden.shape[0]
+    tiles = []
     for cols in lin.tiles():
-        tile = _empty_stats(n, lin, hidden.device, spec)
-        mean = torch.empty(n, width, dtype=lin.dtype, device=hidden.device)
+        tile = _empty_stats(rows_all, lin, hidden.device, spec)
+        mean = torch.empty(rows_all, width, dtype=lin.dtype, device=hidden.device)
         tile_moments = WeightMoments(mean, torch.empty_like(mean) if spec.entropy else None)
         # The logits, and p next to log p when an optional statistic is asked for.
-        for rows in _block_chunks(n, cols, chunk_size, buffers=2 if spec.any_extra else 1):
+        for rows in (_chunks(rows_all, BLOCK_ROWS) if deterministic
+                     else _block_chunks(rows_all, cols, chunk_size, buffers=2 if spec.any_extra else 1)):
             z = lin.logits(hidden[rows], cols)
             tgt = _Targets.of(targets[rows], ignore_index, cols.start, cols.stop - cols.start)
             block, p = _row_stats(z, tgt, spec, cols.start, softmax=True)  # z <- p, or log p next to p
@@ -496,11 +504,26 @@ def linear_weight_moments(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
             if spec.entropy:
                 tile_moments.entropy[rows] = lin.times_weight(z.add_(block.entropy.unsqueeze(1)).mul_(p), cols)
             _store(tile, rows, block)
-        if stats is None:
-            stats, moments = tile, tile_moments
-        else:
-            merged = merge_row_stats(stats, tile)
-            stats, moments = merged, _merge_moments(stats, moments, tile, tile_moments, merged)
+        tiles.append((tile, tile_moments))
+    if not deterministic:
+        return _merge_tiles(tiles)
+    stats = _empty_stats(rows_all, lin, hidden.device, spec)
+    moments = WeightMoments(torch.empty_like(tiles[0][1].mean),
+                            None if tiles[0][1].entropy is None else torch.empty_like(tiles[0][1].mean))
+    for rows in _chunks(rows_all, BLOCK_ROWS):
+        block_stats, block_moments = _merge_tiles([(tile.rows(rows), WeightMoments(*(
+            None if m is None else m[rows] for m in tile_moments))) for tile, tile_moments in tiles])
+        _store(stats, rows, block_stats)
+        _store(moments, rows, block_moments)
+    return stats.rows(slice(0, n)), WeightMoments(*(None if m is None else m[:n] for m in moments))
+
+
+def _merge_tiles(tiles: list[tuple[RowStats, WeightMoments]]) -> tuple[RowStats, WeightMoments]:
+    """The statistics and weight moments of the whole vocabulary from those of its tiles, merged in tile order."""
+    stats, moments = tiles[0]
+    for tile, tile_moments in tiles[1:]:
+        merged = merge_row_stats(stats, tile)
+        stats, moments = merged, _merge_moments(stats, moments, tile, tile_moments, merged)
     return stats, moments
 
 
