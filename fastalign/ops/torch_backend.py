@@ -175,7 +175,7 @@ def _row_stats(z: Tensor, tgt: _Targets, spec: RowStatsSpec, id_start: int, soft
 
     ``z`` is replaced by ``log_softmax(z)``, or with ``softmax`` by ``p`` itself unless optional statistics are
     computed and ``keep_log_p`` asks for ``log p`` (then ``p`` is a new tensor). Every row-wise pass runs
-    ``_STAT_ROWS`` rows at a time, so that the block's rows are read from memory once after its matmul and the
+    ``_STAT_BYTES`` of rows at a time, so that the block's rows are read from memory once after its matmul and the
     log-softmax, ``exp``, the entropy and ``lse2`` dots and the copy of ``p`` in place work on rows still in cache.
     Without optional statistics, the lse is the first column's ``z - log p``. With them, the lse comes from the row
     max (``log p`` there is small: no rounding of the size of ``|z|``), the entropy is ``-sum_v p_v log p_v``
@@ -189,9 +189,10 @@ def _row_stats(z: Tensor, tgt: _Targets, spec: RowStatsSpec, id_start: int, soft
         return z.new_empty(num_rows, dtype=dtype) if wanted else None
 
     lse = vector()
+    step = _stat_rows(z)
     if not spec.any_extra:
         first = z[:, 0].clone()
-        for rows in _stat_blocks(num_rows):
+        for rows in _chunks(num_rows, step):
             block = z[rows]
             torch._log_softmax(block, 1, False, out=block)  # log p, row by row (an aliased out is safe row-wise)
             torch.sub(first[rows], block[:, 0], out=lse[rows])
@@ -205,9 +206,9 @@ def _row_stats(z: Tensor, tgt: _Targets, spec: RowStatsSpec, id_start: int, soft
     # p of a few rows at a time when it is not kept next to log p (no second [C, tile] buffer), and the products
     # summed by the dots: two workspaces of a few rows, allocated once (no allocation per slice: allocations
     # interleaved with 4 MiB temporaries fragment the CPU heap, +90 MiB of peak RSS seen)
-    work = z.new_empty(min(_STAT_ROWS, num_rows), z.shape[1]) if dots and (p is None or p is z) else None
-    products = z.new_empty(min(_STAT_ROWS, num_rows), z.shape[1]) if dots else None
-    for rows in _stat_blocks(num_rows):
+    work = z.new_empty(step, z.shape[1]) if dots and (p is None or p is z) else None
+    products = z.new_empty(step, z.shape[1]) if dots else None
+    for rows in _chunks(num_rows, step):
         block = z[rows]
         if logit_sum is not None:
             torch.sum(block, 1, out=logit_sum[rows])
@@ -238,12 +239,14 @@ def _row_stats(z: Tensor, tgt: _Targets, spec: RowStatsSpec, id_start: int, soft
                     at_max.add_(id_start) if spec.argmax else None), p
 
 
-_STAT_ROWS = 32
-"""Rows of a block's row-wise passes at a time (4 MiB at V=32k: in cache between the passes)."""
+_STAT_BYTES = 4 << 20
+"""Size of the rows of a block taken at a time by its row-wise passes: in cache between them (32 rows at V=32k, a
+whole ``[512, 4096]`` tile block), and few enough ops that a loaded machine's thread barriers do not add up."""
 
 
-def _stat_blocks(num_rows: int) -> Iterator[slice]:
-    return _chunks(num_rows, _STAT_ROWS)
+def _stat_rows(z: Tensor) -> int:
+    """Rows of ``z [C, tile]`` per ``_STAT_BYTES``, at least 1 and at most C."""
+    return max(1, min(len(z), _STAT_BYTES // (z.shape[1] * z.element_size())))
 
 
 def _dot(a: Tensor, b: Tensor, out: Tensor, products: Tensor) -> None:
