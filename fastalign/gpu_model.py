@@ -38,6 +38,7 @@ class GPU:
     atomics_per_s: float = 10e12 / 8  # ASSUMPTION: one fp32 `red` costs a 4-byte read and write of L2 bandwidth
     l2_bytes: int = 50 * 10**6
     sms: int = 132
+    arch: int = 90  # compute capability, for the launchers' tile choices
 
     def flops_per_s(self, dtype: torch.dtype) -> float:
         return self.flops_tf32 / 3 if dtype == torch.float32 else self.flops_16bit
@@ -126,7 +127,7 @@ def lse_forward_cost(p: Problem, gpu: GPU, *, deterministic: bool, pass_name: st
     """`_lse_forward_kernel`: program (row block i, split s), in swizzled order, walks its split's vocab tiles."""
     from fastalign.kernels.lse_forward import lse_forward_config, tiles_per_split
 
-    cfg = lse_forward_config(p.dtype)
+    cfg = lse_forward_config(p.dtype, h=p.hidden)
     rows, tiles = math.ceil(p.tokens / cfg.BLOCK_N), math.ceil(p.vocab / cfg.BLOCK_V)
     per_split = tiles_per_split(rows, tiles, cfg.BLOCK_V, gpu.sms, deterministic=deterministic, group_n=cfg.GROUP_N)
     splits = math.ceil(tiles / per_split)
@@ -145,7 +146,7 @@ def ppo_epilogue_cost(p: Problem, gpu: GPU, *, deterministic: bool, pass_name: s
     inputs; writes 6 fp32 outputs and 2 bool flags."""
     from fastalign.kernels.lse_forward import lse_forward_config, tiles_per_split
 
-    cfg = lse_forward_config(p.dtype)
+    cfg = lse_forward_config(p.dtype, h=p.hidden)
     tiles = math.ceil(p.vocab / cfg.BLOCK_V)
     splits = math.ceil(tiles / tiles_per_split(math.ceil(p.tokens / cfg.BLOCK_N), tiles, cfg.BLOCK_V, gpu.sms,
                                                deterministic=deterministic, group_n=cfg.GROUP_N))
@@ -158,7 +159,7 @@ def atomic_backward_cost(p: Problem, gpu: GPU, *, pass_name: str) -> LaunchCost:
     logits, then d hidden and d weight products with one fp32 atomic per output element."""
     from fastalign.kernels.logprobs_backward import logprobs_backward_config
 
-    cfg = logprobs_backward_config(p.dtype)
+    cfg = logprobs_backward_config(p.dtype, h=p.hidden, arch=gpu.arch)
     rows, tiles = math.ceil(p.tokens / cfg.BLOCK_N), math.ceil(p.vocab / cfg.BLOCK_V)
     # The logits loop streams both blocks; the d hidden loop the weight tile again, the d weight loop the hidden
     # block again (in L2 bytes; assumed L2 hits). The atomics' targets count in HBM (line fills and write-backs).
@@ -195,7 +196,7 @@ def atomic_free_backward_cost(p: Problem, gpu: GPU, *, pass_name: str) -> list[L
     gradient tiles into the workspace, then d hidden = dz @ weight and d weight += dz.T @ hidden."""
     from fastalign.kernels.logprobs_backward import WORKSPACE_BYTES, logit_grad_config, workspace_rows
 
-    cfg = logit_grad_config(p.dtype)
+    cfg = logit_grad_config(p.dtype, h=p.hidden)
     chunk = workspace_rows(p.vocab, p.dtype, WORKSPACE_BYTES, cfg.BLOCK_N)
 
     def one_chunk(m: int) -> list[LaunchCost]:

@@ -14,7 +14,6 @@ every run; the cost model estimates it L2-bound (not atomic-bound) at 128 x 128 
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -22,6 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .launches import check_device, interpreting, target_arch
 from .lse_forward import LseForwardConfig, lse_forward_config
 from .matmul import matmul_into
 
@@ -46,19 +46,26 @@ class LogprobsBackwardConfig:
         return {"num_warps": self.num_warps, "num_stages": self.num_stages, "enable_fp_fusion": True}
 
 
-def logprobs_backward_config(dtype: torch.dtype, interpret: bool = False) -> LogprobsBackwardConfig:
-    """GPU config for inputs of `dtype`; `interpret=True` gives small tiles that keep the CPU interpreter fast.
+def logprobs_backward_config(dtype: torch.dtype, *, h: int, arch: int,
+                             interpret: bool = False) -> LogprobsBackwardConfig:
+    """GPU config for inputs of `dtype`, hidden size `h`, compute capability `arch` (80, 90); `interpret=True` gives
+    small tiles that keep the CPU interpreter fast. docs/kernels.md lists the registers each config takes.
 
     fp32 inputs use 3xTF32 tensor-core dots (about fp32 accuracy, plain TF32 would not be), whose split operands
-    need smaller tiles to stay clear of spills. Registers per thread (sm_80 / sm_90, from the compile test):
-    16-bit about 161 / 127, fp32 about 192 / 170; 128x128x64 16-bit tiles reach 255 on both.
+    need small H chunks (BLOCK_H = 8: 16 spilled on sm_80 and sm_90 when H is not a multiple of 16). On sm_90 a
+    64 x 64 tile puts all three dots on wgmma (warp-group MMA needs 64 rows: with BLOCK_V = 32 the d_weight dot,
+    of BLOCK_V rows, fell back to mma.sync); on sm_80 that tile spills, 128 x 32 does not. When H is not a multiple
+    of 16 the loads of a row are not vectorized and their pointers and masks fill the registers (16-bit: 229-255
+    at BLOCK_H = 32): BLOCK_H = 16 brings them down to 177-208.
     """
     precision = "tf32x3" if dtype == torch.float32 else "tf32"  # the precision only matters for fp32 operands
     if interpret:
         return LogprobsBackwardConfig(16, 32, 16, 2, precision, num_warps=1, num_stages=1)
     if dtype == torch.float32:
-        return LogprobsBackwardConfig(128, 32, 16, 8, precision, num_warps=8, num_stages=3)
-    return LogprobsBackwardConfig(128, 64, 32, 8, precision, num_warps=8, num_stages=3)
+        if arch >= 90:
+            return LogprobsBackwardConfig(64, 64, 8, 8, precision, num_warps=8, num_stages=3)
+        return LogprobsBackwardConfig(128, 32, 8, 8, precision, num_warps=8, num_stages=3)
+    return LogprobsBackwardConfig(128, 64, 32 if h % 16 == 0 else 16, 8, precision, num_warps=8, num_stages=3)
 
 
 WORKSPACE_BYTES = 512 << 20
@@ -66,12 +73,12 @@ WORKSPACE_BYTES = 512 << 20
 whose [2048, 4096] hidden rows then stay in L2 while the vocabulary streams by; `fastalign.gpu_model`)."""
 
 
-def logit_grad_config(dtype: torch.dtype, interpret: bool = False) -> LseForwardConfig:
+def logit_grad_config(dtype: torch.dtype, *, h: int, interpret: bool = False) -> LseForwardConfig:
     """`_logit_grad_kernel`'s tiles: 16-bit inputs 128 x 128 (64 FLOPs per byte loaded, against the forward's 43:
     the GPU cost model's L2 traffic), registers about 185 / 169 per thread (sm_80 / sm_90, from the compile test;
     the forward's online-softmax tile spills at 128 x 128, this one stores dz and keeps no running state). fp32 and
     the interpreter: the forward's (`lse_forward_config`)."""
-    cfg = lse_forward_config(dtype, interpret=interpret)
+    cfg = lse_forward_config(dtype, h=h, interpret=interpret)
     if interpret or dtype == torch.float32:
         return cfg
     return replace(cfg, BLOCK_V=128)
@@ -196,10 +203,6 @@ def _logit_grad_kernel(
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, lse: Tensor,
                              grad_logprobs: Tensor, grad_entropy: Tensor | None = None,
                              entropy: Tensor | None = None, *, inv_temperature: float, ignore_index: int,
@@ -221,8 +224,7 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
     `deterministic=True`: no atomics, bitwise the same gradients on every run (`_atomic_free_backward`), at the
     price of a workspace of about `workspace_bytes` (None: `WORKSPACE_BYTES`; at least one token block).
     """
-    if hidden.device.type != "cuda" and not _interpreting():
-        raise ValueError(f"fastalign.kernels: expected CUDA tensors (or TRITON_INTERPRET=1), got {hidden.device}")
+    check_device(hidden.device)
     if (grad_entropy is None) != (entropy is None):
         raise ValueError("grad_entropy and entropy: expected both or neither, got only one")
     hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
@@ -247,7 +249,7 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
                               ignore_index=ignore_index, vocab_start=vocab_start,
                               workspace_bytes=WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes)
         return grad_hidden, grad_weight, grad_bias
-    cfg = logprobs_backward_config(hidden.dtype, interpret=_interpreting())
+    cfg = logprobs_backward_config(hidden.dtype, h=h, arch=target_arch(hidden.device), interpret=interpreting())
     grid = (triton.cdiv(n, cfg.BLOCK_N) * triton.cdiv(v, cfg.BLOCK_V),)
     unused = lse  # stands in for the pointers a constexpr flag switches off (never dereferenced)
     _logprobs_backward_kernel[grid](
@@ -282,9 +284,9 @@ def _atomic_free_backward(hidden, weight, bias, targets, lse, grad_logprobs, gra
          (`matmul_into`: each output tile owned by one program, its K walked in order; the chunks add in row order).
     Three matmuls as the atomic kernel; extra traffic: dz written once and read twice, grad_weight read and written
     once per chunk."""
-    interpret = _interpreting()
-    cfg = logit_grad_config(hidden.dtype, interpret=interpret)
+    interpret = interpreting()
     (n, h), v = hidden.shape, weight.shape[0]
+    cfg = logit_grad_config(hidden.dtype, h=h, interpret=interpret)
     chunk = workspace_rows(v, hidden.dtype, workspace_bytes, cfg.BLOCK_N)
     dz = torch.empty(min(chunk, n), v, device=hidden.device, dtype=hidden.dtype)
     ones = torch.ones(min(chunk, n), 1, device=hidden.device, dtype=hidden.dtype)

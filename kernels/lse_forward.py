@@ -9,7 +9,6 @@ sum_v exp(z - m) (z - m) (terms of one sign), never as lse - E_p[z], a differenc
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -18,6 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .launches import check_device, interpreting
 from .row_stats import RowStats, RowStatsSpec
 
 
@@ -41,17 +41,24 @@ class LseForwardConfig:
         return {"num_warps": self.num_warps, "num_stages": self.num_stages, "enable_fp_fusion": True}
 
 
-def lse_forward_config(dtype: torch.dtype, interpret: bool = False) -> LseForwardConfig:
-    """GPU config for inputs of `dtype`; `interpret=True` gives small tiles that keep the CPU interpreter fast.
+def lse_forward_config(dtype: torch.dtype, *, h: int, interpret: bool = False) -> LseForwardConfig:
+    """GPU config for inputs of `dtype` and hidden size `h`; `interpret=True` gives small tiles that keep the CPU
+    interpreter fast. docs/kernels.md lists the registers each config takes (128 x 128 tiles reach 255 and spill
+    on sm_80).
 
     fp32 inputs use 3xTF32 tensor-core dots (about fp32 accuracy, plain TF32 would not be), whose split operands
-    need a smaller H chunk to stay clear of spills. Registers per thread (sm_80 / sm_90, from the compile test):
-    16-bit about 174 / 141, fp32 about 128 / 152; 128x128 tiles reach 255 and spill on sm_80.
+    need a smaller H chunk to stay clear of spills. When H is not a multiple of 16 the loads of a row are not
+    vectorized and their pointers and masks fill the registers, so the chunk shrinks again: 16-bit inputs at
+    BLOCK_H = 64 spill on sm_80 (16 to 64 bytes), at 16 they take 213-226 registers; fp32 at 16 take up to 244, at
+    8 up to 220.
     """
     precision = "tf32x3" if dtype == torch.float32 else "tf32"  # the precision only matters for fp32 operands
     if interpret:
         return LseForwardConfig(16, 32, 16, 2, precision, num_warps=1, num_stages=1)
-    block_h = 16 if dtype == torch.float32 else 64
+    if dtype == torch.float32:
+        block_h = 16 if h % 16 == 0 else 8
+    else:
+        block_h = 64 if h % 16 == 0 else 16
     return LseForwardConfig(128, 64, block_h, 8, precision, num_warps=8, num_stages=3)
 
 
@@ -186,10 +193,6 @@ def merge_split_partials(max_ptr, sumexp_ptr, sum_ez_ptr, target_logit_ptr, rows
     return m + tl.log(sumexp), entropy, target_logit
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 DETERMINISTIC_SPLIT_COLUMNS = 4096
 """Vocabulary columns per split in deterministic mode (64 under the interpreter): a fixed split whatever N, so a
 row's statistics do not depend on its batch (32 splits at V = 128256)."""
@@ -203,7 +206,7 @@ def tiles_per_split(n_row_blocks: int, n_vocab_tiles: int, block_v: int, sms: in
     large N one wave of `sms` programs spans at most `group_n` token blocks (at least sms / group_n splits: the
     grouped order's L2 sharing); every split non-empty."""
     if deterministic:
-        columns = 64 if _interpreting() else DETERMINISTIC_SPLIT_COLUMNS
+        columns = 64 if interpreting() else DETERMINISTIC_SPLIT_COLUMNS
         return max(1, columns // block_v)
     wanted = 4 if sms is None else 2 * sms
     grouped = 1 if sms is None else math.ceil(sms / group_n)
@@ -239,12 +242,11 @@ def lse_forward_partials(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
     order, a bijection) and alone writes the partial statistics of rows i*BLOCK_N .. (i+1)*BLOCK_N - 1 for vocab
     split s (no atomics).
     """
-    if hidden.device.type != "cuda" and not _interpreting():
-        raise ValueError(f"fastalign.kernels: expected CUDA tensors (or TRITON_INTERPRET=1), got {hidden.device}")
+    check_device(hidden.device)
     hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
     bias = bias.contiguous() if bias is not None else None
     (n, h), v = hidden.shape, weight.shape[0]
-    cfg = lse_forward_config(hidden.dtype, interpret=_interpreting())
+    cfg = lse_forward_config(hidden.dtype, h=h, interpret=interpreting())
 
     n_row_blocks = triton.cdiv(n, cfg.BLOCK_N)
     n_vocab_tiles = triton.cdiv(v, cfg.BLOCK_V)

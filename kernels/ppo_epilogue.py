@@ -7,7 +7,6 @@ branches and clamps. The backward kernel (`logprobs_backward`) then takes them a
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
@@ -15,6 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .launches import check_device, interpreting
 from .lse_forward import LsePartials, merge_split_partials
 from .token_epilogue import token_epilogue_config
 
@@ -122,10 +122,6 @@ def _ppo_epilogue_kernel(
     tl.store(dual_clipped_ptr + rows, dual_clipped, mask=row_ok)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 class PPOEpilogueOutput(NamedTuple):
     """Per-token outputs of `ppo_epilogue`, each [N]: fp32 unless stated."""
 
@@ -162,8 +158,7 @@ def ppo_epilogue(partials: LsePartials, targets: Tensor, old_logprobs: Tensor, a
     if with_entropy and partials.sum_ez is None:
         raise ValueError("partials.sum_ez: required with with_entropy (run lse_forward_partials with_entropy=True)")
     device, n = partials.max.device, partials.max.shape[1]
-    if device.type != "cuda" and not _interpreting():
-        raise ValueError(f"fastalign.kernels: expected CUDA tensors (or TRITON_INTERPRET=1), got {device}")
+    check_device(device)
 
     def out(dtype: torch.dtype = torch.float32) -> Tensor:
         return torch.empty(n, device=device, dtype=dtype)
@@ -171,7 +166,7 @@ def ppo_epilogue(partials: LsePartials, targets: Tensor, old_logprobs: Tensor, a
     result = PPOEpilogueOutput(out(), out() if with_entropy else None, out(), out(), out(),
                                out() if with_entropy else None, out(torch.bool), out(torch.bool))
     if n > 0:
-        cfg = token_epilogue_config(interpret=_interpreting())
+        cfg = token_epilogue_config(interpret=interpreting())
         unused = result.lse  # stands in for the pointers a constexpr flag switches off (never dereferenced)
         part_max, part_sumexp, part_target = (p.contiguous() for p in (partials.max, partials.sumexp,
                                                                          partials.target_logit))

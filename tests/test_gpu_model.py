@@ -52,7 +52,7 @@ def test_lse_forward_grouped_order_by_hand():
     per group: wave 1 is token blocks 0-7 against both splits (147 kB, fits in half the L2), wave 2 blocks 8-15, so
     each hidden block is fetched once. Token blocks fastest, a wave would be all 16 blocks against one split
     (270 kB, does not fit) and each hidden block would be fetched twice."""
-    cfg = lse_forward_config(torch.bfloat16)
+    cfg = lse_forward_config(torch.bfloat16, h=64)
     assert (cfg.BLOCK_N, cfg.BLOCK_V, cfg.GROUP_N) == (128, 64, 8), "the hand numbers below assume these tiles"
     c = gm.lse_forward_cost(gm.Problem(2048, 64, 128), gm.GPU(sms=16, l2_bytes=400_000), deterministic=False,
                             pass_name="f")
@@ -65,7 +65,7 @@ def test_lse_forward_grouped_order_by_hand():
 
 def test_atomic_backward_by_hand():
     """N=256, H=64, V=128, bf16: the 16-bit backward tile is 128 x 64 (x 32 of H), so 2 x 2 = 4 tiles."""
-    cfg = logprobs_backward_config(torch.bfloat16)
+    cfg = logprobs_backward_config(torch.bfloat16, h=64, arch=BIG_L2.arch)
     assert (cfg.BLOCK_N, cfg.BLOCK_V, cfg.BLOCK_H) == (128, 64, 32), "the hand numbers below assume these tiles"
     c = gm.atomic_backward_cost(gm.Problem(256, 64, 128), BIG_L2, pass_name="b")
     assert c.flops == 3 * 4 * 2 * 128 * 64 * 64  # 3 tile matmuls per tile
@@ -79,7 +79,7 @@ def test_atomic_backward_by_hand():
 def test_atomic_free_backward_by_hand():
     """N=256, H=128, V=128, bf16: the same 3 matmuls of 2*N*V*H FLOPs each, in three launches, and no atomic; the
     16-bit logit-gradient and (aligned) matmul tiles are 128 x 128."""
-    lg, mm = logit_grad_config(torch.bfloat16), matmul_config(torch.bfloat16)
+    lg, mm = logit_grad_config(torch.bfloat16, h=128), matmul_config(torch.bfloat16)
     assert (lg.BLOCK_N, lg.BLOCK_V, mm.BLOCK_M, mm.BLOCK_P, mm.BLOCK_K) == (128, 128, 128, 128, 32)
     costs = gm.atomic_free_backward_cost(gm.Problem(256, 128, 128), BIG_L2, pass_name="b")
     assert [c.flops for c in costs] == [2 * 256 * 128 * 128] * 3

@@ -1,0 +1,200 @@
+"""Where the kernels may run (`check_device`, `interpreting`), which GPU their launchers tile for (`target_arch`), and
+the registry of every launch the launchers make.
+
+The registry (`LAUNCHES`) is what the sm_80/sm_90 compile test (tests/test_kernels_compile.py) and the kernel table
+(docs/kernels.md) compile: each `LaunchCase` calls a public launcher with real tensors of a given dtype and
+`Shape`, under `capture_launches()`, which records the `kernel[grid](...)` calls instead of running them. The
+compile test then binds the recorded arguments with Triton's own binder, so the signature, the constexprs and the
+divisibility / equal-to-1 specializations are those the runtime builds on a GPU for those tensors.
+
+A new kernel joins by adding one `_cases_*` function to `LAUNCHES`: a `LaunchCase` per flag combination its
+launcher can reach, the heaviest (every optional block on) and the commonest marked; the compile test fails on a
+`*_kernel` of `fastalign.kernels` that no case launches. A launcher whose tiles depend on the GPU asks
+`target_arch(device)`.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+
+_captured: list | None = None  # the launches recorded by an active `capture_launches()`
+_capture_arch = 0  # the arch an active `capture_launches()` compiles for
+
+
+def interpreting() -> bool:
+    """True under the Triton CPU interpreter (TRITON_INTERPRET=1 when the kernel modules were imported)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_device(device: torch.device) -> None:
+    """ValueError unless the kernels can run on `device`: CUDA, or any device under the interpreter (or during
+    `capture_launches`, which runs nothing)."""
+    if device.type != "cuda" and not interpreting() and _captured is None:
+        raise ValueError(f"fastalign.kernels: expected CUDA tensors (or TRITON_INTERPRET=1), got {device}")
+
+
+def target_arch(device: torch.device) -> int:
+    """The compute capability the launch compiles for, as 80 (A100) or 90 (H100): the CUDA device's, the one an
+    active `capture_launches(arch)` names, or 0 (the interpreter). The tile choices of the launchers depend on it."""
+    if _captured is not None:
+        return _capture_arch
+    if device.type != "cuda":
+        return 0
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+class Launch(NamedTuple):
+    """One recorded `kernel[grid](*args, **kwargs)` call."""
+
+    kernel: object  # triton.runtime.jit.JITFunction
+    args: tuple
+    kwargs: dict
+
+
+@contextlib.contextmanager
+def capture_launches(arch: int):
+    """Record the kernel launches made inside the block (a list of `Launch`) instead of running them, the launchers
+    choosing their tiles for a GPU of compute capability `arch` (80, 90); their outputs stay unwritten. For AOT
+    compiles on a machine without a GPU, with TRITON_INTERPRET unset."""
+    from triton.runtime.jit import JITFunction
+
+    global _captured, _capture_arch
+    if interpreting():
+        raise RuntimeError("capture_launches: unset TRITON_INTERPRET (the interpreter launches no JITFunction)")
+    run = JITFunction.run
+    _captured = []
+
+    def record(self, *args, grid, warmup, **kwargs):
+        _captured.append(Launch(self, args, kwargs))
+
+    JITFunction.run = record
+    _capture_arch = arch
+    try:
+        yield _captured
+    finally:
+        JITFunction.run = run
+        _captured, _capture_arch = None, 0
+
+
+class Shape(NamedTuple):
+    n: int  # tokens
+    h: int  # hidden size
+    v: int  # vocabulary (of this shard)
+
+
+# What the specialization sees: N, H, V multiples of 16 or not (the binder marks multiples of 16 and turns 1 into
+# a constant). "llama": Llama-3's vocabulary (a multiple of 16, 2004 tiles of 64); "odd": nothing a multiple of 16.
+SHAPES = {"llama": Shape(2048, 256, 128256), "odd": Shape(37, 100, 1001)}
+
+
+@dataclass(frozen=True)
+class LaunchCase:
+    """One flag combination of one launcher: `call(dtype, shape)` runs the launcher on empty tensors (it may launch
+    several kernels, or one several times: the compile test builds each distinct launch)."""
+
+    family: str  # the kernel family (module), e.g. "logprobs_backward"
+    flags: str  # the options on, e.g. "bias,entropy_grad,d_hidden"; "plain" when none
+    call: Callable[[torch.dtype, Shape], None]
+    dtypes: tuple = (torch.float32, torch.float16, torch.bfloat16)  # the lm_head dtypes it is built for
+    heaviest: bool = False  # every optional block on: the most code
+    commonest: bool = False  # what most training runs launch
+
+    @property
+    def name(self) -> str:
+        return f"{self.family}[{self.flags}]"
+
+
+def _label(**flags: bool) -> str:
+    return ",".join(name for name, on in flags.items() if on) or "plain"
+
+
+def _lm_head(dtype: torch.dtype, shape: Shape, bias: bool):
+    hidden, weight = torch.empty(shape.n, shape.h, dtype=dtype), torch.empty(shape.v, shape.h, dtype=dtype)
+    return hidden, weight, torch.empty(shape.v, dtype=dtype) if bias else None, torch.zeros(shape.n, dtype=torch.int64)
+
+
+def _cases_lse_forward() -> list[LaunchCase]:
+    from .lse_forward import lse_forward_partials
+    from .row_stats import RowStatsSpec
+
+    def case(bias: bool, stats: RowStatsSpec, deterministic: bool) -> LaunchCase:
+        def call(dtype: torch.dtype, shape: Shape) -> None:
+            hidden, weight, b, targets = _lm_head(dtype, shape, bias)
+            lse_forward_partials(hidden, weight, b, targets, inv_temperature=1.0, ignore_index=-100, spec=stats,
+                                 deterministic=deterministic)
+
+        every = bias and stats == RowStatsSpec(True, True, True, True)
+        return LaunchCase("lse_forward", _label(bias=bias, **vars(stats), deterministic=deterministic), call,
+                          heaviest=every and not deterministic, commonest=not (bias or stats.any_extra))
+
+    # deterministic only fixes the vocab split (tiles_per_split): the same code, another specialization
+    return [case(bias, RowStatsSpec(*s), det) for bias in (False, True)
+            for s in itertools.product((False, True), repeat=4) for det in (False, True)]
+
+
+def _cases_logprobs_backward() -> list[LaunchCase]:
+    from .logprobs_backward import linear_logprobs_backward
+
+    def case(bias: bool, entropy_grad: bool, d_hidden: bool, d_weight: bool, d_bias: bool,
+             deterministic: bool) -> LaunchCase:
+        def call(dtype: torch.dtype, shape: Shape) -> None:
+            hidden, weight, b, targets = _lm_head(dtype, shape, bias)
+            row = torch.empty(shape.n)
+            linear_logprobs_backward(hidden, weight, b, targets, row, row, row if entropy_grad else None,
+                                     row if entropy_grad else None, inv_temperature=1.0, ignore_index=-100,
+                                     need_grad_hidden=d_hidden, need_grad_weight=d_weight, need_grad_bias=d_bias,
+                                     deterministic=deterministic)
+
+        flags = dict(bias=bias, entropy_grad=entropy_grad, d_hidden=d_hidden, d_weight=d_weight, d_bias=d_bias)
+        # deterministic runs other kernels (the logit-gradient tiles and owned-tile matmuls): a heaviest and a
+        # commonest of its own
+        return LaunchCase("logprobs_backward", _label(**flags, deterministic=deterministic), call,
+                          heaviest=all(flags.values()),
+                          commonest=flags == dict(bias=False, entropy_grad=False, d_hidden=True, d_weight=True,
+                                                  d_bias=False))
+
+    # d_bias needs a bias; at least one gradient (else the launcher launches nothing).
+    return [case(bias, ent, dh, dw, db, det) for bias, ent, dh, dw, db, det in itertools.product((False, True),
+                                                                                                 repeat=6)
+            if (bias or not db) and (dh or dw or db)]
+
+
+def _cases_ppo_epilogue() -> list[LaunchCase]:
+    from .lse_forward import LsePartials
+    from .ppo_epilogue import KL_ESTIMATORS, ppo_epilogue
+
+    def case(dual_clip: bool, kl_estimator: str | None, entropy: bool) -> LaunchCase:
+        def call(dtype: torch.dtype, shape: Shape) -> None:
+            splits = torch.empty(2, shape.n)
+            row = torch.empty(shape.n)
+            ppo_epilogue(LsePartials(splits, splits, splits if entropy else None, splits),
+                         torch.zeros(shape.n, dtype=torch.int64), row, row, row if kl_estimator else None, row,
+                         ignore_index=-100, cliprange=0.2, cliprange_high=None, dual_clip=3.0 if dual_clip else None,
+                         kl_coef=0.1 if kl_estimator else 0.0, kl_estimator=kl_estimator or "k3",
+                         entropy_coef=0.01 if entropy else 0.0, log_ratio_clamp=20.0, with_entropy=entropy)
+
+        flags = _label(dual_clip=dual_clip, **({kl_estimator: True} if kl_estimator else {}), entropy=entropy)
+        # The partials and per-token inputs are fp32 whatever the lm_head's dtype: one build.
+        return LaunchCase("ppo_epilogue", flags, call, dtypes=(torch.float32,),
+                          heaviest=dual_clip and kl_estimator == "k3" and entropy,
+                          commonest=not (dual_clip or kl_estimator or entropy))
+
+    return [case(dual, kl, ent) for dual in (False, True) for kl in (None, *KL_ESTIMATORS) for ent in (False, True)]
+
+
+LAUNCHES: dict[str, Callable[[], list[LaunchCase]]] = {
+    "lse_forward": _cases_lse_forward,
+    "logprobs_backward": _cases_logprobs_backward,
+    "ppo_epilogue": _cases_ppo_epilogue,
+}
+
+
+def launch_cases() -> list[LaunchCase]:
+    """Every registered case (each family's case names are unique)."""
+    return [case for cases in LAUNCHES.values() for case in cases()]
