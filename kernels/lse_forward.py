@@ -50,8 +50,7 @@ def lse_forward_config(dtype: torch.dtype, *, h: int, interpret: bool = False) -
     need a smaller H chunk to stay clear of spills. When H is not a multiple of 16 the loads of a row are not
     vectorized and their pointers and masks fill the registers, so the chunk shrinks again: 16-bit inputs at
     BLOCK_H = 64 spill on sm_80 (16 to 64 bytes), and at 16 too since the grouped 1-D grid (16 bytes at 128
-    registers, ptxas's choice), at 32 they take 204-253; fp32 at 16 take up to 244, at
-    8 up to 220.
+    registers, ptxas's choice), at 32 they take 204-253; fp32 at 16 take up to 244, at 8 up to 220.
     """
     precision = "tf32x3" if dtype == torch.float32 else "tf32"  # the precision only matters for fp32 operands
     if interpret:
