@@ -814,6 +814,8 @@ def packed_step(padding_free: bool) -> VariantFactory:
         step({k: t if k == "ref_logps" else t[:, :2] for k, t in x.batch.items()})  # AdamW's state, 2 tokens a row
         return step
 
+    return factory
+
 
 # --- torch.compile -----------------------------------------------------------------------------------------------
 
