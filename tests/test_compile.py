@@ -338,3 +338,34 @@ def test_compiled_dpo_trainer_step_equals_eager(tmp_path):
     torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-6)
     for name, value in ref_state.items():
         torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainer", ["grpo", "kto", "ppo"])
+def test_compiled_trainers_forward_has_no_graph_break(tmp_path, trainer):
+    """``torch_compile=True`` on the GRPO, KTO and PPO trainers (``aot_eager``, one step): the policy's forward is
+    compiled (dynamo made graphs) without a graph break (their loss options are built outside the forward)."""
+    from fastalign.trainers import GRPOConfig, GRPOTrainer, KTOConfig, KTOTrainer, PPOConfig, PPOTrainer
+    from fastalign.trainers.kto import unpair_preference_data
+    from fastalign.trainers.tasks import CountingTask
+    from fastalign.trainers.tiny import tiny_llama, word_tokenizer
+
+    task = CountingTask()
+    tokenizer = word_tokenizer(task.words)
+    torch.manual_seed(0)
+    model = tiny_llama(tokenizer, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    common = dict(output_dir=str(tmp_path), learning_rate=1e-3, per_device_train_batch_size=4, max_steps=1,
+                  disable_tqdm=True, torch_compile=True, torch_compile_backend="aot_eager")
+    if trainer == "grpo":
+        run = GRPOTrainer(model, tokenizer, task.prompts(8, seed=3), task.score,
+                          GRPOConfig(num_generations=4, max_completion_length=6, **common))
+    elif trainer == "kto":
+        run = KTOTrainer(model, tokenizer, unpair_preference_data(task.preference_data(4, seed=1)),
+                         KTOConfig(max_length=24, max_prompt_length=12, **common))
+    else:
+        run = PPOTrainer(model, tokenizer, task.prompts(8, seed=3), task.score,
+                         PPOConfig(response_length=6, temperature=1.0, **common))
+    torch._dynamo.utils.counters.clear()
+    run.train()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])

@@ -204,7 +204,7 @@ class GRPOTrainer(SamplingTrainer):
         refuses as a normalizer); the other loss types: over ``gradient_accumulation_steps``."""
         b = batch
         old, ref = (None if t is None else t[rows] for t in (b.old_logprobs, b.ref_logprobs))
-        loss, metrics = self.engine(self.policy_loss, b.input_ids[rows], b.attention_mask[rows], b.targets[rows],
+        loss, metrics = self.engine(self.policy_loss, self.config.loss_config, b.input_ids[rows], b.attention_mask[rows], b.targets[rows],
                                     b.advantages[rows], old, ref, b.num_items_in_batch)
         metrics = as_floats(metrics)
         if self.config.loss_type in TOKEN_COUNT_LOSS_TYPES:
@@ -215,13 +215,14 @@ class GRPOTrainer(SamplingTrainer):
             loss = loss / self.config.gradient_accumulation_steps
         return loss, {"loss": float(loss.detach()), **metrics}
 
-    def policy_loss(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor, targets: Tensor,
-                    advantages: Tensor, old_logprobs: Tensor | None, ref_logprobs: Tensor | None,
+    def policy_loss(self, model: nn.Module, loss_config: GRPOLossConfig, input_ids: Tensor, attention_mask: Tensor,
+                    targets: Tensor, advantages: Tensor, old_logprobs: Tensor | None, ref_logprobs: Tensor | None,
                     num_items_in_batch: Tensor):
-        """Inside the policy's forward: hidden states of the rows and the GRPO loss on them."""
+        """Inside the policy's forward: hidden states of the rows and the GRPO loss on them (``loss_config`` built
+        outside: a compiled forward cannot trace ``dataclasses.fields``)."""
         hidden, packed, (targets, old_logprobs, ref_logprobs) = self.response_inputs(
             model, input_ids, attention_mask, targets, old_logprobs, ref_logprobs)
-        return losses.grpo_loss(hidden, *hf.get_lm_head(model), targets, advantages, self.config.loss_config,
+        return losses.grpo_loss(hidden, *hf.get_lm_head(model), targets, advantages, loss_config,
                                 self.config.loss_backend, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
                                 temperature=self.config.temperature, num_items_in_batch=num_items_in_batch,
                                 packed=packed, deterministic=self.config.deterministic)

@@ -159,15 +159,17 @@ class KTOTrainer(Trainer):
         """KTO loss of one collated batch and its per-batch metrics (TRL's sums and counts, ``kl``, ``loss``; both
         sides' keys always present, 0 for an absent side). ``num_examples``: divisor of the losses' sum."""
         ref, kl = self.reference_and_kl(batch)
-        loss, metrics = self.engine(self.policy_loss, batch, ref, kl, num_examples)
+        loss, metrics = self.engine(self.policy_loss, batch, ref, kl, self.config.options, num_examples)
         return loss, {"loss": float(loss.detach()), **dict.fromkeys(SUMMED_KEYS, 0.0), **as_floats(metrics)}
 
-    def policy_loss(self, model: nn.Module, batch: dict, ref: Tensor, kl: Tensor | None, num_examples):
-        """Inside the policy's forward: hidden states of the examples and the KTO loss on them."""
+    def policy_loss(self, model: nn.Module, batch: dict, ref: Tensor, kl: Tensor | None, options: KTOOptions,
+                    num_examples):
+        """Inside the policy's forward: hidden states of the examples and the KTO loss on them (``options`` built
+        outside: a compiled forward cannot trace ``dataclasses.fields``)."""
         b = batch["label"].shape[0]
         parts, packed = hf.lm_inputs(model, *(batch[k][:b] for k in ("input_ids", "attention_mask", "labels")),
                                      self.config.padding_free)
-        return losses.kto_loss(*parts, batch["label"], ref, kl, self.config.options, self.config.loss_backend,
+        return losses.kto_loss(*parts, batch["label"], ref, kl, options, self.config.loss_backend,
                                num_examples=num_examples, packed=packed)
 
     @staticmethod

@@ -169,7 +169,7 @@ class PPOTrainer(SamplingTrainer):
         the ranks' gradients (a rank's own tokens may outnumber ``num_tokens / world_size``, which the op refuses as
         a normalizer)."""
         r = rollout
-        loss, metrics = self.engine(self.policy_loss, r.input_ids[rows], r.attention_mask[rows], r.targets[rows],
+        loss, metrics = self.engine(self.policy_loss, self.config.loss_config, r.input_ids[rows], r.attention_mask[rows], r.targets[rows],
                                     r.logprobs[rows], r.advantages[rows], r.values[rows], r.returns[rows], num_tokens)
         metrics = as_floats(metrics)
         metrics["policy/entropy_avg"] = metrics.pop("objective/entropy")  # TRL's name for the update's entropy
@@ -179,13 +179,15 @@ class PPOTrainer(SamplingTrainer):
             metrics.update({k: metrics[k] * world for k in self.summed_metrics})
         return loss, metrics
 
-    def policy_loss(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor, targets: Tensor,
-                    old_logprobs: Tensor, advantages: Tensor, old_values: Tensor, returns: Tensor, num_tokens):
-        """Inside the policy's forward: hidden states of the rows and the PPO loss on them."""
+    def policy_loss(self, model: nn.Module, loss_config: PPOLossConfig, input_ids: Tensor, attention_mask: Tensor,
+                    targets: Tensor, old_logprobs: Tensor, advantages: Tensor, old_values: Tensor, returns: Tensor,
+                    num_tokens):
+        """Inside the policy's forward: hidden states of the rows and the PPO loss on them (``loss_config`` built
+        outside: a compiled forward cannot trace ``dataclasses.fields``)."""
         hidden, packed, tokens = self.response_inputs(model, input_ids, attention_mask, targets, old_logprobs,
                                                       advantages, old_values, returns)
         return losses.ppo_loss(hidden, *hf.get_lm_head(model), *tokens[:3], hf.get_value_head(model), *tokens[3:],
-                               self.config.loss_config, self.config.loss_backend, temperature=self.config.temperature,
+                               loss_config, self.config.loss_backend, temperature=self.config.temperature,
                                num_tokens=num_tokens, packed=packed,
                                deterministic=self.config.deterministic)
 
