@@ -76,7 +76,7 @@ def validate_grpo_inputs(targets: Tensor, num_sequences: int, dtype: torch.dtype
 
     def per_sequence_or_token(name: str, value, sequence_shapes: tuple) -> Tensor:
         value = require_tensor(name, value, dtypes=FLOAT_DTYPES)
-        if tuple(value.shape) not in (*sequence_shapes, shape):
+        if not any(value.shape == expected for expected in (*sequence_shapes, shape)):
             expected = " or ".join(str(x) for x in (*sequence_shapes, shape))
             raise ValueError(f"{name}: expected shape {expected} (one per sequence, or per token), "
                              f"got {tuple(value.shape)}")
