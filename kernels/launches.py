@@ -17,13 +17,24 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable, NamedTuple
 
 import torch
 
 _captured: list | None = None  # the launches recorded by an active `capture_launches()`
 _capture_arch = 0  # the arch an active `capture_launches()` compiles for
+
+
+class KernelConfig:
+    """Base of the kernels' launch configs (frozen dataclasses): every field but ``num_warps`` and ``num_stages`` (the
+    launch options) is a constexpr of the kernel."""
+
+    def constexprs(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("num_warps", "num_stages")}
+
+    def launch_options(self) -> dict:
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages, "enable_fp_fusion": True}
 
 
 def interpreting() -> bool:

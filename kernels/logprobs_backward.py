@@ -14,7 +14,7 @@ every run; the cost model estimates it L2-bound (not atomic-bound) at 128 x 128 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 import triton
@@ -22,32 +22,12 @@ import triton.language as tl
 from torch import Tensor
 
 from .launches import check_device, interpreting, target_arch
-from .lse_forward import LseForwardConfig, lse_forward_config
+from .lse_forward import TileConfig, lse_forward_config
 from .matmul import matmul_into
 
 
-@dataclass(frozen=True)
-class LogprobsBackwardConfig:
-    """Tile sizes and launch options of `_logprobs_backward_kernel` (the compile test builds exactly these)."""
-
-    BLOCK_N: int
-    BLOCK_V: int
-    BLOCK_H: int
-    GROUP_N: int
-    DOT_PRECISION: str
-    num_warps: int
-    num_stages: int
-
-    def constexprs(self) -> dict:
-        return {"BLOCK_N": self.BLOCK_N, "BLOCK_V": self.BLOCK_V, "BLOCK_H": self.BLOCK_H, "GROUP_N": self.GROUP_N,
-                "DOT_PRECISION": self.DOT_PRECISION}
-
-    def launch_options(self) -> dict:
-        return {"num_warps": self.num_warps, "num_stages": self.num_stages, "enable_fp_fusion": True}
-
-
 def logprobs_backward_config(dtype: torch.dtype, *, h: int, arch: int,
-                             interpret: bool = False) -> LogprobsBackwardConfig:
+                             interpret: bool = False) -> TileConfig:
     """GPU config for inputs of `dtype`, hidden size `h`, compute capability `arch` (80, 90); `interpret=True` gives
     small tiles that keep the CPU interpreter fast. docs/kernels.md lists the registers each config takes.
 
@@ -60,12 +40,12 @@ def logprobs_backward_config(dtype: torch.dtype, *, h: int, arch: int,
     """
     precision = "tf32x3" if dtype == torch.float32 else "tf32"  # the precision only matters for fp32 operands
     if interpret:
-        return LogprobsBackwardConfig(16, 32, 16, 2, precision, num_warps=1, num_stages=1)
+        return TileConfig(16, 32, 16, 2, precision, num_warps=1, num_stages=1)
     if dtype == torch.float32:
         if arch >= 90:
-            return LogprobsBackwardConfig(64, 64, 8, 8, precision, num_warps=8, num_stages=3)
-        return LogprobsBackwardConfig(128, 32, 8, 8, precision, num_warps=8, num_stages=3)
-    return LogprobsBackwardConfig(128, 64, 32 if h % 16 == 0 else 16, 8, precision, num_warps=8, num_stages=3)
+            return TileConfig(64, 64, 8, 8, precision, num_warps=8, num_stages=3)
+        return TileConfig(128, 32, 8, 8, precision, num_warps=8, num_stages=3)
+    return TileConfig(128, 64, 32 if h % 16 == 0 else 16, 8, precision, num_warps=8, num_stages=3)
 
 
 WORKSPACE_BYTES = 512 << 20
@@ -73,7 +53,7 @@ WORKSPACE_BYTES = 512 << 20
 whose [2048, 4096] hidden rows then stay in L2 while the vocabulary streams by; `fastalign.gpu_model`)."""
 
 
-def logit_grad_config(dtype: torch.dtype, *, h: int, interpret: bool = False) -> LseForwardConfig:
+def logit_grad_config(dtype: torch.dtype, *, h: int, interpret: bool = False) -> TileConfig:
     """`_logit_grad_kernel`'s tiles: 16-bit inputs 128 x 128 (64 FLOPs per byte loaded, against the forward's 43:
     the GPU cost model's L2 traffic), registers about 185 / 169 per thread (sm_80 / sm_90, from the compile test;
     the forward's online-softmax tile spills at 128 x 128, this one stores dz and keeps no running state). fp32 and

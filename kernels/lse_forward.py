@@ -17,13 +17,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launches import check_device, interpreting
+from .launches import KernelConfig, check_device, interpreting
 from .row_stats import RowStats, RowStatsSpec
 
 
 @dataclass(frozen=True)
-class LseForwardConfig:
-    """Tile sizes and launch options of `_lse_forward_kernel` (the compile test builds exactly these)."""
+class TileConfig(KernelConfig):
+    """Tile sizes and launch options of the kernels that form logit tiles: `_lse_forward_kernel`, and in
+    `logprobs_backward.py` the atomic and the logit-gradient kernels (the compile test builds exactly these)."""
 
     BLOCK_N: int
     BLOCK_V: int
@@ -33,15 +34,8 @@ class LseForwardConfig:
     num_warps: int
     num_stages: int
 
-    def constexprs(self) -> dict:
-        return {"BLOCK_N": self.BLOCK_N, "BLOCK_V": self.BLOCK_V, "BLOCK_H": self.BLOCK_H, "GROUP_N": self.GROUP_N,
-                "DOT_PRECISION": self.DOT_PRECISION}
 
-    def launch_options(self) -> dict:
-        return {"num_warps": self.num_warps, "num_stages": self.num_stages, "enable_fp_fusion": True}
-
-
-def lse_forward_config(dtype: torch.dtype, *, h: int, interpret: bool = False) -> LseForwardConfig:
+def lse_forward_config(dtype: torch.dtype, *, h: int, interpret: bool = False) -> TileConfig:
     """GPU config for inputs of `dtype` and hidden size `h`; `interpret=True` gives small tiles that keep the CPU
     interpreter fast. docs/kernels.md lists the registers each config takes (128 x 128 tiles reach 255 and spill
     on sm_80).
@@ -54,12 +48,12 @@ def lse_forward_config(dtype: torch.dtype, *, h: int, interpret: bool = False) -
     """
     precision = "tf32x3" if dtype == torch.float32 else "tf32"  # the precision only matters for fp32 operands
     if interpret:
-        return LseForwardConfig(16, 32, 16, 2, precision, num_warps=1, num_stages=1)
+        return TileConfig(16, 32, 16, 2, precision, num_warps=1, num_stages=1)
     if dtype == torch.float32:
         block_h = 16 if h % 16 == 0 else 8
     else:
         block_h = 64 if h % 16 == 0 else 32
-    return LseForwardConfig(128, 64, block_h, 8, precision, num_warps=8, num_stages=3)
+    return TileConfig(128, 64, block_h, 8, precision, num_warps=8, num_stages=3)
 
 
 @triton.jit

@@ -10,9 +10,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .launches import KernelConfig
+
 
 @dataclass(frozen=True)
-class MatmulConfig:
+class MatmulConfig(KernelConfig):
     """Tile sizes and launch options of `_matmul_kernel` (the compile test builds exactly these)."""
 
     BLOCK_M: int
@@ -22,13 +24,6 @@ class MatmulConfig:
     DOT_PRECISION: str
     num_warps: int
     num_stages: int
-
-    def constexprs(self) -> dict:
-        return {"BLOCK_M": self.BLOCK_M, "BLOCK_P": self.BLOCK_P, "BLOCK_K": self.BLOCK_K,
-                "GROUP_M": self.GROUP_M, "DOT_PRECISION": self.DOT_PRECISION}
-
-    def launch_options(self) -> dict:
-        return {"num_warps": self.num_warps, "num_stages": self.num_stages, "enable_fp_fusion": True}
 
 
 def matmul_config(dtype: torch.dtype, interpret: bool = False, aligned: bool = True) -> MatmulConfig:

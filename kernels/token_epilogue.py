@@ -3,20 +3,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .launches import KernelConfig
+
 
 @dataclass(frozen=True)
-class TokenEpilogueConfig:
+class TokenEpilogueConfig(KernelConfig):
     """Block size and launch options of an epilogue kernel (the compile test builds exactly these)."""
 
     BLOCK_N: int
     num_warps: int
     num_stages: int
-
-    def constexprs(self) -> dict:
-        return {"BLOCK_N": self.BLOCK_N}
-
-    def launch_options(self) -> dict:
-        return {"num_warps": self.num_warps, "num_stages": self.num_stages, "enable_fp_fusion": True}
 
 
 def token_epilogue_config(interpret: bool = False) -> TokenEpilogueConfig:
