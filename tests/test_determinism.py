@@ -288,32 +288,47 @@ triton_only = pytest.mark.skipif("triton" not in BACKENDS, reason="needs CUDA or
 
 @pytest.mark.slow
 @triton_only
-def test_triton_rows_are_batch_invariant():
+def test_triton_rows_are_batch_invariant(monkeypatch):
     """Triton (under the interpreter here): the probe row's log-prob and entropy, from the log-prob op and from the
-    PPO epilogue path, alone and at a random position in batches of 2, 7 and 64 rows (1 and 4 token blocks, so the
-    default mode splits the vocabulary differently), with 3 chunk sizes (a torch-backend option: shown not to
-    matter); bitwise equal in deterministic mode, not in the default one."""
+    PPO epilogue path, alone and at a random position in batches of 2, 7 and 64 rows, with 3 chunk sizes (a
+    torch-backend option: shown not to matter); bitwise equal in deterministic mode. The control is structural: the
+    default mode splits the vocabulary differently at these sizes (1 and 4 token blocks), the deterministic mode
+    never; whether the default's other merge order also changes the last bit depends on the CPU (it does on the AMD
+    EPYC, not on the Intel Xeon), so that is not asserted."""
+    from fastalign.kernels import lse_forward
+    splits = {False: set(), True: set()}
+    sized = lse_forward.tiles_per_split
+    monkeypatch.setattr(lse_forward, "tiles_per_split", lambda *a, **kw: splits[kw["deterministic"]].add(
+        sized(*a, **kw)) or sized(*a, **kw))
     probe_h, weight, bias, probe_t = problem(1, seed=7)
-    differs = {False: 0, True: 0}
+    differs = 0
     for deterministic in (False, True):
         kw = dict(bias=bias, backend="triton", deterministic=deterministic)
         alone = fastalign.fused_linear_logprobs(probe_h, weight, probe_t, return_entropy=True, **kw)
         ppo_alone = fastalign.fused_linear_ppo_loss(probe_h[None].requires_grad_(True), weight, probe_t[None],
                                                     torch.zeros(1, 1), torch.ones(1, 1), compute_entropy=True, **kw)
         assert same(ppo_alone.logprobs[0], alone[0])
+        if not deterministic:
+            continue
         for n in SIZES[:3]:
             for chunk_size in (None, 4, 50):
                 hid, tgt, rows = embed(probe_h, probe_t, n, seed=n)
                 lp, ent = fastalign.fused_linear_logprobs(hid, weight, tgt, return_entropy=True,
                                                           chunk_size=chunk_size, **kw)
-                differs[deterministic] += (not same(lp[rows], alone[0])) + (not same(ent[rows], alone[1]))
+                differs += (not same(lp[rows], alone[0])) + (not same(ent[rows], alone[1]))
                 ppo = fastalign.fused_linear_ppo_loss(hid[None].requires_grad_(True), weight, tgt[None],
                                                       torch.zeros(1, n), torch.ones(1, n), compute_entropy=True,
                                                       chunk_size=chunk_size, **kw)
-                differs[deterministic] += (not same(ppo.logprobs[0, rows], ppo_alone.logprobs[0])) + (
+                differs += (not same(ppo.logprobs[0, rows], ppo_alone.logprobs[0])) + (
                     not same(ppo.entropy[0, rows], ppo_alone.entropy[0]))
-    assert differs[True] == 0
-    assert differs[False] > 0, "the default mode never differed: this test would not see a batch-variant split"
+    assert differs == 0
+    assert len(splits[True]) == 1, f"deterministic mode split the vocabulary in several ways: {splits[True]}"
+    # the default mode at the same sizes (its results are not compared: see the docstring)
+    for n in SIZES[:3]:
+        hid, tgt, _ = embed(probe_h, probe_t, n, seed=n)
+        fastalign.fused_linear_logprobs(hid, weight, tgt, bias=bias, backend="triton", deterministic=False)
+    assert len(splits[False]) > 1, f"the default mode split the vocabulary one way only ({splits[False]}): " \
+        "this test would not see a batch-variant split"
 
 
 @pytest.mark.slow
