@@ -180,7 +180,7 @@ def _matmul_cost(m: int, pdim: int, k: int, p: Problem, gpu: GPU, *, accumulate:
     `matmul_config` for the backward's operands, whose strides are H and V (aligned when both are multiples of 16)."""
     from fastalign.kernels.matmul import matmul_config
 
-    cfg = matmul_config(p.dtype, aligned=p.hidden % 16 == 0 and p.vocab % 16 == 0)
+    cfg = matmul_config(p.dtype, arch=gpu.arch, p=pdim, aligned=p.hidden % 16 == 0 and p.vocab % 16 == 0)
     mb, pb = math.ceil(m / cfg.BLOCK_M), math.ceil(pdim / cfg.BLOCK_P)
     programs = ([(("a", i), ("b", j))] for i, j in
                 (swizzle2d(pid // pb, pid % pb, mb, pb, cfg.GROUP_M) for pid in range(mb * pb)))

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launches import KernelConfig
+from .launches import KernelConfig, target_arch
 
 
 @dataclass(frozen=True)
@@ -26,26 +26,32 @@ class MatmulConfig(KernelConfig):
     num_stages: int
 
 
-def matmul_config(dtype: torch.dtype, interpret: bool = False, aligned: bool = True) -> MatmulConfig:
-    """GPU config for operands of `dtype` (fp32 operands: 3xTF32 tensor-core dots, about fp32 accuracy, whose split
-    operands need smaller tiles); `interpret=True`: small tiles for the CPU interpreter. `aligned`: every stride
-    other than 1 a multiple of 16 and the pointers 16-byte aligned (`is_aligned`), so that Triton's runtime
-    specializes them and vectorizes the loads and the C tile's store: 16-bit operands then take 128 x 128 tiles
-    (64 FLOPs per byte loaded, the GPU cost model's L2 traffic; 128 x 64 tiles do 43), else 128 x 64.
+def matmul_config(dtype: torch.dtype, *, arch: int, p: int, interpret: bool = False,
+                  aligned: bool = True) -> MatmulConfig:
+    """GPU config for operands of `dtype`, compute capability `arch` (80, 90) and `p` output columns (fp32
+    operands: 3xTF32 tensor-core dots, about fp32 accuracy, whose split operands need smaller tiles);
+    `interpret=True`: small tiles for the CPU interpreter. `aligned`: every stride other than 1 a multiple of 16 and
+    the pointers 16-byte aligned (`is_aligned`), so that Triton's runtime specializes them and vectorizes the loads
+    and the C tile's store: 16-bit operands then take 128 x 256 tiles when `p` >= 256 (85 FLOPs per byte loaded,
+    the GPU cost model's L2 traffic; 128 x 128 tiles do 64, 128 x 64 43), else 128 x 128; unaligned, 128 x 64.
 
-    Registers per thread (sm_80 / sm_90, from the compile test): 16-bit aligned 128 x 128 at most 212 / 146, the
-    128 x 64 fallback about 161 / 166 (128 x 128 without the alignment spilled on the accumulating product); fp32
-    about 127 / 117. 128 x 256 spilled on the accumulating product even aligned (240 / 264 bytes), and no tile with
-    the >= 99 FLOPs per byte a 10 TB/s L2 needs to feed 989 TFLOPS fits in the registers (256 x 256: a 256-register
-    fp32 accumulator per thread at 8 warps)."""
+    Registers per thread (from the compile test): 16-bit 128 x 256 about 200 / 238 on sm_90 (plain / accumulating
+    product; Triton's H100 matmul tutorial tile, 128 x 256 x 64, 3 stages) and 241 / 254 on sm_80 (BLOCK_K = 32,
+    4 stages; BLOCK_K = 64 spilled 32-96 bytes on the accumulating product); fp32 about 127 / 117 (sm_80 / sm_90).
+    A 10 TB/s L2 feeds 989 TFLOPS only at >= 99 FLOPs per byte: 256 x 256 (128) needs a 256-register fp32
+    accumulator per thread at 8 warps."""
     precision = "tf32x3" if dtype == torch.float32 else "tf32"  # the precision only matters for fp32 operands
     if interpret:
         return MatmulConfig(16, 16, 16, 2, precision, num_warps=1, num_stages=1)
     if dtype == torch.float32:
         return MatmulConfig(64, 64, 16, 8, precision, num_warps=8, num_stages=3)
-    if aligned:
-        return MatmulConfig(128, 128, 32, 8, precision, num_warps=8, num_stages=3)
-    return MatmulConfig(128, 64, 32, 8, precision, num_warps=8, num_stages=3)
+    if not aligned:
+        return MatmulConfig(128, 64, 32, 8, precision, num_warps=8, num_stages=3)
+    if p >= 256:
+        if arch >= 90:
+            return MatmulConfig(128, 256, 64, 8, precision, num_warps=8, num_stages=3)
+        return MatmulConfig(128, 256, 32, 8, precision, num_warps=8, num_stages=4)
+    return MatmulConfig(128, 128, 32, 8, precision, num_warps=8, num_stages=3)
 
 
 def is_aligned(*tensors: Tensor) -> bool:
@@ -68,30 +74,32 @@ def _matmul_kernel(
     pid = tl.program_id(0)
     num_p = tl.cdiv(P, BLOCK_P)
     i, j = tl.swizzle2d(pid // num_p, pid % num_p, tl.cdiv(M, BLOCK_M), num_p, GROUP_M)
-    m0 = i * BLOCK_M
-    p0 = j * BLOCK_P
-    rm = tl.arange(0, BLOCK_M)
-    rp = tl.arange(0, BLOCK_P)
+    # Rows and columns past the edge wrap around, so that every load stays in bounds without a row or column mask
+    # (a 128 x 256 accumulator has no registers to spare for them); the store drops those rows and columns. int64
+    # row indices: the offsets grow with N * V.
+    rows = i * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = j * BLOCK_P + tl.arange(0, BLOCK_P)
+    rm = (rows % M).to(tl.int64)
+    rp = cols % P
     ks = tl.arange(0, BLOCK_K)
-    m_ok = m0 + rm < M
-    p_ok = p0 + rp < P
-    # The block's origin in int64 (offsets grow with N * V), the offsets inside a tile in int32; the pointers then
-    # step by one K tile.
-    a_tile = a_ptr + m0.to(tl.int64) * stride_am + (rm[:, None] * stride_am + ks[None, :] * stride_ak)
-    b_tile = b_ptr + p0.to(tl.int64) * stride_bp + (ks[:, None] * stride_bk + rp[None, :] * stride_bp)
-    acc = tl.zeros([BLOCK_M, BLOCK_P], tl.float32)
+    a_tile = a_ptr + rm[:, None] * stride_am + ks[None, :] * stride_ak
+    b_tile = b_ptr + rp.to(tl.int64)[None, :] * stride_bp + ks[:, None] * stride_bk
+    # ACCUMULATE: the sum starts from C's tile and adds this launch's K tiles in order (a fixed order across
+    # launches; C's tile added after the loop spilled next to a 128 x 256 accumulator).
+    if ACCUMULATE:
+        acc = tl.load(c_ptr + rm[:, None] * stride_cm + rp[None, :])
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_P], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = k0 + ks < K
-        a = tl.load(a_tile, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_tile, mask=k_ok[:, None] & p_ok[None, :], other=0.0)
+        a = tl.load(a_tile, mask=k_ok[None, :], other=0.0)
+        b = tl.load(b_tile, mask=k_ok[:, None], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_tile += BLOCK_K * stride_ak
         b_tile += BLOCK_K * stride_bk
-    c = c_ptr + m0.to(tl.int64) * stride_cm + p0 + (rm[:, None] * stride_cm + rp[None, :])
-    ok = m_ok[:, None] & p_ok[None, :]
-    if ACCUMULATE:
-        acc += tl.load(c, mask=ok, other=0.0)  # after this launch's own sum: a fixed order across launches
-    tl.store(c, acc, mask=ok)
+    # The store's pointers are formed anew (sharing the load's would keep them live through the loop).
+    tl.store(c_ptr + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :], acc,
+             mask=(rows < M)[:, None] & (cols < P)[None, :])
 
 
 def matmul_into(out: Tensor, a: Tensor, b: Tensor, *, accumulate: bool, interpret: bool = False) -> None:
@@ -101,7 +109,8 @@ def matmul_into(out: Tensor, a: Tensor, b: Tensor, *, accumulate: bool, interpre
     after summing its K tiles in order (no atomics).
     """
     (m, k), p = a.shape, b.shape[1]
-    cfg = matmul_config(a.dtype, interpret=interpret, aligned=is_aligned(a, b, out))
+    cfg = matmul_config(a.dtype, arch=target_arch(out.device), p=p, interpret=interpret,
+                        aligned=is_aligned(a, b, out))
     grid = (triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(p, cfg.BLOCK_P),)
     _matmul_kernel[grid](a, b, out, m, p, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0),
                          ACCUMULATE=accumulate, **cfg.constexprs(), **cfg.launch_options())

@@ -79,7 +79,7 @@ def test_atomic_backward_by_hand():
 def test_atomic_free_backward_by_hand():
     """N=256, H=128, V=128, bf16: the same 3 matmuls of 2*N*V*H FLOPs each, in three launches, and no atomic; the
     16-bit logit-gradient and (aligned) matmul tiles are 128 x 128."""
-    lg, mm = logit_grad_config(torch.bfloat16, h=128), matmul_config(torch.bfloat16)
+    lg, mm = logit_grad_config(torch.bfloat16, h=128), matmul_config(torch.bfloat16, arch=BIG_L2.arch, p=128)
     assert (lg.BLOCK_N, lg.BLOCK_V, mm.BLOCK_M, mm.BLOCK_P, mm.BLOCK_K) == (128, 128, 128, 128, 32)
     costs = gm.atomic_free_backward_cost(gm.Problem(256, 128, 128), BIG_L2, pass_name="b")
     assert [c.flops for c in costs] == [2 * 256 * 128 * 128] * 3
@@ -101,9 +101,22 @@ def test_matmul_tiles_follow_the_runtime_alignment():
     x = torch.empty(64, 48)
     assert is_aligned(x, x.T, x[16:32])
     assert not is_aligned(torch.empty(64, 47)) and not is_aligned(x[:, 1:])  # 4-byte offset
-    assert matmul_config(torch.bfloat16, aligned=False).BLOCK_P == 64
+    assert matmul_config(torch.bfloat16, arch=90, p=4096, aligned=False).BLOCK_P == 64
     odd = gm.atomic_free_backward_cost(gm.Problem(256, 128, 127), BIG_L2, pass_name="b")
     assert odd[1].l2_bytes == 2 * 2 * (128 * 127 * 2 + 64 * 127 * 2) + 4 * 256 * 128  # 2 x 2 programs of 128 x 64
+
+
+def test_wide_outputs_take_128_x_256_matmul_tiles():
+    """16-bit aligned products with at least 256 output columns take 128 x 256 tiles (sm_90: BLOCK_K 64, sm_80: 32);
+    narrower ones (d bias: 1 column) keep 128 x 128. N=256, H=256, V=128, bf16: d hidden [256, 256] = dz [256, 128]
+    @ W [128, 256] is 2 programs, each loading its A rows 128*128*2 B and all of B 128*256*2 B."""
+    tiles = {arch: matmul_config(torch.bfloat16, arch=arch, p=256) for arch in (80, 90)}
+    assert [(c.BLOCK_M, c.BLOCK_P, c.BLOCK_K) for c in tiles.values()] == [(128, 256, 32), (128, 256, 64)]
+    assert (matmul_config(torch.bfloat16, arch=90, p=1).BLOCK_P, matmul_config(torch.float32, arch=90, p=256).BLOCK_P) \
+        == (128, 64)
+    costs = gm.atomic_free_backward_cost(gm.Problem(256, 256, 128), BIG_L2, pass_name="b")
+    assert costs[1].l2_bytes == 2 * (128 * 128 * 2 + 128 * 256 * 2) + 4 * 256 * 256
+    assert costs[1].flops == 2 * 256 * 256 * 128
 
 
 def test_render_labels_estimates():
