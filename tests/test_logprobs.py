@@ -406,3 +406,24 @@ def test_torch_backend_optional_statistics_of_the_frozen_weight_and_one_pass_pat
     for rows, chunk_stats in seen:
         for got, whole in zip(chunk_stats, out.stats):
             assert torch.equal(got, whole[rows])
+
+
+def test_row_pass_slice_size_follows_the_level2_cache(monkeypatch):
+    """Half a core's L2 where it holds >= 2 MiB, else 4 MiB; the slice size changes no bit of the statistics."""
+    from fastalign.ops import torch_backend as tb
+    assert tb._stat_bytes(2 << 20) == 1 << 20 and tb._stat_bytes(4 << 20) == 2 << 20
+    assert tb._stat_bytes(512 << 10) == 4 << 20 and tb._stat_bytes(None) == 4 << 20
+    level2 = tb._level2_cache_bytes()
+    assert level2 is None or level2 >= 64 << 10
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(37, 300, generator=g) * 4
+    tgt = tb._Targets.of(torch.randint(0, 300, (37,), generator=g), -100, 0, 300)
+    spec = RowStatsSpec(entropy=True, lse2=True, logit_sum=True, argmax=True)
+    results = []
+    for slice_bytes in (300 * 4, 7 * 300 * 4, 1 << 20):  # 1 row, 7 rows, every row at a time
+        monkeypatch.setattr(tb, "_STAT_BYTES", slice_bytes)
+        stats, p = tb._row_stats(z.clone(), tgt, spec, 0, softmax=True, keep_log_p=False)
+        results.append((stats, p))
+    for stats, p in results[1:]:
+        assert torch.equal(p, results[0][1])
+        assert all(torch.equal(a, b) for a, b in zip(stats, results[0][0]) if a is not None)
