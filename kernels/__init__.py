@@ -16,7 +16,7 @@ if __name__ == "kernels":
     _spec = importlib.machinery.PathFinder.find_spec("kernels", _path)
     if _spec is None:
         raise ModuleNotFoundError("No module named 'kernels' (fastalign's Triton kernels are 'fastalign.kernels')",
-                          name="kernels")
+                                  name="kernels")
     _module = importlib.util.module_from_spec(_spec)
     sys.modules["kernels"] = _module
     _spec.loader.exec_module(_module)
