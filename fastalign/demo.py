@@ -14,9 +14,9 @@ rejected answers turn around, get a number wrong or do not stop. Steps:
    (fraction of positions right) of sampled answers to held-out prompts before and after. PPO exploits a learned
    reward where it misjudges the policy's answers: with the task's pairs alone (0.97 held-out accuracy, but not
    trained on the policy's own mistakes) the rule score moved by -0.03 to +0.01 over 4 PPO seeds on the Intel Xeon;
-   with the policy's answers added, +0.04 to +0.11 over 5 seeds (100 steps, the quick demo; 0.470 -> 0.504 at
-   the full demo's 200). Earlier, PPO steps large enough to move 4-10 nats of KL within 25 steps (learning rate
-   1e-3) did the same harm.
+   with the policy's answers added, +0.04 to +0.11 over 5 seeds at 100 steps. Longer, PPO over-optimizes the
+   learned reward: at 200 steps +0.00 to +0.045 over 4 seeds, so both demos run 100. Earlier, PPO steps large
+   enough to move 4-10 nats of KL within 25 steps (learning rate 1e-3) did the same harm.
 4. GRPO from the same DPO policy with the same reward (8 sampled answers per prompt, no value model, no reference
    model); the mean reward of sampled answers to held-out prompts before and after.
 5. Peak memory of one DPO training step at 2 x 8192 tokens with a 32k vocabulary, fused vs reference loss, each in
@@ -64,7 +64,7 @@ class DemoSettings:
     policy_samples: int = 2000  # the DPO policy's answers to as many training prompts, for the reward model's data
 
 
-FULL = DemoSettings(dpo_steps=120, ppo_steps=200, grpo_steps=200, reward_steps=300, memory_tokens=8192)
+FULL = DemoSettings(dpo_steps=120, ppo_steps=100, grpo_steps=200, reward_steps=300, memory_tokens=8192)
 QUICK = DemoSettings(dpo_steps=120, ppo_steps=100, grpo_steps=150, reward_steps=300, memory_tokens=512)
 
 
