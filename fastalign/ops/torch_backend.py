@@ -181,7 +181,10 @@ def _row_stats(z: Tensor, tgt: _Targets, spec: RowStatsSpec, id_start: int, soft
     Without optional statistics, the lse is the first column's ``z - log p``. With them, the lse comes from the row
     max (``log p`` there is small: no rounding of the size of ``|z|``), the entropy is ``-sum_v p_v log p_v``
     (terms of one sign, not ``lse - E_p[z]``, a difference of two numbers of size ``|z|``),
-    ``lse2 = 2 lse + log sum_v p_v^2``.
+    ``lse2 = 2 lse + log sum_v p_v^2``. When ``p`` replaces ``z`` and no ``log p`` is kept, one ``exp`` instead of
+    two (the log-softmax's and ``p``'s): ``x = z - max``, ``q = exp(x)``, ``s = sum_v q_v``, ``lse = max + log s``,
+    entropy ``log s - sum_v q_v x_v / s`` (two terms >= 0: no cancellation), ``sum_v p_v^2 = sum_v q_v^2 / s^2``,
+    ``p = q / s``.
     """
     num_rows = len(z)
     target_logit = z.gather(1, tgt.index).squeeze(1).masked_fill(~tgt.valid, 0.0)
@@ -217,6 +220,10 @@ def _row_stats(z: Tensor, tgt: _Targets, spec: RowStatsSpec, id_start: int, soft
             torch.max(block, 1, out=(row_max[rows], at_max[rows]))
         else:  # no indices: a max with them is 8x slower
             torch.amax(block, 1, out=row_max[rows])
+        if p is z and dots:
+            _shifted_softmax_stats(block, row_max[rows], lse[rows], None if entropy is None else entropy[rows],
+                                   None if sum_p2 is None else sum_p2[rows], work, products)
+            continue
         torch._log_softmax(block, 1, False, out=block)  # log p
         # log p = z - c row by row is monotonic in z: its max sits at the max logit
         torch.sub(row_max[rows], torch.amax(block, 1), out=lse[rows])
@@ -259,6 +266,25 @@ def _stat_bytes(level2: int | None) -> int:
     took the entropy statistics of a ``[384, 32768]`` chunk from 21 to 13 ms), else 4 MiB (in the L3 between the
     passes, 32 rows at V=32k: measured on the AMD EPYC, whose smaller L2 would mean many more, smaller ops)."""
     return level2 // 2 if level2 is not None and level2 >= 2 << 20 else 4 << 20
+
+
+def _shifted_softmax_stats(block: Tensor, row_max: Tensor, lse: Tensor, neg_entropy: Tensor | None,
+                           sum_p2: Tensor | None, work: Tensor, products: Tensor) -> None:
+    """``_row_stats``'s in-place path for the rows ``block [c, tile]`` of logits (replaced by ``p``): fills ``lse``,
+    ``-entropy`` and ``sum_v p_v^2`` ``[c]`` from ``x = z - row_max`` and ``q = exp(x)`` (``work``, ``products``:
+    workspaces of at least c rows)."""
+    block.sub_(row_max.unsqueeze(1))
+    q = torch.exp(block, out=work[:len(block)])
+    total = q.sum(1)
+    log_total = total.log()
+    torch.add(row_max, log_total, out=lse)
+    if neg_entropy is not None:  # sum_v p_v x_v - log s
+        _dot(q, block, neg_entropy, products)
+        neg_entropy.div_(total).sub_(log_total)
+    if sum_p2 is not None:
+        _dot(q, q, sum_p2, products)
+        sum_p2.div_(total.square())
+    torch.div(q, total.unsqueeze(1), out=block)
 
 
 _STAT_BYTES = _stat_bytes(_level2_cache_bytes())
