@@ -427,3 +427,24 @@ def test_row_pass_slice_size_follows_the_level2_cache(monkeypatch):
     for stats, p in results[1:]:
         assert torch.equal(p, results[0][1])
         assert all(torch.equal(a, b) for a, b in zip(stats, results[0][0]) if a is not None)
+
+
+def test_one_pass_statistics_with_p_in_place_to_fp32_accuracy():
+    """The one pass's in-place path (``p`` replaces the logits, one ``exp``): lse, entropy, ``lse(2z)`` and ``p``
+    against float64 at V = 32768 with peaked and nearly flat rows, |logit| up to ~30."""
+    from fastalign.ops import torch_backend as tb
+    g = torch.Generator().manual_seed(3)
+    rows, vocab = 24, 32768
+    z = torch.randn(rows, vocab, generator=g) * torch.linspace(0.1, 6.0, rows).unsqueeze(1)
+    z[::3, 7] += 25.0  # peaked rows
+    tgt = tb._Targets.of(torch.randint(0, vocab, (rows,), generator=g), -100, 0, vocab)
+    stats, p = tb._row_stats(z.clone(), tgt, RowStatsSpec(entropy=True, lse2=True), 0, softmax=True,
+                             keep_log_p=False)
+    z64 = z.double()
+    log_p = torch.log_softmax(z64, 1)
+    entropy = -(log_p.exp() * log_p).sum(1)
+    assert entropy.min() < 0.01 and entropy.max() > 10
+    torch.testing.assert_close(stats.entropy.double(), entropy, rtol=0, atol=2e-6)
+    torch.testing.assert_close(stats.lse.double(), torch.logsumexp(z64, 1), rtol=2e-7, atol=0)
+    torch.testing.assert_close(stats.lse2.double(), torch.logsumexp(2 * z64, 1), rtol=2e-7, atol=0)
+    torch.testing.assert_close(p.double(), log_p.exp(), rtol=1e-6, atol=1e-9)
