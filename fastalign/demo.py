@@ -80,8 +80,8 @@ PPO_RESPONSE_LENGTH = 6
 def ppo_config(output_dir: str, steps: int) -> PPOConfig:
     return PPOConfig(output_dir=output_dir, max_steps=steps, learning_rate=2e-4, warmup_ratio=0.05,
                      per_device_train_batch_size=32, per_device_eval_batch_size=128, num_ppo_epochs=4,
-                     response_length=PPO_RESPONSE_LENGTH, temperature=1.0, missing_eos_penalty=1.0, kl_coef=0.05, logging_steps=5,
-                     eval_steps=25)
+                     response_length=PPO_RESPONSE_LENGTH, temperature=1.0, missing_eos_penalty=1.0, kl_coef=0.05,
+                     logging_steps=5, eval_steps=25)
 
 
 def grpo_config(output_dir: str, steps: int) -> GRPOConfig:

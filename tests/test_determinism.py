@@ -298,8 +298,13 @@ def test_triton_rows_are_batch_invariant(monkeypatch):
     from fastalign.kernels import lse_forward
     splits = {False: set(), True: set()}
     sized = lse_forward.tiles_per_split
-    monkeypatch.setattr(lse_forward, "tiles_per_split", lambda *a, **kw: splits[kw["deterministic"]].add(
-        sized(*a, **kw)) or sized(*a, **kw))
+
+    def recorded(*args, **kwargs):
+        per_split = sized(*args, **kwargs)
+        splits[kwargs["deterministic"]].add(per_split)
+        return per_split
+
+    monkeypatch.setattr(lse_forward, "tiles_per_split", recorded)
     probe_h, weight, bias, probe_t = problem(1, seed=7)
     differs = 0
     for deterministic in (False, True):

@@ -24,7 +24,8 @@ def _import_from_checkout(code: str, *flags: str) -> subprocess.CompletedProcess
 def test_top_level_kernels_is_not_this_folder():
     """The name ``kernels`` belongs to Hugging Face's package (required by transformers >= 5.25): from a checkout's
     root it must resolve to that package, and without it fail as a missing module, never to kernels/ here."""
-    run = _import_from_checkout("import kernels, sys; print(kernels.__file__); print(sys.modules['kernels'] is kernels)")
+    run = _import_from_checkout("import kernels, sys; print(kernels.__file__); "
+                                "print(sys.modules['kernels'] is kernels)")
     lines = run.stdout.split()
     if run.returncode == 0:
         assert Path(lines[0]).resolve().parent != ROOT / "kernels" and lines[1] == "True", run.stdout

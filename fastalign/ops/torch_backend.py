@@ -227,7 +227,6 @@ def _row_stats(z: Tensor, tgt: _Targets, spec: RowStatsSpec, id_start: int, soft
         torch._log_softmax(block, 1, False, out=block)  # log p
         # log p = z - c row by row is monotonic in z: its max sits at the max logit
         torch.sub(row_max[rows], torch.amax(block, 1), out=lse[rows])
-        q = None
         if dots:
             q = torch.exp(block, out=work[:len(block)] if work is not None else p[rows])
             if entropy is not None:
@@ -236,9 +235,7 @@ def _row_stats(z: Tensor, tgt: _Targets, spec: RowStatsSpec, id_start: int, soft
                 _dot(q, q, sum_p2[rows], products)
         elif p is not None and p is not z:
             torch.exp(block, out=p[rows])
-        if p is z and q is not None:
-            block.copy_(q)
-        elif p is z:
+        if p is z:  # no dots here: those rows took _shifted_softmax_stats
             block.exp_()
     if entropy is not None:
         entropy.neg_()
