@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import partial
 
+import torch
 from torch import Tensor
 
 from .objectives.dpo import DPOOptions, RunningMean, check_count
@@ -16,10 +17,10 @@ from .ops.dpo import DPOConfig, DPOLossOutput, fused_dpo_loss, validate_preferen
 from .ops.grpo import GRPOLossOutput, fused_grpo_loss, validate_grpo_inputs
 from .ops.kto import KTOLossOutput, fused_kto_loss, validate_kto_inputs
 from .ops.logprobs import linear_logprobs, prepare_linear
-from .ops.segments import packed_layout, validate_sequence_layout
+from .ops.segments import check_sequence_count, packed_layout, validate_sequence_layout
 from .ops.ppo import PPOLossOutput, ppo_loss, validate_value_head
 from .ops.torch_backend import compute_dtype
-from .ops.validation import validate_token_mask, validate_token_tensor
+from .ops.validation import masked_token_tensor, require_bool, validate_token_mask
 
 
 def fused_linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None, *,
@@ -67,7 +68,7 @@ def fused_linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias:
                                   backend=backend, chunk_size=chunk_size, deterministic=deterministic,
                                   check_finite=check_finite,
                                   process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
-    logprobs, entropy = linear_logprobs(inputs, opts, return_entropy)
+    logprobs, entropy = linear_logprobs(inputs, opts, require_bool("return_entropy", return_entropy))
     logprobs = logprobs.view(inputs.lead_shape)
     return (logprobs, entropy.view(inputs.lead_shape)) if return_entropy else logprobs
 
@@ -96,7 +97,11 @@ def fused_linear_ppo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_l
     Args:
         hidden ``[B, T, H]``, weight ``[V, H]``, targets ``[B, T]`` (sampled token ids, ``ignore_index`` allowed),
         old_logprobs, advantages, ref_logprobs, mask: ``[B, T]``. ``mask`` marks response tokens (default: the
-        tokens whose target is not ignored); masked tokens contribute nothing.
+        tokens whose target is not ignored); masked tokens contribute nothing: the per-token inputs' values there
+        (``old_values`` and ``returns`` too) are replaced by 0 before any use, whatever they are (-100, -inf, NaN;
+        ``check_finite`` looks at the response tokens only). Log-prob inputs must be <= 0 up to rounding
+        (``fastalign.ops.validation.LOGPROB_TOLERANCE``: 1e-4 in fp32/fp64, 0.05 in fp16/bf16).
+        kl_coef, vf_coef: >= 0 (a negative weight would reward the KL or the value error).
         value_head_weight: ``[H]`` or ``[K, H]`` (with ``value_head_bias`` ``[]``/``[K]``); then ``old_values`` and
             ``returns`` ``[B, T]`` (``[B, T, K]``) are required. Without a head the op is policy-only (GRPO).
         loss_agg: ``token-mean``, ``seq-mean-token-sum`` or ``seq-mean-token-mean``; ``num_tokens`` /
@@ -129,21 +134,20 @@ def fused_linear_ppo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_l
     config = PPOLossConfig(cliprange=cliprange, cliprange_high=cliprange_high, dual_clip=dual_clip, kl_coef=kl_coef,
                            kl_estimator=kl_estimator, entropy_coef=entropy_coef, cliprange_value=cliprange_value,
                            vf_coef=vf_coef, loss_agg=loss_agg)
-    token = partial(validate_token_tensor, shape=targets.shape, device=inputs.hidden.device,
-                    check_finite=check_finite)
-    old_logprobs, advantages = token("old_logprobs", old_logprobs), token("advantages", advantages)
-    if ref_logprobs is not None:
-        ref_logprobs = token("ref_logprobs", ref_logprobs)
-    elif kl_coef != 0:
-        raise ValueError(f"ref_logprobs: required when kl_coef != 0 (kl_coef={kl_coef}), got None")
     not_ignored = targets != ignore_index
     if mask is None:
         mask = not_ignored
     else:
         mask = validate_token_mask("mask", mask, targets.shape, inputs.hidden.device) & not_ignored
+    token = partial(masked_token_tensor, mask=mask, check_finite=check_finite)  # masked positions: 0
+    old_logprobs, advantages = token("old_logprobs", old_logprobs, logprobs=True), token("advantages", advantages)
+    if ref_logprobs is not None:
+        ref_logprobs = token("ref_logprobs", ref_logprobs, logprobs=True)
+    elif kl_coef != 0:
+        raise ValueError(f"ref_logprobs: required when kl_coef != 0 (kl_coef={kl_coef}), got None")
     value_head = validate_value_head(value_head_weight, value_head_bias, old_values, returns, inputs,
-                                     targets.shape, check_finite)
-    with_entropy = entropy_coef != 0 if compute_entropy is None else bool(compute_entropy)
+                                     mask, check_finite)
+    with_entropy = entropy_coef != 0 if compute_entropy is None else require_bool("compute_entropy", compute_entropy)
     if entropy_coef != 0 and not with_entropy:
         raise ValueError(f"compute_entropy: must not be False when entropy_coef != 0 (entropy_coef={entropy_coef})")
     return ppo_loss(inputs, opts, config, old_logprobs=old_logprobs, advantages=advantages, mask=mask,
@@ -185,7 +189,8 @@ def fused_linear_dpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
         targets: ``[K*B, T]`` next-token ids, ``ignore_index`` on prompt and padding positions.
         ref_chosen_logps, ref_rejected_logps: precomputed reference log-probs ``[B]`` of pairs, or ``ref_logps``
             ``[K, B]``: **sums** over the completion tokens for every loss type, as TRL precomputes them (LD-DPO
-            weighted with ``ld_alpha``; means only with ``average_log_prob=True``); or
+            weighted with ``ld_alpha``; means only with ``average_log_prob=True``), <= 0 up to rounding (the
+            tolerance of ``LOGPROB_TOLERANCE`` times T); or
         ref_hidden, ref_weight, ref_bias: the reference model's ``[K*B, T, H]`` hidden states, ``[V, H]`` lm_head
             weight (pass ``weight`` when it is shared) and ``[V]`` bias: its log-probs are computed here, forward
             only. Exactly one of the two, unless ``reference_free``.
@@ -193,7 +198,8 @@ def fused_linear_dpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
             ld_alpha, use_weighting: TRL's ``DPOConfig`` options. ``loss_type`` a name or a list of names from
             ``sigmoid``, ``hinge``, ``ipo``, ``exo_pair``, ``nca_pair``, ``robust``, ``bco_pair``, ``sppo_hard``,
             ``aot``, ``aot_unpaired``, ``apo_zero``, ``apo_down``, ``discopop``, ``sft``, ``sigmoid_norm``; the loss is
-            the ``loss_weights``-weighted sum of each type's mean. ``ipo`` and ``sigmoid_norm`` divide the log-ratio
+            the ``loss_weights``-weighted sum of each type's mean (weights >= 0; ``f_alpha_divergence_coef`` > 0,
+            the f-DPO paper's alpha; TRL's config checks neither). ``ipo`` and ``sigmoid_norm`` divide the log-ratio
             scores by the completion lengths, as TRL. ``use_weighting`` (WPO): each pair's loss times the detached
             product of its responses' ``exp(mean over tokens of log p_y - log sum_v p_v^2)``, with ``lse(2z)``
             computed in the same pass over the vocabulary (never from materialized logits).
@@ -250,7 +256,9 @@ def fused_linear_dpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
         raise TypeError(f"vocab_metrics: expected a bool, got {type(vocab_metrics).__name__}")
     if bco_state is not None and not isinstance(bco_state, RunningMean):
         raise TypeError(f"bco_state: expected a RunningMean or None, got {type(bco_state).__name__}")
-    num_pairs, num_chosen_tokens = _pair_counts(sequences // options.num_responses, num_pairs, num_chosen_tokens)
+    chosen = targets if layout is None else layout.to_padded(targets.reshape(-1), ignore_index)
+    num_pairs, num_chosen_tokens = _pair_counts(sequences // options.num_responses, num_pairs, num_chosen_tokens,
+                                                chosen[:sequences // options.num_responses] != ignore_index)
     config = DPOConfig(options, bool(average_log_prob), num_pairs, num_chosen_tokens, bco_state, vocab_metrics)
     reference = validate_reference(inputs, opts, options, sequences, ref_chosen_logps=ref_chosen_logps,
                                    ref_rejected_logps=ref_rejected_logps, ref_logps=ref_logps,
@@ -314,6 +322,13 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, adva
             ``position_ids`` (a sequence starts where the position is 0). Same loss as the padded batch.
         num_items_in_batch: dapo/cispo/vespo normalizer, the completion tokens of the whole accumulated batch (a
             number or one-element tensor; default this batch's). Checked to be at least this batch's count.
+        Masked positions: every per-token input (``advantages``, ``old_logprobs``, ``ref_logprobs``,
+        ``sampling_logprobs``, the IS ratio) is replaced outside the completion mask by a neutral value (0; the
+        ratio 1) before any use, so whatever it holds there (-100, -1e4, -inf, NaN) never reaches the loss, a metric
+        or a gradient; ``check_finite`` looks at the completion tokens only. The log-prob inputs must be <= 0 up to
+        rounding (``fastalign.ops.validation.LOGPROB_TOLERANCE``). Signs TRL never uses are refused: ``delta``
+        <= 1, ``beta`` < 0, ``off_policy_mask_threshold`` < 0; dr_grpo's ``max_completion_length`` must be at least
+        the longest completion (TRL truncates to it).
         deterministic: as in :func:`fused_linear_logprobs`.
         temperature, ignore_index, backend, chunk_size, check_finite, process_group, reduce_hidden_grad: as in
             :func:`fused_linear_logprobs` (vocab-parallel: every other argument the same on every rank).
@@ -341,6 +356,8 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, adva
         vespo_k_neg=vespo_k_neg, vespo_lambda_neg=vespo_lambda_neg, max_completion_length=max_completion_length)
     layout = packed_layout(inputs.targets.numel(), inputs.hidden.device, cu_seqlens=cu_seqlens,
                            position_ids=position_ids)
+    for name, value in (("advantages", advantages), ("importance_sampling_ratio", importance_sampling_ratio)):
+        check_sequence_count(name, value, layout, cu_seqlens)
     tokens = validate_grpo_inputs(
         targets, targets.shape[0] if layout is None else layout.num_sequences, compute_dtype(inputs.hidden.dtype),
         config, advantages=advantages, mask=mask, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
@@ -352,6 +369,7 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, adva
 def fused_linear_kto_loss(hidden: Tensor, weight: Tensor, targets: Tensor, labels: Tensor, *, ref_logps: Tensor,
                           kl: Tensor | None, bias: Tensor | None = None, beta: float = 0.1,
                           desirable_weight: float = 1.0, undesirable_weight: float = 1.0, loss_type: str = "kto",
+                          average_log_prob: bool = False, vocab_metrics: bool = False,
                           num_examples: int | Tensor | None = None, temperature: float = 1.0,
                           cu_seqlens: Tensor | None = None, position_ids: Tensor | None = None,
                           ignore_index: int = -100, backend: str = "auto", chunk_size: int | None = None,
@@ -370,12 +388,20 @@ def fused_linear_kto_loss(hidden: Tensor, weight: Tensor, targets: Tensor, label
         weight: ``[V, H]`` lm_head weight; ``bias``: optional ``[V]``.
         targets: ``[B, T]`` completion token ids, ``ignore_index`` on prompt and padding positions.
         labels: ``[B]`` bool, True for a desirable completion. A batch may hold only one kind.
-        ref_logps: ``[B]`` the reference model's completion log-prob sums.
-        kl: the batch KL estimate, a one-element tensor (``fastalign.objectives.kto.kto_kl`` of the policy's and the
-            reference's log-probs on mismatched prompt/completion pairs; detached here), required for
-            ``loss_type="kto"``; None for ``"apo_zero_unpaired"``.
+        ref_logps: ``[B]`` the reference model's completion log-prob sums (means with ``average_log_prob``), <= 0.
+        kl: the batch KL estimate, a one-element tensor >= 0 (``fastalign.objectives.kto.kto_kl`` of the policy's
+            and the reference's log-probs on mismatched prompt/completion pairs, clamped at 0 as TRL; detached
+            here), required for ``loss_type="kto"``; None for ``"apo_zero_unpaired"``.
         beta, desirable_weight, undesirable_weight, loss_type: TRL's ``KTOConfig`` options (``kto``,
             ``apo_zero_unpaired``).
+        average_log_prob: True: each completion's log-prob is the mean of its token log-probs instead of the sum
+            (length-normalized, as TRL's older ``_get_batch_logps(average_log_prob=True)`` and Liger's KTO; a
+            completion without tokens counts 0); pass ``ref_logps`` and the ``kl`` estimate's log-probs reduced
+            the same way. Default False: sums, TRL 1.16's KTO.
+        vocab_metrics: also return TRL 1.16's per-batch sums behind ``logits/chosen`` and ``logits/rejected`` (the
+            mean untempered logit over the desirable / undesirable completions' tokens, from per-row statistics of
+            the same pass): ``logits/{chosen,rejected}_sum`` and ``count/{chosen,rejected}_tokens``, which
+            ``kto_metric_means`` turns into TRL's logged means.
         num_examples: the completions of the whole accumulated batch (an int or one-element tensor): the loss is
             ``sum(losses) / num_examples``; default B (the mean).
         cu_seqlens, position_ids: a packed batch of B completions (``hidden [N, H]`` or ``[1, N, H]``, ``targets
@@ -401,24 +427,34 @@ def fused_linear_kto_loss(hidden: Tensor, weight: Tensor, targets: Tensor, label
                          undesirable_weight=undesirable_weight)
     layout = packed_layout(inputs.targets.numel(), inputs.hidden.device, cu_seqlens=cu_seqlens,
                            position_ids=position_ids)
+    average_log_prob = require_bool("average_log_prob", average_log_prob)
+    for name, value in (("labels", labels), ("ref_logps", ref_logps)):
+        check_sequence_count(name, value, layout, cu_seqlens)
     examples = validate_kto_inputs(targets, targets.shape[0] if layout is None else layout.num_sequences,
                                    compute_dtype(inputs.hidden.dtype), options, labels=labels, ref_logps=ref_logps,
-                                   kl=kl, num_examples=num_examples, check_finite=check_finite)
-    return fused_kto_loss(inputs, opts, options, examples, layout)
+                                   kl=kl, num_examples=num_examples, check_finite=check_finite,
+                                   average_log_prob=average_log_prob)
+    return fused_kto_loss(inputs, opts, options, examples, layout, average_log_prob=average_log_prob,
+                          vocab_metrics=require_bool("vocab_metrics", vocab_metrics))
 
 
-def _pair_counts(pairs: int, num_pairs, num_chosen_tokens):
-    """The normalizers over the accumulated batch, checked against this batch's ``pairs`` (prompts)."""
+def _pair_counts(pairs: int, num_pairs, num_chosen_tokens, chosen_tokens: Tensor):
+    """The normalizers over the accumulated batch, checked against this batch's ``pairs`` (prompts) and its chosen
+    (NLL) tokens (bool ``chosen_tokens``; counted only when ``num_chosen_tokens`` is an int)."""
     if num_pairs is not None:
         num_pairs = check_count("num_pairs", num_pairs, pairs, "at least the pairs in this batch")
     if num_chosen_tokens is not None:
-        num_chosen_tokens = check_count("num_chosen_tokens", num_chosen_tokens, 1, "a token count")
+        unchecked = isinstance(num_chosen_tokens, Tensor) or torch.compiler.is_compiling()  # no sync
+        own = 1 if unchecked else max(int(chosen_tokens.sum()), 1)
+        num_chosen_tokens = check_count("num_chosen_tokens", num_chosen_tokens, own,
+                                        "at least this batch's chosen NLL tokens")
     return num_pairs, num_chosen_tokens
 
 
 def fused_linear_cpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,
                           beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
                           simpo_gamma: float = 0.5, cpo_alpha: float = 1.0, alpha: float = 0.0,
+                          vocab_metrics: bool = False,
                           num_pairs: int | Tensor | None = None, num_chosen_tokens: int | Tensor | None = None,
                           cu_seqlens: Tensor | None = None, position_ids: Tensor | None = None,
                           temperature: float = 1.0, ignore_index: int = -100, backend: str = "auto",
@@ -439,6 +475,11 @@ def fused_linear_cpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
         beta, loss_type, label_smoothing, simpo_gamma, cpo_alpha, alpha: TRL's ``CPOConfig`` (``loss_type`` in
             ``sigmoid``, ``hinge``, ``ipo``, ``simpo``; TRL's ``"alphapo"`` is ``loss_type="simpo", cpo_alpha=0``
             with ``alpha != 0``). A response without tokens has log-prob 0 (its mean too).
+        vocab_metrics: also compute TRL's ``logits/chosen`` and ``logits/rejected``: the mean untempered logit over
+            the chosen / rejected response tokens (0 without any), from per-row statistics of the same pass. (TRL's
+            experimental CPO and ORPO trainers average the full logits over every position of the padded batch,
+            prompt and padding included, which the fused op never computes; this is the completion-token mean of
+            TRL 1.16's DPO and KTO trainers.)
         num_pairs, num_chosen_tokens: normalizers over the whole accumulated batch, as in
             :func:`fused_linear_dpo_loss`.
         cu_seqlens, position_ids: a packed batch of the 2B sequences, chosen first, as in
@@ -451,7 +492,8 @@ def fused_linear_cpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
         ``DPOLossOutput(loss, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, metrics)``: rewards
         ``beta * logps`` (AlphaPO: ``beta`` times the shaped reward); ``metrics`` TRL's ``rewards/chosen``,
         ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``,
-        ``nll_loss`` (0 when ``cpo_alpha=0``); all but ``loss`` detached.
+        ``nll_loss`` (0 when ``cpo_alpha=0``), ``logits/chosen``, ``logits/rejected`` (``vocab_metrics``); all but
+        ``loss`` detached.
     """
     sequences, layout = validate_preference_layout(hidden, targets, 2, cu_seqlens=cu_seqlens, position_ids=position_ids)
     options = CPOOptions(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma,
@@ -461,13 +503,13 @@ def fused_linear_cpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
                                   check_finite=check_finite,
                                   process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
     _, tokens = merge_nll_targets(targets, None, int(ignore_index), layout)
-    num_pairs, num_chosen_tokens = _pair_counts(sequences // 2, num_pairs, num_chosen_tokens)
+    num_pairs, num_chosen_tokens = _pair_counts(sequences // 2, num_pairs, num_chosen_tokens, tokens.nll)
     return fused_cpo_loss(inputs, opts, options, tokens, num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens,
-                          layout=layout)
+                          layout=layout, vocab_metrics=require_bool("vocab_metrics", vocab_metrics))
 
 
 def fused_linear_orpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,
-                           beta: float = 0.1, nll_targets: Tensor | None = None,
+                           beta: float = 0.1, nll_targets: Tensor | None = None, vocab_metrics: bool = False,
                            num_pairs: int | Tensor | None = None, num_chosen_tokens: int | Tensor | None = None,
                            cu_seqlens: Tensor | None = None, position_ids: Tensor | None = None,
                            temperature: float = 1.0, ignore_index: int = -100, backend: str = "auto",
@@ -480,10 +522,13 @@ def fused_linear_orpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, b
     Args:
         hidden, weight, bias, targets: as in :func:`fused_linear_cpo_loss` (``[2B, T, H]``, chosen rows first).
         beta: weight of the odds-ratio term (TRL's ``ORPOConfig.beta``, the paper's lambda).
-        nll_targets: ``[B, T]`` next-token ids of the chosen sequences for the NLL term, ``ignore_index`` elsewhere,
-            agreeing with ``targets`` on the response tokens. TRL's trainer takes the NLL over the prompt and the
-            response (all attended tokens): pass the chosen input ids shifted by one with padding ignored. None:
-            the chosen response tokens only.
+        nll_targets: ``[B, T]`` integer next-token ids of the chosen sequences for the NLL term, ``ignore_index``
+            elsewhere, equal to ``targets`` on every chosen response token (an error otherwise: TRL's trainer takes
+            the NLL and the log-probs from the same chosen input ids, so a different or missing response token has
+            no TRL meaning). TRL's trainer takes the NLL over the prompt and the response (all attended tokens):
+            pass the chosen input ids shifted by one with padding ignored. None: the chosen response tokens only.
+        vocab_metrics: ``logits/chosen`` and ``logits/rejected`` over the response tokens (not the NLL-only prompt
+            tokens), as in :func:`fused_linear_cpo_loss`.
         num_pairs, num_chosen_tokens: normalizers over the whole accumulated batch (``num_chosen_tokens`` counts
             the NLL tokens), as in :func:`fused_linear_dpo_loss`.
         cu_seqlens, position_ids: a packed batch of the 2B sequences, chosen first, as in
@@ -495,7 +540,9 @@ def fused_linear_orpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, b
 
     Returns:
         ``DPOLossOutput``: rewards ``beta * logps`` (means); ``metrics`` TRL's ``rewards/*``, ``logps/*``,
-        ``nll_loss``, ``log_odds_ratio``, ``log_odds_chosen``; all but ``loss`` detached.
+        ``nll_loss``, ``log_odds_ratio``, ``log_odds_chosen``, ``logits/*`` (``vocab_metrics``); all but ``loss``
+        detached. A pair with a response without tokens (TRL: a 0/0 mean, NaN) contributes 0 to the odds-ratio
+        term and to ``log_odds_*`` (still counted in the mean over pairs), so an all-masked batch gives loss 0.
     """
     sequences, layout = validate_preference_layout(hidden, targets, 2, cu_seqlens=cu_seqlens, position_ids=position_ids)
     merged, tokens = merge_nll_targets(targets, nll_targets, int(ignore_index), layout)
@@ -503,6 +550,6 @@ def fused_linear_orpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, b
                                   backend=backend, chunk_size=chunk_size, deterministic=deterministic,
                                   check_finite=check_finite,
                                   process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
-    num_pairs, num_chosen_tokens = _pair_counts(sequences // 2, num_pairs, num_chosen_tokens)
+    num_pairs, num_chosen_tokens = _pair_counts(sequences // 2, num_pairs, num_chosen_tokens, tokens.nll)
     return fused_orpo_loss(inputs, opts, beta, tokens, num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens,
-                           layout=layout)
+                           layout=layout, vocab_metrics=require_bool("vocab_metrics", vocab_metrics))

@@ -397,7 +397,7 @@ def test_property_random_layouts_torch_backend(pairs, length, vocab, ignore, chu
 
 def test_no_grad_gives_the_same_outputs(engine):
     hidden, weight, _, targets = make_batch(2, 6, 16, 23)
-    kwargs = dict(ref_chosen_logps=torch.randn(2) * 5, ref_rejected_logps=torch.randn(2) * 5,
+    kwargs = dict(ref_chosen_logps=-torch.rand(2) * 5, ref_rejected_logps=-torch.rand(2) * 5,
                   backend=engine.backend, chunk_size=engine.chunk_size(6), rpo_alpha=0.5)
     with torch.no_grad():
         quiet = fused_linear_dpo_loss(hidden.requires_grad_(True), weight, targets, **kwargs)
@@ -427,7 +427,7 @@ def test_global_normalizers_make_two_halves_add_up(engine, tensor_counts):
     """Two halves of a batch, each with the whole batch's ``num_pairs`` and ``num_chosen_tokens``, sum to the whole
     batch's loss and gradients (data parallel, gradient accumulation)."""
     hidden, weight, bias, targets = make_batch(4, 6, 16, 23, bias=True)
-    ref = torch.randn(8) * 5
+    ref = -torch.rand(8) * 5
     kwargs = dict(rpo_alpha=0.5, loss_type="robust", label_smoothing=0.1, backend=engine.backend,
                   chunk_size=engine.chunk_size(6))
     leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
@@ -464,7 +464,7 @@ def test_bad_global_normalizers():
 @pytest.mark.parametrize("chunk_size", [100, 2])
 def test_gradcheck_float64_torch_backend(chunk_size):
     hidden, weight, bias, targets = make_batch(2, 4, 5, 7, dtype=torch.float64, bias=True)
-    ref_logps = torch.randn(4, dtype=torch.float64)
+    ref_logps = -torch.rand(4, dtype=torch.float64)
 
     def loss(h, w, b):
         return fused_linear_dpo_loss(h, w, targets, bias=b, ref_chosen_logps=ref_logps[:2],

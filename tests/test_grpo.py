@@ -304,7 +304,7 @@ def test_on_policy_ratio_is_one_and_nothing_is_clipped():
     (dict(loss_type="dr_grpo"), "max_completion_length: required for loss_type='dr_grpo'"),
     (dict(top_entropy_quantile=1.5), r"top_entropy_quantile: expected a number in \[0, 1\]"),
     (dict(epsilon=-0.1), "epsilon: expected a number >= 0"),
-    (dict(delta=0.0), "delta: expected a number > 0"),
+    (dict(delta=1.0), "delta: expected a number > 1"),
     (dict(sapo_temperature_neg=0.0), "sapo_temperature_neg: expected a number > 0"),
     (dict(beta=float("nan")), "beta: expected a finite number"),
     (dict(max_completion_length=0), "max_completion_length: expected a positive int"),

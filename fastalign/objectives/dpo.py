@@ -126,6 +126,9 @@ class DPOOptions:
     num_responses: int = 2
 
     def __post_init__(self) -> None:
+        if isinstance(self.num_responses, bool) or not isinstance(self.num_responses, int):
+            raise TypeError(f"num_responses: expected an int >= 2, got {type(self.num_responses).__name__} "
+                            f"{self.num_responses!r}")
         types = _loss_types(self.loss_type)
         object.__setattr__(self, "loss_type", types[0] if isinstance(self.loss_type, str) else types)
         if self.loss_weights is not None:
@@ -134,6 +137,8 @@ class DPOOptions:
                                  f"got {self.loss_weights!r}")
             object.__setattr__(self, "loss_weights",
                                tuple(_check_real("loss_weights", w) for w in self.loss_weights))
+            if min(self.loss_weights) < 0:  # a negative weight maximizes its loss type
+                raise ValueError(f"loss_weights: expected weights >= 0, got {list(self.loss_weights)}")
         if _check_real("beta", self.beta) <= 0:
             raise ValueError(f"beta: expected a positive number, got {self.beta!r}")
         self._check_label_smoothing(types)
@@ -144,7 +149,9 @@ class DPOOptions:
         if self.f_divergence_type not in F_DIVERGENCE_TYPES:
             raise ValueError(f"f_divergence_type: expected one of {F_DIVERGENCE_TYPES}, got "
                              f"{self.f_divergence_type!r}")
-        _check_real("f_alpha_divergence_coef", self.f_alpha_divergence_coef)
+        if _check_real("f_alpha_divergence_coef", self.f_alpha_divergence_coef) <= 0:
+            raise ValueError(f"f_alpha_divergence_coef: expected a number > 0 (the f-DPO paper's alpha; alpha -> 0 "
+                             f"is f_divergence_type='forward_kl'), got {self.f_alpha_divergence_coef!r}")
         if self.f_divergence_type != "reverse_kl" and not set(types) <= F_DIVERGENCE_LOSS_TYPES:
             raise ValueError(f"f_divergence_type: {self.f_divergence_type!r} is only defined for the loss types "
                              f"{sorted(F_DIVERGENCE_LOSS_TYPES)}, got loss_type {list(types)}")

@@ -90,13 +90,14 @@ class GRPOLossConfig:
         if self.epsilon_high is not None:
             _finite("epsilon_high", self.epsilon_high, low=0.0)
         if self.delta is not None:
-            _finite("delta", self.delta, low=0.0, strict=True)
-        for name in ("beta", "entropy_coef", "vespo_k_pos", "vespo_k_neg"):
+            _finite("delta", self.delta, low=1.0, strict=True)  # a cap below 1 flips the clip (TRL: > 1 + epsilon)
+        _finite("beta", self.beta, low=0.0)
+        for name in ("entropy_coef", "vespo_k_pos", "vespo_k_neg"):
             _finite(name, getattr(self, name))
         for name in ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_lambda_pos", "vespo_lambda_neg"):
             _finite(name, getattr(self, name), low=0.0, strict=True)
         if self.off_policy_mask_threshold is not None:
-            _finite("off_policy_mask_threshold", self.off_policy_mask_threshold)
+            _finite("off_policy_mask_threshold", self.off_policy_mask_threshold, low=0.0)  # TRL: a positive value
         _finite("top_entropy_quantile", self.top_entropy_quantile, low=0.0)
         if self.top_entropy_quantile > 1:
             raise ValueError(f"top_entropy_quantile: expected a number in [0, 1], got {self.top_entropy_quantile!r}")

@@ -161,8 +161,8 @@ def kto_metrics(result: KTOResult, policy_logps: Tensor) -> dict[str, Tensor]:
     """TRL's per-batch KTO metrics, detached: ``kl``, and for each side present in the batch the sums
     ``rewards/chosen_sum``, ``logps/chosen_sum``, ``count/chosen`` (``rejected`` likewise). Sum them over
     micro-batches and ranks, then ``kto_metric_means`` gives what TRL logs (under ``torch.compile`` both sides are
-always present, an absent one with count 0). (TRL's ``logits/*_sum``, sums of the
-    full logits, need the logits and are not computed.)"""
+always present, an absent one with count 0). TRL's ``logits/*`` come from ``kto_logit_metrics`` (the op's
+    ``vocab_metrics``)."""
     check_sequence_logps("policy_logps", policy_logps, result.rewards)
     metrics = {"kl": result.kl.detach()}
     for side, mask in (("chosen", result.labels), ("rejected", ~result.labels)):
@@ -173,15 +173,28 @@ always present, an absent one with count 0). (TRL's ``logits/*_sum``, sums of th
     return metrics
 
 
+def kto_logit_metrics(logit_means: Tensor, chosen: Tensor, rejected: Tensor) -> dict[str, Tensor]:
+    """TRL 1.16's per-batch sums behind ``logits/chosen`` and ``logits/rejected``: ``logits/{side}_sum``, the sum
+    of ``logit_means`` (``[M]``, each completion token's mean logit over the vocabulary) over the tokens of the
+    desirable (``chosen [M]`` bool) / undesirable (``rejected``) completions, and ``count/{side}_tokens``.
+    ``kto_metric_means`` divides them (a side without tokens is not logged, as TRL)."""
+    return {key: value for side, where in (("chosen", chosen), ("rejected", rejected))
+            for key, value in ((f"logits/{side}_sum", (logit_means * where).sum()),
+                               (f"count/{side}_tokens", where.sum().to(logit_means.dtype)))}
+
+
 def kto_metric_means(metrics: dict[str, float]) -> dict[str, float]:
     """TRL's ``KTOTrainer.log``: ``rewards/{side}`` and ``logps/{side}`` as sum over count for each side present,
-    ``rewards/margins`` when both are, the other keys as given (``count/*`` and ``*_sum`` keys are consumed)."""
+    ``logits/{side}`` as sum over tokens (``kto_logit_metrics``) for each side with tokens, ``rewards/margins`` when
+    both sides are present, the other keys as given (``count/*`` and ``*_sum`` keys are consumed)."""
     out = {k: v for k, v in metrics.items() if not (k.startswith("count/") or k.endswith("_sum"))}
     for side in ("chosen", "rejected"):
         count = metrics.get(f"count/{side}", 0)
         if count > 0:
             for name in ("rewards", "logps"):
                 out[f"{name}/{side}"] = metrics[f"{name}/{side}_sum"] / count
+        if metrics.get(f"count/{side}_tokens", 0) > 0:
+            out[f"logits/{side}"] = metrics[f"logits/{side}_sum"] / metrics[f"count/{side}_tokens"]
     if "rewards/chosen" in out and "rewards/rejected" in out:
         out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
     return out

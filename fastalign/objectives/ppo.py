@@ -167,6 +167,9 @@ class PPOLossConfig:
         for name in ("kl_coef", "entropy_coef", "vf_coef"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be finite, got {getattr(self, name)}")
+        for name in ("kl_coef", "vf_coef"):  # a negative weight rewards the KL / the value error (TRL: >= 0)
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected a number >= 0, got {getattr(self, name)}")
 
 
 class PPOTokenLosses(NamedTuple):

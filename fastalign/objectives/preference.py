@@ -66,9 +66,11 @@ def check_sequence_logps(name: str, value: object, like: Tensor | None = None) -
 class CPOOptions:
     """Options of the CPO loss family, with TRL's ``CPOConfig`` names and defaults.
 
-    beta: > 0. loss_type: one of ``CPO_LOSS_TYPES``. label_smoothing: in ``[0, 1]`` for ``sigmoid`` and
-    ``simpo``, 0 otherwise (TRL ignores it there). simpo_gamma: target margin of ``simpo``. cpo_alpha: weight of
-    the NLL term, >= 0 (0: no term, TRL logs ``nll_loss`` 0). alpha: AlphaPO reward shape, 0 for plain log-probs.
+    beta: > 0. loss_type: one of ``CPO_LOSS_TYPES``. label_smoothing: in ``[0, 0.5)`` for ``sigmoid`` and
+    ``simpo`` (the probability of a flipped label, as the DPO op's: at 0.5 and above the loss prefers the rejected
+    response), 0 otherwise (TRL ignores it there). simpo_gamma: target margin of ``simpo``, >= 0. cpo_alpha: weight
+    of the NLL term, >= 0 (0: no term, TRL logs ``nll_loss`` 0). alpha: AlphaPO reward shape, 0 for plain
+    log-probs.
     """
 
     beta: float = 0.1
@@ -84,11 +86,12 @@ class CPOOptions:
         if _check_real("beta", self.beta) <= 0:
             raise ValueError(f"beta: expected a positive number, got {self.beta!r}")
         eps = _check_real("label_smoothing", self.label_smoothing)
-        high = 1.0 if self.loss_type in ("sigmoid", "simpo") else 0.0
-        if not 0.0 <= eps <= high:
-            expected = "[0, 1]" if high else "0.0 (not used by this loss)"
+        smoothed = self.loss_type in ("sigmoid", "simpo")
+        if not (0.0 <= eps < 0.5 if smoothed else eps == 0.0):
+            expected = "[0.0, 0.5)" if smoothed else "0.0 (not used by this loss)"
             raise ValueError(f"label_smoothing: expected {expected} for loss_type={self.loss_type!r}, got {eps!r}")
-        _check_real("simpo_gamma", self.simpo_gamma)
+        if _check_real("simpo_gamma", self.simpo_gamma) < 0:
+            raise ValueError(f"simpo_gamma: expected a number >= 0 (SimPO's target margin), got {self.simpo_gamma!r}")
         _check_real("alpha", self.alpha)
         if _check_real("cpo_alpha", self.cpo_alpha) < 0:
             raise ValueError(f"cpo_alpha: expected a number >= 0, got {self.cpo_alpha!r}")
@@ -174,24 +177,40 @@ def orpo_log_odds(chosen_logps: Tensor, rejected_logps: Tensor) -> Tensor:
 
 
 def orpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, chosen_nll: Tensor, beta: float = 0.1, *,
-              num_pairs: int | Tensor | None = None) -> DPOResult:
+              num_pairs: int | Tensor | None = None, valid: Tensor | None = None) -> DPOResult:
     """ORPO loss of ``B`` pairs: ``chosen_nll - mean(beta * log s(log_odds))`` (TRL's ``odds_ratio_loss``).
 
     chosen_logps, rejected_logps: ``[B]`` per-token means over each response. chosen_nll: scalar NLL of the chosen
     sequences (``rpo_nll``; TRL: over prompt and response tokens). Result ``losses`` is ``beta * log s(log_odds)``
-    (TRL's sign: the loss subtracts their mean), rewards ``beta * logps``.
+    (TRL's sign: the loss subtracts their mean), rewards ``beta * logps``. valid: ``[B]`` bool, False for a pair
+    with a response without tokens (TRL's mean is then 0/0, a NaN loss): such a pair's odds-ratio term is 0 (it
+    still counts in the mean), so an empty response or an all-masked batch gives a finite loss.
     """
     if _check_real("beta", beta) <= 0:
         raise ValueError(f"beta: expected a positive number, got {beta!r}")
-    losses = beta * F.logsigmoid(orpo_log_odds(chosen_logps, rejected_logps))
+    losses = beta * F.logsigmoid(orpo_log_odds(*_valid_pairs(chosen_logps, rejected_logps, valid)))
+    if valid is not None:
+        losses = torch.where(valid, losses, 0.0)
     loss = _check_scalar("chosen_nll", chosen_nll) - _mean_or_share(losses, num_pairs)
     rewards = beta * torch.stack([chosen_logps.detach(), rejected_logps.detach()])
     return DPOResult(loss, losses, rewards, chosen_nll)
 
 
-def orpo_metrics(result: DPOResult, chosen_logps: Tensor, rejected_logps: Tensor) -> dict[str, Tensor]:
+def _valid_pairs(chosen_logps: Tensor, rejected_logps: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The log-probs with those of invalid pairs replaced by -1 (finite log odds, no NaN gradient through them)."""
+    if valid is None:
+        return chosen_logps, rejected_logps
+    return torch.where(valid, chosen_logps, -1.0), torch.where(valid, rejected_logps, -1.0)
+
+
+def orpo_metrics(result: DPOResult, chosen_logps: Tensor, rejected_logps: Tensor,
+                 valid: Tensor | None = None) -> dict[str, Tensor]:
     """TRL's ORPO metrics: those of ``dpo_metrics`` (``rewards/*``, ``logps/*``, ``nll_loss``) and
-    ``log_odds_ratio`` (mean ``log s(log_odds)``), ``log_odds_chosen`` (mean ``log_odds``)."""
-    log_odds = orpo_log_odds(chosen_logps.detach(), rejected_logps.detach())
+    ``log_odds_ratio`` (mean ``log s(log_odds)``), ``log_odds_chosen`` (mean ``log_odds``); pairs not ``valid``
+    (see ``orpo_loss``) count 0 in both."""
+    log_odds = orpo_log_odds(*_valid_pairs(chosen_logps.detach(), rejected_logps.detach(), valid))
+    ratio = F.logsigmoid(log_odds)
+    if valid is not None:
+        log_odds, ratio = torch.where(valid, log_odds, 0.0), torch.where(valid, ratio, 0.0)
     return {**dpo_metrics(result, torch.stack([chosen_logps, rejected_logps])),
-            "log_odds_ratio": F.logsigmoid(log_odds).mean(), "log_odds_chosen": log_odds.mean()}
+            "log_odds_ratio": ratio.mean(), "log_odds_chosen": log_odds.mean()}

@@ -17,12 +17,12 @@ from torch import Tensor
 
 from ..objectives.dpo import DPOResult, dpo_metrics, rpo_nll
 from ..objectives.preference import CPOOptions, cpo_loss, orpo_loss, orpo_metrics
-from .dpo import DPOLossOutput, PreferenceRows
+from .dpo import DPOLossOutput, PreferenceRows, token_logit_means
 from .engine import fused_rows_loss
 from .linear import LinearOptions
 from .segments import PackedLayout
-from .torch_backend import compute_dtype
-from .validation import LinearInputs, require_shape, require_tensor
+from .torch_backend import RowStatsSpec, compute_dtype
+from .validation import INT_DTYPES, LinearInputs, require_shape, require_tensor
 
 
 class PairTokens(NamedTuple):
@@ -46,7 +46,7 @@ def merge_nll_targets(targets: Tensor, nll_targets, ignore_index: int,
     if layout is not None:
         targets = layout.to_padded(targets.reshape(-1), ignore_index)
         if nll_targets is not None:
-            nll_targets = require_tensor("nll_targets", nll_targets)
+            nll_targets = require_tensor("nll_targets", nll_targets, dtypes=INT_DTYPES)
             require_shape("nll_targets", nll_targets, tuple(given.shape), "the shape of targets, packed")
             nll_targets = layout.to_padded(nll_targets.reshape(-1), ignore_index)
             if bool((nll_targets[nll_targets.shape[0] // 2:] != ignore_index).any()):
@@ -57,15 +57,18 @@ def merge_nll_targets(targets: Tensor, nll_targets, ignore_index: int,
     response = targets != ignore_index
     if nll_targets is None:
         return given, PairTokens(response, response[:b])
-    nll_targets = require_tensor("nll_targets", nll_targets)
+    nll_targets = require_tensor("nll_targets", nll_targets, dtypes=INT_DTYPES)
     require_shape("nll_targets", nll_targets, (b, targets.shape[1]), "[B, T]: the chosen sequences' NLL targets")
     if nll_targets.device != targets.device:
         raise ValueError(f"nll_targets: expected device {targets.device} (the device of targets), "
                          f"got {nll_targets.device}")
     nll = nll_targets != ignore_index
-    both = nll & response[:b]
-    if bool((nll_targets[both] != targets[:b][both]).any()):
-        raise ValueError("nll_targets: expected the same ids as targets on the chosen response tokens, got others")
+    # TRL's ORPO takes both from the chosen input ids: the NLL covers every response token, with the same id
+    differs = response[:b] & (nll_targets != targets[:b])
+    if bool(differs.any()):
+        raise ValueError(f"nll_targets: expected the ids of targets on every chosen response token (TRL's ORPO NLL "
+                         f"covers the prompt and the whole response), got {int(differs.sum())} token(s) differing "
+                         f"or ignored")
     merged = targets.clone()
     merged[:b] = torch.where(response[:b], targets[:b], nll_targets)
     return merged if layout is None else layout.to_packed(merged).view(given.shape), PairTokens(response, nll)
@@ -73,12 +76,14 @@ def merge_nll_targets(targets: Tensor, nll_targets, ignore_index: int,
 
 def fused_pair_loss(inputs: LinearInputs, opts: LinearOptions, tokens: PairTokens,
                     loss_of: Callable[[Tensor, Tensor, Tensor], DPOResult], average_log_prob: bool,
-                    layout: PackedLayout | None) -> tuple[Tensor, DPOResult, Tensor]:
+                    layout: PackedLayout | None, vocab_metrics: bool = False
+                    ) -> tuple[Tensor, DPOResult, Tensor, dict[str, Tensor]]:
     """A pair loss through the engine: ``loss_of(chosen_logps [B], rejected_logps [B], chosen_nll_sums [B])`` on
     the per-sequence response sums (means with ``average_log_prob``) and the chosen NLL tokens' log-prob sums.
     ``inputs.targets`` hold the response targets and the chosen rows' NLL targets (``merge_nll_targets``). Returns
-    the engine's loss, the (detached) result and the per-sequence log-probs ``[2, B]``. Packed: N rows with
-    their ``layout``."""
+    the engine's loss, the (detached) result, the per-sequence log-probs ``[2, B]`` and, with ``vocab_metrics``,
+    TRL's ``logits/chosen`` and ``logits/rejected`` (the mean untempered logit over the chosen / rejected response
+    tokens, from the same pass; else empty). Packed: N rows with their ``layout``."""
     dtype = compute_dtype(inputs.hidden.dtype)
     b = tokens.response.shape[0] // 2
     rows = PreferenceRows.of(inputs.targets.view(inputs.lead_shape), opts.ignore_index, 2, layout)  # group: a pair
@@ -92,10 +97,18 @@ def fused_pair_loss(inputs: LinearInputs, opts: LinearOptions, tokens: PairToken
         return loss_of(logps[0], logps[1], (batch[:b] * nll).sum(-1)), logps
 
     out = fused_rows_loss(inputs, opts, lambda values: result_of(values.logprobs)[0].loss, rows=rows.rows,
-                          coupling=rows.group_rows)
+                          coupling=rows.group_rows, spec=RowStatsSpec(logit_sum=vocab_metrics))
+    metrics = {}
     with torch.no_grad():
         result, logps = result_of(out.logprobs)
-    return out.loss, result, logps
+        if vocab_metrics:
+            means = out.logprobs.new_zeros(0) if out.stats is None else token_logit_means(out.stats, inputs, opts)
+            side = torch.div(rows.index, tokens.response.numel() // 2, rounding_mode="floor")  # 0: chosen
+            on_response = tokens.response.reshape(-1)[rows.index]  # not the NLL-only (prompt) tokens
+            for k, name in enumerate(("logits/chosen", "logits/rejected")):
+                where = on_response & (side == k)
+                metrics[name] = (means * where).sum() / where.sum().clamp(min=1)
+    return out.loss, result, logps, metrics
 
 
 def nll_of(sums: Tensor, counts: Tensor, num_chosen_tokens) -> Tensor:
@@ -105,7 +118,8 @@ def nll_of(sums: Tensor, counts: Tensor, num_chosen_tokens) -> Tensor:
 
 
 def fused_cpo_loss(inputs: LinearInputs, opts: LinearOptions, options: CPOOptions, tokens: PairTokens, *,
-                   num_pairs, num_chosen_tokens, layout: PackedLayout | None = None) -> DPOLossOutput:
+                   num_pairs, num_chosen_tokens, layout: PackedLayout | None = None,
+                   vocab_metrics: bool = False) -> DPOLossOutput:
     """The fused CPO / SimPO / AlphaPO loss on validated inputs (``inputs.lead_shape == (2B, T)``, or N packed rows
     with their ``layout``)."""
     counts = tokens.nll.sum(1).to(compute_dtype(inputs.hidden.dtype))
@@ -114,21 +128,26 @@ def fused_cpo_loss(inputs: LinearInputs, opts: LinearOptions, options: CPOOption
         nll = None if options.cpo_alpha == 0 else nll_of(nll_sums, counts, num_chosen_tokens)
         return cpo_loss(chosen, rejected, options, chosen_nll=nll, num_pairs=num_pairs)
 
-    loss, result, logps = fused_pair_loss(inputs, opts, tokens, loss_of, options.average_log_prob, layout)
-    return pair_output(loss, result, logps, dpo_metrics(result, logps))
+    loss, result, logps, vocab = fused_pair_loss(inputs, opts, tokens, loss_of, options.average_log_prob, layout,
+                                                 vocab_metrics)
+    return pair_output(loss, result, logps, {**dpo_metrics(result, logps), **vocab})
 
 
 def fused_orpo_loss(inputs: LinearInputs, opts: LinearOptions, beta: float, tokens: PairTokens, *, num_pairs,
-                    num_chosen_tokens, layout: PackedLayout | None = None) -> DPOLossOutput:
+                    num_chosen_tokens, layout: PackedLayout | None = None,
+                    vocab_metrics: bool = False) -> DPOLossOutput:
     """The fused ORPO loss on validated inputs (``inputs.lead_shape == (2B, T)``, or N packed rows with their
-    ``layout``): per-token means, the NLL."""
+    ``layout``): per-token means, the NLL. A pair with a response without tokens leaves the odds-ratio term
+    (``orpo_loss``'s ``valid``)."""
     counts = tokens.nll.sum(1).to(compute_dtype(inputs.hidden.dtype))
+    valid = tokens.response.view(2, -1, tokens.response.shape[-1]).any(-1).all(0)  # [B]: both responses have tokens
 
     def loss_of(chosen: Tensor, rejected: Tensor, nll_sums: Tensor) -> DPOResult:
-        return orpo_loss(chosen, rejected, nll_of(nll_sums, counts, num_chosen_tokens), beta, num_pairs=num_pairs)
+        return orpo_loss(chosen, rejected, nll_of(nll_sums, counts, num_chosen_tokens), beta, num_pairs=num_pairs,
+                         valid=valid)
 
-    loss, result, logps = fused_pair_loss(inputs, opts, tokens, loss_of, True, layout)
-    return pair_output(loss, result, logps, orpo_metrics(result, logps[0], logps[1]))
+    loss, result, logps, vocab = fused_pair_loss(inputs, opts, tokens, loss_of, True, layout, vocab_metrics)
+    return pair_output(loss, result, logps, {**orpo_metrics(result, logps[0], logps[1], valid), **vocab})
 
 
 def pair_output(loss: Tensor, result: DPOResult, logps: Tensor, metrics: dict[str, Tensor]) -> DPOLossOutput:

@@ -27,7 +27,8 @@ from .engine import Coupling, RowValues, fused_rows_loss
 from .linear import LinearOptions
 from .segments import PackedLayout, packed_layout, validate_sequence_layout
 from .torch_backend import RowStats, RowStatsSpec, compute_dtype
-from .validation import FLOAT_DTYPES, LinearInputs, require_finite, require_same_device, require_shape, require_tensor
+from .validation import (FLOAT_DTYPES, LinearInputs, require_finite, require_logprobs, require_same_device,
+                         require_shape, require_tensor)
 
 BATCH_COUPLED_LOSS_TYPES = frozenset({"aot", "aot_unpaired"})
 
@@ -128,7 +129,9 @@ def fused_dpo_loss(inputs: LinearInputs, opts: LinearOptions, config: DPOConfig,
 
     def loss_of(logprobs: Tensor, stats: RowStats | None) -> tuple[DPOResult, Tensor]:
         # WPO: log sum_v p_v^2 = lse(2z) - 2 lse(z) of each completion token, from the pass's row statistics
-        denoms = None if not options.use_weighting else rows.as_batch((stats.lse2 - 2 * stats.lse).detach())
+        denoms = None if not options.use_weighting else (
+            logprobs.new_zeros(rows.mask.shape) if stats is None  # no completion token at all
+            else rows.as_batch((stats.lse2 - 2 * stats.lse).detach()))
         return dpo_sequence_loss(rows.as_batch(logprobs), rows.mask, reference, options,
                                  average_log_prob=config.average_log_prob, num_pairs=config.num_pairs,
                                  num_chosen_tokens=config.num_chosen_tokens, token_log_denoms=denoms,
@@ -145,17 +148,23 @@ def fused_dpo_loss(inputs: LinearInputs, opts: LinearOptions, config: DPOConfig,
         result, logps = loss_of(out.logprobs, out.stats)
         metrics = dpo_metrics(result, logps)
         if config.vocab_metrics and out.stats is not None:
-            vocab = inputs.weight.shape[0] if opts.shard is None else opts.shard.vocab_size
             rank = torch.div(rows.index, rows.mask.numel() // options.num_responses, rounding_mode="floor")
             rank = torch.where(rows.mask.reshape(-1)[rows.index], rank, -1)  # compiled: -1 at the ignored rows
             correct = out.stats.argmax == inputs.targets[rows.rows]
-            # TRL's logits/* are of the untempered logits: the tempered sum times the temperature
-            metrics.update(vocabulary_metrics(out.stats.logit_sum * (opts.temperature / vocab), out.entropy,
+            metrics.update(vocabulary_metrics(token_logit_means(out.stats, inputs, opts), out.entropy,
                                               correct, rank, options.num_responses))
         elif config.vocab_metrics:  # no completion token at all
             metrics.update({name: logps.new_zeros(()) for name in VOCABULARY_METRICS})
     return DPOLossOutput(out.loss, result.chosen_rewards, result.rejected_rewards, logps[0], logps[-1], metrics,
                          result.rewards, logps, result.bco_state)
+
+
+def token_logit_means(stats: RowStats, inputs: LinearInputs, opts: LinearOptions) -> Tensor:
+    """``[M]`` each computed row's mean logit over the whole vocabulary (every shard), untempered as TRL's
+    ``mean_logits`` (the ``logits/*`` metrics): the tempered sum (``RowStatsSpec(logit_sum=True)``) times the
+    temperature over V."""
+    vocab = inputs.weight.shape[0] if opts.shard is None else opts.shard.vocab_size
+    return stats.logit_sum * (opts.temperature / vocab)
 
 
 def validate_preference_layout(hidden, targets, num_responses: int, *, cu_seqlens=None,
@@ -258,6 +267,7 @@ def _precomputed_reference(inputs: LinearInputs, k: int, b: int, ref_chosen_logp
         require_same_device(inputs.hidden, **{name: value})
         if check_finite:
             require_finite(name, value)
+        require_logprobs(name, value, inputs.lead_shape[-1])  # a sum over up to T (packed: N) tokens
     if ref_logps is not None:
         return ref_logps.detach()
     return torch.stack([ref_chosen_logps.detach(), ref_rejected_logps.detach()])

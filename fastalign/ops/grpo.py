@@ -21,8 +21,8 @@ from .engine import RowValues, fused_rows_loss
 from .linear import LinearOptions
 from .segments import PackedLayout
 from .torch_backend import RowStatsSpec, compute_dtype
-from .validation import (FLOAT_DTYPES, LinearInputs, require_finite, require_same_device, require_shape,
-                         require_tensor, validate_token_mask, validate_token_tensor)
+from .validation import (FLOAT_DTYPES, LinearInputs, masked_token_tensor, require_finite, require_same_device,
+                         require_tensor, validate_token_mask)
 
 
 class GRPOLossOutput(NamedTuple):
@@ -66,35 +66,38 @@ def validate_grpo_inputs(targets: Tensor, num_sequences: int, dtype: torch.dtype
                          advantages, mask, old_logprobs, ref_logprobs, importance_sampling_ratio, sampling_logprobs,
                          num_items_in_batch, ignore_index: int, check_finite: bool) -> GRPOInputs:
     """Check the GRPO op's per-token arguments against ``targets`` (``[B, T]``, or ``[N]`` packed) and its
-    ``num_sequences`` (B, or S), and convert them to ``dtype``; per-sequence ones become ``[S, 1]``."""
+    ``num_sequences`` (B, or S), and convert them to ``dtype``; per-sequence ones become ``[S, 1]``. Per-token values outside the completion mask are replaced by
+    neutral ones (log-probs and advantages 0, the IS ratio 1), whatever they were (NaN and inf included)."""
     shape, device, s = tuple(targets.shape), targets.device, num_sequences
+    completion = targets != ignore_index
+    if mask is not None:
+        completion = completion & validate_token_mask("mask", mask, targets.shape, device)
 
     def token(name: str, value):
         if value is None:
             return None
-        return validate_token_tensor(name, value, shape, device, check_finite=check_finite).to(dtype)
+        return masked_token_tensor(name, value, completion, check_finite=check_finite, logprobs=True).to(dtype)
 
-    def per_sequence_or_token(name: str, value, sequence_shapes: tuple) -> Tensor:
+    def per_sequence_or_token(name: str, value, sequence_shapes: tuple, fill: float) -> Tensor:
         value = require_tensor(name, value, dtypes=FLOAT_DTYPES)
         if not any(value.shape == expected for expected in (*sequence_shapes, shape)):
             expected = " or ".join(str(x) for x in (*sequence_shapes, shape))
             raise ValueError(f"{name}: expected shape {expected} (one per sequence, or per token), "
                              f"got {tuple(value.shape)}")
         require_same_device(targets, **{name: value})
+        if tuple(value.shape) == shape:
+            value = torch.where(completion, value, fill)
         if check_finite:
             require_finite(name, value)
         value = value.to(dtype)
         return value if tuple(value.shape) == shape else value.reshape(s, 1)
 
-    advantages = per_sequence_or_token("advantages", advantages, ((s,),))
-    completion = targets != ignore_index
-    if mask is not None:
-        completion = completion & validate_token_mask("mask", mask, targets.shape, device)
+    advantages = per_sequence_or_token("advantages", advantages, ((s,),), 0.0)
     if config.beta != 0 and ref_logprobs is None:
         raise ValueError(f"ref_logprobs: required when beta != 0 (beta={config.beta}), got None")
     ratio = importance_sampling_ratio
     if ratio is not None:
-        ratio = per_sequence_or_token("importance_sampling_ratio", ratio, ((s,), (s, 1)))
+        ratio = per_sequence_or_token("importance_sampling_ratio", ratio, ((s,), (s, 1)), 1.0)
         if not torch.compiler.is_compiling() and bool((ratio < 0).any()):
             raise ValueError("importance_sampling_ratio: expected non-negative ratios, got negative values")
     if sampling_logprobs is not None and config.off_policy_mask_threshold is None:
@@ -134,6 +137,11 @@ def fused_grpo_loss(inputs: LinearInputs, opts: LinearOptions, config: GRPOLossC
     shape = tokens.mask.shape  # [S, T]
     dtype = compute_dtype(inputs.hidden.dtype)
     compiling = torch.compiler.is_compiling()
+    if config.loss_type == "dr_grpo" and not compiling:  # TRL truncates every completion to max_completion_length
+        longest = int(tokens.mask.sum(-1).max())
+        if longest > config.max_completion_length:
+            raise ValueError(f"max_completion_length: expected at least the longest completion ({longest} tokens; "
+                             f"dr_grpo divides by B * max_completion_length), got {config.max_completion_length}")
     if compiling:  # every row (no data-dependent shape): the loss masks them, the outputs are masked below
         if layout is not None:
             raise ValueError("cu_seqlens: packed batches are not supported under torch.compile yet (their layout "

@@ -13,12 +13,14 @@ import torch
 from torch import Tensor
 
 from ..objectives.dpo import check_count
-from ..objectives.kto import KTOOptions, kto_loss, kto_metrics
-from .dpo import PreferenceRows
+from ..objectives.kto import KTOOptions, kto_logit_metrics, kto_loss, kto_metrics
+from .dpo import PreferenceRows, token_logit_means
 from .engine import fused_rows_loss
 from .linear import LinearOptions
 from .segments import PackedLayout
-from .validation import FLOAT_DTYPES, LinearInputs, require_finite, require_same_device, require_shape, require_tensor
+from .torch_backend import RowStatsSpec
+from .validation import (FLOAT_DTYPES, LinearInputs, require_finite, require_logprobs, require_same_device,
+                         require_shape, require_tensor)
 
 
 class KTOLossOutput(NamedTuple):
@@ -40,7 +42,7 @@ class KTOInputs(NamedTuple):
 
 
 def validate_kto_inputs(targets: Tensor, num_sequences: int, dtype: torch.dtype, options: KTOOptions, *, labels,
-                        ref_logps, kl, num_examples, check_finite: bool) -> KTOInputs:
+                        ref_logps, kl, num_examples, check_finite: bool, average_log_prob: bool = False) -> KTOInputs:
     """Check the KTO op's per-completion arguments against the ``num_sequences`` B completions of ``targets``."""
     b = num_sequences
     labels = require_tensor("labels", labels)
@@ -48,7 +50,7 @@ def validate_kto_inputs(targets: Tensor, num_sequences: int, dtype: torch.dtype,
         raise TypeError(f"labels: expected a bool tensor (True: desirable), got dtype {labels.dtype}")
     require_shape("labels", labels, (b,), "one label per completion")
     ref_logps = require_tensor("ref_logps", ref_logps, dtypes=FLOAT_DTYPES)
-    require_shape("ref_logps", ref_logps, (b,), "one reference log-prob sum per completion")
+    require_shape("ref_logps", ref_logps, (b,), "one reference log-prob per completion")
     require_same_device(targets, labels=labels, ref_logps=ref_logps)
     if options.uses_kl:
         if kl is None:
@@ -64,25 +66,41 @@ def validate_kto_inputs(targets: Tensor, num_sequences: int, dtype: torch.dtype,
     if check_finite:
         require_finite("ref_logps", ref_logps)
         require_finite("kl", kl)
+    # a sum over up to T tokens may carry T tokens' rounding; a mean one token's
+    require_logprobs("ref_logps", ref_logps, 1 if average_log_prob else targets.shape[-1])
+    if kl is not None and not torch.compiler.is_compiling() and bool(kl < 0):
+        raise ValueError(f"kl: expected the clamped batch KL estimate >= 0 (TRL clamps it at 0, as kto_kl does), "
+                         f"got {float(kl):g}")
     if num_examples is not None:
         num_examples = check_count("num_examples", num_examples, b, "at least the completions in this batch")
     return KTOInputs(labels, ref_logps.detach().to(dtype), kl, num_examples)
 
 
 def fused_kto_loss(inputs: LinearInputs, opts: LinearOptions, options: KTOOptions, examples: KTOInputs,
-                   layout: PackedLayout | None = None) -> KTOLossOutput:
+                   layout: PackedLayout | None = None, *, average_log_prob: bool = False,
+                   vocab_metrics: bool = False) -> KTOLossOutput:
     """The fused KTO loss on validated inputs: ``inputs.lead_shape == (B, T)``, or N packed rows with their
-    ``layout`` of B sequences."""
+    ``layout`` of B sequences. ``average_log_prob``: each completion's mean token log-prob instead of the sum (0
+    without tokens); ``vocab_metrics``: TRL's ``logits/*`` sums (``kto_logit_metrics``) from the same pass."""
     rows = PreferenceRows.of(inputs.targets.view(inputs.lead_shape), opts.ignore_index, 1, layout)  # group: sequence
+    counts = rows.mask.sum(-1)
 
     def loss_of(logprobs: Tensor):
         logps = rows.as_batch(logprobs).sum(-1)
+        if average_log_prob:
+            logps = logps / counts.clamp(min=1).to(logps.dtype)
         return kto_loss(logps, examples.ref_logps, examples.labels, examples.kl, options,
                         num_examples=examples.num_examples), logps
 
     out = fused_rows_loss(inputs, opts, lambda values: loss_of(values.logprobs)[0].loss, rows=rows.rows,
-                          coupling=rows.group_rows)
+                          coupling=rows.group_rows, spec=RowStatsSpec(logit_sum=vocab_metrics))
     with torch.no_grad():
         result, logps = loss_of(out.logprobs)
         metrics = kto_metrics(result, logps)
+        if vocab_metrics:
+            means = out.logprobs.new_zeros(0) if out.stats is None else token_logit_means(out.stats, inputs, opts)
+            sequence = torch.div(rows.index, rows.mask.shape[-1], rounding_mode="floor")
+            completion = rows.mask.reshape(-1)[rows.index]  # compiled: every row, the ignored ones left out
+            metrics.update(kto_logit_metrics(means, examples.labels[sequence] & completion,
+                                             ~examples.labels[sequence] & completion))
     return KTOLossOutput(out.loss, result.rewards, logps, metrics)

@@ -12,7 +12,7 @@ from .dispatch import resolve_backend
 from .linear import LinearOptions, logprobs_backward, lse_forward
 from .registered import registered_token_stats
 from .torch_backend import RowStats, RowStatsSpec
-from .validation import LinearInputs, check_temperature, validate_linear_inputs
+from .validation import LinearInputs, check_temperature, require_bool, validate_linear_inputs
 from .vocab_parallel import vocab_shard
 
 
@@ -38,6 +38,8 @@ def prepare_linear(hidden, weight, targets, bias, *, temperature, ignore_index, 
     """Validate the lm_head inputs of an op and resolve its options (shared by every fused op); with a
     ``process_group``, ``weight``/``bias`` are this rank's vocabulary shard (one all-gather of the shard sizes)."""
     deterministic = resolve_deterministic(deterministic)
+    require_bool("check_finite", check_finite)
+    require_bool("reduce_hidden_grad", reduce_hidden_grad)
     shard = vocab_shard(process_group, weight, bias, reduce_hidden_grad=reduce_hidden_grad, check_finite=check_finite)
     inputs = validate_linear_inputs(hidden, weight, targets, bias, ignore_index=ignore_index,
                                     check_finite=check_finite, vocab_size=None if shard is None else shard.vocab_size)

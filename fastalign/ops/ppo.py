@@ -109,9 +109,11 @@ def ppo_loss(inputs: LinearInputs, opts: LinearOptions, config: PPOLossConfig, *
                          None if entropy is None else entropy.view(shape), values)
 
 
-def validate_value_head(weight, bias, old_values, returns, inputs: LinearInputs, token_shape: torch.Size,
+def validate_value_head(weight, bias, old_values, returns, inputs: LinearInputs, mask: Tensor,
                         check_finite: bool) -> ValueHeadInputs | None:
-    """The value head arguments of the PPO op: all absent, or a head ``[H]``/``[K, H]`` with its targets."""
+    """The value head arguments of the PPO op: all absent, or a head ``[H]``/``[K, H]`` with its targets
+    ``[..., T]`` (``[..., T, K]``), 0 outside ``mask`` (the op's token mask) whatever was given there."""
+    token_shape = mask.shape
     if weight is None:
         given = [n for n, v in (("value_head_bias", bias), ("old_values", old_values), ("returns", returns))
                  if v is not None]
@@ -139,11 +141,15 @@ def validate_value_head(weight, bias, old_values, returns, inputs: LinearInputs,
         if tuple(value.shape) not in shapes:
             raise ValueError(f"{name}: expected shape {' or '.join(map(str, shapes))} (targets' shape, K={k} "
                              f"value outputs), got {tuple(value.shape)}")
-        if check_finite:
-            require_finite(name, value)
     if old_values.shape != returns.shape:
         raise ValueError(f"returns: expected the shape of old_values {tuple(old_values.shape)}, "
                          f"got {tuple(returns.shape)}")
+    require_same_device(inputs.hidden, old_values=old_values, returns=returns)
+    where = mask if old_values.shape == mask.shape else mask.unsqueeze(-1)
+    old_values, returns = torch.where(where, old_values, 0.0), torch.where(where, returns, 0.0)
+    if check_finite:
+        require_finite("old_values", old_values)
+        require_finite("returns", returns)
     require_same_device(inputs.hidden, value_head_weight=head, value_head_bias=bias, old_values=old_values,
                         returns=returns)
     return ValueHeadInputs(head, bias, old_values, returns)

@@ -78,6 +78,18 @@ def packed_layout(num_rows: int, device: torch.device, *, cu_seqlens=None, posit
     return PackedLayout(segment * longest + position, (lengths.numel(), longest))
 
 
+def check_sequence_count(name: str, value, layout: PackedLayout | None, cu_seqlens=None) -> None:
+    """A per-sequence argument ``value`` (``[S]``) of a packed batch against its layout's S sequences: a mismatch
+    blames the layout (``position_ids`` that never restart describe one sequence), not the argument."""
+    if layout is None or not isinstance(value, Tensor) or value.dim() != 1 or value.numel() in (
+            layout.num_sequences, layout.index.numel()):  # [S], or per token [N]
+        return
+    source, rule = ("cu_seqlens", "offsets [S + 1]") if cu_seqlens is not None else (
+        "position_ids", "a sequence starts where the position is 0; position_ids that never restart describe one")
+    raise ValueError(f"{source}: expected {value.numel()} packed sequences ({rule}), one per entry of {name}, "
+                     f"got {layout.num_sequences}")
+
+
 def validate_sequence_layout(hidden, targets, packed: bool) -> None:
     """``hidden [B, T, H]`` and ``targets [B, T]``: B sequences of T tokens; packed, ``hidden [N, H]`` (or
     ``[1, N, H]``) and ``targets [N]`` (``[1, N]``)."""

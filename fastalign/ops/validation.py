@@ -128,6 +128,43 @@ def validate_token_tensor(name: str, value, shape: torch.Size, device: torch.dev
     return value
 
 
+LOGPROB_TOLERANCE = {torch.float64: 1e-4, torch.float32: 1e-4, torch.float16: 0.05, torch.bfloat16: 0.05}
+"""How far above 0 a given log-prob may be (rounding), by its dtype: a half-precision log-prob formed as ``z - lse``
+from logits of magnitude ~10-20 can round up to a few hundredths above 0; an fp32 one to ~1e-5."""
+
+
+def require_bool(name: str, value) -> bool:
+    """A bool option (a string such as ``'yes'`` or a 0/1 int is refused, not taken as its truth value)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def require_logprobs(name: str, value: Tensor | None, tokens_per_value: int = 1) -> None:
+    """No value above 0 beyond rounding (``LOGPROB_TOLERANCE`` of its dtype, times ``tokens_per_value`` for a sum
+    over that many tokens): a log-prob is ``<= 0``. Not checked under torch.compile (a data-dependent branch)."""
+    if value is None or torch.compiler.is_compiling():
+        return
+    tolerance = LOGPROB_TOLERANCE[value.dtype] * max(tokens_per_value, 1)
+    if bool((value > tolerance).any()):
+        raise ValueError(f"{name}: expected log-probs <= 0 (up to {tolerance:g} of rounding), got "
+                         f"{int((value > tolerance).sum())} positive value(s) (e.g. {float(value.max()):g})")
+
+
+def masked_token_tensor(name: str, value, mask: Tensor, *, check_finite: bool = True, fill: float = 0.0,
+                        logprobs: bool = False) -> Tensor:
+    """A per-token float tensor shaped like ``mask`` (the completion mask, bool, on hidden's device) with every
+    position outside ``mask`` set to ``fill``: values there (0, -100, -inf, NaN ...) never reach a loss, a metric or
+    a gradient. ``check_finite`` and ``logprobs`` (``require_logprobs``) look at the positions inside ``mask``."""
+    value = validate_token_tensor(name, value, mask.shape, mask.device, check_finite=False)
+    value = torch.where(mask, value, fill)
+    if check_finite:
+        require_finite(name, value)
+    if logprobs:
+        require_logprobs(name, value)
+    return value
+
+
 def validate_token_mask(name: str, value, shape: torch.Size, device: torch.device) -> Tensor:
     """A bool ``[...]`` mask from a bool, integer or float 0/1 tensor of ``shape`` on ``device``.
 
