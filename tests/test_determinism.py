@@ -356,7 +356,7 @@ def test_triton_gradients_repeat_bit_for_bit(monkeypatch):
                                                   return_entropy=True, backend="triton", deterministic=True)
         grads = torch.autograd.grad((lp * up[0] + ent * up[1]).sum(), leaves)
         out = fastalign.fused_linear_ppo_loss(leaves[0].view(4, 10, H), leaves[1], targets.view(4, 10),
-                                              up[0].view(4, 10), up[1].view(4, 10), bias=leaves[2],
+                                              -up[0].abs().view(4, 10), up[1].view(4, 10), bias=leaves[2],
                                               backend="triton", compute_entropy=True, entropy_coef=0.1,
                                               deterministic=True)
         runs.append(grads + torch.autograd.grad(out.loss, leaves))

@@ -1,6 +1,6 @@
 """Vocab-parallel KTO, CPO/SimPO/AlphaPO and ORPO ops: 2 gloo ranks with an uneven vocabulary split against the
-single-process op on the whole lm_head (loss, metrics, d hidden, each rank's d weight / d bias shard), both
-backends, whole groups in one pass and (a chunk smaller than a group) two passes on the torch backend."""
+single-process op on the whole lm_head (loss, metrics with logits/*, d hidden, each rank's d weight / d bias shard),
+both backends, whole groups in one pass and (a chunk smaller than a group) two passes on the torch backend."""
 from __future__ import annotations
 
 import pytest
@@ -42,7 +42,7 @@ def run_ops(p: dict, rows: slice, backend: str, chunk_size: int | None, group) -
     for name, op in ops.items():
         h, w, b = (t.clone().requires_grad_(True) for t in (p["hidden"], p["weight"][rows], p["bias"][rows]))
         result = op(hidden=h, weight=w, bias=b, temperature=0.9, backend=backend, chunk_size=chunk_size,
-                    process_group=group)
+                    process_group=group, vocab_metrics=True)  # logits/*: the rows' logit sums merged over shards
         dh, dw, db = torch.autograd.grad(result.loss, [h, w, b])
         out.update({f"{name}/loss": result.loss.detach(), f"{name}/dh": dh, f"{name}/dw": dw, f"{name}/db": db,
                     **{f"{name}/{k}": v for k, v in result.metrics.items()}})
