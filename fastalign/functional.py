@@ -263,7 +263,7 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, adva
                            old_logprobs: Tensor | None = None, mask: Tensor | None = None, bias: Tensor | None = None,
                            loss_type: str = "dapo", importance_sampling_level: str = "token", epsilon: float = 0.2,
                            epsilon_high: float | None = None, delta: float | None = None, beta: float = 0.0,
-                           ref_logprobs: Tensor | None = None, use_bias_correction_kl: bool = False,
+                           ref_logprobs: Tensor | None = None, use_bias_correction_kl: bool = True,
                            importance_sampling_ratio: Tensor | None = None,
                            off_policy_mask_threshold: float | None = None, sampling_logprobs: Tensor | None = None,
                            top_entropy_quantile: float = 1.0, entropy_coef: float = 0.0,
@@ -277,7 +277,7 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, adva
                            process_group=None, reduce_hidden_grad: bool = True) -> GRPOLossOutput:
     """GRPO-family loss from hidden states, with every option of TRL's ``GRPOTrainer``, without the logits.
 
-    Semantics are TRL 1.9's ``GRPOTrainer._compute_loss`` term for term, for one process and without the division
+    Semantics are TRL 1.16's ``GRPOTrainer._compute_loss`` term for term, for one process and without the division
     by the gradient-accumulation steps (that stays the caller's): formulas and the few documented deviations in
     ``fastalign.objectives.grpo``. Only completion tokens get logits. On the torch backend a per-token loss type
     takes one pass (three matmuls); sequence-level terms (``importance_sampling_level="sequence"`` (GSPO), vespo,

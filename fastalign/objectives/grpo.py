@@ -1,4 +1,4 @@
-"""GRPO and its descendants on per-token log-probs: TRL's ``GRPOTrainer._compute_loss`` (TRL 1.9) as one function.
+"""GRPO and its descendants on per-token log-probs: TRL 1.16's ``GRPOTrainer._compute_loss`` as one function.
 
 Loss types (``GRPO_LOSS_TYPES``), each TRL's, with ``r`` the importance ratio ``exp(log pi - log pi_old)`` per token
 (``importance_sampling_level="token"``) or ``exp(mean over the sequence of the log-ratio)`` per sequence
@@ -11,7 +11,7 @@ grpo      ``-min(r A, clip(r, 1-eps, 1+eps_high) A)`` (``r`` capped at delta) me
 bnpo      same                                                                mean over the batch's completion tokens
 dr_grpo   same                                                                sum / (B * max_completion_length)
 dapo      same                                                                sum / num_items_in_batch
-luspo     same                                                                mean over [B, 1] (or [B, T]) of loss * L_b
+luspo     same                                                                sum per sequence, mean over sequences
 cispo     ``-sg(min(r, eps_high)) A log pi`` (CISPO, MiniMax-M1 2025)        sum / num_items_in_batch
 sapo      ``-sigmoid(tau (r - 1)) 4 / tau A``, tau by the sign of A (SAPO)   mean per sequence, then over sequences
 vespo     ``-sg(phi(W)) A log pi``, phi the gamma weight of the sequence IS  sum / num_items_in_batch
@@ -24,13 +24,13 @@ after the masks. The off-policy mask (DeepSeek-V3.2) drops sequences with ``A < 
 tokens whose entropy is at least the batch's ``1 - top_entropy_quantile`` quantile; ``importance_sampling_ratio``
 (rollout-engine correction) multiplies the loss after those masks and before the KL term, except for vespo, where
 its log enters the gamma weight. ``entropy_coef`` subtracts ``entropy_coef *`` the mean entropy over the same
-effective mask (over ``num_items_in_batch`` for dapo/cispo/vespo).
+effective mask, for every loss type. The off-policy mask treats NaN ``sampling_logprobs`` (tokens the rollout engine
+could not score) as no evidence (``nan_to_num``), as TRL.
 
 This is the loss of ONE process without gradient accumulation: TRL's division by the accumulation steps (and its
-``num_items_in_batch / num_processes``) stays the caller's. Deviations from TRL, all at positions TRL itself masks
-out: tokens outside ``mask`` never contribute (TRL's luspo ``.mean()`` over ``[B, T]`` counts padding positions'
-values; here they are 0, the denominator stays ``B * T``), and the IS ratio's log enters vespo's weight summed over
-completion tokens only. The entropy quantile is taken in the entropies' dtype (TRL: float32).
+``num_items_in_batch / num_processes``) stays the caller's. Deviations from TRL (all listed in
+``docs/trl-semantics.md``) concern positions TRL itself masks out: the IS ratio's log enters vespo's weight summed
+over completion tokens only (TRL's ratio is 1 elsewhere, so the values agree).
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ class GRPOLossConfig:
     epsilon_high: float | None = None
     delta: float | None = None
     beta: float = 0.0
-    use_bias_correction_kl: bool = False
+    use_bias_correction_kl: bool = True
     off_policy_mask_threshold: float | None = None
     top_entropy_quantile: float = 1.0
     entropy_coef: float = 0.0
@@ -148,8 +148,8 @@ def high_entropy_mask(entropy: Tensor, mask: Tensor, quantile: float) -> Tensor:
     mask = mask.bool()
     values = entropy.detach()
     count = mask.sum()
-    ordered = torch.where(mask, values, float("inf")).reshape(-1).sort().values
-    rank = torch.tensor(quantile, dtype=values.dtype, device=values.device) * (count - 1).clamp(min=0)
+    ordered = torch.where(mask, values.float(), float("inf")).reshape(-1).sort().values  # in float32, as TRL
+    rank = torch.tensor(quantile, dtype=torch.float32, device=values.device) * (count - 1).clamp(min=0)
     below, above = (ordered.index_select(0, r.long().view(1)) for r in (rank, rank.ceil()))
     threshold = torch.lerp(below, above, rank - rank.floor())
     return (values * mask >= threshold) & mask & (count > 0)
@@ -160,7 +160,7 @@ def off_policy_mask(advantages: Tensor, logprobs: Tensor, sampling_logprobs: Ten
     """TRL's ``get_off_policy_mask`` (DeepSeek-V3.2 off-policy sequence masking): keep a sequence (``[B, 1]``, or
     ``[B, T]`` with per-token advantages) when ``A >= 0`` or its mean ``sampling_logprobs - logprobs`` over the
     completion tokens is at most ``threshold``. Detached, in ``mask``'s float dtype."""
-    kl = sampling_logprobs - logprobs.detach()
+    kl = torch.nan_to_num(sampling_logprobs - logprobs.detach(), nan=0.0)  # tokens the engine could not score
     seq_kl = (kl * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
     return ((advantages >= 0) | (seq_kl <= threshold)).to(mask.dtype)
 
@@ -303,16 +303,13 @@ def grpo_loss(logprobs: Tensor, advantages: Tensor, mask: Tensor, config: GRPOLo
         count = m.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=m.dtype)
         normalizer = count.clamp(min=1.0)
         loss = (per_token * m).sum() / normalizer
-    else:  # luspo: each sequence's loss times its length, averaged over the loss's [B, 1] (or [B, T]) entries
-        lengths = m.sum(1, keepdim=True)
-        weighted = per_token * lengths if per_token.shape[-1] == 1 else per_token * m * lengths
-        loss = weighted.sum() / weighted.numel()
+    else:  # luspo: each sequence's token sum (a [B, 1] loss times its length), averaged over sequences
+        loss = (per_token * m).sum(-1).mean()
 
     metrics: dict[str, Tensor] = {}
     if config.entropy_coef != 0:
         effective = m if entropy_mask is None else m * entropy_mask
-        total = (entropy * effective).sum()
-        entropy_loss = total / normalizer if normalizer is not None else total / effective.sum().clamp(min=1.0)
+        entropy_loss = (entropy * effective).sum() / effective.sum().clamp(min=1.0)
         metrics["policy_loss"] = loss.detach()
         loss = loss - config.entropy_coef * entropy_loss
 

@@ -45,7 +45,7 @@ class GRPOConfig(SamplingConfig):
     learning_rate: float = 1e-6
     num_generations: int = 8
     max_prompt_length: int | None = 512
-    max_completion_length: int = 256
+    max_completion_length: int = 512
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -59,7 +59,7 @@ class GRPOConfig(SamplingConfig):
     epsilon: float = 0.2
     epsilon_high: float | None = None
     delta: float | None = None
-    use_bias_correction_kl: bool = False
+    use_bias_correction_kl: bool = True
     off_policy_mask_threshold: float | None = None
     top_entropy_quantile: float = 1.0
     entropy_coef: float = 0.0
