@@ -299,7 +299,7 @@ def test_grpo_raises_a_simple_reward(tmp_path):
 ])
 def test_config_errors_name_the_field(field, value, error, match):
     if error is None:
-        assert GRPOConfig(**{field: value}).loss_config.max_completion_length == 256
+        assert GRPOConfig(**{field: value}).loss_config.max_completion_length == 512
         return
     with pytest.raises(error, match=match):
         GRPOConfig(**{field: value})

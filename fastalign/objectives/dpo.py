@@ -1,6 +1,6 @@
 """DPO, its variants and rankings on per-sequence log-probs: losses, implicit rewards and TRL-named metrics.
 
-Formulas, option names and metric names follow TRL's ``DPOTrainer._compute_loss`` and ``DPOConfig`` (TRL 1.13,
+Formulas, option names and metric names follow TRL's ``DPOTrainer._compute_loss`` and ``DPOConfig`` (TRL 1.16,
 ``trl/trainer/dpo_trainer.py``). Inputs are one number per response, laid out ``[K, B]``: ``K`` responses to each of
 ``B`` prompts, best first (``K = 2``: row 0 chosen, row 1 rejected). Each number is the sum over the response's
 completion tokens of the token log-probs (LD-DPO: the tokens past the group's shortest response weighted by
@@ -39,7 +39,7 @@ sigmoid_norm  ``-log s(b (sc/n_c - sr/n_r))``                           SimPO-st
 mean over the pairs. WPO (``use_weighting``, arXiv:2406.11827 Eq. 2) multiplies every pair's loss by the detached
 product of its responses' weights ``exp(mean over completion tokens of (log p_y - log sum_v p_v^2))``.
 
-Where this module and TRL 1.13 differ, on purpose:
+Where this module and TRL 1.16 differ, on purpose:
 
 - ``sigmoid`` keeps cDPO's ``label_smoothing`` (TRL < 1.0; TRL 1.x ignores it for ``sigmoid``).
 - ``bco_pair``: TRL 1.x uses ``m = 0``; TRL < 1.0 used the running mean of the batches' mean implicit reward. Pass
