@@ -58,7 +58,8 @@ def _grads(model, loss) -> dict[str, torch.Tensor]:
 
 def assert_same(model, theirs: torch.Tensor, ours: torch.Tensor):
     """Equal losses and equal gradients of every parameter (relative error in norm)."""
-    torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=RTOL, atol=RTOL * max(1.0, abs(float(theirs.detach()))))
+    theirs_value = float(theirs.detach())
+    torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=RTOL, atol=RTOL * max(1.0, abs(theirs_value)))
     want, got = _grads(model, theirs), _grads(model, ours)
     assert set(got) == set(want) and len(want) == len(list(model.parameters()))
     assert max(float(g.abs().max()) for g in want.values()) > 1e-6  # not vacuous
@@ -125,8 +126,8 @@ def grpo(tiny):
                  completion_mask=completion_mask, advantages=torch.tensor([1.0, -0.7, 0.4, -1.2]),
                  old_per_token_logps=old, ref_per_token_logps=logps + 0.2 * torch.randn(b, C, generator=g),
                  sampling_per_token_logps=old + torch.tensor([0.0, 0.6, 0.0, 0.05])[:, None],
-                 importance_sampling_ratio=torch.where(completion_mask.bool(), 0.6 + 0.8 * torch.rand(b, C, generator=g),
-                                                       1.0),
+                 importance_sampling_ratio=torch.where(completion_mask.bool(),
+                                                       0.6 + 0.8 * torch.rand(b, C, generator=g), 1.0),
                  num_items_in_batch=torch.tensor(40.0))
     return trainer, batch
 
@@ -341,8 +342,8 @@ def test_kto(kto, loss_type, kw):
     from fastalign.objectives.kto import kto_kl
     trainer, batch = kto
     beta = kw.get("beta", 0.1)
-    with options(trainer, loss_type=loss_type, calculate_KL=loss_type == "kto", beta=beta,
-                 desirable_weight=kw.get("desirable_weight", 1.0), undesirable_weight=kw.get("undesirable_weight", 1.0)):
+    weights = {k: kw.get(k, 1.0) for k in ("desirable_weight", "undesirable_weight")}
+    with options(trainer, loss_type=loss_type, calculate_KL=loss_type == "kto", beta=beta, **weights):
         theirs = trainer._compute_loss(trainer.model, batch, False)
     model, ref = trainer.model, trainer.ref_model
     hidden, targets = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import hf
-from ..objectives.grpo import TOKEN_COUNT_LOSS_TYPES, GRPOLossConfig
+from ..objectives.grpo import GRPOLossConfig
 from . import distributed, losses
 from .common import as_floats, batch_indices, mean_metrics, require, steps_per_epoch
 from .data import IGNORE_INDEX
@@ -207,7 +207,7 @@ class GRPOTrainer(SamplingTrainer):
         loss, metrics = self.engine(self.policy_loss, self.config.loss_config, b.input_ids[rows], b.attention_mask[rows], b.targets[rows],
                                     b.advantages[rows], old, ref, b.num_items_in_batch)
         metrics = as_floats(metrics)
-        if self.config.loss_type in TOKEN_COUNT_LOSS_TYPES:
+        if self.config.loss_config.normalizer == "num_items_in_batch":
             loss = loss * distributed.world_size()
             if "policy_loss" in metrics:  # with an entropy bonus: the policy term, normalized as the loss
                 metrics["policy_loss"] *= distributed.world_size()
