@@ -12,7 +12,7 @@ from .objectives.kto import KTOOptions
 from .objectives.preference import CPOOptions
 from .objectives.ppo import PPOLossConfig
 from .ops.cpo import fused_cpo_loss, fused_orpo_loss, merge_nll_targets
-from .ops.dpo import DPOConfig, DPOLossOutput, fused_dpo_loss, validate_preference_layout, validate_reference
+from .ops.dpo import DPOLossOutput, DPOOpConfig, fused_dpo_loss, validate_preference_layout, validate_reference
 from .ops.grpo import GRPOLossOutput, fused_grpo_loss, validate_grpo_inputs
 from .ops.kto import KTOLossOutput, fused_kto_loss, validate_kto_inputs
 from .ops.logprobs import linear_logprobs, prepare_linear
@@ -251,7 +251,7 @@ def fused_linear_dpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
     if bco_state is not None and not isinstance(bco_state, RunningMean):
         raise TypeError(f"bco_state: expected a RunningMean or None, got {type(bco_state).__name__}")
     num_pairs, num_chosen_tokens = _pair_counts(sequences // options.num_responses, num_pairs, num_chosen_tokens)
-    config = DPOConfig(options, bool(average_log_prob), num_pairs, num_chosen_tokens, bco_state, vocab_metrics)
+    config = DPOOpConfig(options, bool(average_log_prob), num_pairs, num_chosen_tokens, bco_state, vocab_metrics)
     reference = validate_reference(inputs, opts, options, sequences, ref_chosen_logps=ref_chosen_logps,
                                    ref_rejected_logps=ref_rejected_logps, ref_logps=ref_logps,
                                    ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
