@@ -101,7 +101,8 @@ def test_trainer_defaults_are_trl_116():
     ours = field_defaults(trainers.GRPOConfig)
     theirs = field_defaults(trl_config("GRPOConfig"))
     for name in [*field_defaults(GRPOLossConfig), "num_generations", "temperature", "top_p", "num_iterations",
-                 "mask_truncated_completions", "scale_rewards"]:
+                 "mask_truncated_completions", "scale_rewards", "multi_objective_aggregation", "use_adaptive_entropy",
+                 "entropy_coef_min", "entropy_coef_max", "entropy_coef_delta", "entropy_target"]:
         assert ours[name] == theirs[name], f"GRPOConfig.{name}: {ours[name]!r}, TRL 1.16 {theirs[name]!r}"
     assert field_defaults(trl_config("ORPOConfig"))["beta"] == signature_defaults(
         functional.fused_linear_orpo_loss)["beta"]
