@@ -278,9 +278,9 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, adva
     """GRPO-family loss from hidden states, with every option of TRL's ``GRPOTrainer``, without the logits.
 
     Semantics are TRL 1.16's ``GRPOTrainer._compute_loss`` term for term, for one process and without the division
-    by the gradient-accumulation steps (that stays the caller's): formulas and the few documented deviations in
-    ``fastalign.objectives.grpo``. Only completion tokens get logits. On the torch backend a per-token loss type
-    takes one pass (three matmuls); sequence-level terms (``importance_sampling_level="sequence"`` (GSPO), vespo,
+    by the gradient-accumulation steps (that stays the caller's): formulas in ``fastalign.objectives.grpo``, the few
+    deviations in ``docs/trl-semantics.md``. Only completion tokens get logits. On the torch backend a per-token loss
+    type takes one pass (three matmuls); sequence-level terms (``importance_sampling_level="sequence"`` (GSPO), vespo,
     the off-policy mask) take whole sequences per chunk in one pass when a sequence fits the memory budget, else two
     passes; ``top_entropy_quantile < 1`` (a quantile over the whole batch) always takes two passes (four matmuls).
     The triton backend always makes two passes. Memory stays O(chunk) (torch) or O(tile) (triton).
@@ -294,7 +294,8 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, adva
             exactly 1).
         mask: ``[B, T]`` bool or 0/1 completion mask (e.g. TRL's ``completion_mask * tool_mask``); default the
             tokens whose target is not ignored. Fractional values are refused.
-        loss_type: ``grpo``, ``dapo``, ``dr_grpo``, ``bnpo``, ``cispo``, ``sapo``, ``luspo`` or ``vespo``.
+        loss_type: ``grpo``, ``dapo``, ``dr_grpo``, ``bnpo``, ``cispo``, ``sapo``, ``luspo``, ``vespo`` or a type
+            registered with ``fastalign.objectives.grpo.register_grpo_loss`` (``docs/loss-registries.md``).
         importance_sampling_level: ``"token"`` or ``"sequence"`` (GSPO).
         epsilon, epsilon_high, delta: the clip range ``[1 - epsilon, 1 + epsilon_high]`` (``epsilon_high``
             defaults to ``epsilon``; for cispo the absolute cap of the ratio) and the two-sided clip's cap.

@@ -36,22 +36,17 @@ sigmoid_norm  ``-log s(b (sc/n_c - sr/n_r))``                           SimPO-st
 ============= ========================================================= ============================================
 
 Each loss type is one function of ``PairTerms`` in the ``DPO_PAIR_LOSSES`` registry (``register_dpo_loss``;
-``docs/loss-registries.md``). ``loss_type`` may be a list, with ``loss_weights`` (default 1.0 each): the loss is the weighted sum of each type's
-mean over the pairs. WPO (``use_weighting``, arXiv:2406.11827 Eq. 2) multiplies every pair's loss by the detached
-product of its responses' weights ``exp(mean over completion tokens of (log p_y - log sum_v p_v^2))``.
-
-Where this module and TRL 1.16 differ, on purpose:
-
-- ``sigmoid`` keeps cDPO's ``label_smoothing`` (TRL < 1.0; TRL 1.x ignores it for ``sigmoid``).
-- ``bco_pair``: TRL 1.x uses ``m = 0``; TRL < 1.0 used the running mean of the batches' mean implicit reward. Pass
-  that running mean as explicit state (``RunningMean``, in and out of ``dpo_loss``) to get the latter.
-- ``label_smoothing`` outside its range is an error, not a warning: ``[0, 0.5)`` for ``sigmoid``, ``robust``,
-  ``aot``, ``aot_unpaired``; ``(0, 0.5)`` for ``exo_pair``; ``0`` when no listed loss type uses it.
-- ``num_responses = K > 2`` (not in TRL): the Plackett-Luce likelihood of the ranking over the implicit rewards
-  ``u_k = b f(logp_k - ref_k)``, ``-sum_{k<K-1} (u_k - log sum_{j>=k} exp u_j)`` (the DPO paper's listwise form,
-  arXiv:2305.18290 Appendix A.3), under ``loss_type="sigmoid"`` (equal to it at ``K = 2``); ``sft`` on the best.
-  LD-DPO then shortens to the group's shortest response and WPO multiplies all K weights.
-- ``rpo_alpha`` (RPO, arXiv:2404.19733, TRL < 1.0) adds ``rpo_alpha * chosen_nll``.
+``docs/loss-registries.md``). ``loss_type`` may be a list, with ``loss_weights`` (default 1.0 each): the loss is the
+weighted sum of each type's mean over the pairs. WPO (``use_weighting``, arXiv:2406.11827 Eq. 2) multiplies every
+pair's loss by the detached product of its responses' weights ``exp(mean over completion tokens of (log p_y - log
+sum_v p_v^2))``. Beyond TRL: ``num_responses = K > 2``, the Plackett-Luce likelihood of the ranking over the implicit
+rewards ``u_k = b f(logp_k - ref_k)``, ``-sum_{k<K-1} (u_k - log sum_{j>=k} exp u_j)`` (the DPO paper's listwise
+form, arXiv:2305.18290 Appendix A.3), under ``loss_type="sigmoid"`` (equal to it at ``K = 2``; ``sft`` on the best;
+LD-DPO shortens to the group's shortest response, WPO multiplies all K weights); ``rpo_alpha`` (RPO,
+arXiv:2404.19733, TRL < 1.0) adds ``rpo_alpha * chosen_nll``; ``bco_pair``'s TRL < 1.0 running mean as explicit
+state (``RunningMean``). ``label_smoothing`` ranges: ``[0, 0.5)`` for ``sigmoid`` (cDPO, kept), ``robust``, ``aot``,
+``aot_unpaired``; ``(0, 0.5)`` for ``exo_pair``; ``0`` when no listed loss type uses it. Every deviation from TRL
+1.16 is listed in ``docs/trl-semantics.md``.
 """
 from __future__ import annotations
 
