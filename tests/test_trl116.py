@@ -238,44 +238,49 @@ def ref_model(tiny):
                       num_key_value_heads=1).eval()
 
 
+def preference_trainer(kind: str, tiny, ref_model, data: dict, **config):
+    """TRL's ``{kind}Trainer`` (DPO or KTO) on ``data`` with the shared model and reference, and its collated batch
+    of the whole data."""
+    model, tokenizer, tmp = tiny
+    size = len(next(iter(data.values())))
+    args = getattr(trl, f"{kind}Config")(output_dir=str(tmp / kind), per_device_train_batch_size=size, **COMMON,
+                                         **config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = getattr(trl, f"{kind}Trainer")(model=model, ref_model=ref_model, args=args,
+                                                 processing_class=tokenizer,
+                                                 train_dataset=datasets.Dataset.from_dict(data))
+    return trainer, trainer.data_collator([trainer.train_dataset[i] for i in range(size)])
+
+
+def shifted(model, ids, attention, completion_mask):
+    """fastalign's hidden states and targets of a DPO/KTO batch: the positions predicting tokens 1.. of ``ids``."""
+    hidden = model.model(input_ids=ids, attention_mask=attention).last_hidden_state[:, :-1]
+    return hidden, ids[:, 1:].masked_fill(completion_mask[:, 1:] == 0, -100)
+
+
 @pytest.fixture(scope="module")
 def dpo(tiny, ref_model):
     """TRL's DPOTrainer built with ``use_weighting`` (so its fused head returns ``log_sum_sq_probs``; cases without
     WPO switch it off) and its collated batch of four pairs."""
-    model, tokenizer, tmp = tiny
-    args = trl.DPOConfig(output_dir=str(tmp / "dpo"), per_device_train_batch_size=4, use_weighting=True, **COMMON)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer = trl.DPOTrainer(model=model, ref_model=ref_model, args=args, processing_class=tokenizer,
-                                 train_dataset=datasets.Dataset.from_dict(PAIRS))
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
-    return trainer, batch
+    return preference_trainer("DPO", tiny, ref_model, PAIRS, use_weighting=True)
 
 
-def dpo_pair(trainer, batch, options: DPOOptions):
-    types = [options.loss_type] if isinstance(options.loss_type, str) else list(options.loss_type)
-    with options_set(trainer, options, types):
+def dpo_pair(trainer, batch, o: DPOOptions):
+    types = [o.loss_type] if isinstance(o.loss_type, str) else list(o.loss_type)
+    with options(trainer, beta=o.beta, loss_types=types, loss_weights=list(o.loss_weights or [1.0] * len(types)),
+                 label_smoothing=o.label_smoothing, f_divergence_type=o.f_divergence_type,
+                 f_alpha_divergence_coef=o.f_alpha_divergence_coef, ld_alpha=o.ld_alpha,
+                 use_weighting=o.use_weighting, **{"args.discopop_tau": o.discopop_tau}):
         theirs = trainer._compute_loss(trainer.model, batch, False)
-    ids, attention = batch["input_ids"], batch["attention_mask"]
-    targets = ids[:, 1:].masked_fill(batch["completion_mask"][:, 1:] == 0, -100)
-    hidden = trainer.model.model(input_ids=ids, attention_mask=attention).last_hidden_state[:, :-1]
+    layout = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    hidden, targets = shifted(trainer.model, *layout)
     with torch.no_grad():
-        ref_hidden = trainer.ref_model.model(input_ids=ids, attention_mask=attention).last_hidden_state[:, :-1]
-    kwargs = {f.name: getattr(options, f.name) for f in dataclasses.fields(DPOOptions) if f.name != "num_responses"}
+        ref_hidden, _ = shifted(trainer.ref_model, *layout)
+    kwargs = {f.name: getattr(o, f.name) for f in dataclasses.fields(DPOOptions) if f.name != "num_responses"}
     ours = fused_linear_dpo_loss(hidden, trainer.model.lm_head.weight, targets, ref_hidden=ref_hidden,
                                  ref_weight=trainer.ref_model.lm_head.weight, backend="torch", **kwargs)
     return theirs, ours.loss
-
-
-def options_set(trainer, options: DPOOptions, types):
-    return options_of(trainer, beta=options.beta, loss_types=types,
-                      loss_weights=list(options.loss_weights or [1.0] * len(types)),
-                      label_smoothing=options.label_smoothing, f_divergence_type=options.f_divergence_type,
-                      f_alpha_divergence_coef=options.f_alpha_divergence_coef, ld_alpha=options.ld_alpha,
-                      use_weighting=options.use_weighting, **{"args.discopop_tau": options.discopop_tau})
-
-
-options_of = options
 
 
 def dpo_options(loss_type, **kw) -> DPOOptions:
@@ -318,20 +323,7 @@ UNPAIRED = dict(prompt=["a b c", "d e", "f g h i", "j", "k l"], completion=[" m 
 
 @pytest.fixture(scope="module")
 def kto(tiny, ref_model):
-    model, tokenizer, tmp = tiny
-    args = trl.KTOConfig(output_dir=str(tmp / "kto"), per_device_train_batch_size=5, **COMMON)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer = trl.KTOTrainer(model=model, ref_model=ref_model, args=args, processing_class=tokenizer,
-                                 train_dataset=datasets.Dataset.from_dict(UNPAIRED))
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(5)])
-    return trainer, batch
-
-
-def sequence_logps(model, ids, attention, completion_mask):
-    """fastalign's hidden states and targets of a KTO batch: positions predicting tokens 1.. of ``ids``."""
-    hidden = model.model(input_ids=ids, attention_mask=attention).last_hidden_state[:, :-1]
-    return hidden, ids[:, 1:].masked_fill(completion_mask[:, 1:] == 0, -100)
+    return preference_trainer("KTO", tiny, ref_model, UNPAIRED)
 
 
 @pytest.mark.parametrize("loss_type, kw", [
@@ -346,16 +338,16 @@ def test_kto(kto, loss_type, kw):
     with options(trainer, loss_type=loss_type, calculate_KL=loss_type == "kto", beta=beta, **weights):
         theirs = trainer._compute_loss(trainer.model, batch, False)
     model, ref = trainer.model, trainer.ref_model
-    hidden, targets = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    hidden, targets = shifted(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
     with torch.no_grad():
-        ref_hidden, _ = sequence_logps(ref, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        ref_hidden, _ = shifted(ref, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
         ref_logps = fused_linear_logprobs(ref_hidden, ref.lm_head.weight, targets, backend="torch").sum(-1)
         kl = None
         if loss_type == "kto":
             ids, attention, mask = batch["KL_input_ids"], batch["KL_attention_mask"], batch["KL_completion_mask"]
             sums = []
             for m in (model, ref):
-                h, t = sequence_logps(m, ids, attention, mask)
+                h, t = shifted(m, ids, attention, mask)
                 sums.append(fused_linear_logprobs(h, m.lm_head.weight, t, backend="torch").sum(-1))
             kl = kto_kl(*sums)
             assert float(kl) > 0  # the KL term is exercised
