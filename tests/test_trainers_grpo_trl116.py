@@ -128,6 +128,22 @@ def test_adaptive_entropy_trains_logs_and_resumes(tmp_path):
     assert more[-1]["entropy_coef"] == pytest.approx(0.03)  # continued from the checkpoint's 0.02
 
 
+def test_completions_end_at_any_of_the_models_eos_ids(tmp_path):
+    """TRL 1.16 stops a completion at the tokenizer's EOS or any id of the model's ``generation_config``."""
+    trainer = make_trainer(tmp_path, length)
+    eos, word = trainer.tokenizer.eos_token_id, trainer.tokenizer.convert_tokens_to_ids("7")
+    trainer.model.generation_config.eos_token_id = [word]
+    trainer = type(trainer)(trainer.model, trainer.tokenizer, trainer.prompts, length, trainer.config)
+    assert trainer.eos_token_ids == [eos, word] and trainer.generation_config.eos_token_id == [eos, word]
+    samples = trainer.sample(trainer.queries[:16])
+    ends = []
+    for response, mask in zip(samples.response, samples.mask):
+        kept = response[mask].tolist()
+        assert all(t not in (eos, word) for t in kept[:-1])  # nothing after the first of them
+        ends.append(kept[-1])
+    assert word in ends and samples.has_eos[torch.tensor(ends) == word].all()
+
+
 @pytest.mark.parametrize("field, value, match", [
     ("multi_objective_aggregation", "mean", "GRPOConfig.multi_objective_aggregation: expected one of"),
     ("entropy_coef_max", -1.0, "GRPOConfig.entropy_coef_max: expected a number >= entropy_coef_min"),

@@ -1,9 +1,9 @@
 """GRPO and its descendants on per-token log-probs: TRL 1.16's ``GRPOTrainer._compute_loss`` as one function.
 
 Loss types (the ``GRPO_LOSSES`` registry: one function each, ``register_grpo_loss``, aggregations in the
-``NORMALIZERS`` table; ``docs/loss-registries.md``), each TRL's, with ``r`` the importance ratio ``exp(log pi - log pi_old)`` per token
-(``importance_sampling_level="token"``) or ``exp(mean over the sequence of the log-ratio)`` per sequence
-(``"sequence"``, GSPO, Zheng et al. 2025, arXiv:2507.18071) and ``A`` the advantage:
+``NORMALIZERS`` table; ``docs/loss-registries.md``), each TRL's, with ``r`` the importance ratio
+``exp(log pi - log pi_old)`` per token (``importance_sampling_level="token"``) or ``exp(mean over the sequence of
+the log-ratio)`` per sequence (``"sequence"``, GSPO, Zheng et al. 2025, arXiv:2507.18071) and ``A`` the advantage:
 
 ========= =================================================================== ===========================================
 loss_type per-token loss                                                      aggregation

@@ -95,8 +95,12 @@ class SamplingTrainer(Trainer):
             self.eval_queries = [encode_prompt(tokenizer, p, max_prompt_length) for p in self.eval_dataset]
         from transformers import GenerationConfig
 
+        # a response ends at the tokenizer's EOS or any of the model's own (TRL 1.16's GRPOTrainer.eos_token_ids)
+        own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        own = [] if own is None else [own] if isinstance(own, int) else list(own)
+        self.eos_token_ids = list(dict.fromkeys([tokenizer.eos_token_id, *own]))
         self.generation_config = GenerationConfig(do_sample=True, pad_token_id=self.pad_token_id,
-                                                  eos_token_id=tokenizer.eos_token_id, **generation)
+                                                  eos_token_id=self.eos_token_ids, **generation)
 
     def setup_reference(self, ref_model: nn.Module | None) -> None:
         """``ref_model`` (None: a frozen copy of the policy as it is now) and its engine for this world
@@ -108,14 +112,15 @@ class SamplingTrainer(Trainer):
 
     @torch.no_grad()
     def sample(self, queries: list[list[int]]) -> Samples:
-        """Sample a response to each query (prompt ids) with ``model.generate``, cut it after the first EOS."""
+        """Sample a response to each query (prompt ids) with ``model.generate``, cut it after the first EOS (any of
+        ``eos_token_ids``)."""
         query, query_mask = (t.to(self.device) for t in pad(queries, self.pad_token_id, left=True))
         self.model.eval()
         sequences = self.policy.generate(input_ids=query, attention_mask=query_mask,
                                          generation_config=self.generation_config,
                                          synced_gpus=distributed.is_synced_generation(self.engine))
         self.model.train()
-        response, mask, has_eos = truncate_at_eos(sequences[:, query.shape[1]:], self.tokenizer.eos_token_id,
+        response, mask, has_eos = truncate_at_eos(sequences[:, query.shape[1]:], self.eos_token_ids,
                                                   self.pad_token_id)
         return Samples(torch.cat([query, response], 1), torch.cat([query_mask, mask.long()], 1), response, mask,
                        has_eos, self.tokenizer.batch_decode(response, skip_special_tokens=True))
@@ -184,10 +189,11 @@ class SamplingTrainer(Trainer):
         return distributed.weighted_average(means, counts)
 
 
-def truncate_at_eos(responses: Tensor, eos_token_id: int, pad_token_id: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``responses [B, T]`` with the tokens after each row's first EOS set to ``pad_token_id``; the response mask
-    ``[B, T]`` (bool, EOS included) and ``has_eos [B]`` (bool)."""
-    is_eos = responses == eos_token_id
+def truncate_at_eos(responses: Tensor, eos_token_id: int | list[int],
+                    pad_token_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``responses [B, T]`` with the tokens after each row's first EOS (``eos_token_id``: one id or a list) set to
+    ``pad_token_id``; the response mask ``[B, T]`` (bool, EOS included) and ``has_eos [B]`` (bool)."""
+    is_eos = torch.isin(responses, torch.as_tensor(eos_token_id, device=responses.device))
     after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
     return responses.masked_fill(after_eos, pad_token_id), ~after_eos, is_eos.any(-1)
 
