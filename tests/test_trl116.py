@@ -266,7 +266,7 @@ def dpo(tiny, ref_model):
     return preference_trainer("DPO", tiny, ref_model, PAIRS, use_weighting=True)
 
 
-def dpo_pair(trainer, batch, o: DPOOptions):
+def dpo_pair(trainer, batch, o: DPOOptions, backend: str = "torch"):
     types = [o.loss_type] if isinstance(o.loss_type, str) else list(o.loss_type)
     with options(trainer, beta=o.beta, loss_types=types, loss_weights=list(o.loss_weights or [1.0] * len(types)),
                  label_smoothing=o.label_smoothing, f_divergence_type=o.f_divergence_type,
@@ -279,7 +279,7 @@ def dpo_pair(trainer, batch, o: DPOOptions):
         ref_hidden, _ = shifted(trainer.ref_model, *layout)
     kwargs = {f.name: getattr(o, f.name) for f in dataclasses.fields(DPOOptions) if f.name != "num_responses"}
     ours = fused_linear_dpo_loss(hidden, trainer.model.lm_head.weight, targets, ref_hidden=ref_hidden,
-                                 ref_weight=trainer.ref_model.lm_head.weight, backend="torch", **kwargs)
+                                 ref_weight=trainer.ref_model.lm_head.weight, backend=backend, **kwargs)
     return theirs, ours.loss
 
 
@@ -316,6 +316,14 @@ def test_dpo_options(dpo, loss_type, kw):
     assert_same(trainer.model, *dpo_pair(trainer, batch, dpo_options(loss_type, **kw)))
 
 
+@pytest.mark.parametrize("loss_type, kw", [("sigmoid", dict(use_weighting=True)), (["ipo", "sft"], dict(ld_alpha=0.6))])
+def test_dpo_triton(dpo, loss_type, kw):
+    """The triton kernels (under the interpreter) on a subset."""
+    pytest.importorskip("triton")
+    trainer, batch = dpo
+    assert_same(trainer.model, *dpo_pair(trainer, batch, dpo_options(loss_type, **kw), backend="triton"))
+
+
 # ------------------------------------------------------------------------------------------------------------ KTO
 UNPAIRED = dict(prompt=["a b c", "d e", "f g h i", "j", "k l"], completion=[" m n", " o p q r", " s", " t u v", " w"],
                 label=[True, False, True, False, False])
@@ -326,10 +334,11 @@ def kto(tiny, ref_model):
     return preference_trainer("KTO", tiny, ref_model, UNPAIRED)
 
 
-@pytest.mark.parametrize("loss_type, kw", [
-    ("kto", {}), ("kto", dict(beta=0.5, desirable_weight=1.3, undesirable_weight=0.6)), ("apo_zero_unpaired", {}),
+@pytest.mark.parametrize("loss_type, kw, backend", [
+    ("kto", {}, "torch"), ("kto", dict(beta=0.5, desirable_weight=1.3, undesirable_weight=0.6), "torch"),
+    ("apo_zero_unpaired", {}, "torch"), ("kto", dict(beta=0.3), "triton"),
 ])
-def test_kto(kto, loss_type, kw):
+def test_kto(kto, loss_type, kw, backend):
     from fastalign import fused_linear_logprobs
     from fastalign.objectives.kto import kto_kl
     trainer, batch = kto
@@ -352,7 +361,7 @@ def test_kto(kto, loss_type, kw):
             kl = kto_kl(*sums)
             assert float(kl) > 0  # the KL term is exercised
     ours = fused_linear_kto_loss(hidden, model.lm_head.weight, targets, batch["label"].bool(), ref_logps=ref_logps,
-                                 kl=kl, loss_type=loss_type, backend="torch", **kw)
+                                 kl=kl, loss_type=loss_type, backend=backend, **kw)
     assert_same(model, theirs, ours.loss)
 
 
