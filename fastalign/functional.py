@@ -13,7 +13,7 @@ from .objectives.kto import KTOOptions
 from .objectives.preference import CPOOptions
 from .objectives.ppo import PPOLossConfig
 from .ops.cpo import fused_cpo_loss, fused_orpo_loss, merge_nll_targets
-from .ops.dpo import DPOConfig, DPOLossOutput, fused_dpo_loss, validate_preference_layout, validate_reference
+from .ops.dpo import DPOLossOutput, DPOOpConfig, fused_dpo_loss, validate_preference_layout, validate_reference
 from .ops.grpo import GRPOLossOutput, fused_grpo_loss, validate_grpo_inputs
 from .ops.kto import KTOLossOutput, fused_kto_loss, validate_kto_inputs
 from .ops.logprobs import linear_logprobs, prepare_linear
@@ -259,7 +259,7 @@ def fused_linear_dpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
     chosen = targets if layout is None else layout.to_padded(targets.reshape(-1), ignore_index)
     num_pairs, num_chosen_tokens = _pair_counts(sequences // options.num_responses, num_pairs, num_chosen_tokens,
                                                 chosen[:sequences // options.num_responses] != ignore_index)
-    config = DPOConfig(options, bool(average_log_prob), num_pairs, num_chosen_tokens, bco_state, vocab_metrics)
+    config = DPOOpConfig(options, bool(average_log_prob), num_pairs, num_chosen_tokens, bco_state, vocab_metrics)
     reference = validate_reference(inputs, opts, options, sequences, ref_chosen_logps=ref_chosen_logps,
                                    ref_rejected_logps=ref_rejected_logps, ref_logps=ref_logps,
                                    ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
@@ -271,7 +271,7 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, adva
                            old_logprobs: Tensor | None = None, mask: Tensor | None = None, bias: Tensor | None = None,
                            loss_type: str = "dapo", importance_sampling_level: str = "token", epsilon: float = 0.2,
                            epsilon_high: float | None = None, delta: float | None = None, beta: float = 0.0,
-                           ref_logprobs: Tensor | None = None, use_bias_correction_kl: bool = False,
+                           ref_logprobs: Tensor | None = None, use_bias_correction_kl: bool = True,
                            importance_sampling_ratio: Tensor | None = None,
                            off_policy_mask_threshold: float | None = None, sampling_logprobs: Tensor | None = None,
                            top_entropy_quantile: float = 1.0, entropy_coef: float = 0.0,
@@ -285,10 +285,10 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, adva
                            process_group=None, reduce_hidden_grad: bool = True) -> GRPOLossOutput:
     """GRPO-family loss from hidden states, with every option of TRL's ``GRPOTrainer``, without the logits.
 
-    Semantics are TRL 1.9's ``GRPOTrainer._compute_loss`` term for term, for one process and without the division
-    by the gradient-accumulation steps (that stays the caller's): formulas and the few documented deviations in
-    ``fastalign.objectives.grpo``. Only completion tokens get logits. On the torch backend a per-token loss type
-    takes one pass (three matmuls); sequence-level terms (``importance_sampling_level="sequence"`` (GSPO), vespo,
+    Semantics are TRL 1.16's ``GRPOTrainer._compute_loss`` term for term, for one process and without the division
+    by the gradient-accumulation steps (that stays the caller's): formulas in ``fastalign.objectives.grpo``, the few
+    deviations in ``docs/trl-semantics.md``. Only completion tokens get logits. On the torch backend a per-token loss
+    type takes one pass (three matmuls); sequence-level terms (``importance_sampling_level="sequence"`` (GSPO), vespo,
     the off-policy mask) take whole sequences per chunk in one pass when a sequence fits the memory budget, else two
     passes; ``top_entropy_quantile < 1`` (a quantile over the whole batch) always takes two passes (four matmuls).
     The triton backend always makes two passes. Memory stays O(chunk) (torch) or O(tile) (triton).
@@ -302,7 +302,8 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, adva
             exactly 1).
         mask: ``[B, T]`` bool or 0/1 completion mask (e.g. TRL's ``completion_mask * tool_mask``); default the
             tokens whose target is not ignored. Fractional values are refused.
-        loss_type: ``grpo``, ``dapo``, ``dr_grpo``, ``bnpo``, ``cispo``, ``sapo``, ``luspo`` or ``vespo``.
+        loss_type: ``grpo``, ``dapo``, ``dr_grpo``, ``bnpo``, ``cispo``, ``sapo``, ``luspo``, ``vespo`` or a type
+            registered with ``fastalign.objectives.grpo.register_grpo_loss`` (``docs/loss-registries.md``).
         importance_sampling_level: ``"token"`` or ``"sequence"`` (GSPO).
         epsilon, epsilon_high, delta: the clip range ``[1 - epsilon, 1 + epsilon_high]`` (``epsilon_high``
             defaults to ``epsilon``; for cispo the absolute cap of the ratio) and the two-sided clip's cap.

@@ -1,4 +1,4 @@
-"""TRL's DPO loss (``DPOTrainer._compute_loss``, TRL 1.13) and the Plackett-Luce ranking likelihood, written out in
+"""TRL's DPO loss (``DPOTrainer._compute_loss``, TRL 1.16) and the Plackett-Luce ranking likelihood, written out in
 float64 from per-token log-probs, independently of fastalign: the references of the DPO tests."""
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def _trl_scores(x, kind, alpha):
 def trl_dpo(policy, ref, mask, loss_types, weights=None, *, beta=0.1, label_smoothing=0.0, discopop_tau=0.05,
             f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, ld_alpha=None, logits=None,
             use_weighting=False, bco_mean=None):
-    """TRL 1.13 ``_compute_loss`` from per-token log-probs (``policy`` the only leaf), as in TRL's source."""
+    """TRL 1.16 ``_compute_loss`` from per-token log-probs (``policy`` the only leaf), as in TRL's source."""
     per_token_logps = policy.masked_fill(~mask, 0.0)
     ref_per_token_logps = ref.masked_fill(~mask, 0.0)
     if ld_alpha is None:

@@ -1,4 +1,4 @@
-"""The GRPO family: ``fastalign.objectives.grpo`` against a float64 transcription of TRL 1.9's
+"""The GRPO family: ``fastalign.objectives.grpo`` against a float64 transcription of TRL 1.16's
 ``GRPOTrainer._compute_loss`` written here, and the fused op against that reference on materialized float64 logits
 (loss, metrics, d hidden, d weight, d bias), on every backend, one pass and two passes."""
 from __future__ import annotations
@@ -15,15 +15,15 @@ from reference import as_f64_leaf, reference_logprobs
 B, T, H, V = 4, 6, 12, 37  # V not a multiple of any tile
 
 
-# ----------------------------------------------------------------------------- TRL 1.9, transcribed (one process,
+# ----------------------------------------------------------------------------- TRL 1.16, transcribed (one process,
 # no gradient accumulation, num_processes = 1). Deviations of fastalign, documented in objectives/grpo.py, are
 # marked "fastalign:" below: they concern positions outside the completion mask only.
 
 def trl_high_entropy_mask(entropies, mask, threshold):
-    local = entropies[mask.bool()]
+    local = entropies[mask.bool()].float()
     if local.numel() == 0:
         return torch.zeros_like(entropies, dtype=torch.bool)
-    entropy_threshold = torch.quantile(local, threshold)  # fastalign: in the entropies' dtype (TRL: float32)
+    entropy_threshold = torch.quantile(local, threshold)
     masked_entropies = entropies * mask.float()
     entropy_mask = masked_entropies >= entropy_threshold
     return entropy_mask & mask.bool()
@@ -31,6 +31,7 @@ def trl_high_entropy_mask(entropies, mask, threshold):
 
 def trl_off_policy_mask(advantages, per_token_logps, sampling_per_token_logps, mask, off_policy_threshold):
     kl_div = sampling_per_token_logps - per_token_logps.detach()
+    kl_div = torch.nan_to_num(kl_div, nan=0.0)
     seq_kl = (kl_div * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
     return ((advantages >= 0) | (seq_kl <= off_policy_threshold)).to(dtype=mask.dtype)
 
@@ -56,9 +57,9 @@ def trl_gamma_weights(advantages, log_ratio_per_token, mask, importance_sampling
 
 def trl_compute_loss(per_token_logps, entropies, mask, advantages, args: dict, *, old=None, ref=None,
                      is_ratio=None, sampling=None, num_items_in_batch=None):
-    """TRL 1.9 ``_compute_loss`` from the per-token log-probs on: (loss, metrics)."""
+    """TRL 1.16 ``_compute_loss`` from the per-token log-probs on: (loss, metrics)."""
     a = dict(loss_type="dapo", importance_sampling_level="token", epsilon=0.2, epsilon_high=None, delta=None,
-             beta=0.0, use_bias_correction_kl=False, off_policy_mask_threshold=None, top_entropy_quantile=1.0,
+             beta=0.0, use_bias_correction_kl=True, off_policy_mask_threshold=None, top_entropy_quantile=1.0,
              entropy_coef=0.0, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, vespo_k_pos=2.0,
              vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0, max_completion_length=None)
     a.update(args)
@@ -125,15 +126,10 @@ def trl_compute_loss(per_token_logps, entropies, mask, advantages, args: dict, *
             min=1.0)
         loss = (per_token_loss * mask).sum() / normalizer
     elif loss_type == "luspo":
-        if per_token_loss.shape[1] != 1:  # fastalign: positions outside the mask count 0 (TRL: pad-token values)
-            per_token_loss = per_token_loss * mask
-        loss = (per_token_loss * mask.sum(1, keepdim=True)).mean()
+        loss = (per_token_loss * mask).sum(-1).mean()
     if a["entropy_coef"] != 0:
         effective_mask = mask if entropy_mask is None else mask * entropy_mask
-        if loss_type in ["cispo", "dapo", "vespo"]:
-            entropy_loss = (entropies * effective_mask).sum() / normalizer
-        else:
-            entropy_loss = (entropies * effective_mask).sum() / effective_mask.sum().clamp(min=1.0)
+        entropy_loss = (entropies * effective_mask).sum() / effective_mask.sum().clamp(min=1.0)
         metrics["policy_loss"] = loss.detach()
         loss = loss - a["entropy_coef"] * entropy_loss
 

@@ -1,4 +1,4 @@
-"""DPO objectives against TRL's ``DPOTrainer._compute_loss`` (TRL 1.13) written out here in float64 from per-token
+"""DPO objectives against TRL's ``DPOTrainer._compute_loss`` (TRL 1.16) written out here in float64 from per-token
 log-probs: every loss type alone, weighted lists, f-divergences, LD-DPO, WPO, bco_pair's running mean, rankings
 (Plackett-Luce written with loops), loss, metrics and gradients."""
 from __future__ import annotations

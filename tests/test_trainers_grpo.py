@@ -63,14 +63,14 @@ class Recorded:
 
 def expected_advantages(rewards: list[list[float | None]], weights: list[float], group: int, scale: str):
     """TRL's advantages and reward metrics, in float64 Python: weighted sums skipping None, minus the group mean,
-    over (unbiased std + 1e-4) of the group or the batch."""
+    over (unbiased std + 1e-4) of the group or the batch; ``reward_std`` the std of the rewards over the batch."""
     totals = [sum(w * r for w, r in zip(weights, row) if r is not None) for row in rewards]
     groups = [totals[i:i + group] for i in range(0, len(totals), group)]
     means = [statistics.fmean(g) for g in groups for _ in g]
     stds = [statistics.stdev(g) for g in groups for _ in g] if scale != "batch" else \
         [statistics.stdev(totals)] * len(totals)
     advantages = [(t - m) / (s + 1e-4) if scale != "none" else t - m for t, m, s in zip(totals, means, stds)]
-    metrics = {"reward": statistics.fmean(totals), "reward_std": statistics.fmean(stds),
+    metrics = {"reward": statistics.fmean(totals), "reward_std": statistics.stdev(totals),
                "frac_reward_zero_std": statistics.fmean(float(s == 0) for s in stds)}
     return advantages, metrics
 
@@ -299,7 +299,7 @@ def test_grpo_raises_a_simple_reward(tmp_path):
 ])
 def test_config_errors_name_the_field(field, value, error, match):
     if error is None:
-        assert GRPOConfig(**{field: value}).loss_config.max_completion_length == 256
+        assert GRPOConfig(**{field: value}).loss_config.max_completion_length == 512
         return
     with pytest.raises(error, match=match):
         GRPOConfig(**{field: value})

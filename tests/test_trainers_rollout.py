@@ -18,6 +18,9 @@ def test_truncate_at_eos():
     assert cut.tolist() == [[5, 1, 0, 0], [5, 6, 7, 8], [1, 0, 0, 0]]
     assert mask.tolist() == [[True, True, False, False], [True] * 4, [True, False, False, False]]
     assert has_eos.tolist() == [True, False, True]
+    cut, mask, has_eos = truncate_at_eos(responses, [EOS, 6], PAD)  # any of several EOS ids (TRL 1.16)
+    assert cut.tolist() == [[5, 1, 0, 0], [5, 6, 0, 0], [1, 0, 0, 0]]
+    assert has_eos.tolist() == [True, True, True]
 
 
 def test_kl_penalty_goes_into_every_token_and_the_score_onto_the_last():

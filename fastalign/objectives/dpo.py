@@ -1,6 +1,6 @@
 """DPO, its variants and rankings on per-sequence log-probs: losses, implicit rewards and TRL-named metrics.
 
-Formulas, option names and metric names follow TRL's ``DPOTrainer._compute_loss`` and ``DPOConfig`` (TRL 1.13,
+Formulas, option names and metric names follow TRL's ``DPOTrainer._compute_loss`` and ``DPOConfig`` (TRL 1.16,
 ``trl/trainer/dpo_trainer.py``). Inputs are one number per response, laid out ``[K, B]``: ``K`` responses to each of
 ``B`` prompts, best first (``K = 2``: row 0 chosen, row 1 rejected). Each number is the sum over the response's
 completion tokens of the token log-probs (LD-DPO: the tokens past the group's shortest response weighted by
@@ -35,26 +35,23 @@ sigmoid_norm  ``-log s(b (sc/n_c - sr/n_r))``                           SimPO-st
                                                                         form keeps the reference)
 ============= ========================================================= ============================================
 
-``loss_type`` may be a list, with ``loss_weights`` (default 1.0 each): the loss is the weighted sum of each type's
-mean over the pairs. WPO (``use_weighting``, arXiv:2406.11827 Eq. 2) multiplies every pair's loss by the detached
-product of its responses' weights ``exp(mean over completion tokens of (log p_y - log sum_v p_v^2))``.
-
-Where this module and TRL 1.13 differ, on purpose:
-
-- ``sigmoid`` keeps cDPO's ``label_smoothing`` (TRL < 1.0; TRL 1.x ignores it for ``sigmoid``).
-- ``bco_pair``: TRL 1.x uses ``m = 0``; TRL < 1.0 used the running mean of the batches' mean implicit reward. Pass
-  that running mean as explicit state (``RunningMean``, in and out of ``dpo_loss``) to get the latter.
-- ``label_smoothing`` outside its range is an error, not a warning: ``[0, 0.5)`` for ``sigmoid``, ``robust``,
-  ``aot``, ``aot_unpaired``; ``(0, 0.5)`` for ``exo_pair``; ``0`` when no listed loss type uses it.
-- ``num_responses = K > 2`` (not in TRL): the Plackett-Luce likelihood of the ranking over the implicit rewards
-  ``u_k = b f(logp_k - ref_k)``, ``-sum_{k<K-1} (u_k - log sum_{j>=k} exp u_j)`` (the DPO paper's listwise form,
-  arXiv:2305.18290 Appendix A.3), under ``loss_type="sigmoid"`` (equal to it at ``K = 2``); ``sft`` on the best.
-  LD-DPO then shortens to the group's shortest response and WPO multiplies all K weights.
-- ``rpo_alpha`` (RPO, arXiv:2404.19733, TRL < 1.0) adds ``rpo_alpha * chosen_nll``.
+Each loss type is one function of ``PairTerms`` in the ``DPO_PAIR_LOSSES`` registry (``register_dpo_loss``;
+``docs/loss-registries.md``). ``loss_type`` may be a list, with ``loss_weights`` (default 1.0 each): the loss is the
+weighted sum of each type's mean over the pairs. WPO (``use_weighting``, arXiv:2406.11827 Eq. 2) multiplies every
+pair's loss by the detached product of its responses' weights ``exp(mean over completion tokens of (log p_y - log
+sum_v p_v^2))``. Beyond TRL: ``num_responses = K > 2``, the Plackett-Luce likelihood of the ranking over the implicit
+rewards ``u_k = b f(logp_k - ref_k)``, ``-sum_{k<K-1} (u_k - log sum_{j>=k} exp u_j)`` (the DPO paper's listwise
+form, arXiv:2305.18290 Appendix A.3), under ``loss_type="sigmoid"`` (equal to it at ``K = 2``; ``sft`` on the best;
+LD-DPO shortens to the group's shortest response, WPO multiplies all K weights); ``rpo_alpha`` (RPO,
+arXiv:2404.19733, TRL < 1.0) adds ``rpo_alpha * chosen_nll``; ``bco_pair``'s TRL < 1.0 running mean as explicit
+state (``RunningMean``). ``label_smoothing`` ranges: ``[0, 0.5)`` for ``sigmoid`` (cDPO, kept), ``robust``, ``aot``,
+``aot_unpaired``; ``(0, 0.5)`` for ``exo_pair``; ``0`` when no listed loss type uses it. Every deviation from TRL
+1.16 is listed in ``docs/trl-semantics.md``.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -62,9 +59,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-DPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair",
-                                   "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft",
-                                   "sigmoid_norm")
 F_DIVERGENCE_TYPES: tuple[str, ...] = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 # TRL: the f-DPO reparameterization leaves a beta log Z(x) term that cancels only in the chosen - rejected difference.
 F_DIVERGENCE_LOSS_TYPES = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop",
@@ -88,8 +82,8 @@ def _loss_types(loss_type: object) -> tuple[str, ...]:
     if not isinstance(types, (list, tuple)) or not types or not all(isinstance(t, str) for t in types):
         raise TypeError(f"loss_type: expected a loss type name or a non-empty list of names, got {loss_type!r}")
     for name in types:
-        if name not in DPO_LOSS_TYPES:
-            raise ValueError(f"loss_type: expected names from {DPO_LOSS_TYPES}, got {name!r}")
+        if name not in DPO_PAIR_LOSSES:
+            raise ValueError(f"loss_type: expected names from {tuple(DPO_PAIR_LOSSES)}, got {name!r}")
     if len(set(types)) != len(types):
         raise ValueError(f"loss_type: expected each name at most once, got {list(types)}")
     return tuple(types)
@@ -306,47 +300,134 @@ def plackett_luce_losses(rewards: Tensor) -> Tensor:
     return -(rewards - tail_lse)[:-1].sum(0)
 
 
-def _pair_losses(name: str, logps: Tensor, ref: Tensor, logratios: Tensor, scores: Tensor,
-                 lengths: Tensor | None, options: DPOOptions, bco_mean: Tensor | None) -> Tensor:
-    """``[B]`` per-pair (per-group) losses of one loss type (``sft`` excepted)."""
-    beta, eps = options.beta, options.label_smoothing
-    c, r = logratios[0], logratios[-1]
-    delta = scores[0] - scores[-1]
-    if name == "sigmoid":
-        return _cdpo(delta, beta, eps) if logps.shape[0] == 2 else plackett_luce_losses(beta * scores)
-    if name == "hinge":
-        return torch.relu(1 - beta * delta)
-    if name in LENGTH_NORMALIZED_LOSS_TYPES:
-        avg = scores / lengths.clamp(min=1)
-        if name == "ipo":
-            return (avg[0] - avg[1] - 1 / (2 * beta)) ** 2
-        return -F.logsigmoid(beta * (avg[0] - avg[1]))
-    if name == "exo_pair":
-        q_w, q_l = torch.sigmoid(beta * delta), torch.sigmoid(-beta * delta)
-        return (q_w * (F.logsigmoid(beta * delta) - math.log1p(-eps))
-                + q_l * (F.logsigmoid(-beta * delta) - math.log(eps)))
-    if name == "nca_pair":
-        return -F.logsigmoid(beta * c) - 0.5 * F.logsigmoid(-beta * c) - 0.5 * F.logsigmoid(-beta * r)
-    if name == "robust":
-        return (-(1 - eps) * F.logsigmoid(beta * delta) + eps * F.logsigmoid(-beta * delta)) / (1 - 2 * eps)
-    if name == "bco_pair":
-        m = 0.0 if bco_mean is None else bco_mean
-        return -F.logsigmoid(beta * c - m) - F.logsigmoid(-(beta * r - m))
-    if name == "sppo_hard":
-        return (c - 0.5 / beta) ** 2 + (r + 0.5 / beta) ** 2
-    if name == "aot":
-        delta = torch.sort(logps[0] - logps[1], dim=0)[0] - torch.sort(ref[0] - ref[1], dim=0)[0]
-        return _cdpo(delta, beta, eps)
-    if name == "aot_unpaired":
-        return _cdpo(torch.sort(c, dim=0)[0] - torch.sort(r, dim=0)[0], beta, eps)
-    if name == "apo_zero":
-        return 1 - torch.sigmoid(beta * c) + torch.sigmoid(beta * r)
-    if name == "apo_down":
-        return torch.sigmoid(beta * c) + 1 - torch.sigmoid(beta * (c - r))
-    # discopop
-    logits = beta * delta
-    modulation = torch.sigmoid(logits / options.discopop_tau)
+class PairTerms(NamedTuple):
+    """What every DPO pair loss receives: ``[K, B]`` sequence log-probs of the policy and the reference (best first),
+    their log-ratios and f-divergence scores, the completion lengths (``ipo``, ``sigmoid_norm``), the options, the
+    ``bco_pair`` reward shift and the chosen NLL (``sft``)."""
+
+    logps: Tensor
+    ref_logps: Tensor
+    logratios: Tensor
+    scores: Tensor
+    lengths: Tensor | None
+    options: DPOOptions
+    bco_mean: Tensor | None
+    chosen_nll: Tensor | None
+
+    @property
+    def delta(self) -> Tensor:
+        """``[B]`` score margin of the best over the worst response."""
+        return self.scores[0] - self.scores[-1]
+
+
+DPO_PAIR_LOSSES: dict[str, Callable[[PairTerms], Tensor]] = {}
+
+
+def register_dpo_loss(name: str):
+    """Decorator: register ``fn(PairTerms) -> [B] per-pair losses`` as ``loss_type=name``."""
+    def register(fn: Callable[[PairTerms], Tensor]) -> Callable[[PairTerms], Tensor]:
+        DPO_PAIR_LOSSES[name] = fn
+        return fn
+    return register
+
+
+def _length_normalized_margin(t: PairTerms) -> Tensor:
+    avg = t.scores / t.lengths.clamp(min=1)
+    return avg[0] - avg[1]
+
+
+@register_dpo_loss("sigmoid")
+def sigmoid(t: PairTerms) -> Tensor:
+    o = t.options
+    if t.logps.shape[0] > 2:  # a ranking of K responses: Plackett-Luce
+        return plackett_luce_losses(o.beta * t.scores)
+    return _cdpo(t.delta, o.beta, o.label_smoothing)
+
+
+@register_dpo_loss("hinge")
+def hinge(t: PairTerms) -> Tensor:
+    return torch.relu(1 - t.options.beta * t.delta)
+
+
+@register_dpo_loss("ipo")
+def ipo(t: PairTerms) -> Tensor:
+    return (_length_normalized_margin(t) - 1 / (2 * t.options.beta)) ** 2
+
+
+@register_dpo_loss("exo_pair")
+def exo_pair(t: PairTerms) -> Tensor:
+    x, eps = t.options.beta * t.delta, t.options.label_smoothing
+    return (torch.sigmoid(x) * (F.logsigmoid(x) - math.log1p(-eps))
+            + torch.sigmoid(-x) * (F.logsigmoid(-x) - math.log(eps)))
+
+
+@register_dpo_loss("nca_pair")
+def nca_pair(t: PairTerms) -> Tensor:
+    beta, c, r = t.options.beta, t.logratios[0], t.logratios[-1]
+    return -F.logsigmoid(beta * c) - 0.5 * F.logsigmoid(-beta * c) - 0.5 * F.logsigmoid(-beta * r)
+
+
+@register_dpo_loss("robust")
+def robust(t: PairTerms) -> Tensor:
+    x, eps = t.options.beta * t.delta, t.options.label_smoothing
+    return (-(1 - eps) * F.logsigmoid(x) + eps * F.logsigmoid(-x)) / (1 - 2 * eps)
+
+
+@register_dpo_loss("bco_pair")
+def bco_pair(t: PairTerms) -> Tensor:
+    beta, c, r = t.options.beta, t.logratios[0], t.logratios[-1]
+    m = 0.0 if t.bco_mean is None else t.bco_mean
+    return -F.logsigmoid(beta * c - m) - F.logsigmoid(-(beta * r - m))
+
+
+@register_dpo_loss("sppo_hard")
+def sppo_hard(t: PairTerms) -> Tensor:
+    beta, c, r = t.options.beta, t.logratios[0], t.logratios[-1]
+    return (c - 0.5 / beta) ** 2 + (r + 0.5 / beta) ** 2
+
+
+@register_dpo_loss("aot")
+def aot(t: PairTerms) -> Tensor:
+    delta = torch.sort(t.logps[0] - t.logps[1], dim=0)[0] - torch.sort(t.ref_logps[0] - t.ref_logps[1], dim=0)[0]
+    return _cdpo(delta, t.options.beta, t.options.label_smoothing)
+
+
+@register_dpo_loss("aot_unpaired")
+def aot_unpaired(t: PairTerms) -> Tensor:
+    delta = torch.sort(t.logratios[0], dim=0)[0] - torch.sort(t.logratios[-1], dim=0)[0]
+    return _cdpo(delta, t.options.beta, t.options.label_smoothing)
+
+
+@register_dpo_loss("apo_zero")
+def apo_zero(t: PairTerms) -> Tensor:
+    beta, c, r = t.options.beta, t.logratios[0], t.logratios[-1]
+    return 1 - torch.sigmoid(beta * c) + torch.sigmoid(beta * r)
+
+
+@register_dpo_loss("apo_down")
+def apo_down(t: PairTerms) -> Tensor:
+    beta, c, r = t.options.beta, t.logratios[0], t.logratios[-1]
+    return torch.sigmoid(beta * c) + 1 - torch.sigmoid(beta * (c - r))
+
+
+@register_dpo_loss("discopop")
+def discopop(t: PairTerms) -> Tensor:
+    logits = t.options.beta * t.delta
+    modulation = torch.sigmoid(logits / t.options.discopop_tau)
     return -F.logsigmoid(logits) * (1 - modulation) + torch.exp(-logits) * modulation
+
+
+@register_dpo_loss("sft")
+def sft(t: PairTerms) -> Tensor:
+    return t.chosen_nll.expand(t.logps.shape[1])
+
+
+@register_dpo_loss("sigmoid_norm")
+def sigmoid_norm(t: PairTerms) -> Tensor:
+    return -F.logsigmoid(t.options.beta * _length_normalized_margin(t))
+
+
+DPO_LOSS_TYPES: tuple[str, ...] = tuple(DPO_PAIR_LOSSES)  # the built-in loss types (TRL 1.16's), in TRL's order
 
 
 def dpo_loss(
@@ -418,12 +499,10 @@ def dpo_loss(
     pair_weights = None if log_weights is None else torch.exp(
         _check_group_tensor("log_weights", log_weights, (k, b)).detach().sum(0))
     losses = logps.new_zeros(b)
+    terms = PairTerms(logps, ref_logps, logratios, scores, lengths, options,
+                      None if bco_state is None else bco_state.mean, chosen_nll)
     for name, weight in zip(options.loss_types, options.weights):
-        if name == "sft":
-            per_pair = chosen_nll.expand(b)
-        else:
-            per_pair = _pair_losses(name, logps, ref_logps, logratios, scores, lengths, options,
-                                    None if bco_state is None else bco_state.mean)
+        per_pair = DPO_PAIR_LOSSES[name](terms)
         if pair_weights is not None:
             per_pair = per_pair * pair_weights
         losses = losses + weight * per_pair

@@ -1,8 +1,9 @@
-"""GRPO and its descendants on per-token log-probs: TRL's ``GRPOTrainer._compute_loss`` (TRL 1.9) as one function.
+"""GRPO and its descendants on per-token log-probs: TRL 1.16's ``GRPOTrainer._compute_loss`` as one function.
 
-Loss types (``GRPO_LOSS_TYPES``), each TRL's, with ``r`` the importance ratio ``exp(log pi - log pi_old)`` per token
-(``importance_sampling_level="token"``) or ``exp(mean over the sequence of the log-ratio)`` per sequence
-(``"sequence"``, GSPO, Zheng et al. 2025, arXiv:2507.18071) and ``A`` the advantage:
+Loss types (the ``GRPO_LOSSES`` registry: one function each, ``register_grpo_loss``, aggregations in the
+``NORMALIZERS`` table; ``docs/loss-registries.md``), each TRL's, with ``r`` the importance ratio
+``exp(log pi - log pi_old)`` per token (``importance_sampling_level="token"``) or ``exp(mean over the sequence of
+the log-ratio)`` per sequence (``"sequence"``, GSPO, Zheng et al. 2025, arXiv:2507.18071) and ``A`` the advantage:
 
 ========= =================================================================== ===========================================
 loss_type per-token loss                                                      aggregation
@@ -11,7 +12,7 @@ grpo      ``-min(r A, clip(r, 1-eps, 1+eps_high) A)`` (``r`` capped at delta) me
 bnpo      same                                                                mean over the batch's completion tokens
 dr_grpo   same                                                                sum / (B * max_completion_length)
 dapo      same                                                                sum / num_items_in_batch
-luspo     same                                                                mean over [B, 1] (or [B, T]) of loss * L_b
+luspo     same                                                                sum per sequence, mean over sequences
 cispo     ``-sg(min(r, eps_high)) A log pi`` (CISPO, MiniMax-M1 2025)        sum / num_items_in_batch
 sapo      ``-sigmoid(tau (r - 1)) 4 / tau A``, tau by the sign of A (SAPO)   mean per sequence, then over sequences
 vespo     ``-sg(phi(W)) A log pi``, phi the gamma weight of the sequence IS  sum / num_items_in_batch
@@ -24,28 +25,25 @@ after the masks. The off-policy mask (DeepSeek-V3.2) drops sequences with ``A < 
 tokens whose entropy is at least the batch's ``1 - top_entropy_quantile`` quantile; ``importance_sampling_ratio``
 (rollout-engine correction) multiplies the loss after those masks and before the KL term, except for vespo, where
 its log enters the gamma weight. ``entropy_coef`` subtracts ``entropy_coef *`` the mean entropy over the same
-effective mask (over ``num_items_in_batch`` for dapo/cispo/vespo).
+effective mask, for every loss type. The off-policy mask treats NaN ``sampling_logprobs`` (tokens the rollout engine
+could not score) as no evidence (``nan_to_num``), as TRL.
 
 This is the loss of ONE process without gradient accumulation: TRL's division by the accumulation steps (and its
-``num_items_in_batch / num_processes``) stays the caller's. Deviations from TRL, all at positions TRL itself masks
-out: tokens outside ``mask`` never contribute (TRL's luspo ``.mean()`` over ``[B, T]`` counts padding positions'
-values; here they are 0, the denominator stays ``B * T``), and the IS ratio's log enters vespo's weight summed over
-completion tokens only. The entropy quantile is taken in the entropies' dtype (TRL: float32).
+``num_items_in_batch / num_processes``) stays the caller's. Deviations from TRL (all listed in
+``docs/trl-semantics.md``) concern positions TRL itself masks out: the IS ratio's log enters vespo's weight summed
+over completion tokens only (TRL's ratio is 1 elsewhere, so the values agree).
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
-CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # the clipped surrogate, TRL's clip metrics
-TOKEN_COUNT_LOSS_TYPES = ("cispo", "dapo", "vespo")  # normalized by num_items_in_batch
-SEQUENCE_MEAN_LOSS_TYPES = ("grpo", "sapo")  # mean per sequence, then over sequences
 VESPO_LOG_CLAMP = (math.log(1e-8), 20.0)  # TRL's clamps of vespo's log weights
 
 
@@ -68,7 +66,7 @@ class GRPOLossConfig:
     epsilon_high: float | None = None
     delta: float | None = None
     beta: float = 0.0
-    use_bias_correction_kl: bool = False
+    use_bias_correction_kl: bool = True
     off_policy_mask_threshold: float | None = None
     top_entropy_quantile: float = 1.0
     entropy_coef: float = 0.0
@@ -81,8 +79,8 @@ class GRPOLossConfig:
     max_completion_length: int | None = None
 
     def __post_init__(self) -> None:
-        if self.loss_type not in GRPO_LOSS_TYPES:
-            raise ValueError(f"loss_type: expected one of {GRPO_LOSS_TYPES}, got {self.loss_type!r}")
+        if self.loss_type not in GRPO_LOSSES:
+            raise ValueError(f"loss_type: expected one of {tuple(GRPO_LOSSES)}, got {self.loss_type!r}")
         if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
             raise ValueError(f"importance_sampling_level: expected one of {IMPORTANCE_SAMPLING_LEVELS}, "
                              f"got {self.importance_sampling_level!r}")
@@ -103,9 +101,9 @@ class GRPOLossConfig:
             raise ValueError(f"top_entropy_quantile: expected a number in [0, 1], got {self.top_entropy_quantile!r}")
         if not isinstance(self.use_bias_correction_kl, bool):
             raise TypeError(f"use_bias_correction_kl: expected a bool, got {self.use_bias_correction_kl!r}")
-        if self.loss_type == "dr_grpo" and self.max_completion_length is None:
-            raise ValueError("max_completion_length: required for loss_type='dr_grpo' (its constant normalizer), "
-                             "got None")
+        if self.normalizer == "max_completion_length" and self.max_completion_length is None:
+            raise ValueError(f"max_completion_length: required for loss_type={self.loss_type!r} (its constant "
+                             f"normalizer), got None")
         if self.max_completion_length is not None and (
                 isinstance(self.max_completion_length, bool) or not isinstance(self.max_completion_length, int)
                 or self.max_completion_length < 1):
@@ -115,6 +113,11 @@ class GRPOLossConfig:
     @property
     def eps_high(self) -> float:
         return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+    @property
+    def normalizer(self) -> str:
+        """The loss type's aggregation, a key of ``NORMALIZERS``."""
+        return GRPO_LOSSES[self.loss_type].normalizer
 
     @property
     def uses_entropy(self) -> bool:
@@ -128,7 +131,7 @@ class GRPOLossConfig:
         token's entropy: the top-entropy quantile)."""
         if self.top_entropy_quantile < 1:
             return "batch"
-        if (self.importance_sampling_level == "sequence" or self.loss_type == "vespo"
+        if (self.importance_sampling_level == "sequence" or GRPO_LOSSES[self.loss_type].sequence_coupled
                 or self.off_policy_mask_threshold is not None):
             return "sequence"
         return "token"
@@ -149,8 +152,8 @@ def high_entropy_mask(entropy: Tensor, mask: Tensor, quantile: float) -> Tensor:
     mask = mask.bool()
     values = entropy.detach()
     count = mask.sum()
-    ordered = torch.where(mask, values, float("inf")).reshape(-1).sort().values
-    rank = torch.tensor(quantile, dtype=values.dtype, device=values.device) * (count - 1).clamp(min=0)
+    ordered = torch.where(mask, values.float(), float("inf")).reshape(-1).sort().values  # in float32, as TRL
+    rank = torch.tensor(quantile, dtype=torch.float32, device=values.device) * (count - 1).clamp(min=0)
     below, above = (ordered.index_select(0, r.long().view(1)) for r in (rank, rank.ceil()))
     threshold = torch.lerp(below, above, rank - rank.floor())
     return (values * mask >= threshold) & mask & (count > 0)
@@ -161,7 +164,7 @@ def off_policy_mask(advantages: Tensor, logprobs: Tensor, sampling_logprobs: Ten
     """TRL's ``get_off_policy_mask`` (DeepSeek-V3.2 off-policy sequence masking): keep a sequence (``[B, 1]``, or
     ``[B, T]`` with per-token advantages) when ``A >= 0`` or its mean ``sampling_logprobs - logprobs`` over the
     completion tokens is at most ``threshold``. Detached, in ``mask``'s float dtype."""
-    kl = sampling_logprobs - logprobs.detach()
+    kl = torch.nan_to_num(sampling_logprobs - logprobs.detach(), nan=0.0)  # tokens the engine could not score
     seq_kl = (kl * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
     return ((advantages >= 0) | (seq_kl <= threshold)).to(mask.dtype)
 
@@ -209,6 +212,119 @@ def _nan_extreme(x: Tensor, largest: bool) -> Tensor:
     nan = torch.isnan(x)
     filled = torch.where(nan, float("-inf") if largest else float("inf"), x)
     return torch.where(nan.all(), float("nan"), filled.max() if largest else filled.min())
+
+
+# ------------------------------------------------------------------------------------ the registry of loss types
+class PolicyTerms(NamedTuple):
+    """What every GRPO loss function receives. ``[B, T]`` tensors; ``coef_1`` (and the advantages) ``[B, 1]`` or
+    ``[B, T]``."""
+
+    logprobs: Tensor  # log pi, differentiable
+    log_ratio: Tensor  # log pi - log pi_old per token, differentiable
+    coef_1: Tensor  # the importance ratio at config.importance_sampling_level, differentiable
+    advantages: Tensor
+    mask: Tensor  # float completion mask
+    importance_sampling_ratio: Tensor | None  # the rollout engine's correction, or None
+    config: GRPOLossConfig
+
+
+class PolicyLoss(NamedTuple):
+    """What a loss function returns: its per-token loss (before the masks, the IS correction and the KL term) and
+    its own metrics (TRL's names, detached)."""
+
+    per_token: Tensor
+    metrics: dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class GRPOLossType:
+    """A registered loss type: its function, its aggregation (a key of ``NORMALIZERS``), whether its per-token loss
+    depends on the whole sequence (the engine then keeps sequences whole) and whether the rollout engine's IS ratio
+    multiplies it (vespo takes the ratio into its weight instead)."""
+
+    fn: Callable[[PolicyTerms], PolicyLoss]
+    normalizer: str
+    sequence_coupled: bool = False
+    takes_is_ratio: bool = True
+
+
+def _normalize_by_items(x: Tensor, m: Tensor, config: GRPOLossConfig, num_items_in_batch) -> Tensor:
+    count = m.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=m.dtype)
+    return x.sum() / count.clamp(min=1.0)
+
+
+# Each takes the masked per-token loss ``[B, T]``, the mask, the options and num_items_in_batch: TRL's aggregations.
+NORMALIZERS: dict[str, Callable[..., Tensor]] = {
+    "sequence_mean": lambda x, m, config, n: (x.sum(-1) / m.sum(-1).clamp(min=1.0)).mean(),  # grpo, sapo
+    "token_mean": lambda x, m, config, n: x.sum() / m.sum().clamp(min=1.0),  # bnpo
+    "max_completion_length": lambda x, m, config, n: x.sum() / (m.shape[0] * config.max_completion_length),  # dr_grpo
+    "num_items_in_batch": _normalize_by_items,  # dapo, cispo, vespo
+    "sequence_sum": lambda x, m, config, n: x.sum(-1).mean(),  # luspo
+}
+GRPO_LOSSES: dict[str, GRPOLossType] = {}
+
+
+def register_grpo_loss(name: str, *, normalizer: str, sequence_coupled: bool = False, takes_is_ratio: bool = True):
+    """Decorator: register ``fn(PolicyTerms) -> PolicyLoss`` as ``loss_type=name`` (see ``docs/grpo-loss-types.md``)."""
+    if normalizer not in NORMALIZERS:
+        raise ValueError(f"normalizer: expected one of {tuple(NORMALIZERS)}, got {normalizer!r}")
+
+    def register(fn: Callable[[PolicyTerms], PolicyLoss]) -> Callable[[PolicyTerms], PolicyLoss]:
+        GRPO_LOSSES[name] = GRPOLossType(fn, normalizer, sequence_coupled, takes_is_ratio)
+        return fn
+    return register
+
+
+def clip_metrics(coef_1: Tensor, advantages: Tensor, m: Tensor, config: GRPOLossConfig) -> dict[str, Tensor]:
+    """TRL's ``clip_ratio/*`` metrics of the clipped surrogate."""
+    with torch.no_grad():
+        low = ((coef_1 < 1 - config.epsilon) & (advantages < 0)).to(m.dtype)
+        high = ((coef_1 > 1 + config.eps_high) & (advantages > 0)).to(m.dtype)
+        return {"clip_ratio/low_mean": _masked_mean(low, m),
+                "clip_ratio/low_min": _nan_extreme(_sequence_means(low, m), largest=False),
+                "clip_ratio/high_mean": _masked_mean(high, m),
+                "clip_ratio/high_max": _nan_extreme(_sequence_means(high, m), largest=True),
+                "clip_ratio/region_mean": _masked_mean(torch.maximum(low, high), m)}
+
+
+def clipped_surrogate(t: PolicyTerms) -> PolicyLoss:
+    """``-min(r A, clip(r, 1 - eps, 1 + eps_high) A)`` with ``r`` capped at ``delta`` first (two-sided clipping)."""
+    c = t.config
+    coef_2 = torch.clamp(t.coef_1, 1 - c.epsilon, 1 + c.eps_high)
+    coef_1 = t.coef_1 if c.delta is None else torch.clamp(t.coef_1, max=c.delta)
+    per_token = -torch.minimum(coef_1 * t.advantages, coef_2 * t.advantages)
+    return PolicyLoss(per_token, clip_metrics(coef_1, t.advantages, t.mask, c))
+
+
+def cispo(t: PolicyTerms) -> PolicyLoss:
+    """``-sg(min(r, eps_high)) A log pi`` (CISPO, MiniMax-M1 2025: ``epsilon_high`` is the ratio's absolute cap)."""
+    cap = t.config.eps_high
+    with torch.no_grad():
+        clipped = _masked_mean(((t.coef_1 > cap) & (t.advantages > 0)).to(t.mask.dtype), t.mask)
+    return PolicyLoss(-torch.clamp(t.coef_1, max=cap).detach() * t.advantages * t.logprobs,
+                      {"cispo_clip_ratio": clipped})
+
+
+def sapo(t: PolicyTerms) -> PolicyLoss:
+    """``-sigmoid(tau (r - 1)) 4 / tau A``, ``tau`` by the sign of ``A`` (SAPO's soft gate)."""
+    c, adv = t.config, t.advantages
+    tau = torch.where(adv > 0, adv.new_tensor(c.sapo_temperature_pos), adv.new_tensor(c.sapo_temperature_neg))
+    return PolicyLoss(-torch.sigmoid(tau * (t.coef_1 - 1)) * 4 / tau * adv, {})
+
+
+def vespo(t: PolicyTerms) -> PolicyLoss:
+    """``-sg(phi(W)) A log pi``, ``phi`` the gamma weight of the sequence IS weight (``vespo_weights``)."""
+    phi = vespo_weights(t.advantages, t.log_ratio, t.mask, t.importance_sampling_ratio, t.config)
+    return PolicyLoss(-phi * t.advantages * t.logprobs, {"vespo/phi_seq_mean": _masked_mean(phi, t.mask)})
+
+
+for _name, _normalizer in (("grpo", "sequence_mean"), ("bnpo", "token_mean"), ("dr_grpo", "max_completion_length"),
+                           ("dapo", "num_items_in_batch"), ("luspo", "sequence_sum")):
+    register_grpo_loss(_name, normalizer=_normalizer)(clipped_surrogate)
+register_grpo_loss("cispo", normalizer="num_items_in_batch")(cispo)
+register_grpo_loss("sapo", normalizer="sequence_mean")(sapo)
+register_grpo_loss("vespo", normalizer="num_items_in_batch", sequence_coupled=True, takes_is_ratio=False)(vespo)
+GRPO_LOSS_TYPES = tuple(GRPO_LOSSES)  # the built-in loss types (TRL 1.16's), in registration order
 
 
 def grpo_loss(logprobs: Tensor, advantages: Tensor, mask: Tensor, config: GRPOLossConfig = GRPOLossConfig(), *,
@@ -267,53 +383,22 @@ def grpo_loss(logprobs: Tensor, advantages: Tensor, mask: Tensor, config: GRPOLo
         if config.use_bias_correction_kl:
             kl = kl * coef_1
 
-    eps_low, eps_high = config.epsilon, config.eps_high
-    phi = None
-    if config.loss_type == "cispo":
-        per_token = -torch.clamp(coef_1, max=eps_high).detach() * adv * logprobs
-    elif config.loss_type in CLIPPED_LOSS_TYPES:
-        coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
-        if config.delta is not None:
-            coef_1 = torch.clamp(coef_1, max=config.delta)
-        per_token = -torch.minimum(coef_1 * adv, coef_2 * adv)
-    elif config.loss_type == "sapo":
-        temperatures = torch.where(adv > 0, adv.new_tensor(config.sapo_temperature_pos),
-                                   adv.new_tensor(config.sapo_temperature_neg))
-        per_token = -torch.sigmoid(temperatures * (coef_1 - 1)) * 4 / temperatures * adv
-    else:  # vespo
-        phi = vespo_weights(adv, log_ratio, m, importance_sampling_ratio, config)
-        per_token = -phi * adv * logprobs
-
+    kind = GRPO_LOSSES[config.loss_type]
+    per_token, metrics = kind.fn(PolicyTerms(logprobs, log_ratio, coef_1, adv, m, importance_sampling_ratio, config))
     if policy_mask is not None:
         per_token = per_token * policy_mask
     if entropy_mask is not None:
         per_token = per_token * entropy_mask
-    if importance_sampling_ratio is not None and config.loss_type != "vespo":
+    if importance_sampling_ratio is not None and kind.takes_is_ratio:
         per_token = per_token * importance_sampling_ratio
     if kl is not None:
         per_token = per_token + config.beta * kl
+    loss = NORMALIZERS[kind.normalizer](per_token * m, m, config, num_items_in_batch)
 
-    normalizer = None
-    if config.loss_type in SEQUENCE_MEAN_LOSS_TYPES:
-        loss = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
-    elif config.loss_type == "bnpo":
-        loss = (per_token * m).sum() / m.sum().clamp(min=1.0)
-    elif config.loss_type == "dr_grpo":
-        loss = (per_token * m).sum() / (m.shape[0] * config.max_completion_length)
-    elif config.loss_type in TOKEN_COUNT_LOSS_TYPES:
-        count = m.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=m.dtype)
-        normalizer = count.clamp(min=1.0)
-        loss = (per_token * m).sum() / normalizer
-    else:  # luspo: each sequence's loss times its length, averaged over the loss's [B, 1] (or [B, T]) entries
-        lengths = m.sum(1, keepdim=True)
-        weighted = per_token * lengths if per_token.shape[-1] == 1 else per_token * m * lengths
-        loss = weighted.sum() / weighted.numel()
-
-    metrics: dict[str, Tensor] = {}
+    metrics = dict(metrics)
     if config.entropy_coef != 0:
         effective = m if entropy_mask is None else m * entropy_mask
-        total = (entropy * effective).sum()
-        entropy_loss = total / normalizer if normalizer is not None else total / effective.sum().clamp(min=1.0)
+        entropy_loss = (entropy * effective).sum() / effective.sum().clamp(min=1.0)
         metrics["policy_loss"] = loss.detach()
         loss = loss - config.entropy_coef * entropy_loss
 
@@ -322,16 +407,4 @@ def grpo_loss(logprobs: Tensor, advantages: Tensor, mask: Tensor, config: GRPOLo
             metrics["kl"] = _masked_mean(kl, m)
         if entropy is not None:
             metrics["entropy"] = _masked_mean(entropy, m)
-        if config.loss_type in CLIPPED_LOSS_TYPES:
-            low = ((coef_1 < 1 - eps_low) & (adv < 0)).to(m.dtype)
-            high = ((coef_1 > 1 + eps_high) & (adv > 0)).to(m.dtype)
-            metrics["clip_ratio/low_mean"] = _masked_mean(low, m)
-            metrics["clip_ratio/low_min"] = _nan_extreme(_sequence_means(low, m), largest=False)
-            metrics["clip_ratio/high_mean"] = _masked_mean(high, m)
-            metrics["clip_ratio/high_max"] = _nan_extreme(_sequence_means(high, m), largest=True)
-            metrics["clip_ratio/region_mean"] = _masked_mean(torch.maximum(low, high), m)
-        elif config.loss_type == "cispo":
-            metrics["cispo_clip_ratio"] = _masked_mean(((coef_1 > eps_high) & (adv > 0)).to(m.dtype), m)
-        elif config.loss_type == "vespo":
-            metrics["vespo/phi_seq_mean"] = _masked_mean(phi, m)
     return GRPOResult(loss, {k: v.detach() for k, v in metrics.items()})

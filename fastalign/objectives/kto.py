@@ -21,7 +21,8 @@ apo_zero_unpaired  ``w_d (1 - s(b c))``                 ``w_u s(b c)``          
 ``losses.nanmean()`` over the concatenated desirable and undesirable losses; here a NaN propagates instead of being
 skipped). The paper writes ``lambda_D``, ``lambda_U`` for the weights and takes ``kl`` as the KL of the policy on
 mismatched prompt/completion pairs; TRL (and this module) estimate it as the batch mean of ``policy - reference``
-sequence log-probs on those pairs, detached and clamped at 0 (see ``kto_kl``).
+sequence log-probs on those pairs, detached and clamped at 0 (see ``kto_kl``). TRL 1.16; deviations:
+``docs/trl-semantics.md``.
 """
 from __future__ import annotations
 

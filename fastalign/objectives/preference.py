@@ -26,7 +26,7 @@ does this module. The rewards are ``beta * l`` (``beta * g(l)`` with ``alpha``).
 ORPO (Hong et al. 2024, arXiv:2403.07691 Eqs. 4 and 7), on per-token mean log-probs ``l_c``, ``l_r``:
 ``log_odds = (l_c - l_r) - (log1mexp(l_c) - log1mexp(l_r))``, ``loss = nll - mean(beta * log s(log_odds))``, with
 TRL's branch of ``log1mexp(x) = log(1 - exp(x))`` at ``-ln 2``, computed in at least float32. TRL's ``nll`` covers
-the chosen prompt and response tokens (not only the response).
+the chosen prompt and response tokens (not only the response). TRL 1.16; deviations: ``docs/trl-semantics.md``.
 """
 from __future__ import annotations
 

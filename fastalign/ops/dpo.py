@@ -34,7 +34,7 @@ BATCH_COUPLED_LOSS_TYPES = frozenset({"aot", "aot_unpaired"})
 
 
 @dataclass(frozen=True)
-class DPOConfig:
+class DPOOpConfig:
     """The loss options, how a sequence's token log-probs are reduced (sums, or means with ``average_log_prob``),
     the normalizers of the whole accumulated batch (``num_pairs`` of the pair losses, ``num_chosen_tokens`` of the
     chosen NLL; default this batch's), ``bco_pair``'s running mean (or None) and whether to compute the metrics over
@@ -106,7 +106,7 @@ class DPOLossOutput(NamedTuple):
     bco_state: RunningMean | None  # bco_pair's updated running mean, when one was given
 
 
-def fused_dpo_loss(inputs: LinearInputs, opts: LinearOptions, config: DPOConfig,
+def fused_dpo_loss(inputs: LinearInputs, opts: LinearOptions, config: DPOOpConfig,
                    reference: LinearInputs | Tensor | None, layout: PackedLayout | None = None) -> DPOLossOutput:
     """The fused DPO loss on validated inputs: ``inputs.lead_shape == (K*B, T)``, or N packed rows with their
     ``layout`` of K*B sequences.

@@ -108,8 +108,14 @@ def validate_grpo_inputs(targets: Tensor, num_sequences: int, dtype: torch.dtype
                               else float(num_items_in_batch))
     elif num_items_in_batch is not None:
         num_items_in_batch = _check_num_items(num_items_in_batch, int(completion.sum()))
+    sampling = None
+    if sampling_logprobs is not None:  # NaN: a token the rollout engine could not score (no evidence, as TRL 1.16)
+        sampling = validate_token_tensor("sampling_logprobs", sampling_logprobs, shape, device, check_finite=False)
+        if check_finite:
+            require_finite("sampling_logprobs", sampling.nan_to_num(nan=0.0))
+        sampling = sampling.to(dtype)
     return GRPOInputs(advantages, completion, token("old_logprobs", old_logprobs), token("ref_logprobs", ref_logprobs),
-                      ratio, token("sampling_logprobs", sampling_logprobs), num_items_in_batch)
+                      ratio, sampling, num_items_in_batch)
 
 
 def _check_num_items(value, own: int):

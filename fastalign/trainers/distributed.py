@@ -82,6 +82,11 @@ def _all_reduce(values: Tensor, op=dist.ReduceOp.SUM) -> Tensor:
     return values
 
 
+def all_reduce_sum(values: Tensor) -> Tensor:
+    """``values`` summed over the ranks (a copy; as they are with one process)."""
+    return _all_reduce(values.clone())
+
+
 def global_count(count: Tensor | int) -> Tensor:
     """``count`` summed over ranks, at least 1 (a float32 scalar)."""
     return _all_reduce(torch.as_tensor(count, dtype=torch.float64).reshape(1)).clamp(min=1).reshape(()).float()

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, fields
+import json
+import math
+import os
+from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from .. import hf
-from ..objectives.grpo import TOKEN_COUNT_LOSS_TYPES, GRPOLossConfig
+from ..objectives.grpo import GRPOLossConfig
 from . import distributed, losses
 from .common import as_floats, batch_indices, mean_metrics, require, steps_per_epoch
 from .data import IGNORE_INDEX
-from .rollout import (SCALE_REWARDS, RewardFn, Samples, SamplingConfig, SamplingTrainer, group_advantages,
-                      reward_name, reward_scores)
+from .rollout import (MULTI_OBJECTIVE_AGGREGATIONS, SCALE_REWARDS, RewardFn, Samples, SamplingConfig,
+                      SamplingTrainer, group_advantages, nanstd, reward_name, reward_scores)
+
+ENTROPY_CONTROLLER_FILE = "entropy_ctrl_state.json"  # TRL's name, in each checkpoint with use_adaptive_entropy
 
 @dataclass
 class GRPOConfig(SamplingConfig):
@@ -35,21 +40,29 @@ class GRPOConfig(SamplingConfig):
     in ``num_items_in_batch``, as TRL). Rewards: the sum of the reward functions' scores times ``reward_weights``
     (default all 1; a ``None`` score is skipped), minus the group mean, over ``std + 1e-4`` with ``scale_rewards``
     ``"group"`` / ``"batch"`` (``"none"``: not scaled; ``True`` / ``False`` mean ``"group"`` / ``"none"`` as in
-    older TRL). The loss options are those of :class:`~fastalign.objectives.grpo.GRPOLossConfig`; the reference
+    older TRL); with several reward functions ``multi_objective_aggregation="normalize_then_sum"`` (GDPO) normalizes
+    each function's rewards within the group first (see ``group_advantages``). The loss options are those of
+    :class:`~fastalign.objectives.grpo.GRPOLossConfig`; the reference
     model exists only when ``beta != 0``.
     ``padding_free`` (TRL's name): each batch's sequences packed into one row without padding, the model given
     ``position_ids`` and the fused loss the packing (see ``fastalign.hf.packed_hidden_states``: flash-attention-2's
     varlen path, per-sequence ``sdpa``, or a block-diagonal causal mask on ``eager``).
+    ``use_adaptive_entropy`` (Skywork-OR1's controller, as TRL 1.16): ``entropy_coef`` is the initial coefficient;
+    after each optimizer step the mean entropy over the tokens the loss acts on (all micro-batches and ranks) moves
+    it by ``entropy_coef_delta`` (up when the entropy is at most ``entropy_target``, else down) within
+    ``[entropy_coef_min, entropy_coef_max]``, and the bonus applies only while the last step's entropy is at most
+    ``entropy_target`` (not on the first step). Its state is saved in checkpoints (``entropy_ctrl_state.json``).
     """
 
     learning_rate: float = 1e-6
     num_generations: int = 8
     max_prompt_length: int | None = 512
-    max_completion_length: int = 256
+    max_completion_length: int = 512
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     reward_weights: list | None = None
+    multi_objective_aggregation: str = "sum_then_normalize"
     scale_rewards: str | bool = "group"
     num_iterations: int = 1
     mask_truncated_completions: bool = False
@@ -59,10 +72,15 @@ class GRPOConfig(SamplingConfig):
     epsilon: float = 0.2
     epsilon_high: float | None = None
     delta: float | None = None
-    use_bias_correction_kl: bool = False
+    use_bias_correction_kl: bool = True
     off_policy_mask_threshold: float | None = None
     top_entropy_quantile: float = 1.0
     entropy_coef: float = 0.0
+    use_adaptive_entropy: bool = False
+    entropy_coef_min: float = 0.0
+    entropy_coef_max: float = 1.0
+    entropy_coef_delta: float = 0.005
+    entropy_target: float = 0.2
     sapo_temperature_pos: float = 1.0
     sapo_temperature_neg: float = 1.05
     vespo_k_pos: float = 2.0
@@ -76,6 +94,16 @@ class GRPOConfig(SamplingConfig):
         if isinstance(self.scale_rewards, bool):
             self.scale_rewards = "group" if self.scale_rewards else "none"
         require(self, "scale_rewards", self.scale_rewards in SCALE_REWARDS, f"one of {SCALE_REWARDS} (or a bool)")
+        require(self, "multi_objective_aggregation", self.multi_objective_aggregation in MULTI_OBJECTIVE_AGGREGATIONS,
+                f"one of {MULTI_OBJECTIVE_AGGREGATIONS}")
+        require(self, "use_adaptive_entropy", isinstance(self.use_adaptive_entropy, bool), "a bool")
+        for name in ("entropy_coef_min", "entropy_coef_max", "entropy_coef_delta", "entropy_target"):
+            value = getattr(self, name)
+            finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            require(self, name, finite, "a finite number")
+        require(self, "entropy_coef_delta", self.entropy_coef_delta >= 0, "a number >= 0")
+        require(self, "entropy_coef_max", self.entropy_coef_max >= self.entropy_coef_min,
+                f"a number >= entropy_coef_min ({self.entropy_coef_min})")
         require(self, "num_generations", self.num_generations >= 2, "an int >= 2 (a group needs a baseline)")
         for name in ("num_iterations", "max_completion_length"):
             require(self, name, getattr(self, name) >= 1, "an int >= 1")
@@ -152,6 +180,9 @@ class GRPOTrainer(SamplingTrainer):
         self.ref_model = self.ref_engine = None
         if config.beta != 0.0:
             self.setup_reference(ref_model)
+        self.entropy_coef = config.entropy_coef  # the adaptive controller's state, as TRL's
+        self.last_world_entropy = math.inf
+        self.entropy_window = torch.zeros(2, dtype=torch.float64)  # entropy sum and token count of this step
 
     def rewards_per_func(self, prompts: list[str], samples: Samples) -> Tensor:
         """``[B, F]`` scores of every reward function (NaN where one returned None)."""
@@ -175,7 +206,8 @@ class GRPOTrainer(SamplingTrainer):
         local = torch.cat([self.rewards_per_func(prompts, s), lengths[:, None].float(), s.has_eos[:, None].float()], 1)
         everything = distributed.all_gather_rows(local)  # [world * B, F + 2], rank by rank: the step's batch
         rewards, all_lengths, all_eos = everything[:, :-2], everything[:, -2], everything[:, -1]
-        advantages, metrics = group_advantages(rewards, self.reward_weights, c.num_generations, c.scale_rewards)
+        advantages, metrics = group_advantages(rewards, self.reward_weights, c.num_generations, c.scale_rewards,
+                                               c.multi_objective_aggregation)
         mine = slice(distributed.rank() * len(indices), (distributed.rank() + 1) * len(indices))
         for name, column in zip(self.reward_func_names, rewards.T):
             metrics[f"rewards/{name}/mean"] = column.nanmean()
@@ -202,12 +234,19 @@ class GRPOTrainer(SamplingTrainer):
         (all ranks' tokens) times the world size, since DDP and FSDP average the ranks' gradients (TRL divides by
         ``num_items_in_batch / num_processes``; a rank's own tokens may outnumber that quotient, which the op
         refuses as a normalizer); the other loss types: over ``gradient_accumulation_steps``."""
-        b = batch
+        b, c = batch, self.config
         old, ref = (None if t is None else t[rows] for t in (b.old_logprobs, b.ref_logprobs))
-        loss, metrics = self.engine(self.policy_loss, self.config.loss_config, b.input_ids[rows], b.attention_mask[rows], b.targets[rows],
-                                    b.advantages[rows], old, ref, b.num_items_in_batch)
+        loss_config = c.loss_config
+        if c.use_adaptive_entropy:  # the coefficient of the last step, gated by its entropy (TRL's apply_coef)
+            loss_config = replace(loss_config, entropy_coef=self.entropy_coef
+                                  if self.last_world_entropy <= c.entropy_target else 0.0)
+        loss, metrics = self.engine(self.policy_loss, loss_config, b.input_ids[rows], b.attention_mask[rows],
+                                    b.targets[rows], b.advantages[rows], old, ref, b.num_items_in_batch)
+        if c.use_adaptive_entropy:
+            stats = [metrics.pop(f"entropy/effective_{k}").detach().double().cpu() for k in ("sum", "count")]
+            self.entropy_window += torch.stack(stats)
         metrics = as_floats(metrics)
-        if self.config.loss_type in TOKEN_COUNT_LOSS_TYPES:
+        if c.loss_config.normalizer == "num_items_in_batch":
             loss = loss * distributed.world_size()
             if "policy_loss" in metrics:  # with an entropy bonus: the policy term, normalized as the loss
                 metrics["policy_loss"] *= distributed.world_size()
@@ -225,7 +264,42 @@ class GRPOTrainer(SamplingTrainer):
         return losses.grpo_loss(hidden, *hf.get_lm_head(model), targets, advantages, loss_config,
                                 self.config.loss_backend, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
                                 temperature=self.config.temperature, num_items_in_batch=num_items_in_batch,
-                                packed=packed, deterministic=self.config.deterministic)
+                                packed=packed, deterministic=self.config.deterministic,
+                                entropy_stats=self.config.use_adaptive_entropy)
+
+    def update_entropy_coef(self) -> dict[str, float]:
+        """TRL 1.16's adaptive entropy control at an optimizer step's end: the step's entropy (summed with its token
+        count over the micro-batches and ranks) moves ``entropy_coef`` by ``entropy_coef_delta`` towards more bonus
+        when at most ``entropy_target``, less otherwise, clamped to ``[entropy_coef_min, entropy_coef_max]``.
+        Returns the ``entropy_coef`` metric (logged whenever an entropy bonus is on, as TRL)."""
+        c = self.config
+        if c.use_adaptive_entropy:
+            total, count = distributed.all_reduce_sum(self.entropy_window).tolist()
+            self.last_world_entropy = total / max(count, 1.0)
+            if self.last_world_entropy <= c.entropy_target:
+                self.entropy_coef = min(self.entropy_coef + c.entropy_coef_delta, c.entropy_coef_max)
+            else:
+                self.entropy_coef = max(self.entropy_coef - c.entropy_coef_delta, c.entropy_coef_min)
+            self.entropy_window = torch.zeros(2, dtype=torch.float64)
+        return {"entropy_coef": self.entropy_coef} if c.use_adaptive_entropy or c.entropy_coef != 0 else {}
+
+    def save_checkpoint(self) -> str:
+        """The checkpoint of :class:`~fastalign.trainers.common.Trainer`, plus the entropy controller's state."""
+        directory = super().save_checkpoint()
+        if self.config.use_adaptive_entropy and distributed.is_main():
+            with open(os.path.join(directory, ENTROPY_CONTROLLER_FILE), "w") as out:
+                json.dump({"entropy_coef": self.entropy_coef, "last_world_entropy": self.last_world_entropy}, out)
+        return directory
+
+    def load_checkpoint(self, checkpoint: str | bool) -> dict:
+        """Load a checkpoint (:class:`~fastalign.trainers.common.Trainer`) and the entropy controller's state."""
+        state = super().load_checkpoint(checkpoint)
+        path = os.path.join(self.latest_checkpoint() if checkpoint is True else checkpoint, ENTROPY_CONTROLLER_FILE)
+        if self.config.use_adaptive_entropy and os.path.exists(path):
+            with open(path) as f:
+                saved = json.load(f)
+            self.entropy_coef, self.last_world_entropy = saved["entropy_coef"], saved["last_world_entropy"]
+        return state
 
     def train(self, resume_from_checkpoint: str | bool | None = None) -> list[dict]:
         """Run the training loop; returns the logged records (also in ``output_dir/metrics.jsonl``)."""
@@ -244,14 +318,8 @@ class GRPOTrainer(SamplingTrainer):
             step_prompts = batch_indices(len(self.prompts), groups, self.step, c.seed)  # the same on every rank
             completions = [i for i in step_prompts for _ in range(c.num_generations)]
             batch = self.rollout(completions[distributed.rank() * local:(distributed.rank() + 1) * local])
-            updates = [self.update(batch.micro_batches, lambda rows: self.compute_loss(batch, rows))
-                       for _ in range(c.num_iterations)]
+            updates = [{**self.update(batch.micro_batches, lambda rows: self.compute_loss(batch, rows)),
+                        **self.update_entropy_coef()} for _ in range(c.num_iterations)]
             self.end_step({**batch.metrics, **mean_metrics(updates), "epoch": (self.step + 1) / per_epoch})
         self.finish()
         return self.history
-
-
-def nanstd(x: Tensor) -> Tensor:
-    """TRL's ``nanstd``: the unbiased standard deviation of the non-NaN values of ``x [N]``."""
-    count = (~x.isnan()).sum()
-    return ((x - x.nanmean()) ** 2).nanmean().mul(count / (count - 1)).sqrt()

@@ -23,7 +23,7 @@ from ..functional import (fused_linear_dpo_loss, fused_linear_grpo_loss, fused_l
                           fused_linear_ppo_loss)
 from ..objectives.aggregation import aggregation_weights
 from ..objectives.dpo import DPOOptions, dpo_metrics, dpo_sequence_loss
-from ..objectives.grpo import GRPOLossConfig, grpo_loss as grpo_objective
+from ..objectives.grpo import GRPOLossConfig, grpo_loss as grpo_objective, high_entropy_mask
 from ..objectives.kto import KTOOptions, kto_loss as kto_objective, kto_metrics
 from ..objectives.ppo import (PPOLossConfig, PPOTokens, ValueHeadInputs, policy_loss_value, ppo_metrics,
                               value_loss_terms)
@@ -160,22 +160,34 @@ def grpo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tens
               ref_logprobs: Tensor | None = None, temperature: float = 1.0,
               num_items_in_batch: int | Tensor | None = None,
               packed: PackedSequences | None = None,
-              deterministic: bool | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+              deterministic: bool | None = None, entropy_stats: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO loss (TRL's ``_compute_loss`` for one process, without the gradient-accumulation division) and its TRL
     metrics over the completion tokens (``targets != -100``): ``hidden [B, T, H]`` at the positions that predict
-    ``targets [B, T]``, ``advantages [B]``, old / reference log-probs ``[B, T]`` (None: on-policy / no KL)."""
+    ``targets [B, T]``, ``advantages [B]``, old / reference log-probs ``[B, T]`` (None: on-policy / no KL).
+    ``entropy_stats``: the metrics also hold ``entropy/effective_sum`` and ``entropy/effective_count``, the entropy
+    summed over the tokens the loss acts on (the high-entropy ones with ``top_entropy_quantile < 1``) and their number
+    (the adaptive entropy controller's window statistics)."""
     if backend == "fused":
         out = fused_linear_grpo_loss(hidden, weight, targets, advantages, old_logprobs=old_logprobs, bias=bias,
                                      ref_logprobs=ref_logprobs, num_items_in_batch=num_items_in_batch,
                                      temperature=temperature, check_finite=False, deterministic=deterministic,
                                      **asdict(config), **layout_of(packed))
-        return out.loss, out.metrics
-    hidden, targets, old_logprobs, ref_logprobs = unpacked(packed, hidden, targets, old_logprobs, ref_logprobs)
-    logprobs, entropy = materialized_logprobs(hidden, weight, bias, targets, temperature=temperature,
-                                              return_entropy=True)
-    result = grpo_objective(logprobs, advantages, targets != IGNORE_INDEX, config, old_logprobs=old_logprobs,
-                            ref_logprobs=ref_logprobs, entropy=entropy, num_items_in_batch=num_items_in_batch)
-    return result.loss, result.metrics
+        loss, metrics, entropy = out.loss, dict(out.metrics), out.entropy
+    else:
+        hidden, targets, old_logprobs, ref_logprobs = unpacked(packed, hidden, targets, old_logprobs, ref_logprobs)
+        logprobs, entropy = materialized_logprobs(hidden, weight, bias, targets, temperature=temperature,
+                                                  return_entropy=True)
+        result = grpo_objective(logprobs, advantages, targets != IGNORE_INDEX, config, old_logprobs=old_logprobs,
+                                ref_logprobs=ref_logprobs, entropy=entropy, num_items_in_batch=num_items_in_batch)
+        loss, metrics = result.loss, dict(result.metrics)
+    if entropy_stats:
+        entropy = entropy.detach().reshape(targets.shape)
+        effective = targets != IGNORE_INDEX
+        if config.top_entropy_quantile < 1:
+            effective = high_entropy_mask(entropy, effective, 1 - config.top_entropy_quantile)
+        metrics["entropy/effective_sum"] = (entropy * effective).sum()
+        metrics["entropy/effective_count"] = effective.sum().to(entropy.dtype)
+    return loss, metrics
 
 
 @lm_head_precision

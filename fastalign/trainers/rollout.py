@@ -95,8 +95,12 @@ class SamplingTrainer(Trainer):
             self.eval_queries = [encode_prompt(tokenizer, p, max_prompt_length) for p in self.eval_dataset]
         from transformers import GenerationConfig
 
+        # a response ends at the tokenizer's EOS or any of the model's own (TRL 1.16's GRPOTrainer.eos_token_ids)
+        own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        own = [] if own is None else [own] if isinstance(own, int) else list(own)
+        self.eos_token_ids = list(dict.fromkeys([tokenizer.eos_token_id, *own]))
         self.generation_config = GenerationConfig(do_sample=True, pad_token_id=self.pad_token_id,
-                                                  eos_token_id=tokenizer.eos_token_id, **generation)
+                                                  eos_token_id=self.eos_token_ids, **generation)
 
     def setup_reference(self, ref_model: nn.Module | None) -> None:
         """``ref_model`` (None: a frozen copy of the policy as it is now) and its engine for this world
@@ -108,14 +112,15 @@ class SamplingTrainer(Trainer):
 
     @torch.no_grad()
     def sample(self, queries: list[list[int]]) -> Samples:
-        """Sample a response to each query (prompt ids) with ``model.generate``, cut it after the first EOS."""
+        """Sample a response to each query (prompt ids) with ``model.generate``, cut it after the first EOS (any of
+        ``eos_token_ids``)."""
         query, query_mask = (t.to(self.device) for t in pad(queries, self.pad_token_id, left=True))
         self.model.eval()
         sequences = self.policy.generate(input_ids=query, attention_mask=query_mask,
                                          generation_config=self.generation_config,
                                          synced_gpus=distributed.is_synced_generation(self.engine))
         self.model.train()
-        response, mask, has_eos = truncate_at_eos(sequences[:, query.shape[1]:], self.tokenizer.eos_token_id,
+        response, mask, has_eos = truncate_at_eos(sequences[:, query.shape[1]:], self.eos_token_ids,
                                                   self.pad_token_id)
         return Samples(torch.cat([query, response], 1), torch.cat([query_mask, mask.long()], 1), response, mask,
                        has_eos, self.tokenizer.batch_decode(response, skip_special_tokens=True))
@@ -184,10 +189,11 @@ class SamplingTrainer(Trainer):
         return distributed.weighted_average(means, counts)
 
 
-def truncate_at_eos(responses: Tensor, eos_token_id: int, pad_token_id: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``responses [B, T]`` with the tokens after each row's first EOS set to ``pad_token_id``; the response mask
-    ``[B, T]`` (bool, EOS included) and ``has_eos [B]`` (bool)."""
-    is_eos = responses == eos_token_id
+def truncate_at_eos(responses: Tensor, eos_token_id: int | list[int],
+                    pad_token_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``responses [B, T]`` with the tokens after each row's first EOS (``eos_token_id``: one id or a list) set to
+    ``pad_token_id``; the response mask ``[B, T]`` (bool, EOS included) and ``has_eos [B]`` (bool)."""
+    is_eos = torch.isin(responses, torch.as_tensor(eos_token_id, device=responses.device))
     after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
     return responses.masked_fill(after_eos, pad_token_id), ~after_eos, is_eos.any(-1)
 
@@ -223,23 +229,56 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     return advantages, (advantages + values).masked_fill(~mask, 0.0)
 
 
-def group_advantages(rewards_per_func: Tensor, reward_weights: Tensor, num_generations: int,
-                     scale_rewards: str) -> tuple[Tensor, dict[str, Tensor]]:
+MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+
+
+def nanstd(x: Tensor, dim: int | None = None, keepdim: bool = False) -> Tensor:
+    """TRL's ``nanstd``: the unbiased standard deviation of the non-NaN values (NaN with fewer than two)."""
+    mean = torch.nanmean(x, dim=dim, keepdim=True)
+    variance = torch.nanmean((x - mean) ** 2, dim=dim, keepdim=True)
+    count = (~torch.isnan(x)).sum(dim=dim, keepdim=True)
+    variance = variance * torch.where(count > 1, count / (count - 1), float("nan"))
+    std = variance.sqrt()
+    return std if keepdim else (std.squeeze(dim) if dim is not None else std.reshape(()))
+
+
+def group_advantages(rewards_per_func: Tensor, reward_weights: Tensor, num_generations: int, scale_rewards: str,
+                     aggregation: str = "sum_then_normalize") -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO's advantages ``[N]`` from the rewards ``[N, F]`` of ``F`` reward functions for ``N`` completions, the
     ``num_generations`` completions of a prompt consecutive (the whole batch, all ranks; NaN: that function does not
-    apply to that completion). As TRL: the weighted rewards summed ignoring NaN (``nansum``), minus their group mean,
-    over ``std + 1e-4`` with ``scale_rewards`` ``"group"`` (the group's std) or ``"batch"`` (the batch's std), not
-    scaled with ``"none"``; stds unbiased. Also returns TRL's reward metrics: ``reward``, ``reward_std`` (the
-    group std, or the batch std with ``"batch"``, averaged), ``frac_reward_zero_std``."""
-    rewards = (rewards_per_func * reward_weights.to(rewards_per_func).unsqueeze(0)).nansum(dim=1)
-    groups = rewards.view(-1, num_generations)
-    advantages = rewards - groups.mean(1).repeat_interleave(num_generations)
-    if scale_rewards == "batch":
-        std = (rewards.std() if rewards.numel() > 1 else torch.zeros_like(rewards[0])).expand_as(rewards)
+    apply to that completion), as TRL 1.16's ``GRPOTrainer``. ``aggregation`` (TRL's ``multi_objective_aggregation``):
+    ``"sum_then_normalize"``: the weighted rewards summed ignoring NaN, minus their group mean, over ``std + 1e-4``
+    with ``scale_rewards`` ``"group"`` (the group's std) or ``"batch"`` (the batch's std), not scaled with
+    ``"none"``; ``"normalize_then_sum"`` (GDPO, arXiv:2601.05242): each function's rewards normalized within the
+    group (``(r - mean) / (std + 1e-4)``), weighted and summed, then normalized over the batch (``scale_rewards``
+    not used). Stds unbiased, ignoring NaN. A completion every function skipped is unscorable: left out of the
+    baselines, advantage 0. Also returns TRL's reward metrics: ``reward`` and ``reward_std`` (mean and std of the
+    weighted rewards over the batch), ``frac_reward_zero_std`` (the scale's std zero)."""
+    weights = reward_weights.to(rewards_per_func).unsqueeze(0)
+    unscorable = torch.isnan(rewards_per_func).all(dim=1)
+    if aggregation == "sum_then_normalize":
+        rewards = (rewards_per_func * weights).nansum(dim=1).masked_fill(unscorable, float("nan"))
+        groups = rewards.view(-1, num_generations)
+        advantages = rewards - groups.nanmean(1).repeat_interleave(num_generations)
+        if scale_rewards == "batch":
+            std = (nanstd(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards[0])).expand_as(rewards)
+        else:
+            std = nanstd(groups, 1).repeat_interleave(num_generations) if num_generations > 1 else \
+                torch.zeros_like(rewards)
+        if scale_rewards != "none":
+            advantages = advantages / (std + 1e-4)
+    elif aggregation == "normalize_then_sum":
+        grouped = rewards_per_func.view(-1, num_generations, rewards_per_func.shape[1])
+        mean = grouped.nanmean(1, keepdim=True)
+        group_std = nanstd(grouped, 1, keepdim=True) if num_generations > 1 else torch.zeros_like(mean)
+        normalized = ((grouped - mean) / (group_std + 1e-4)).view_as(rewards_per_func)
+        rewards = (normalized * weights).nansum(dim=1).masked_fill(unscorable, float("nan"))
+        std = (nanstd(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards[0])).expand_as(rewards)
+        advantages = (rewards - rewards.nanmean()) / (std + 1e-4)
     else:
-        std = groups.std(1).repeat_interleave(num_generations) if num_generations > 1 else torch.zeros_like(rewards)
-    if scale_rewards != "none":
-        advantages = advantages / (std + 1e-4)
-    metrics = {"reward": rewards.mean(), "reward_std": std.mean(),
+        raise ValueError(f"multi_objective_aggregation: expected one of {MULTI_OBJECTIVE_AGGREGATIONS}, "
+                         f"got {aggregation!r}")
+    logged = (rewards_per_func * weights).nansum(dim=1).masked_fill(unscorable, float("nan"))
+    metrics = {"reward": logged.nanmean(), "reward_std": nanstd(logged),
                "frac_reward_zero_std": torch.isclose(std, torch.zeros_like(std)).float().mean()}
-    return advantages, metrics
+    return advantages.nan_to_num(nan=0.0), metrics
