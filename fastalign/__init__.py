@@ -1,13 +1,15 @@
 """fastalign: fused kernels for LLM alignment losses, computed from hidden states without materializing logits."""
 from .functional import (fused_linear_cpo_loss, fused_linear_dpo_loss, fused_linear_grpo_loss, fused_linear_kto_loss,
-                         fused_linear_logprobs, fused_linear_orpo_loss, fused_linear_ppo_loss)
+                         fused_linear_logprobs, fused_linear_orpo_loss, fused_linear_ppo_loss, fused_linear_rloo_loss)
 from .modules import FusedLinearLogProbs
 from .ops.dpo import DPOLossOutput
 from .ops.grpo import GRPOLossOutput
 from .ops.kto import KTOLossOutput
 from .ops.ppo import PPOLossOutput
+from .ops.rloo import RLOOLossOutput
 
 __all__ = ["fused_linear_logprobs", "fused_linear_ppo_loss", "fused_linear_grpo_loss", "fused_linear_dpo_loss",
-           "fused_linear_kto_loss", "fused_linear_cpo_loss", "fused_linear_orpo_loss",
-           "FusedLinearLogProbs", "PPOLossOutput", "GRPOLossOutput", "DPOLossOutput", "KTOLossOutput"]
+           "fused_linear_kto_loss", "fused_linear_cpo_loss", "fused_linear_orpo_loss", "fused_linear_rloo_loss",
+           "FusedLinearLogProbs", "PPOLossOutput", "GRPOLossOutput", "DPOLossOutput", "KTOLossOutput",
+           "RLOOLossOutput"]
 __version__ = "0.1.0"

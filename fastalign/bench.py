@@ -42,8 +42,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .functional import (fused_linear_cpo_loss, fused_linear_dpo_loss, fused_linear_grpo_loss, fused_linear_kto_loss,
-                         fused_linear_logprobs, fused_linear_ppo_loss)
+                         fused_linear_logprobs, fused_linear_ppo_loss, fused_linear_rloo_loss)
 from .objectives.grpo import GRPOLossConfig, grpo_loss
+from .objectives.rloo import rloo_loss
 
 Step = Callable[[], object]
 """One measured call of a variant; its result is dropped."""
@@ -378,9 +379,9 @@ def fused_grpo(**options) -> VariantFactory:
     return factory
 
 
-def naive_grpo(**options) -> VariantFactory:
-    """TRL's way: materialized logits, log_softmax, gather, entropy, then the same loss formulas; fwd + bwd."""
-    config = GRPOLossConfig(**options)
+def naive_completion_loss(loss_of: Callable[[Tensor, Tensor, Tensor, GRPOInputs], Tensor]) -> VariantFactory:
+    """TRL's way: materialized logits, log_softmax, gather, entropy, then ``loss_of(logprobs, entropy, mask,
+    inputs)`` (the same formulas as the fused op's); fwd + bwd."""
 
     def factory(x: GRPOInputs) -> Step:
         hidden, weight = x.hidden.detach().requires_grad_(True), x.weight.detach().requires_grad_(True)
@@ -390,13 +391,18 @@ def naive_grpo(**options) -> VariantFactory:
             logp = torch.log_softmax((hidden @ weight.T).float(), dim=-1)
             logprobs = logp.gather(-1, index).squeeze(-1)
             entropy = -(logp.exp() * logp).sum(-1)
-            loss = grpo_loss(logprobs, x.advantages.float(), mask, config, old_logprobs=x.old_logprobs.float(),
-                             entropy=entropy).loss
-            return torch.autograd.grad(loss, [hidden, weight])
+            return torch.autograd.grad(loss_of(logprobs, entropy, mask, x), [hidden, weight])
 
         return step
 
     return factory
+
+
+def naive_grpo(**options) -> VariantFactory:
+    """TRL's GRPO on materialized logits (:func:`naive_completion_loss`)."""
+    config = GRPOLossConfig(**options)
+    return naive_completion_loss(lambda logprobs, entropy, mask, x: grpo_loss(
+        logprobs, x.advantages.float(), mask, config, old_logprobs=x.old_logprobs.float(), entropy=entropy).loss)
 
 
 GRPO_SEQUENCE_LEVEL = dict(loss_type="grpo", importance_sampling_level="sequence")
@@ -649,6 +655,20 @@ def sequence_loss_modes(title: str, fused: Callable[..., VariantFactory], naive:
 
 REGISTRY["kto"] = OpBench(make_kto_inputs, sequence_loss_modes(
     "KTO fwd+bwd, reference sums and KL precomputed", fused_kto, naive_kto))
+
+
+# --- RLOO: GRPO's inputs (old log-probs summed per completion) -------------------------------------------------
+
+def fused_rloo(**options) -> VariantFactory:
+    """fused_linear_rloo_loss (entropy computed for TRL's metric, as TRL does), forward + backward."""
+    return fused_loss(lambda x, hidden, weight: fused_linear_rloo_loss(
+        hidden, weight, x.targets, x.advantages, old_logprobs=x.old_logprobs, backend=x.backend, **options))
+
+
+NAIVE_RLOO = naive_completion_loss(lambda logprobs, entropy, mask, x: rloo_loss(
+    logprobs, x.advantages.float(), mask, old_logps=x.old_logprobs.float().sum(-1), entropy=entropy).loss)
+REGISTRY["rloo"] = OpBench(make_grpo_inputs, sequence_loss_modes(
+    "RLOO fwd+bwd, sequence ratio, old log-probs precomputed", fused_rloo, NAIVE_RLOO))
 
 SIMPO = dict(beta=2.0, simpo_gamma=0.5, cpo_alpha=0.0)  # the SimPO paper's loss (no NLL term)
 

@@ -12,6 +12,7 @@ from .objectives.grpo import GRPOLossConfig
 from .objectives.kto import KTOOptions
 from .objectives.preference import CPOOptions
 from .objectives.ppo import PPOLossConfig
+from .objectives.rloo import RLOOOptions
 from .ops.cpo import fused_cpo_loss, fused_orpo_loss, merge_nll_targets
 from .ops.dpo import DPOLossOutput, DPOOpConfig, fused_dpo_loss, validate_preference_layout, validate_reference
 from .ops.grpo import GRPOLossOutput, fused_grpo_loss, validate_grpo_inputs
@@ -19,6 +20,7 @@ from .ops.kto import KTOLossOutput, fused_kto_loss, validate_kto_inputs
 from .ops.logprobs import linear_logprobs, prepare_linear
 from .ops.segments import check_sequence_count, packed_layout, validate_sequence_layout
 from .ops.ppo import PPOLossOutput, ppo_loss, validate_value_head
+from .ops.rloo import RLOOLossOutput, fused_rloo_loss, validate_rloo_inputs
 from .ops.torch_backend import compute_dtype
 from .ops.validation import masked_token_tensor, require_bool, validate_token_mask
 
@@ -365,6 +367,66 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, adva
         importance_sampling_ratio=importance_sampling_ratio, sampling_logprobs=sampling_logprobs,
         num_items_in_batch=num_items_in_batch, ignore_index=int(ignore_index), check_finite=check_finite)
     return fused_grpo_loss(inputs, opts, config, tokens, layout)
+
+
+def fused_linear_rloo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tensor, *,
+                           old_logprobs: Tensor | None = None, mask: Tensor | None = None,
+                           epsilon: float = RLOOOptions.epsilon, epsilon_high: float | None = RLOOOptions.epsilon_high,
+                           bias: Tensor | None = None, cu_seqlens: Tensor | None = None,
+                           position_ids: Tensor | None = None, temperature: float = 1.0, ignore_index: int = -100,
+                           backend: str = "auto", chunk_size: int | None = None, deterministic: bool | None = None,
+                           check_finite: bool = True, process_group=None,
+                           reduce_hidden_grad: bool = True) -> RLOOLossOutput:
+    """RLOO loss from hidden states (TRL 1.16's ``RLOOTrainer._compute_loss``), without the logits.
+
+    Each completion's log-prob is the sum of its completion tokens' log-probs, ``logps [B]``; the loss is
+    ``mean_b -min(r A, clip(r, 1 - epsilon, 1 + epsilon_high) A)`` with the sequence ratio ``r = exp(logps -
+    old_logps)``, for one process and without the division by the gradient-accumulation steps (that stays the
+    caller's). The advantages come from ``fastalign.objectives.rloo.rloo_advantages`` (leave-one-out baseline, the
+    KL penalty in the reward); formulas and where TRL differs from the paper: ``fastalign.objectives.rloo``. Only
+    completion tokens get logits; whole sequences per chunk (torch: one pass, three matmuls, when the longest
+    completion fits the memory budget, else two passes; triton: two passes, four matmuls).
+
+    Args:
+        hidden: ``[B, T, H]`` last hidden states at the positions that predict ``targets``.
+        weight: ``[V, H]`` lm_head weight; ``bias``: optional ``[V]``.
+        targets: ``[B, T]`` sampled completion token ids, ``ignore_index`` on prompt and padding positions.
+        advantages: ``[B]``, one per completion.
+        old_logprobs: the log-probs at sampling time, per token ``[B, T]`` (summed over the completion mask, as TRL
+            sums ``old_per_token_logps``) or per completion ``[B]`` (TRL's ``old_logps``); None: on-policy (the
+            detached current log-probs, ratio exactly 1).
+        mask: ``[B, T]`` bool or 0/1 completion mask (e.g. TRL's ``completion_mask``, zero for a truncated
+            completion with ``mask_truncated_completions``); default the tokens whose target is not ignored.
+        epsilon, epsilon_high: the clip range ``[1 - epsilon, 1 + epsilon_high]`` (``epsilon_high`` None:
+            ``epsilon``), TRL's ``RLOOConfig`` names and defaults.
+        cu_seqlens, position_ids: a packed batch of S completions (``hidden [N, H]`` or ``[1, N, H]``, ``targets``
+            and a per-token ``old_logprobs`` / ``mask`` ``[N]`` (``[1, N]``), ``advantages`` and a per-sequence
+            ``old_logprobs`` ``[S]``; when ``N == S`` an ``old_logprobs [N]`` is read per token), as in
+            :func:`fused_linear_grpo_loss`. Same loss as the padded batch.
+        deterministic: as in :func:`fused_linear_logprobs`.
+        temperature, ignore_index, backend, chunk_size, check_finite, process_group, reduce_hidden_grad: as in
+            :func:`fused_linear_logprobs` (vocab-parallel: every other argument the same on every rank).
+
+    Returns:
+        ``RLOOLossOutput(loss, metrics, logprobs, entropy, logps)``: ``loss`` differentiable w.r.t. ``hidden``,
+        ``weight`` and ``bias``; ``metrics`` detached 0-d fp32 tensors (float64 for float64 inputs) under TRL's
+        names (``entropy``, ``clip_ratio/low_mean``, ``clip_ratio/low_min``, ``clip_ratio/high_mean``,
+        ``clip_ratio/high_max``, ``clip_ratio/region_mean``); ``logprobs`` and ``entropy`` ``[B, T]`` detached fp32
+        (0 outside the completion mask; ``[N]`` packed); ``logps [B]`` the completions' log-probs, detached.
+    """
+    packed = cu_seqlens is not None or position_ids is not None
+    validate_sequence_layout(hidden, targets, packed)
+    inputs, opts = prepare_linear(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
+                                  backend=backend, chunk_size=chunk_size, deterministic=deterministic,
+                                  check_finite=check_finite,
+                                  process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
+    options = RLOOOptions(epsilon=epsilon, epsilon_high=epsilon_high)
+    layout = packed_layout(inputs.targets.numel(), inputs.hidden.device, cu_seqlens=cu_seqlens,
+                           position_ids=position_ids)
+    tokens = validate_rloo_inputs(targets, layout, compute_dtype(inputs.hidden.dtype), advantages=advantages,
+                                  mask=mask, old_logprobs=old_logprobs, ignore_index=int(ignore_index),
+                                  check_finite=check_finite)
+    return fused_rloo_loss(inputs, opts, options, tokens, layout)
 
 
 def fused_linear_kto_loss(hidden: Tensor, weight: Tensor, targets: Tensor, labels: Tensor, *, ref_logps: Tensor,

@@ -12,7 +12,7 @@ import torch._dynamo
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from fastalign import (fused_linear_cpo_loss, fused_linear_dpo_loss, fused_linear_grpo_loss, fused_linear_kto_loss,
-                       fused_linear_logprobs, fused_linear_orpo_loss, fused_linear_ppo_loss)
+                       fused_linear_logprobs, fused_linear_orpo_loss, fused_linear_ppo_loss, fused_linear_rloo_loss)
 from conftest import BACKENDS
 from fastalign.ops import registered
 from fastalign.ops.linear import LinearOptions
@@ -213,7 +213,12 @@ def op_orpo(hidden, weight, targets, x):
     return out.loss, out.metrics
 
 
-OPS = [op_logprobs, op_ppo, op_grpo, op_gspo, op_dpo, op_kto, op_cpo, op_orpo]
+def op_rloo(hidden, weight, targets, x):
+    out = fused_linear_rloo_loss(hidden, weight, targets, x["adv"], old_logprobs=x["old"], epsilon_high=0.28)
+    return out.loss, {**out.metrics, "logprobs": out.logprobs, "entropy": out.entropy, "logps": out.logps}
+
+
+OPS = [op_logprobs, op_ppo, op_grpo, op_gspo, op_dpo, op_kto, op_cpo, op_orpo, op_rloo]
 
 
 def _run(fn, hidden, weight, targets, x):

@@ -248,9 +248,10 @@ def _every_op(deterministic):
                                     ref_logps=torch.zeros(4), kl=torch.zeros(()), **kw)
     fastalign.fused_linear_cpo_loss(h3, weight, t3, **kw)
     fastalign.fused_linear_orpo_loss(h3, weight, t3, **kw)
+    fastalign.fused_linear_rloo_loss(h3, weight, t3, torch.ones(4), **kw)
 
 
-OPS = 8
+OPS = 9
 
 
 @pytest.mark.parametrize("how", ["argument", "env", "torch_flag"])

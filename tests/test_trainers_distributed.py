@@ -17,7 +17,8 @@ from torch.distributed.tensor import DTensor
 from distributed import free_port, run_ranks
 from noise import SEPARATED, recorded_calls, reward_margins
 from fastalign import hf
-from fastalign.trainers import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer
+from fastalign.trainers import (DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer, RLOOConfig,
+                                RLOOTrainer)
 from fastalign.trainers.config_file import example_config
 from fastalign.trainers.tasks import CountingTask
 from fastalign.trainers.tiny import tiny_llama, word_tokenizer
@@ -50,11 +51,14 @@ def make_trainer(kind: str, output_dir: str, per_device: int, accumulation: int 
     if kind == "dpo":
         config = DPOConfig(learning_rate=3e-3, max_length=32, max_prompt_length=16, rpo_alpha=1.0, **fields)
         return DPOTrainer(model, tokenizer, preference_data(), config)
-    if kind == "grpo":
+    if kind in ("grpo", "rloo"):  # RLOO: the batch-normalized advantages and the KL in the reward over all ranks
         fields = dict(fields, per_device_train_batch_size=per_device * accumulation, gradient_accumulation_steps=1)
-        config = GRPOConfig(learning_rate=1e-3, num_generations=4, scale_rewards="batch", max_completion_length=6,
-                            num_iterations=2, beta=0.1, **fields | overrides)
-        trainer = GRPOTrainer(model, tokenizer, TASK.prompts(48, seed=3), TASK.score, config)
+        options = dict(scale_rewards="batch") if kind == "grpo" else dict(normalize_advantages=True)
+        config = (GRPOConfig if kind == "grpo" else RLOOConfig)(
+            learning_rate=1e-3, num_generations=4, max_completion_length=6, num_iterations=2, beta=0.1,
+            **options, **fields | overrides)
+        trainer = (GRPOTrainer if kind == "grpo" else RLOOTrainer)(model, tokenizer, TASK.prompts(48, seed=3),
+                                                                   TASK.score, config)
         if scripted:  # a group's 4 completions differ by their position in the step's batch, modulo 4
             trainer.policy.generate = scripted_generate(trainer, period=4)
         return trainer
@@ -153,7 +157,9 @@ SAME_METRICS = {"dpo": ("loss", "nll_loss", "rewards/chosen", "rewards/rejected"
                         "grad_norm", "learning_rate", "episode", "epoch"),
                 "grpo": ("loss", "reward", "reward_std", "frac_reward_zero_std", "rewards/score/mean",
                          "completions/mean_length", "completions/clipped_ratio", "grad_norm", "learning_rate",
-                         "epoch")}
+                         "epoch"),
+                "rloo": ("loss", "reward", "reward_std", "frac_reward_zero_std", "kl", "rewards/score/mean",
+                         "completions/mean_length", "grad_norm", "learning_rate", "epoch")}
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +183,8 @@ def one_process_runs(tmp_path_factory):
 
 @pytest.mark.parametrize("kind, parallelism, tied, checkpointing", [
     ("dpo", "ddp", False, False), ("ppo", "ddp", False, True), ("dpo", "fsdp", False, True),
-    ("ppo", "fsdp", True, False), ("grpo", "ddp", False, False), ("grpo", "fsdp", True, True)])
+    ("ppo", "fsdp", True, False), ("grpo", "ddp", False, False), ("grpo", "fsdp", True, True),
+    pytest.param("rloo", "ddp", False, False, marks=pytest.mark.slow)])
 def test_two_ranks_match_one_process_with_twice_the_batch(tmp_path, one_process_runs, kind, parallelism, tied,
                                                           checkpointing):
     """Gradients of every optimizer step (3 steps, 2 micro-batches each, PPO 2 epochs, GRPO 2 iterations), the logged
@@ -204,7 +211,7 @@ def test_two_ranks_match_one_process_with_twice_the_batch(tmp_path, one_process_
     assert compared == (2 if kind == "dpo" else 0)
     # GRPO: AdamW normalizes gradient elements near 0 (equal here only to the 1e-6 absolute tolerance above), so their
     # float noise can reach the weights magnified; a real error would move them by about the learning rate (1e-3)
-    atol = 1e-5 if kind == "grpo" else 1e-6
+    atol = 1e-5 if kind in ("grpo", "rloo") else 1e-6
     assert_same_weights(saved_weights(str(tmp_path)), saved_weights(output_dir), rtol=1e-4, atol=atol)
 
 

@@ -1,11 +1,11 @@
-"""PPO and GRPO compute the rollout's old log-probs as the first update's forward (the same micro-batches, in the same
+"""PPO, GRPO and RLOO compute the rollout's old log-probs as the first update's forward (the same micro-batches, in the same
 order), so with ``deterministic=True`` (batch-invariant fused ops) the first update is exactly on-policy: the op's
 log-probs equal the old ones bit for bit, ``policy/ratio_mean`` is exactly 1.0 and ``policy/clipfrac`` exactly 0
 (#16). Later updates, after an optimizer step, differ: the spy sees the live log-probs."""
 import pytest
 import torch
 
-from fastalign.trainers import GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer, losses
+from fastalign.trainers import GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer, RLOOConfig, RLOOTrainer, losses
 from test_trainers import TASK, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -53,14 +53,17 @@ def test_ppo_first_mini_batch_is_exactly_on_policy(tmp_path, monkeypatch, option
         assert not torch.equal(after_update[3].logprobs, after_update[1])
 
 
-@pytest.mark.parametrize("options", OPTIONS, ids=["fp32", "ckpt-bf16"])
-def test_grpo_first_iteration_is_exactly_on_policy(tmp_path, monkeypatch, options):
-    calls = spy(monkeypatch, "fused_linear_grpo_loss")
+@pytest.mark.parametrize("kind, options", [("grpo", OPTIONS[0]), ("grpo", OPTIONS[1]), ("rloo", OPTIONS[0])],
+                         ids=["grpo-fp32", "grpo-ckpt-bf16", "rloo-fp32"])
+def test_grpo_first_iteration_is_exactly_on_policy(tmp_path, monkeypatch, kind, options):
+    """RLOO too: its sequence ratio (sums of the same log-probs) is exactly 1 in the first iteration."""
+    calls = spy(monkeypatch, f"fused_linear_{kind}_loss")
     model, tok = tiny()
-    config = GRPOConfig(output_dir=str(tmp_path / "grpo"), learning_rate=1e-2, per_device_train_batch_size=4,
-                        gradient_accumulation_steps=2, num_generations=4, max_completion_length=6, max_steps=2,
-                        num_iterations=2, deterministic=True, disable_tqdm=True, **options)
-    GRPOTrainer(model, tok, TASK.prompts(16, seed=3), lambda p, c: [len(x) / 10 for x in c], config).train()
+    config_class, trainer_class = (GRPOConfig, GRPOTrainer) if kind == "grpo" else (RLOOConfig, RLOOTrainer)
+    config = config_class(output_dir=str(tmp_path / kind), learning_rate=1e-2, per_device_train_batch_size=4,
+                          gradient_accumulation_steps=2, num_generations=4, max_completion_length=6, max_steps=2,
+                          num_iterations=2, deterministic=True, disable_tqdm=True, **options)
+    trainer_class(model, tok, TASK.prompts(16, seed=3), lambda p, c: [len(x) / 10 for x in c], config).train()
     assert len(calls) == 2 * 2 * 2  # steps x iterations x micro-batches
     for step in range(2):
         for call in calls[step * 4:step * 4 + 2]:  # the first iteration: one update over 2 micro-batches
@@ -72,6 +75,6 @@ def test_grpo_first_iteration_is_exactly_on_policy(tmp_path, monkeypatch, option
 
 
 def test_deterministic_must_be_a_bool_or_none():
-    for config in (PPOConfig, GRPOConfig):
+    for config in (PPOConfig, GRPOConfig, RLOOConfig):
         with pytest.raises(TypeError, match=rf"{config.__name__}.deterministic: expected bool or None, got 'yes'"):
             config(deterministic="yes")

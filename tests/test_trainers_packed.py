@@ -1,13 +1,13 @@
 """Padding-free trainers (``padding_free=True``) on a tiny Llama: a packed forward gives each sequence the hidden
 states of its own separate forward (no attention across a boundary: sdpa's per-sequence attention, the block-diagonal
 mask of eager and of sdpa under gradient checkpointing), one packed training step equals the padded step (losses,
-gradients and parameter updates) for DPO, KTO, GRPO and PPO, the option is validated."""
+gradients and parameter updates) for DPO, KTO, GRPO, PPO and RLOO, the option is validated."""
 import pytest
 import torch
 
 from fastalign import hf
 from fastalign.trainers import (DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, KTOConfig, KTOTrainer, PPOConfig,
-                                PPOTrainer)
+                                PPOTrainer, RLOOConfig, RLOOTrainer)
 from fastalign.trainers.tasks import CountingTask
 from fastalign.trainers.tiny import tiny_llama, word_tokenizer
 from test_trainers import capture_gradients, weights
@@ -90,13 +90,17 @@ def make(kind, tmp_path, padding_free, loss_backend="fused"):
                             max_completion_length=6, num_iterations=2, beta=0.1, loss_type="grpo",
                             importance_sampling_level="sequence", **common)
         return GRPOTrainer(model, tok, TASK.prompts(16, seed=3), TASK.score, config)
+    if kind == "rloo":  # old and reference log-probs, the ratio of whole sequences, the KL in the reward
+        config = RLOOConfig(per_device_train_batch_size=4, gradient_accumulation_steps=2, num_generations=4,
+                            max_completion_length=6, num_iterations=2, beta=0.1, **common)
+        return RLOOTrainer(model, tok, TASK.prompts(16, seed=3), TASK.score, config)
     config = PPOConfig(per_device_train_batch_size=4, num_mini_batches=2, response_length=6, temperature=1.0,
                        num_ppo_epochs=2, **common)
     return PPOTrainer(model, tok, TASK.prompts(16, seed=3), TASK.score, config)
 
 
 @pytest.mark.parametrize("loss_backend", ["fused", "reference"])
-@pytest.mark.parametrize("kind", ["dpo", "kto", "grpo", "ppo"])
+@pytest.mark.parametrize("kind", ["dpo", "kto", "grpo", "ppo", "rloo"])
 def test_packed_steps_equal_padded_steps(tmp_path, kind, loss_backend):
     runs = []
     for padding_free in (False, True):
@@ -124,7 +128,7 @@ def test_packed_steps_equal_padded_steps(tmp_path, kind, loss_backend):
         torch.testing.assert_close(packed_weights[name], value, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("config_class", [DPOConfig, KTOConfig, GRPOConfig, PPOConfig])
+@pytest.mark.parametrize("config_class", [DPOConfig, KTOConfig, GRPOConfig, PPOConfig, RLOOConfig])
 def test_padding_free_is_validated(config_class):
     assert config_class().padding_free is False
     with pytest.raises(TypeError, match=f"{config_class.__name__}.padding_free: expected bool, got 'yes'"):

@@ -161,3 +161,13 @@ def masked_whiten(
     if not shift_mean:
         whitened = whitened + mean
     return whitened
+
+
+def nanstd(x: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
+    """TRL's ``nanstd``: the unbiased standard deviation of the non-NaN values (NaN with fewer than two)."""
+    mean = torch.nanmean(x, dim=dim, keepdim=True)
+    variance = torch.nanmean((x - mean) ** 2, dim=dim, keepdim=True)
+    count = (~torch.isnan(x)).sum(dim=dim, keepdim=True)
+    variance = variance * torch.where(count > 1, count / (count - 1), float("nan"))
+    std = variance.sqrt()
+    return std if keepdim else (std.squeeze(dim) if dim is not None else std.reshape(()))

@@ -140,8 +140,35 @@ def fused_grpo_loss(inputs: LinearInputs, opts: LinearOptions, config: GRPOLossC
     """The fused GRPO loss on validated inputs: ``inputs.lead_shape == (B, T)`` (padded), or N packed rows with
     their ``layout``; ``tokens`` in the layout of ``targets``."""
     tokens = tokens.padded(layout)
-    shape = tokens.mask.shape  # [S, T]
-    dtype = compute_dtype(inputs.hidden.dtype)
+    float_mask = tokens.mask.to(compute_dtype(inputs.hidden.dtype))
+
+    def loss_of(logprobs: Tensor, entropy: Tensor | None):
+        return grpo_loss(logprobs, tokens.advantages, float_mask, config, old_logprobs=tokens.old_logprobs,
+                         ref_logprobs=tokens.ref_logprobs, entropy=entropy,
+                         importance_sampling_ratio=tokens.importance_sampling_ratio,
+                         sampling_logprobs=tokens.sampling_logprobs, num_items_in_batch=tokens.num_items_in_batch)
+
+    out = fused_completion_loss(inputs, opts, tokens.mask, loss_of, config.coupling, layout)
+    return GRPOLossOutput(out.loss, out.result.metrics, out.logprobs, out.entropy)
+
+
+class CompletionLoss(NamedTuple):
+    """What :func:`fused_completion_loss` returns."""
+
+    loss: Tensor  # scalar, differentiable w.r.t. hidden, weight and bias
+    result: NamedTuple  # the objective's output on the detached log-probs and entropy (its metrics...)
+    logprobs: Tensor  # [B, T] (packed: [N]) detached, 0 outside the completion mask
+    entropy: Tensor
+
+
+def fused_completion_loss(inputs: LinearInputs, opts: LinearOptions, mask: Tensor, loss_of, coupling: str,
+                          layout: PackedLayout | None = None) -> CompletionLoss:
+    """A loss of the completion tokens' log-probs and entropy in the padded ``[S, T]`` layout, through the engine:
+    ``loss_of(logprobs [S, T], entropy [S, T])`` returns the objective's output (with ``.loss`` and ``.metrics``),
+    ``mask [S, T]`` (bool) the completion tokens (``targets`` not ignored), ``coupling`` what one token's gradient
+    depends on (``"token"``, ``"sequence"``: whole sequences per chunk, ``"batch"``: two passes). ``inputs`` are
+    ``[S, T]`` rows, or N packed rows with their ``layout``."""
+    shape = mask.shape  # [S, T]
     compiling = torch.compiler.is_compiling()
     if config.loss_type == "dr_grpo" and not compiling:  # TRL truncates every completion to max_completion_length
         longest = int(tokens.mask.sum(-1).max())
@@ -152,15 +179,14 @@ def fused_grpo_loss(inputs: LinearInputs, opts: LinearOptions, config: GRPOLossC
         if layout is not None:
             raise ValueError("cu_seqlens: packed batches are not supported under torch.compile yet (their layout "
                              "has data-dependent shapes); got a packed batch in a compiled call")
-        positions = torch.arange(shape.numel(), device=tokens.mask.device)
+        positions = torch.arange(shape.numel(), device=mask.device)
     else:
-        positions = tokens.mask.reshape(-1).nonzero().squeeze(1)  # completion tokens in [S, T], by sequence
+        positions = mask.reshape(-1).nonzero().squeeze(1)  # completion tokens in [S, T], by sequence
     rows = positions if layout is None else layout.packed_rows(positions)  # their rows of hidden
-    if config.coupling == "sequence" and not compiling:  # whole sequences per chunk
-        groups = tokens.mask.sum(-1).tolist()
+    if coupling == "sequence" and not compiling:  # whole sequences per chunk
+        groups = mask.sum(-1).tolist()
     else:
-        groups = "token" if config.coupling == "token" else None
-    float_mask = tokens.mask.to(dtype)
+        groups = "token" if coupling == "token" else None
 
     def as_batch(values: Tensor | None, part: slice | None = None) -> Tensor | None:
         """Row values (``[M]``, or those of the rows ``part`` of them) as ``[S, T]`` (0 elsewhere), differentiably."""
@@ -168,13 +194,7 @@ def fused_grpo_loss(inputs: LinearInputs, opts: LinearOptions, config: GRPOLossC
             return None
         where = positions if part is None else positions[part]
         batch = values.new_zeros(shape.numel()).index_put((where,), values).view(shape)
-        return torch.where(tokens.mask, batch, 0.0) if compiling else batch  # compiled: every row was computed
-
-    def loss_of(logprobs: Tensor, entropy: Tensor | None):
-        return grpo_loss(logprobs, tokens.advantages, float_mask, config, old_logprobs=tokens.old_logprobs,
-                         ref_logprobs=tokens.ref_logprobs, entropy=entropy,
-                         importance_sampling_ratio=tokens.importance_sampling_ratio,
-                         sampling_logprobs=tokens.sampling_logprobs, num_items_in_batch=tokens.num_items_in_batch)
+        return torch.where(mask, batch, 0.0) if compiling else batch  # compiled: every row was computed
 
     def loss_fn(values: RowValues) -> Tensor:
         return loss_of(as_batch(values.logprobs, values.rows), as_batch(values.entropy, values.rows)).loss
@@ -183,7 +203,7 @@ def fused_grpo_loss(inputs: LinearInputs, opts: LinearOptions, config: GRPOLossC
                           spec=RowStatsSpec(entropy=True))
     logprobs, entropy = as_batch(out.logprobs), as_batch(out.entropy)
     with torch.no_grad():
-        metrics = loss_of(logprobs, entropy).metrics  # fp32 (float64 for float64 inputs)
+        result = loss_of(logprobs, entropy)  # fp32 (float64 for float64 inputs)
     if layout is not None:
         logprobs, entropy = layout.to_packed(logprobs), layout.to_packed(entropy)
-    return GRPOLossOutput(out.loss, metrics, logprobs.view(inputs.lead_shape), entropy.view(inputs.lead_shape))
+    return CompletionLoss(out.loss, result, logprobs.view(inputs.lead_shape), entropy.view(inputs.lead_shape))

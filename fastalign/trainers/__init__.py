@@ -1,4 +1,4 @@
-"""Lightweight DPO, KTO, PPO, GRPO and reward-model trainers on the fused ops (TRL's config fields and metric names, loops you can
+"""Lightweight DPO, KTO, PPO, GRPO, RLOO and reward-model trainers on the fused ops (TRL's config fields and metric names, loops you can
 read).
 
 ```python
@@ -8,6 +8,7 @@ DPOTrainer(model, tokenizer, train_dataset, config=DPOConfig(...), ref_model=Non
 KTOTrainer(model, tokenizer, train_dataset, config=KTOConfig(...), ref_model=None, eval_dataset=None).train()
 PPOTrainer(model, tokenizer, prompts, reward_fn, config=PPOConfig(...), ref_model=None).train()
 GRPOTrainer(model, tokenizer, prompts, reward_funcs, config=GRPOConfig(...)).train()
+RLOOTrainer(model, tokenizer, prompts, reward_funcs, config=RLOOConfig(...)).train()
 RewardTrainer(reward_model, tokenizer, train_dataset, config=RewardConfig(...), eval_dataset=None).train()
 ```
 
@@ -20,6 +21,7 @@ from .grpo import GRPOConfig, GRPOTrainer
 from .kto import KTOConfig, KTOTrainer
 from .ppo import PPOConfig, PPOTrainer
 from .reward import RewardConfig, RewardTrainer
+from .rloo import RLOOConfig, RLOOTrainer
 
 __all__ = ["DPOConfig", "DPOTrainer", "GRPOConfig", "GRPOTrainer", "KTOConfig", "KTOTrainer", "PPOConfig", "PPOTrainer",
-           "RewardConfig", "RewardTrainer", "TrainingConfig"]
+           "RewardConfig", "RewardTrainer", "RLOOConfig", "RLOOTrainer", "TrainingConfig"]

@@ -1,4 +1,4 @@
-"""``fastalign dpo|kto|ppo|grpo|reward --config FILE.yaml``: the trainers from a YAML file.
+"""``fastalign dpo|kto|ppo|grpo|rloo|reward --config FILE.yaml``: the trainers from a YAML file.
 
 The file names a model, a tokenizer, data files (and for PPO and GRPO rewards) and, under ``config:``, the fields
 of the trainer's config (:class:`DPOConfig`, :class:`PPOConfig`, :class:`RewardConfig`...). ``example_config(kind)``
@@ -22,6 +22,7 @@ from .grpo import GRPOConfig, GRPOTrainer
 from .kto import KTOConfig, KTOTrainer
 from .ppo import PPOConfig, PPOTrainer
 from .reward import RewardConfig, RewardTrainer
+from .rloo import RLOOConfig, RLOOTrainer
 from .tasks import CountingTask
 
 BUILTIN = "builtin:"
@@ -130,6 +131,33 @@ config:                     # GRPOConfig fields, TRL's names (see `pydoc fastali
   eval_steps: 20
   loss_backend: fused
 """,
+    "rloo": """\
+# fastalign rloo --config rloo.yaml    (relative paths are relative to the current directory)
+model: fastalign-dpo        # a transformers model directory (here: the output of the dpo example), or "tiny"
+# tokenizer: path/to/tokenizer          # default: the model directory, or "char" for model: tiny
+prompts_file: builtin:counting          # JSONL, one {"prompt": ..} (or a JSON string) per line
+eval_file: builtin:counting-heldout     # optional prompts, mean reward every eval_steps and at the end
+reward: counting            # "counting" (the built-in task's rule), "package.module:function" taking
+                            # (prompts, completions) and returning a list of floats (or None: not applicable),
+                            # or a list of them (weighted by reward_weights under config:)
+# reward_model: path/to/reward-model    # sequence-classification model directory (or a list), with or without reward
+config:                     # RLOOConfig fields, TRL's names (see `pydoc fastalign.trainers.RLOOConfig`)
+  output_dir: fastalign-rloo
+  max_steps: 60
+  learning_rate: 1.0e-3
+  per_device_train_batch_size: 64       # completions per process and micro-batch
+  num_generations: 8        # completions per prompt (the leave-one-out baseline's group): 8 prompts per step here
+  max_completion_length: 6
+  temperature: 1.0
+  beta: 0.05                # KL to the reference model, in the reward (the reference exists only when beta != 0)
+  epsilon: 0.2              # clip range of the sequence ratio: [1 - epsilon, 1 + epsilon_high]
+  epsilon_high: null        # null: epsilon
+  normalize_advantages: false           # scale the step's advantages to mean 0, std 1
+  reward_clip_range: null   # e.g. [0.0, 1.0]: clamp the summed reward
+  num_iterations: 1
+  eval_steps: 20
+  loss_backend: fused
+""",
     "reward": """\
 # fastalign reward --config reward.yaml      (relative paths are relative to the current directory)
 model: tiny                 # "tiny": a tiny Llama with a score head built in code (random init), or a directory
@@ -158,6 +186,7 @@ HELP = {
     "dpo": "train a model with DPO from a YAML config file (model, data files, DPOConfig fields)",
     "ppo": "train a model with PPO from a YAML config file (model, prompts, reward, PPOConfig fields)",
     "grpo": "train a model with GRPO from a YAML config file (model, prompts, rewards, GRPOConfig fields)",
+    "rloo": "train a model with RLOO from a YAML config file (model, prompts, rewards, RLOOConfig fields)",
     "kto": "train a model with KTO from a YAML config file (model, unpaired data files, KTOConfig fields)",
     "reward": "train a reward model on preference pairs from a YAML config file (model, data files, RewardConfig "
               "fields)",
@@ -192,6 +221,8 @@ _KEYS = {
     "ppo": ("model", "tiny", "tokenizer", "prompts_file", "eval_file", "reward", "reward_model", "config",
             "resume_from_checkpoint"),
     "grpo": ("model", "tiny", "tokenizer", "prompts_file", "eval_file", "reward", "reward_model", "config",
+             "resume_from_checkpoint"),
+    "rloo": ("model", "tiny", "tokenizer", "prompts_file", "eval_file", "reward", "reward_model", "config",
              "resume_from_checkpoint"),
     "reward": ("model", "tiny", "tokenizer", "train_file", "eval_file", "config", "resume_from_checkpoint"),
 }
@@ -315,7 +346,7 @@ def load_data(spec: dict, key: str, path: str, kind: str):
 
 def load_reward(spec: dict, path: str, several: bool = False):
     """The reward function (``counting`` or ``module:function``) or the reward model (a directory) the file names;
-    ``several`` (GRPO): the list of every ``reward`` and ``reward_model`` (each a string or a list of them)."""
+    ``several`` (GRPO, RLOO): the list of every ``reward`` and ``reward_model`` (each a string or a list of them)."""
     named = {key: spec.get(key) for key in ("reward", "reward_model")}
     lists = {key: [] if v is None else v if several and isinstance(v, list) else [v] for key, v in named.items()}
     if several and not lists["reward"] + lists["reward_model"]:
@@ -363,12 +394,13 @@ def run_from_config(kind: str, path: str) -> DPOTrainer | KTOTrainer | PPOTraine
         trainer = trainer_class(model, tokenizer, train, config,
                                 eval_dataset=load_data(spec, "eval_file", path, kind))
     else:
-        config_class, trainer_class = (PPOConfig, PPOTrainer) if kind == "ppo" else (GRPOConfig, GRPOTrainer)
+        config_class, trainer_class = {"ppo": (PPOConfig, PPOTrainer), "grpo": (GRPOConfig, GRPOTrainer),
+                                       "rloo": (RLOOConfig, RLOOTrainer)}[kind]
         config = trainer_config(config_class, spec.get("config"), path)
         prompts = load_data(spec, "prompts_file", path, kind)
         if prompts is None:
             raise ConfigError(f"{path}: missing field 'prompts_file' (a JSONL file or builtin:counting)")
-        reward = load_reward(spec, path, several=kind == "grpo")
+        reward = load_reward(spec, path, several=kind in ("grpo", "rloo"))
         model, tokenizer = load_model_and_tokenizer(spec, path)
         trainer = trainer_class(model, tokenizer, prompts, reward, config,
                                 eval_dataset=load_data(spec, "eval_file", path, kind))
@@ -377,14 +409,14 @@ def run_from_config(kind: str, path: str) -> DPOTrainer | KTOTrainer | PPOTraine
 
 
 def add_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
-    """The options of ``fastalign dpo|kto|ppo|grpo|reward``: ``--config FILE.yaml`` and ``--example``."""
+    """The options of ``fastalign dpo|kto|ppo|grpo|rloo|reward``: ``--config FILE.yaml`` and ``--example``."""
     parser.add_argument("--config", metavar="FILE.yaml", help="the YAML config file to run")
     parser.add_argument("--example", action="store_true", help="print a commented example config file and exit")
     parser.set_defaults(config_kind=_check_kind(kind))
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """Run ``fastalign dpo|kto|ppo|grpo|reward`` from parsed :func:`add_arguments` options; exit status 2 with a
+    """Run ``fastalign dpo|kto|ppo|grpo|rloo|reward`` from parsed :func:`add_arguments` options; exit status 2 with a
     one-line message on a bad config file or bad data."""
     kind = args.config_kind
     if args.example:

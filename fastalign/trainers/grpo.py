@@ -18,7 +18,7 @@ from . import distributed, losses
 from .common import as_floats, batch_indices, mean_metrics, require, steps_per_epoch
 from .data import IGNORE_INDEX
 from .rollout import (MULTI_OBJECTIVE_AGGREGATIONS, SCALE_REWARDS, RewardFn, Samples, SamplingConfig,
-                      SamplingTrainer, group_advantages, nanstd, reward_name, reward_scores)
+                      SamplingTrainer, check_group_sampling, group_advantages, nanstd, reward_name, reward_scores)
 
 ENTROPY_CONTROLLER_FILE = "entropy_ctrl_state.json"  # TRL's name, in each checkpoint with use_adaptive_entropy
 
@@ -104,17 +104,7 @@ class GRPOConfig(SamplingConfig):
         require(self, "entropy_coef_delta", self.entropy_coef_delta >= 0, "a number >= 0")
         require(self, "entropy_coef_max", self.entropy_coef_max >= self.entropy_coef_min,
                 f"a number >= entropy_coef_min ({self.entropy_coef_min})")
-        require(self, "num_generations", self.num_generations >= 2, "an int >= 2 (a group needs a baseline)")
-        for name in ("num_iterations", "max_completion_length"):
-            require(self, name, getattr(self, name) >= 1, "an int >= 1")
-        require(self, "max_prompt_length", self.max_prompt_length is None or self.max_prompt_length >= 1,
-                "None or an int >= 1")
-        require(self, "temperature", self.temperature > 0, "a number > 0")
-        require(self, "top_p", 0 < self.top_p <= 1, "a number in (0, 1]")
-        require(self, "top_k", self.top_k >= 0, "an int >= 0 (0: no top-k filtering)")
-        require(self, "reward_weights", self.reward_weights is None or all(
-            isinstance(w, (int, float)) and not isinstance(w, bool) for w in self.reward_weights),
-            "None or a list of numbers")
+        check_group_sampling(self)
         try:
             self.loss_config  # checks the loss options
         except (TypeError, ValueError) as error:
@@ -174,8 +164,8 @@ class GRPOTrainer(SamplingTrainer):
         self.reward_func_names = [reward_name(f) for f in self.reward_funcs]
         weights = config.reward_weights or [1.0] * len(self.reward_funcs)
         if len(weights) != len(self.reward_funcs):
-            raise ValueError(f"GRPOConfig.reward_weights: expected {len(self.reward_funcs)} weights (one per reward "
-                             f"function), got {config.reward_weights!r}")
+            raise ValueError(f"{type(config).__name__}.reward_weights: expected {len(self.reward_funcs)} weights (one "
+                             f"per reward function), got {config.reward_weights!r}")
         self.reward_weights = torch.tensor(weights, dtype=torch.float32)
         self.ref_model = self.ref_engine = None
         if config.beta != 0.0:
@@ -196,9 +186,9 @@ class GRPOTrainer(SamplingTrainer):
     @torch.no_grad()
     def rollout(self, indices: list[int]) -> GenerationBatch:
         """Sample a completion of prompt ``i`` for each ``i`` in ``indices`` (this rank's share of the step's
-        groups), score it, normalize the rewards over the groups of all ranks, draw the micro-batches, and compute
-        the old (``num_iterations > 1``, in those micro-batches) and reference (``beta != 0``) log-probs in
-        forward-only passes."""
+        groups), score it, draw the micro-batches, compute the old (:meth:`needs_old_logprobs`, in those
+        micro-batches) and reference (``beta != 0``) log-probs in forward-only passes, and the advantages from the
+        rewards of all ranks' groups (:meth:`advantages`)."""
         c = self.config
         prompts = [self.prompts[i] for i in indices]
         s = self.sample([self.queries[i] for i in indices])
@@ -206,27 +196,39 @@ class GRPOTrainer(SamplingTrainer):
         local = torch.cat([self.rewards_per_func(prompts, s), lengths[:, None].float(), s.has_eos[:, None].float()], 1)
         everything = distributed.all_gather_rows(local)  # [world * B, F + 2], rank by rank: the step's batch
         rewards, all_lengths, all_eos = everything[:, :-2], everything[:, -2], everything[:, -1]
-        advantages, metrics = group_advantages(rewards, self.reward_weights, c.num_generations, c.scale_rewards,
-                                               c.multi_objective_aggregation)
-        mine = slice(distributed.rank() * len(indices), (distributed.rank() + 1) * len(indices))
-        for name, column in zip(self.reward_func_names, rewards.T):
-            metrics[f"rewards/{name}/mean"] = column.nanmean()
-            metrics[f"rewards/{name}/std"] = nanstd(column)
-        metrics.update({"completions/mean_length": all_lengths.mean(), "completions/min_length": all_lengths.min(),
-                        "completions/max_length": all_lengths.max(), "completions/clipped_ratio": 1 - all_eos.mean()})
         keep = s.mask & s.has_eos[:, None] if c.mask_truncated_completions else s.mask
         targets = s.response.masked_fill(~keep, IGNORE_INDEX)
         micro_batches = torch.randperm(len(indices)).split(c.per_device_train_batch_size)
         old = None
-        if c.num_iterations > 1:  # with the entropy, as the loss op computes them (the same bits, see losses)
+        if self.needs_old_logprobs():  # with the entropy, as the loss op computes them (the same bits, see losses)
             old = self.forward_as_trained(functools.partial(self.response_logprobs, return_entropy=True),
                                           micro_batches, s.input_ids, s.attention_mask, targets)[0]
         ref = None
         if self.ref_engine is not None:
             ref = self.ref_engine(self.response_logprobs, s.input_ids, s.attention_mask, targets)
             distributed.reshard(self.ref_engine)
+        advantages, metrics = self.advantages(rewards, targets, old, ref)
+        mine = slice(distributed.rank() * len(indices), (distributed.rank() + 1) * len(indices))
+        for name, column in zip(self.reward_func_names, rewards.T):
+            metrics[f"rewards/{name}/mean"] = column.nanmean()
+            metrics[f"rewards/{name}/std"] = nanstd(column)
+        metrics.update({"completions/mean_length": all_lengths.mean(), "completions/min_length": all_lengths.min(),
+                        "completions/max_length": all_lengths.max(), "completions/clipped_ratio": 1 - all_eos.mean()})
         return GenerationBatch(s.input_ids, s.attention_mask, targets, advantages[mine].to(self.device), old, ref,
                                distributed.global_count(lengths.sum()), micro_batches, as_floats(metrics))
+
+    def needs_old_logprobs(self) -> bool:
+        """Whether the rollout computes the old log-probs (else the loss is on-policy, as TRL's GRPO)."""
+        return self.config.num_iterations > 1
+
+    def advantages(self, rewards_per_func: Tensor, targets: Tensor, old_logprobs: Tensor | None,
+                   ref_logprobs: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The advantages ``[world * B]`` of the step's completions from their rewards ``[world * B, F]`` (all
+        ranks), and the reward metrics; this rank's ``targets`` and old / reference log-probs ``[B, R]`` (GRPO
+        does not use them)."""
+        c = self.config
+        return group_advantages(rewards_per_func, self.reward_weights, c.num_generations, c.scale_rewards,
+                                c.multi_objective_aggregation)
 
     def compute_loss(self, batch: GenerationBatch, rows: Tensor) -> tuple[Tensor, dict[str, float]]:
         """The GRPO loss of ``rows`` of the batch, as its share of the optimizer step's loss, computed as the policy's
@@ -307,7 +309,7 @@ class GRPOTrainer(SamplingTrainer):
         micro, world = c.per_device_train_batch_size, distributed.world_size()
         local = micro * c.gradient_accumulation_steps
         if local * world % c.num_generations:
-            raise ValueError(f"GRPOConfig.num_generations: the step's {local * world} completions "
+            raise ValueError(f"{type(c).__name__}.num_generations: the step's {local * world} completions "
                              f"(per_device_train_batch_size x gradient_accumulation_steps x {world} process(es)) must "
                              f"be a multiple of num_generations, got {c.num_generations}")
         groups = local * world // c.num_generations

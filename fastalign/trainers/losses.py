@@ -20,11 +20,12 @@ from torch import Tensor
 
 from ..hf import PackedSequences
 from ..functional import (fused_linear_dpo_loss, fused_linear_grpo_loss, fused_linear_kto_loss, fused_linear_logprobs,
-                          fused_linear_ppo_loss)
+                          fused_linear_ppo_loss, fused_linear_rloo_loss)
 from ..objectives.aggregation import aggregation_weights
 from ..objectives.dpo import DPOOptions, dpo_metrics, dpo_sequence_loss
 from ..objectives.grpo import GRPOLossConfig, grpo_loss as grpo_objective, high_entropy_mask
 from ..objectives.kto import KTOOptions, kto_loss as kto_objective, kto_metrics
+from ..objectives.rloo import RLOOOptions, rloo_loss as rloo_objective
 from ..objectives.ppo import (PPOLossConfig, PPOTokens, ValueHeadInputs, policy_loss_value, ppo_metrics,
                               value_loss_terms)
 from .data import IGNORE_INDEX
@@ -208,3 +209,26 @@ def kto_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tenso
     logps = materialized_logprobs(hidden, weight, bias, targets).sum(-1)  # 0 off the completion
     result = kto_objective(logps, ref_logps, labels, kl, options, num_examples=num_examples)
     return result.loss, kto_metrics(result, logps)
+
+
+@lm_head_precision
+def rloo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, advantages: Tensor,
+              options: RLOOOptions, backend: str, *, old_logprobs: Tensor | None = None, temperature: float = 1.0,
+              packed: PackedSequences | None = None,
+              deterministic: bool | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """RLOO loss (TRL's ``_compute_loss`` for one process, without the gradient-accumulation division) and its TRL
+    metrics over the completion tokens (``targets != -100``): ``hidden [B, T, H]`` at the positions that predict
+    ``targets [B, T]``, ``advantages [B]``, old log-probs ``[B, T]`` (None: on-policy)."""
+    if backend == "fused":
+        out = fused_linear_rloo_loss(hidden, weight, targets, advantages, old_logprobs=old_logprobs, bias=bias,
+                                     epsilon=options.epsilon, epsilon_high=options.epsilon_high,
+                                     temperature=temperature, check_finite=False, deterministic=deterministic,
+                                     **layout_of(packed))
+        return out.loss, out.metrics
+    hidden, targets, old_logprobs = unpacked(packed, hidden, targets, old_logprobs)
+    logprobs, entropy = materialized_logprobs(hidden, weight, bias, targets, temperature=temperature,
+                                              return_entropy=True)
+    mask = targets != IGNORE_INDEX
+    old_logps = None if old_logprobs is None else torch.where(mask, old_logprobs, 0.0).sum(-1)
+    result = rloo_objective(logprobs, advantages, mask, options, old_logps=old_logps, entropy=entropy)
+    return result.loss, result.metrics

@@ -16,9 +16,10 @@ import torch
 from torch import Tensor, nn
 
 from .. import hf
+from ..objectives.aggregation import nanstd
 from ..objectives.ppo import kl_penalty
 from . import distributed, losses
-from .common import Trainer, TrainingConfig, eval_batches, frozen_copy
+from .common import Trainer, TrainingConfig, eval_batches, frozen_copy, require
 from .data import IGNORE_INDEX, encode_prompt, load_prompts, pad
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
@@ -73,6 +74,21 @@ class SamplingConfig(TrainingConfig):
     """
 
     deterministic: bool | None = None
+
+
+def check_group_sampling(config) -> None:
+    """The checks of the fields GRPO's and RLOO's configs share (groups of sampled completions, TRL's names)."""
+    require(config, "num_generations", config.num_generations >= 2, "an int >= 2 (a group needs a baseline)")
+    for name in ("num_iterations", "max_completion_length"):
+        require(config, name, getattr(config, name) >= 1, "an int >= 1")
+    require(config, "max_prompt_length", config.max_prompt_length is None or config.max_prompt_length >= 1,
+            "None or an int >= 1")
+    require(config, "temperature", config.temperature > 0, "a number > 0")
+    require(config, "top_p", 0 < config.top_p <= 1, "a number in (0, 1]")
+    require(config, "top_k", config.top_k >= 0, "an int >= 0 (0: no top-k filtering)")
+    require(config, "reward_weights", config.reward_weights is None or all(
+        isinstance(w, (int, float)) and not isinstance(w, bool) for w in config.reward_weights),
+        "None or a list of numbers")
 
 
 class SamplingTrainer(Trainer):
@@ -230,16 +246,6 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
 
 
 MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
-
-
-def nanstd(x: Tensor, dim: int | None = None, keepdim: bool = False) -> Tensor:
-    """TRL's ``nanstd``: the unbiased standard deviation of the non-NaN values (NaN with fewer than two)."""
-    mean = torch.nanmean(x, dim=dim, keepdim=True)
-    variance = torch.nanmean((x - mean) ** 2, dim=dim, keepdim=True)
-    count = (~torch.isnan(x)).sum(dim=dim, keepdim=True)
-    variance = variance * torch.where(count > 1, count / (count - 1), float("nan"))
-    std = variance.sqrt()
-    return std if keepdim else (std.squeeze(dim) if dim is not None else std.reshape(()))
 
 
 def group_advantages(rewards_per_func: Tensor, reward_weights: Tensor, num_generations: int, scale_rewards: str,
