@@ -180,6 +180,9 @@ ROWS = [
         (ValueError, "sampling_logprobs: expected log-probs <= 0"), {"off_policy_mask_threshold": 0.5}),
     Row("ref_chosen_logps", _plus(50.0), (ValueError, "ref_chosen_logps: expected log-probs <= 0")),
     Row("old_logprobs", _plus(1e-5), FINITE),  # fp32 rounding above 0 is accepted
+    Row("old_logprobs", lambda kw, name: _plus(0.03)(kw, name).bfloat16(), FINITE),  # bf16 rounding too
+    Row("old_logprobs", lambda kw, name: _plus(0.1)(kw, name).bfloat16(),
+        (ValueError, "old_logprobs: expected log-probs <= 0 (up to 0.05 of rounding)")),
     # counts below the batch's own
     Row("num_chosen_tokens", 1, (ValueError, "num_chosen_tokens: expected an int >=")),
     Row("num_pairs", 1, (ValueError, "num_pairs: expected an int >= 2")),

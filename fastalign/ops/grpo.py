@@ -66,8 +66,9 @@ def validate_grpo_inputs(targets: Tensor, num_sequences: int, dtype: torch.dtype
                          advantages, mask, old_logprobs, ref_logprobs, importance_sampling_ratio, sampling_logprobs,
                          num_items_in_batch, ignore_index: int, check_finite: bool) -> GRPOInputs:
     """Check the GRPO op's per-token arguments against ``targets`` (``[B, T]``, or ``[N]`` packed) and its
-    ``num_sequences`` (B, or S), and convert them to ``dtype``; per-sequence ones become ``[S, 1]``. Per-token values outside the completion mask are replaced by
-    neutral ones (log-probs and advantages 0, the IS ratio 1), whatever they were (NaN and inf included)."""
+    ``num_sequences`` (B, or S), and convert them to ``dtype``; per-sequence ones become ``[S, 1]``. Per-token
+    values outside the completion mask are replaced by neutral ones (log-probs and advantages 0, the IS ratio 1),
+    whatever they were (NaN and inf included)."""
     shape, device, s = tuple(targets.shape), targets.device, num_sequences
     completion = targets != ignore_index
     if mask is not None:
