@@ -8,6 +8,7 @@ import random
 import shutil
 import signal
 import sys
+import time
 import traceback
 import warnings
 
@@ -132,7 +133,14 @@ def killed_in_a_fork(output_dir, monkeypatch, kill_step, kill_at) -> None:
         finally:
             sys.stderr.flush()
             os._exit(code)
-    _, status = os.waitpid(pid, 0)
+    deadline = time.monotonic() + 120  # a child stuck (e.g. on a lock another thread held at the fork) fails
+    while not (done := os.waitpid(pid, os.WNOHANG))[0]:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail(f"the training child did not end in 120 s (kill at {kill_at} of save {kill_step})")
+        time.sleep(0.02)
+    status = done[1]
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
 
 
