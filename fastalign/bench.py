@@ -704,7 +704,7 @@ def make_train_long_inputs(problem: Problem) -> TrainLongInputs:
         tie_word_embeddings=False, pad_token_id=0)).to(problem.device)
     config = DPOConfig(output_dir="unused", per_device_train_batch_size=1, disable_tqdm=True, max_length=None,
                        max_prompt_length=None)
-    trainer = DPOTrainer(model, word_tokenizer([]), [{"prompt": "", "chosen": "", "rejected": ""}], config)
+    trainer = DPOTrainer(model, word_tokenizer([]), [{"prompt": "", "chosen": "unused", "rejected": ""}], config)
     trainer.setup_optimizer(2)
     ids = torch.randint(1, v, (2, length), device=problem.device)
     labels = ids.clone()
@@ -801,7 +801,7 @@ def packed_step(padding_free: bool) -> VariantFactory:
     def factory(x: PackedStepInputs) -> Step:
         config = DPOConfig(output_dir="unused", per_device_train_batch_size=PACKED_PAIRS, disable_tqdm=True,
                            max_length=None, max_prompt_length=None, padding_free=padding_free)
-        trainer = DPOTrainer(copy.deepcopy(x.model), word_tokenizer([]), [{"prompt": "", "chosen": "",
+        trainer = DPOTrainer(copy.deepcopy(x.model), word_tokenizer([]), [{"prompt": "", "chosen": "unused",
                                                                            "rejected": ""}], config)
         trainer.setup_optimizer(2)
 
