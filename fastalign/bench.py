@@ -85,7 +85,7 @@ class Problem:
 ISSUE_PROBLEM = Problem(tokens=4096, hidden_size=512, vocab_size=32768)
 """The sizes at which the targets are set (fp32, N=4096, H=512, V=32768)."""
 QUICK_PROBLEM = Problem(tokens=256, hidden_size=64, vocab_size=2048)
-"""Tiny sizes: the whole table in seconds (timings there are dominated by overheads)."""
+"""Tiny sizes: a smoke test of the whole table (timings there are dominated by overheads)."""
 
 
 @dataclass(frozen=True)
@@ -724,7 +724,7 @@ def make_train_long_inputs(problem: Problem) -> TrainLongInputs:
         tie_word_embeddings=False, pad_token_id=0)).to(problem.device)
     config = DPOConfig(output_dir="unused", per_device_train_batch_size=1, disable_tqdm=True, max_length=None,
                        max_prompt_length=None)
-    trainer = DPOTrainer(model, word_tokenizer([]), [{"prompt": "", "chosen": "", "rejected": ""}], config)
+    trainer = DPOTrainer(model, word_tokenizer([]), [{"prompt": "", "chosen": "unused", "rejected": ""}], config)
     trainer.setup_optimizer(2)
     ids = torch.randint(1, v, (2, length), device=problem.device)
     labels = ids.clone()
@@ -821,7 +821,7 @@ def packed_step(padding_free: bool) -> VariantFactory:
     def factory(x: PackedStepInputs) -> Step:
         config = DPOConfig(output_dir="unused", per_device_train_batch_size=PACKED_PAIRS, disable_tqdm=True,
                            max_length=None, max_prompt_length=None, padding_free=padding_free)
-        trainer = DPOTrainer(copy.deepcopy(x.model), word_tokenizer([]), [{"prompt": "", "chosen": "",
+        trainer = DPOTrainer(copy.deepcopy(x.model), word_tokenizer([]), [{"prompt": "", "chosen": "unused",
                                                                            "rejected": ""}], config)
         trainer.setup_optimizer(2)
 
@@ -1092,8 +1092,9 @@ def run_benchmark(op: str = "logprobs", problem: Problem = ISSUE_PROBLEM, *, rou
         log(f"memory: {len(jobs)} variants, each in a fresh process, {memory_jobs} at a time")
         with ThreadPoolExecutor(max_workers=memory_jobs) as pool:
             measured = pool.map(lambda job: memory_in_subprocess(op, *job, problem), jobs)
-            for (mode_name, variant), extra in zip(jobs, measured):
+            for done, ((mode_name, variant), extra) in enumerate(zip(jobs, measured), 1):
                 memory_bytes[mode_name][variant] = extra
+                log(f"memory: {done}/{len(jobs)} {mode_name} {variant}: {extra / MiB:.0f} MiB")
     inputs = spec.make_inputs(problem)
     modes = {}
     with OthersCpuShare() as contention:
@@ -1229,8 +1230,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                              "reference variant needs many GB (dpo-long-pair, train-long)")
     parser.add_argument("--json-out", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--quick", action="store_true",
-                        help=f"tiny sizes that run in seconds (N={QUICK_PROBLEM.tokens}, H={QUICK_PROBLEM.hidden_size},"
-                             f" V={QUICK_PROBLEM.vocab_size}); explicit --tokens/--hidden/--vocab still win")
+                        help=f"tiny sizes, a smoke test (N={QUICK_PROBLEM.tokens}, H={QUICK_PROBLEM.hidden_size}, "
+                             f"V={QUICK_PROBLEM.vocab_size}); explicit --tokens/--hidden/--vocab still win")
     parser.add_argument("--gpu-model", action="store_true",
                         help="print the GPU cost model of the triton kernels instead of running anything: per launch "
                              "FLOPs, bytes, atomics and the H100 roofline time, ESTIMATES (default sizes N=32768, "

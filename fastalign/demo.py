@@ -69,31 +69,31 @@ QUICK = DemoSettings(dpo_steps=120, ppo_steps=100, grpo_steps=150, reward_steps=
 
 
 def dpo_config(output_dir: str, steps: int) -> DPOConfig:
-    return DPOConfig(output_dir=output_dir, max_steps=steps, learning_rate=3e-3, warmup_ratio=0.1,
-                     per_device_train_batch_size=16, per_device_eval_batch_size=64, beta=0.1, rpo_alpha=1.0,
-                     logging_steps=5, eval_steps=25, max_length=32, max_prompt_length=16)
+    return DPOConfig(output_dir=output_dir, overwrite_output_dir=True, max_steps=steps, learning_rate=3e-3,
+                     warmup_ratio=0.1, per_device_train_batch_size=16, per_device_eval_batch_size=64, beta=0.1,
+                     rpo_alpha=1.0, logging_steps=5, eval_steps=25, max_length=32, max_prompt_length=16)
 
 
 PPO_RESPONSE_LENGTH = 6
 
 
 def ppo_config(output_dir: str, steps: int) -> PPOConfig:
-    return PPOConfig(output_dir=output_dir, max_steps=steps, learning_rate=2e-4, warmup_ratio=0.05,
-                     per_device_train_batch_size=32, per_device_eval_batch_size=128, num_ppo_epochs=4,
-                     response_length=PPO_RESPONSE_LENGTH, temperature=1.0, missing_eos_penalty=1.0, kl_coef=0.05,
-                     logging_steps=5, eval_steps=25)
+    return PPOConfig(output_dir=output_dir, overwrite_output_dir=True, max_steps=steps, learning_rate=2e-4,
+                     warmup_ratio=0.05, per_device_train_batch_size=32, per_device_eval_batch_size=128,
+                     num_ppo_epochs=4, response_length=PPO_RESPONSE_LENGTH, temperature=1.0, missing_eos_penalty=1.0,
+                     kl_coef=0.05, logging_steps=5, eval_steps=25)
 
 
 def grpo_config(output_dir: str, steps: int) -> GRPOConfig:
-    return GRPOConfig(output_dir=output_dir, max_steps=steps, learning_rate=1e-3, warmup_ratio=0.05,
-                      per_device_train_batch_size=64, per_device_eval_batch_size=128, num_generations=8,
-                      max_completion_length=6, temperature=1.0, logging_steps=5, eval_steps=25)
+    return GRPOConfig(output_dir=output_dir, overwrite_output_dir=True, max_steps=steps, learning_rate=1e-3,
+                      warmup_ratio=0.05, per_device_train_batch_size=64, per_device_eval_batch_size=128,
+                      num_generations=8, max_completion_length=6, temperature=1.0, logging_steps=5, eval_steps=25)
 
 
 def reward_config(output_dir: str, steps: int) -> RewardConfig:
-    return RewardConfig(output_dir=output_dir, max_steps=steps, learning_rate=1e-3, lr_scheduler_type="cosine",
-                        warmup_ratio=0.1, per_device_train_batch_size=32, per_device_eval_batch_size=128,
-                        logging_steps=5, eval_steps=50, max_length=32)
+    return RewardConfig(output_dir=output_dir, overwrite_output_dir=True, max_steps=steps, learning_rate=1e-3,
+                        lr_scheduler_type="cosine", warmup_ratio=0.1, per_device_train_batch_size=32,
+                        per_device_eval_batch_size=128, logging_steps=5, eval_steps=50, max_length=32)
 
 
 @torch.no_grad()
@@ -165,6 +165,27 @@ def dpo_step_memory(loss_backend: str, tokens: int, vocab_size: int) -> dict:
     return {"loss_backend": loss_backend, "extra_peak_bytes": extra}
 
 
+def run_with_heartbeat(command: list[str], env: dict, what: str, every: float = 5.0) -> tuple[str, str]:
+    """Run ``command``, printing ``what`` and the seconds elapsed every ``every`` seconds until it ends; its
+    ``(stdout, stderr)``, or a ``RuntimeError`` with its stderr if it fails."""
+    start = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        process = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True, env=env)
+        while True:
+            try:
+                process.wait(timeout=every)
+                break
+            except subprocess.TimeoutExpired:
+                print(f"      {what}: {time.perf_counter() - start:.0f} s", flush=True)
+        stdout.seek(0)
+        stderr.seek(0)
+        out, err = stdout.read(), stderr.read()
+    if process.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{err}")
+    print(f"      {what}: done in {time.perf_counter() - start:.0f} s", flush=True)
+    return out, err
+
+
 def measure_memory(tokens: int, vocab_size: int) -> dict:
     """``dpo_step_memory`` for both loss backends, each in a fresh Python process; sizes in MiB."""
     out = {"tokens": 2 * tokens, "sequence_length": tokens, "vocab_size": vocab_size}
@@ -173,10 +194,8 @@ def measure_memory(tokens: int, vocab_size: int) -> dict:
                 f"print(json.dumps(dpo_step_memory({backend!r}, {tokens}, {vocab_size})))")
         # Freed tensors go back to the system at once, so that RSS follows the live tensors (see fastalign.bench).
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-        if done.returncode != 0:
-            raise RuntimeError(f"memory measurement ({backend}) failed:\n{done.stderr}")
-        out[f"{backend}_mb"] = json.loads(done.stdout.strip().splitlines()[-1])["extra_peak_bytes"] / MiB
+        stdout, _ = run_with_heartbeat([sys.executable, "-c", code], env, f"{backend} loss")
+        out[f"{backend}_mb"] = json.loads(stdout.strip().splitlines()[-1])["extra_peak_bytes"] / MiB
     out["ratio"] = out["fused_mb"] / out["reference_mb"]
     return out
 

@@ -1,10 +1,12 @@
 """`fastalign demo` in quick mode: the same DPO, reward-model, PPO and GRPO training as the full demo (its learning targets are
 asserted here), a smaller memory comparison."""
 import json
+import os
+import sys
 
 import pytest
 
-from fastalign.demo import FULL, QUICK, run_demo
+from fastalign.demo import FULL, QUICK, run_demo, run_with_heartbeat
 
 
 @pytest.mark.slow
@@ -35,3 +37,15 @@ def test_quick_demo_learns_and_measures_memory(tmp_path, capsys):
     assert QUICK.ppo_steps == FULL.ppo_steps
     assert QUICK.grpo_steps <= FULL.grpo_steps
     assert FULL.memory_tokens == 8192
+
+
+def test_a_long_subprocess_step_prints_progress(capsys):
+    """The memory step's fresh processes (about 95 s silent before) print the seconds elapsed every ``every``."""
+    out, _ = run_with_heartbeat([sys.executable, "-c", "import time; time.sleep(1.2); print('result')"],
+                                dict(os.environ), "probe", every=0.25)
+    assert out == "result\n"
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) >= 4 and all(line.strip().startswith("probe: ") for line in lines)
+    assert lines[-1].strip().startswith("probe: done in")
+    with pytest.raises(RuntimeError, match=r"(?s)probe failed:\n.*ZeroDivisionError"):
+        run_with_heartbeat([sys.executable, "-c", "1 / 0"], dict(os.environ), "probe")

@@ -135,7 +135,7 @@ def test_dpo_gradient_accumulation_matches_one_big_batch(tmp_path):
     grads = []
     for batch_size, accumulation in ((8, 1), (4, 2)):
         model, tok = tiny()
-        config = dpo_config(tmp_path, per_device_train_batch_size=batch_size,
+        config = dpo_config(tmp_path / str(accumulation), per_device_train_batch_size=batch_size,
                             gradient_accumulation_steps=accumulation, max_steps=2)
         trainer = DPOTrainer(model, tok, TASK.preference_data(32, seed=1), config)
         grads.append(capture_gradients(trainer))

@@ -5,7 +5,9 @@ import pytest
 
 from fastalign.trainers import DPOConfig, PPOConfig
 from fastalign.trainers.common import batch_indices
-from fastalign.trainers.data import (collate_pairs, load_preference_data, load_prompts, pad, tokenize_pair)
+from fastalign.trainers.data import (collate_pairs, load_preference_data, load_prompts, load_ranked_data, pad,
+                                     tokenize_pair)
+from fastalign.trainers.kto import load_unpaired_data
 from fastalign.trainers.tiny import char_tokenizer, word_tokenizer
 
 WORDS = ["a", "b", "c", "d", "e", "x", "y"]
@@ -93,6 +95,32 @@ def test_load_records_errors_name_the_problem(tmp_path):
         load_prompts(["p", {"text": "q"}])
     with pytest.raises(TypeError, match="expected a list of records"):
         load_prompts(42)
+
+
+def test_blank_lines_and_empty_preferred_responses_are_named(tmp_path):
+    """A blank JSONL line before a record and an empty preferred response: errors naming the file, the line and the
+    field (blank lines at the end, and an empty rejected response, are fine)."""
+    good = '{"prompt": "p", "chosen": "c", "rejected": "r"}\n'
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(good + "\n  \n" + good)
+    with pytest.raises(ValueError, match=rf"^train_dataset: {path} line 2 is blank \(expected one JSON record per "):
+        load_preference_data(str(path))
+    path.write_text(good + good.replace('"chosen": "c"', '"chosen": ""'))
+    with pytest.raises(ValueError, match=rf"^train_dataset: {path} line 2: chosen: expected a non-empty preferred "
+                                         r"response, got ''$"):
+        load_preference_data(str(path))
+    with pytest.raises(ValueError, match=r"^eval_dataset: record 0: chosen: expected a non-empty"):
+        load_preference_data([{"prompt": "p", "chosen": "", "rejected": "r"}], "eval_dataset")
+    assert load_preference_data([{"prompt": "p", "chosen": "c", "rejected": ""}])
+    with pytest.raises(ValueError, match=r"^train_dataset: record 1: completions\[0\]: expected a non-empty"):
+        load_ranked_data([{"prompt": "p", "completions": ["a", "b", ""]},
+                          {"prompt": "p", "completions": ["", "b", "c"]}], 3)
+    path.write_text('{"prompt": "p", "completion": "", "label": false}\n{"prompt": "p", "completion": "", '
+                    '"label": true}\n')
+    with pytest.raises(ValueError, match=rf"^train_dataset: {path} line 2: completion: expected a non-empty"):
+        load_unpaired_data(str(path))
+    with pytest.raises(ValueError, match=r"^train_dataset: record 0: chosen: expected a non-empty"):  # KTO, paired
+        load_unpaired_data([{"prompt": "p", "chosen": "", "rejected": "r"}])
 
 
 def test_batch_order_walks_a_permutation_per_epoch_and_depends_on_step_only():

@@ -17,8 +17,8 @@ from torch.distributed.tensor import DTensor
 from distributed import free_port, run_ranks
 from noise import SEPARATED, recorded_calls, reward_margins
 from fastalign import hf
-from fastalign.trainers import (DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer, RLOOConfig,
-                                RLOOTrainer)
+from fastalign.trainers import (DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, KTOConfig, KTOTrainer, PPOConfig,
+                                PPOTrainer, RLOOConfig, RLOOTrainer)
 from fastalign.trainers.config_file import example_config
 from fastalign.trainers.tasks import CountingTask
 from fastalign.trainers.tiny import tiny_llama, word_tokenizer
@@ -32,6 +32,15 @@ def preference_data() -> list[dict[str, str]]:
     """48 counting pairs whose chosen answers have 1 to 4 words: token means differ from means over pairs."""
     return [{**r, "chosen": " ".join(r["chosen"].split()[:1 + i % 4])}
             for i, r in enumerate(TASK.preference_data(48, seed=1))]
+
+
+def unpaired_data() -> list[dict]:
+    """48 KTO examples, 3 in 4 desirable, all with one completion: an example's KL pair (its prompt, the previous
+    example's completion) is then the same however the batch is split over ranks, and the batch KL, pushed above 0
+    by the desirable examples, is the mean over the step's examples both ways."""
+    prompts = TASK.prompts(48, seed=3)
+    completion = " ".join(TASK.answer(prompts[0]))
+    return [{"prompt": p, "completion": completion, "label": i % 4 != 0} for i, p in enumerate(prompts)]
 
 
 def make_trainer(kind: str, output_dir: str, per_device: int, accumulation: int = 2, tied: bool = False,
@@ -51,6 +60,10 @@ def make_trainer(kind: str, output_dir: str, per_device: int, accumulation: int 
     if kind == "dpo":
         config = DPOConfig(learning_rate=3e-3, max_length=32, max_prompt_length=16, rpo_alpha=1.0, **fields)
         return DPOTrainer(model, tokenizer, preference_data(), config)
+    if kind == "kto":  # one micro-batch per rank: the batch KL is a mean over it (then over the ranks)
+        fields = dict(fields, per_device_train_batch_size=per_device * accumulation, gradient_accumulation_steps=1)
+        config = KTOConfig(learning_rate=3e-3, max_length=32, max_prompt_length=16, **fields)
+        return KTOTrainer(model, tokenizer, unpaired_data(), config)
     if kind in ("grpo", "rloo"):  # RLOO: the batch-normalized advantages and the KL in the reward over all ranks
         fields = dict(fields, per_device_train_batch_size=per_device * accumulation, gradient_accumulation_steps=1)
         options = dict(scale_rewards="batch") if kind == "grpo" else dict(normalize_advantages=True)
@@ -159,7 +172,9 @@ SAME_METRICS = {"dpo": ("loss", "nll_loss", "rewards/chosen", "rewards/rejected"
                          "completions/mean_length", "completions/clipped_ratio", "grad_norm", "learning_rate",
                          "epoch"),
                 "rloo": ("loss", "reward", "reward_std", "frac_reward_zero_std", "kl", "rewards/score/mean",
-                         "completions/mean_length", "grad_norm", "learning_rate", "epoch")}
+                         "completions/mean_length", "grad_norm", "learning_rate", "epoch"),
+                "kto": ("loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
+                        "logps/rejected", "grad_norm", "learning_rate", "epoch")}
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +199,7 @@ def one_process_runs(tmp_path_factory):
 @pytest.mark.parametrize("kind, parallelism, tied, checkpointing", [
     ("dpo", "ddp", False, False), ("ppo", "ddp", False, True), ("dpo", "fsdp", False, True),
     ("ppo", "fsdp", True, False), ("grpo", "ddp", False, False), ("grpo", "fsdp", True, True),
+    ("kto", "ddp", False, False),
     pytest.param("rloo", "ddp", False, False, marks=pytest.mark.slow)])
 def test_two_ranks_match_one_process_with_twice_the_batch(tmp_path, one_process_runs, kind, parallelism, tied,
                                                           checkpointing):
@@ -199,8 +215,10 @@ def test_two_ranks_match_one_process_with_twice_the_batch(tmp_path, one_process_
         init=False)
     assert sharded_reference == (None if kind == "dpo" else parallelism == "fsdp")  # PPO's reference: as the policy
     assert other[0] == ranked_history  # every rank logs the same (averaged) records
-    assert len(ranked_gradients) == len(gradients) == 3 * (1 if kind == "dpo" else 2)
+    assert len(ranked_gradients) == len(gradients) == 3 * (1 if kind in ("dpo", "kto") else 2)
     assert all(any(g.abs().sum() > 0 for g in step) for step in gradients)  # GRPO: rewards vary within the group
+    if kind == "kto":  # the batch KL, averaged over the ranks, above its clamp at 0 after step 1
+        assert all(r["kl"] > 1e-3 for r in history[1:]), [r["kl"] for r in history]
     for step, (ranked, single) in enumerate(zip(ranked_gradients, gradients)):
         assert len(ranked) == len(single)
         for i, (a, b) in enumerate(zip(ranked, single)):

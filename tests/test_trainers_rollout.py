@@ -39,7 +39,7 @@ def test_kl_penalty_goes_into_every_token_and_the_score_onto_the_last():
 
 
 def test_gae_against_a_hand_computed_example():
-    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 2.0, 0.0]])
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 2.0, 5.0]])  # 5.0: past the end, ignored
     values = torch.tensor([[0.5, 0.6, 0.7], [0.5, 0.6, 9.9]])  # 9.9: past the end, ignored
     mask = torch.tensor([[True, True, True], [True, True, False]])
     advantages, returns = gae(rewards, values, mask, gamma=0.9, lam=0.8)

@@ -1,15 +1,22 @@
 """What every trainer shares: the common config fields, batch order (split across ranks), gradient checkpointing,
 mixed precision, optimizer and schedule, the optimizer step that skips non-finite updates, checkpoints with exact
-resume, JSONL metrics and the progress bar (rank 0 writes; metrics are averaged over ranks first)."""
+resume, JSONL metrics and the progress bar (rank 0 writes; metrics are averaged over ranks first).
+
+A checkpoint is written into ``checkpoint-<step>.tmp`` and renamed to ``checkpoint-<step>`` once complete, its
+manifest (``checkpoint_manifest.json``: every file and its size) written last: a run killed during a save leaves
+the previous checkpoints intact, and resuming takes the newest checkpoint whose manifest matches its files."""
 from __future__ import annotations
 
 import copy
-import glob
+import dataclasses
 import json
 import math
 import os
+import pickle
 import random
 import re
+import shutil
+import sys
 import types
 import typing
 import warnings
@@ -29,6 +36,15 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
                  "inverse_sqrt")
 METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "trainer_state.pt"
+MANIFEST_FILE = "checkpoint_manifest.json"
+CONFIG_FILE = "training_config.json"
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)(\.tmp)?")  # complete, or (.tmp) being written
+RESUMABLE_CHANGES = frozenset({
+    "output_dir", "overwrite_output_dir", "logging_steps", "save_steps", "eval_steps", "per_device_eval_batch_size",
+    "disable_tqdm", "per_device_train_batch_size", "gradient_accumulation_steps", "parallelism",
+    "gradient_checkpointing", "gradient_checkpointing_kwargs", "torch_compile", "torch_compile_backend"})
+"""Config fields a resumed run may change: where and how often it writes, and how a step's global batch (checked
+on its own) is split and computed. Any other field changes the run, so it must match the checkpoint's."""
 
 
 def _type_ok(value, hint) -> bool:
@@ -77,12 +93,18 @@ class TrainingConfig:
     hidden states and lm_head weight in that dtype and accumulate in fp32); ``fp16`` adds a dynamic loss scaler
     (``torch.amp.GradScaler``) and needs CUDA; ``bf16`` also runs on the CPU (CPU autocast).
 
+    ``overwrite_output_dir``: a fresh run (no ``resume_from_checkpoint``) in an ``output_dir`` that holds
+    checkpoints or metrics of an earlier run is an error unless this is True; then the old checkpoints are deleted
+    (the name of the ``TrainingArguments`` field of transformers 4; transformers 5.25 and TRL 1.16 no longer have
+    it).
+
     ``torch_compile``: compile the policy's forward with ``torch.compile`` (the model and the fused loss in one
     graph, the fused ops as registered operators: two passes over the vocabulary, see ``fastalign.ops.registered``;
     no packed batches), with ``torch_compile_backend`` (default inductor).
     """
 
     output_dir: str = "fastalign-output"
+    overwrite_output_dir: bool = False
     learning_rate: float = 1e-6
     per_device_train_batch_size: int = 8
     per_device_eval_batch_size: int = 8
@@ -128,6 +150,8 @@ class TrainingConfig:
         require(self, "parallelism", self.parallelism in distributed.PARALLELISM,
                 f"one of {distributed.PARALLELISM}")
         require(self, "fp16", not (self.fp16 and self.bf16), "False when bf16=True (pick one precision)")
+        require(self, "output_dir", not os.path.isfile(self.output_dir), "a directory (or a path to create), not a "
+                "file")
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -177,6 +201,42 @@ def eval_batches(n: int, batch_size: int) -> list[tuple[list[int], int]]:
     count = math.ceil(math.ceil(n / world) / batch_size)
     batches = (mine[i * batch_size:(i + 1) * batch_size] for i in range(count))
     return [(b, len(b)) if b else ([0], 0) for b in batches]
+
+
+def write_manifest(directory: str) -> None:
+    """Write ``directory/checkpoint_manifest.json``, ``{"files": {relative path: size in bytes}}`` of every file
+    under ``directory``: the last file of a checkpoint."""
+    files = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            files[os.path.relpath(path, directory)] = os.path.getsize(path)
+    with open(os.path.join(directory, MANIFEST_FILE), "w") as out:
+        json.dump({"files": dict(sorted(files.items()))}, out, indent=1)
+
+
+def checkpoint_problem(directory: str) -> str | None:
+    """None if ``directory`` is a complete checkpoint (its manifest lists ``trainer_state.pt`` and every listed
+    file has its listed size), else what is wrong, naming the file."""
+    manifest = os.path.join(directory, MANIFEST_FILE)
+    if not os.path.isfile(manifest):
+        return f"no {manifest} (the save did not complete)"
+    try:
+        with open(manifest) as stored:
+            files = json.load(stored)["files"]
+        sizes = {str(name): int(size) for name, size in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return f"{manifest} is not a manifest"
+    for name in (STATE_FILE, CONFIG_FILE):
+        if name not in sizes:
+            return f"{manifest} does not list {name}"
+    for name, size in sizes.items():
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            return f"{path} is missing"
+        if os.path.getsize(path) != size:
+            return f"{path} has {os.path.getsize(path)} bytes, the manifest says {size}"
+    return None
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -319,6 +379,8 @@ class Trainer:
         c = self.config
         self.total_steps, self.global_batch = total_steps, global_batch
         self.metrics_path = os.path.join(c.output_dir, METRICS_FILE)
+        if not resume_from_checkpoint:
+            self.check_fresh_start()
         state = self.load_checkpoint(resume_from_checkpoint) if resume_from_checkpoint else None
         self.engine = distributed.wrap(self.policy, c.parallelism)
         self.setup_optimizer(optimizer_steps)
@@ -326,6 +388,12 @@ class Trainer:
             self.restore(state)
         else:
             if distributed.is_main():
+                for name in self.earlier_run_files():  # only with overwrite_output_dir (check_fresh_start)
+                    path = os.path.join(c.output_dir, name)
+                    if os.path.isdir(path):
+                        shutil.rmtree(path)
+                    else:
+                        os.remove(path)
                 os.makedirs(c.output_dir, exist_ok=True)
                 open(self.metrics_path, "w").close()
             if distributed.world_size() > 1:  # each rank its own random stream (sampling)
@@ -403,11 +471,16 @@ class Trainer:
             hf.save_pretrained(self.model, directory, self.tokenizer, state_dict=state)
 
     def save_checkpoint(self) -> str:
-        """``output_dir/checkpoint-<step>``: the model (``hf.save_pretrained``), the tokenizer, and in
+        """``output_dir/checkpoint-<step>``: the model (``hf.save_pretrained``), the tokenizer, in
         ``trainer_state.pt`` the step, the global batch, the optimizer state (whole, by parameter name), the
-        schedule, the fp16 loss scaler and every rank's random number generator states. Rank 0 writes."""
+        schedule, the fp16 loss scaler and every rank's random number generator states, the config in
+        ``training_config.json``, and last the manifest. Rank 0 writes, into ``checkpoint-<step>.tmp``, renamed
+        into place when complete."""
         directory = os.path.join(self.config.output_dir, f"checkpoint-{self.step}")
-        self.save_model(directory)
+        partial = directory + ".tmp"
+        if distributed.is_main() and os.path.exists(partial):  # left by a run killed while saving
+            shutil.rmtree(partial)
+        self.save_model(partial)
         optimizer = distributed.optimizer_state_dict(self.engine, self.optimizer)
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
@@ -418,39 +491,100 @@ class Trainer:
                      "scheduler": self.scheduler.state_dict(), "rng": rng}
             if self.scaler is not None:
                 state["scaler"] = self.scaler.state_dict()
-            torch.save(state, os.path.join(directory, STATE_FILE))
+            torch.save(state, os.path.join(partial, STATE_FILE))
+            with open(os.path.join(partial, CONFIG_FILE), "w") as out:
+                json.dump(dataclasses.asdict(self.config), out, indent=1)
+            write_manifest(partial)
+            if os.path.exists(directory):  # a checkpoint of this step from before a resume
+                shutil.rmtree(directory)
+            os.rename(partial, directory)
         return directory
 
+    def earlier_run_files(self) -> list[str]:
+        """The names in ``output_dir`` that an earlier run left: checkpoints (complete or not) and a non-empty
+        ``metrics.jsonl``."""
+        out = self.config.output_dir
+        if not os.path.isdir(out):
+            return []
+        names = sorted(n for n in os.listdir(out) if CHECKPOINT_NAME.fullmatch(n))
+        metrics = os.path.join(out, METRICS_FILE)
+        return names + [METRICS_FILE] * (os.path.isfile(metrics) and os.path.getsize(metrics) > 0)
+
+    def check_fresh_start(self) -> None:
+        """Refuse a fresh run in an ``output_dir`` holding an earlier run's files, unless ``overwrite_output_dir``."""
+        old = self.earlier_run_files()
+        if old and not self.config.overwrite_output_dir:
+            shown = ", ".join(old[:3]) + (f" and {len(old) - 3} more" if len(old) > 3 else "")
+            raise ValueError(f"{type(self.config).__name__}.output_dir: expected a directory without an earlier "
+                             f"run, got {self.config.output_dir!r} holding {shown}; set overwrite_output_dir: true "
+                             f"to start afresh (deleting them) or resume_from_checkpoint to continue that run")
+
     def latest_checkpoint(self) -> str:
-        found = glob.glob(os.path.join(self.config.output_dir, "checkpoint-*", STATE_FILE))
-        if not found:
-            raise FileNotFoundError(f"resume_from_checkpoint: no checkpoint-*/ in {self.config.output_dir}")
-        return os.path.dirname(max(found, key=lambda p: int(re.search(r"checkpoint-(\d+)", p).group(1))))
+        """The newest complete checkpoint in ``output_dir`` (see :func:`checkpoint_problem`); the newer ones skipped,
+        with the reason, go to ``self.skipped_checkpoints``."""
+        out = self.config.output_dir
+        names = os.listdir(out) if os.path.isdir(out) else []
+        found = sorted(((int(m.group(1)), not m.group(2), n) for n in names
+                        if (m := CHECKPOINT_NAME.fullmatch(n))), reverse=True)
+        self.skipped_checkpoints = []
+        for _, final, name in found:
+            directory = os.path.join(out, name)
+            problem = checkpoint_problem(directory) if final else "a save cut off before it completed"
+            if problem is None:
+                return directory
+            self.skipped_checkpoints.append(f"{directory} ({problem})")
+        raise FileNotFoundError(f"resume_from_checkpoint: no {'complete ' if found else ''}checkpoint-*/ in {out}"
+                                + "".join(f"; skipped {s}" for s in self.skipped_checkpoints))
 
     def checkpoint_state(self, checkpoint: str | bool, global_batch: int, mmap: bool = False) -> tuple[str, dict]:
-        """The directory of a :meth:`save_checkpoint` checkpoint (``True``: the latest in ``output_dir``; every rank
-        must see it) and its state, checked to have this run's ``global_batch``."""
-        directory = self.latest_checkpoint() if checkpoint is True else checkpoint
+        """The directory of a complete :meth:`save_checkpoint` checkpoint (``True``: the newest in ``output_dir``;
+        every rank must see it) and its state, checked to have this run's ``global_batch`` and config (but for
+        ``RESUMABLE_CHANGES``)."""
+        self.skipped_checkpoints = []
+        directory = self.latest_checkpoint() if checkpoint is True else str(checkpoint)
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"resume_from_checkpoint: no such directory: {directory}")
+        problem = checkpoint_problem(directory)
+        if problem is not None:
+            raise ValueError(f"resume_from_checkpoint: {directory} is not a complete checkpoint: {problem}")
         path = os.path.join(directory, STATE_FILE)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"resume_from_checkpoint: no {STATE_FILE} in {directory}")
-        state = torch.load(path, weights_only=True, mmap=mmap)
+        try:
+            state = torch.load(path, weights_only=True, mmap=mmap)
+            with open(os.path.join(directory, CONFIG_FILE)) as stored:
+                config = json.load(stored)
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+            raise ValueError(f"resume_from_checkpoint: cannot read {path}: {str(error).splitlines()[0]}") from None
         if state["global_batch"] != global_batch:
             raise ValueError(
                 f"resume_from_checkpoint: {directory} was trained with a global batch of {state['global_batch']} "
                 f"samples per step, this run has {global_batch} ({distributed.world_size()} process(es)); the "
                 f"batch order, step count and schedule depend on it: set per_device_train_batch_size x "
                 f"gradient_accumulation_steps x processes to {state['global_batch']} to resume")
+        current = json.loads(json.dumps(dataclasses.asdict(self.config)))
+        differ = [k for k in dict.fromkeys([*config, *current])
+                  if k not in RESUMABLE_CHANGES and config.get(k, "(none)") != current.get(k, "(none)")]
+        if differ:
+            raise ValueError(f"resume_from_checkpoint: {directory} was trained with another config: "
+                             + ", ".join(f"{k}={config.get(k, '(none)')!r} (this run: {current.get(k, '(none)')!r})"
+                                         for k in differ)
+                             + "; resume with the checkpoint's values, or start a fresh run")
         return directory, state
 
     def checkpoint_step(self, checkpoint: str | bool | None, global_batch: int) -> int:
-        """The step ``train(resume_from_checkpoint=checkpoint)`` starts from (0 without a checkpoint), known before
-        :meth:`begin` loads the checkpoint's weights."""
-        return int(self.checkpoint_state(checkpoint, global_batch, mmap=True)[1]["step"]) if checkpoint else 0
+        """The step ``train(resume_from_checkpoint=checkpoint)`` starts from (0 without a checkpoint, after
+        :meth:`check_fresh_start`), known before :meth:`begin` loads the checkpoint's weights."""
+        if not checkpoint:
+            self.check_fresh_start()
+            return 0
+        return int(self.checkpoint_state(checkpoint, global_batch, mmap=True)[1]["step"])
 
     def load_checkpoint(self, checkpoint: str | bool) -> dict:
         """Read a checkpoint (:meth:`checkpoint_state`), load its weights into the model; return its state."""
         directory, state = self.checkpoint_state(checkpoint, self.global_batch)
+        if distributed.is_main():
+            for skipped in self.skipped_checkpoints:
+                warnings.warn(f"resume_from_checkpoint: skipped {skipped}", RuntimeWarning)
+            print(f"{self.name}: resuming from {directory} (step {state['step']})", file=sys.stderr, flush=True)
         hf.load_weights(self.model, directory)
         return state
 

@@ -16,6 +16,8 @@ import sys
 import typing
 from dataclasses import fields
 
+import torch
+
 from . import distributed
 from .dpo import DPOConfig, DPOTrainer
 from .grpo import GRPOConfig, GRPOTrainer
@@ -196,14 +198,17 @@ KINDS = tuple(HELP)
 DESCRIPTIONS = {
     kind: f"""{HELP[kind][0].upper()}{HELP[kind][1:]}.
 
-Start from the example, which runs as is in under a minute on a CPU (nothing is downloaded):
+Start from the example, which runs as is on a CPU (nothing is downloaded):
 
   fastalign {kind} --example > {kind}.yaml
   fastalign {kind} --config {kind}.yaml
 
 Progress shows on a bar; metrics (TRL's names) go to OUTPUT_DIR/metrics.jsonl, checkpoints to
-OUTPUT_DIR/checkpoint-N every save_steps, the final model to OUTPUT_DIR. Set resume_from_checkpoint: true (or a
-checkpoint directory) at the top level of the file to resume a run exactly.
+OUTPUT_DIR/checkpoint-N every save_steps (each complete or absent: written aside, then renamed), the final model
+to OUTPUT_DIR. Set resume_from_checkpoint: true (the newest complete checkpoint) or a checkpoint directory at the
+top level of the file to resume a run exactly (its config must match the checkpoint's). A fresh run in an
+OUTPUT_DIR with an earlier run's checkpoints or metrics is refused unless overwrite_output_dir: true (under
+config:), which deletes them.
 
 Several processes (DDP, or FSDP2 with parallelism: fsdp under config:), one node:
 
@@ -290,9 +295,10 @@ def trainer_config(cls, values, path: str):
         raise ConfigError(f"{path}: config: {error}") from None
 
 
-def load_model_and_tokenizer(spec: dict, path: str, kind: str = "dpo"):
+def load_model_and_tokenizer(spec: dict, path: str, kind: str = "dpo", seed: int | None = None):
     """The model (``tiny`` or a directory; a sequence-classification model for ``kind="reward"``) and its
-    tokenizer, as the file says."""
+    tokenizer, as the file says. ``seed``: the torch seed set before building the model (``model: tiny``'s
+    initialization; the config's ``seed``, so that it governs the whole run)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig
 
     from .. import hf
@@ -311,6 +317,8 @@ def load_model_and_tokenizer(spec: dict, path: str, kind: str = "dpo"):
     else:
         raise FileNotFoundError(f"{path}: tokenizer: no such directory: {tokenizer_name} "
                                 f"(or use one of {', '.join(TOKENIZERS)})")
+    if seed is not None:
+        torch.manual_seed(seed)
     if model_name != "tiny":
         if kind == "reward":
             return AutoModelForSequenceClassification.from_pretrained(model_name, num_labels=1), tokenizer
@@ -390,7 +398,7 @@ def run_from_config(kind: str, path: str) -> DPOTrainer | KTOTrainer | PPOTraine
         train = load_data(spec, "train_file", path, kind)
         if train is None:
             raise ConfigError(f"{path}: missing field 'train_file' (a JSONL file or builtin:counting)")
-        model, tokenizer = load_model_and_tokenizer(spec, path, kind)
+        model, tokenizer = load_model_and_tokenizer(spec, path, kind, seed=config.seed)
         trainer = trainer_class(model, tokenizer, train, config,
                                 eval_dataset=load_data(spec, "eval_file", path, kind))
     else:
@@ -401,7 +409,7 @@ def run_from_config(kind: str, path: str) -> DPOTrainer | KTOTrainer | PPOTraine
         if prompts is None:
             raise ConfigError(f"{path}: missing field 'prompts_file' (a JSONL file or builtin:counting)")
         reward = load_reward(spec, path, several=kind in ("grpo", "rloo"))
-        model, tokenizer = load_model_and_tokenizer(spec, path)
+        model, tokenizer = load_model_and_tokenizer(spec, path, seed=config.seed)
         trainer = trainer_class(model, tokenizer, prompts, reward, config,
                                 eval_dataset=load_data(spec, "eval_file", path, kind))
     trainer.train(resume_from_checkpoint=spec.get("resume_from_checkpoint"))

@@ -13,18 +13,23 @@ IGNORE_INDEX = -100
 
 
 def load_records(data, name: str) -> list:
-    """A list of records from a list, a JSONL file path, or a ``datasets.Dataset`` (anything with ``to_list``)."""
+    """A list of records from a list, a JSONL file path (one record per line; blank lines only at the end), or a
+    ``datasets.Dataset`` (anything with ``to_list``)."""
     if isinstance(data, (str, os.PathLike)):
         if not os.path.isfile(data):
             raise FileNotFoundError(f"{name}: no such file: {data}")
-        records = []
+        records, blank = [], None
         with open(data) as lines:
             for number, line in enumerate(lines, 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as error:
-                        raise ValueError(f"{name}: {data} line {number} is not JSON: {error}") from None
+                if not line.strip():
+                    blank = blank or number
+                    continue
+                if blank:
+                    raise ValueError(f"{name}: {data} line {blank} is blank (expected one JSON record per line)")
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{name}: {data} line {number} is not JSON: {error}") from None
         return records
     if isinstance(data, (list, tuple)):
         return list(data)
@@ -34,16 +39,37 @@ def load_records(data, name: str) -> list:
                     f"got {type(data).__name__}")
 
 
+def record_name(data, name: str, i: int) -> str:
+    """Where record ``i`` of :func:`load_records` came from: ``"<name>: <file> line <n>"`` or ``"<name>: record
+    <i>"``."""
+    return f"{name}: {data} line {i + 1}" if isinstance(data, (str, os.PathLike)) else f"{name}: record {i}"
+
+
+def check_nonempty(data, name: str, i: int, field: str, text: str) -> None:
+    """A ``ValueError`` naming the record and ``field`` if the preferred response ``text`` is empty (a rejected one
+    may be: answering nothing can be the wrong answer)."""
+    if not text:
+        raise ValueError(f"{record_name(data, name, i)}: {field}: expected a non-empty preferred response, got "
+                         f"{text!r}")
+
+
 def load_preference_data(data, name: str = "train_dataset") -> list[dict[str, str]]:
     """Records ``{"prompt", "chosen", "rejected"}`` of strings (see :func:`load_records`); at least one."""
     records = load_records(data, name)
     if not records:
         raise ValueError(f"{name}: expected at least one record, got none")
+    return check_preference_records(records, data, name)
+
+
+def check_preference_records(records: list, data, name: str) -> list[dict[str, str]]:
+    """``records`` (read from ``data``) if each has string fields ``prompt``, ``chosen`` and ``rejected``,
+    ``chosen`` non-empty; else a ``ValueError`` naming the record."""
     for i, record in enumerate(records):
         if not isinstance(record, dict) or not all(isinstance(record.get(k), str)
                                                    for k in ("prompt", "chosen", "rejected")):
-            raise ValueError(f"{name}: record {i} must have string fields 'prompt', 'chosen' and 'rejected', "
-                             f"got {record!r:.200}")
+            raise ValueError(f"{record_name(data, name, i)} must have string fields 'prompt', 'chosen' and "
+                             f"'rejected', got {record!r:.200}")
+        check_nonempty(data, name, i, "chosen", record["chosen"])
     return records
 
 
@@ -57,8 +83,9 @@ def load_ranked_data(data, num_responses: int, name: str = "train_dataset") -> l
         completions = record.get("completions") if isinstance(record, dict) else None
         if not (isinstance(record, dict) and isinstance(record.get("prompt"), str) and isinstance(completions, list)
                 and len(completions) == num_responses and all(isinstance(c, str) for c in completions)):
-            raise ValueError(f"{name}: record {i} must have a string 'prompt' and 'completions', a list of "
-                             f"{num_responses} strings (best first), got {record!r:.200}")
+            raise ValueError(f"{record_name(data, name, i)} must have a string 'prompt' and 'completions', a list "
+                             f"of {num_responses} strings (best first), got {record!r:.200}")
+        check_nonempty(data, name, i, "completions[0]", completions[0])
     return records
 
 

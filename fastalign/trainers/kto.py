@@ -12,7 +12,8 @@ from ..objectives.kto import KTO_LOSS_TYPES, KTOOptions, kto_kl, kto_metric_mean
 from . import distributed, losses
 from .common import (Trainer, TrainingConfig, as_floats, batch_indices, eval_batches, frozen_copy, mean_metrics,
                      require, steps_per_epoch)
-from .data import PairTokens, collate_pairs, encode_prompt, encode_response, load_records, prompt_budget
+from .data import (PairTokens, check_nonempty, check_preference_records, collate_pairs, encode_prompt,
+                   encode_response, load_records, prompt_budget, record_name)
 
 SUMMED_KEYS = tuple(f"{name}/{side}{suffix}" for side in ("chosen", "rejected")
                     for name, suffix in (("rewards", "_sum"), ("logps", "_sum"), ("count", "")))
@@ -34,12 +35,14 @@ def load_unpaired_data(data, name: str = "train_dataset") -> list[dict]:
     if not records:
         raise ValueError(f"{name}: expected at least one record, got none")
     if all(isinstance(r, dict) and {"chosen", "rejected"} <= r.keys() for r in records):
-        records = unpair_preference_data(records)
+        return unpair_preference_data(check_preference_records(records, data, name))
     for i, r in enumerate(records):
         if not (isinstance(r, dict) and isinstance(r.get("prompt"), str) and isinstance(r.get("completion"), str)
                 and isinstance(r.get("label"), bool)):
-            raise ValueError(f"{name}: record {i} must have string fields 'prompt' and 'completion' and a bool "
-                             f"'label', got {r!r:.200}")
+            raise ValueError(f"{record_name(data, name, i)} must have string fields 'prompt' and 'completion' and "
+                             f"a bool 'label', got {r!r:.200}")
+        if r["label"]:
+            check_nonempty(data, name, i, "completion", r["completion"])
     return records
 
 

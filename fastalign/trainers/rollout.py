@@ -191,10 +191,11 @@ class SamplingTrainer(Trainer):
             return torch.cat(outputs)[order]
         return tuple(torch.cat(parts)[order] for parts in zip(*outputs))
 
+    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean score (``eval_metric``) of responses sampled as in training for the eval prompts (shared by the
         ranks), on a forked random number generator (training draws the same numbers with or without
-        evaluation)."""
+        evaluation). No gradients: a reward model's scores are read as plain numbers."""
         means, counts = [], []
         with torch.random.fork_rng():
             for rows, count in eval_batches(len(self.eval_dataset), self.config.per_device_eval_batch_size):
