@@ -111,7 +111,8 @@ def validate_grpo_inputs(targets: Tensor, num_sequences: int, dtype: torch.dtype
         num_items_in_batch = _check_num_items(num_items_in_batch, int(completion.sum()))
     sampling = None
     if sampling_logprobs is not None:  # NaN: a token the rollout engine could not score (no evidence, as TRL 1.16)
-        sampling = validate_token_tensor("sampling_logprobs", sampling_logprobs, shape, device, check_finite=False)
+        sampling = masked_token_tensor("sampling_logprobs", sampling_logprobs, completion, check_finite=False,
+                                       logprobs=True)
         if check_finite:
             require_finite("sampling_logprobs", sampling.nan_to_num(nan=0.0))
         sampling = sampling.to(dtype)
@@ -141,6 +142,12 @@ def fused_grpo_loss(inputs: LinearInputs, opts: LinearOptions, config: GRPOLossC
     """The fused GRPO loss on validated inputs: ``inputs.lead_shape == (B, T)`` (padded), or N packed rows with
     their ``layout``; ``tokens`` in the layout of ``targets``."""
     tokens = tokens.padded(layout)
+    # TRL truncates every completion to max_completion_length
+    if config.loss_type == "dr_grpo" and not torch.compiler.is_compiling():
+        longest = int(tokens.mask.sum(-1).max())
+        if longest > config.max_completion_length:
+            raise ValueError(f"max_completion_length: expected at least the longest completion ({longest} tokens; "
+                             f"dr_grpo divides by B * max_completion_length), got {config.max_completion_length}")
     float_mask = tokens.mask.to(compute_dtype(inputs.hidden.dtype))
 
     def loss_of(logprobs: Tensor, entropy: Tensor | None):
@@ -171,11 +178,6 @@ def fused_completion_loss(inputs: LinearInputs, opts: LinearOptions, mask: Tenso
     ``[S, T]`` rows, or N packed rows with their ``layout``."""
     shape = mask.shape  # [S, T]
     compiling = torch.compiler.is_compiling()
-    if config.loss_type == "dr_grpo" and not compiling:  # TRL truncates every completion to max_completion_length
-        longest = int(tokens.mask.sum(-1).max())
-        if longest > config.max_completion_length:
-            raise ValueError(f"max_completion_length: expected at least the longest completion ({longest} tokens; "
-                             f"dr_grpo divides by B * max_completion_length), got {config.max_completion_length}")
     if compiling:  # every row (no data-dependent shape): the loss masks them, the outputs are masked below
         if layout is not None:
             raise ValueError("cu_seqlens: packed batches are not supported under torch.compile yet (their layout "
