@@ -423,6 +423,8 @@ def fused_linear_rloo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, adva
     options = RLOOOptions(epsilon=epsilon, epsilon_high=epsilon_high)
     layout = packed_layout(inputs.targets.numel(), inputs.hidden.device, cu_seqlens=cu_seqlens,
                            position_ids=position_ids)
+    for name, value in (("advantages", advantages), ("old_logprobs", old_logprobs)):
+        check_sequence_count(name, value, layout, cu_seqlens)
     tokens = validate_rloo_inputs(targets, layout, compute_dtype(inputs.hidden.dtype), advantages=advantages,
                                   mask=mask, old_logprobs=old_logprobs, ignore_index=int(ignore_index),
                                   check_finite=check_finite)

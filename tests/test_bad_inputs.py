@@ -55,6 +55,11 @@ def _grpo(g):
                 ref_logprobs=_logprobs((B, T), g), beta=0.04, loss_type="grpo")
 
 
+def _rloo(g):
+    kw = _lm(B, g)
+    return dict(kw, advantages=torch.tensor([1.0, -0.5]), old_logprobs=_logprobs((B, T), g))
+
+
 def _dpo(g):
     return dict(_lm(2 * B, g), ref_chosen_logps=-3 * torch.rand(B, generator=g) - 1,
                 ref_rejected_logps=-3 * torch.rand(B, generator=g) - 1, rpo_alpha=0.5)
@@ -98,6 +103,7 @@ OPS = {
     "logprobs": Op(fastalign.fused_linear_logprobs, _logprobs_op),
     "ppo": Op(fastalign.fused_linear_ppo_loss, _ppo),
     "grpo": Op(fastalign.fused_linear_grpo_loss, _grpo, packed=True),
+    "rloo": Op(fastalign.fused_linear_rloo_loss, _rloo, packed=True),
     "dpo": Op(fastalign.fused_linear_dpo_loss, _dpo, packed=True),
     "cpo": Op(fastalign.fused_linear_cpo_loss, _cpo, packed=True),
     "orpo": Op(fastalign.fused_linear_orpo_loss, _orpo, packed=True),
@@ -314,7 +320,8 @@ GRPO_CASES += [dict(loss_type="grpo", importance_sampling_level="sequence", delt
 PPO_CASES = [dict(), dict(dual_clip=3.0, entropy_coef=0.01, kl_estimator="k1", loss_agg="seq-mean-token-mean")]
 
 
-@pytest.mark.parametrize("op_name,options", [("grpo", c) for c in GRPO_CASES] + [("ppo", c) for c in PPO_CASES],
+@pytest.mark.parametrize("op_name,options", [("grpo", c) for c in GRPO_CASES] + [("ppo", c) for c in PPO_CASES]
+                         + [("rloo", dict(epsilon=0.1))],
                          ids=lambda x: x if isinstance(x, str) else "-".join(map(str, x.values())) or "default")
 def test_masked_positions_never_reach_results(backend, op_name, options):
     if op_name == "grpo" and options["loss_type"] == "dr_grpo":

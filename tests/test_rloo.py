@@ -236,7 +236,7 @@ def test_fully_masked_batch(backend):
     """No completion token: every ratio exp(0 - old_logps), no gradient, the loss still TRL's."""
     p = make_problem(seed=11)
     p["targets"] = torch.full((B, T), -100)
-    old = torch.tensor([0.0, 0.3, -0.3, 0.0, 0.1])
+    old = torch.tensor([0.0, -0.3, -0.7, 0.0, -0.1])  # sums of log-probs: <= 0
     out = fused_linear_rloo_loss(p["hidden"].requires_grad_(True), p["weight"], p["targets"],
                                  p["advantages"].float(), old_logprobs=old, backend=backend)
     ratio = torch.exp(-old)

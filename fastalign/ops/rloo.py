@@ -17,8 +17,8 @@ from .grpo import fused_completion_loss
 from .linear import LinearOptions
 from .segments import PackedLayout
 from .torch_backend import compute_dtype
-from .validation import (FLOAT_DTYPES, LinearInputs, require_finite, require_same_device, require_shape,
-                         require_tensor, validate_token_mask)
+from .validation import (FLOAT_DTYPES, LinearInputs, masked_token_tensor, require_finite, require_logprobs,
+                         require_same_device, require_shape, require_tensor, validate_token_mask)
 
 
 class RLOOLossOutput(NamedTuple):
@@ -59,12 +59,18 @@ def validate_rloo_inputs(targets: Tensor, layout: PackedLayout | None, dtype: to
     require_same_device(targets, advantages=advantages, old_logprobs=old)
     if check_finite:
         require_finite("advantages", advantages)
+    per_token = old is not None and tuple(old.shape) == tuple(targets.shape)  # (also when N == S, packed)
+    if per_token:  # values outside the completion never reach the sum, whatever they are
+        old = masked_token_tensor("old_logprobs", old, completion, check_finite=check_finite, logprobs=True)
+    elif check_finite:
         require_finite("old_logprobs", old)
     if layout is not None:
         completion = layout.to_padded(completion.reshape(-1), False)
-    if old is not None and tuple(old.shape) == tuple(targets.shape):  # per token (also when N == S, packed)
+    if per_token:
         old = old.reshape(completion.shape) if layout is None else layout.to_padded(old.reshape(-1), 0.0)
-        old = torch.where(completion, old.to(dtype), 0.0).sum(-1)
+        old = old.to(dtype).sum(-1)
+    elif old is not None:  # per sequence: a sum of up to the longest completion's log-probs
+        require_logprobs("old_logprobs", old, tokens_per_value=int(completion.sum(-1).max()))
     return RLOOInputs(advantages.to(dtype), completion, None if old is None else old.detach().to(dtype))
 
 
