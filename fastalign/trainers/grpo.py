@@ -225,7 +225,8 @@ class GRPOTrainer(SamplingTrainer):
         return losses.grpo_loss(hidden, *hf.get_lm_head(model), targets, advantages, loss_config,
                                 self.config.loss_backend, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
                                 temperature=self.config.temperature, num_items_in_batch=num_items_in_batch,
-                                packed=packed, deterministic=self.config.deterministic)
+                                packed=packed, deterministic=self.config.deterministic,
+                                transform=hf.logit_transform(model))
 
     def train(self, resume_from_checkpoint: str | bool | None = None) -> list[dict]:
         """Run the training loop; returns the logged records (also in ``output_dir/metrics.jsonl``)."""
