@@ -54,13 +54,14 @@ WORKSPACE_BYTES = 512 << 20
 whose [2048, 4096] hidden rows then stay in L2 while the vocabulary streams by; `fastalign.gpu_model`)."""
 
 
-def logit_grad_config(dtype: torch.dtype, *, h: int, interpret: bool = False) -> TileConfig:
+def logit_grad_config(dtype: torch.dtype, *, h: int, interpret: bool = False, softcap: bool = False) -> TileConfig:
     """`_logit_grad_kernel`'s tiles: 16-bit inputs 128 x 128 (64 FLOPs per byte loaded, against the forward's 43:
     the GPU cost model's L2 traffic), registers about 185 / 169 per thread (sm_80 / sm_90, from the compile test;
-    the forward's online-softmax tile spills at 128 x 128, this one stores dz and keeps no running state). fp32 and
-    the interpreter: the forward's (`lse_forward_config`)."""
+    the forward's online-softmax tile spills at 128 x 128, this one stores dz and keeps no running state). fp32,
+    the interpreter and a softcap (its tanh and derivative spilled 8 bytes at 128 x 128 on sm_90 with H not a
+    multiple of 16): the forward's (`lse_forward_config`)."""
     cfg = lse_forward_config(dtype, h=h, interpret=interpret)
-    if interpret or dtype == torch.float32:
+    if interpret or dtype == torch.float32 or softcap:
         return cfg
     return replace(cfg, BLOCK_V=128)
 
@@ -283,7 +284,7 @@ def _atomic_free_backward(hidden, weight, bias, targets, lse, grad_logprobs, gra
     once per chunk."""
     interpret = interpreting()
     (n, h), v = hidden.shape, weight.shape[0]
-    cfg = logit_grad_config(weight.dtype, h=h, interpret=interpret)
+    cfg = logit_grad_config(weight.dtype, h=h, interpret=interpret, softcap=softcap)
     chunk = workspace_rows(v, weight.dtype, workspace_bytes, cfg.BLOCK_N)
     dz = torch.empty(min(chunk, n), v, device=hidden.device, dtype=weight.dtype)
     ones = torch.ones(min(chunk, n), 1, device=hidden.device, dtype=weight.dtype)

@@ -329,3 +329,24 @@ def test_other_dtype_mixtures_are_refused(hidden_dtype, weight_dtype, bias_dtype
     with pytest.raises(TypeError, match=message):
         fused_linear_logprobs(hidden.to(hidden_dtype), weight.to(weight_dtype), targets,
                               None if bias_dtype is None else bias.to(bias_dtype), backend="torch")
+
+
+CHEAP_OPCHECK = ("test_faketensor",)
+
+
+def test_opcheck_registered_ops_with_a_transform():
+    """The registered operators with a softcap and a scale and mixed dtypes (fp16 hidden, fp32 weight): their
+    fake tensors (the gradients' dtypes; test_compiled traces the autograd)."""
+    from fastalign.ops import registered
+    from fastalign.ops.linear import LinearOptions
+
+    hidden, weight, bias, targets = problem(dtype=torch.float32)
+    hidden, targets = hidden.reshape(-1, H).to(torch.float16), targets.reshape(-1)
+    args = registered.options_args(LinearOptions("torch", temperature=0.7, chunk_size=3, **TRANSFORMS["both"]))
+    torch.library.opcheck(torch.ops.fastalign.token_stats, (hidden.requires_grad_(True), weight.requires_grad_(True),
+                                                            bias, targets, *args, True, False, False, False),
+                          test_utils=CHEAP_OPCHECK)
+    n = hidden.shape[0]
+    torch.library.opcheck(torch.ops.fastalign.logprobs_backward,
+                          (hidden.detach(), weight.detach(), bias, targets, torch.randn(n) + 3, torch.rand(n),
+                           torch.randn(n), torch.randn(n), *args, True, True, True), test_utils=CHEAP_OPCHECK)
