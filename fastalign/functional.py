@@ -26,7 +26,8 @@ from .ops.validation import masked_token_tensor, require_bool, validate_token_ma
 
 
 def fused_linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None, *,
-                          temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False,
+                          temperature: float = 1.0, logit_scale: float = 1.0,
+                          logit_softcap: float | None = None, ignore_index: int = -100, return_entropy: bool = False,
                           backend: str = "auto", chunk_size: int | None = None,
                           deterministic: bool | None = None, check_finite: bool = True,
                           process_group=None, reduce_hidden_grad: bool = True):
@@ -39,6 +40,11 @@ def fused_linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias:
         targets: ``[...]`` int64 token ids in ``[0, V)``, or ``ignore_index`` (log-prob 0, no gradient).
         bias: optional ``[V]`` lm_head bias.
         temperature: positive divisor of the logits.
+        logit_scale: positive multiplier of the raw logits ``hidden @ weight.T + bias``, before the softcap (Cohere's
+            ``logit_scale``; Granite divides by ``logits_scaling``: pass its inverse).
+        logit_softcap: ``c`` of the softcap ``c * tanh(x / c)`` applied to the scaled logits before the temperature
+            (Gemma 2/3's ``final_logit_softcapping``), None: no softcap. Every statistic (log-sum-exp, entropy...)
+            is of the transformed logits; the gradients flow through the transform.
         return_entropy: also return the entropy ``-sum_v p_v log p_v`` of the tempered distribution.
         backend: ``"auto"`` (triton on CUDA, torch elsewhere; ``$FASTALIGN_BACKEND`` overrides), ``"triton"``,
             ``"torch"``.
@@ -66,7 +72,8 @@ def fused_linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias:
         ``logprobs`` shaped like ``targets``, fp32 (float64 for float64 inputs); with ``return_entropy``,
         ``(logprobs, entropy)``. Both are differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
     """
-    inputs, opts = prepare_linear(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
+    inputs, opts = prepare_linear(hidden, weight, targets, bias, temperature=temperature, logit_scale=logit_scale,
+                                  logit_softcap=logit_softcap, ignore_index=ignore_index,
                                   backend=backend, chunk_size=chunk_size, deterministic=deterministic,
                                   check_finite=check_finite,
                                   process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
@@ -80,6 +87,7 @@ def fused_linear_ppo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_l
                           ref_logprobs: Tensor | None = None, kl_coef: float = 0.0, kl_estimator: str = "k3",
                           cliprange: float = 0.2, cliprange_high: float | None = None,
                           dual_clip: float | None = None, entropy_coef: float = 0.0, temperature: float = 1.0,
+                          logit_scale: float = 1.0, logit_softcap: float | None = None,
                           value_head_weight: Tensor | None = None, value_head_bias: Tensor | None = None,
                           old_values: Tensor | None = None, returns: Tensor | None = None,
                           cliprange_value: float = 0.2, vf_coef: float = 0.1, loss_agg: str = "token-mean",
@@ -127,7 +135,8 @@ def fused_linear_ppo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_l
     """
     if cu_seqlens is not None or position_ids is not None:
         validate_sequence_layout(hidden, targets, packed=True)
-    inputs, opts = prepare_linear(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
+    inputs, opts = prepare_linear(hidden, weight, targets, bias, temperature=temperature, logit_scale=logit_scale,
+                                  logit_softcap=logit_softcap, ignore_index=ignore_index,
                                   backend=backend, chunk_size=chunk_size, deterministic=deterministic,
                                   check_finite=check_finite,
                                   process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
@@ -167,7 +176,8 @@ def fused_linear_dpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
                           ld_alpha: float | None = None, use_weighting: bool = False, num_responses: int = 2,
                           average_log_prob: bool | None = None, rpo_alpha: float | None = None,
                           reference_free: bool = False, bco_state: RunningMean | None = None,
-                          vocab_metrics: bool = False, temperature: float = 1.0,
+                          vocab_metrics: bool = False, temperature: float = 1.0, logit_scale: float = 1.0,
+                          logit_softcap: float | None = None,
                           num_pairs: int | Tensor | None = None, num_chosen_tokens: int | Tensor | None = None,
                           cu_seqlens: Tensor | None = None, position_ids: Tensor | None = None,
                           ignore_index: int = -100, backend: str = "auto", chunk_size: int | None = None,
@@ -216,7 +226,8 @@ def fused_linear_dpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
         vocab_metrics: also compute TRL's metrics over the vocabulary, from per-row statistics of the same pass:
             ``entropy`` (completion tokens), ``logits/chosen``, ``logits/rejected`` (mean untempered logit of the
             best / worst responses' tokens), ``mean_token_accuracy`` (arg-max == target on the best responses).
-        temperature: positive divisor of the logits, policy and reference alike.
+        temperature, logit_scale, logit_softcap: the logits' temperature and transform (as in
+            :func:`fused_linear_logprobs`), policy and reference alike.
         num_pairs, num_chosen_tokens: the normalizers over the whole accumulated batch (gradient accumulation, data
             parallel), an int or a one-element tensor: each loss type's mean is ``sum / num_pairs`` and the chosen
             NLL (``sft``, RPO) ``-sum(chosen token log-probs) / num_chosen_tokens``, so that the parts add up to the
@@ -248,7 +259,8 @@ def fused_linear_dpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
                          num_responses=num_responses)
     sequences, layout = validate_preference_layout(hidden, targets, options.num_responses, cu_seqlens=cu_seqlens,
                                                    position_ids=position_ids)
-    inputs, opts = prepare_linear(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
+    inputs, opts = prepare_linear(hidden, weight, targets, bias, temperature=temperature, logit_scale=logit_scale,
+                                  logit_softcap=logit_softcap, ignore_index=ignore_index,
                                   backend=backend, chunk_size=chunk_size, deterministic=deterministic,
                                   check_finite=check_finite,
                                   process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
@@ -281,7 +293,8 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, adva
                            vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0,
                            vespo_lambda_neg: float = 2.0, max_completion_length: int | None = None,
                            num_items_in_batch=None, cu_seqlens: Tensor | None = None,
-                           position_ids: Tensor | None = None, temperature: float = 1.0, ignore_index: int = -100,
+                           position_ids: Tensor | None = None, temperature: float = 1.0, logit_scale: float = 1.0,
+                           logit_softcap: float | None = None, ignore_index: int = -100,
                            backend: str = "auto", chunk_size: int | None = None,
                            deterministic: bool | None = None, check_finite: bool = True,
                            process_group=None, reduce_hidden_grad: bool = True) -> GRPOLossOutput:
@@ -333,7 +346,8 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, adva
         <= 1, ``beta`` < 0, ``off_policy_mask_threshold`` < 0; dr_grpo's ``max_completion_length`` must be at least
         the longest completion (TRL truncates to it).
         deterministic: as in :func:`fused_linear_logprobs`.
-        temperature, ignore_index, backend, chunk_size, check_finite, process_group, reduce_hidden_grad: as in
+        temperature, logit_scale, logit_softcap, ignore_index, backend, chunk_size, check_finite, process_group,
+        reduce_hidden_grad: as in
             :func:`fused_linear_logprobs` (vocab-parallel: every other argument the same on every rank).
 
     Returns:
@@ -346,7 +360,8 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, adva
     """
     packed = cu_seqlens is not None or position_ids is not None
     validate_sequence_layout(hidden, targets, packed)
-    inputs, opts = prepare_linear(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
+    inputs, opts = prepare_linear(hidden, weight, targets, bias, temperature=temperature, logit_scale=logit_scale,
+                                  logit_softcap=logit_softcap, ignore_index=ignore_index,
                                   backend=backend, chunk_size=chunk_size, deterministic=deterministic,
                                   check_finite=check_finite,
                                   process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
@@ -373,8 +388,9 @@ def fused_linear_rloo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, adva
                            old_logprobs: Tensor | None = None, mask: Tensor | None = None,
                            epsilon: float = RLOOOptions.epsilon, epsilon_high: float | None = RLOOOptions.epsilon_high,
                            bias: Tensor | None = None, cu_seqlens: Tensor | None = None,
-                           position_ids: Tensor | None = None, temperature: float = 1.0, ignore_index: int = -100,
-                           backend: str = "auto", chunk_size: int | None = None, deterministic: bool | None = None,
+                           position_ids: Tensor | None = None, temperature: float = 1.0, logit_scale: float = 1.0,
+                           logit_softcap: float | None = None, ignore_index: int = -100, backend: str = "auto",
+                           chunk_size: int | None = None, deterministic: bool | None = None,
                            check_finite: bool = True, process_group=None,
                            reduce_hidden_grad: bool = True) -> RLOOLossOutput:
     """RLOO loss from hidden states (TRL 1.16's ``RLOOTrainer._compute_loss``), without the logits.
@@ -404,8 +420,9 @@ def fused_linear_rloo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, adva
             ``old_logprobs`` ``[S]``; when ``N == S`` an ``old_logprobs [N]`` is read per token), as in
             :func:`fused_linear_grpo_loss`. Same loss as the padded batch.
         deterministic: as in :func:`fused_linear_logprobs`.
-        temperature, ignore_index, backend, chunk_size, check_finite, process_group, reduce_hidden_grad: as in
-            :func:`fused_linear_logprobs` (vocab-parallel: every other argument the same on every rank).
+        temperature, logit_scale, logit_softcap, ignore_index, backend, chunk_size, check_finite, process_group,
+            reduce_hidden_grad: as in :func:`fused_linear_logprobs` (vocab-parallel: every other argument the same
+            on every rank).
 
     Returns:
         ``RLOOLossOutput(loss, metrics, logprobs, entropy, logps)``: ``loss`` differentiable w.r.t. ``hidden``,
@@ -416,7 +433,8 @@ def fused_linear_rloo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, adva
     """
     packed = cu_seqlens is not None or position_ids is not None
     validate_sequence_layout(hidden, targets, packed)
-    inputs, opts = prepare_linear(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
+    inputs, opts = prepare_linear(hidden, weight, targets, bias, temperature=temperature, logit_scale=logit_scale,
+                                  logit_softcap=logit_softcap, ignore_index=ignore_index,
                                   backend=backend, chunk_size=chunk_size, deterministic=deterministic,
                                   check_finite=check_finite,
                                   process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
@@ -436,6 +454,7 @@ def fused_linear_kto_loss(hidden: Tensor, weight: Tensor, targets: Tensor, label
                           desirable_weight: float = 1.0, undesirable_weight: float = 1.0, loss_type: str = "kto",
                           average_log_prob: bool = False, vocab_metrics: bool = False,
                           num_examples: int | Tensor | None = None, temperature: float = 1.0,
+                          logit_scale: float = 1.0, logit_softcap: float | None = None,
                           cu_seqlens: Tensor | None = None, position_ids: Tensor | None = None,
                           ignore_index: int = -100, backend: str = "auto", chunk_size: int | None = None,
                           deterministic: bool | None = None,
@@ -472,7 +491,8 @@ def fused_linear_kto_loss(hidden: Tensor, weight: Tensor, targets: Tensor, label
         cu_seqlens, position_ids: a packed batch of B completions (``hidden [N, H]`` or ``[1, N, H]``, ``targets
             [N]``; ``labels`` and ``ref_logps`` stay ``[B]``), as in :func:`fused_linear_grpo_loss`.
         deterministic: as in :func:`fused_linear_logprobs`.
-        temperature, ignore_index, backend, chunk_size, check_finite, process_group, reduce_hidden_grad: as in
+        temperature, logit_scale, logit_softcap, ignore_index, backend, chunk_size, check_finite, process_group,
+        reduce_hidden_grad: as in
             :func:`fused_linear_logprobs` (vocab-parallel: every other argument the same on every rank).
 
     Returns:
@@ -484,7 +504,8 @@ def fused_linear_kto_loss(hidden: Tensor, weight: Tensor, targets: Tensor, label
     """
     packed = cu_seqlens is not None or position_ids is not None
     validate_sequence_layout(hidden, targets, packed)
-    inputs, opts = prepare_linear(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
+    inputs, opts = prepare_linear(hidden, weight, targets, bias, temperature=temperature, logit_scale=logit_scale,
+                                  logit_softcap=logit_softcap, ignore_index=ignore_index,
                                   backend=backend, chunk_size=chunk_size, deterministic=deterministic,
                                   check_finite=check_finite,
                                   process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
@@ -522,7 +543,8 @@ def fused_linear_cpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
                           vocab_metrics: bool = False,
                           num_pairs: int | Tensor | None = None, num_chosen_tokens: int | Tensor | None = None,
                           cu_seqlens: Tensor | None = None, position_ids: Tensor | None = None,
-                          temperature: float = 1.0, ignore_index: int = -100, backend: str = "auto",
+                          temperature: float = 1.0, logit_scale: float = 1.0,
+                          logit_softcap: float | None = None, ignore_index: int = -100, backend: str = "auto",
                           chunk_size: int | None = None,
                           deterministic: bool | None = None, check_finite: bool = True, process_group=None,
                           reduce_hidden_grad: bool = True) -> DPOLossOutput:
@@ -550,7 +572,8 @@ def fused_linear_cpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
         cu_seqlens, position_ids: a packed batch of the 2B sequences, chosen first, as in
             :func:`fused_linear_dpo_loss`.
         deterministic: as in :func:`fused_linear_logprobs`.
-        temperature, ignore_index, backend, chunk_size, check_finite, process_group, reduce_hidden_grad: as in
+        temperature, logit_scale, logit_softcap, ignore_index, backend, chunk_size, check_finite, process_group,
+        reduce_hidden_grad: as in
             :func:`fused_linear_logprobs`.
 
     Returns:
@@ -563,7 +586,8 @@ def fused_linear_cpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
     sequences, layout = validate_preference_layout(hidden, targets, 2, cu_seqlens=cu_seqlens, position_ids=position_ids)
     options = CPOOptions(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma,
                          cpo_alpha=cpo_alpha, alpha=alpha)
-    inputs, opts = prepare_linear(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
+    inputs, opts = prepare_linear(hidden, weight, targets, bias, temperature=temperature, logit_scale=logit_scale,
+                                  logit_softcap=logit_softcap, ignore_index=ignore_index,
                                   backend=backend, chunk_size=chunk_size, deterministic=deterministic,
                                   check_finite=check_finite,
                                   process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
@@ -577,7 +601,8 @@ def fused_linear_orpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, b
                            beta: float = 0.1, nll_targets: Tensor | None = None, vocab_metrics: bool = False,
                            num_pairs: int | Tensor | None = None, num_chosen_tokens: int | Tensor | None = None,
                            cu_seqlens: Tensor | None = None, position_ids: Tensor | None = None,
-                           temperature: float = 1.0, ignore_index: int = -100, backend: str = "auto",
+                           temperature: float = 1.0, logit_scale: float = 1.0,
+                           logit_softcap: float | None = None, ignore_index: int = -100, backend: str = "auto",
                            chunk_size: int | None = None,
                            deterministic: bool | None = None, check_finite: bool = True, process_group=None,
                            reduce_hidden_grad: bool = True) -> DPOLossOutput:
@@ -600,7 +625,8 @@ def fused_linear_orpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, b
             :func:`fused_linear_dpo_loss`; ``nll_targets`` then shaped like ``targets``, ``ignore_index`` on the
             rejected sequences.
         deterministic: as in :func:`fused_linear_logprobs`.
-        temperature, ignore_index, backend, chunk_size, check_finite, process_group, reduce_hidden_grad: as in
+        temperature, logit_scale, logit_softcap, ignore_index, backend, chunk_size, check_finite, process_group,
+        reduce_hidden_grad: as in
             :func:`fused_linear_logprobs`.
 
     Returns:
@@ -611,7 +637,8 @@ def fused_linear_orpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, b
     """
     sequences, layout = validate_preference_layout(hidden, targets, 2, cu_seqlens=cu_seqlens, position_ids=position_ids)
     merged, tokens = merge_nll_targets(targets, nll_targets, int(ignore_index), layout)
-    inputs, opts = prepare_linear(hidden, weight, merged, bias, temperature=temperature, ignore_index=ignore_index,
+    inputs, opts = prepare_linear(hidden, weight, merged, bias, temperature=temperature, logit_scale=logit_scale,
+                                  logit_softcap=logit_softcap, ignore_index=ignore_index,
                                   backend=backend, chunk_size=chunk_size, deterministic=deterministic,
                                   check_finite=check_finite,
                                   process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)

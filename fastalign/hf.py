@@ -3,7 +3,9 @@
 Works with any decoder-only ``PreTrainedModel`` whose lm_head is a plain linear map of the backbone's last hidden
 state (Llama, Qwen2, Mistral, GPT-2, tied embeddings or not), and with a ``peft`` model wrapping one (LoRA on the
 backbone; the lm_head itself must not be adapted). The backbone is called directly, so the lm_head's forward
-never runs.
+never runs. A model that transforms its logits after the lm_head (Gemma 2/3's soft-capping, Cohere's, Granite's,
+Falcon-H1's scales: :func:`logit_transform`) gives the fused ops the same transform (``logit_scale``,
+``logit_softcap``); one whose transform fastalign cannot reproduce is refused.
 
 A :class:`ValueHead` (``[H] -> 1``) attaches to a causal LM as its ``value_head`` submodule (it moves, trains and
 checkpoints with it); :func:`save_pretrained` / :func:`load_pretrained` write and read it next to the model.
@@ -18,6 +20,7 @@ layers with the model's own attention) a 4D block-diagonal causal mask (``[1, 1,
 from __future__ import annotations
 
 import glob
+import math
 import os
 from typing import NamedTuple
 
@@ -31,9 +34,14 @@ from transformers import AttentionInterface
 VALUE_HEAD_FILE = "value_head.safetensors"
 ADAPTER_FILE = "adapter_model.safetensors"
 
-# Config fields that put a transform between the lm_head and the log-softmax (Gemma 2 soft-capping, Cohere and
-# Granite logit scales): the fused ops would compute different log-probs, so such models are refused.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+SCALE_FIELDS = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+"""Config fields of a multiplier of the logits after the lm_head, before any soft-capping (the order TRL 1.16's
+``DistillationTrainer`` reads them in): Cohere's ``logit_scale``, Muse's ``output_multiplier``, Falcon-H1's
+``lm_head_multiplier``, and ``logits_scaling``, a divisor (Granite, MiniCPM3) except on HyperCLOVA X (a
+multiplier)."""
+SOFTCAP_FIELDS = ("final_logit_softcapping", "logits_soft_cap")
+"""Config fields of a soft-cap ``c * tanh(z / c)`` of the (scaled) logits: Gemma 2/3/4's, RecurrentGemma's."""
+_MULTIPLYING_LOGITS_SCALING = ("hyperclovax",)  # model types whose ``logits_scaling`` multiplies the logits
 
 
 class LMHead(NamedTuple):
@@ -43,16 +51,31 @@ class LMHead(NamedTuple):
     bias: Tensor | None
 
 
+class LogitTransform(NamedTuple):
+    """What a causal LM does to its lm_head's output before the softmax: ``softcap(scale * z)`` (the fused ops'
+    ``logit_scale`` and ``logit_softcap``; ``op(..., **transform._asdict())``)."""
+
+    logit_scale: float = 1.0
+    logit_softcap: float | None = None
+
+
 class CausalLMParts(NamedTuple):
     """What a fused op needs for next-token log-probs, shifted as in training: position ``t`` predicts ``t + 1``.
 
-    hidden ``[B, T-1, H]``, weight ``[V, H]``, bias ``[V]`` or None, targets ``[B, T-1]`` (-100 where ignored).
+    hidden ``[B, T-1, H]``, weight ``[V, H]``, bias ``[V]`` or None, targets ``[B, T-1]`` (-100 where ignored), and
+    the model's logit transform (pass ``**parts.transform._asdict()`` to the op).
     """
 
     hidden: Tensor
     weight: Tensor
     bias: Tensor | None
     targets: Tensor
+    transform: LogitTransform = LogitTransform()
+
+    @property
+    def lm_problem(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+        """``(hidden, weight, bias, targets)``: the first four arguments of a fused op."""
+        return self.hidden, self.weight, self.bias, self.targets
 
 
 def is_peft_model(model: nn.Module) -> bool:
@@ -116,15 +139,43 @@ def enable_gradient_checkpointing(model: nn.Module, kwargs: dict | None = None) 
         causal_lm.enable_input_require_grads()
 
 
-def get_lm_head(model: nn.Module) -> LMHead:
-    """The lm_head weight ``[V, H]`` and bias of ``model`` (shared with the input embeddings when tied)."""
+def logit_transform(model: nn.Module) -> LogitTransform:
+    """The transform ``model`` applies to its lm_head's output, from its (text) config: a scale (``SCALE_FIELDS``)
+    then a soft-cap (``SOFTCAP_FIELDS``), as the models and TRL 1.16 apply them. Raises a ValueError naming the
+    config field when fastalign cannot reproduce it: two scales or two soft-caps at once, or a value that is not
+    a positive finite number."""
     causal_lm = unwrap_model(model)
     config = getattr(causal_lm, "config", None)
-    for name in _LOGIT_TRANSFORMS:
-        value = getattr(config, name, None)
-        if value not in (None, 1, 1.0):
-            raise ValueError(f"model: {type(causal_lm).__name__} transforms its logits ({name}={value}), "
-                             f"which the fused ops do not support")
+    if config is not None and callable(getattr(config, "get_text_config", None)):
+        config = config.get_text_config()
+    name = type(causal_lm).__name__
+
+    def field(names: tuple[str, ...], neutral) -> tuple[str, float] | None:
+        found = [(n, getattr(config, n)) for n in names if getattr(config, n, None) not in (None, neutral)]
+        for n, value in found:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    math.isfinite(value) and value > 0):
+                raise ValueError(f"model: {name}'s config.{n}: expected a positive finite number, got {value!r} "
+                                 f"(a logit transform the fused ops cannot reproduce)")
+        if len(found) > 1:
+            raise ValueError(f"model: {name} sets both config.{found[0][0]}={found[0][1]} and "
+                             f"config.{found[1][0]}={found[1][1]}: which transforms its logits first is unknown, "
+                             f"so the fused ops cannot reproduce its head")
+        return found[0] if found else None
+
+    scale, softcap = field(SCALE_FIELDS, 1), field(SOFTCAP_FIELDS, None)
+    logit_scale = 1.0
+    if scale is not None:
+        logit_scale = float(scale[1])
+        if scale[0] == "logits_scaling" and getattr(config, "model_type", None) not in _MULTIPLYING_LOGITS_SCALING:
+            logit_scale = 1.0 / logit_scale
+    return LogitTransform(logit_scale, None if softcap is None else float(softcap[1]))
+
+
+def get_lm_head(model: nn.Module) -> LMHead:
+    """The lm_head weight ``[V, H]`` and bias of ``model`` (shared with the input embeddings when tied). The model's
+    logit transform, if any, is :func:`logit_transform`'s."""
+    causal_lm = unwrap_model(model)
     head = causal_lm.get_output_embeddings()
     if head is None:
         raise TypeError(f"model: {type(causal_lm).__name__} has no output embeddings (lm_head)")
@@ -265,7 +316,8 @@ def causal_lm_parts(model: nn.Module, input_ids: Tensor, attention_mask: Tensor 
     ops for a causal LM's loss on ``input_ids [B, T]`` (``labels [B, T]`` as for ``model(..., labels=labels)``)."""
     hidden = hidden_states(model, input_ids, attention_mask)[:, :-1]
     weight, bias = get_lm_head(model)
-    return CausalLMParts(hidden, weight, bias, shifted_labels(input_ids, attention_mask, labels, ignore_index))
+    return CausalLMParts(hidden, weight, bias, shifted_labels(input_ids, attention_mask, labels, ignore_index),
+                         logit_transform(model))
 
 
 def packed_causal_lm_parts(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None = None,
@@ -276,7 +328,7 @@ def packed_causal_lm_parts(model: nn.Module, input_ids: Tensor, attention_mask: 
     targets = torch.nn.functional.pad(shifted_labels(input_ids, attention_mask, labels, ignore_index), (0, 1),
                                       value=ignore_index)
     weight, bias = get_lm_head(model)
-    return CausalLMParts(hidden, weight, bias, packed.pack(targets)), packed
+    return CausalLMParts(hidden, weight, bias, packed.pack(targets), logit_transform(model)), packed
 
 
 def lm_inputs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None,

@@ -13,12 +13,14 @@ class FusedLinearLogProbs(nn.Module):
     vocabulary shard ``[V_r, H]``).
     """
 
-    def __init__(self, *, temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False,
+    def __init__(self, *, temperature: float = 1.0, logit_scale: float = 1.0, logit_softcap: float | None = None,
+                 ignore_index: int = -100, return_entropy: bool = False,
                  backend: str = "auto", chunk_size: int | None = None,
                  deterministic: bool | None = None, check_finite: bool = True,
                  process_group=None, reduce_hidden_grad: bool = True):
         super().__init__()
-        self.options = dict(temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy,
+        self.options = dict(temperature=temperature, logit_scale=logit_scale, logit_softcap=logit_softcap,
+                            ignore_index=ignore_index, return_entropy=return_entropy,
                             backend=backend, chunk_size=chunk_size, deterministic=deterministic,
                             check_finite=check_finite,
                             process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)

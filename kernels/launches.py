@@ -134,25 +134,27 @@ def _cases_lse_forward() -> list[LaunchCase]:
     from .lse_forward import lse_forward_partials
     from .row_stats import RowStatsSpec
 
-    def case(bias: bool, stats: RowStatsSpec, deterministic: bool) -> LaunchCase:
+    def case(bias: bool, stats: RowStatsSpec, softcap: bool, deterministic: bool) -> LaunchCase:
         def call(dtype: torch.dtype, shape: Shape) -> None:
             hidden, weight, b, targets = _lm_head(dtype, shape, bias)
             lse_forward_partials(hidden, weight, b, targets, inv_temperature=1.0, ignore_index=-100, spec=stats,
-                                 deterministic=deterministic)
+                                 deterministic=deterministic, logit_softcap=30.0 if softcap else None)
 
-        every = bias and stats == RowStatsSpec(True, True, True, True)
-        return LaunchCase("lse_forward", _label(bias=bias, **vars(stats), deterministic=deterministic), call,
-                          heaviest=every and not deterministic, commonest=not (bias or stats.any_extra))
+        every = bias and softcap and stats == RowStatsSpec(True, True, True, True)
+        return LaunchCase("lse_forward", _label(bias=bias, **vars(stats), softcap=softcap,
+                                                deterministic=deterministic), call,
+                          heaviest=every and not deterministic,
+                          commonest=not (bias or stats.any_extra or softcap))
 
     # deterministic only fixes the vocab split (tiles_per_split): the same code, another specialization
-    return [case(bias, RowStatsSpec(*s), det) for bias in (False, True)
-            for s in itertools.product((False, True), repeat=4) for det in (False, True)]
+    return [case(bias, RowStatsSpec(*s), softcap, det) for bias in (False, True)
+            for s in itertools.product((False, True), repeat=4) for softcap in (False, True) for det in (False, True)]
 
 
 def _cases_logprobs_backward() -> list[LaunchCase]:
     from .logprobs_backward import linear_logprobs_backward
 
-    def case(bias: bool, entropy_grad: bool, d_hidden: bool, d_weight: bool, d_bias: bool,
+    def case(bias: bool, entropy_grad: bool, softcap: bool, d_hidden: bool, d_weight: bool, d_bias: bool,
              deterministic: bool) -> LaunchCase:
         def call(dtype: torch.dtype, shape: Shape) -> None:
             hidden, weight, b, targets = _lm_head(dtype, shape, bias)
@@ -160,19 +162,20 @@ def _cases_logprobs_backward() -> list[LaunchCase]:
             linear_logprobs_backward(hidden, weight, b, targets, row, row, row if entropy_grad else None,
                                      row if entropy_grad else None, inv_temperature=1.0, ignore_index=-100,
                                      need_grad_hidden=d_hidden, need_grad_weight=d_weight, need_grad_bias=d_bias,
-                                     deterministic=deterministic)
+                                     deterministic=deterministic, logit_softcap=30.0 if softcap else None)
 
-        flags = dict(bias=bias, entropy_grad=entropy_grad, d_hidden=d_hidden, d_weight=d_weight, d_bias=d_bias)
+        flags = dict(bias=bias, entropy_grad=entropy_grad, softcap=softcap, d_hidden=d_hidden, d_weight=d_weight,
+                     d_bias=d_bias)
         # deterministic runs other kernels (the logit-gradient tiles and owned-tile matmuls): a heaviest and a
         # commonest of its own
         return LaunchCase("logprobs_backward", _label(**flags, deterministic=deterministic), call,
                           heaviest=all(flags.values()),
-                          commonest=flags == dict(bias=False, entropy_grad=False, d_hidden=True, d_weight=True,
-                                                  d_bias=False))
+                          commonest=flags == dict(bias=False, entropy_grad=False, softcap=False, d_hidden=True,
+                                                  d_weight=True, d_bias=False))
 
     # d_bias needs a bias; at least one gradient (else the launcher launches nothing).
-    return [case(bias, ent, dh, dw, db, det) for bias, ent, dh, dw, db, det in itertools.product((False, True),
-                                                                                                 repeat=6)
+    return [case(bias, ent, cap, dh, dw, db, det)
+            for bias, ent, cap, dh, dw, db, det in itertools.product((False, True), repeat=7)
             if (bias or not db) and (dh or dw or db)]
 
 

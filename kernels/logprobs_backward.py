@@ -23,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .launches import check_device, interpreting, target_arch
-from .lse_forward import TileConfig, lse_forward_config
+from .lse_forward import TileConfig, lse_forward_config, transform_args, transform_tile
 from .matmul import matmul_into
 
 
@@ -54,13 +54,14 @@ WORKSPACE_BYTES = 512 << 20
 whose [2048, 4096] hidden rows then stay in L2 while the vocabulary streams by; `fastalign.gpu_model`)."""
 
 
-def logit_grad_config(dtype: torch.dtype, *, h: int, interpret: bool = False) -> TileConfig:
+def logit_grad_config(dtype: torch.dtype, *, h: int, interpret: bool = False, softcap: bool = False) -> TileConfig:
     """`_logit_grad_kernel`'s tiles: 16-bit inputs 128 x 128 (64 FLOPs per byte loaded, against the forward's 43:
     the GPU cost model's L2 traffic), registers about 185 / 169 per thread (sm_80 / sm_90, from the compile test;
-    the forward's online-softmax tile spills at 128 x 128, this one stores dz and keeps no running state). fp32 and
-    the interpreter: the forward's (`lse_forward_config`)."""
+    the forward's online-softmax tile spills at 128 x 128, this one stores dz and keeps no running state). fp32,
+    the interpreter and a softcap (its tanh and derivative spilled 8 bytes at 128 x 128 on sm_90 with H not a
+    multiple of 16): the forward's (`lse_forward_config`)."""
     cfg = lse_forward_config(dtype, h=h, interpret=interpret)
-    if interpret or dtype == torch.float32:
+    if interpret or dtype == torch.float32 or softcap:
         return cfg
     return replace(cfg, BLOCK_V=128)
 
@@ -81,12 +82,14 @@ def grouped_tile(N, V, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, GROUP_N: tl
 @triton.jit
 def logit_grad_tile(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, grad_logprobs_ptr, grad_entropy_ptr,
                     entropy_ptr, rows, cols, row_ok, col_ok, H, vocab_start, ignore_index, inv_temperature,
-                    HAS_BIAS: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    tanh_scale, HAS_BIAS: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr, SOFTCAP: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
     """Logit gradient dz = d loss / d (hidden @ weight.T + bias), fp32 [BLOCK_N, BLOCK_V], of token rows `rows`
     (valid where `row_ok`) against shard-local vocab columns `cols` (valid where `col_ok`); exactly 0 at invalid
-    or ignored rows and invalid columns. Pointers and scalars as in `_logprobs_backward_kernel`."""
-    # Recompute the logit tile z = (hidden @ weight.T + bias) * inv_temperature, fp32 accumulator.
+    or ignored rows and invalid columns. Pointers and scalars as in `_logprobs_backward_kernel`; `inv_temperature`
+    and `tanh_scale` are the transform's scalars (`lse_forward.transform_args`)."""
+    # Recompute the logit tile z = (hidden @ weight.T + bias) * inv_temperature (transformed), fp32 accumulator.
     hidden_rows = hidden_ptr + rows.to(tl.int64)[:, None] * H  # int64: rows * H overflows int32 at scale
     weight_rows = weight_ptr + cols.to(tl.int64)[:, None] * H
     acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
@@ -94,11 +97,12 @@ def logit_grad_tile(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, grad
         ks = k0 + tl.arange(0, BLOCK_H)
         k_ok = ks < H
         h = tl.load(hidden_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        h = h.to(weight_ptr.dtype.element_ty)  # 16-bit hidden with an fp32 weight: an fp32 product
         w = tl.load(weight_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    z = acc * inv_temperature
+    z = transform_tile(acc, inv_temperature, tanh_scale, SOFTCAP)
 
     # Shard-local target column (int32: compared over a whole tile). Ignored rows and targets past V match
     # nothing that survives the `keep` mask below.
@@ -114,10 +118,16 @@ def logit_grad_tile(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, grad
         g_ent = tl.load(grad_entropy_ptr + rows, mask=row_ok, other=0.0)
         entropy = tl.load(entropy_ptr + rows, mask=row_ok, other=0.0)
         dz -= g_ent[:, None] * p * (z - lse[:, None] + entropy[:, None])
-    # Chain rule through the temperature. Padding and ignored rows (whose lse may be anything) and padding
-    # columns contribute nothing: where() also drops an inf/nan p there.
+    # Chain rule through the temperature (and the transform: with a softcap, tanh = z / out_scale, its derivative
+    # 1 - tanh^2). Padding and ignored rows (whose lse may be anything) and padding columns contribute nothing:
+    # where() also drops an inf/nan p there.
     keep = (row_ok & (t != ignore_index))[:, None] & col_ok[None, :]
-    dz = tl.where(keep, dz * inv_temperature, 0.0)
+    if SOFTCAP:
+        tanh = z * (1.0 / inv_temperature)
+        dz = dz * (inv_temperature * tanh_scale) * (1.0 - tanh * tanh)
+    else:
+        dz = dz * inv_temperature
+    dz = tl.where(keep, dz, 0.0)
     return dz
 
 
@@ -126,8 +136,8 @@ def _logprobs_backward_kernel(
     hidden_ptr, weight_ptr, bias_ptr, targets_ptr,  # [N, H], [V, H], [V], [N] (all contiguous)
     lse_ptr, grad_logprobs_ptr, grad_entropy_ptr, entropy_ptr,  # fp32 [N]
     grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr,  # fp32 [N, H], [V, H], [V], zero-initialized
-    N, V, H, vocab_start, ignore_index, inv_temperature,
-    HAS_BIAS: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
+    N, V, H, vocab_start, ignore_index, inv_temperature, tanh_scale,
+    HAS_BIAS: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr, SOFTCAP: tl.constexpr,
     COMPUTE_GRAD_HIDDEN: tl.constexpr, COMPUTE_GRAD_WEIGHT: tl.constexpr, COMPUTE_GRAD_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -139,11 +149,12 @@ def _logprobs_backward_kernel(
     cols64 = cols.to(tl.int64)
     dz = logit_grad_tile(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, grad_logprobs_ptr,
                          grad_entropy_ptr, entropy_ptr, rows, cols, row_ok, col_ok, H, vocab_start, ignore_index,
-                         inv_temperature, HAS_BIAS, HAS_ENTROPY_GRAD, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
+                         inv_temperature, tanh_scale, HAS_BIAS, HAS_ENTROPY_GRAD, SOFTCAP, BLOCK_N, BLOCK_V,
+                         BLOCK_H, DOT_PRECISION)
 
     if COMPUTE_GRAD_BIAS:
         tl.atomic_add(grad_bias_ptr + cols, tl.sum(dz, axis=0), mask=col_ok, sem="relaxed")
-    dz_in = dz.to(hidden_ptr.dtype.element_ty)  # tensor-core operand in the input dtype, fp32 accumulation
+    dz_in = dz.to(weight_ptr.dtype.element_ty)  # tensor-core operand in the weight's dtype, fp32 accumulation
     if COMPUTE_GRAD_HIDDEN:
         # grad_hidden[rows] += dz @ weight[cols], one H chunk at a time.
         for k0 in range(0, H, BLOCK_H):
@@ -159,7 +170,8 @@ def _logprobs_backward_kernel(
         for k0 in range(0, H, BLOCK_H):
             ks = k0 + tl.arange(0, BLOCK_H)
             k_ok = ks < H
-            h = tl.load(hidden_ptr + rows64[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            h = tl.load(hidden_ptr + rows64[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                        other=0.0).to(weight_ptr.dtype.element_ty)
             tl.atomic_add(grad_weight_ptr + cols64[:, None] * H + ks[None, :],
                           tl.dot(dz_t, h, input_precision=DOT_PRECISION),
                           mask=col_ok[:, None] & k_ok[None, :], sem="relaxed")
@@ -169,9 +181,9 @@ def _logprobs_backward_kernel(
 def _logit_grad_kernel(
     hidden_ptr, weight_ptr, bias_ptr, targets_ptr,  # [N, H], [V, H], [V], [N] (all contiguous)
     lse_ptr, grad_logprobs_ptr, grad_entropy_ptr, entropy_ptr,  # fp32 [N]
-    dz_ptr,  # out: [N, V] in the input dtype
-    N, V, H, vocab_start, ignore_index, inv_temperature,
-    HAS_BIAS: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
+    dz_ptr,  # out: [N, V] in the weight's dtype
+    N, V, H, vocab_start, ignore_index, inv_temperature, tanh_scale,
+    HAS_BIAS: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -179,7 +191,8 @@ def _logit_grad_kernel(
     rows, cols, row_ok, col_ok = grouped_tile(N, V, BLOCK_N, BLOCK_V, GROUP_N)
     dz = logit_grad_tile(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, grad_logprobs_ptr,
                          grad_entropy_ptr, entropy_ptr, rows, cols, row_ok, col_ok, H, vocab_start, ignore_index,
-                         inv_temperature, HAS_BIAS, HAS_ENTROPY_GRAD, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
+                         inv_temperature, tanh_scale, HAS_BIAS, HAS_ENTROPY_GRAD, SOFTCAP, BLOCK_N, BLOCK_V,
+                         BLOCK_H, DOT_PRECISION)
     tl.store(dz_ptr + rows.to(tl.int64)[:, None] * V + cols[None, :], dz.to(dz_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
@@ -189,14 +202,16 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
                              entropy: Tensor | None = None, *, inv_temperature: float, ignore_index: int,
                              vocab_start: int = 0, need_grad_hidden: bool = True, need_grad_weight: bool = True,
                              need_grad_bias: bool = False, deterministic: bool = False,
-                             workspace_bytes: int | None = None,
+                             workspace_bytes: int | None = None, logit_scale: float = 1.0,
+                             logit_softcap: float | None = None,
                              ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of sum_n g_lp[n] * logprob[n] + g_ent[n] * entropy[n] w.r.t. hidden, weight and bias.
 
     hidden [N, H], weight [V, H] (rows are global vocab ids vocab_start ..), bias [V] or None, all of one dtype
-    (fp32/fp16/bf16); targets [N] int64; lse, grad_logprobs and (both or neither) grad_entropy, entropy: fp32 [N],
-    lse and entropy being the GLOBAL per-row values. Callers zero the upstream gradients at ignored rows; those rows
-    get exactly 0 either way. Non-contiguous inputs are copied (`.contiguous()`).
+    (fp32/fp16/bf16) or fp16/bf16 hidden with an fp32 weight and bias; targets [N] int64; lse, grad_logprobs and
+    (both or neither) grad_entropy, entropy: fp32 [N], lse and entropy being the GLOBAL per-row values; the logits
+    transformed by `logit_scale` and `logit_softcap` as in `lse_forward`. Callers zero the upstream gradients at
+    ignored rows; those rows get exactly 0 either way. Non-contiguous inputs are copied (`.contiguous()`).
     Returns fp32 grad_hidden [N, H], grad_weight [V, H], grad_bias [V], each None unless asked for.
 
     Writes (default): program p of the 1-D grid cdiv(N, BLOCK_N) * cdiv(V, BLOCK_V) owns one (token block, vocab
@@ -226,11 +241,12 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
 
     if deterministic:
         _atomic_free_backward(hidden, weight, bias, targets, lse, grad_logprobs, grad_entropy, entropy,
-                              grad_hidden, grad_weight, grad_bias, inv_temperature=inv_temperature,
-                              ignore_index=ignore_index, vocab_start=vocab_start,
+                              grad_hidden, grad_weight, grad_bias,
+                              transform=transform_args(inv_temperature, logit_scale, logit_softcap),
+                              softcap=logit_softcap is not None, ignore_index=ignore_index, vocab_start=vocab_start,
                               workspace_bytes=WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes)
         return grad_hidden, grad_weight, grad_bias
-    cfg = logprobs_backward_config(hidden.dtype, h=h, arch=target_arch(hidden.device), interpret=interpreting())
+    cfg = logprobs_backward_config(weight.dtype, h=h, arch=target_arch(hidden.device), interpret=interpreting())
     grid = (triton.cdiv(n, cfg.BLOCK_N) * triton.cdiv(v, cfg.BLOCK_V),)
     unused = lse  # stands in for the pointers a constexpr flag switches off (never dereferenced)
     _logprobs_backward_kernel[grid](
@@ -239,8 +255,8 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
         entropy if entropy is not None else unused,
         grad_hidden if grad_hidden is not None else unused, grad_weight if grad_weight is not None else unused,
         grad_bias if grad_bias is not None else unused,
-        n, v, h, vocab_start, ignore_index, float(inv_temperature),
-        HAS_BIAS=bias is not None, HAS_ENTROPY_GRAD=grad_entropy is not None,
+        n, v, h, vocab_start, ignore_index, *transform_args(inv_temperature, logit_scale, logit_softcap),
+        HAS_BIAS=bias is not None, HAS_ENTROPY_GRAD=grad_entropy is not None, SOFTCAP=logit_softcap is not None,
         COMPUTE_GRAD_HIDDEN=need_grad_hidden, COMPUTE_GRAD_WEIGHT=need_grad_weight, COMPUTE_GRAD_BIAS=need_grad_bias,
         **cfg.constexprs(), **cfg.launch_options(),
     )
@@ -255,22 +271,23 @@ def workspace_rows(v: int, dtype: torch.dtype, workspace_bytes: int, block_n: in
 
 
 def _atomic_free_backward(hidden, weight, bias, targets, lse, grad_logprobs, grad_entropy, entropy,
-                          grad_hidden, grad_weight, grad_bias, *, inv_temperature, ignore_index, vocab_start,
+                          grad_hidden, grad_weight, grad_bias, *, transform, softcap, ignore_index, vocab_start,
                           workspace_bytes):
-    """The atomic-free scheme, into the zero-initialized fp32 outputs that are not None. The rows go in chunks of
-    `workspace_rows`, in row order; per chunk:
-      1. `_logit_grad_kernel`: dz [rows, V] (input dtype, as the atomic kernel feeds its tensor cores), each logit
-         tile recomputed once;
+    """The atomic-free scheme, into the zero-initialized fp32 outputs that are not None (`transform`: the scalars of
+    `lse_forward.transform_args`, `softcap`: the SOFTCAP flag). The rows go in chunks of `workspace_rows`, in row
+    order; per chunk:
+      1. `_logit_grad_kernel`: dz [rows, V] (the weight's dtype, as the atomic kernel feeds its tensor cores), each
+         logit tile recomputed once;
       2. grad_hidden[chunk] = dz @ weight (K = V), grad_weight += dz.T @ hidden[chunk], grad_bias += dz.T @ 1
          (`matmul_into`: each output tile owned by one program, its K walked in order; the chunks add in row order).
     Three matmuls as the atomic kernel; extra traffic: dz written once and read twice, grad_weight read and written
     once per chunk."""
     interpret = interpreting()
     (n, h), v = hidden.shape, weight.shape[0]
-    cfg = logit_grad_config(hidden.dtype, h=h, interpret=interpret)
-    chunk = workspace_rows(v, hidden.dtype, workspace_bytes, cfg.BLOCK_N)
-    dz = torch.empty(min(chunk, n), v, device=hidden.device, dtype=hidden.dtype)
-    ones = torch.ones(min(chunk, n), 1, device=hidden.device, dtype=hidden.dtype)
+    cfg = logit_grad_config(weight.dtype, h=h, interpret=interpret, softcap=softcap)
+    chunk = workspace_rows(v, weight.dtype, workspace_bytes, cfg.BLOCK_N)
+    dz = torch.empty(min(chunk, n), v, device=hidden.device, dtype=weight.dtype)
+    ones = torch.ones(min(chunk, n), 1, device=hidden.device, dtype=weight.dtype)
     unused = lse
     for start in range(0, n, chunk):
         rows = slice(start, min(start + chunk, n))
@@ -279,8 +296,8 @@ def _atomic_free_backward(hidden, weight, bias, targets, lse, grad_logprobs, gra
             hidden[rows], weight, bias if bias is not None else unused, targets[rows], lse[rows],
             grad_logprobs[rows], grad_entropy[rows] if grad_entropy is not None else unused,
             entropy[rows] if entropy is not None else unused, dz,
-            m, v, h, vocab_start, ignore_index, float(inv_temperature),
-            HAS_BIAS=bias is not None, HAS_ENTROPY_GRAD=grad_entropy is not None,
+            m, v, h, vocab_start, ignore_index, *transform,
+            HAS_BIAS=bias is not None, HAS_ENTROPY_GRAD=grad_entropy is not None, SOFTCAP=softcap,
             **cfg.constexprs(), **cfg.launch_options(),
         )
         if grad_hidden is not None:

@@ -1,6 +1,8 @@
 """Forward of the fused linear log-softmax: per-row log-sum-exp, target logit and the optional statistics of a
 `RowStatsSpec` (entropy, logsumexp(2z), sum of logits, arg-max) of z = (hidden @ weight.T + bias) * inv_temperature,
-one [BLOCK_N, BLOCK_V] logit tile at a time.
+one [BLOCK_N, BLOCK_V] logit tile at a time; with a logit transform (`logit_scale`, `logit_softcap`), of
+z = softcap(logit_scale * (hidden @ weight.T + bias)) * inv_temperature, softcap(x) = c tanh(x / c), formed in the
+tile before any statistic (`transform_args` folds the scalars; `transform_tile` applies them).
 
 The statistics merge across vocabulary shards (and across the vocab splits of one launch); log-prob =
 target_logit - lse once they are merged. The entropy is accumulated centred on the running max, as
@@ -56,14 +58,33 @@ def lse_forward_config(dtype: torch.dtype, *, h: int, interpret: bool = False) -
     return TileConfig(128, 64, block_h, 8, precision, num_warps=8, num_stages=3)
 
 
+def transform_args(inv_temperature: float, logit_scale: float, logit_softcap: float | None) -> tuple[float, float]:
+    """The transform's two kernel scalars `(out_scale, tanh_scale)`: the logits are `acc * out_scale`, or with a
+    softcap (the kernels' `SOFTCAP` flag) `tanh(acc * tanh_scale) * out_scale`, whose derivative w.r.t. `acc` is
+    `out_scale * tanh_scale * (1 - tanh^2)`."""
+    if logit_softcap is None:
+        return float(logit_scale * inv_temperature), 1.0
+    return float(logit_softcap * inv_temperature), float(logit_scale / logit_softcap)
+
+
+@triton.jit
+def transform_tile(acc, out_scale, tanh_scale, SOFTCAP: tl.constexpr):
+    """The transformed, tempered logits of the raw fp32 tile `acc` (`transform_args`)."""
+    if SOFTCAP:  # tanh(x) = 1 - 2 / (exp(2x) + 1): +-1 where exp(2x) overflows or vanishes (no libdevice in the
+        # interpreter); its absolute error, a few ulps of 1, is a few ulps of the cap in the logits. An approximate
+        # reciprocal (2 ulp): the full-range division doubled the backward tile's instructions and spilled it.
+        return (1.0 - tl.fdiv(2.0, tl.exp(2.0 * acc * tanh_scale) + 1.0, approx=True)) * out_scale
+    return acc * out_scale
+
+
 @triton.jit
 def _lse_forward_kernel(
     hidden_ptr, weight_ptr, bias_ptr, targets_ptr,  # [N, H], [V, H], [V], [N] (all contiguous)
     max_ptr, sumexp_ptr, sum_ez_ptr, target_logit_ptr,  # partial statistics, fp32 [num_splits, N]
     sumexp2_ptr, logit_sum_ptr, argmax_ptr,  # optional partial statistics, [num_splits, N]: fp32, fp32, int64
-    N, V, H, tiles_per_split, vocab_start, ignore_index, inv_temperature,
+    N, V, H, tiles_per_split, vocab_start, ignore_index, inv_temperature, tanh_scale,
     HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, WITH_LSE2: tl.constexpr, WITH_LOGIT_SUM: tl.constexpr,
-    WITH_ARGMAX: tl.constexpr,
+    WITH_ARGMAX: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -108,11 +129,12 @@ def _lse_forward_kernel(
             ks = k0 + tl.arange(0, BLOCK_H)
             k_ok = ks < H
             h = tl.load(hidden_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            h = h.to(weight_ptr.dtype.element_ty)  # 16-bit hidden with an fp32 weight: an fp32 product
             w = tl.load(weight_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
             acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        z = acc * inv_temperature
+        z = transform_tile(acc, inv_temperature, tanh_scale, SOFTCAP)  # `transform_args`' out_scale
 
         # At most one column of the whole vocabulary matches y, so summing picks it.
         target_logit += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
@@ -222,13 +244,16 @@ class LsePartials(NamedTuple):
 
 def lse_forward_partials(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *,
                          inv_temperature: float, ignore_index: int, vocab_start: int = 0,
-                         spec: RowStatsSpec = RowStatsSpec(), deterministic: bool = False) -> LsePartials:
-    """Split statistics of z = (hidden @ weight.T + bias) * inv_temperature without materializing z.
+                         spec: RowStatsSpec = RowStatsSpec(), deterministic: bool = False, logit_scale: float = 1.0,
+                         logit_softcap: float | None = None) -> LsePartials:
+    """Split statistics of z = (hidden @ weight.T + bias) * inv_temperature without materializing z (transformed by
+    `logit_scale` and `logit_softcap`, see the module docstring).
 
-    hidden [N, H], weight [V, H] (rows are global vocab ids vocab_start .. vocab_start + V - 1), bias [V] or None,
-    all of one dtype (fp32/fp16/bf16); targets [N] int64 global vocab ids. Non-contiguous inputs are copied
-    (`.contiguous()`). Returns the fp32 [num_splits, N] partials, to merge with `merge_lse_partials` (or in the
-    epilogue kernels, via `merge_split_partials`); the optional ones are None unless `spec` asks for them.
+    hidden [N, H], weight [V, H] (rows are global vocab ids vocab_start .. vocab_start + V - 1), bias [V] or None, all
+    of one dtype (fp32/fp16/bf16), or fp16/bf16 hidden with an fp32 weight and bias (fp32 products); targets [N]
+    int64 global vocab ids. Non-contiguous inputs are copied (`.contiguous()`). Returns the fp32 [num_splits, N]
+    partials, to merge with `merge_lse_partials` (or in the epilogue kernels, via `merge_split_partials`); the
+    optional ones are None unless `spec` asks for them.
 
     `deterministic=True`: every split covers a fixed number of columns whatever N (batch invariance).
 
@@ -240,7 +265,7 @@ def lse_forward_partials(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
     hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
     bias = bias.contiguous() if bias is not None else None
     (n, h), v = hidden.shape, weight.shape[0]
-    cfg = lse_forward_config(hidden.dtype, h=h, interpret=interpreting())
+    cfg = lse_forward_config(weight.dtype, h=h, interpret=interpreting())
 
     n_row_blocks = triton.cdiv(n, cfg.BLOCK_N)
     n_vocab_tiles = triton.cdiv(v, cfg.BLOCK_V)
@@ -259,9 +284,10 @@ def lse_forward_partials(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
         _lse_forward_kernel[(n_row_blocks * splits,)](
             hidden, weight, bias if bias is not None else hidden, targets,
             *(unused if p is None else p for p in partials),
-            n, v, h, per_split, vocab_start, ignore_index, float(inv_temperature),
+            n, v, h, per_split, vocab_start, ignore_index,
+            *transform_args(inv_temperature, logit_scale, logit_softcap),
             HAS_BIAS=bias is not None, WITH_ENTROPY=spec.entropy, WITH_LSE2=spec.lse2,
-            WITH_LOGIT_SUM=spec.logit_sum, WITH_ARGMAX=spec.argmax,
+            WITH_LOGIT_SUM=spec.logit_sum, WITH_ARGMAX=spec.argmax, SOFTCAP=logit_softcap is not None,
             **cfg.constexprs(), **cfg.launch_options(),
         )
     return partials
@@ -305,8 +331,10 @@ def merge_lse_partials(partials: LsePartials, ordered: bool = False) -> RowStats
 
 def linear_lse_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *,
                        inv_temperature: float, ignore_index: int, vocab_start: int = 0,
-                       spec: RowStatsSpec = RowStatsSpec(), deterministic: bool = False) -> RowStats:
-    """Per-row statistics of z = (hidden @ weight.T + bias) * inv_temperature without materializing z.
+                       spec: RowStatsSpec = RowStatsSpec(), deterministic: bool = False, logit_scale: float = 1.0,
+                       logit_softcap: float | None = None) -> RowStats:
+    """Per-row statistics of z = (hidden @ weight.T + bias) * inv_temperature without materializing z (transformed
+    by `logit_scale` and `logit_softcap`).
 
     Inputs as `lse_forward_partials`. Returns [N] tensors (`RowStats`), fp32 unless stated:
       lse            logsumexp_v z,
@@ -324,5 +352,6 @@ def linear_lse_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targ
     """
     partials = lse_forward_partials(hidden, weight, bias, targets, inv_temperature=inv_temperature,
                                     ignore_index=ignore_index, vocab_start=vocab_start, spec=spec,
-                                    deterministic=deterministic)
+                                    deterministic=deterministic, logit_scale=logit_scale,
+                                    logit_softcap=logit_softcap)
     return merge_lse_partials(partials, ordered=deterministic)

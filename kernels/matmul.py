@@ -62,7 +62,7 @@ def is_aligned(*tensors: Tensor) -> bool:
 
 @triton.jit
 def _matmul_kernel(
-    a_ptr, b_ptr, c_ptr,  # A [M, K], B [K, P] (any strides, one dtype), C fp32 [M, P] (unit column stride)
+    a_ptr, b_ptr, c_ptr,  # A [M, K], B [K, P] (any strides, one dtype or fp32 A), C fp32 [M, P] (unit column stride)
     M, P, K, stride_am, stride_ak, stride_bk, stride_bp, stride_cm,
     ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -93,7 +93,7 @@ def _matmul_kernel(
     for k0 in range(0, K, BLOCK_K):
         k_ok = k0 + ks < K
         a = tl.load(a_tile, mask=k_ok[None, :], other=0.0)
-        b = tl.load(b_tile, mask=k_ok[:, None], other=0.0)
+        b = tl.load(b_tile, mask=k_ok[:, None], other=0.0).to(a_ptr.dtype.element_ty)  # 16-bit B with fp32 A
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_tile += BLOCK_K * stride_ak
         b_tile += BLOCK_K * stride_bk
@@ -103,7 +103,8 @@ def _matmul_kernel(
 
 
 def matmul_into(out: Tensor, a: Tensor, b: Tensor, *, accumulate: bool, interpret: bool = False) -> None:
-    """out (+)= a @ b for a [M, K], b [K, P] of one dtype (any strides), out fp32 [M, P] with unit column stride.
+    """out (+)= a @ b for a [M, K], b [K, P] of one dtype (or fp32 a, 16-bit b: cast to fp32 in the tiles; any
+    strides), out fp32 [M, P] with unit column stride.
 
     Writes: each program of the 1-D grid cdiv(M, BLOCK_M) * cdiv(P, BLOCK_P) alone writes one tile of out, once,
     after summing its K tiles in order (no atomics).

@@ -3,6 +3,7 @@ import os
 
 import pytest
 import torch
+import transformers
 from safetensors import safe_open
 from torch import nn
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
@@ -113,11 +114,50 @@ def test_labels_shift_and_padding():
     assert hf.shifted_labels(input_ids, mask, labels).tolist() == [[-100, 7, 8], [6, -100, -100]]
 
 
-def test_logit_transforms_and_adapted_lm_head_are_refused():
+TRANSFORMED = {  # models that transform their logits after the lm_head, small enough that the transform matters
+    "gemma2": lambda: transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        **COMMON, head_dim=8, final_logit_softcapping=0.5)),
+    "cohere": lambda: transformers.CohereForCausalLM(transformers.CohereConfig(**COMMON, logit_scale=3.0)),
+    "granite": lambda: transformers.GraniteForCausalLM(transformers.GraniteConfig(**COMMON, logits_scaling=0.25)),
+}
+EXPECTED_TRANSFORMS = {"gemma2": hf.LogitTransform(1.0, 0.5), "cohere": hf.LogitTransform(3.0, None),
+                       "granite": hf.LogitTransform(4.0, None)}
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMED))
+def test_transformed_logits_match_the_models_logits(name):
+    """Gemma 2's soft-cap, Cohere's scale, Granite's divisor: read from the config, the fused log-probs and entropy
+    equal the log-softmax of the model's own logits."""
+    model = TRANSFORMED[name]().eval()
+    with torch.no_grad():  # logits of a few units (random init gives ~0.01): the transform bends them
+        model.get_output_embeddings().weight.mul_(30.0)
+    input_ids, attention_mask = batch()
+    parts = hf.causal_lm_parts(model, input_ids, attention_mask)
+    assert parts.transform == EXPECTED_TRANSFORMS[name]
+    logprobs = fused_linear_logprobs(parts.hidden, parts.weight, parts.targets, parts.bias, **parts.transform._asdict())
+    torch.testing.assert_close(logprobs, logits_logprobs(model, input_ids, attention_mask, parts.targets),
+                               rtol=1e-5, atol=1e-5)
+    plain = fused_linear_logprobs(parts.hidden, parts.weight, parts.targets, parts.bias)  # the transform matters
+    assert (plain - logprobs).abs().max() > 0.1
+
+
+def test_logit_transforms_it_cannot_reproduce_are_refused():
     model = MODELS["llama"]()
-    model.config.final_logit_softcapping = 30.0
-    with pytest.raises(ValueError, match="final_logit_softcapping"):
-        hf.get_lm_head(model)
+    assert hf.logit_transform(model) == hf.LogitTransform()
+    model.config.logit_scale, model.config.logits_scaling = 2.0, 3.0
+    with pytest.raises(ValueError, match=r"sets both config.logit_scale=2.0 and config.logits_scaling=3.0"):
+        hf.logit_transform(model)
+    model.config.logits_scaling = 1.0  # neutral: ignored
+    assert hf.logit_transform(model) == hf.LogitTransform(2.0, None)
+    model.config.final_logit_softcapping = -1.0
+    with pytest.raises(ValueError, match=r"config.final_logit_softcapping: expected a positive finite number, got -1"):
+        hf.logit_transform(model)
+    model.config.final_logit_softcapping, model.config.model_type = 30.0, "hyperclovax"  # multiplies
+    model.config.logit_scale, model.config.logits_scaling = None, 0.5
+    assert hf.logit_transform(model) == hf.LogitTransform(0.5, 30.0)
+
+
+def test_adapted_lm_head_is_refused():
     peft = pytest.importorskip("peft")
     adapted = peft.get_peft_model(LlamaForCausalLM(LlamaConfig(**COMMON)),
                                   peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))

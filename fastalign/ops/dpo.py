@@ -27,8 +27,8 @@ from .engine import Coupling, RowValues, fused_rows_loss
 from .linear import LinearOptions
 from .segments import PackedLayout, packed_layout, validate_sequence_layout
 from .torch_backend import RowStats, RowStatsSpec, compute_dtype
-from .validation import (FLOAT_DTYPES, LinearInputs, require_finite, require_logprobs, require_same_device,
-                         require_shape, require_tensor)
+from .validation import (FLOAT_DTYPES, LinearInputs, check_lm_head_dtypes, require_finite, require_logprobs,
+                         require_same_device, require_shape, require_tensor)
 
 BATCH_COUPLED_LOSS_TYPES = frozenset({"aot", "aot_unpaired"})
 
@@ -226,9 +226,8 @@ def validate_reference(inputs: LinearInputs, opts: LinearOptions, options: DPOOp
     require_shape("ref_hidden", ref_hidden, (*inputs.lead_shape, inputs.hidden.shape[1]), "the shape of hidden")
     ref_weight = require_tensor("ref_weight", ref_weight)
     require_shape("ref_weight", ref_weight, tuple(inputs.weight.shape), "the shape of weight")
-    for name, value in (("ref_weight", ref_weight), ("ref_bias", ref_bias)):
-        if value is not None and require_tensor(name, value).dtype != ref_hidden.dtype:
-            raise TypeError(f"{name}: expected dtype {ref_hidden.dtype} (the dtype of ref_hidden), got {value.dtype}")
+    check_lm_head_dtypes(ref_hidden, ref_weight, None if ref_bias is None else require_tensor("ref_bias", ref_bias),
+                         prefix="ref_")
     if ref_bias is not None:
         require_shape("ref_bias", ref_bias, (inputs.weight.shape[0],), "one entry per row of ref_weight")
     if opts.backend == "triton" and ref_hidden.dtype == torch.float64:

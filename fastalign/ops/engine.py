@@ -173,7 +173,7 @@ class _EngineLoss(torch.autograd.Function):
                 return grad_lp[rows], None if grad_ent is None else grad_ent[rows]
 
             out = torch_backend.linear_logprobs_fused(
-                rows_hidden, weight, bias, targets, token_grads, inv_temperature=opts.inv_temperature,
+                rows_hidden, weight, bias, targets, token_grads, **opts.logit_args,
                 ignore_index=opts.ignore_index, spec=plan.spec,
                 need_grad_hidden=need["need_hidden"],
                 need_grad_weight=need["need_weight"], need_grad_bias=need["need_bias"], chunk_size=opts.chunk_size,
@@ -262,8 +262,10 @@ def fused_rows_loss(inputs: LinearInputs, opts: LinearOptions, loss_fn: LossFn, 
             chunks = "token"
         elif coupling is not None:
             width = weight.shape[0] if opts.shard is None else opts.shard.widest_shard
-            # One [rows, V] buffer: the one pass forms p in place of log p unless the entropy itself is trained.
-            chunks = whole_group_chunks(list(coupling), width, opts.chunk_size)
+            # One [rows, V] buffer: the one pass forms p in place of log p unless the entropy itself is trained
+            # (and one for the softcap's derivative).
+            chunks = whole_group_chunks(list(coupling), width, opts.chunk_size,
+                                        buffers=1 if opts.logit_softcap is None else 2)
     plan = _Plan(rows, targets, loss_fn, chunks, spec, opts, [])
     loss = _EngineLoss.apply(hidden, weight, bias, plan)
     return EngineOutput(loss, *plan.outputs)

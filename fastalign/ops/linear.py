@@ -17,7 +17,8 @@ from .vocab_parallel import VocabShard
 
 @dataclass(frozen=True)
 class LinearOptions:
-    """How the logits ``(hidden @ weight.T + bias) / temperature`` are formed and walked (backend already resolved)."""
+    """How the logits ``softcap(logit_scale * (hidden @ weight.T + bias)) / temperature`` are formed and walked
+    (backend already resolved); ``softcap(x) = logit_softcap * tanh(x / logit_softcap)``, none when None."""
 
     backend: str = "torch"
     temperature: float = 1.0
@@ -26,10 +27,18 @@ class LinearOptions:
     shard: VocabShard | None = None  # this rank's vocabulary shard (vocab-parallel lm_head), None: the whole
     deterministic: bool = False  # batch-invariant, run-to-run deterministic (``torch_backend``; triton: fixed vocab
     # splits merged in order, the atomic-free backward of ``fastalign.kernels.logprobs_backward``)
+    logit_scale: float = 1.0  # multiplies the raw logits (Cohere's ``logit_scale``, 1 / Granite's ``logits_scaling``)
+    logit_softcap: float | None = None  # Gemma 2/3's ``final_logit_softcapping``, after the scale
 
     @property
     def inv_temperature(self) -> float:
         return 1.0 / self.temperature
+
+    @property
+    def logit_args(self) -> dict:
+        """The logit transform as the keyword arguments of the backends' entry points."""
+        return dict(inv_temperature=self.inv_temperature, logit_scale=self.logit_scale,
+                    logit_softcap=self.logit_softcap)
 
     @property
     def vocab_start(self) -> int:
@@ -48,11 +57,11 @@ def lse_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Te
     if opts.backend == "triton":
         from fastalign.kernels.lse_forward import linear_lse_forward
 
-        stats = linear_lse_forward(hidden, weight, bias, targets, inv_temperature=opts.inv_temperature,
+        stats = linear_lse_forward(hidden, weight, bias, targets, **opts.logit_args,
                                    ignore_index=opts.ignore_index, vocab_start=opts.vocab_start, spec=spec,
                                    deterministic=opts.deterministic)
     else:
-        stats = torch_backend.linear_lse_forward(hidden, weight, bias, targets, inv_temperature=opts.inv_temperature,
+        stats = torch_backend.linear_lse_forward(hidden, weight, bias, targets, **opts.logit_args,
                                                  ignore_index=opts.ignore_index, vocab_start=opts.vocab_start,
                                                  spec=spec, chunk_size=opts.chunk_size,
                                                  deterministic=opts.deterministic)
@@ -69,7 +78,7 @@ def logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targe
                                         grad_entropy, opts, need_hidden=need_hidden, need_weight=need_weight,
                                         need_bias=need_bias)
     return opts.finish_grads(torch_backend.linear_logprobs_backward(
-        hidden, weight, bias, targets, stats, grad_logprobs, grad_entropy, inv_temperature=opts.inv_temperature,
+        hidden, weight, bias, targets, stats, grad_logprobs, grad_entropy, **opts.logit_args,
         ignore_index=opts.ignore_index, vocab_start=opts.vocab_start, need_grad_hidden=need_hidden,
         need_grad_weight=need_weight, need_grad_bias=need_bias, chunk_size=opts.chunk_size,
         deterministic=opts.deterministic))
@@ -85,7 +94,7 @@ def triton_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
 
     return opts.finish_grads(LinearGrads(*linear_logprobs_backward(
         hidden, weight, bias, targets, lse, grad_logprobs, grad_entropy, None if grad_entropy is None else entropy,
-        inv_temperature=opts.inv_temperature, ignore_index=opts.ignore_index, vocab_start=opts.vocab_start,
+        **opts.logit_args, ignore_index=opts.ignore_index, vocab_start=opts.vocab_start,
         need_grad_hidden=need_hidden, need_grad_weight=need_weight, need_grad_bias=need_bias,
         deterministic=opts.deterministic)))
 
@@ -114,7 +123,7 @@ def triton_lse_partials(hidden: Tensor, weight: Tensor, bias: Tensor | None, tar
     ``sum_ez = sumexp (lse - m - H)``, ``sumexp2 = exp(lse2 - 2 m)``."""
     from fastalign.kernels.lse_forward import LsePartials, lse_forward_partials, merge_lse_partials
 
-    partials = lse_forward_partials(hidden, weight, bias, targets, inv_temperature=opts.inv_temperature,
+    partials = lse_forward_partials(hidden, weight, bias, targets, **opts.logit_args,
                                     ignore_index=opts.ignore_index, vocab_start=opts.vocab_start, spec=spec,
                                     deterministic=opts.deterministic)
     if opts.shard is None:

@@ -12,7 +12,8 @@ from .dispatch import resolve_backend
 from .linear import LinearOptions, logprobs_backward, lse_forward
 from .registered import registered_token_stats
 from .torch_backend import RowStats, RowStatsSpec
-from .validation import LinearInputs, check_temperature, require_bool, validate_linear_inputs
+from .validation import (LinearInputs, check_logit_transform, check_temperature, require_bool,
+                         validate_linear_inputs)
 from .vocab_parallel import vocab_shard
 
 
@@ -33,8 +34,8 @@ def resolve_deterministic(deterministic) -> bool:
 
 
 def prepare_linear(hidden, weight, targets, bias, *, temperature, ignore_index, backend, chunk_size, check_finite,
-                   process_group=None, reduce_hidden_grad=True,
-                   deterministic=False) -> tuple[LinearInputs, LinearOptions]:
+                   process_group=None, reduce_hidden_grad=True, deterministic=False, logit_scale=1.0,
+                   logit_softcap=None) -> tuple[LinearInputs, LinearOptions]:
     """Validate the lm_head inputs of an op and resolve its options (shared by every fused op); with a
     ``process_group``, ``weight``/``bias`` are this rank's vocabulary shard (one all-gather of the shard sizes)."""
     deterministic = resolve_deterministic(deterministic)
@@ -45,7 +46,7 @@ def prepare_linear(hidden, weight, targets, bias, *, temperature, ignore_index, 
                                     check_finite=check_finite, vocab_size=None if shard is None else shard.vocab_size)
     resolved = resolve_backend(backend, inputs.hidden.device)
     opts = LinearOptions(resolved, check_temperature(temperature), int(ignore_index), check_chunk_size(chunk_size),
-                         shard, deterministic)
+                         shard, deterministic, *check_logit_transform(logit_scale, logit_softcap))
     if opts.backend == "triton" and inputs.hidden.dtype == torch.float64:
         raise TypeError("hidden: backend='triton' takes float32, float16 or bfloat16 inputs, got torch.float64 "
                         "(use backend='torch' for float64)")
@@ -64,7 +65,8 @@ class LinearLogProbs(torch.autograd.Function):
 
     Saves the inputs and per-row statistics only. With a frozen weight and bias on the torch backend the forward
     also forms the per-row softmax moments of the weight, so the backward is elementwise (two matmuls in all); not
-    with a vocab shard, whose moments would need the global lse inside the pass (three matmuls then).
+    with a vocab shard, whose moments would need the global lse inside the pass, nor with a softcap, whose
+    derivative varies per logit (three matmuls then).
     """
 
     @staticmethod
@@ -72,13 +74,14 @@ class LinearLogProbs(torch.autograd.Function):
                 with_entropy: bool):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         valid = targets != opts.ignore_index
-        ctx.opts, ctx.with_entropy = opts, with_entropy
-        ctx.frozen_weight = (opts.backend == "torch" and opts.shard is None and need_hidden
-                             and not (need_weight or need_bias))
+        ctx.opts, ctx.with_entropy, ctx.dtypes = opts, with_entropy, (hidden.dtype, weight.dtype, weight.dtype)
+        ctx.frozen_weight = (opts.backend == "torch" and opts.shard is None and opts.logit_softcap is None
+                             and need_hidden and not (need_weight or need_bias))
         if ctx.frozen_weight:
             stats, moments = torch_backend.linear_weight_moments(
                 hidden, weight, bias, targets, inv_temperature=opts.inv_temperature, ignore_index=opts.ignore_index,
-                spec=RowStatsSpec(entropy=with_entropy), chunk_size=opts.chunk_size, deterministic=opts.deterministic)
+                spec=RowStatsSpec(entropy=with_entropy), chunk_size=opts.chunk_size, deterministic=opts.deterministic,
+                logit_scale=opts.logit_scale)
             ctx.save_for_backward(weight, targets, valid, *moments)
         else:
             stats = lse_forward(hidden, weight, bias, targets, opts, spec=RowStatsSpec(entropy=with_entropy))
@@ -105,11 +108,11 @@ class LinearLogProbs(torch.autograd.Function):
         if ctx.frozen_weight:
             grad_hidden = torch_backend.hidden_grad_from_moments(
                 weight, targets, torch_backend.WeightMoments(*moments), grad_lp, grad_ent,
-                inv_temperature=opts.inv_temperature, ignore_index=opts.ignore_index)
-            return grad_hidden.to(weight.dtype), None, None, None, None, None
+                inv_temperature=opts.inv_temperature, ignore_index=opts.ignore_index, logit_scale=opts.logit_scale)
+            return grad_hidden.to(ctx.dtypes[0]), None, None, None, None, None
         grads = logprobs_backward(hidden, weight, bias, targets, stats, grad_lp, grad_ent, opts,
                                   need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)
-        cast = [None if g is None else g.to(weight.dtype) for g in grads]
+        cast = [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
         return cast[0], cast[1], cast[2], None, None, None
 
 

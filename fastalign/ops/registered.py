@@ -40,16 +40,18 @@ class OptionArgs(NamedTuple):
     vocab_size: int
     widest_shard: int
     reduce_hidden_grad: bool
+    logit_scale: float
+    logit_softcap: Optional[float]
 
 
 def options_args(opts: LinearOptions) -> OptionArgs:
     shard = opts.shard
     if shard is None:
         return OptionArgs(opts.backend, opts.temperature, opts.ignore_index, opts.chunk_size, opts.deterministic,
-                          "", 0, 0, 0, False)
+                          "", 0, 0, 0, False, opts.logit_scale, opts.logit_softcap)
     return OptionArgs(opts.backend, opts.temperature, opts.ignore_index, opts.chunk_size, opts.deterministic,
                       shard.group.group_name, shard.vocab_start, shard.vocab_size, shard.widest_shard,
-                      shard.reduce_hidden_grad)
+                      shard.reduce_hidden_grad, opts.logit_scale, opts.logit_softcap)
 
 
 def _options(args: OptionArgs) -> LinearOptions:
@@ -59,7 +61,7 @@ def _options(args: OptionArgs) -> LinearOptions:
         shard = VocabShard(group, dist.get_rank(group), args.vocab_start, args.vocab_size, args.widest_shard,
                            args.reduce_hidden_grad)
     return LinearOptions(args.backend, args.temperature, args.ignore_index, args.chunk_size, shard,
-                         args.deterministic)
+                         args.deterministic, args.logit_scale, args.logit_softcap)
 
 
 def _fresh(t: Tensor) -> Tensor:
@@ -72,10 +74,10 @@ def _fresh(t: Tensor) -> Tensor:
 def token_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, backend: str,
                 temperature: float, ignore_index: int, chunk_size: Optional[int], deterministic: bool,
                 group_name: str, vocab_start: int, vocab_size: int, widest_shard: int, reduce_hidden_grad: bool,
-                entropy: bool, lse2: bool, logit_sum: bool, argmax: bool) -> tuple[Tensor, Tensor, Tensor, Tensor,
-                                                                                Tensor, Tensor, Tensor, Tensor]:
+                logit_scale: float, logit_softcap: Optional[float], entropy: bool, lse2: bool, logit_sum: bool,
+                argmax: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     opts = _options(OptionArgs(backend, temperature, ignore_index, chunk_size, deterministic, group_name,
-                               vocab_start, vocab_size, widest_shard, reduce_hidden_grad))
+                               vocab_start, vocab_size, widest_shard, reduce_hidden_grad, logit_scale, logit_softcap))
     spec = RowStatsSpec(entropy, lse2, logit_sum, argmax)
     stats = lse_forward(hidden, weight, bias, targets, opts, spec=spec)
     valid = targets != ignore_index
@@ -88,7 +90,8 @@ def token_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets:
 
 @token_stats.register_fake
 def _(hidden, weight, bias, targets, backend, temperature, ignore_index, chunk_size, deterministic, group_name,
-      vocab_start, vocab_size, widest_shard, reduce_hidden_grad, entropy, lse2, logit_sum, argmax):
+      vocab_start, vocab_size, widest_shard, reduce_hidden_grad, logit_scale, logit_softcap, entropy, lse2, logit_sum,
+      argmax):
     n, dtype = hidden.shape[0], compute_dtype(hidden.dtype)
     row = lambda wanted=True, kind=dtype: hidden.new_empty(n if wanted else 0, dtype=kind)  # noqa: E731
     return (row(), row(entropy), row(), row(), row(lse2), row(logit_sum), row(argmax), row(argmax, torch.int64))
@@ -125,10 +128,10 @@ def registered_logprobs_backward(
         hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, lse: Tensor, entropy: Tensor,
         grad_logprobs: Tensor, grad_entropy: Optional[Tensor], backend: str, temperature: float, ignore_index: int,
         chunk_size: Optional[int], deterministic: bool, group_name: str, vocab_start: int, vocab_size: int,
-        widest_shard: int, reduce_hidden_grad: bool, need_hidden: bool, need_weight: bool,
-        need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+        widest_shard: int, reduce_hidden_grad: bool, logit_scale: float, logit_softcap: Optional[float],
+        need_hidden: bool, need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     opts = _options(OptionArgs(backend, temperature, ignore_index, chunk_size, deterministic, group_name,
-                               vocab_start, vocab_size, widest_shard, reduce_hidden_grad))
+                               vocab_start, vocab_size, widest_shard, reduce_hidden_grad, logit_scale, logit_softcap))
     valid = targets != ignore_index
     dtype = lse.dtype
     grad_lp = torch.where(valid, grad_logprobs.to(dtype), 0.0)
@@ -138,19 +141,19 @@ def registered_logprobs_backward(
     stats = RowStats(lse, torch.zeros_like(lse), entropy if grad_ent is not None else None)
     grads = logprobs_backward(hidden, weight, bias, targets, stats, grad_lp, grad_ent, opts,
                               need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)
-    like = (hidden, weight, weight)
+    like = (hidden, weight, weight)  # a bias has the weight's dtype
     return tuple(g.to(t.dtype) if g is not None else t.new_empty(0) for g, t in zip(grads, like))
 
 
 @registered_logprobs_backward.register_fake
 def _(hidden, weight, bias, targets, lse, entropy, grad_logprobs, grad_entropy, backend, temperature, ignore_index,
-      chunk_size, deterministic, group_name, vocab_start, vocab_size, widest_shard, reduce_hidden_grad,
-      need_hidden, need_weight, need_bias):
-    def grad(wanted, shape):
-        return hidden.new_empty(shape if wanted else (0,), dtype=weight.dtype)
+      chunk_size, deterministic, group_name, vocab_start, vocab_size, widest_shard, reduce_hidden_grad, logit_scale,
+      logit_softcap, need_hidden, need_weight, need_bias):
+    def grad(wanted, shape, like):
+        return hidden.new_empty(shape if wanted else (0,), dtype=like.dtype)
 
-    return (grad(need_hidden, hidden.shape), grad(need_weight, weight.shape),
-            grad(need_bias, (weight.shape[0],)))
+    return (grad(need_hidden, hidden.shape, hidden), grad(need_weight, weight.shape, weight),
+            grad(need_bias, (weight.shape[0],), weight))
 
 
 def registered_token_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,

@@ -1,10 +1,13 @@
 """Chunked PyTorch backend of the fused linear log-prob ops: the same math as ``fastalign.kernels``, any device.
 
-Logits ``z = (hidden @ weight.T + bias) * inv_temperature`` are formed in fp32 (float64 stays float64) one block at
-a time; reductions and the weight gradient are accumulated in that dtype. A block is ``[rows, tile]``: vocabulary
-tiles of ``VOCAB_TILE`` columns outer, token chunks inner, so a block is still in cache for the elementwise passes
-after its matmul. The blocks' per-row statistics (and the frozen-weight moments) merge exactly as those of
-vocabulary shards do (``merge_row_stats``); gradients from the global statistics are independent per block.
+Logits ``z = softcap(logit_scale * (hidden @ weight.T + bias)) * inv_temperature`` (``softcap(x) = c tanh(x / c)``
+with ``c = logit_softcap``, none when None) are formed in fp32 (float64 stays float64) one block at a time, the
+transform in one place (``_Linear.logits``): every statistic is of the transformed logits, and every logit gradient
+is multiplied by the transform's derivative ``logit_scale * inv_temperature * (1 - tanh^2)`` (``_Linear.grad_scale``
+and ``_Linear.softcap_grad``); reductions and the weight gradient are accumulated in that dtype. A block is ``[rows,
+tile]``: vocabulary tiles of ``VOCAB_TILE`` columns outer, token chunks inner, so a block is still in cache for the
+elementwise passes after its matmul. The blocks' per-row statistics (and the frozen-weight moments) merge exactly as
+those of vocabulary shards do (``merge_row_stats``); gradients from the global statistics are independent per block.
 
 The entry points mirror the kernels: ``linear_lse_forward`` (log-sum-exp, target logit and the optional statistics
 of a ``RowStatsSpec``: entropy, ``lse(2z)``, sum of logits, arg-max),
@@ -70,16 +73,35 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class _Linear:
-    """The lm_head operands prepared once per call, and the block-level products with fp32 accumulation."""
+    """The lm_head operands prepared once per call, and the block-level products with fp32 accumulation.
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, inv_temperature: float):
+    ``grad_scale``: the constant factor of the logits' derivative w.r.t. the raw ``hidden @ weight.T + bias``
+    (``logit_scale * inv_temperature``); with a softcap, ``softcap_grad`` gives the elementwise one."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, inv_temperature: float, logit_scale: float = 1.0,
+                 logit_softcap: float | None = None):
         self.dtype = compute_dtype(weight.dtype)
         # No fp32 output for low-precision matmuls on CPU: upcast the weight once per call there.
         upcast = weight.device.type != "cuda" and weight.dtype != self.dtype
         self.weight = weight.to(self.dtype) if upcast else weight
         self.bias = None if bias is None else bias.to(self.dtype)
-        self.inv_temperature = inv_temperature
+        self.grad_scale = logit_scale * inv_temperature
+        self.softcap = logit_softcap
+        if logit_softcap is not None:  # z = tanh(raw * tanh_in) * tanh_out
+            self.tanh_in, self.tanh_out = logit_scale / logit_softcap, logit_softcap * inv_temperature
         self._buffer: Tensor | None = None  # logits storage reused by every block (see ``logits``)
+
+    @property
+    def buffers(self) -> int:
+        """``[rows, V]`` temporaries the softcap adds to a pass that forms gradients (its derivative's)."""
+        return 0 if self.softcap is None else 1
+
+    def softcap_grad(self, z: Tensor) -> Tensor | None:
+        """``1 - tanh^2`` ``[C, tile]`` of the softcap at the (transformed) logits ``z``, a new tensor; None
+        without a softcap."""
+        if self.softcap is None:
+            return None
+        return z.mul(1.0 / self.tanh_out).square_().neg_().add_(1.0)
 
     @property
     def vocab_size(self) -> int:
@@ -102,8 +124,8 @@ class _Linear:
             self._buffer = torch.empty(numel, dtype=self.dtype, device=device)
 
     def logits(self, hidden: Tensor, cols: slice = slice(None), offset: int = 0) -> Tensor:
-        """Tempered logits ``[C, tile]`` of rows ``hidden [C, H]`` and vocabulary columns ``cols``, valid until the
-        next call at the same ``offset``: they are written into one buffer reused by every block, from element
+        """Transformed, tempered logits ``[C, tile]`` of rows ``hidden [C, H]`` and vocabulary columns ``cols``, valid
+        until the next call at the same ``offset``: they are written into one buffer reused by every block, from element
         ``offset`` on (on CPU, a fresh tensor per block costs page faults worth a fifth of the matmul)."""
         weight = self.weight[cols]
         bias = None if self.bias is None else self.bias[cols]
@@ -120,8 +142,10 @@ class _Linear:
             z = self._mm(h, weight.t())
             if bias is not None:
                 z.add_(bias)
-        if self.inv_temperature != 1.0:
-            z.mul_(self.inv_temperature)
+        if self.softcap is not None:
+            z.mul_(self.tanh_in).tanh_().mul_(self.tanh_out)
+        elif self.grad_scale != 1.0:
+            z.mul_(self.grad_scale)
         return z
 
     def times_weight(self, block: Tensor, cols: slice = slice(None)) -> Tensor:
@@ -315,26 +339,29 @@ def _merge_moments(a: RowStats, ma: WeightMoments, b: RowStats, mb: WeightMoment
 
 
 def _entropy_logit_grads(log_p: Tensor, p: Tensor, entropy: Tensor, tgt: _Targets, grad_logprobs: Tensor,
-                         grad_entropy: Tensor, inv_temperature: float) -> Tensor:
+                         grad_entropy: Tensor, grad_scale: float, softcap_grad: Tensor | None = None) -> Tensor:
     """Gradient w.r.t. the raw logits of a block ``[C, tile]`` from its global ``log p`` and ``p`` and the rows'
     entropy ``[C]``, computed in place of ``log_p``.
 
-    ``dz = g_lp (onehot - p) - g_ent p (z - E_p[z])``, with ``z - E_p[z] = log p + H``, times ``inv_temperature``.
+    ``dz = g_lp (onehot - p) - g_ent p (z - E_p[z])``, with ``z - E_p[z] = log p + H``, times the transform's
+    derivative ``grad_scale`` (times ``softcap_grad [C, tile]``, ``_Linear``).
     """
     grad = log_p.add_(entropy.unsqueeze(1)).mul_(grad_entropy.unsqueeze(1)).add_(grad_logprobs.unsqueeze(1))
     grad.mul_(p).neg_()
     grad.scatter_add_(1, tgt.index, torch.where(tgt.valid, grad_logprobs, 0.0).unsqueeze(1).to(grad.dtype))
-    if inv_temperature != 1.0:
-        grad.mul_(inv_temperature)
-    return grad
+    if grad_scale != 1.0:
+        grad.mul_(grad_scale)
+    return grad if softcap_grad is None else grad.mul_(softcap_grad)
 
 
-def _dense_softmax_grads(probs: Tensor, scale: Tensor, tgt: _Targets, probs_scale: Tensor | None = None) -> Tensor:
+def _dense_softmax_grads(probs: Tensor, scale: Tensor, tgt: _Targets, probs_scale: Tensor | None = None,
+                         softcap_grad: Tensor | None = None) -> Tensor:
     """The logit gradients ``scale (onehot - probs_scale probs)`` of a block ``[C, tile]`` (``scale``,
-    ``probs_scale`` ``[C]``) in place of ``probs``: a scatter with one source per element, deterministic on every
-    device (unlike an accumulating ``index_put_``)."""
+    ``probs_scale`` ``[C]``; times ``softcap_grad [C, tile]`` when given) in place of ``probs``: a scatter with one
+    source per element, deterministic on every device (unlike an accumulating ``index_put_``)."""
     grad = probs.mul_((-scale if probs_scale is None else -scale * probs_scale).unsqueeze(1))
-    return grad.scatter_add_(1, tgt.index, torch.where(tgt.valid, scale, 0.0).unsqueeze(1).to(grad.dtype))
+    grad.scatter_add_(1, tgt.index, torch.where(tgt.valid, scale, 0.0).unsqueeze(1).to(grad.dtype))
+    return grad if softcap_grad is None else grad.mul_(softcap_grad)
 
 
 class _GradAccumulator:
@@ -371,13 +398,18 @@ class _GradAccumulator:
             self.bias[cols].add_(logit_grads.sum(dim=0))
 
     def add_softmax(self, rows: slice, cols: slice, hidden_rows: Tensor, probs: Tensor, scale: Tensor,
-                    tgt: _Targets) -> None:
-        """Add the gradients of the block's logit gradients ``scale (onehot - probs)`` (``scale [C]``) without forming
+                    tgt: _Targets, softcap_grad: Tensor | None = None) -> None:
+        """Add the gradients of the block's logit gradients ``scale (onehot - probs)`` (``scale [C]``; times
+        ``softcap_grad [C, tile]`` when given, ``probs`` then scaled in place) without forming
         them: the per-row ``-scale`` goes to the ``[C, H]`` side of the products, the one-hot term to a gather and
         an accumulating ``index_put_`` (one ``[C, tile]`` pass less). On CPU, ``index_add_`` runs as a
         ``scatter_add_`` of the expanded index, 15x slower (0.2 s for 384 rows of 512 at V=32k), and indexing a
         slice of the weight 10x slower than an ``index_select`` of the weight itself."""
-        on_target = torch.where(tgt.valid, scale, 0.0).unsqueeze(1)
+        target_scale = scale
+        if softcap_grad is not None:  # the derivative on both terms: probs d, and d at the target
+            probs = probs.mul_(softcap_grad)
+            target_scale = scale * softcap_grad.gather(1, tgt.index).squeeze(1)
+        on_target = torch.where(tgt.valid, target_scale, 0.0).unsqueeze(1)
         neg_scale = (-scale).unsqueeze(1)
         target = tgt.index.squeeze(1)
         if self.hidden is not None:
@@ -401,13 +433,15 @@ class _GradAccumulator:
 def linear_lse_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *,
                        inv_temperature: float, ignore_index: int, vocab_start: int = 0,
                        spec: RowStatsSpec = RowStatsSpec(), chunk_size: int | None = None,
-                       deterministic: bool = False) -> RowStats:
-    """Row statistics ``[N]`` (those of ``spec``) of ``(hidden [N, H] @ weight [V, H].T + bias) * inv_temperature``,
-    block by block (batch-invariant ``BLOCK_ROWS`` blocks when ``deterministic``).
+                       deterministic: bool = False, logit_scale: float = 1.0,
+                       logit_softcap: float | None = None) -> RowStats:
+    """Row statistics ``[N]`` (those of ``spec``) of ``(hidden [N, H] @ weight [V, H].T + bias) * inv_temperature``
+    (transformed by ``logit_scale`` and ``logit_softcap``, see the module docstring), block by block
+    (batch-invariant ``BLOCK_ROWS`` blocks when ``deterministic``).
 
     ``targets [N]`` are vocabulary ids of which this weight holds ``vocab_start .. vocab_start + V - 1``.
     """
-    lin = _Linear(weight, bias, inv_temperature)
+    lin = _Linear(weight, bias, inv_temperature, logit_scale, logit_softcap)
     n = hidden.shape[0]
     if deterministic:
         return _invariant_lse_forward(lin, hidden, targets, ignore_index, vocab_start, spec)
@@ -490,46 +524,50 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
                              grad_logprobs: Tensor, grad_entropy: Tensor | None = None, *, inv_temperature: float,
                              ignore_index: int, vocab_start: int = 0, need_grad_hidden: bool = True,
                              need_grad_weight: bool = True, need_grad_bias: bool = False,
-                             chunk_size: int | None = None, deterministic: bool = False) -> LinearGrads:
+                             chunk_size: int | None = None, deterministic: bool = False, logit_scale: float = 1.0,
+                             logit_softcap: float | None = None) -> LinearGrads:
     """Gradients for upstream ``grad_logprobs [N]`` (and ``grad_entropy [N]``), recomputing the logits block by block
     (``BLOCK_ROWS`` blocks in a fixed order and a dense one-hot term when ``deterministic``).
 
     ``stats`` are the (global) row statistics of the forward. Callers zero the upstream gradients at ignored rows.
     """
-    lin = _Linear(weight, bias, inv_temperature)
+    lin = _Linear(weight, bias, inv_temperature, logit_scale, logit_softcap)
     n = hidden.shape[0]
     acc = _GradAccumulator(hidden, lin, need_grad_hidden, need_grad_weight, need_grad_bias)
-    scale = grad_logprobs.to(lin.dtype) * inv_temperature
+    scale = grad_logprobs.to(lin.dtype) * lin.grad_scale
     for cols in lin.tiles():
-        blocks = (_chunks(n, BLOCK_ROWS) if deterministic
-                  else _block_chunks(n, cols, chunk_size, buffers=1 if grad_entropy is None else 2))
+        blocks = (_chunks(n, BLOCK_ROWS) if deterministic else _block_chunks(
+            n, cols, chunk_size, buffers=(1 if grad_entropy is None else 2) + lin.buffers))
         for rows in blocks:
             tgt = _Targets.of(targets[rows], ignore_index, vocab_start + cols.start, cols.stop - cols.start)
             z = lin.logits(hidden[rows], cols)
+            d = lin.softcap_grad(z)
             if grad_entropy is None and deterministic:
                 acc.add(rows, cols, hidden[rows], _dense_softmax_grads(
-                    z.sub_(stats.lse[rows].unsqueeze(1)).exp_(), scale[rows], tgt))
+                    z.sub_(stats.lse[rows].unsqueeze(1)).exp_(), scale[rows], tgt, softcap_grad=d))
             elif grad_entropy is None:  # dz = g (onehot - p), from p = exp(z - lse) in place
                 acc.add_softmax(rows, cols, hidden[rows], z.sub_(stats.lse[rows].unsqueeze(1)).exp_(), scale[rows],
-                                tgt)
+                                tgt, d)
             else:
                 log_p = z.sub_(stats.lse[rows].unsqueeze(1))
                 acc.add(rows, cols, hidden[rows], _entropy_logit_grads(
                     log_p, log_p.exp(), stats.entropy[rows], tgt, grad_logprobs[rows], grad_entropy[rows],
-                    inv_temperature))
+                    lin.grad_scale, d))
     return acc.result()
 
 
 def linear_weight_moments(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *,
                           inv_temperature: float, ignore_index: int, spec: RowStatsSpec = RowStatsSpec(),
-                          chunk_size: int | None = None, deterministic: bool = False) -> tuple[RowStats, WeightMoments]:
+                          chunk_size: int | None = None, deterministic: bool = False,
+                          logit_scale: float = 1.0) -> tuple[RowStats, WeightMoments]:
     """Forward statistics (those of ``spec``) plus the weight moments ``[N, H]``, so that with a frozen weight the
-    backward is elementwise: ``d hidden = inv_temperature * (g_lp (W_y - mean) - g_ent entropy)``. Two matmuls
+    backward is elementwise: ``d hidden = logit_scale * inv_temperature * (g_lp (W_y - mean) - g_ent entropy)``
+    (no softcap: its derivative varies per logit). Two matmuls
     (three with entropy); each tile's moments are merged as its statistics are (``_merge_moments``), the entropy
     moment in its centred form ``sum_v p_v (log p_v + H) W_v``. ``deterministic``: the rows padded to whole
     ``BLOCK_ROWS`` blocks, each block's tiles merged on its own vectors in tile order, as ``_invariant_chunk`` does:
     the same statistics bit for bit, and moments that depend on the row alone."""
-    lin = _Linear(weight, bias, inv_temperature)
+    lin = _Linear(weight, bias, inv_temperature, logit_scale)
     n, width = hidden.shape[0], weight.shape[1]
     if deterministic:  # zero rows with ignored targets up to whole blocks
         padded = -(-n // BLOCK_ROWS) * BLOCK_ROWS
@@ -575,14 +613,16 @@ def _merge_tiles(tiles: list[tuple[RowStats, WeightMoments]]) -> tuple[RowStats,
 
 
 def hidden_grad_from_moments(weight: Tensor, targets: Tensor, moments: WeightMoments, grad_logprobs: Tensor,
-                             grad_entropy: Tensor | None, *, inv_temperature: float, ignore_index: int) -> Tensor:
+                             grad_entropy: Tensor | None, *, inv_temperature: float, ignore_index: int,
+                             logit_scale: float = 1.0) -> Tensor:
     """Elementwise ``d hidden [N, H]`` from the moments of ``linear_weight_moments`` (no matmul over V)."""
     valid = targets != ignore_index
     target_rows = weight[torch.where(valid, targets, 0)].to(moments.mean.dtype)
     grad = (target_rows - moments.mean).mul_(grad_logprobs.unsqueeze(1))
     if grad_entropy is not None:
         grad.sub_(moments.entropy * grad_entropy.unsqueeze(1))
-    return grad.mul_(inv_temperature) if inv_temperature != 1.0 else grad
+    grad_scale = logit_scale * inv_temperature
+    return grad.mul_(grad_scale) if grad_scale != 1.0 else grad
 
 
 class ShardMerge(Protocol):
@@ -609,7 +649,8 @@ def linear_logprobs_fused(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
                           spec: RowStatsSpec = RowStatsSpec(), need_grad_hidden: bool = True,
                           need_grad_weight: bool = True, need_grad_bias: bool = False, chunk_size: int | None = None,
                           chunks: Sequence[slice] | None = None, shard: ShardMerge | None = None,
-                          deterministic: bool = False) -> FusedResult:
+                          deterministic: bool = False, logit_scale: float = 1.0,
+                          logit_softcap: float | None = None) -> FusedResult:
     """Log-probs (entropy and the other statistics of ``spec``) and, in the same pass, the gradients of a loss whose
     per-token gradient is known.
 
@@ -622,7 +663,7 @@ def linear_logprobs_fused(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
     batch-invariant blocks of ``_invariant_chunk`` (its ``[chunk, V]`` logits kept tile by tile); default chunks
     are then whole blocks, so that the gradients do not depend on the chunk size either.
     """
-    lin = _Linear(weight, bias, inv_temperature)
+    lin = _Linear(weight, bias, inv_temperature, logit_scale, logit_softcap)
     n, vocab = hidden.shape[0], weight.shape[0]
     every_col = slice(0, vocab)
     vocab_start = 0 if shard is None else shard.vocab_start
@@ -633,7 +674,7 @@ def linear_logprobs_fused(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
     if chunks is None:
         # One [rows, V] buffer: p takes the place of log p unless the entropy is trained (then a second, transient).
         per_chunk = rows_per_chunk(n, vocab if shard is None else shard.widest_shard, chunk_size=chunk_size,
-                                   buffers=1)
+                                   buffers=1 + lin.buffers)
         if deterministic:  # whole blocks: the same blocks, so the same gradient sums, whatever the chunk size
             per_chunk = max(1, per_chunk // BLOCK_ROWS) * BLOCK_ROWS
         chunks = _chunks(n, per_chunk)
@@ -646,6 +687,7 @@ def linear_logprobs_fused(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
         tgt = _Targets.of(targets[rows], ignore_index, vocab_start, vocab)
         valid = targets[rows] != ignore_index
         z = lin.logits(hidden[rows])
+        d = lin.softcap_grad(z)
         # p in place of log p in the statistics' pass, unless a shard must rescale log p first or the entropy is
         # trained (known from the first chunk's gradients: a wrong guess recomputes that chunk's log p)
         in_place = shard is None and not entropy_trained
@@ -662,12 +704,12 @@ def linear_logprobs_fused(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
             entropy_trained, p = True, None
             z = lin.logits(hidden[rows]).sub_(stats.lse.unsqueeze(1))
         if grad_ent is not None:  # the entropy's gradient needs log p next to p: a second [C, V] buffer
-            acc.add(rows, every_col, hidden[rows],
-                    _entropy_logit_grads(z, z.exp(), stats.entropy, tgt, grad_lp, grad_ent, inv_temperature))
+            acc.add(rows, every_col, hidden[rows], _entropy_logit_grads(z, z.exp(), stats.entropy, tgt, grad_lp,
+                                                                        grad_ent, lin.grad_scale, d))
         else:  # dz = g (onehot - p) (entropy, if any, for the metrics only)
-            acc.add_softmax(rows, every_col, hidden[rows], z.exp_() if p is None else p, grad_lp * inv_temperature,
-                            tgt)
-        del z, p  # chunks may grow (whole sequences): free this chunk's logits before a larger buffer is allocated
+            acc.add_softmax(rows, every_col, hidden[rows], z.exp_() if p is None else p, grad_lp * lin.grad_scale,
+                            tgt, d)
+        del z, p, d  # chunks may grow (whole sequences): free this chunk's logits before a larger buffer is allocated
     return FusedResult(logprobs, entropy, acc.result(), all_stats)
 
 
@@ -698,11 +740,12 @@ def _invariant_fused_chunk(lin: _Linear, acc: _GradAccumulator, hidden: Tensor, 
             tile_log_p = log_ps[index][:local.stop - local.start]
             shift = tile.lse[local] - stats.lse[local]  # global log p = the tile's + shift
             tgt = _Targets.of(targets[block_rows], ignore_index, vocab_start + cols.start, cols.stop - cols.start)
+            d = None if lin.softcap is None else lin.softcap_grad(tile_log_p + tile.lse[local].unsqueeze(1))  # z
             if grad_ent is None:  # p = p_tile exp(shift): one [C, tile] pass less than shifting log p
-                grad = _dense_softmax_grads(tile_log_p.exp_(), grad_lp[local] * lin.inv_temperature, tgt,
-                                            shift.exp())
+                grad = _dense_softmax_grads(tile_log_p.exp_(), grad_lp[local] * lin.grad_scale, tgt,
+                                            shift.exp(), d)
             else:
                 tile_log_p.add_(shift.unsqueeze(1))
                 grad = _entropy_logit_grads(tile_log_p, tile_log_p.exp(), stats.entropy[local], tgt, grad_lp[local],
-                                            grad_ent[local], lin.inv_temperature)
+                                            grad_ent[local], lin.grad_scale, d)
             acc.add(block_rows, cols, hidden[block_rows], grad)

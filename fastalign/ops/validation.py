@@ -66,11 +66,35 @@ def check_temperature(temperature) -> float:
     return float(temperature)
 
 
+def check_lm_head_dtypes(hidden: Tensor, weight: Tensor, bias: Tensor | None, *, prefix: str = "") -> None:
+    """``weight`` of ``hidden``'s dtype, or fp32 with fp16/bf16 ``hidden`` (an fp32 lm_head, TRL's
+    ``cast_lm_head_to_fp32``: products in fp32, each input's gradient in its own dtype); ``bias`` of the weight's
+    dtype. ``prefix``: of the argument names (``"ref_"``)."""
+    mixed = weight.dtype == torch.float32 and hidden.dtype in (torch.float16, torch.bfloat16)
+    if weight.dtype != hidden.dtype and not mixed:
+        raise TypeError(f"{prefix}weight: expected dtype {hidden.dtype} (the dtype of {prefix}hidden; or "
+                        f"torch.float32 with 16-bit {prefix}hidden), got {weight.dtype}")
+    if bias is not None and bias.dtype != weight.dtype:
+        raise TypeError(f"{prefix}bias: expected dtype {weight.dtype} (the dtype of {prefix}weight), got {bias.dtype}")
+
+
+def check_logit_transform(logit_scale, logit_softcap) -> tuple[float, float | None]:
+    """A positive finite ``logit_scale`` and a positive finite ``logit_softcap`` or None, as floats."""
+    for name, value in (("logit_scale", logit_scale), ("logit_softcap", logit_softcap)):
+        if value is None and name == "logit_softcap":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            none = " or None" if name == "logit_softcap" else ""
+            raise ValueError(f"{name}: expected a positive finite number{none}, got {value!r}")
+    return float(logit_scale), None if logit_softcap is None else float(logit_softcap)
+
+
 def validate_linear_inputs(hidden, weight, targets, bias=None, *, ignore_index: int = -100,
                            check_finite: bool = True, vocab_size: int | None = None) -> LinearInputs:
     """Check the lm_head inputs of an op and flatten them to rows.
 
-    ``hidden [..., H]`` float, ``weight [V, H]`` and ``bias [V]`` of hidden's dtype, ``targets [...]`` integer in
+    ``hidden [..., H]`` float, ``weight [V, H]`` and ``bias [V]`` of hidden's dtype (or fp32 with 16-bit
+    ``hidden``: ``check_lm_head_dtypes``), ``targets [...]`` integer in
     ``[0, vocab_size)`` or ``ignore_index``, all on one device, at least one row. ``vocab_size``: the global
     vocabulary when ``weight`` is one shard of it (vocab parallel), default V; the shard's ``weight`` and ``bias``
     are then not checked for NaN/inf here: the group checks every rank's together (``VocabShard.of``).
@@ -80,8 +104,6 @@ def validate_linear_inputs(hidden, weight, targets, bias=None, *, ignore_index: 
     targets = require_tensor("targets", targets)
     if hidden.dim() < 1:
         raise ValueError("hidden: expected shape [..., H], got a 0-D tensor")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight: expected dtype {hidden.dtype} (the dtype of hidden), got {weight.dtype}")
     if targets.is_floating_point() or targets.is_complex() or targets.dtype not in INT_DTYPES:
         raise TypeError(f"targets: expected an integer tensor (int64), got {targets.dtype}")
     vocab, width = weight.shape
@@ -93,9 +115,8 @@ def validate_linear_inputs(hidden, weight, targets, bias=None, *, ignore_index: 
     require_shape("targets", targets, hidden.shape[:-1], f"the leading dimensions of hidden {tuple(hidden.shape)}")
     if bias is not None:
         bias = require_tensor("bias", bias, dim=1)
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias: expected dtype {hidden.dtype} (the dtype of hidden), got {bias.dtype}")
         require_shape("bias", bias, (vocab,), "one entry per row of weight")
+    check_lm_head_dtypes(hidden, weight, bias)
     require_same_device(hidden, weight=weight, targets=targets, bias=bias)
     if targets.numel() == 0:
         raise ValueError(f"hidden: expected at least one token, got an empty batch of shape {tuple(hidden.shape)}")

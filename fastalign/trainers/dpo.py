@@ -131,7 +131,8 @@ class DPOTrainer(Trainer):
                 parts, packed = hf.lm_inputs(reference, *(batch[k].to(device) for k in ("input_ids",
                                                                                          "attention_mask", "labels")),
                                              self.config.padding_free)
-                tokens = losses.token_logprobs(*parts, self.config.loss_backend, packed=packed)
+                tokens = losses.token_logprobs(*parts.lm_problem, self.config.loss_backend, packed=packed,
+                                               transform=parts.transform)
             targets = parts.targets if packed is None else packed.unpack(parts.targets, IGNORE_INDEX)
             logps.append(sequence_logps(tokens, targets != IGNORE_INDEX, self.config.options))
         reference.train(was_training)
@@ -164,8 +165,9 @@ class DPOTrainer(Trainer):
         outside: a compiled forward cannot trace ``dataclasses.fields``)."""
         parts, packed = hf.lm_inputs(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
                                      self.config.padding_free)
-        return losses.dpo_loss(*parts, batch["ref_logps"], options, self.config.loss_backend,
-                               num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens, packed=packed)
+        return losses.dpo_loss(*parts.lm_problem, batch["ref_logps"], options, self.config.loss_backend,
+                               num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens, packed=packed,
+                               transform=parts.transform)
 
     def evaluate(self) -> dict[str, float]:
         """Metrics over the whole eval dataset (shared by the ranks), prefixed ``eval_`` (means over pairs)."""

@@ -267,7 +267,7 @@ class GRPOTrainer(SamplingTrainer):
                                 self.config.loss_backend, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
                                 temperature=self.config.temperature, num_items_in_batch=num_items_in_batch,
                                 packed=packed, deterministic=self.config.deterministic,
-                                entropy_stats=self.config.use_adaptive_entropy)
+                                entropy_stats=self.config.use_adaptive_entropy, transform=hf.logit_transform(model))
 
     def update_entropy_coef(self) -> dict[str, float]:
         """TRL 1.16's adaptive entropy control at an optimizer step's end: the step's entropy (summed with its token

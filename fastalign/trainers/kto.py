@@ -140,7 +140,8 @@ class KTOTrainer(Trainer):
     def sequence_logps(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
         """Inside a forward (policy or reference): sequence log-prob sums ``[N]`` of the labelled tokens."""
         parts, packed = hf.lm_inputs(model, input_ids, attention_mask, labels, self.config.padding_free)
-        return losses.token_logprobs(*parts, self.config.loss_backend, packed=packed).sum(-1)  # 0 off the completion
+        return losses.token_logprobs(*parts.lm_problem, self.config.loss_backend, packed=packed,
+                                     transform=parts.transform).sum(-1)  # 0 off the completion
 
     @torch.no_grad()
     def reference_and_kl(self, batch: dict) -> tuple[Tensor, Tensor | None]:
@@ -172,8 +173,8 @@ class KTOTrainer(Trainer):
         b = batch["label"].shape[0]
         parts, packed = hf.lm_inputs(model, *(batch[k][:b] for k in ("input_ids", "attention_mask", "labels")),
                                      self.config.padding_free)
-        return losses.kto_loss(*parts, batch["label"], ref, kl, options, self.config.loss_backend,
-                               num_examples=num_examples, packed=packed)
+        return losses.kto_loss(*parts.lm_problem, batch["label"], ref, kl, options, self.config.loss_backend,
+                               num_examples=num_examples, packed=packed, transform=parts.transform)
 
     @staticmethod
     def step_metrics(metrics: dict[str, float]) -> dict[str, float]:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..hf import PackedSequences
+from ..hf import LogitTransform, PackedSequences
 from ..functional import (fused_linear_dpo_loss, fused_linear_grpo_loss, fused_linear_kto_loss, fused_linear_logprobs,
                           fused_linear_ppo_loss, fused_linear_rloo_loss)
 from ..objectives.aggregation import aggregation_weights
@@ -49,10 +49,19 @@ def lm_head_precision(loss_fn):
     return run
 
 
+def materialized_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None,
+                        transform: LogitTransform = LogitTransform()) -> Tensor:
+    """``[B, T, V]`` fp32 logits the plain way, with the model's logit ``transform`` (scale, then soft-cap)."""
+    logits = F.linear(hidden, weight, bias).float() * transform.logit_scale
+    cap = transform.logit_softcap
+    return logits if cap is None else cap * torch.tanh(logits / cap)
+
+
 def materialized_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *,
-                          temperature: float = 1.0, return_entropy: bool = False):
+                          temperature: float = 1.0, return_entropy: bool = False,
+                          transform: LogitTransform = LogitTransform()):
     """``[B, T]`` fp32 log-probs (and entropy) the plain way: ``[B, T, V]`` logits, then a log-softmax."""
-    logp = torch.log_softmax(F.linear(hidden, weight, bias).float() / temperature, dim=-1)
+    logp = torch.log_softmax(materialized_logits(hidden, weight, bias, transform) / temperature, dim=-1)
     valid = targets != IGNORE_INDEX
     logprobs = logp.gather(-1, targets.masked_fill(~valid, 0).unsqueeze(-1)).squeeze(-1).masked_fill(~valid, 0.0)
     if not return_entropy:
@@ -77,23 +86,25 @@ def layout_of(packed: PackedSequences | None) -> dict:
 @lm_head_precision
 def token_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, backend: str, *,
                    temperature: float = 1.0, return_entropy: bool = False, packed: PackedSequences | None = None,
-                   deterministic: bool | None = None):
+                   deterministic: bool | None = None, transform: LogitTransform = LogitTransform()):
     """Per-token log-probs ``[B, T]`` (0 where ``targets`` is -100), and entropy with ``return_entropy``; of a
     ``packed`` batch in its padded layout (no sequence-level term: the fused op skips the padding's rows).
-    ``deterministic``: the fused op's mode (the reference backend has none)."""
+    ``deterministic``: the fused op's mode (the reference backend has none). ``transform``: the model's logit
+    transform (``hf.logit_transform``), as every loss here takes it."""
     hidden, targets = unpacked(packed, hidden, targets)
     if backend == "fused":
         return fused_linear_logprobs(hidden, weight, targets, bias, temperature=temperature,
-                                     return_entropy=return_entropy, check_finite=False, deterministic=deterministic)
+                                     return_entropy=return_entropy, check_finite=False, deterministic=deterministic,
+                                     **transform._asdict())
     return materialized_logprobs(hidden, weight, bias, targets, temperature=temperature,
-                                 return_entropy=return_entropy)
+                                 return_entropy=return_entropy, transform=transform)
 
 
 @lm_head_precision
 def dpo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, ref_logps: Tensor | None,
              options: DPOOptions, backend: str, *, num_pairs: int | Tensor | None = None,
-             num_chosen_tokens: int | Tensor | None = None,
-             packed: PackedSequences | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+             num_chosen_tokens: int | Tensor | None = None, packed: PackedSequences | None = None,
+             transform: LogitTransform = LogitTransform()) -> tuple[Tensor, dict[str, Tensor]]:
     """DPO loss and TRL metrics of ``B`` groups of K responses: ``hidden [K*B, T, H]``, ``targets [K*B, T]`` (best
     rows first), reference log-probs ``[K, B]`` (sums; None with ``reference_free``). Not the metrics over the
     vocabulary: they are token means, which the trainers' metric averaging (over micro-batches and ranks) would
@@ -108,10 +119,10 @@ def dpo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tenso
             f_alpha_divergence_coef=o.f_alpha_divergence_coef, discopop_tau=o.discopop_tau, ld_alpha=o.ld_alpha,
             use_weighting=o.use_weighting, num_responses=o.num_responses, rpo_alpha=o.rpo_alpha,
             reference_free=o.reference_free, num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens,
-            check_finite=False, **layout_of(packed))
+            check_finite=False, **layout_of(packed), **transform._asdict())
         return out.loss, out.metrics
     hidden, targets = unpacked(packed, hidden, targets)
-    logp = torch.log_softmax(F.linear(hidden, weight, bias).float(), dim=-1)
+    logp = torch.log_softmax(materialized_logits(hidden, weight, bias, transform), dim=-1)
     mask = targets != IGNORE_INDEX
     logprobs = logp.gather(-1, targets.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0.0)
     denoms = torch.logsumexp(2.0 * logp.detach(), dim=-1) if options.use_weighting else None  # log sum_v p_v^2
@@ -124,8 +135,8 @@ def dpo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tenso
 def ppo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, old_logprobs: Tensor,
              advantages: Tensor, value_head, old_values: Tensor, returns: Tensor, config: PPOLossConfig, backend: str,
              *, temperature: float, num_tokens: int | Tensor | None = None,
-             packed: PackedSequences | None = None,
-             deterministic: bool | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+             packed: PackedSequences | None = None, deterministic: bool | None = None,
+             transform: LogitTransform = LogitTransform()) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped PPO loss (policy + ``vf_coef`` x value, token sums over ``num_tokens``, default the number of
     response tokens: the means) and its TRL metrics on the response tokens, the entropy included: ``hidden [B, T,
     H]`` at the positions that predict ``targets [B, T]`` (-100 after EOS), per-token ``[B, T]`` inputs, the linear
@@ -137,12 +148,12 @@ def ppo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tenso
             value_head_weight=value_head.weight, value_head_bias=value_head.bias, old_values=old_values,
             returns=returns, cliprange_value=config.cliprange_value, vf_coef=config.vf_coef,
             temperature=temperature, num_tokens=num_tokens, compute_entropy=True, check_finite=False,
-            deterministic=deterministic, **layout_of(packed))
+            deterministic=deterministic, **layout_of(packed), **transform._asdict())
         return out.loss, out.metrics
     hidden, targets, old_logprobs, advantages, old_values, returns = unpacked(
         packed, hidden, targets, old_logprobs, advantages, old_values, returns)
-    logprobs, entropy = (t.reshape(-1) for t in materialized_logprobs(hidden, weight, bias, targets,
-                                                                       temperature=temperature, return_entropy=True))
+    logprobs, entropy = (t.reshape(-1) for t in materialized_logprobs(
+        hidden, weight, bias, targets, temperature=temperature, return_entropy=True, transform=transform))
     mask = (targets != IGNORE_INDEX).reshape(-1)
     weights = aggregation_weights(mask, num_tokens=num_tokens)
     tokens = PPOTokens(old_logprobs.reshape(-1), advantages.reshape(-1), None, weights)
@@ -160,8 +171,9 @@ def grpo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tens
               config: GRPOLossConfig, backend: str, *, old_logprobs: Tensor | None = None,
               ref_logprobs: Tensor | None = None, temperature: float = 1.0,
               num_items_in_batch: int | Tensor | None = None,
-              packed: PackedSequences | None = None,
-              deterministic: bool | None = None, entropy_stats: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+              packed: PackedSequences | None = None, deterministic: bool | None = None,
+              entropy_stats: bool = False,
+              transform: LogitTransform = LogitTransform()) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO loss (TRL's ``_compute_loss`` for one process, without the gradient-accumulation division) and its TRL
     metrics over the completion tokens (``targets != -100``): ``hidden [B, T, H]`` at the positions that predict
     ``targets [B, T]``, ``advantages [B]``, old / reference log-probs ``[B, T]`` (None: on-policy / no KL).
@@ -172,12 +184,12 @@ def grpo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tens
         out = fused_linear_grpo_loss(hidden, weight, targets, advantages, old_logprobs=old_logprobs, bias=bias,
                                      ref_logprobs=ref_logprobs, num_items_in_batch=num_items_in_batch,
                                      temperature=temperature, check_finite=False, deterministic=deterministic,
-                                     **asdict(config), **layout_of(packed))
+                                     **asdict(config), **layout_of(packed), **transform._asdict())
         loss, metrics, entropy = out.loss, dict(out.metrics), out.entropy
     else:
         hidden, targets, old_logprobs, ref_logprobs = unpacked(packed, hidden, targets, old_logprobs, ref_logprobs)
         logprobs, entropy = materialized_logprobs(hidden, weight, bias, targets, temperature=temperature,
-                                                  return_entropy=True)
+                                                  return_entropy=True, transform=transform)
         result = grpo_objective(logprobs, advantages, targets != IGNORE_INDEX, config, old_logprobs=old_logprobs,
                                 ref_logprobs=ref_logprobs, entropy=entropy, num_items_in_batch=num_items_in_batch)
         loss, metrics = result.loss, dict(result.metrics)
@@ -194,8 +206,8 @@ def grpo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tens
 @lm_head_precision
 def kto_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, labels: Tensor,
              ref_logps: Tensor, kl: Tensor | None, options: KTOOptions, backend: str, *,
-             num_examples: int | Tensor | None = None,
-             packed: PackedSequences | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+             num_examples: int | Tensor | None = None, packed: PackedSequences | None = None,
+             transform: LogitTransform = LogitTransform()) -> tuple[Tensor, dict[str, Tensor]]:
     """KTO loss and TRL's per-batch metrics of ``B`` examples: ``hidden [B, T, H]``, ``targets [B, T]`` (-100 off
     the completion), ``labels [B]`` bool (desirable), reference sequence log-probs ``[B]``, the batch KL estimate
     (``kto_kl``; None for ``apo_zero_unpaired``). ``num_examples``: divisor of the losses' sum (default ``B``)."""
@@ -203,10 +215,11 @@ def kto_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tenso
         out = fused_linear_kto_loss(hidden, weight, targets, labels, ref_logps=ref_logps, kl=kl, bias=bias,
                                     beta=options.beta, desirable_weight=options.desirable_weight,
                                     undesirable_weight=options.undesirable_weight, loss_type=options.loss_type,
-                                    num_examples=num_examples, check_finite=False, **layout_of(packed))
+                                    num_examples=num_examples, check_finite=False, **layout_of(packed),
+                                    **transform._asdict())
         return out.loss, out.metrics
     hidden, targets = unpacked(packed, hidden, targets)
-    logps = materialized_logprobs(hidden, weight, bias, targets).sum(-1)  # 0 off the completion
+    logps = materialized_logprobs(hidden, weight, bias, targets, transform=transform).sum(-1)  # 0 off the completion
     result = kto_objective(logps, ref_logps, labels, kl, options, num_examples=num_examples)
     return result.loss, kto_metrics(result, logps)
 
@@ -214,8 +227,8 @@ def kto_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tenso
 @lm_head_precision
 def rloo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, advantages: Tensor,
               options: RLOOOptions, backend: str, *, old_logprobs: Tensor | None = None, temperature: float = 1.0,
-              packed: PackedSequences | None = None,
-              deterministic: bool | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+              packed: PackedSequences | None = None, deterministic: bool | None = None,
+              transform: LogitTransform = LogitTransform()) -> tuple[Tensor, dict[str, Tensor]]:
     """RLOO loss (TRL's ``_compute_loss`` for one process, without the gradient-accumulation division) and its TRL
     metrics over the completion tokens (``targets != -100``): ``hidden [B, T, H]`` at the positions that predict
     ``targets [B, T]``, ``advantages [B]``, old log-probs ``[B, T]`` (None: on-policy)."""
@@ -223,11 +236,11 @@ def rloo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tens
         out = fused_linear_rloo_loss(hidden, weight, targets, advantages, old_logprobs=old_logprobs, bias=bias,
                                      epsilon=options.epsilon, epsilon_high=options.epsilon_high,
                                      temperature=temperature, check_finite=False, deterministic=deterministic,
-                                     **layout_of(packed))
+                                     **layout_of(packed), **transform._asdict())
         return out.loss, out.metrics
     hidden, targets, old_logprobs = unpacked(packed, hidden, targets, old_logprobs)
     logprobs, entropy = materialized_logprobs(hidden, weight, bias, targets, temperature=temperature,
-                                              return_entropy=True)
+                                              return_entropy=True, transform=transform)
     mask = targets != IGNORE_INDEX
     old_logps = None if old_logprobs is None else torch.where(mask, old_logprobs, 0.0).sum(-1)
     result = rloo_objective(logprobs, advantages, mask, options, old_logps=old_logps, entropy=entropy)

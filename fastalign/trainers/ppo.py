@@ -158,7 +158,8 @@ class PPOTrainer(SamplingTrainer):
         hidden = self.response_hidden(model, input_ids, attention_mask, targets.shape[1])
         logprobs, entropy = losses.token_logprobs(hidden, *hf.get_lm_head(model), targets, self.config.loss_backend,
                                                   temperature=self.config.temperature, return_entropy=True,
-                                                  deterministic=self.config.deterministic)
+                                                  deterministic=self.config.deterministic,
+                                                  transform=hf.logit_transform(model))
         return logprobs, entropy, hf.get_value_head(model)(hidden).float()
 
     def compute_loss(self, rollout: Rollout, rows: Tensor,
@@ -189,7 +190,7 @@ class PPOTrainer(SamplingTrainer):
         return losses.ppo_loss(hidden, *hf.get_lm_head(model), *tokens[:3], hf.get_value_head(model), *tokens[3:],
                                loss_config, self.config.loss_backend, temperature=self.config.temperature,
                                num_tokens=num_tokens, packed=packed,
-                               deterministic=self.config.deterministic)
+                               deterministic=self.config.deterministic, transform=hf.logit_transform(model))
 
     def train(self, resume_from_checkpoint: str | bool | None = None) -> list[dict]:
         """Run the training loop; returns the logged records (also in ``output_dir/metrics.jsonl``)."""

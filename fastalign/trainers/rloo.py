@@ -119,4 +119,4 @@ class RLOOTrainer(GRPOTrainer):
         return losses.rloo_loss(hidden, *hf.get_lm_head(model), targets, advantages, options,
                                 self.config.loss_backend, old_logprobs=old_logprobs,
                                 temperature=self.config.temperature, packed=packed,
-                                deterministic=self.config.deterministic)
+                                deterministic=self.config.deterministic, transform=hf.logit_transform(model))

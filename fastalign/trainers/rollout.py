@@ -179,7 +179,7 @@ class SamplingTrainer(Trainer):
         hidden = self.response_hidden(model, input_ids, attention_mask, targets.shape[1])
         return losses.token_logprobs(hidden, *hf.get_lm_head(model), targets, self.config.loss_backend,
                                      temperature=self.config.temperature, return_entropy=return_entropy,
-                                     deterministic=self.config.deterministic)
+                                     deterministic=self.config.deterministic, transform=hf.logit_transform(model))
 
     def forward_as_trained(self, fn, micro_batches: list[Tensor], *tensors: Tensor):
         """``self.engine(fn, *rows of tensors)`` for each micro-batch (row indices, as the first update will take
