@@ -17,7 +17,7 @@ from bf16_interpreter import bf16_interpreter  # noqa: F401 (fixture)
 from conftest import BACKENDS
 
 from fastalign import (fused_linear_cpo_loss, fused_linear_dpo_loss, fused_linear_grpo_loss, fused_linear_kto_loss,
-                       fused_linear_logprobs, fused_linear_orpo_loss, fused_linear_ppo_loss)
+                       fused_linear_logprobs, fused_linear_orpo_loss, fused_linear_ppo_loss, fused_linear_rloo_loss)
 from reference import as_f64_leaf
 
 B, T, H, V = 2, 5, 8, 37  # V not a multiple of any tile
@@ -72,6 +72,15 @@ def _grpo(h, w, t, b, **kw):
     return out.loss, out.metrics
 
 
+def _rloo(h, w, t, b, **kw):
+    g = torch.Generator().manual_seed(3)
+    old = -8 + 0.5 * torch.randn(t.shape[0], generator=g)  # per sequence: summed log-probs, some ratios clipped
+    adv = torch.randn(t.shape[0], generator=g)
+    out = fused_linear_rloo_loss(h, w, t, adv.to(values_dtype(h)), old_logprobs=old.to(values_dtype(h)), bias=b,
+                                 **kw)
+    return out.loss, out.metrics
+
+
 def _dpo(h, w, t, b, **kw):
     g = torch.Generator().manual_seed(3)
     ref = -15 + torch.randn(2, h.shape[0] // 2, generator=g)
@@ -100,7 +109,8 @@ def _orpo(h, w, t, b, **kw):
     return out.loss, out.metrics
 
 
-OPS = {"logprobs": _logprobs, "ppo": _ppo, "grpo": _grpo, "dpo": _dpo, "kto": _kto, "cpo": _cpo, "orpo": _orpo}
+OPS = {"logprobs": _logprobs, "ppo": _ppo, "grpo": _grpo, "rloo": _rloo, "dpo": _dpo, "kto": _kto, "cpo": _cpo,
+       "orpo": _orpo}
 
 
 def reference(op, hidden, weight, bias, targets, transform, **kw):
