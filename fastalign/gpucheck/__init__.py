@@ -96,7 +96,8 @@ def run_check(settings: Settings, device: torch.device) -> dict:
     passed = all("error" not in part and all(r.get("passed", True) for r in part["rows"] if "skipped" not in r)
                  for name, part in results.items() if name != "speed")
     return {"dry_run": device.type != "cuda", "machine": _machine(device), "passed": passed,
-            "seconds": time.monotonic() - start, "speed_problem": f"N={n}, H={h}, V={v}, {dtype}, {device}", "parts": results}
+            "seconds": time.monotonic() - start, "speed_problem": f"N={n}, H={h}, V={v}, {dtype}, {device}",
+            "parts": results}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -9,6 +9,10 @@ def _fmt(value, spec: str = ".3g") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _ms(row: dict, key: str) -> str:
+    return _fmt(row[key] * 1e3 if row.get(key) is not None else None, ".4g")
+
+
 def _status(row: dict) -> str:
     if "skipped" in row:
         return f"skipped: {row['skipped']}"
@@ -59,19 +63,21 @@ def render(report: dict) -> str:
               "| op | variant | ms (min) | ms (median) | rounds | extra peak MiB | useful TFLOPS | cost model ms | "
               "status |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in speed.get("rows", []):
-        ms = lambda key: _fmt(None if key not in r else r[key] * 1e3, ".4g")  # noqa: E731
         memory = _fmt(None if "extra_peak_bytes" not in r else r["extra_peak_bytes"] / 2**20, ".0f")
         status = _status(r) if "skipped" in r or "error" in r else "measured"
-        lines.append(f"| {r['op']} | {r['variant']} | {ms('seconds')} | {ms('median_seconds')} | {r.get('rounds', '-')} "
-                     f"| {memory} | {_fmt(r.get('tflops'))} | {ms('model_seconds')} | {status} |")
+        lines.append(f"| {r['op']} | {r['variant']} | {_ms(r, 'seconds')} | {_ms(r, 'median_seconds')} | "
+                     f"{r.get('rounds', '-')} | {memory} | {_fmt(r.get('tflops'))} | {_ms(r, 'model_seconds')} | "
+                     f"{status} |")
     lines += ["", "### backend=\"auto\" on CUDA (picks triton): what the measurements say", "",
               *(["*dry run: interpreter and CPU times, which say nothing about a GPU*", ""] if report["dry_run"]
                 else []),
-              "| op | faster | triton ms | torch ms | auto would change |", "| --- | --- | ---: | ---: | --- |"]
-    lines += [f"| {a['op']} | {a['faster'] or '-'} | {_fmt(a.get('triton_seconds', None) and a['triton_seconds'] * 1e3, '.1f')}"
-              f" | {_fmt(a.get('torch_seconds', None) and a['torch_seconds'] * 1e3, '.1f')} | "
-              f"{'-' if a['auto_would_change'] is None else ('**yes**' if a['auto_would_change'] else 'no')} |"
-              for a in speed.get("auto", [])]
+              "| op | faster | triton ms | triton deterministic ms | torch ms | auto would change | deterministic "
+              "faster than default |", "| --- | --- | ---: | ---: | ---: | --- | --- |"]
+    for a in speed.get("auto", []):
+        change = "-" if a["auto_would_change"] is None else ("**yes**" if a["auto_would_change"] else "no")
+        lines.append(f"| {a['op']} | {a['faster'] or '-'} | {_ms(a, 'triton_seconds')} | "
+                     f"{_ms(a, 'deterministic_seconds')} | {_ms(a, 'torch_seconds')} | {change} | "
+                     f"{a.get('deterministic_faster', '-')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -175,12 +175,13 @@ def check_speed(problem: bench.Problem, rounds: int, budget: Budget) -> dict:
 
 
 def _auto_decision(op: str, rows: list[dict]) -> dict:
-    """``backend="auto"`` picks triton on CUDA: would the measured times change that pick, default and
-    deterministic?"""
-    seconds = {r["variant"]: r.get("seconds") for r in rows}
-    triton, torch_ = seconds.get("fastalign triton"), seconds.get("fastalign torch")
+    """``backend="auto"`` picks triton (default plan) on CUDA: which fastalign plan measured fastest, whether the
+    torch backend beat triton (then auto would change) and whether triton's deterministic plan beat its default
+    (the cost model predicts it at these sizes: the default backward's fp32 atomics)."""
+    seconds = {r["variant"]: r.get("seconds") for r in rows if r["variant"] in FASTALIGN_VARIANTS}
+    triton, det, torch_ = (seconds.get(k) for k in FASTALIGN_VARIANTS)
     if triton is None or torch_ is None:
         return {"op": op, "faster": None, "auto_would_change": None}
     return {"op": op, "faster": "triton" if triton <= torch_ else "torch", "triton_seconds": triton,
-            "torch_seconds": torch_, "auto_would_change": torch_ < triton}
-
+            "torch_seconds": torch_, "deterministic_seconds": det, "auto_would_change": torch_ < triton,
+            "deterministic_faster": None if det is None else det < triton}
