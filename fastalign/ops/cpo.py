@@ -49,7 +49,8 @@ def merge_nll_targets(targets: Tensor, nll_targets, ignore_index: int,
             nll_targets = require_tensor("nll_targets", nll_targets)
             require_shape("nll_targets", nll_targets, tuple(given.shape), "the shape of targets, packed")
             nll_targets = layout.to_padded(nll_targets.reshape(-1), ignore_index)
-            if bool((nll_targets[nll_targets.shape[0] // 2:] != ignore_index).any()):
+            if not torch.compiler.is_compiling() and bool((nll_targets[nll_targets.shape[0] // 2:]
+                                                            != ignore_index).any()):  # compiled: not checked
                 raise ValueError(f"nll_targets: expected ignore_index ({ignore_index}) on the rejected sequences' "
                                  f"rows (the second half of the packed sequences), got token ids")
             nll_targets = nll_targets[:nll_targets.shape[0] // 2]
@@ -64,7 +65,7 @@ def merge_nll_targets(targets: Tensor, nll_targets, ignore_index: int,
                          f"got {nll_targets.device}")
     nll = nll_targets != ignore_index
     both = nll & response[:b]
-    if bool((nll_targets[both] != targets[:b][both]).any()):
+    if not torch.compiler.is_compiling() and bool((nll_targets[both] != targets[:b][both]).any()):
         raise ValueError("nll_targets: expected the same ids as targets on the chosen response tokens, got others")
     merged = targets.clone()
     merged[:b] = torch.where(response[:b], targets[:b], nll_targets)

@@ -134,14 +134,14 @@ def fused_grpo_loss(inputs: LinearInputs, opts: LinearOptions, config: GRPOLossC
     shape = tokens.mask.shape  # [S, T]
     dtype = compute_dtype(inputs.hidden.dtype)
     compiling = torch.compiler.is_compiling()
-    if compiling:  # every row (no data-dependent shape): the loss masks them, the outputs are masked below
-        if layout is not None:
-            raise ValueError("cu_seqlens: packed batches are not supported under torch.compile yet (their layout "
-                             "has data-dependent shapes); got a packed batch in a compiled call")
-        positions = torch.arange(shape.numel(), device=tokens.mask.device)
+    if compiling and layout is not None:  # every packed row, in packed order: the loss masks them
+        positions, rows = layout.index, torch.arange(layout.index.numel(), device=tokens.mask.device)
     else:
-        positions = tokens.mask.reshape(-1).nonzero().squeeze(1)  # completion tokens in [S, T], by sequence
-    rows = positions if layout is None else layout.packed_rows(positions)  # their rows of hidden
+        if compiling:  # every row (no data-dependent shape): the loss masks them, the outputs are masked below
+            positions = torch.arange(shape.numel(), device=tokens.mask.device)
+        else:
+            positions = tokens.mask.reshape(-1).nonzero().squeeze(1)  # completion tokens in [S, T], by sequence
+        rows = positions if layout is None else layout.packed_rows(positions)  # their rows of hidden
     if config.coupling == "sequence" and not compiling:  # whole sequences per chunk
         groups = tokens.mask.sum(-1).tolist()
     else:
