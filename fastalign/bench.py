@@ -688,18 +688,21 @@ def fused_cpo(**options) -> VariantFactory:
                                                                       **options))
 
 
-def naive_cpo(x: DPOInputs) -> Step:
-    """TRL's CPO trainer (sigmoid) in plain PyTorch: sequence sums, the sigmoid loss plus the chosen tokens' NLL."""
-    hidden, weight = x.hidden.detach().requires_grad_(True), x.weight.detach().requires_grad_(True)
+def naive_pair_loss(loss_of: Callable[[Tensor, Tensor], Tensor]) -> VariantFactory:
+    """A pair loss of TRL's trainers in plain PyTorch, forward + backward: ``loss_of(sums [2B], mask [2B, T])`` on
+    the sequence sums of materialized log-probs (``get_batch_logps``), chosen rows first."""
 
-    def step():
-        sums, mask = _naive_sequence_sums(hidden, weight, x.targets)
-        b = sums.shape[0] // 2
-        nll = -sums[:b].sum() / mask[:b].sum()
-        loss = -F.logsigmoid(CPO_BETA * (sums[:b] - sums[b:])).mean() + CPO_ALPHA * nll
-        return torch.autograd.grad(loss, [hidden, weight])
+    def factory(x: DPOInputs) -> Step:
+        hidden, weight = x.hidden.detach().requires_grad_(True), x.weight.detach().requires_grad_(True)
+        return lambda: torch.autograd.grad(loss_of(*_naive_sequence_sums(hidden, weight, x.targets)), [hidden, weight])
 
-    return step
+    return factory
+
+
+def _cpo_loss(sums: Tensor, mask: Tensor) -> Tensor:
+    """CPO (sigmoid) on sequence sums plus the chosen tokens' NLL."""
+    b = sums.shape[0] // 2
+    return -F.logsigmoid(CPO_BETA * (sums[:b] - sums[b:])).mean() - CPO_ALPHA * sums[:b].sum() / mask[:b].sum()
 
 
 def fused_orpo(**options) -> VariantFactory:
@@ -708,23 +711,19 @@ def fused_orpo(**options) -> VariantFactory:
                                                                        **options))
 
 
-def naive_orpo(x: DPOInputs) -> Step:
-    """TRL's ORPO trainer in plain PyTorch: per-token means, the log odds ratio, plus the chosen tokens' NLL."""
-    hidden, weight = x.hidden.detach().requires_grad_(True), x.weight.detach().requires_grad_(True)
-
-    def step():
-        sums, mask = _naive_sequence_sums(hidden, weight, x.targets)
-        logps, b = sums / mask.sum(-1), sums.shape[0] // 2
-        chosen, rejected = logps[:b], logps[b:]
-        log_odds = (chosen - rejected) - (torch.log1p(-chosen.exp()) - torch.log1p(-rejected.exp()))
-        loss = -sums[:b].sum() / mask[:b].sum() - CPO_BETA * F.logsigmoid(log_odds).mean()
-        return torch.autograd.grad(loss, [hidden, weight])
-
-    return step
+def _orpo_loss(sums: Tensor, mask: Tensor) -> Tensor:
+    """ORPO: the log odds ratio of per-token means, plus the chosen tokens' NLL."""
+    b = sums.shape[0] // 2
+    logps = sums / mask.sum(-1)
+    chosen, rejected = logps[:b], logps[b:]
+    log_odds = (chosen - rejected) - (torch.log1p(-chosen.exp()) - torch.log1p(-rejected.exp()))
+    return -sums[:b].sum() / mask[:b].sum() - CPO_BETA * F.logsigmoid(log_odds).mean()
 
 
-REGISTRY["cpo"] = OpBench(make_dpo_inputs, sequence_loss_modes("CPO fwd+bwd (sigmoid + NLL)", fused_cpo, naive_cpo))
-REGISTRY["orpo"] = OpBench(make_dpo_inputs, sequence_loss_modes("ORPO fwd+bwd", fused_orpo, naive_orpo))
+REGISTRY["cpo"] = OpBench(make_dpo_inputs, sequence_loss_modes("CPO fwd+bwd (sigmoid + NLL)", fused_cpo,
+                                                                naive_pair_loss(_cpo_loss)))
+REGISTRY["orpo"] = OpBench(make_dpo_inputs, sequence_loss_modes("ORPO fwd+bwd", fused_orpo,
+                                                                 naive_pair_loss(_orpo_loss)))
 
 # --- train-long: one DPO training step of a whole model on one long pair ----------------------------------------
 
@@ -928,7 +927,7 @@ REGISTRY["packed"] = OpBench(make_packed_inputs, {
 REGISTRY["compile"] = OpBench(make_compile_inputs, {
     "dpo-step": Mode("One DPO step (forward, fused loss, backward) of the tiny Llama, torch.compile vs eager",
                      {"compiled": dpo_model_step(True), "eager": dpo_model_step(False)},
-                     floor=None, targets=(), candidate="compiled", baseline="eager"),
+                     floor=None, targets=(Target("time", "eager", 1.00),), candidate="compiled", baseline="eager"),
 }, issue_problem=Problem(tokens=2048, hidden_size=64, vocab_size=4096))
 
 ALL_OPS = ("logprobs", "ppo", "grpo", "dpo")
