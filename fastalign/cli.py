@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from . import bench
+from .gpucheck import add_arguments as gpucheck_arguments
 from .trainers import config_file
 
 
@@ -20,6 +21,12 @@ def run_demo(args: argparse.Namespace) -> int:
 
     demo(json_out=args.json_out, out_dir=args.out_dir, quick=args.quick)
     return 0
+
+
+def run_gpu_check(args: argparse.Namespace) -> int:
+    from . import gpucheck
+
+    return gpucheck.run_from_arguments(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "AMD EPYC).")
     bench.add_bench_arguments(bench_parser)
     bench_parser.set_defaults(handler=run_bench)
+
+    gpu_parser = commands.add_parser(
+        "gpu-check", help="settle on a CUDA machine what CPUs cannot (numerics, registers, speed), 8 minutes at most",
+        description="On a CUDA machine, in at most 8 minutes on one H100 (a budget per part): every op on the "
+                    "triton and torch backends against float64 (fp32/fp16/bf16, values and gradients), the "
+                    "deterministic mode, vocab parallelism on two ranks; the registers and spills of the kernels "
+                    "that ran against the ahead-of-time table; the speed of log-probs, DPO and GRPO at N=16384, "
+                    "H=4096, V=128256 bf16 against naive PyTorch, Liger-Kernel, Cut Cross-Entropy and TRL where "
+                    "installed. Writes report.json and report.md to --out-dir and prints the Markdown.")
+    gpucheck_arguments(gpu_parser)
+    gpu_parser.set_defaults(handler=run_gpu_check)
 
     demo_parser = commands.add_parser(
         "demo", help="DPO, a reward model, PPO against it and GRPO on a tiny model built in code, plus a "

@@ -94,11 +94,13 @@ def test_registered_values_and_grads_match_float64(shape, frozen):
     ((ref_lp * a).sum() + (ref_ent * c).sum()).backward()
     torch.testing.assert_close(logprobs.double(), ref_lp.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(entropy.double(), ref_ent.detach(), rtol=1e-5, atol=1e-5)
-    z = z.detach()
-    torch.testing.assert_close(stats.lse.double(), z.logsumexp(-1), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(stats.lse2.double(), (2 * z).logsumexp(-1), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(stats.logit_sum.double(), z.sum(-1), rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(stats.max_logit.double(), z.max(-1).values, rtol=1e-5, atol=1e-5)
+    valid = targets != IGNORE  # the ignored rows get no logits: their statistics are 0
+    z = z.detach()[valid]
+    torch.testing.assert_close(stats.lse.double()[valid], z.logsumexp(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.lse2.double()[valid], (2 * z).logsumexp(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.logit_sum.double()[valid], z.sum(-1), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(stats.max_logit.double()[valid], z.max(-1).values, rtol=1e-5, atol=1e-5)
+    assert all(bool((t[~valid] == 0).all()) for t in (stats.lse, stats.lse2, stats.logit_sum, stats.argmax))
     assert not (logprobs.grad_fn is None) and stats.lse.grad_fn is None
     for g, t in zip(got, (hidden, weight, bias)):
         if t.grad is None:
@@ -374,3 +376,70 @@ def test_compiled_trainers_forward_has_no_graph_break(tmp_path, trainer):
     run.train()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+
+
+def _packed(length=T):
+    """The batch of ``_batch`` packed (row 1 without its padding token): ``hidden [N, H]``, ``targets [N]``, the
+    per-token inputs ``[N]`` and ``cu_seqlens``."""
+    hidden, weight, targets = _batch(length)
+    x = _inputs(length)
+    lengths = [length - (row == 1) for row in range(2 * B)]
+    keep = torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]
+    x = {**x, "old": x["old"][keep], "cu_seqlens": torch.tensor([0, *lengths]).cumsum(0).int()}
+    return hidden.detach()[keep].requires_grad_(True), weight, targets[keep], x
+
+
+def packed_dpo(hidden, weight, targets, x):
+    out = fused_linear_dpo_loss(hidden, weight, targets, ref_logps=x["ref"].view(2, B), vocab_metrics=True,
+                                cu_seqlens=x["cu_seqlens"])
+    return out.loss, {**out.metrics, "logps": out.logps}
+
+
+def packed_grpo(hidden, weight, targets, x):
+    out = fused_linear_grpo_loss(hidden, weight, targets, x["adv"], old_logprobs=x["old"], beta=0.04,
+                                 ref_logprobs=x["old"] + 0.1, cu_seqlens=x["cu_seqlens"])
+    return out.loss, {**out.metrics, "logprobs": out.logprobs, "entropy": out.entropy}
+
+
+def packed_kto(hidden, weight, targets, x):
+    out = fused_linear_kto_loss(hidden, weight, targets, torch.tensor([True, False, True, True]),
+                                ref_logps=x["ref"], kl=torch.tensor(0.1), cu_seqlens=x["cu_seqlens"])
+    return out.loss, out.metrics
+
+
+def packed_orpo(hidden, weight, targets, x):
+    out = fused_linear_orpo_loss(hidden, weight, targets, cu_seqlens=x["cu_seqlens"])
+    return out.loss, out.metrics
+
+
+def packed_ppo(hidden, weight, targets, x):
+    out = fused_linear_ppo_loss(hidden, weight, targets, x["old"], torch.ones_like(x["old"]), entropy_coef=0.01,
+                                loss_agg="seq-mean-token-mean", cu_seqlens=x["cu_seqlens"])
+    return out.loss, out.metrics
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fn", [packed_dpo, packed_grpo, packed_kto, packed_orpo, packed_ppo],
+                         ids=lambda f: f.__name__)
+def test_packed_batch_compiles_fullgraph(fn):
+    """A packed batch (``cu_seqlens``) compiles without a graph break and gives eager's loss, outputs, metrics and
+    gradients (eager packed equals padded: test_packed.py). ``position_ids`` under compile raise (the number of
+    sequences they hold is data-dependent)."""
+    hidden, weight, targets, x = _packed()
+    explained = torch._dynamo.explain(fn)(hidden, weight, targets, x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    _assert_same(_run(compiled, hidden, weight, targets, x), _run(fn, hidden, weight, targets, x))
+
+
+def test_position_ids_under_compile_raise_clearly():
+    """With ``fullgraph=True`` (without it, dynamo breaks the graph at the raise and runs that part eagerly)."""
+    hidden, weight, targets, x = _packed()
+    position_ids = torch.cat([torch.arange(int(n)) for n in x["cu_seqlens"].diff()])
+
+    def fn(hidden, weight, targets):
+        return fused_linear_kto_loss(hidden, weight, targets, torch.tensor([True, False, True, True]),
+                                     ref_logps=x["ref"], kl=torch.tensor(0.1), position_ids=position_ids).loss
+
+    with pytest.raises(Exception, match="position_ids: a packed batch under torch.compile needs cu_seqlens"):
+        torch.compile(fn, backend="aot_eager", fullgraph=True)(hidden, weight, targets)

@@ -196,23 +196,24 @@ def one_process_runs(tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("kind, parallelism, tied, checkpointing", [
-    ("dpo", "ddp", False, False), ("ppo", "ddp", False, True), ("dpo", "fsdp", False, True),
-    ("ppo", "fsdp", True, False), ("grpo", "ddp", False, False), ("grpo", "fsdp", True, True),
-    ("kto", "ddp", False, False),
-    pytest.param("rloo", "ddp", False, False, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kind, parallelism, tied, checkpointing, padding_free", [
+    ("dpo", "ddp", False, False, False), ("ppo", "ddp", False, True, False), ("dpo", "fsdp", False, True, False),
+    ("ppo", "fsdp", True, False, False), ("grpo", "ddp", False, False, False), ("grpo", "fsdp", True, True, False),
+    ("dpo", "ddp", False, False, True), ("dpo", "fsdp", False, False, True), ("grpo", "fsdp", True, False, True), ("kto", "ddp", False, False, False),
+    pytest.param("rloo", "ddp", False, False, False, marks=pytest.mark.slow)])
 def test_two_ranks_match_one_process_with_twice_the_batch(tmp_path, one_process_runs, kind, parallelism, tied,
-                                                          checkpointing):
+                                                          checkpointing, padding_free):
     """Gradients of every optimizer step (3 steps, 2 micro-batches each, PPO 2 epochs, GRPO 2 iterations), the logged
     metrics and the final weights. Under FSDP2 the lm_head (tied to the embeddings for PPO) is a sharded root
     parameter that the fused ops read without its forward: a gradient that missed the reduce-scatter would differ
     here. DPO's accuracies are compared at the steps whose reward margins are all far from 0 (steps 2 and 3). Three
     cases run the ranks with gradient checkpointing (the one-process run without): recomputing the layers inside
-    DDP's and FSDP2's forward and backward hooks changes nothing."""
+    DDP's and FSDP2's forward and backward hooks changes nothing; three with ``padding_free`` (packed sequences
+    through DDP and FSDP2: the same steps as the padded one-process run)."""
     history, gradients, output_dir, margins = one_process_runs(kind, tied)
     (ranked_history, ranked_gradients, sharded_reference, margins0), other = run_ranks(
-        train_on_rank, WORLD, kind, str(tmp_path), parallelism, tied, {"gradient_checkpointing": checkpointing},
-        init=False)
+        train_on_rank, WORLD, kind, str(tmp_path), parallelism, tied,
+        {"gradient_checkpointing": checkpointing, "padding_free": padding_free}, init=False)
     assert sharded_reference == (None if kind == "dpo" else parallelism == "fsdp")  # PPO's reference: as the policy
     assert other[0] == ranked_history  # every rank logs the same (averaged) records
     assert len(ranked_gradients) == len(gradients) == 3 * (1 if kind in ("dpo", "kto") else 2)

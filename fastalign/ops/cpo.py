@@ -49,7 +49,8 @@ def merge_nll_targets(targets: Tensor, nll_targets, ignore_index: int,
             nll_targets = require_tensor("nll_targets", nll_targets, dtypes=INT_DTYPES)
             require_shape("nll_targets", nll_targets, tuple(given.shape), "the shape of targets, packed")
             nll_targets = layout.to_padded(nll_targets.reshape(-1), ignore_index)
-            if bool((nll_targets[nll_targets.shape[0] // 2:] != ignore_index).any()):
+            if not torch.compiler.is_compiling() and bool((nll_targets[nll_targets.shape[0] // 2:]
+                                                            != ignore_index).any()):  # compiled: not checked
                 raise ValueError(f"nll_targets: expected ignore_index ({ignore_index}) on the rejected sequences' "
                                  f"rows (the second half of the packed sequences), got token ids")
             nll_targets = nll_targets[:nll_targets.shape[0] // 2]
@@ -65,7 +66,7 @@ def merge_nll_targets(targets: Tensor, nll_targets, ignore_index: int,
     nll = nll_targets != ignore_index
     # TRL's ORPO takes both from the chosen input ids: the NLL covers every response token, with the same id
     differs = response[:b] & (nll_targets != targets[:b])
-    if bool(differs.any()):
+    if not torch.compiler.is_compiling() and bool(differs.any()):  # compiled: not checked (a sync)
         raise ValueError(f"nll_targets: expected the ids of targets on every chosen response token (TRL's ORPO NLL "
                          f"covers the prompt and the whole response), got {int(differs.sum())} token(s) differing "
                          f"or ignored")

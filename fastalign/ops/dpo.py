@@ -70,7 +70,8 @@ class PreferenceRows(NamedTuple):
            layout: PackedLayout | None = None) -> PreferenceRows:
         """``targets [K*B, T]``, or packed ``[N]`` (any shape of N elements) with its ``layout``. Under
         ``torch.compile`` every position, prompt by prompt (no data-dependent shape: the ignored rows' log-probs
-        are 0), and ``group_rows`` None (the compiled engine takes two passes anyway); not packed."""
+        are 0), or every packed row in packed order, and ``group_rows`` None (the compiled engine takes two passes
+        anyway)."""
         if layout is not None:
             targets = layout.to_padded(targets.reshape(-1), ignore_index)
         rows, length = targets.shape
@@ -78,9 +79,8 @@ class PreferenceRows(NamedTuple):
         order = torch.arange(rows * length, device=targets.device).view(num_responses, rows // num_responses, length)
         order = order.transpose(0, 1).reshape(-1)  # prompt by prompt, then response, then position
         if torch.compiler.is_compiling():
-            if layout is not None:
-                raise ValueError("cu_seqlens: packed batches are not supported under torch.compile yet (their "
-                                 "layout has data-dependent shapes); got a packed batch in a compiled call")
+            if layout is not None:  # every packed row, in packed order (the compiled plan has no groups)
+                return cls(layout.index, mask, None, torch.arange(layout.index.numel(), device=targets.device))
             return cls(order, mask, None, order)
         index = order[mask.reshape(-1)[order]]
         group_rows = mask.sum(dim=1).view(num_responses, -1).sum(dim=0).tolist()

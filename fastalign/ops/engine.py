@@ -99,19 +99,22 @@ def whole_group_chunks(group_rows: Sequence[int], vocab_size: int, chunk_size: i
 
 
 def _loss_and_grads(loss_fn: LossFn, logprobs: Tensor, entropy: Tensor | None, stats: RowStats | None,
-                    valid: Tensor, rows: slice | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+                    valid: Tensor, rows: slice | None = None,
+                    select: slice | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """The loss and its gradients w.r.t. the log-probs and the entropy (None when the loss does not use it), 0 at
-    ignored rows."""
+    ignored rows; only those of the rows ``select`` when given (``valid`` is then of those rows)."""
     with torch.enable_grad():
         lp = logprobs.detach().requires_grad_(True)
         ent = None if entropy is None else entropy.detach().requires_grad_(True)
         loss = loss_fn(RowValues(lp, ent, stats, rows))
         if not loss.requires_grad:  # the loss does not depend on the log-probs at all
-            return loss.detach(), torch.zeros_like(lp), None
+            return loss.detach(), torch.zeros_like(valid, dtype=lp.dtype), None
         leaves = [lp] if ent is None else [lp, ent]
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    if select is not None:
+        grads = [None if g is None else g[select] for g in grads]
     grad_lp, grad_ent = grads[0], (grads[1] if ent is not None else None)
-    grad_lp = torch.zeros_like(lp) if grad_lp is None else torch.where(valid, grad_lp, 0.0)
+    grad_lp = torch.zeros_like(valid, dtype=lp.dtype) if grad_lp is None else torch.where(valid, grad_lp, 0.0)
     grad_ent = None if grad_ent is None else torch.where(valid, grad_ent, 0.0)
     return loss.detach(), grad_lp, grad_ent
 
@@ -167,10 +170,11 @@ class _EngineLoss(torch.autograd.Function):
                     entropy[rows] = ent
                 for field, value in enumerate(stats):
                     if value is not None:
-                        seen.setdefault(field, value.new_zeros(targets.shape))[rows] = value
+                        if field not in seen:  # allocated once, not per chunk
+                            seen[field] = value.new_zeros(targets.shape)
+                        seen[field][rows] = value
                 stats = RowStats(*(seen.get(field) for field in range(len(stats))))
-                _, grad_lp, grad_ent = _loss_and_grads(plan.loss_fn, logprobs, entropy, stats, valid)
-                return grad_lp[rows], None if grad_ent is None else grad_ent[rows]
+                return _loss_and_grads(plan.loss_fn, logprobs, entropy, stats, valid[rows], select=rows)[1:]
 
             out = torch_backend.linear_logprobs_fused(
                 rows_hidden, weight, bias, targets, token_grads, **opts.logit_args,

@@ -178,14 +178,14 @@ def fused_completion_loss(inputs: LinearInputs, opts: LinearOptions, mask: Tenso
     ``[S, T]`` rows, or N packed rows with their ``layout``."""
     shape = mask.shape  # [S, T]
     compiling = torch.compiler.is_compiling()
-    if compiling:  # every row (no data-dependent shape): the loss masks them, the outputs are masked below
-        if layout is not None:
-            raise ValueError("cu_seqlens: packed batches are not supported under torch.compile yet (their layout "
-                             "has data-dependent shapes); got a packed batch in a compiled call")
-        positions = torch.arange(shape.numel(), device=mask.device)
+    if compiling and layout is not None:  # every packed row, in packed order: the loss masks them
+        positions, rows = layout.index, torch.arange(layout.index.numel(), device=mask.device)
     else:
-        positions = mask.reshape(-1).nonzero().squeeze(1)  # completion tokens in [S, T], by sequence
-    rows = positions if layout is None else layout.packed_rows(positions)  # their rows of hidden
+        if compiling:  # every row (no data-dependent shape): the loss masks them, the outputs are masked below
+            positions = torch.arange(shape.numel(), device=mask.device)
+        else:
+            positions = mask.reshape(-1).nonzero().squeeze(1)  # completion tokens in [S, T], by sequence
+        rows = positions if layout is None else layout.packed_rows(positions)  # their rows of hidden
     if coupling == "sequence" and not compiling:  # whole sequences per chunk
         groups = mask.sum(-1).tolist()
     else:

@@ -3,15 +3,16 @@
 
 - ``fastalign::token_stats(hidden [N, H], weight [V, H], bias [V]?, targets [N], <options>, <spec>)``
   ``-> (logprobs [N], entropy [N], lse [N], target_logit [N], lse2 [N], logit_sum [N], max_logit [N], argmax [N])``:
-  the statistics pass (``linear.lse_forward``); the statistics the spec does not ask for are empty ``[0]``
-  tensors. Differentiable in ``logprobs`` and ``entropy`` (the other outputs are not: detach them).
+  the statistics pass (``linear.lse_forward``) on the rows whose target is not ignored (all outputs 0 at the
+  others); the statistics the spec does not ask for are empty ``[0]`` tensors. Differentiable in ``logprobs`` and ``entropy`` (the other outputs are not: detach them).
 - ``fastalign::logprobs_backward(hidden, weight, bias?, targets, lse, entropy, grad_logprobs, grad_entropy?,
   <options>, need_hidden, need_weight, need_bias) -> (d_hidden [N, H], d_weight [V, H], d_bias [V])``: the pass
   that recomputes the logits (``linear.logprobs_backward``), gradients in the inputs' dtypes, empty ``[0]`` where
   not needed. It is ``token_stats``'s registered backward.
 
 Under ``torch.compile`` the engine's plan is therefore always the two-pass one (``engine.registered_rows_loss``):
-``token_stats``, the loss in plain PyTorch (traced by dynamo), then ``logprobs_backward``: four matmuls per row.
+``token_stats``, the loss in plain PyTorch (traced by dynamo), then ``logprobs_backward``: four matmuls per row whose
+target is not ignored (both ops drop the ignored rows inside, where data-dependent shapes cost nothing).
 ``<options>`` are ``LinearOptions`` as plain values (``options_args``); a vocabulary shard travels as its process
 group's name and its bounds, and the ops run the shard's collectives inside. Both ops only read their inputs and
 return fresh tensors.
@@ -70,6 +71,22 @@ def _fresh(t: Tensor) -> Tensor:
     return t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t
 
 
+def _kept_rows(targets: Tensor, ignore_index: int) -> Tensor | None:
+    """The rows whose target is not ignored (``[M]`` int64), or None when every row counts. The ops run eagerly, so
+    the data-dependent M is free here: a compiled op (DPO traces every position) computes no logits for prompts."""
+    valid = targets != ignore_index
+    return None if bool(valid.all()) else valid.nonzero().squeeze(1)
+
+
+def _take(t: Tensor, keep: Tensor | None) -> Tensor:
+    return t if keep is None else t.index_select(0, keep)
+
+
+def _put(t: Tensor, keep: Tensor | None, rows: int) -> Tensor:
+    """``t [M, ...]`` of the kept rows back in ``rows`` rows, 0 at the others."""
+    return t if keep is None else t.new_zeros(rows, *t.shape[1:]).index_copy_(0, keep, t)
+
+
 @torch.library.custom_op("fastalign::token_stats", mutates_args=())
 def token_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, backend: str,
                 temperature: float, ignore_index: int, chunk_size: Optional[int], deterministic: bool,
@@ -79,11 +96,11 @@ def token_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets:
     opts = _options(OptionArgs(backend, temperature, ignore_index, chunk_size, deterministic, group_name,
                                vocab_start, vocab_size, widest_shard, reduce_hidden_grad, logit_scale, logit_softcap))
     spec = RowStatsSpec(entropy, lse2, logit_sum, argmax)
-    stats = lse_forward(hidden, weight, bias, targets, opts, spec=spec)
-    valid = targets != ignore_index
-    logprobs = torch.where(valid, stats.target_logit - stats.lse, 0.0)
-    ent = torch.where(valid, stats.entropy, 0.0) if entropy else stats.lse.new_empty(0)
-    rest = [_fresh(t) if t is not None else stats.lse.new_empty(0, dtype=dtype)
+    keep = _kept_rows(targets, ignore_index)
+    stats = lse_forward(_take(hidden, keep), weight, bias, _take(targets, keep), opts, spec=spec)
+    logprobs = _put(stats.target_logit - stats.lse, keep, targets.shape[0])
+    ent = _put(stats.entropy, keep, targets.shape[0]) if entropy else stats.lse.new_empty(0)
+    rest = [_fresh(_put(t, keep, targets.shape[0])) if t is not None else stats.lse.new_empty(0, dtype=dtype)
             for t, dtype in zip(stats[:2] + stats[3:], [stats.lse.dtype] * 5 + [torch.int64])]
     return (logprobs, ent, *rest)
 
@@ -132,17 +149,21 @@ def registered_logprobs_backward(
         need_hidden: bool, need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     opts = _options(OptionArgs(backend, temperature, ignore_index, chunk_size, deterministic, group_name,
                                vocab_start, vocab_size, widest_shard, reduce_hidden_grad, logit_scale, logit_softcap))
-    valid = targets != ignore_index
+    keep = _kept_rows(targets, ignore_index)
     dtype = lse.dtype
-    grad_lp = torch.where(valid, grad_logprobs.to(dtype), 0.0)
+    grad_lp = _take(grad_logprobs, keep).to(dtype)
     grad_ent = None
     if grad_entropy is not None and bool(grad_entropy.ne(0).any()):  # a zero entropy gradient costs no pass
-        grad_ent = torch.where(valid, grad_entropy.to(dtype), 0.0)
-    stats = RowStats(lse, torch.zeros_like(lse), entropy if grad_ent is not None else None)
-    grads = logprobs_backward(hidden, weight, bias, targets, stats, grad_lp, grad_ent, opts,
-                              need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)
+        grad_ent = _take(grad_entropy, keep).to(dtype)
+    lse = _take(lse, keep)
+    stats = RowStats(lse, torch.zeros_like(lse), _take(entropy, keep) if grad_ent is not None else None)
+    d_hidden, d_weight, d_bias = logprobs_backward(_take(hidden, keep), weight, bias, _take(targets, keep), stats,
+                                                   grad_lp, grad_ent, opts, need_hidden=need_hidden,
+                                                   need_weight=need_weight, need_bias=need_bias)
+    if d_hidden is not None:
+        d_hidden = _put(d_hidden, keep, hidden.shape[0])
     like = (hidden, weight, weight)  # a bias has the weight's dtype
-    return tuple(g.to(t.dtype) if g is not None else t.new_empty(0) for g, t in zip(grads, like))
+    return tuple(g.to(t.dtype) if g is not None else t.new_empty(0) for g, t in zip((d_hidden, d_weight, d_bias), like))
 
 
 @registered_logprobs_backward.register_fake

@@ -43,22 +43,32 @@ class PackedLayout(NamedTuple):
 
 def packed_layout(num_rows: int, device: torch.device, *, cu_seqlens=None, position_ids=None) -> PackedLayout | None:
     """The layout of a packed batch of ``num_rows`` rows from exactly one of ``cu_seqlens`` and ``position_ids``
-    (None when neither is given: the batch is padded). Empty sequences are allowed in ``cu_seqlens``."""
+    (None when neither is given: the batch is padded). Empty sequences are allowed in ``cu_seqlens``. Under
+    ``torch.compile``: ``cu_seqlens`` only, unchecked, and every sequence padded to ``num_rows`` (static shapes; the
+    padded layout holds per-token numbers only)."""
     if cu_seqlens is not None and position_ids is not None:
         raise ValueError("cu_seqlens: expected either cu_seqlens or position_ids to describe a packed batch, got both")
     if cu_seqlens is None and position_ids is None:
         return None
+    compiling = torch.compiler.is_compiling()
     if cu_seqlens is not None:
         cu = require_tensor("cu_seqlens", cu_seqlens, dtypes=INT_DTYPES, dim=1)
         if cu.device != device:
             raise ValueError(f"cu_seqlens: expected a tensor on {device} (the device of hidden), got {cu.device}")
         cu = cu.long()
-        if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != num_rows or bool((cu[1:] < cu[:-1]).any()):
+        if cu.numel() < 2 or not compiling and (int(cu[0]) != 0 or int(cu[-1]) != num_rows
+                                                or bool((cu[1:] < cu[:-1]).any())):  # compiled: not checked (syncs)
             raise ValueError(f"cu_seqlens: expected non-decreasing offsets [S + 1] from 0 to the {num_rows} packed "
                              f"rows, got {cu.tolist() if cu.numel() <= 16 else tuple(cu.shape)}")
         lengths = cu[1:] - cu[:-1]
-        segment = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths)
+        segment = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths,
+                                          output_size=num_rows)
         position = torch.arange(num_rows, device=device) - cu[:-1][segment]
+        if compiling:  # the longest sequence is a data-dependent size: pad every sequence to N instead
+            return PackedLayout(segment * num_rows + position, (lengths.numel(), num_rows))
+    elif compiling:
+        raise ValueError("position_ids: a packed batch under torch.compile needs cu_seqlens (the number of sequences "
+                         "in position_ids is a data-dependent size), got position_ids")
     else:
         pos = require_tensor("position_ids", position_ids, dtypes=INT_DTYPES)
         if pos.device != device:
