@@ -60,6 +60,12 @@ def _grpo(**config):
     return run
 
 
+def _rloo(hidden, weight, bias, targets, x, **options):
+    out = F.fused_linear_rloo_loss(hidden, weight, targets, x["sequence_advantages"], bias=bias,
+                                   old_logprobs=x["old_logprobs"], **options)
+    return {"loss": out.loss, "logprobs": out.logprobs, "logps": out.logps}
+
+
 def _dpo(hidden, weight, bias, targets, x, **options):
     b = targets.shape[0] // 2
     out = F.fused_linear_dpo_loss(hidden, weight, targets, bias=bias, ref_chosen_logps=x["ref_logps"][:b],
@@ -109,6 +115,7 @@ OPS: tuple[OpCase, ...] = (
     OpCase("ppo", 3, _token_inputs, _ppo, prompt=0),
     OpCase("grpo-dapo", 4, _token_inputs, _grpo(loss_type="dapo")),
     OpCase("grpo-gspo", 4, _token_inputs, _grpo(loss_type="grpo", importance_sampling_level="sequence")),
+    OpCase("rloo", 4, _token_inputs, _rloo),
     OpCase("dpo", 4, _reference_inputs, _dpo),
     OpCase("dpo-ranking", 6, _reference_inputs, _ranking),
     OpCase("kto", 4, _reference_inputs, _kto),
