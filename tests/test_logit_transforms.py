@@ -95,17 +95,17 @@ def _kto(h, w, t, b, **kw):
     ref = -15 + torch.randn(h.shape[0], generator=g)
     labels = torch.arange(h.shape[0]) % 2 == 0
     out = fused_linear_kto_loss(h, w, t, labels, ref_logps=ref.to(values_dtype(h)),
-                                kl=torch.tensor(0.3, dtype=values_dtype(h)), bias=b, **kw)
+                                kl=torch.tensor(0.3, dtype=values_dtype(h)), bias=b, vocab_metrics=True, **kw)
     return out.loss, out.metrics
 
 
 def _cpo(h, w, t, b, **kw):
-    out = fused_linear_cpo_loss(h, w, t, bias=b, loss_type="simpo", cpo_alpha=0.5, **kw)
+    out = fused_linear_cpo_loss(h, w, t, bias=b, loss_type="simpo", cpo_alpha=0.5, vocab_metrics=True, **kw)
     return out.loss, out.metrics
 
 
 def _orpo(h, w, t, b, **kw):
-    out = fused_linear_orpo_loss(h, w, t, bias=b, **kw)
+    out = fused_linear_orpo_loss(h, w, t, bias=b, vocab_metrics=True, **kw)
     return out.loss, out.metrics
 
 
