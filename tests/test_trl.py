@@ -1,0 +1,216 @@
+"""fastalign.trl against TRL 1.16 itself: the same trainer, seed and data, 3 optimizer steps, every logged number and
+the final weights equal (relative 1e-5; absolute 1e-6 for numbers that are zero up to rounding, e.g. the rewards of
+the first step, where TRL subtracts two equal reference and policy passes and fastalign two different ones; for the
+rewards, differences of sequence log-probs, 1e-5 of those log-probs)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+from datasets import Dataset  # noqa: E402
+from peft import LoraConfig  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+import fastalign.trl as fatrl  # noqa: E402
+from fastalign.trainers.tiny import tiny_llama, word_tokenizer  # noqa: E402
+
+WORDS = "the a cat dog sat ran on under mat rug big small red blue fast slow yes no".split()
+# Wall-clock numbers differ run to run; everything else logged must match
+UNTIMED = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "step_time", "total_flos"}
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _saved_tiny_llama(directory, seed: int) -> str:
+    tokenizer = word_tokenizer(WORDS)
+    torch.manual_seed(seed)
+    tiny_llama(tokenizer).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random Llama and its word-level tokenizer saved to disk (TRL builds a reference model from the path)."""
+    return _saved_tiny_llama(tmp_path_factory.mktemp("tiny"), 0)
+
+
+@pytest.fixture(scope="module")
+def ref_dir(tmp_path_factory):
+    """Another one, the DPO reference: a reference equal to the policy gives rewards that are 0 up to rounding at
+    the first step, whose signs (``rewards/accuracies``) are then rounding noise."""
+    return _saved_tiny_llama(tmp_path_factory.mktemp("ref"), 1)
+
+
+def _sentences(seed: int, n: int, low: int, high: int) -> list[str]:
+    g = torch.Generator().manual_seed(seed)
+    return [" ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (int(torch.randint(low, high, (1,),
+                                                                                            generator=g)),),
+                                                          generator=g)) for _ in range(n)]
+
+
+def _assert_same_run(ours, theirs) -> None:
+    logs = [{k: v for k, v in log.items() if k not in UNTIMED} for log in ours.state.log_history]
+    expected = [{k: v for k, v in log.items() if k not in UNTIMED} for log in theirs.state.log_history]
+    assert [sorted(log) for log in logs] == [sorted(log) for log in expected]
+    assert len(logs) >= 3
+    for step, (log, ref) in enumerate(zip(logs, expected)):
+        # Rewards are beta times differences of sequence log-probs: relative to the log-probs they difference
+        logps = max(abs(ref.get("logps/chosen", 0.0)), abs(ref.get("logps/rejected", 0.0)))
+        for key, value in ref.items():
+            atol = max(ATOL, RTOL * logps) if key.startswith("rewards/") else ATOL
+            assert math.isclose(log[key], value, rel_tol=RTOL, abs_tol=atol) or (
+                math.isnan(value) and math.isnan(log[key])), f"log {step} {key}: {log[key]} vs TRL {value}"
+    ours_params, their_params = dict(ours.model.named_parameters()), dict(theirs.model.named_parameters())
+    assert ours_params.keys() == their_params.keys()
+    moved = 0
+    for name, param in their_params.items():
+        diff = (ours_params[name].detach() - param.detach()).norm()
+        assert diff <= RTOL * param.detach().norm() + 1e-12, f"{name}: |diff| {diff} vs |w| {param.norm()}"
+    for name, param in ours.model.named_parameters():
+        moved += param.requires_grad
+    assert moved > 0
+
+
+def _lora():
+    # Random B (not the zero init): the adapter-disabled reference then differs from the policy at the first step
+    return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+
+
+def _train(trainer_cls, config_cls, model_dir, tmp_path, dataset, peft, ref_dir=None, **config):
+    args = config_cls(output_dir=str(tmp_path / trainer_cls.__module__), max_steps=3, logging_steps=1,
+                      learning_rate=1e-3, report_to="none", use_cpu=True, bf16=False, save_strategy="no", seed=0,
+                      **config)
+    extra = {}
+    if peft:
+        extra["peft_config"] = _lora()
+    if ref_dir is not None:
+        extra["ref_model"] = AutoModelForCausalLM.from_pretrained(ref_dir)
+    trainer = trainer_cls(model=model_dir, args=args, train_dataset=dataset, **extra)
+    trainer.train()
+    return trainer
+
+
+# --- DPO ---------------------------------------------------------------------------------------------------------
+
+def _dpo_dataset(n: int = 8) -> Dataset:
+    space = lambda texts: [" " + text for text in texts]  # noqa: E731 (the word tokenizer splits on spaces)
+    return Dataset.from_dict({"prompt": _sentences(1, n, 2, 5), "chosen": space(_sentences(2, n, 1, 6)),
+                              "rejected": space(_sentences(3, n, 1, 6))})
+
+
+DPO_CASES = {
+    "sigmoid": dict(loss_type=["sigmoid"]),
+    "ipo_ga2": dict(loss_type=["ipo"], gradient_accumulation_steps=2),
+    "list_weights": dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]),
+    "wpo_robust_ld": dict(loss_type=["robust"], label_smoothing=0.1, use_weighting=True, ld_alpha=0.5),
+    "js_hinge": dict(loss_type=["hinge", "exo_pair"], label_smoothing=1e-3, f_divergence_type="js_divergence"),
+    "apo_discopop_precompute": dict(loss_type=["apo_zero", "discopop", "sppo_hard", "nca_pair"],
+                                    precompute_ref_log_probs=True),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(DPO_CASES))
+def test_dpo_trainer_matches_trl(case, model_dir, ref_dir, tmp_path):
+    config = dict(per_device_train_batch_size=2, beta=0.5, **DPO_CASES[case])
+    dataset = _dpo_dataset()
+    theirs = _train(trl.DPOTrainer, trl.DPOConfig, model_dir, tmp_path / "trl", dataset, False, ref_dir, **config)
+    ours = _train(fatrl.DPOTrainer, trl.DPOConfig, model_dir, tmp_path / "fa", dataset, False, ref_dir, **config)
+    _assert_same_run(ours, theirs)
+
+
+@pytest.mark.slow
+def test_dpo_trainer_with_lora_matches_trl(model_dir, tmp_path):
+    """LoRA (frozen lm_head): the reference is the policy with its adapter disabled."""
+    config = dict(per_device_train_batch_size=2, loss_type=["sigmoid", "aot"], loss_weights=[1.0, 0.5])
+    dataset = _dpo_dataset()
+    theirs = _train(trl.DPOTrainer, trl.DPOConfig, model_dir, tmp_path / "trl", dataset, True, **config)
+    ours = _train(fatrl.DPOTrainer, trl.DPOConfig, model_dir, tmp_path / "fa", dataset, True, **config)
+    _assert_same_run(ours, theirs)
+
+
+# --- GRPO --------------------------------------------------------------------------------------------------------
+
+def _grpo_dataset(n: int = 8) -> Dataset:
+    return Dataset.from_dict({"prompt": _sentences(4, n, 2, 5)})
+
+
+def count_cats(completions, **kwargs) -> list[float]:
+    """A rule reward: the number of "cat" words minus half the number of "dog" words."""
+    return [c.split().count("cat") - 0.5 * c.split().count("dog") for c in completions]
+
+
+GRPO_CASES = {
+    "dapo": dict(loss_type="dapo"),
+    "grpo_iterations_ga2": dict(loss_type="grpo", num_iterations=2, gradient_accumulation_steps=2,
+                                epsilon=0.05, epsilon_high=0.1, delta=1.2),
+    "bnpo_sequence_offpolicy": dict(loss_type="bnpo", num_iterations=2, importance_sampling_level="sequence",
+                                    off_policy_mask_threshold=0.01),
+    "cispo_entropy": dict(loss_type="cispo", num_iterations=2, epsilon_high=1.05, entropy_coef=0.01),
+    "sapo_top_entropy": dict(loss_type="sapo", num_iterations=2, top_entropy_quantile=0.5, temperature=0.8),
+    "dr_grpo_adaptive": dict(loss_type="dr_grpo", use_adaptive_entropy=True, entropy_coef=0.01,
+                             entropy_target=100.0),
+    "vespo": dict(loss_type="vespo", num_iterations=2),
+    "luspo_sequence": dict(loss_type="luspo", num_iterations=2, importance_sampling_level="sequence"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(GRPO_CASES))
+def test_grpo_trainer_matches_trl(case, model_dir, tmp_path):
+    config = dict(per_device_train_batch_size=4, num_generations=4, max_completion_length=5, beta=0.0,
+                  **GRPO_CASES[case])
+    _grpo_case(config, model_dir, tmp_path, peft=False)
+
+
+@pytest.mark.slow
+def test_grpo_trainer_with_lora_and_kl_matches_trl(model_dir, tmp_path):
+    """LoRA (frozen lm_head) with the KL term: the reference log-probs come from the disabled adapter."""
+    config = dict(per_device_train_batch_size=4, num_generations=4, max_completion_length=5, beta=0.1,
+                  loss_type="grpo", num_iterations=2, use_bias_correction_kl=True)
+    _grpo_case(config, model_dir, tmp_path, peft=True)
+
+
+def _grpo_case(config, model_dir, tmp_path, peft):
+    dataset = _grpo_dataset()
+    kwargs = dict(reward_funcs=count_cats)
+
+    def run(cls, where):
+        args = trl.GRPOConfig(output_dir=str(where), max_steps=3, logging_steps=1, learning_rate=1e-3,
+                              report_to="none", use_cpu=True, bf16=False, save_strategy="no", seed=0, **config)
+        extra = {"peft_config": _lora()} if peft else {}
+        trainer = cls(model=model_dir, args=args, train_dataset=dataset, **kwargs, **extra)
+        trainer.train()
+        return trainer
+
+    theirs = run(trl.GRPOTrainer, tmp_path / "trl")
+    ours = run(fatrl.GRPOTrainer, tmp_path / "fa")
+    _assert_same_run(ours, theirs)
+
+
+# --- construction --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("options, error, message", [
+    ("torch", TypeError, "fastalign_options: expected a dict"),
+    ({"beta": 1}, ValueError, "expected keys among"),
+    ({"backend": "cuda"}, ValueError, "fastalign_options\\['backend'\\]"),
+    ({"chunk_size": 0}, ValueError, "chunk_size"),
+    ({"deterministic": 1}, TypeError, "deterministic"),
+])
+def test_bad_fastalign_options_are_refused_before_anything_is_built(options, error, message, tmp_path):
+    with pytest.raises(error, match=message):
+        fatrl.DPOTrainer(model="unused", args=None, fastalign_options=options)
+
+
+def test_logit_transforms_are_refused(tmp_path):
+    tokenizer = word_tokenizer(WORDS)
+    torch.manual_seed(0)
+    model = tiny_llama(tokenizer, logit_scale=0.5)
+    args = trl.DPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False,
+                         precompute_ref_log_probs=False)
+    with pytest.raises(ValueError, match="logit_scale"):
+        fatrl.DPOTrainer(model=model, ref_model=tiny_llama(tokenizer, logit_scale=0.5), args=args,
+                         train_dataset=_dpo_dataset(2), processing_class=tokenizer)
