@@ -132,6 +132,39 @@ def test_dpo_trainer_with_lora_matches_trl(model_dir, tmp_path):
     _assert_same_run(ours, theirs)
 
 
+# --- KTO ---------------------------------------------------------------------------------------------------------
+
+def _kto_dataset(n: int = 8) -> Dataset:
+    return Dataset.from_dict({"prompt": _sentences(5, n, 2, 5),
+                              "completion": [" " + text for text in _sentences(6, n, 1, 6)],
+                              "label": [bool(i % 3) for i in range(n)]})
+
+
+KTO_CASES = {
+    "kto_ga2": dict(loss_type="kto", gradient_accumulation_steps=2, desirable_weight=1.3, undesirable_weight=0.7),
+    "apo_zero_unpaired_precompute": dict(loss_type="apo_zero_unpaired", precompute_ref_log_probs=True),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(KTO_CASES))
+def test_kto_trainer_matches_trl(case, model_dir, ref_dir, tmp_path):
+    config = dict(per_device_train_batch_size=2, beta=0.5, **KTO_CASES[case])
+    dataset = _kto_dataset()
+    theirs = _train(trl.KTOTrainer, trl.KTOConfig, model_dir, tmp_path / "trl", dataset, False, ref_dir, **config)
+    ours = _train(fatrl.KTOTrainer, trl.KTOConfig, model_dir, tmp_path / "fa", dataset, False, ref_dir, **config)
+    _assert_same_run(ours, theirs)
+
+
+@pytest.mark.slow
+def test_kto_trainer_with_lora_matches_trl(model_dir, tmp_path):
+    config = dict(per_device_train_batch_size=4, loss_type="kto")
+    dataset = _kto_dataset()
+    theirs = _train(trl.KTOTrainer, trl.KTOConfig, model_dir, tmp_path / "trl", dataset, True, **config)
+    ours = _train(fatrl.KTOTrainer, trl.KTOConfig, model_dir, tmp_path / "fa", dataset, True, **config)
+    _assert_same_run(ours, theirs)
+
+
 # --- GRPO --------------------------------------------------------------------------------------------------------
 
 def _grpo_dataset(n: int = 8) -> Dataset:

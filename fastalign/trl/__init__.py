@@ -7,5 +7,6 @@ runs through fastalign's fused op from the model's last hidden states and lm_hea
 """
 from .dpo import DPOTrainer
 from .grpo import GRPOTrainer
+from .kto import KTOTrainer
 
-__all__ = ["DPOTrainer", "GRPOTrainer"]
+__all__ = ["DPOTrainer", "GRPOTrainer", "KTOTrainer"]
