@@ -12,7 +12,7 @@ import torch
 trl = pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
 from peft import LoraConfig  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import fastalign.trl as fatrl  # noqa: E402
 from fastalign.trainers.tiny import tiny_llama, word_tokenizer  # noqa: E402
@@ -129,6 +129,41 @@ def test_dpo_trainer_with_lora_matches_trl(model_dir, tmp_path):
     dataset = _dpo_dataset()
     theirs = _train(trl.DPOTrainer, trl.DPOConfig, model_dir, tmp_path / "trl", dataset, True, **config)
     ours = _train(fatrl.DPOTrainer, trl.DPOConfig, model_dir, tmp_path / "fa", dataset, True, **config)
+    _assert_same_run(ours, theirs)
+
+
+# --- CPO, ORPO (trl.experimental) --------------------------------------------------------------------------------
+
+PAIR_CASES = {
+    "cpo_simpo_ga2": ("CPOTrainer", "cpo", dict(loss_type="simpo", cpo_alpha=0.5, simpo_gamma=0.3,
+                                                label_smoothing=0.1, gradient_accumulation_steps=2)),
+    "cpo_alphapo_hinge": ("CPOTrainer", "cpo", dict(loss_type="hinge", alpha=0.2)),
+    "orpo": ("ORPOTrainer", "orpo", dict()),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(PAIR_CASES))
+def test_experimental_pair_trainers_match_trl(case, model_dir, tmp_path):
+    import importlib
+
+    name, module, options = PAIR_CASES[case]
+    experimental = importlib.import_module(f"trl.experimental.{module}")
+    config_cls = getattr(experimental, name.replace("Trainer", "Config"))
+    config = dict(per_device_train_batch_size=2, beta=0.5, **options)
+    dataset = _dpo_dataset()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+    def run(cls, where):
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        args = config_cls(output_dir=str(where), max_steps=3, logging_steps=1, learning_rate=1e-3, report_to="none",
+                          use_cpu=True, bf16=False, save_strategy="no", seed=0, **config)
+        trainer = cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+        trainer.train()
+        return trainer
+
+    theirs = run(getattr(experimental, name), tmp_path / "trl")
+    ours = run(getattr(fatrl, name), tmp_path / "fa")
     _assert_same_run(ours, theirs)
 
 

@@ -8,5 +8,6 @@ runs through fastalign's fused op from the model's last hidden states and lm_hea
 from .dpo import DPOTrainer
 from .grpo import GRPOTrainer
 from .kto import KTOTrainer
+from .preference import CPOTrainer, ORPOTrainer
 
-__all__ = ["DPOTrainer", "GRPOTrainer", "KTOTrainer"]
+__all__ = ["CPOTrainer", "DPOTrainer", "GRPOTrainer", "KTOTrainer", "ORPOTrainer"]

@@ -1,8 +1,8 @@
 """The fused loss inside a TRL trainer's model forward, and what every ``fastalign.trl`` trainer shares.
 
 TRL 1.16 patches its policy's ``forward`` with a fused lm_head (``trl.trainer.utils.add_fused_lm_head``: per-token
-log-probs from the last hidden states, ``model(..., labels=labels, fused_lm_head=True)``). :func:`add_fused_loss`
-wraps that forward once more: ``model(..., labels=labels, fastalign_loss=fn)`` runs the backbone and returns
+log-probs from the last hidden states, ``model(..., labels=labels, fused_lm_head=True)``; the experimental CPO and
+ORPO trainers keep the model's own forward). :func:`add_fused_loss` wraps that forward once more: ``model(..., labels=labels, fastalign_loss=fn)`` runs the backbone and returns
 ``fn(hidden, targets, weight, bias)``, a fastalign op on the shifted last hidden states and the lm_head, inside the
 model's forward: the call goes through the DDP / FSDP2 wrapper like any forward, so their hooks stay armed. Under FSDP2
 a sharded lm_head (a ``DTensor``) is gathered with ``full_tensor()``, an autograd op: the op's backward recompute
@@ -90,9 +90,10 @@ def add_fused_loss(model) -> None:
     trl_forward = model.forward
 
     @functools.wraps(type(model).forward)  # generate() validates its kwargs against this signature
-    def forward(self, *args, fastalign_loss=None, labels=None, shift_labels=None, **kwargs):
+    def forward(self, *args, fastalign_loss=None, **kwargs):
         if fastalign_loss is None:
-            return trl_forward(*args, labels=labels, shift_labels=shift_labels, **kwargs)
+            return trl_forward(*args, **kwargs)
+        labels, shift_labels = kwargs.pop("labels", None), kwargs.pop("shift_labels", None)
         kwargs["use_cache"] = False
         # The backbone and the head are looked up on each call: FSDP and peft replace them after patching
         hidden = get_backbone(self)(*args, **kwargs).last_hidden_state
