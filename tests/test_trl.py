@@ -101,21 +101,13 @@ def _dpo_dataset(n: int = 8) -> Dataset:
                               "rejected": space(_sentences(3, n, 1, 6))})
 
 
-DPO_CASES = {
-    "sigmoid": dict(loss_type=["sigmoid"]),
-    "ipo_ga2": dict(loss_type=["ipo"], gradient_accumulation_steps=2),
-    "list_weights": dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]),
-    "wpo_robust_ld": dict(loss_type=["robust"], label_smoothing=0.1, use_weighting=True, ld_alpha=0.5),
-    "js_hinge": dict(loss_type=["hinge", "exo_pair"], label_smoothing=1e-3, f_divergence_type="js_divergence"),
-    "apo_discopop_precompute": dict(loss_type=["apo_zero", "discopop", "sppo_hard", "nca_pair"],
-                                    precompute_ref_log_probs=True),
-}
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("case", list(DPO_CASES))
-def test_dpo_trainer_matches_trl(case, model_dir, ref_dir, tmp_path):
-    config = dict(per_device_train_batch_size=2, beta=0.5, **DPO_CASES[case])
+def test_dpo_trainer_matches_trl(model_dir, ref_dir, tmp_path):
+    """Every loss type but the WPO-only ones, in one weighted list, with LD-DPO and a reference model."""
+    types = ["sigmoid", "bco_pair", "sft", "ipo", "hinge", "nca_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero",
+             "apo_down", "discopop", "sigmoid_norm"]
+    config = dict(per_device_train_batch_size=2, beta=0.5, loss_type=types,
+                  loss_weights=[1.0 - 0.05 * i for i in range(len(types))], ld_alpha=0.5)
     dataset = _dpo_dataset()
     theirs = _train(trl.DPOTrainer, trl.DPOConfig, model_dir, tmp_path / "trl", dataset, False, ref_dir, **config)
     ours = _train(fatrl.DPOTrainer, trl.DPOConfig, model_dir, tmp_path / "fa", dataset, False, ref_dir, **config)
@@ -123,10 +115,13 @@ def test_dpo_trainer_matches_trl(case, model_dir, ref_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_dpo_trainer_with_lora_matches_trl(model_dir, tmp_path):
-    """LoRA (frozen lm_head): the reference is the policy with its adapter disabled."""
-    config = dict(per_device_train_batch_size=2, loss_type=["sigmoid", "aot"], loss_weights=[1.0, 0.5])
-    dataset = _dpo_dataset()
+def test_dpo_trainer_with_lora_wpo_and_precomputed_reference_matches_trl(model_dir, tmp_path):
+    """LoRA (frozen lm_head) with gradient checkpointing, the reference precomputed with the adapter disabled, WPO
+    weights, an f-divergence, label smoothing and gradient accumulation."""
+    config = dict(per_device_train_batch_size=2, gradient_checkpointing=True, precompute_ref_log_probs=True,
+                  loss_type=["robust", "exo_pair"], label_smoothing=0.1, use_weighting=True,
+                  f_divergence_type="js_divergence", gradient_accumulation_steps=2)
+    dataset = _dpo_dataset(12)
     theirs = _train(trl.DPOTrainer, trl.DPOConfig, model_dir, tmp_path / "trl", dataset, True, **config)
     ours = _train(fatrl.DPOTrainer, trl.DPOConfig, model_dir, tmp_path / "fa", dataset, True, **config)
     _assert_same_run(ours, theirs)
@@ -135,9 +130,8 @@ def test_dpo_trainer_with_lora_matches_trl(model_dir, tmp_path):
 # --- CPO, ORPO (trl.experimental) --------------------------------------------------------------------------------
 
 PAIR_CASES = {
-    "cpo_simpo_ga2": ("CPOTrainer", "cpo", dict(loss_type="simpo", cpo_alpha=0.5, simpo_gamma=0.3,
-                                                label_smoothing=0.1, gradient_accumulation_steps=2)),
-    "cpo_alphapo_hinge": ("CPOTrainer", "cpo", dict(loss_type="hinge", alpha=0.2)),
+    "cpo_simpo_alphapo": ("CPOTrainer", "cpo", dict(loss_type="simpo", alpha=0.2, cpo_alpha=0.5, simpo_gamma=0.3,
+                                                    label_smoothing=0.1)),
     "orpo": ("ORPOTrainer", "orpo", dict()),
 }
 
@@ -175,25 +169,11 @@ def _kto_dataset(n: int = 8) -> Dataset:
                               "label": [bool(i % 3) for i in range(n)]})
 
 
-KTO_CASES = {
-    "kto_ga2": dict(loss_type="kto", gradient_accumulation_steps=2, desirable_weight=1.3, undesirable_weight=0.7),
-    "apo_zero_unpaired_precompute": dict(loss_type="apo_zero_unpaired", precompute_ref_log_probs=True),
-}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("case", list(KTO_CASES))
-def test_kto_trainer_matches_trl(case, model_dir, ref_dir, tmp_path):
-    config = dict(per_device_train_batch_size=2, beta=0.5, **KTO_CASES[case])
-    dataset = _kto_dataset()
-    theirs = _train(trl.KTOTrainer, trl.KTOConfig, model_dir, tmp_path / "trl", dataset, False, ref_dir, **config)
-    ours = _train(fatrl.KTOTrainer, trl.KTOConfig, model_dir, tmp_path / "fa", dataset, False, ref_dir, **config)
-    _assert_same_run(ours, theirs)
-
-
 @pytest.mark.slow
 def test_kto_trainer_with_lora_matches_trl(model_dir, tmp_path):
-    config = dict(per_device_train_batch_size=4, loss_type="kto")
+    """kto with the batch KL estimate and unequal weights; the reference, precomputed, is the disabled adapter."""
+    config = dict(per_device_train_batch_size=2, loss_type="kto", beta=0.5, desirable_weight=1.3,
+                  undesirable_weight=0.7, precompute_ref_log_probs=True)
     dataset = _kto_dataset()
     theirs = _train(trl.KTOTrainer, trl.KTOConfig, model_dir, tmp_path / "trl", dataset, True, **config)
     ours = _train(fatrl.KTOTrainer, trl.KTOConfig, model_dir, tmp_path / "fa", dataset, True, **config)
@@ -212,33 +192,31 @@ def count_cats(completions, **kwargs) -> list[float]:
 
 
 GRPO_CASES = {
-    "dapo": dict(loss_type="dapo"),
-    "grpo_iterations_ga2": dict(loss_type="grpo", num_iterations=2, gradient_accumulation_steps=2,
-                                epsilon=0.05, epsilon_high=0.1, delta=1.2),
-    "bnpo_sequence_offpolicy": dict(loss_type="bnpo", num_iterations=2, importance_sampling_level="sequence",
-                                    off_policy_mask_threshold=0.01),
-    "cispo_entropy": dict(loss_type="cispo", num_iterations=2, epsilon_high=1.05, entropy_coef=0.01),
-    "sapo_top_entropy": dict(loss_type="sapo", num_iterations=2, top_entropy_quantile=0.5, temperature=0.8),
-    "dr_grpo_adaptive": dict(loss_type="dr_grpo", use_adaptive_entropy=True, entropy_coef=0.01,
-                             entropy_target=100.0),
-    "vespo": dict(loss_type="vespo", num_iterations=2),
-    "luspo_sequence": dict(loss_type="luspo", num_iterations=2, importance_sampling_level="sequence"),
+    "dapo_sequence_offpolicy_entropy": dict(loss_type="dapo", num_iterations=2, importance_sampling_level="sequence",
+                                            off_policy_mask_threshold=0.01, entropy_coef=0.01),
+    # TRL 1.16's entropy bonus is a mean over the effective mask for every loss type; fastalign's GRPO objective on
+    # main divides dapo/cispo/vespo's by num_items_in_batch (helper grpo116 aligns it): expected to fail until then
+    "dapo_top_entropy_bonus": pytest.param(dict(loss_type="dapo", top_entropy_quantile=0.5, entropy_coef=0.05),
+                                           marks=pytest.mark.xfail(strict=True, reason="grpo116 not merged")),
 }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", list(GRPO_CASES))
+@pytest.mark.parametrize("case", GRPO_CASES.values(), ids=GRPO_CASES.keys())
 def test_grpo_trainer_matches_trl(case, model_dir, tmp_path):
-    config = dict(per_device_train_batch_size=4, num_generations=4, max_completion_length=5, beta=0.0,
-                  **GRPO_CASES[case])
+    config = dict(per_device_train_batch_size=4, num_generations=4, max_completion_length=5, beta=0.0, **case)
     _grpo_case(config, model_dir, tmp_path, peft=False)
 
 
 @pytest.mark.slow
 def test_grpo_trainer_with_lora_and_kl_matches_trl(model_dir, tmp_path):
-    """LoRA (frozen lm_head) with the KL term: the reference log-probs come from the disabled adapter."""
+    """LoRA (frozen lm_head) with the KL term (the reference log-probs come from the disabled adapter), the clip
+    range and two-sided clip, 2 iterations per generation, gradient accumulation and checkpointing, a sampling
+    temperature, the top-entropy mask and the adaptive entropy bonus."""
     config = dict(per_device_train_batch_size=4, num_generations=4, max_completion_length=5, beta=0.1,
-                  loss_type="grpo", num_iterations=2, use_bias_correction_kl=True)
+                  loss_type="grpo", num_iterations=2, use_bias_correction_kl=True, gradient_accumulation_steps=2,
+                  epsilon=0.05, epsilon_high=0.1, delta=1.2, gradient_checkpointing=True, temperature=0.8,
+                  top_entropy_quantile=0.5, use_adaptive_entropy=True, entropy_coef=0.01, entropy_target=100.0)
     _grpo_case(config, model_dir, tmp_path, peft=True)
 
 

@@ -44,7 +44,7 @@ def check_fastalign_options(options) -> dict:
     if options.get("backend", "auto") not in BACKENDS:
         raise ValueError(f"fastalign_options['backend']: expected one of {BACKENDS}, got {options['backend']!r}")
     check_chunk_size(options.get("chunk_size"))
-    if options.get("deterministic") not in (None, True, False):
+    if options.get("deterministic") is not None and not isinstance(options["deterministic"], bool):
         raise TypeError(f"fastalign_options['deterministic']: expected a bool or None, "
                         f"got {type(options['deterministic']).__name__}")
     if not isinstance(options.get("check_finite", True), bool):
