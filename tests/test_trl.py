@@ -15,6 +15,7 @@ from peft import LoraConfig  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import fastalign.trl as fatrl  # noqa: E402
+from fastalign.trl import head  # noqa: E402
 from fastalign.trainers.tiny import tiny_llama, word_tokenizer  # noqa: E402
 
 WORDS = "the a cat dog sat ran on under mat rug big small red blue fast slow yes no".split()
@@ -102,15 +103,19 @@ def _dpo_dataset(n: int = 8) -> Dataset:
 
 
 @pytest.mark.slow
-def test_dpo_trainer_matches_trl(model_dir, ref_dir, tmp_path):
-    """Every loss type but the WPO-only ones, in one weighted list, with LD-DPO and a reference model."""
+def test_dpo_trainer_matches_trl(model_dir, ref_dir, tmp_path, monkeypatch):
+    """Every loss type, in one weighted list, with LD-DPO, a reference model and padding_free (TRL 1.16 falls back to
+    padding; fastalign runs the policy packed: the same numbers)."""
     types = ["sigmoid", "bco_pair", "sft", "ipo", "hinge", "nca_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero",
              "apo_down", "discopop", "sigmoid_norm"]
     config = dict(per_device_train_batch_size=2, beta=0.5, loss_type=types,
-                  loss_weights=[1.0 - 0.05 * i for i in range(len(types))], ld_alpha=0.5)
+                  loss_weights=[1.0 - 0.05 * i for i in range(len(types))], ld_alpha=0.5, padding_free=True)
     dataset = _dpo_dataset()
     theirs = _train(trl.DPOTrainer, trl.DPOConfig, model_dir, tmp_path / "trl", dataset, False, ref_dir, **config)
+    packed, original = [], head.packed_hidden_states
+    monkeypatch.setattr(head, "packed_hidden_states", lambda *args: packed.append(1) or original(*args))
     ours = _train(fatrl.DPOTrainer, trl.DPOConfig, model_dir, tmp_path / "fa", dataset, False, ref_dir, **config)
+    assert len(packed) == 3 and ours.args.padding_free  # every step's policy forward ran packed
     _assert_same_run(ours, theirs)
 
 

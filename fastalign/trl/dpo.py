@@ -19,8 +19,9 @@ class DPOTrainer(trl.DPOTrainer):
     from one pass over the vocabulary, without the logits). The reference log-probs (a reference model, the peft
     adapter disabled, or ``precompute_ref_log_probs``), the data, the callbacks and the checkpoints are TRL's own.
     Every ``DPOConfig`` option is TRL's: ``loss_type`` (lists, ``loss_weights``), ``beta``, ``label_smoothing``,
-    ``f_divergence_type``, ``f_alpha_divergence_coef``, ``ld_alpha``, ``use_weighting``, ``discopop_tau``;
-    metrics are logged under TRL's names with TRL's aggregation (sums and counts across processes).
+    ``f_divergence_type``, ``f_alpha_divergence_coef``, ``ld_alpha``, ``use_weighting``, ``discopop_tau``, and
+    ``padding_free`` (which TRL 1.16 turns off): the policy's forward then runs packed, one row of the batch's real
+    tokens, each sequence attending to itself only (``fastalign.hf.packed_hidden_states``); metrics are logged under TRL's names with TRL's aggregation (sums and counts across processes).
 
     Args:
         fastalign_options: the fused op's own options (``backend``, ``chunk_size``, ``deterministic``,
@@ -33,9 +34,20 @@ class DPOTrainer(trl.DPOTrainer):
 
     def __init__(self, *args, fastalign_options: dict | None = None, **kwargs):
         options = check_fastalign_options(fastalign_options)
-        super().__init__(*args, **kwargs)
+        config = kwargs["args"] if "args" in kwargs else args[1] if len(args) > 1 else None
+        # padding_free: TRL 1.16 falls back to padding (with a warning); here the policy runs packed on TRL's padded
+        # batches (the collator pads as TRL's; the reference passes stay TRL's, padded)
+        packed = bool(getattr(config, "padding_free", False))
+        if packed:
+            config.padding_free = False
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if packed:
+                config.padding_free = True
         check_supported(self)
         self._fastalign_options = options
+        self._packed = packed
         add_fused_loss(unwrap_model(self.model))  # the causal LM whose forward TRL patched
 
     def _reference_logps(self, inputs):
@@ -56,17 +68,18 @@ class DPOTrainer(trl.DPOTrainer):
         ref_chosen_logps, ref_rejected_logps = self._reference_logps(inputs)
         args = self.args
 
-        def dpo_loss(hidden, targets, weight, bias):
-            # Prompt-learning peft prepends virtual tokens: keep the positions of the real tokens
+        def dpo_loss(hidden, targets, weight, bias, cu_seqlens=None):
+            if cu_seqlens is None:  # prompt-learning peft prepends virtual tokens: keep the real tokens' positions
+                hidden, targets = hidden[:, -seq_len:], targets[:, -seq_len:]
             return fused_linear_dpo_loss(
-                hidden[:, -seq_len:], weight, targets[:, -seq_len:], bias=bias, ref_chosen_logps=ref_chosen_logps,
+                hidden, weight, targets, bias=bias, cu_seqlens=cu_seqlens, ref_chosen_logps=ref_chosen_logps,
                 ref_rejected_logps=ref_rejected_logps, beta=self.beta, loss_type=list(self.loss_types),
                 loss_weights=list(self.loss_weights), label_smoothing=self.label_smoothing,
                 f_divergence_type=self.f_divergence_type, f_alpha_divergence_coef=self.f_alpha_divergence_coef,
                 discopop_tau=args.discopop_tau, ld_alpha=self.ld_alpha, use_weighting=self.use_weighting,
                 vocab_metrics=True, **self._fastalign_options)
 
-        out = model(**model_kwargs, labels=labels, fastalign_loss=dpo_loss)
+        out = model(**model_kwargs, labels=labels, fastalign_loss=dpo_loss, fastalign_packed=self._packed)
         self._log_metrics(mode, out, inputs)
         if return_outputs:
             warnings.warn("`return_outputs=True`, and the logits it passes to `compute_metrics`, are deprecated in TRL "

@@ -16,9 +16,10 @@ import types
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from ..hf import get_backbone, get_lm_head, unwrap_model
+from ..hf import get_backbone, get_lm_head, packed_hidden_states
 from ..ops.chunking import check_chunk_size
 from ..ops.dispatch import BACKENDS
 
@@ -85,22 +86,33 @@ def check_supported(trainer) -> None:
 def add_fused_loss(model) -> None:
     """Patch ``model`` (the causal LM, a peft model's base model) so that ``model(..., labels=labels,
     fastalign_loss=fn)`` returns ``fn(hidden [B, T-1, H], targets [B, T-1], weight [V, H], bias [V] | None)``
-    (``shift_labels [B, T]``: ``hidden [B, T, H]`` unshifted, as TRL). Under autocast the hidden states and the
+    (``shift_labels [B, T]``: ``hidden [B, T, H]`` unshifted, as TRL). With ``fastalign_packed=True`` (and
+    ``input_ids``, ``attention_mask`` keywords) the batch's real tokens run padding-free, packed into one row
+    (``fastalign.hf.packed_hidden_states``): ``fn(hidden [1, N, H], targets [1, N], weight, bias,
+    cu_seqlens=[B + 1])``, each sequence's last token ignored. Under autocast the hidden states and the
     lm_head are cast to the autocast dtype (TRL's fused head computes in it too) and the op runs outside autocast."""
     trl_forward = model.forward
 
     @functools.wraps(type(model).forward)  # generate() validates its kwargs against this signature
-    def forward(self, *args, fastalign_loss=None, **kwargs):
+    def forward(self, *args, fastalign_loss=None, fastalign_packed=False, **kwargs):
         if fastalign_loss is None:
             return trl_forward(*args, **kwargs)
         labels, shift_labels = kwargs.pop("labels", None), kwargs.pop("shift_labels", None)
         kwargs["use_cache"] = False
+        extra = {}
         # The backbone and the head are looked up on each call: FSDP and peft replace them after patching
-        hidden = get_backbone(self)(*args, **kwargs).last_hidden_state
-        if shift_labels is None:
-            hidden, targets = hidden[:, :-1], labels[:, 1:]
+        if fastalign_packed:  # padding-free: the real tokens in one row, each sequence attending to itself
+            attention_mask = kwargs["attention_mask"]
+            hidden, packed = packed_hidden_states(self, kwargs["input_ids"], attention_mask)
+            targets = packed.pack(F.pad(labels[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100), (0, 1),
+                                        value=-100))
+            extra["cu_seqlens"] = packed.cu_seqlens
         else:
-            targets = shift_labels
+            hidden = get_backbone(self)(*args, **kwargs).last_hidden_state
+            if shift_labels is None:
+                hidden, targets = hidden[:, :-1], labels[:, 1:]
+            else:
+                targets = shift_labels
         head = self.get_output_embeddings()
         weight, bias = head.weight, head.bias
         if isinstance(weight, DTensor):  # FSDP2: gathered for the forward, kept by autograd for the backward
@@ -110,7 +122,7 @@ def add_fused_loss(model) -> None:
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         with torch.autocast(device, enabled=False):
             return fastalign_loss(hidden.to(weight.device, dtype), targets.to(weight.device), weight.to(dtype),
-                                  None if bias is None else bias.to(dtype))
+                                  None if bias is None else bias.to(dtype), **extra)
 
     model.forward = types.MethodType(forward, model)
 
