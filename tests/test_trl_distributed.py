@@ -26,8 +26,9 @@ def train_dpo(rank, world_size, model_dir, ref_dir, output_dir, parallelism):
     import fastalign.trl as fatrl
 
     args = trl.DPOConfig(output_dir=output_dir, max_steps=3, logging_steps=1, learning_rate=1e-3, report_to="none",
-                         use_cpu=True, bf16=False, save_strategy="no", seed=0, per_device_train_batch_size=4 // world_size,
-                         loss_type=["sigmoid", "ipo"], beta=0.5, **PARALLELISM[parallelism])
+                         use_cpu=True, bf16=False, save_strategy="no", seed=0,
+                         per_device_train_batch_size=4 // world_size, loss_type=["sigmoid", "ipo"], beta=0.5,
+                         **PARALLELISM[parallelism])
     trainer = fatrl.DPOTrainer(model=model_dir, ref_model=AutoModelForCausalLM.from_pretrained(ref_dir), args=args,
                                train_dataset=_dpo_dataset(12))
     trainer.train()

@@ -1,14 +1,11 @@
 """``DPOTrainer``: TRL 1.16's, with the loss through :func:`fastalign.fused_linear_dpo_loss` inside the forward."""
 from __future__ import annotations
 
-import warnings
-
-import torch
 import trl
 
 from ..functional import fused_linear_dpo_loss
 from ..hf import unwrap_model
-from .head import add_fused_loss, check_fastalign_options, check_supported, gathered_mean
+from .head import add_fused_loss, check_fastalign_options, check_supported, gathered_mean, loss_and_outputs
 
 
 class DPOTrainer(trl.DPOTrainer):
@@ -21,7 +18,8 @@ class DPOTrainer(trl.DPOTrainer):
     Every ``DPOConfig`` option is TRL's: ``loss_type`` (lists, ``loss_weights``), ``beta``, ``label_smoothing``,
     ``f_divergence_type``, ``f_alpha_divergence_coef``, ``ld_alpha``, ``use_weighting``, ``discopop_tau``, and
     ``padding_free`` (which TRL 1.16 turns off): the policy's forward then runs packed, one row of the batch's real
-    tokens, each sequence attending to itself only (``fastalign.hf.packed_hidden_states``); metrics are logged under TRL's names with TRL's aggregation (sums and counts across processes).
+    tokens, each sequence attending to itself only (``fastalign.hf.packed_hidden_states``). Metrics are logged
+    under TRL's names with TRL's aggregation (sums and counts across processes).
 
     Args:
         fastalign_options: the fused op's own options (``backend``, ``chunk_size``, ``deterministic``,
@@ -81,12 +79,7 @@ class DPOTrainer(trl.DPOTrainer):
 
         out = model(**model_kwargs, labels=labels, fastalign_loss=dpo_loss, fastalign_packed=self._packed)
         self._log_metrics(mode, out, inputs)
-        if return_outputs:
-            warnings.warn("`return_outputs=True`, and the logits it passes to `compute_metrics`, are deprecated in TRL "
-                          "and recomputed with an extra forward pass.", FutureWarning, stacklevel=2)
-            with torch.no_grad():
-                return out.loss, model(**model_kwargs)
-        return out.loss
+        return loss_and_outputs(model, model_kwargs, out.loss, return_outputs)
 
     def _log_metrics(self, mode: str, out, inputs) -> None:
         """TRL's ``DPOTrainer`` metrics from the op's outputs, aggregated as TRL does across processes."""

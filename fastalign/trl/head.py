@@ -2,17 +2,19 @@
 
 TRL 1.16 patches its policy's ``forward`` with a fused lm_head (``trl.trainer.utils.add_fused_lm_head``: per-token
 log-probs from the last hidden states, ``model(..., labels=labels, fused_lm_head=True)``; the experimental CPO and
-ORPO trainers keep the model's own forward). :func:`add_fused_loss` wraps that forward once more: ``model(..., labels=labels, fastalign_loss=fn)`` runs the backbone and returns
-``fn(hidden, targets, weight, bias)``, a fastalign op on the shifted last hidden states and the lm_head, inside the
-model's forward: the call goes through the DDP / FSDP2 wrapper like any forward, so their hooks stay armed. Under FSDP2
-a sharded lm_head (a ``DTensor``) is gathered with ``full_tensor()``, an autograd op: the op's backward recompute
-reads the gathered weight saved by autograd (never an empty shard) and the gradient is reduce-scattered back. Without
-``fastalign_loss`` the forward is TRL's own (reference log-probs, generation).
+ORPO trainers keep the model's own forward). :func:`add_fused_loss` wraps that forward once more:
+``model(..., labels=labels, fastalign_loss=fn)`` runs the backbone and returns ``fn(hidden, targets, weight, bias)``,
+a fastalign op on the shifted last hidden states and the lm_head, inside the model's forward: the call goes through
+the DDP / FSDP2 wrapper like any forward, so their hooks stay armed. Under FSDP2 a sharded lm_head (a ``DTensor``)
+is gathered with ``full_tensor()``, an autograd op: the op's backward recompute reads the gathered weight saved by
+autograd (never an empty shard) and the gradient is reduce-scattered back. Without ``fastalign_loss`` the forward is
+TRL's own (reference log-probs, generation).
 """
 from __future__ import annotations
 
 import functools
 import types
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -125,6 +127,17 @@ def add_fused_loss(model) -> None:
                                   None if bias is None else bias.to(dtype), **extra)
 
     model.forward = types.MethodType(forward, model)
+
+
+def loss_and_outputs(model, model_kwargs: dict, loss, return_outputs: bool):
+    """What TRL's ``compute_loss`` returns: ``loss``, or with ``return_outputs`` (deprecated in TRL 1.16) also the
+    model's plain outputs (logits) from one more forward without gradients, as TRL does."""
+    if not return_outputs:
+        return loss
+    warnings.warn("`return_outputs=True`, and the logits it passes to `compute_metrics`, are deprecated in TRL and "
+                  "recomputed with an extra forward pass.", FutureWarning, stacklevel=3)
+    with torch.no_grad():
+        return loss, model(**model_kwargs)
 
 
 def gathered_mean(accelerator, mean, count, gather=None) -> float:

@@ -1,14 +1,12 @@
 """``KTOTrainer``: TRL 1.16's, with the loss through :func:`fastalign.fused_linear_kto_loss` inside the forward."""
 from __future__ import annotations
 
-import warnings
-
 import torch
 import trl
 
 from ..functional import fused_linear_kto_loss, fused_linear_logprobs
 from ..hf import unwrap_model
-from .head import add_fused_loss, check_fastalign_options, check_supported
+from .head import add_fused_loss, check_fastalign_options, check_supported, loss_and_outputs
 
 
 class KTOTrainer(trl.KTOTrainer):
@@ -76,12 +74,7 @@ class KTOTrainer(trl.KTOTrainer):
 
         out, entropy, mean_logits = model(**model_kwargs, labels=completion_labels, fastalign_loss=kto_loss)
         self._log_metrics(mode, batch, labels, kl, out, entropy, mean_logits)
-        if return_outputs:
-            warnings.warn("`return_outputs=True`, and the logits it passes to `compute_metrics`, are deprecated in TRL "
-                          "and recomputed with an extra forward pass.", FutureWarning, stacklevel=2)
-            with torch.no_grad():
-                return out.loss, model(**model_kwargs)
-        return out.loss
+        return loss_and_outputs(model, model_kwargs, out.loss, return_outputs)
 
     def _log_metrics(self, mode, batch, labels, kl, out, entropy, mean_logits) -> None:
         """TRL's ``KTOTrainer`` metrics, aggregated as TRL does across processes."""

@@ -16,8 +16,8 @@ class _FusedPairs:
     rejected sequences concatenated as TRL does, the op on every position's hidden state (TRL's ``logits/*`` are the
     mean logit over every position and the vocabulary: ``h . mean_v w_v + mean_v b_v``, exact, without the logits).
     A subclass gives ``_logit_positions`` (the positions TRL's ``logits/*`` average over: ``None`` all of them,
-    ``-1`` all but the last), ``_padding_value`` and ``_fused_loss(hidden [2B, T, H], weight, targets [2B, T], bias, input_ids,
-    attention_mask)``, the op's ``DPOLossOutput`` (chosen rows first)."""
+    ``-1`` all but the last), ``_padding_value`` and ``_fused_loss(hidden [2B, T, H], weight, targets [2B, T], bias,
+    input_ids, attention_mask)``, the op's ``DPOLossOutput`` (chosen rows first)."""
 
     def __init__(self, *args, fastalign_options: dict | None = None, **kwargs):
         options = check_fastalign_options(fastalign_options)
