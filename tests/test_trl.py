@@ -265,3 +265,10 @@ def test_logit_transforms_are_refused(tmp_path):
     with pytest.raises(ValueError, match="logit_scale"):
         fatrl.DPOTrainer(model=model, ref_model=tiny_llama(tokenizer, logit_scale=0.5), args=args,
                          train_dataset=_dpo_dataset(2), processing_class=tokenizer)
+
+
+def test_cast_lm_head_to_fp32_is_refused(model_dir, tmp_path):
+    args = trl.GRPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False,
+                          per_device_train_batch_size=4, num_generations=4, cast_lm_head_to_fp32=True)
+    with pytest.raises(ValueError, match="cast_lm_head_to_fp32"):
+        fatrl.GRPOTrainer(model=model_dir, reward_funcs=count_cats, args=args, train_dataset=_grpo_dataset())
