@@ -20,6 +20,8 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
+from transformers import ProcessorMixin
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from ..hf import get_backbone, get_lm_head, packed_hidden_states
 from ..ops.chunking import check_chunk_size
@@ -59,9 +61,6 @@ def check_fastalign_options(options) -> dict:
 def check_supported(trainer) -> None:
     """Refuse, at construction, what the fused losses cannot honor inside this TRL trainer (clear errors)."""
     name = type(trainer).__name__
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-    from transformers import ProcessorMixin
-
     if is_deepspeed_zero3_enabled():
         raise ValueError(f"{name}: DeepSpeed ZeRO-3 is not supported by fastalign.trl: the fused op's backward "
                          f"recomputes the logits from the lm_head weight, which ZeRO-3 has re-partitioned by then; "
