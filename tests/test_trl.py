@@ -268,7 +268,6 @@ def grpo_pair(model_dir, tmp_path_factory):
     return trainers, inputs
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("loss_type", [
     "grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "vespo",
     # TRL 1.16 sums luspo's masked per-token loss per sequence (with the KL term it is [B, T]); the objective on main
