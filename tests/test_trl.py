@@ -199,10 +199,8 @@ def count_cats(completions, **kwargs) -> list[float]:
 GRPO_CASES = {
     "dapo_sequence_offpolicy_entropy": dict(loss_type="dapo", num_iterations=2, importance_sampling_level="sequence",
                                             off_policy_mask_threshold=0.01, entropy_coef=0.01),
-    # TRL 1.16's entropy bonus is a mean over the effective mask for every loss type; fastalign's GRPO objective on
-    # main divides dapo/cispo/vespo's by num_items_in_batch (helper grpo116 aligns it): expected to fail until then
-    "dapo_top_entropy_bonus": pytest.param(dict(loss_type="dapo", top_entropy_quantile=0.5, entropy_coef=0.05),
-                                           marks=pytest.mark.xfail(strict=True, reason="grpo116 not merged")),
+    # TRL 1.16's entropy bonus: a mean over the effective mask for every loss type (dapo's included)
+    "dapo_top_entropy_bonus": dict(loss_type="dapo", top_entropy_quantile=0.5, entropy_coef=0.05),
 }
 
 
@@ -270,9 +268,7 @@ def grpo_pair(model_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("loss_type", [
     "grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "vespo",
-    # TRL 1.16 sums luspo's masked per-token loss per sequence (with the KL term it is [B, T]); the objective on main
-    # averages it over B x T entries (helper grpo116 aligns it): expected to fail until then
-    pytest.param("luspo", marks=pytest.mark.xfail(strict=True, reason="grpo116 not merged"))])
+    "luspo"])  # TRL 1.16 sums luspo's masked per-token loss per sequence (with the KL term it is [B, T])
 def test_grpo_loss_gradients_and_metrics_of_every_loss_type_match_trl(grpo_pair, loss_type):
     """One ``_compute_loss`` of each trainer per loss type and importance-sampling level, 2 accumulation steps: the
     loss, the weights' gradients and every metric TRL logs."""
@@ -311,14 +307,16 @@ def test_bad_fastalign_options_are_refused_before_anything_is_built(options, err
         fatrl.DPOTrainer(model="unused", args=None, fastalign_options=options)
 
 
-def test_logit_transforms_are_refused(tmp_path):
+@pytest.mark.parametrize("field, value, message", [("logit_scale", 0.5, "logit_scale=0.5"),
+                                                   ("final_logit_softcapping", 30.0, "logit_softcap=30.0")])
+def test_logit_transforms_are_refused(tmp_path, field, value, message):
     tokenizer = word_tokenizer(WORDS)
     torch.manual_seed(0)
-    model = tiny_llama(tokenizer, logit_scale=0.5)
+    model = tiny_llama(tokenizer, **{field: value})
     args = trl.DPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False,
                          precompute_ref_log_probs=False)
-    with pytest.raises(ValueError, match="logit_scale"):
-        fatrl.DPOTrainer(model=model, ref_model=tiny_llama(tokenizer, logit_scale=0.5), args=args,
+    with pytest.raises(ValueError, match=message):
+        fatrl.DPOTrainer(model=model, ref_model=tiny_llama(tokenizer, **{field: value}), args=args,
                          train_dataset=_dpo_dataset(2), processing_class=tokenizer)
 
 

@@ -6,7 +6,7 @@ import trl
 from trl.trainer.utils import nanmax, nanmin
 
 from ..functional import fused_linear_grpo_loss
-from ..objectives.grpo import CLIPPED_LOSS_TYPES, TOKEN_COUNT_LOSS_TYPES, high_entropy_mask
+from ..objectives.grpo import GRPO_LOSSES, high_entropy_mask
 from ..hf import unwrap_model
 from .head import add_fused_loss, check_fastalign_options, check_supported, gathered_mean
 
@@ -58,7 +58,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         # TRL's normalizers. The op divides dapo/cispo/vespo by this batch's completion tokens, the others by nothing
         # over the accumulation steps; its entropy bonus scales with its loss, so its coefficient is rescaled.
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
-        if self.loss_type in TOKEN_COUNT_LOSS_TYPES:
+        if GRPO_LOSSES[self.loss_type].normalizer == "num_items_in_batch":
             normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
                 normalizer = normalizer * accumulation / args.steps_per_generation
@@ -133,7 +133,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         if self.beta != 0.0:
             mean("kl", tokens)
         mean("entropy", tokens)
-        if self.loss_type in CLIPPED_LOSS_TYPES:
+        if "clip_ratio/low_mean" in values:  # the clipped surrogate's metrics (TRL's)
             for name in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
                 mean(name, ratio_count)
             metrics["clip_ratio/low_min"].append(nanmin(accelerator.gather(values["clip_ratio/low_min"])).item())

@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor
 from transformers import ProcessorMixin
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-from ..hf import get_backbone, get_lm_head, packed_hidden_states
+from ..hf import LogitTransform, get_backbone, get_lm_head, logit_transform, packed_hidden_states
 from ..ops.chunking import check_chunk_size
 from ..ops.dispatch import BACKENDS
 
@@ -31,9 +31,6 @@ FASTALIGN_OPTIONS = ("backend", "chunk_size", "deterministic", "check_finite")
 """Keys of ``fastalign_options=``: the fused ops' own options (see :func:`fastalign.fused_linear_logprobs`)."""
 
 # Config fields (besides those ``fastalign.hf.get_lm_head`` refuses) by which TRL's fused head scales the logits
-_TRL_LOGIT_SCALES = ("output_multiplier", "lm_head_multiplier")
-
-
 def check_fastalign_options(options) -> dict:
     """``fastalign_options`` as keyword arguments of the fused ops, checked: a dict with keys in
     ``FASTALIGN_OPTIONS`` (``backend`` one of ``"auto"``, ``"triton"``, ``"torch"``; ``chunk_size`` a positive int
@@ -72,16 +69,14 @@ def check_supported(trainer) -> None:
         raise ValueError(f"{name}: the MoE router auxiliary loss (router_aux_loss_coef != 0) is not supported by "
                          f"fastalign.trl; set router_aux_loss_coef=0.0 or use trl.{name}")
     if getattr(trainer.args, "cast_lm_head_to_fp32", False):
-        raise ValueError(f"{name}: cast_lm_head_to_fp32=True is not supported by fastalign.trl yet (the fused ops "
-                         f"take hidden states and weight of one dtype); use trl.{name}")
+        raise ValueError(f"{name}: cast_lm_head_to_fp32=True is not wired in fastalign.trl yet (the fused ops accept "
+                         f"an fp32 lm_head with 16-bit hidden states, this wrapper does not pass one); use trl.{name}")
     model = trainer.accelerator.unwrap_model(trainer.model)
-    get_lm_head(model)  # refuses soft-capped / scaled logits and an adapted lm_head
-    config = model.config.get_text_config()
-    for field in _TRL_LOGIT_SCALES:
-        value = getattr(config, field, None)
-        if value not in (None, 1, 1.0):
-            raise ValueError(f"{name}: the model scales its logits ({field}={value}), which the fused ops do not "
-                             f"support yet; use trl.{name}")
+    get_lm_head(model)  # refuses an adapted lm_head
+    transform = logit_transform(model)  # refuses, naming the config field, a head no fused op can reproduce
+    if transform != LogitTransform():
+        raise ValueError(f"{name}: the model transforms its logits ({transform}); fastalign.trl does not pass logit "
+                         f"transforms to the fused ops yet (fastalign's own trainers do); use trl.{name}")
 
 
 def add_fused_loss(model) -> None:
