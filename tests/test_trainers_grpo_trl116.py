@@ -3,6 +3,7 @@ unscorable completions in ``group_advantages`` against a float64 transcription o
 ``_generate_and_score_completions``; ``use_adaptive_entropy``'s gate and update rule per optimizer step, and its
 state through a checkpoint."""
 import math
+import shutil
 
 import pytest
 import torch
@@ -119,11 +120,13 @@ def test_adaptive_entropy_gate_and_update_rule(tmp_path):
 
 def test_adaptive_entropy_trains_logs_and_resumes(tmp_path):
     kw = dict(loss_type="dapo", entropy_coef=0.0, use_adaptive_entropy=True, entropy_coef_delta=0.01,
-              entropy_target=100.0, save_steps=2, max_steps=2)
+              entropy_target=100.0, save_steps=2, max_steps=3)
     trainer = make_trainer(tmp_path, length, **kw)
     records = trainer.train()
-    assert [r["entropy_coef"] for r in records if "entropy_coef" in r] == pytest.approx([0.01, 0.02])
-    resumed = make_trainer(tmp_path, length, **{**kw, "max_steps": 3})
+    assert [r["entropy_coef"] for r in records if "entropy_coef" in r] == pytest.approx([0.01, 0.02, 0.03])
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "grpo" / "checkpoint-2", resumed_dir / "checkpoint-2")  # as if stopped after step 2
+    resumed = make_trainer(tmp_path, length, **{**kw, "output_dir": str(resumed_dir)})
     more = resumed.train(resume_from_checkpoint=True)
     assert more[-1]["entropy_coef"] == pytest.approx(0.03)  # continued from the checkpoint's 0.02
 

@@ -170,9 +170,7 @@ class GRPOTrainer(SamplingTrainer):
         self.ref_model = self.ref_engine = None
         if config.beta != 0.0:
             self.setup_reference(ref_model)
-        self.entropy_coef = config.entropy_coef  # the adaptive controller's state, as TRL's
-        self.last_world_entropy = math.inf
-        self.entropy_window = torch.zeros(2, dtype=torch.float64)  # entropy sum and token count of this step
+        self.reset_entropy_controller()
 
     def rewards_per_func(self, prompts: list[str], samples: Samples) -> Tensor:
         """``[B, F]`` scores of every reward function (NaN where one returned None)."""
@@ -269,6 +267,17 @@ class GRPOTrainer(SamplingTrainer):
                                 packed=packed, deterministic=self.config.deterministic,
                                 entropy_stats=self.config.use_adaptive_entropy, transform=hf.logit_transform(model))
 
+    def reset_entropy_controller(self) -> None:
+        """The adaptive entropy controller's state, as TRL's: the coefficient, the last step's entropy over all ranks
+        and this step's entropy sum and token count."""
+        self.entropy_coef = self.config.entropy_coef
+        self.last_world_entropy = math.inf
+        self.entropy_window = torch.zeros(2, dtype=torch.float64)
+
+    def uses_adaptive_entropy(self) -> bool:
+        """Whether the adaptive entropy controller runs (``use_adaptive_entropy``)."""
+        return self.config.use_adaptive_entropy
+
     def update_entropy_coef(self) -> dict[str, float]:
         """TRL 1.16's adaptive entropy control at an optimizer step's end: the step's entropy (summed with its token
         count over the micro-batches and ranks) moves ``entropy_coef`` by ``entropy_coef_delta`` towards more bonus
@@ -288,7 +297,7 @@ class GRPOTrainer(SamplingTrainer):
     def save_checkpoint(self) -> str:
         """The checkpoint of :class:`~fastalign.trainers.common.Trainer`, plus the entropy controller's state."""
         directory = super().save_checkpoint()
-        if self.config.use_adaptive_entropy and distributed.is_main():
+        if self.uses_adaptive_entropy() and distributed.is_main():
             with open(os.path.join(directory, ENTROPY_CONTROLLER_FILE), "w") as out:
                 json.dump({"entropy_coef": self.entropy_coef, "last_world_entropy": self.last_world_entropy}, out)
         return directory
@@ -297,7 +306,7 @@ class GRPOTrainer(SamplingTrainer):
         """Load a checkpoint (:class:`~fastalign.trainers.common.Trainer`) and the entropy controller's state."""
         state = super().load_checkpoint(checkpoint)
         path = os.path.join(self.latest_checkpoint() if checkpoint is True else checkpoint, ENTROPY_CONTROLLER_FILE)
-        if self.config.use_adaptive_entropy and os.path.exists(path):
+        if self.uses_adaptive_entropy() and os.path.exists(path):
             with open(path) as f:
                 saved = json.load(f)
             self.entropy_coef, self.last_world_entropy = saved["entropy_coef"], saved["last_world_entropy"]

@@ -89,6 +89,15 @@ class RLOOTrainer(GRPOTrainer):
     def needs_old_logprobs(self) -> bool:
         return True
 
+    def reset_entropy_controller(self) -> None:
+        """RLOO has no entropy bonus (TRL 1.16's ``RLOOConfig``), so no adaptive entropy controller."""
+
+    def uses_adaptive_entropy(self) -> bool:
+        return False
+
+    def update_entropy_coef(self) -> dict[str, float]:
+        return {}
+
     def advantages(self, rewards_per_func: Tensor, targets: Tensor, old_logprobs: Tensor | None,
                    ref_logprobs: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
         """RLOO's advantages (:func:`~fastalign.objectives.rloo.rloo_advantages`) with each completion's summed
