@@ -11,7 +11,9 @@ from .objectives.grpo import GRPOLossConfig
 from .objectives.kto import KTOOptions
 from .objectives.preference import CPOOptions
 from .objectives.ppo import PPOLossConfig
+from .objectives.sft import CrossEntropyConfig
 from .ops.cpo import fused_cpo_loss, fused_orpo_loss, merge_nll_targets
+from .ops.cross_entropy import CrossEntropyOutput, fused_cross_entropy
 from .ops.dpo import DPOConfig, DPOLossOutput, fused_dpo_loss, validate_preference_layout, validate_reference
 from .ops.grpo import GRPOLossOutput, fused_grpo_loss, validate_grpo_inputs
 from .ops.kto import KTOLossOutput, fused_kto_loss, validate_kto_inputs
@@ -506,3 +508,59 @@ def fused_linear_orpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, b
     num_pairs, num_chosen_tokens = _pair_counts(sequences // 2, num_pairs, num_chosen_tokens)
     return fused_orpo_loss(inputs, opts, beta, tokens, num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens,
                            layout=layout)
+
+
+def check_logit_transform(name: str, value, default) -> None:
+    """``logit_scale`` / ``logit_softcap`` at their defaults: the per-logit transforms are not in ``LinearOptions``
+    yet, so any other value is refused rather than dropped."""
+    if value != default:
+        raise ValueError(f"{name}: not supported yet (the per-logit transforms are not in LinearOptions yet); expected "
+                         f"{default!r}, got {value!r}")
+
+
+def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None, *,
+                               reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
+                               loss_type: str = "nll", num_items_in_batch=None, temperature: float = 1.0,
+                               logit_scale: float = 1.0, logit_softcap: float | None = None, ignore_index: int = -100,
+                               backend: str = "auto", chunk_size: int | None = None, process_group=None,
+                               deterministic: bool | None = None, check_finite: bool = True,
+                               reduce_hidden_grad: bool = True) -> CrossEntropyOutput:
+    """Cross-entropy of ``softmax((hidden @ weight.T + bias) / temperature)`` against ``targets`` (SFT), without the
+    logits: ``F.cross_entropy``'s semantics plus TRL 1.16's SFT ``dft`` loss and a PaLM z-loss.
+
+    Formulas in ``fastalign.objectives.sft``. On the torch backend one pass (three matmuls) for a scalar reduction,
+    two passes on triton and for ``reduction="none"`` (four matmuls); memory O(chunk) / O(tile). Only the tokens
+    whose target is not ignored get logits.
+
+    Args:
+        hidden: ``[..., H]`` last hidden states at the positions that predict ``targets``.
+        weight: ``[V, H]`` lm_head weight; ``bias``: optional ``[V]``.
+        targets: ``[...]`` int64 token ids, ``ignore_index`` where not trained (prompt, padding).
+        reduction: ``"mean"`` (over the counted tokens; 0 when none, TRL's clamp, where ``F.cross_entropy`` gives
+            NaN), ``"sum"`` or ``"none"`` (per token ``[...]``, 0 at ignored positions).
+        label_smoothing: ``F.cross_entropy``'s: ``(1 - eps) nll + eps * mean_v(-log p_v)``.
+        z_loss: adds ``z_loss * lse^2`` per token (PaLM), reduced like the loss.
+        loss_type: ``"nll"`` or ``"dft"`` (TRL's SFTTrainer: each token's NLL times its detached probability).
+        num_items_in_batch: with ``reduction="mean"``, the sum over this count instead (transformers'
+            ``ForCausalLMLoss`` and TRL's SFT: the tokens of the whole accumulated batch, at least this batch's).
+        temperature: positive divisor of the logits.
+        logit_scale, logit_softcap: per-logit transforms; not supported yet (a ValueError unless 1.0 / None).
+        ignore_index, backend, chunk_size, process_group, deterministic, check_finite, reduce_hidden_grad: as in
+            :func:`fused_linear_logprobs` (vocab-parallel: every other argument the same on every rank).
+
+    Returns:
+        ``CrossEntropyOutput(loss, metrics, logprobs, lse)``: ``loss`` differentiable w.r.t. ``hidden``, ``weight``
+        and ``bias``; ``metrics`` detached 0-d fp32 tensors (float64 for float64 inputs) under TRL's names
+        ``entropy`` (mean over the counted tokens) and ``mean_token_accuracy`` (share of counted tokens whose
+        arg-max logit is the target); ``logprobs`` and ``lse`` ``[...]`` detached fp32 (0 at ignored positions).
+    """
+    check_logit_transform("logit_scale", logit_scale, 1.0)
+    check_logit_transform("logit_softcap", logit_softcap, None)
+    config = CrossEntropyConfig(reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
+                                loss_type=loss_type)
+    inputs, opts = prepare_linear(hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
+                                  backend=backend, chunk_size=chunk_size, deterministic=deterministic,
+                                  check_finite=check_finite, process_group=process_group,
+                                  reduce_hidden_grad=reduce_hidden_grad)
+    return fused_cross_entropy(inputs, opts, config, num_items_in_batch)
+

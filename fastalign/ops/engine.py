@@ -33,7 +33,7 @@ from .chunking import rows_per_chunk
 from .linear import LinearOptions, logprobs_backward, lse_forward, scale_precomputed_grads
 from .logprobs import token_outputs
 from .registered import registered_token_stats
-from .torch_backend import RowStats, RowStatsSpec
+from .torch_backend import RowGrads, RowStats, RowStatsSpec
 from .validation import LinearInputs
 
 GROUP_BUDGET_CHUNKS = 8
@@ -47,9 +47,11 @@ terms over consecutive rows, e.g. pairs or sequences), or None (the whole batch,
 
 class RowValues(NamedTuple):
     """What a loss function receives: the log-probs and entropy (0 at ignored rows), differentiable, and the row
-    statistics (detached; in the one-pass plan only those of ``fused_rows_loss``'s ``spec``, 0 at rows not yet
-    computed), ``[M]`` each, or only those of the selected rows ``rows`` (a slice of the M) when ``rows`` is not
-    None."""
+    statistics (in the one-pass plan only those of ``fused_rows_loss``'s ``spec``, 0 at rows not yet computed),
+    ``[M]`` each, or only those of the selected rows ``rows`` (a slice of the M) when ``rows`` is not None. Of the
+    statistics, ``lse`` and ``logit_sum`` are differentiable (a z-loss, label smoothing: their gradients flow
+    through the engine's backward, ``torch_backend.RowGrads``), the others detached: detach ``lse`` where it only
+    normalizes."""
 
     logprobs: Tensor
     entropy: Tensor | None
@@ -99,21 +101,26 @@ def whole_group_chunks(group_rows: Sequence[int], vocab_size: int, chunk_size: i
 
 
 def _loss_and_grads(loss_fn: LossFn, logprobs: Tensor, entropy: Tensor | None, stats: RowStats | None,
-                    valid: Tensor, rows: slice | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The loss and its gradients w.r.t. the log-probs and the entropy (None when the loss does not use it), 0 at
-    ignored rows."""
+                    valid: Tensor, rows: slice | None = None) -> tuple[Tensor, RowGrads]:
+    """The loss and its gradients w.r.t. the log-probs, the entropy, the lse and the sum of logits (None when the
+    loss does not use them; the log-probs' always a tensor), 0 at ignored rows."""
+    def leaf(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.detach().requires_grad_(True)
+
     with torch.enable_grad():
-        lp = logprobs.detach().requires_grad_(True)
-        ent = None if entropy is None else entropy.detach().requires_grad_(True)
-        loss = loss_fn(RowValues(lp, ent, stats, rows))
-        if not loss.requires_grad:  # the loss does not depend on the log-probs at all
-            return loss.detach(), torch.zeros_like(lp), None
-        leaves = [lp] if ent is None else [lp, ent]
-        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-    grad_lp, grad_ent = grads[0], (grads[1] if ent is not None else None)
-    grad_lp = torch.zeros_like(lp) if grad_lp is None else torch.where(valid, grad_lp, 0.0)
-    grad_ent = None if grad_ent is None else torch.where(valid, grad_ent, 0.0)
-    return loss.detach(), grad_lp, grad_ent
+        leaves = [leaf(logprobs), leaf(entropy)]
+        if stats is not None:
+            leaves += [leaf(stats.lse), leaf(stats.logit_sum)]
+            stats = stats._replace(lse=leaves[2], logit_sum=leaves[3])
+        loss = loss_fn(RowValues(leaves[0], leaves[1], stats, rows))
+        used = [t for t in leaves if t is not None]
+        grads = torch.autograd.grad(loss, used, allow_unused=True) if loss.requires_grad else [None] * len(used)
+    found = iter(grads)
+    grads = [None if t is None else next(found) for t in leaves]
+    grads = [None if g is None else torch.where(valid, g, 0.0) for g in grads]
+    if grads[0] is None:  # the loss does not depend on the log-probs
+        grads[0] = torch.zeros_like(logprobs)
+    return loss.detach(), RowGrads(*grads)
 
 
 class _Plan(NamedTuple):
@@ -159,9 +166,9 @@ class _EngineLoss(torch.autograd.Function):
             entropy = torch.zeros_like(logprobs) if plan.with_entropy else None
             seen: dict[int, Tensor] = {}  # statistics of the rows computed so far (0 elsewhere), by field
 
-            def token_grads(rows: slice, lp: Tensor, ent: Tensor | None, stats: RowStats):
+            def token_grads(rows: slice, lp: Tensor, ent: Tensor | None, stats: RowStats) -> RowGrads:
                 if plan.chunks == "token":  # the chunk's terms alone
-                    return _loss_and_grads(plan.loss_fn, lp, ent, stats, valid[rows], rows)[1:]
+                    return _loss_and_grads(plan.loss_fn, lp, ent, stats, valid[rows], rows)[1]
                 logprobs[rows] = lp
                 if entropy is not None:
                     entropy[rows] = ent
@@ -169,8 +176,8 @@ class _EngineLoss(torch.autograd.Function):
                     if value is not None:
                         seen.setdefault(field, value.new_zeros(targets.shape))[rows] = value
                 stats = RowStats(*(seen.get(field) for field in range(len(stats))))
-                _, grad_lp, grad_ent = _loss_and_grads(plan.loss_fn, logprobs, entropy, stats, valid)
-                return grad_lp[rows], None if grad_ent is None else grad_ent[rows]
+                grads = _loss_and_grads(plan.loss_fn, logprobs, entropy, stats, valid)[1]
+                return RowGrads(*(None if g is None else g[rows] for g in grads))
 
             out = torch_backend.linear_logprobs_fused(
                 rows_hidden, weight, bias, targets, token_grads, inv_temperature=opts.inv_temperature,
@@ -188,36 +195,41 @@ class _EngineLoss(torch.autograd.Function):
         else:
             stats = lse_forward(rows_hidden, weight, bias, targets, opts, spec=plan.spec)
             logprobs, entropy = token_outputs(stats, valid, plan.with_entropy)
-            loss, grad_lp, grad_ent = _loss_and_grads(plan.loss_fn, logprobs, entropy, stats, valid)
-            ctx.has_grad_entropy = grad_ent is not None
+            loss, grads = _loss_and_grads(plan.loss_fn, logprobs, entropy, stats, valid)
+            ctx.grad_present = [g is not None for g in grads]
             saved_rows = () if plan.rows is None else (plan.rows,)
-            ctx.save_for_backward(hidden, weight, bias, *stats_tensors(stats), grad_lp,
-                                  *((grad_ent,) if grad_ent is not None else ()), *saved_rows)
+            ctx.save_for_backward(hidden, weight, bias, *stats_tensors(stats), *(g for g in grads if g is not None),
+                                  *saved_rows)
             plan.outputs[:] = [logprobs, entropy, stats]
         return loss.detach()
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
         plan, saved = ctx.plan, list(ctx.saved_tensors)
-        weight_like = grad_loss  # device and a float dtype for zero gradients (cast to the inputs' dtypes below)
         if ctx.one_pass:
-            grads = scale_precomputed_grads([saved.pop(0) if present else None for present in ctx.present],
-                                            grad_loss)
-            grads = [weight_like.new_zeros(shape) if g is None and need else g
-                     for g, shape, need in zip(grads, ctx.grad_shapes, ctx.needs_input_grad[:3])]
+            grads = _precomputed_grads(ctx, saved, grad_loss)
         else:
             hidden, weight, bias = saved[:3]
             rows = saved.pop() if plan.rows is not None else None
             stats = RowStats(saved[3], saved[4], saved[5] if saved[5].numel() else None)
-            grad_lp = saved[6] * grad_loss
-            grad_ent = saved[7] * grad_loss if ctx.has_grad_entropy else None
+            upstream = iter(saved[6:])
+            row_grads = RowGrads(*(next(upstream) * grad_loss if present else None for present in ctx.grad_present))
             rows_hidden = hidden if rows is None else hidden[rows]
-            grads = logprobs_backward(rows_hidden, weight, bias, plan.targets, stats, grad_lp, grad_ent, plan.opts,
-                                      **ctx.need)
+            grads = logprobs_backward(rows_hidden, weight, bias, plan.targets, stats, row_grads.logprobs,
+                                      row_grads.entropy, plan.opts, **ctx.need, grad_lse=row_grads.lse,
+                                      grad_logit_sum=row_grads.logit_sum)
         grads = [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.input_dtypes)]
         if grads[0] is not None and plan.rows is not None:  # scatter the selected rows' gradient back
             grads[0] = grads[0].new_zeros(ctx.hidden_shape).index_copy_(0, plan.rows, grads[0])
         return grads[0], grads[1], grads[2], None
+
+
+def _precomputed_grads(ctx, saved: list[Tensor], grad_loss: Tensor) -> list[Tensor | None]:
+    """The gradients a one-pass forward saved (``ctx.present`` says which), times ``grad_loss``; zeros of
+    ``ctx.grad_shapes`` for those needed but not formed."""
+    grads = scale_precomputed_grads([saved.pop(0) if present else None for present in ctx.present], grad_loss)
+    return [grad_loss.new_zeros(shape) if g is None and need else g
+            for g, shape, need in zip(grads, ctx.grad_shapes, ctx.needs_input_grad[:3])]
 
 
 def stats_tensors(stats: RowStats) -> tuple[Tensor, Tensor, Tensor]:
@@ -278,4 +290,5 @@ def registered_rows_loss(inputs: LinearInputs, opts: LinearOptions, loss_fn: Los
         hidden, targets = hidden.index_select(0, rows), targets.index_select(0, rows)
     logprobs, entropy, stats = registered_token_stats(hidden, inputs.weight, inputs.bias, targets, opts, spec)
     loss = loss_fn(RowValues(logprobs, entropy, stats))
-    return EngineOutput(loss, logprobs.detach(), None if entropy is None else entropy.detach(), stats)
+    return EngineOutput(loss, logprobs.detach(), None if entropy is None else entropy.detach(),
+                        RowStats(*(None if t is None else t.detach() for t in stats)))

@@ -35,9 +35,26 @@ from fastalign.kernels.row_stats import RowStats, RowStatsSpec, merge_row_stats
 
 from .chunking import rows_per_chunk
 
-TokenGrads = Callable[[slice, Tensor, Tensor | None, RowStats], tuple[Tensor, Tensor | None]]
-"""``(rows, logprobs [C], entropy [C] | None, stats) -> (d loss / d logprobs [C], d loss / d entropy [C] | None)``,
-``stats`` the chunk's (global) row statistics ``[C]``, detached."""
+
+
+class RowGrads(NamedTuple):
+    """A loss's gradients w.r.t. per-row values ``[C]`` (0 at ignored rows; None: the loss does not use the value):
+    the log-probs, the entropy, the log-sum-exp (a z-loss) and the sum of logits (label smoothing). The logits'
+    gradient is ``dz = g_lp (onehot - p) - g_ent p (log p + H) + g_lse p + g_sum``, times ``inv_temperature``."""
+
+    logprobs: Tensor
+    entropy: Tensor | None = None
+    lse: Tensor | None = None
+    logit_sum: Tensor | None = None
+
+    def probs_scale(self) -> Tensor:
+        """The coefficient of ``-p`` in ``dz`` besides the entropy's: ``g_lp - g_lse``."""
+        return self.logprobs if self.lse is None else self.logprobs - self.lse
+
+
+TokenGrads = Callable[[slice, Tensor, Tensor | None, RowStats], tuple]
+"""``(rows, logprobs [C], entropy [C] | None, stats) -> RowGrads`` (or its first fields, e.g. ``(d loss / d logprobs
+[C], d loss / d entropy [C] | None)``), ``stats`` the chunk's (global) row statistics ``[C]``, detached."""
 
 VOCAB_TILE = 4096
 TILE_ROWS = 512
@@ -315,13 +332,15 @@ def _merge_moments(a: RowStats, ma: WeightMoments, b: RowStats, mb: WeightMoment
 
 
 def _entropy_logit_grads(log_p: Tensor, p: Tensor, entropy: Tensor, tgt: _Targets, grad_logprobs: Tensor,
-                         grad_entropy: Tensor, inv_temperature: float) -> Tensor:
+                         grad_entropy: Tensor, inv_temperature: float, probs_scale: Tensor | None = None) -> Tensor:
     """Gradient w.r.t. the raw logits of a block ``[C, tile]`` from its global ``log p`` and ``p`` and the rows'
     entropy ``[C]``, computed in place of ``log_p``.
 
-    ``dz = g_lp (onehot - p) - g_ent p (z - E_p[z])``, with ``z - E_p[z] = log p + H``, times ``inv_temperature``.
+    ``dz = g_lp onehot - (probs_scale + g_ent (z - E_p[z])) p``, with ``z - E_p[z] = log p + H``, times
+    ``inv_temperature``; ``probs_scale`` is ``g_lp`` unless the loss also depends on the lse (``RowGrads``).
     """
-    grad = log_p.add_(entropy.unsqueeze(1)).mul_(grad_entropy.unsqueeze(1)).add_(grad_logprobs.unsqueeze(1))
+    probs_scale = grad_logprobs if probs_scale is None else probs_scale
+    grad = log_p.add_(entropy.unsqueeze(1)).mul_(grad_entropy.unsqueeze(1)).add_(probs_scale.unsqueeze(1))
     grad.mul_(p).neg_()
     grad.scatter_add_(1, tgt.index, torch.where(tgt.valid, grad_logprobs, 0.0).unsqueeze(1).to(grad.dtype))
     if inv_temperature != 1.0:
@@ -330,10 +349,10 @@ def _entropy_logit_grads(log_p: Tensor, p: Tensor, entropy: Tensor, tgt: _Target
 
 
 def _dense_softmax_grads(probs: Tensor, scale: Tensor, tgt: _Targets, probs_scale: Tensor | None = None) -> Tensor:
-    """The logit gradients ``scale (onehot - probs_scale probs)`` of a block ``[C, tile]`` (``scale``,
-    ``probs_scale`` ``[C]``) in place of ``probs``: a scatter with one source per element, deterministic on every
-    device (unlike an accumulating ``index_put_``)."""
-    grad = probs.mul_((-scale if probs_scale is None else -scale * probs_scale).unsqueeze(1))
+    """The logit gradients ``scale onehot - probs_scale probs`` of a block ``[C, tile]`` (``scale``, ``probs_scale``
+    ``[C]``, the latter ``scale`` by default) in place of ``probs``: a scatter with one source per element,
+    deterministic on every device (unlike an accumulating ``index_put_``)."""
+    grad = probs.mul_((-scale if probs_scale is None else -probs_scale).unsqueeze(1))
     return grad.scatter_add_(1, tgt.index, torch.where(tgt.valid, scale, 0.0).unsqueeze(1).to(grad.dtype))
 
 
@@ -371,14 +390,15 @@ class _GradAccumulator:
             self.bias[cols].add_(logit_grads.sum(dim=0))
 
     def add_softmax(self, rows: slice, cols: slice, hidden_rows: Tensor, probs: Tensor, scale: Tensor,
-                    tgt: _Targets) -> None:
-        """Add the gradients of the block's logit gradients ``scale (onehot - probs)`` (``scale [C]``) without forming
-        them: the per-row ``-scale`` goes to the ``[C, H]`` side of the products, the one-hot term to a gather and
+                    tgt: _Targets, probs_scale: Tensor | None = None) -> None:
+        """Add the gradients of the block's logit gradients ``scale onehot - probs_scale probs`` (``[C]`` each,
+        ``probs_scale`` ``scale`` by default) without forming them: the per-row ``-probs_scale`` goes to the
+        ``[C, H]`` side of the products, the one-hot term to a gather and
         an accumulating ``index_put_`` (one ``[C, tile]`` pass less). On CPU, ``index_add_`` runs as a
         ``scatter_add_`` of the expanded index, 15x slower (0.2 s for 384 rows of 512 at V=32k), and indexing a
         slice of the weight 10x slower than an ``index_select`` of the weight itself."""
         on_target = torch.where(tgt.valid, scale, 0.0).unsqueeze(1)
-        neg_scale = (-scale).unsqueeze(1)
+        neg_scale = (-(scale if probs_scale is None else probs_scale)).unsqueeze(1)
         target = tgt.index.squeeze(1)
         if self.hidden is not None:
             target_rows = self.lin.weight.index_select(0, target + cols.start).to(self.lin.dtype).mul_(on_target)
@@ -391,6 +411,17 @@ class _GradAccumulator:
             d_bias = self.bias[cols]
             d_bias.addmv_(probs.t(), neg_scale.squeeze(1))
             d_bias.index_put_((target,), on_target.squeeze(1), accumulate=True)
+
+    def add_constant(self, rows: slice, cols: slice, hidden_rows: Tensor, constant: Tensor) -> None:
+        """Add the gradients of logit gradients ``constant [C]`` at every column of the tile (the sum of logits'),
+        without a ``[C, tile]`` pass: ``d hidden += c (sum_v W_v)``, ``d W_v += c^T hidden``, ``d b_v += sum c``.
+        After ``add``/``add_softmax`` of the same block (``d weight`` of the tile is written)."""
+        if self.hidden is not None:
+            self.hidden[rows].addr_(constant, self.lin.weight[cols].sum(0, dtype=self.lin.dtype))
+        if self.weight is not None:
+            self.weight[cols].add_((constant @ hidden_rows.to(self.lin.dtype)).unsqueeze(0))
+        if self.bias is not None:
+            self.bias[cols].add_(constant.sum())
 
     def result(self) -> LinearGrads:
         if self.weight is not None and not self._written:
@@ -490,16 +521,21 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
                              grad_logprobs: Tensor, grad_entropy: Tensor | None = None, *, inv_temperature: float,
                              ignore_index: int, vocab_start: int = 0, need_grad_hidden: bool = True,
                              need_grad_weight: bool = True, need_grad_bias: bool = False,
-                             chunk_size: int | None = None, deterministic: bool = False) -> LinearGrads:
-    """Gradients for upstream ``grad_logprobs [N]`` (and ``grad_entropy [N]``), recomputing the logits block by block
-    (``BLOCK_ROWS`` blocks in a fixed order and a dense one-hot term when ``deterministic``).
+                             chunk_size: int | None = None, deterministic: bool = False,
+                             grad_lse: Tensor | None = None, grad_logit_sum: Tensor | None = None) -> LinearGrads:
+    """Gradients for upstream ``grad_logprobs [N]`` (and ``grad_entropy``, ``grad_lse``, ``grad_logit_sum`` ``[N]``:
+    ``RowGrads``), recomputing the logits block by block (``BLOCK_ROWS`` blocks in a fixed order and a dense one-hot
+    term when ``deterministic``).
 
     ``stats`` are the (global) row statistics of the forward. Callers zero the upstream gradients at ignored rows.
     """
     lin = _Linear(weight, bias, inv_temperature)
     n = hidden.shape[0]
     acc = _GradAccumulator(hidden, lin, need_grad_hidden, need_grad_weight, need_grad_bias)
+    row_grads = RowGrads(grad_logprobs, grad_entropy, grad_lse, grad_logit_sum)
     scale = grad_logprobs.to(lin.dtype) * inv_temperature
+    probs_scale = row_grads.probs_scale().to(lin.dtype)
+    constant = None if grad_logit_sum is None else grad_logit_sum.to(lin.dtype) * inv_temperature
     for cols in lin.tiles():
         blocks = (_chunks(n, BLOCK_ROWS) if deterministic
                   else _block_chunks(n, cols, chunk_size, buffers=1 if grad_entropy is None else 2))
@@ -508,15 +544,18 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
             z = lin.logits(hidden[rows], cols)
             if grad_entropy is None and deterministic:
                 acc.add(rows, cols, hidden[rows], _dense_softmax_grads(
-                    z.sub_(stats.lse[rows].unsqueeze(1)).exp_(), scale[rows], tgt))
+                    z.sub_(stats.lse[rows].unsqueeze(1)).exp_(), scale[rows], tgt,
+                    probs_scale[rows] * inv_temperature))
             elif grad_entropy is None:  # dz = g (onehot - p), from p = exp(z - lse) in place
                 acc.add_softmax(rows, cols, hidden[rows], z.sub_(stats.lse[rows].unsqueeze(1)).exp_(), scale[rows],
-                                tgt)
+                                tgt, probs_scale[rows] * inv_temperature)
             else:
                 log_p = z.sub_(stats.lse[rows].unsqueeze(1))
                 acc.add(rows, cols, hidden[rows], _entropy_logit_grads(
                     log_p, log_p.exp(), stats.entropy[rows], tgt, grad_logprobs[rows], grad_entropy[rows],
-                    inv_temperature))
+                    inv_temperature, probs_scale[rows]))
+            if constant is not None:
+                acc.add_constant(rows, cols, hidden[rows], constant[rows])
     return acc.result()
 
 
@@ -657,16 +696,19 @@ def linear_logprobs_fused(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
         logprobs[rows] = torch.where(valid, stats.target_logit - stats.lse, 0.0)
         if entropy is not None:
             entropy[rows] = torch.where(valid, stats.entropy, 0.0)
-        grad_lp, grad_ent = token_grads(rows, logprobs[rows], None if entropy is None else entropy[rows], stats)
+        row_grads = RowGrads(*token_grads(rows, logprobs[rows], None if entropy is None else entropy[rows], stats))
+        grad_lp, grad_ent = row_grads.logprobs, row_grads.entropy
         if grad_ent is not None and in_place:  # the entropy is trained after all: log p again
             entropy_trained, p = True, None
             z = lin.logits(hidden[rows]).sub_(stats.lse.unsqueeze(1))
         if grad_ent is not None:  # the entropy's gradient needs log p next to p: a second [C, V] buffer
-            acc.add(rows, every_col, hidden[rows],
-                    _entropy_logit_grads(z, z.exp(), stats.entropy, tgt, grad_lp, grad_ent, inv_temperature))
+            acc.add(rows, every_col, hidden[rows], _entropy_logit_grads(
+                z, z.exp(), stats.entropy, tgt, grad_lp, grad_ent, inv_temperature, row_grads.probs_scale()))
         else:  # dz = g (onehot - p) (entropy, if any, for the metrics only)
             acc.add_softmax(rows, every_col, hidden[rows], z.exp_() if p is None else p, grad_lp * inv_temperature,
-                            tgt)
+                            tgt, row_grads.probs_scale() * inv_temperature)
+        if row_grads.logit_sum is not None:
+            acc.add_constant(rows, every_col, hidden[rows], row_grads.logit_sum * inv_temperature)
         del z, p  # chunks may grow (whole sequences): free this chunk's logits before a larger buffer is allocated
     return FusedResult(logprobs, entropy, acc.result(), all_stats)
 
@@ -691,8 +733,9 @@ def _invariant_fused_chunk(lin: _Linear, acc: _GradAccumulator, hidden: Tensor, 
     logprobs[rows] = torch.where(valid, all_stats.target_logit[rows] - all_stats.lse[rows], 0.0)
     if entropy is not None:
         entropy[rows] = torch.where(valid, all_stats.entropy[rows], 0.0)
-    grad_lp, grad_ent = token_grads(rows, logprobs[rows], None if entropy is None else entropy[rows],
-                                    all_stats.rows(rows))
+    row_grads = RowGrads(*token_grads(rows, logprobs[rows], None if entropy is None else entropy[rows],
+                                      all_stats.rows(rows)))
+    grad_lp, grad_ent, probs_scale = row_grads.logprobs, row_grads.entropy, row_grads.probs_scale()
     for cols, log_ps, tile in chunk.tiles:
         for index, block_rows, local in chunk.blocks():
             tile_log_p = log_ps[index][:local.stop - local.start]
@@ -700,9 +743,13 @@ def _invariant_fused_chunk(lin: _Linear, acc: _GradAccumulator, hidden: Tensor, 
             tgt = _Targets.of(targets[block_rows], ignore_index, vocab_start + cols.start, cols.stop - cols.start)
             if grad_ent is None:  # p = p_tile exp(shift): one [C, tile] pass less than shifting log p
                 grad = _dense_softmax_grads(tile_log_p.exp_(), grad_lp[local] * lin.inv_temperature, tgt,
-                                            shift.exp())
+                                            probs_scale[local] * lin.inv_temperature * shift.exp())
             else:
                 tile_log_p.add_(shift.unsqueeze(1))
                 grad = _entropy_logit_grads(tile_log_p, tile_log_p.exp(), stats.entropy[local], tgt, grad_lp[local],
-                                            grad_ent[local], lin.inv_temperature)
+                                            grad_ent[local], lin.inv_temperature, probs_scale[local])
             acc.add(block_rows, cols, hidden[block_rows], grad)
+            if row_grads.logit_sum is not None:
+                acc.add_constant(block_rows, cols, hidden[block_rows],
+                                 row_grads.logit_sum[local] * lin.inv_temperature)
+
