@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import partial
 
+import torch
 from torch import Tensor
 
 from .objectives.dpo import DPOOptions, RunningMean, check_count
@@ -11,9 +12,11 @@ from .objectives.grpo import GRPOLossConfig
 from .objectives.kto import KTOOptions
 from .objectives.preference import CPOOptions
 from .objectives.ppo import PPOLossConfig
+from .objectives.distill import DistillConfig
 from .objectives.sft import CrossEntropyConfig
 from .ops.cpo import fused_cpo_loss, fused_orpo_loss, merge_nll_targets
 from .ops.cross_entropy import CrossEntropyOutput, fused_cross_entropy
+from .ops.distill import DistillLossOutput, fused_distill_loss, validate_teacher
 from .ops.dpo import DPOConfig, DPOLossOutput, fused_dpo_loss, validate_preference_layout, validate_reference
 from .ops.grpo import GRPOLossOutput, fused_grpo_loss, validate_grpo_inputs
 from .ops.kto import KTOLossOutput, fused_kto_loss, validate_kto_inputs
@@ -21,7 +24,7 @@ from .ops.logprobs import linear_logprobs, prepare_linear
 from .ops.segments import packed_layout, validate_sequence_layout
 from .ops.ppo import PPOLossOutput, ppo_loss, validate_value_head
 from .ops.torch_backend import compute_dtype
-from .ops.validation import validate_token_mask, validate_token_tensor
+from .ops.validation import FLOAT_DTYPES, require_tensor, validate_token_mask, validate_token_tensor
 
 
 def fused_linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None, *,
@@ -564,3 +567,73 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, 
                                   reduce_hidden_grad=reduce_hidden_grad)
     return fused_cross_entropy(inputs, opts, config, num_items_in_batch)
 
+
+def fused_linear_distill_loss(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
+                              teacher_weight: Tensor, mask: Tensor | None = None, *, beta: float = 1.0,
+                              temperature: float = 1.0, student_bias: Tensor | None = None,
+                              teacher_bias: Tensor | None = None, student_logit_scale: float = 1.0,
+                              teacher_logit_scale: float = 1.0, student_logit_softcap: float | None = None,
+                              teacher_logit_softcap: float | None = None, num_items_in_batch=None,
+                              hard_label_weight: float = 0.0, targets: Tensor | None = None, ignore_index: int = -100,
+                              backend: str = "auto", chunk_size: int | None = None, process_group=None,
+                              deterministic: bool | None = None, check_finite: bool = True,
+                              reduce_hidden_grad: bool = True) -> DistillLossOutput:
+    """On-policy distillation loss between a student and a frozen teacher over one vocabulary, without the logits of
+    either: TRL 1.16's generalized JSD (``DistillationTrainer``, ``ChunkedDivergenceFunction``), term for term.
+
+    Formulas in ``fastalign.objectives.distill``: ``beta`` 0 is the forward ``KL(teacher || student)``, 1 the
+    reverse ``KL(student || teacher)``, in between the generalized JSD with mixture ``(1 - beta) p_s + beta p_t``;
+    both models' logits divided by ``temperature``. Torch backend (any device; ``"auto"`` picks it on CUDA too: no
+    Triton kernels for two heads yet): per chunk of the masked rows, both heads' logits, the divergence and its
+    gradient w.r.t. the student's logits, four matmuls; memory O(chunk), never an ``[N, V]`` of either model.
+
+    Args:
+        student_hidden, student_weight: ``[..., H_s]`` and ``[V, H_s]``; ``student_bias``: optional ``[V]``.
+        teacher_hidden, teacher_weight: ``[..., H_t]`` (same leading shape) and ``[V, H_t]``; ``teacher_bias``
+            optional ``[V]``. The teacher gets no gradient (its tensors are detached); hidden sizes may differ.
+        mask: ``[...]`` bool or 0/1 completion mask (TRL's ``completion_mask``); default every position.
+        beta: in ``[0, 1]``.
+        temperature: positive divisor of both models' logits.
+        student_logit_scale, teacher_logit_scale, student_logit_softcap, teacher_logit_softcap: per-model logit
+            transforms; not supported yet (a ValueError unless 1.0 / None).
+        num_items_in_batch: the loss is the sum over this count (the accumulated batch's completion tokens), else
+            the mean over the masked tokens (0 when there is none), as TRL.
+        hard_label_weight, targets: ``(1 - w) divergence + w CE(targets)``, the cross-entropy on the student's
+            logits before the temperature (Liger's distillation base), ``targets [...]`` with ``ignore_index``;
+            ``targets`` required when ``w > 0``.
+        ignore_index, chunk_size, check_finite: as in :func:`fused_linear_logprobs`.
+        backend: ``"auto"`` or ``"torch"`` (``"triton"`` is refused: no two-head kernels yet).
+        deterministic: must resolve to False (not supported yet: a ValueError).
+        process_group, reduce_hidden_grad: vocab-parallel, as in :func:`fused_linear_logprobs`: both weights are
+            this rank's rows of the vocabulary (the same split), hidden states the same on every rank.
+
+    Returns:
+        ``DistillLossOutput(loss, metrics, entropy)``: ``loss`` differentiable w.r.t. the student's hidden, weight
+        and bias; ``metrics`` detached 0-d fp32 tensors (float64 for float64 inputs): ``entropy`` (the student's
+        mean, TRL's metric), ``divergence`` (the mean per-token divergence), ``hard_loss`` with ``targets``;
+        ``entropy`` ``[...]`` the student's per-token entropy, detached (0 outside the mask).
+    """
+    for name, value, default in (("student_logit_scale", student_logit_scale, 1.0),
+                                 ("teacher_logit_scale", teacher_logit_scale, 1.0),
+                                 ("student_logit_softcap", student_logit_softcap, None),
+                                 ("teacher_logit_softcap", teacher_logit_softcap, None)):
+        check_logit_transform(name, value, default)
+    config = DistillConfig(beta=beta, hard_label_weight=hard_label_weight)
+    if hard_label_weight and targets is None:
+        raise ValueError(f"targets: required when hard_label_weight > 0 (got {hard_label_weight!r}), got None")
+    if backend == "triton":
+        raise ValueError("backend: expected 'auto' or 'torch' (fused_linear_distill_loss has no Triton kernels for "
+                         "two heads yet), got 'triton'")
+    stand_in = targets  # prepare_linear validates targets: without any, zeros stand in (no hard loss)
+    if targets is None:
+        student_hidden = require_tensor("student_hidden", student_hidden, dtypes=FLOAT_DTYPES)
+        stand_in = torch.zeros(student_hidden.shape[:-1], dtype=torch.long, device=student_hidden.device)
+    student, opts = prepare_linear(student_hidden, student_weight, stand_in, student_bias, temperature=temperature,
+                                   ignore_index=ignore_index, backend="torch", chunk_size=chunk_size,
+                                   deterministic=deterministic, check_finite=check_finite,
+                                   process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
+    if opts.deterministic:
+        raise ValueError("deterministic: not supported by fused_linear_distill_loss yet (pass deterministic=False, "
+                         "or unset $FASTALIGN_DETERMINISTIC / torch's deterministic algorithms), got True")
+    teacher = validate_teacher(teacher_hidden, teacher_weight, teacher_bias, student, check_finite=check_finite)
+    return fused_distill_loss(student, teacher, opts, config, mask, targets, num_items_in_batch)

@@ -232,6 +232,58 @@ def _precomputed_grads(ctx, saved: list[Tensor], grad_loss: Tensor) -> list[Tens
             for g, shape, need in zip(grads, ctx.grad_shapes, ctx.needs_input_grad[:3])]
 
 
+class PairPlan(NamedTuple):
+    """A loss of two heads over one vocabulary (``fused_pair_loss``): the frozen head and the loss's pieces."""
+
+    other: tuple[Tensor, Tensor, Tensor | None]  # hidden [N, H'], weight [V, H'], bias [V] | None, detached
+    terms_fn: torch_backend.PairTerms
+    grads_fn: torch_backend.PairGrads
+    row_scale: Tensor  # [N]: the loss is sum_n row_scale[n] terms[0, n] (+ the hard-target part)
+    hard_targets: Tensor | None  # [N]
+    hard_scale: Tensor | None  # [N], 0 at ignored targets
+    opts: LinearOptions
+    outputs: list  # filled by the forward: [terms [k, N]]
+
+
+class _PairLoss(torch.autograd.Function):
+    """``(hidden [N, H], weight [V, H], bias [V] | None, plan) -> loss``, one pass over both heads; the per-row
+    terms go to ``plan.outputs``."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, plan: PairPlan):
+        opts = plan.opts
+        need = ctx.needs_input_grad[:3]
+        ctx.grad_shapes = (hidden.shape, weight.shape, None if bias is None else bias.shape)
+        ctx.input_dtypes = (hidden.dtype, weight.dtype, weight.dtype)
+        out = torch_backend.linear_pair_fused(
+            hidden, weight, bias, *plan.other, plan.terms_fn, plan.grads_fn, plan.row_scale,
+            inv_temperature=opts.inv_temperature, hard_targets=plan.hard_targets, hard_scale=plan.hard_scale,
+            ignore_index=opts.ignore_index, need_grad_hidden=need[0], need_grad_weight=need[1],
+            need_grad_bias=need[2], chunk_size=opts.chunk_size, shard=opts.shard)
+        grads = opts.finish_grads(out.grads)
+        ctx.present = [g is not None for g in grads]
+        ctx.save_for_backward(*(g for g in grads if g is not None))
+        loss = (plan.row_scale * out.terms[0]).sum()
+        if plan.hard_targets is not None:
+            loss = loss + (plan.hard_scale * out.terms[-1]).sum()
+        plan.outputs[:] = [out.terms]
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        grads = _precomputed_grads(ctx, list(ctx.saved_tensors), grad_loss)
+        grads = [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.input_dtypes)]
+        return grads[0], grads[1], grads[2], None
+
+
+def fused_pair_loss(inputs: LinearInputs, plan: PairPlan) -> tuple[Tensor, Tensor]:
+    """A loss of two heads of the same rows over one vocabulary: ``inputs`` the trained head (``targets`` unused),
+    ``plan.other`` the frozen one. Returns the loss (differentiable w.r.t. ``inputs.hidden``, ``weight``, ``bias``)
+    and the detached per-row terms ``[k, N]`` (``torch_backend.linear_pair_fused``; torch backend, one pass)."""
+    loss = _PairLoss.apply(inputs.hidden, inputs.weight, inputs.bias, plan)
+    return loss, plan.outputs[0]
+
+
 def stats_tensors(stats: RowStats) -> tuple[Tensor, Tensor, Tensor]:
     """The row statistics as three tensors for ``save_for_backward`` (a missing entropy as an empty one)."""
     entropy = stats.entropy if stats.entropy is not None else stats.lse.new_empty(0)

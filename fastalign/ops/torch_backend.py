@@ -633,6 +633,9 @@ class ShardMerge(Protocol):
     def all_reduce_stats(self, stats: RowStats) -> RowStats:
         """The chunk's statistics over the whole vocabulary (a collective: every rank calls it for each chunk)."""
 
+    def all_reduce_sum(self, values: Tensor) -> Tensor:
+        """``values`` summed over the group (a collective)."""
+
 
 class FusedResult(NamedTuple):
     """Per-token outputs ``[N]`` (0 at ignored rows), the gradients of the loss and the (global) row statistics."""
@@ -753,3 +756,73 @@ def _invariant_fused_chunk(lin: _Linear, acc: _GradAccumulator, hidden: Tensor, 
                 acc.add_constant(block_rows, cols, hidden[block_rows],
                                  row_grads.logit_sum[local] * lin.inv_temperature)
 
+
+PairTerms = Callable[[Tensor, Tensor], Tensor]
+"""``(log_ps [C, V'], log_pt [C, V']) -> [k, C]``: per-row sums over a block of vocabulary columns of two heads'
+global log-probabilities (shards add theirs)."""
+PairGrads = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""``(log_ps, log_pt, terms [k, C]) -> [C, V']``: each row's term's gradient w.r.t. the first head's tempered
+logits, from the rows' whole-vocabulary ``terms``."""
+
+
+class PairResult(NamedTuple):
+    """Per-row terms ``[k, N]`` of two heads (with hard targets one more: the cross-entropy) and the first head's
+    gradients."""
+
+    terms: Tensor
+    grads: LinearGrads
+
+
+def linear_pair_fused(hidden: Tensor, weight: Tensor, bias: Tensor | None, other_hidden: Tensor, other_weight: Tensor,
+                      other_bias: Tensor | None, terms_fn: PairTerms, grads_fn: PairGrads, row_scale: Tensor, *,
+                      inv_temperature: float, hard_targets: Tensor | None = None, hard_scale: Tensor | None = None,
+                      ignore_index: int = -100, need_grad_hidden: bool = True, need_grad_weight: bool = True,
+                      need_grad_bias: bool = False, chunk_size: int | None = None,
+                      shard: ShardMerge | None = None) -> PairResult:
+    """Two heads over one vocabulary in one pass (distillation): per chunk of rows the tempered logits of the first
+    head (``hidden [N, H] @ weight [V, H].T + bias``, trained) and of the other (``other_hidden [N, H'] @
+    other_weight [V, H'].T``, frozen: no gradient), their global log-softmax, the rows' ``terms_fn`` and the
+    gradient of ``sum_n row_scale[n] terms[0, n]`` (+ ``hard_scale[n]`` times the cross-entropy of ``hard_targets``
+    on the first head's logits before the temperature) w.r.t. the first head: four matmuls per chunk (two logits,
+    ``d hidden``, ``d weight``), whole ``[chunk, V]`` rows of both heads, so the chunk is sized for six buffers.
+
+    ``shard``: both weights are the same vocabulary shard; each chunk's lse are merged across the group, the terms
+    summed (``all_reduce_sum``), so that every rank has the whole vocabulary's; ``d hidden`` is this shard's part.
+    """
+    lin, other = _Linear(weight, bias, inv_temperature), _Linear(other_weight, other_bias, inv_temperature)
+    n, vocab = hidden.shape[0], weight.shape[0]
+    every_col = slice(0, vocab)
+    vocab_start = 0 if shard is None else shard.vocab_start
+    acc = _GradAccumulator(hidden, lin, need_grad_hidden, need_grad_weight, need_grad_bias)
+    per_chunk = rows_per_chunk(n, vocab if shard is None else shard.widest_shard, chunk_size=chunk_size, buffers=6)
+    all_terms = []
+    for rows in list(_chunks(n, per_chunk)) or [slice(0, 0)]:  # no row: the terms' shape [k, 0] all the same
+        zs, zt = lin.logits(hidden[rows]), other.logits(other_hidden[rows].to(other.weight.dtype))
+        lse_s, lse_t = torch.logsumexp(zs, 1), torch.logsumexp(zt, 1)
+        hard = None
+        if hard_targets is not None:  # the cross-entropy on the logits before the temperature
+            tgt = _Targets.of(hard_targets[rows], ignore_index, vocab_start, vocab)
+            raw = zs / inv_temperature
+            hard = RowStats(torch.logsumexp(raw, 1), raw.gather(1, tgt.index).squeeze(1).masked_fill(~tgt.valid, 0))
+        if shard is not None:
+            lse_s = shard.all_reduce_stats(RowStats(lse_s, torch.zeros_like(lse_s))).lse
+            lse_t = shard.all_reduce_stats(RowStats(lse_t, torch.zeros_like(lse_t))).lse
+            hard = None if hard is None else shard.all_reduce_stats(hard)
+        log_ps, log_pt = zs.sub_(lse_s.unsqueeze(1)), zt.sub_(lse_t.unsqueeze(1))
+        terms = terms_fn(log_ps, log_pt)
+        if shard is not None:
+            terms = shard.all_reduce_sum(terms)
+        if hard is not None:
+            terms = torch.cat([terms, (hard.lse - hard.target_logit).unsqueeze(0)])
+        all_terms.append(terms)
+        if not (need_grad_hidden or need_grad_weight or need_grad_bias):
+            continue
+        grad = grads_fn(log_ps, log_pt, terms).mul_((row_scale[rows] * inv_temperature).unsqueeze(1))
+        if hard is not None:  # + hard_scale (p_raw - onehot), p_raw = exp(z / inv_temperature - lse_raw)
+            p_raw = log_ps.add_(lse_s.unsqueeze(1)).div_(inv_temperature).sub_(hard.lse.unsqueeze(1)).exp_()
+            scale = torch.where(tgt.valid, hard_scale[rows], 0.0)
+            grad.addcmul_(p_raw, hard_scale[rows].unsqueeze(1))
+            grad.scatter_add_(1, tgt.index, -scale.unsqueeze(1).to(grad.dtype))
+        acc.add(rows, every_col, hidden[rows], grad)
+        del zs, zt, log_ps, log_pt, grad
+    return PairResult(torch.cat(all_terms, 1), acc.result())
