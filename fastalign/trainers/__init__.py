@@ -1,9 +1,10 @@
-"""Lightweight DPO, KTO, PPO, GRPO and reward-model trainers on the fused ops (TRL's config fields and metric names, loops you can
-read).
+"""Lightweight SFT, DPO, KTO, PPO, GRPO and reward-model trainers on the fused ops (TRL's config fields and metric
+names, loops you can read).
 
 ```python
-from fastalign.trainers import (DPOTrainer, DPOConfig, GRPOTrainer, GRPOConfig, KTOTrainer, KTOConfig, PPOTrainer,
-                                PPOConfig, RewardTrainer, RewardConfig)
+from fastalign.trainers import (SFTTrainer, SFTConfig, DPOTrainer, DPOConfig, GRPOTrainer, GRPOConfig, KTOTrainer,
+                                KTOConfig, PPOTrainer, PPOConfig, RewardTrainer, RewardConfig)
+SFTTrainer(model, tokenizer, train_dataset, config=SFTConfig(...), eval_dataset=None).train()
 DPOTrainer(model, tokenizer, train_dataset, config=DPOConfig(...), ref_model=None, eval_dataset=None).train()
 KTOTrainer(model, tokenizer, train_dataset, config=KTOConfig(...), ref_model=None, eval_dataset=None).train()
 PPOTrainer(model, tokenizer, prompts, reward_fn, config=PPOConfig(...), ref_model=None).train()
@@ -20,6 +21,7 @@ from .grpo import GRPOConfig, GRPOTrainer
 from .kto import KTOConfig, KTOTrainer
 from .ppo import PPOConfig, PPOTrainer
 from .reward import RewardConfig, RewardTrainer
+from .sft import SFTConfig, SFTTrainer
 
 __all__ = ["DPOConfig", "DPOTrainer", "GRPOConfig", "GRPOTrainer", "KTOConfig", "KTOTrainer", "PPOConfig", "PPOTrainer",
-           "RewardConfig", "RewardTrainer", "TrainingConfig"]
+           "RewardConfig", "RewardTrainer", "SFTConfig", "SFTTrainer", "TrainingConfig"]

@@ -1,4 +1,4 @@
-"""``fastalign dpo|kto|ppo|grpo|reward --config FILE.yaml``: the trainers from a YAML file.
+"""``fastalign sft|dpo|kto|ppo|grpo|reward --config FILE.yaml``: the trainers from a YAML file.
 
 The file names a model, a tokenizer, data files (and for PPO and GRPO rewards) and, under ``config:``, the fields
 of the trainer's config (:class:`DPOConfig`, :class:`PPOConfig`, :class:`RewardConfig`...). ``example_config(kind)``
@@ -22,6 +22,7 @@ from .grpo import GRPOConfig, GRPOTrainer
 from .kto import KTOConfig, KTOTrainer
 from .ppo import PPOConfig, PPOTrainer
 from .reward import RewardConfig, RewardTrainer
+from .sft import SFTConfig, SFTTrainer
 from .tasks import CountingTask
 
 BUILTIN = "builtin:"
@@ -34,6 +35,27 @@ class ConfigError(ValueError):
 
 
 EXAMPLES = {
+    "sft": """\
+# fastalign sft --config sft.yaml      (relative paths are relative to the current directory)
+model: tiny                 # "tiny": a tiny Llama built in code (random init), or a transformers model directory
+tokenizer: counting         # "char", "counting" (the built-in task's words), or a tokenizer directory
+train_file: builtin:counting            # JSONL, one {"prompt": .., "completion": ..} per line (or {"text": ..},
+                                        # or {"messages": [...]} with the tokenizer's chat template)
+eval_file: builtin:counting-heldout     # optional, same format
+config:                     # SFTConfig fields, TRL's names (see `pydoc fastalign.trainers.SFTConfig`)
+  output_dir: fastalign-sft
+  max_steps: 100
+  learning_rate: 3.0e-3
+  warmup_ratio: 0.1
+  per_device_train_batch_size: 16
+  completion_only_loss: true            # train on the completion only (null: on for prompt-completion data)
+  loss_type: nll            # nll or dft
+  label_smoothing_factor: 0.0
+  padding_free: false       # pack each batch into one row without padding (packing: the same here)
+  max_length: 64
+  eval_steps: 50
+  loss_backend: fused       # fused (no logits) or reference (materialized logits, for comparison)
+""",
     "dpo": """\
 # fastalign dpo --config dpo.yaml      (relative paths are relative to the current directory)
 model: tiny                 # "tiny": a tiny Llama built in code (random init), or a transformers model directory
@@ -155,6 +177,7 @@ config:                     # RewardConfig fields, TRL's names (see `pydoc fasta
 }
 
 HELP = {
+    "sft": "supervised fine-tuning from a YAML config file (model, data files, SFTConfig fields)",
     "dpo": "train a model with DPO from a YAML config file (model, data files, DPOConfig fields)",
     "ppo": "train a model with PPO from a YAML config file (model, prompts, reward, PPOConfig fields)",
     "grpo": "train a model with GRPO from a YAML config file (model, prompts, rewards, GRPOConfig fields)",
@@ -187,6 +210,7 @@ The example file:
 }
 
 _KEYS = {
+    "sft": ("model", "tiny", "tokenizer", "train_file", "eval_file", "config", "resume_from_checkpoint"),
     "dpo": ("model", "tiny", "tokenizer", "train_file", "eval_file", "config", "resume_from_checkpoint"),
     "kto": ("model", "tiny", "tokenizer", "train_file", "eval_file", "config", "resume_from_checkpoint"),
     "ppo": ("model", "tiny", "tokenizer", "prompts_file", "eval_file", "reward", "reward_model", "config",
@@ -308,6 +332,9 @@ def load_data(spec: dict, key: str, path: str, kind: str):
         raise ConfigError(f"{path}: {key}: unknown built-in data {value!r}; expected one of "
                           f"{', '.join(BUILTIN + n for n in BUILTIN_DATA)}")
     task, heldout = CountingTask(), name.endswith("heldout")
+    if kind == "sft":  # the right answers
+        return [{"prompt": r["prompt"], "completion": r["chosen"]}
+                for r in task.preference_data(300 if heldout else 4000, seed=2 if heldout else 1, heldout=heldout)]
     if kind in ("dpo", "kto", "reward"):  # KTO unpairs the preference records
         return task.preference_data(300 if heldout else 4000, seed=2 if heldout else 1, heldout=heldout)
     return task.prompts(256 if heldout else 4000, seed=2 if heldout else 1, heldout=heldout)
@@ -348,12 +375,14 @@ def _reward_function(reward, path: str):
                           f"\"package.module:function\"): {error}") from None
 
 
-def run_from_config(kind: str, path: str) -> DPOTrainer | KTOTrainer | PPOTrainer | GRPOTrainer | RewardTrainer:
+def run_from_config(kind: str, path: str) -> (SFTTrainer | DPOTrainer | KTOTrainer | PPOTrainer | GRPOTrainer
+                                              | RewardTrainer):
     """Build the trainer ``path`` describes (``kind``: one of ``KINDS``), train, and return it (its
     ``history`` holds the logged records, the final model is in its ``config.output_dir``)."""
     spec = read_config_file(_check_kind(kind), path)
-    if kind in ("dpo", "kto", "reward"):
-        config_class, trainer_class = {"dpo": (DPOConfig, DPOTrainer), "kto": (KTOConfig, KTOTrainer),
+    if kind in ("sft", "dpo", "kto", "reward"):
+        config_class, trainer_class = {"sft": (SFTConfig, SFTTrainer), "dpo": (DPOConfig, DPOTrainer),
+                                       "kto": (KTOConfig, KTOTrainer),
                                        "reward": (RewardConfig, RewardTrainer)}[kind]
         config = trainer_config(config_class, spec.get("config"), path)
         train = load_data(spec, "train_file", path, kind)

@@ -19,12 +19,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..hf import PackedSequences
-from ..functional import (fused_linear_dpo_loss, fused_linear_grpo_loss, fused_linear_kto_loss, fused_linear_logprobs,
-                          fused_linear_ppo_loss)
+from ..functional import (fused_linear_cross_entropy, fused_linear_dpo_loss, fused_linear_grpo_loss,
+                          fused_linear_kto_loss, fused_linear_logprobs, fused_linear_ppo_loss)
 from ..objectives.aggregation import aggregation_weights
 from ..objectives.dpo import DPOOptions, dpo_metrics, dpo_sequence_loss
 from ..objectives.grpo import GRPOLossConfig, grpo_loss as grpo_objective
 from ..objectives.kto import KTOOptions, kto_loss as kto_objective, kto_metrics
+from ..objectives.sft import (CrossEntropyConfig, cross_entropy_metrics, reduce_cross_entropy,
+                              token_cross_entropy)
 from ..objectives.ppo import (PPOLossConfig, PPOTokens, ValueHeadInputs, policy_loss_value, ppo_metrics,
                               value_loss_terms)
 from .data import IGNORE_INDEX
@@ -196,3 +198,31 @@ def kto_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tenso
     logps = materialized_logprobs(hidden, weight, bias, targets).sum(-1)  # 0 off the completion
     result = kto_objective(logps, ref_logps, labels, kl, options, num_examples=num_examples)
     return result.loss, kto_metrics(result, logps)
+
+
+@lm_head_precision
+def sft_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, backend: str, *,
+             loss_type: str = "nll", label_smoothing: float = 0.0,
+             num_items_in_batch: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """SFT cross-entropy of ``hidden [..., H]`` against ``targets [...]`` (any layout, packed included) and TRL's
+    ``entropy`` / ``mean_token_accuracy``: the sum over the trained tokens divided by ``num_items_in_batch``
+    (default: their count, the mean)."""
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    if backend == "fused":
+        out = fused_linear_cross_entropy(hidden, weight, targets, bias, reduction=reduction, loss_type=loss_type,
+                                         label_smoothing=label_smoothing, check_finite=False)
+        loss, metrics = out.loss, out.metrics
+    else:
+        config = CrossEntropyConfig(reduction=reduction, label_smoothing=label_smoothing, loss_type=loss_type)
+        logits = F.linear(hidden, weight, bias).float()
+        logp = torch.log_softmax(logits, -1)
+        valid = targets != IGNORE_INDEX
+        logprobs = logp.gather(-1, targets.masked_fill(~valid, 0).unsqueeze(-1)).squeeze(-1)
+        per_token = token_cross_entropy(logprobs, torch.logsumexp(logits, -1), logits.sum(-1), logits.shape[-1],
+                                        config)
+        mask = valid.to(per_token.dtype)
+        loss = reduce_cross_entropy(per_token, mask, config)
+        with torch.no_grad():
+            metrics = cross_entropy_metrics(-(logp.exp() * logp).sum(-1), (logits.argmax(-1) == targets).to(
+                mask.dtype), mask)
+    return (loss if num_items_in_batch is None else loss / num_items_in_batch), metrics
