@@ -204,8 +204,8 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
 
     hidden [N, H], weight [V, H] (rows are global vocab ids vocab_start ..), bias [V] or None, all of one dtype
     (fp32/fp16/bf16); targets [N] int64; lse, grad_logprobs and (both or neither) grad_entropy, entropy, and the
-    optional grad_lse, grad_logit_sum: fp32 [N], lse and entropy being the GLOBAL per-row values. Callers zero the upstream gradients at ignored rows; those rows
-    get exactly 0 either way. Non-contiguous inputs are copied (`.contiguous()`).
+    optional grad_lse, grad_logit_sum: fp32 [N], lse and entropy being the GLOBAL per-row values. Callers zero the
+    upstream gradients at ignored rows; those rows get exactly 0 either way. Non-contiguous inputs are copied (`.contiguous()`).
     Returns fp32 grad_hidden [N, H], grad_weight [V, H], grad_bias [V], each None unless asked for.
 
     Writes (default): program p of the 1-D grid cdiv(N, BLOCK_N) * cdiv(V, BLOCK_V) owns one (token block, vocab

@@ -1,4 +1,4 @@
-"""``fastalign sft|dpo|kto|ppo|grpo|reward --config FILE.yaml``: the trainers from a YAML file.
+"""``fastalign sft|distill|dpo|kto|ppo|grpo|reward --config FILE.yaml``: the trainers from a YAML file.
 
 The file names a model, a tokenizer, data files (and for PPO and GRPO rewards) and, under ``config:``, the fields
 of the trainer's config (:class:`DPOConfig`, :class:`PPOConfig`, :class:`RewardConfig`...). ``example_config(kind)``
@@ -17,6 +17,7 @@ import typing
 from dataclasses import fields
 
 from . import distributed
+from .distill import DistillationConfig, DistillationTrainer
 from .dpo import DPOConfig, DPOTrainer
 from .grpo import GRPOConfig, GRPOTrainer
 from .kto import KTOConfig, KTOTrainer
@@ -55,6 +56,26 @@ config:                     # SFTConfig fields, TRL's names (see `pydoc fastalig
   max_length: 64
   eval_steps: 50
   loss_backend: fused       # fused (no logits) or reference (materialized logits, for comparison)
+""",
+    "distill": """\
+# fastalign distill --config distill.yaml    (relative paths are relative to the current directory)
+model: tiny                 # the student: "tiny" (a tiny Llama built in code), or a transformers model directory
+tiny: {hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1}  # a student narrower than the teacher
+tokenizer: counting         # the teacher's vocabulary: "char", "counting", or a tokenizer directory
+prompts_file: builtin:counting          # JSONL, one {"prompt": ..} (or a JSON string) per line
+eval_file: builtin:counting-heldout     # optional prompts, scored by reward every eval_steps and at the end
+reward: counting            # for eval_file only: "counting" or "package.module:function"
+config:                     # DistillationConfig fields, TRL's names (pydoc fastalign.trainers.DistillationConfig)
+  teacher_model_name_or_path: fastalign-sft     # the teacher: here the output of the sft example
+  output_dir: fastalign-distill
+  max_steps: 60
+  learning_rate: 3.0e-3
+  per_device_train_batch_size: 32
+  max_completion_length: 6
+  beta: 0.5                 # 0 forward KL, 1 reverse KL, else the generalized JSD
+  temperature: 1.0
+  eval_steps: 20
+  loss_backend: fused       # fused (no logits of either model) or reference (materialized logits)
 """,
     "dpo": """\
 # fastalign dpo --config dpo.yaml      (relative paths are relative to the current directory)
@@ -178,6 +199,8 @@ config:                     # RewardConfig fields, TRL's names (see `pydoc fasta
 
 HELP = {
     "sft": "supervised fine-tuning from a YAML config file (model, data files, SFTConfig fields)",
+    "distill": "on-policy distillation of a teacher into a student from a YAML config file (models, prompts, "
+               "DistillationConfig fields)",
     "dpo": "train a model with DPO from a YAML config file (model, data files, DPOConfig fields)",
     "ppo": "train a model with PPO from a YAML config file (model, prompts, reward, PPOConfig fields)",
     "grpo": "train a model with GRPO from a YAML config file (model, prompts, rewards, GRPOConfig fields)",
@@ -211,6 +234,8 @@ The example file:
 
 _KEYS = {
     "sft": ("model", "tiny", "tokenizer", "train_file", "eval_file", "config", "resume_from_checkpoint"),
+    "distill": ("model", "tiny", "tokenizer", "prompts_file", "eval_file", "reward", "config",
+                "resume_from_checkpoint"),
     "dpo": ("model", "tiny", "tokenizer", "train_file", "eval_file", "config", "resume_from_checkpoint"),
     "kto": ("model", "tiny", "tokenizer", "train_file", "eval_file", "config", "resume_from_checkpoint"),
     "ppo": ("model", "tiny", "tokenizer", "prompts_file", "eval_file", "reward", "reward_model", "config",
@@ -375,8 +400,8 @@ def _reward_function(reward, path: str):
                           f"\"package.module:function\"): {error}") from None
 
 
-def run_from_config(kind: str, path: str) -> (SFTTrainer | DPOTrainer | KTOTrainer | PPOTrainer | GRPOTrainer
-                                              | RewardTrainer):
+def run_from_config(kind: str, path: str) -> (SFTTrainer | DistillationTrainer | DPOTrainer | KTOTrainer
+                                              | PPOTrainer | GRPOTrainer | RewardTrainer):
     """Build the trainer ``path`` describes (``kind``: one of ``KINDS``), train, and return it (its
     ``history`` holds the logged records, the final model is in its ``config.output_dir``)."""
     spec = read_config_file(_check_kind(kind), path)
@@ -391,6 +416,15 @@ def run_from_config(kind: str, path: str) -> (SFTTrainer | DPOTrainer | KTOTrain
         model, tokenizer = load_model_and_tokenizer(spec, path, kind)
         trainer = trainer_class(model, tokenizer, train, config,
                                 eval_dataset=load_data(spec, "eval_file", path, kind))
+    elif kind == "distill":
+        config = trainer_config(DistillationConfig, spec.get("config"), path)
+        prompts = load_data(spec, "prompts_file", path, kind)
+        if prompts is None:
+            raise ConfigError(f"{path}: missing field 'prompts_file' (a JSONL file or builtin:counting)")
+        reward = None if spec.get("reward") is None else _reward_function(spec["reward"], path)
+        model, tokenizer = load_model_and_tokenizer(spec, path)
+        trainer = DistillationTrainer(model, tokenizer, prompts, None, config,
+                                      eval_dataset=load_data(spec, "eval_file", path, kind), reward_fn=reward)
     else:
         config_class, trainer_class = (PPOConfig, PPOTrainer) if kind == "ppo" else (GRPOConfig, GRPOTrainer)
         config = trainer_config(config_class, spec.get("config"), path)

@@ -19,13 +19,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..hf import PackedSequences
-from ..functional import (fused_linear_cross_entropy, fused_linear_dpo_loss, fused_linear_grpo_loss,
-                          fused_linear_kto_loss, fused_linear_logprobs, fused_linear_ppo_loss)
+from ..functional import (fused_linear_cross_entropy, fused_linear_distill_loss, fused_linear_dpo_loss,
+                          fused_linear_grpo_loss, fused_linear_kto_loss, fused_linear_logprobs, fused_linear_ppo_loss)
 from ..objectives.aggregation import aggregation_weights
+from ..objectives.distill import divergence_terms
 from ..objectives.dpo import DPOOptions, dpo_metrics, dpo_sequence_loss
 from ..objectives.grpo import GRPOLossConfig, grpo_loss as grpo_objective
 from ..objectives.kto import KTOOptions, kto_loss as kto_objective, kto_metrics
-from ..objectives.sft import (CrossEntropyConfig, cross_entropy_metrics, reduce_cross_entropy,
+from ..objectives.sft import (CrossEntropyConfig, cross_entropy_metrics, mean_over_tokens, reduce_cross_entropy,
                               token_cross_entropy)
 from ..objectives.ppo import (PPOLossConfig, PPOTokens, ValueHeadInputs, policy_loss_value, ppo_metrics,
                               value_loss_terms)
@@ -226,3 +227,33 @@ def sft_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tenso
             metrics = cross_entropy_metrics(-(logp.exp() * logp).sum(-1), (logits.argmax(-1) == targets).to(
                 mask.dtype), mask)
     return (loss if num_items_in_batch is None else loss / num_items_in_batch), metrics
+
+
+def distill_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, teacher_hidden: Tensor, teacher_weight: Tensor,
+                 teacher_bias: Tensor | None, mask: Tensor, backend: str, *, beta: float, temperature: float,
+                 num_items_in_batch: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """The generalized JSD of the student (``hidden [B, R, H]``, its lm_head) from the frozen teacher
+    (``teacher_hidden [B, R, H_t]``, its lm_head) over the tokens of ``mask [B, R]``, and the student's ``entropy``
+    and the mean ``divergence``. Under autocast both heads run in the autocast dtype (the fused op accumulates in
+    fp32)."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        hidden, weight, teacher_hidden, teacher_weight = (t.to(dtype) for t in (hidden, weight, teacher_hidden,
+                                                                               teacher_weight))
+        bias, teacher_bias = (None if b is None else b.to(dtype) for b in (bias, teacher_bias))
+    with torch.autocast(device, enabled=False):
+        if backend == "fused":
+            out = fused_linear_distill_loss(hidden, weight, teacher_hidden, teacher_weight, mask, beta=beta,
+                                            temperature=temperature, student_bias=bias, teacher_bias=teacher_bias,
+                                            num_items_in_batch=num_items_in_batch, check_finite=False)
+            return out.loss, out.metrics
+        log_ps = torch.log_softmax(F.linear(hidden, weight, bias).float() / temperature, -1)
+        with torch.no_grad():
+            log_pt = torch.log_softmax(F.linear(teacher_hidden, teacher_weight, teacher_bias).float() / temperature, -1)
+        divergence, _, entropy = divergence_terms(log_ps, log_pt, beta)
+        m = mask.to(divergence.dtype)
+        loss = mean_over_tokens(divergence, m, num_items_in_batch)
+        with torch.no_grad():
+            metrics = {"entropy": mean_over_tokens(entropy, m), "divergence": mean_over_tokens(divergence, m)}
+        return loss, metrics
