@@ -679,28 +679,13 @@ REGISTRY["simpo"] = OpBench(make_dpo_inputs, sequence_loss_modes(
 
 # --- SFT cross-entropy and distillation -------------------------------------------------------------------------
 
-class CEInputs(NamedTuple):
-    """Inputs of the cross-entropy: ``hidden [N, H]``, ``weight [V, H]``, ``targets [N]`` (every token trained)."""
-
-    hidden: Tensor
-    weight: Tensor
-    targets: Tensor
-    backend: str
-
-
-def make_ce_inputs(problem: Problem) -> CEInputs:
-    """Random inputs with logits of unit scale, from ``problem.seed``."""
-    x = make_logprob_inputs(problem)
-    return CEInputs(x.hidden, x.weight, x.targets, x.backend)
-
-
-def naive_ce(x: CEInputs) -> Step:
+def naive_ce(x: LogprobInputs) -> Step:
     """The plain way (transformers' ``ForCausalLMLoss``): materialized logits, ``F.cross_entropy``; fwd + bwd."""
     hidden, weight = x.hidden.detach().requires_grad_(True), x.weight.detach().requires_grad_(True)
     return lambda: torch.autograd.grad(F.cross_entropy((hidden @ weight.T).float(), x.targets), [hidden, weight])
 
 
-def cce_ce(x: CEInputs) -> Step:
+def cce_ce(x: LogprobInputs) -> Step:
     """Apple's Cut Cross-Entropy (``linear_cross_entropy``): its Triton kernels on CUDA, its ``torch_compile``
     implementation elsewhere; fwd + bwd."""
     from cut_cross_entropy import linear_cross_entropy
@@ -717,7 +702,7 @@ def _installed(name: str) -> bool:
 
 # Liger's fused linear cross-entropy is Triton only (CUDA): not a variant on this CPU-only harness's default device.
 _CE_PEERS = {"cut cross-entropy": cce_ce} if _installed("cut_cross_entropy") else {}
-REGISTRY["ce"] = OpBench(make_ce_inputs, {"fwd+bwd": Mode(
+REGISTRY["ce"] = OpBench(make_logprob_inputs, {"fwd+bwd": Mode(
     "SFT cross-entropy (mean over the tokens), fwd+bwd",
     {"fused": fused_loss(lambda x, hidden, weight: fused_linear_cross_entropy(hidden, weight, x.targets,
                                                                               backend=x.backend)),

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from .. import hf
 from . import distributed, losses
 from .common import as_floats, batch_indices, require, steps_per_epoch
-from .rollout import RewardFn, Samples, SamplingConfig, SamplingTrainer, reward_scores
+from .rollout import RewardFn, Samples, SamplingConfig, SamplingTrainer, check_generation_fields, reward_scores
 
 
 @dataclass
@@ -45,11 +45,7 @@ class DistillationConfig(SamplingConfig):
         super().__post_init__()
         require(self, "beta", 0 <= self.beta <= 1, "a number in [0, 1]")
         require(self, "max_completion_length", self.max_completion_length >= 1, "an int >= 1")
-        require(self, "max_prompt_length", self.max_prompt_length is None or self.max_prompt_length >= 1,
-                "None or an int >= 1")
-        require(self, "temperature", self.temperature > 0, "a number > 0")
-        require(self, "top_p", 0 < self.top_p <= 1, "a number in (0, 1]")
-        require(self, "top_k", self.top_k >= 0, "an int >= 0 (0: no top-k filtering)")
+        check_generation_fields(self)
 
 
 class DistillationBatch(NamedTuple):

@@ -14,8 +14,8 @@ from ..objectives.grpo import TOKEN_COUNT_LOSS_TYPES, GRPOLossConfig
 from . import distributed, losses
 from .common import as_floats, batch_indices, mean_metrics, require, steps_per_epoch
 from .data import IGNORE_INDEX
-from .rollout import (SCALE_REWARDS, RewardFn, Samples, SamplingConfig, SamplingTrainer, group_advantages,
-                      reward_name, reward_scores)
+from .rollout import (SCALE_REWARDS, RewardFn, Samples, SamplingConfig, SamplingTrainer, check_generation_fields,
+                      group_advantages, reward_name, reward_scores)
 
 @dataclass
 class GRPOConfig(SamplingConfig):
@@ -79,11 +79,7 @@ class GRPOConfig(SamplingConfig):
         require(self, "num_generations", self.num_generations >= 2, "an int >= 2 (a group needs a baseline)")
         for name in ("num_iterations", "max_completion_length"):
             require(self, name, getattr(self, name) >= 1, "an int >= 1")
-        require(self, "max_prompt_length", self.max_prompt_length is None or self.max_prompt_length >= 1,
-                "None or an int >= 1")
-        require(self, "temperature", self.temperature > 0, "a number > 0")
-        require(self, "top_p", 0 < self.top_p <= 1, "a number in (0, 1]")
-        require(self, "top_k", self.top_k >= 0, "an int >= 0 (0: no top-k filtering)")
+        check_generation_fields(self)
         require(self, "reward_weights", self.reward_weights is None or all(
             isinstance(w, (int, float)) and not isinstance(w, bool) for w in self.reward_weights),
             "None or a list of numbers")

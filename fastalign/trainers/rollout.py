@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .. import hf
 from ..objectives.ppo import kl_penalty
 from . import distributed, losses
-from .common import Trainer, TrainingConfig, eval_batches, frozen_copy
+from .common import Trainer, TrainingConfig, eval_batches, frozen_copy, require
 from .data import IGNORE_INDEX, encode_prompt, load_prompts, pad
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
@@ -73,6 +73,16 @@ class SamplingConfig(TrainingConfig):
     """
 
     deterministic: bool | None = None
+
+
+def check_generation_fields(config) -> None:
+    """The sampling fields GRPO's and distillation's configs share: ``max_prompt_length``, ``temperature``,
+    ``top_p``, ``top_k``."""
+    require(config, "max_prompt_length", config.max_prompt_length is None or config.max_prompt_length >= 1,
+            "None or an int >= 1")
+    require(config, "temperature", config.temperature > 0, "a number > 0")
+    require(config, "top_p", 0 < config.top_p <= 1, "a number in (0, 1]")
+    require(config, "top_k", config.top_k >= 0, "an int >= 0 (0: no top-k filtering)")
 
 
 class SamplingTrainer(Trainer):
