@@ -130,3 +130,24 @@ def test_distill_bad_teacher_shapes():
         fused_linear_distill_loss(p["sh"], p["sw"], p["th"], p["tw"][:-1])
     with pytest.raises(ValueError, match="teacher_hidden: expected the student's leading shape"):
         fused_linear_distill_loss(p["sh"], p["sw"], p["th"][:1], p["tw"])
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.25, 1.0])
+def test_distill_matches_the_real_trl_chunked_divergence_loss(beta):
+    """TRL 1.16's own ``_chunked_divergence_loss`` (its torch tiles on CPU): loss, mean entropy and the student's
+    gradients, fp32, with biases, a wider teacher and a completion mask."""
+    trl = pytest.importorskip("trl.trainer.distillation_trainer")
+    p = {k: v if v.dtype == torch.bool or v.dtype == torch.long else v.float() for k, v in problem().items()}
+    leaves = [p[k].clone().requires_grad_(True) for k in ("sh", "sw", "sb")]
+    ref_leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    mask = p["mask"].long()
+    loss, entropy_sum, count = trl._chunked_divergence_loss(
+        ref_leaves[0], p["th"], ref_leaves[1], p["tw"], mask, beta, student_lm_head_bias=ref_leaves[2],
+        teacher_lm_head_bias=p["tb"], temperature=0.7)
+    out = fused_linear_distill_loss(leaves[0], leaves[1], p["th"], p["tw"], mask, beta=beta, temperature=0.7,
+                                    student_bias=leaves[2], teacher_bias=p["tb"], backend="torch")
+    tol = dict(rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(out.loss, loss.detach(), **tol)
+    torch.testing.assert_close(out.metrics["entropy"], (entropy_sum / count).detach(), **tol)
+    for got, want in zip(torch.autograd.grad(out.loss, leaves), torch.autograd.grad(loss, ref_leaves)):
+        torch.testing.assert_close(got, want, **tol)
