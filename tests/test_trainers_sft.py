@@ -102,3 +102,29 @@ def test_sft_text_and_messages_records():
 def test_sft_config_checks(fields, error):
     with pytest.raises(ValueError, match=error):
         SFTConfig(**fields)
+
+
+@pytest.mark.parametrize("options", [dict(loss_type="nll"), dict(loss_type="dft"),
+                                     dict(loss_type="nll", label_smoothing_factor=0.1)])
+def test_sft_matches_the_real_trl_sft_trainer(tmp_path, options):
+    """TRL 1.16's ``SFTTrainer``: the same batch (ids and labels: prompt masked, EOS appended) from its collator and
+    ours, and the same loss and metrics from its ``compute_loss`` and ours (bf16 off)."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    model, tokenizer = tiny()
+    # TRL joins prompt + completion as text: the completion's leading space keeps ":" a word of its own
+    records = [{**r, "completion": " " + r["completion"]} for r in data(8)]
+    args = trl.SFTConfig(output_dir=str(tmp_path / "trl"), bf16=False, report_to=[], max_length=32, **options)
+    theirs = trl.SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(records),
+                            processing_class=tokenizer)
+    batch = theirs.data_collator([theirs.train_dataset[i] for i in range(8)])
+    want = theirs.compute_loss(model, dict(batch))
+    ours = SFTTrainer(model, tokenizer, records, sft_config(tmp_path, **options))
+    mine = ours.batch(ours.train_items, list(range(8)))
+    for key in ("input_ids", "labels", "attention_mask"):
+        assert torch.equal(mine[key], batch[key]), key
+    loss, metrics = ours.compute_loss(mine)
+    torch.testing.assert_close(loss, want.detach(), rtol=1e-5, atol=1e-6)
+    for name in ("entropy", "mean_token_accuracy"):
+        assert metrics[name] == pytest.approx(theirs._metrics["train"][name][-1], rel=1e-5)

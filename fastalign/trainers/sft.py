@@ -26,7 +26,9 @@ class SFTConfig(TrainingConfig):
     start kept (TRL's ``truncation_mode="keep_start"``). ``packing`` / ``padding_free``: each micro-batch's
     sequences packed into one row without padding (the model gets ``position_ids``; each sequence attends to
     itself only, see ``fastalign.hf.packed_hidden_states``): here ``packing`` packs the micro-batch's sequences
-    as they are (TRL also re-bins sequences into ``max_length`` rows). ``loss_type``: ``"nll"`` or ``"dft"``;
+    as they are (TRL also re-bins sequences into ``max_length`` rows). Prompt and completion are tokenized apart and
+    joined (TRL tokenizes the joined text and finds the prompt in it: the same ids unless tokens merge across the
+    boundary). ``loss_type``: ``"nll"`` or ``"dft"``;
     ``label_smoothing_factor`` (TrainingArguments' name): ``F.cross_entropy``'s smoothing (nll only, as TRL). The
     loss is the sum over the step's trained tokens (every micro-batch and rank) divided by their count, as TRL with
     ``num_items_in_batch``.
