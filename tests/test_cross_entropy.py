@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bf16_interpreter import bf16_interpreter  # noqa: F401 (fixture)
 from fastalign import fused_linear_cross_entropy
 
 IGNORE = -100
@@ -87,6 +88,7 @@ CASES = {
     "zloss_sum": dict(reduction="sum", z_loss=1e-3),
     "dft": dict(loss_type="dft"),
     "num_items_smoothing_zloss": dict(num_items_in_batch=40, label_smoothing=0.3, z_loss=0.05, temperature=1.3),
+    "deterministic_smoothing_zloss": dict(label_smoothing=0.2, z_loss=0.01, deterministic=True),
 }
 
 
@@ -160,3 +162,37 @@ def test_cross_entropy_bad_options(kwargs, error):
     hidden, weight, b, targets = problem()
     with pytest.raises(ValueError, match=error):
         fused_linear_cross_entropy(hidden, weight, targets, b, backend="torch", **kwargs)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "atomic_free"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_row_grads_of_the_backward_kernels_in_half_precision(bf16_interpreter, dtype, deterministic):
+    """The Triton backward's lse and logit-sum gradients (``HAS_ROW_GRADS``, a z-loss and label smoothing) with
+    the log-prob one, fp16 and bf16 (the exact-bf16 interpreter fixture), against float64 autograd within the
+    bf16 bound of the kernels' rounding of dz (the fp16 one is tighter still)."""
+    from test_kernels_bf16 import SHAPES, assert_within_bf16_bound, reference
+
+    from fastalign.kernels.logprobs_backward import linear_logprobs_backward
+
+    n, h, v, bias, inv_t, n_ignored = SHAPES["odd"]
+    gen = torch.Generator().manual_seed(3)
+    half = getattr(torch, dtype)
+    hidden, weight = torch.randn(n, h, generator=gen).to(half), (torch.randn(v, h, generator=gen) / h ** 0.5).to(half)
+    b = torch.randn(v, generator=gen).to(half)
+    targets = torch.randint(0, v, (n,), generator=gen)
+    targets[:n_ignored] = IGNORE
+    kept = targets != IGNORE
+    g_lp, g_lse, g_sum = (torch.randn(n, generator=gen) * kept for _ in range(3))
+
+    def loss_fn(logp, z):
+        logprob = torch.where(kept, logp.gather(1, targets.clamp(min=0)[:, None])[:, 0], 0.0)
+        return (g_lp.double() * logprob + g_lse.double() * torch.logsumexp(z, 1) + g_sum.double() * z.sum(1)).sum()
+
+    ref_h, ref_w, ref_b, dz = reference(hidden, weight, b, targets, inv_t, loss_fn)
+    lse = torch.logsumexp((hidden.double() @ weight.double().T + b.double()) * inv_t, 1).float()
+    gh, gw, gb = linear_logprobs_backward(hidden, weight, b, targets, lse, g_lp, inv_temperature=inv_t,
+                                          ignore_index=IGNORE, need_grad_bias=True, deterministic=deterministic,
+                                          grad_lse=g_lse, grad_logit_sum=g_sum)
+    assert_within_bf16_bound(gh, ref_h, dz, weight)
+    assert_within_bf16_bound(gw, ref_w, dz.T, hidden)
+    assert_within_bf16_bound(gb[:, None], ref_b[:, None], dz.T, torch.ones(n, 1))
