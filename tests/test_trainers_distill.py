@@ -1,6 +1,7 @@
 """The on-policy distillation trainer on tiny models: the student's loss on its own samples against TRL's generalized
 JSD of the two models' full logits, fused vs reference backends, a narrower student getting closer to the teacher,
 the teacher frozen, the config's checks."""
+import json
 import math
 
 import pytest
@@ -85,3 +86,19 @@ def test_distill_config_and_arguments_are_checked(tmp_path):
     other = tiny_llama(tokenizer, hidden_size=32, intermediate_size=64, vocab_size=len(tokenizer) + 3)
     with pytest.raises(ValueError, match="teacher_model: expected the student's vocabulary"):
         DistillationTrainer(student, tokenizer, TASK.prompts(8), other, config(tmp_path))
+
+
+def test_the_sft_then_distill_examples_run(tmp_path, capsys):
+    """``fastalign sft`` with its example config, then ``fastalign distill`` of its output into the narrower tiny
+    student (short runs, no evaluation)."""
+    from test_trainers_config_file import command, write_config
+
+    sft = write_config(tmp_path, "sft", eval_file=None)
+    assert command("sft", "--config", sft) == 0
+    assert "3 steps done" in capsys.readouterr().out
+    distill = write_config(tmp_path, "distill", config={"teacher_model_name_or_path": str(tmp_path / "sft")},
+                           eval_file=None, reward=None)
+    assert command("distill", "--config", distill) == 0
+    assert "3 steps done" in capsys.readouterr().out
+    records = [json.loads(line) for line in open(tmp_path / "distill" / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [1, 2, 3] and all(r["loss"] > 0 for r in records)
