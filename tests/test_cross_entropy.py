@@ -98,10 +98,11 @@ def test_cross_entropy_matches_float64_reference(backend, case):
 
 
 @pytest.mark.parametrize("variant", ["odd_no_bias_chunks", "frozen_weight", "non_contiguous", "fully_masked",
-                                     "deterministic"])
+                                     "every_row_counted", "deterministic"])
 def test_cross_entropy_variants(variant):
-    """Odd sizes in chunks of 3 rows, a frozen weight, non-contiguous inputs, a fully masked batch, the deterministic
-    mode: the torch backend against the reference (smoothing and z-loss on, so every gradient path runs)."""
+    """Odd sizes in chunks of 3 rows, a frozen weight, non-contiguous inputs, a fully masked batch, no ignored row (no
+    row selection), the deterministic mode: the torch backend against the reference (smoothing and z-loss on, so
+    every gradient path runs)."""
     options = dict(label_smoothing=0.1, z_loss=1e-2)
     if variant == "odd_no_bias_chunks":
         check("torch", lead=(1, 7), v=5, bias=False, chunk_size=3, **options)
@@ -113,6 +114,9 @@ def test_cross_entropy_variants(variant):
         out, _ = check("torch", ignore_frac=1.1, **options)
         assert out.loss.item() == 0.0 and out.metrics["entropy"].item() == 0.0
         assert bool((out.lse == 0).all())
+    elif variant == "every_row_counted":
+        out, _ = check("torch", ignore_frac=0.0, chunk_size=4, **options)
+        assert bool((out.lse != 0).all())
     else:
         check("torch", deterministic=True, chunk_size=4, **options)
 

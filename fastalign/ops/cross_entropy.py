@@ -52,8 +52,9 @@ def fused_cross_entropy(inputs: LinearInputs, opts: LinearOptions, config: Cross
     valid = targets != opts.ignore_index
     compiling = torch.compiler.is_compiling()
     num_items_in_batch = check_num_items(num_items_in_batch, config, 0 if compiling else int(valid.sum()))
-    # Compiled: every row (no data-dependent shape), masked in the loss; else only the counted rows get logits.
-    rows = None if compiling else valid.nonzero().squeeze(1)
+    # Only the counted rows get logits; every row (masked in the loss) when compiled (no data-dependent shape) or
+    # when every row counts (no copy of hidden, no scatter of its gradient).
+    rows = None if compiling or bool(valid.all()) else valid.nonzero().squeeze(1)
     mask = (valid if rows is None else valid[rows]).to(compute_dtype(inputs.hidden.dtype))
     vocab = inputs.weight.shape[0] if opts.shard is None else opts.shard.vocab_size
     spec = RowStatsSpec(entropy=True, logit_sum=config.needs_logit_sum, argmax=True)
