@@ -694,9 +694,9 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, 
     config = CrossEntropyConfig(reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
                                 loss_type=loss_type)
     inputs, opts = prepare_linear(hidden, weight, targets, bias, temperature=temperature, logit_scale=logit_scale,
-                                  logit_softcap=logit_softcap, ignore_index=ignore_index, backend=backend, chunk_size=chunk_size, deterministic=deterministic,
-                                  check_finite=check_finite, process_group=process_group,
-                                  reduce_hidden_grad=reduce_hidden_grad)
+                                  logit_softcap=logit_softcap, ignore_index=ignore_index, backend=backend,
+                                  chunk_size=chunk_size, deterministic=deterministic, check_finite=check_finite,
+                                  process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
     return fused_cross_entropy(inputs, opts, config, num_items_in_batch)
 
 

@@ -76,7 +76,8 @@ def fused_distill_loss(student: LinearInputs, teacher: tuple[Tensor, Tensor, Ten
         hard_targets = student.targets[rows]
         hard_scale = (hard_targets != opts.ignore_index).to(dtype) * config.hard_label_weight / normalizer
     plan = PairPlan((teacher[0][rows], teacher[1], teacher[2]), partial(divergence_terms, beta=config.beta),
-                    partial(divergence_logit_grads, beta=config.beta), row_scale, hard_targets, hard_scale, opts, teacher_opts, [])
+                    partial(divergence_logit_grads, beta=config.beta), row_scale, hard_targets, hard_scale, opts,
+                    teacher_opts, [])
     loss, terms = fused_pair_loss(student._replace(hidden=student.hidden[rows]), plan)
     with torch.no_grad():
         entropy = terms.new_zeros(counted.numel()).index_put((rows,), terms[2])
