@@ -41,8 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .functional import (fused_linear_cpo_loss, fused_linear_dpo_loss, fused_linear_grpo_loss, fused_linear_kto_loss,
-                         fused_linear_logprobs, fused_linear_orpo_loss, fused_linear_ppo_loss, fused_linear_rloo_loss)
+from .functional import (fused_linear_cpo_loss, fused_linear_cross_entropy, fused_linear_distill_loss,
+                         fused_linear_dpo_loss, fused_linear_grpo_loss, fused_linear_kto_loss, fused_linear_logprobs,
+                         fused_linear_orpo_loss, fused_linear_ppo_loss, fused_linear_rloo_loss)
 from .objectives.grpo import GRPOLossConfig, grpo_loss
 from .objectives.rloo import rloo_loss
 
@@ -534,12 +535,12 @@ def liger_dpo(compiled: bool) -> VariantFactory:
     return factory
 
 
-def _liger_installed() -> bool:
+def _installed(name: str) -> bool:
     import importlib.util
-    return importlib.util.find_spec("liger_kernel") is not None
+    return importlib.util.find_spec(name) is not None
 
 
-_LIGER_DPO = {"liger": liger_dpo(False), "liger compiled": liger_dpo(True)} if _liger_installed() else {}
+_LIGER_DPO = {"liger": liger_dpo(False), "liger compiled": liger_dpo(True)} if _installed("liger_kernel") else {}
 _BEAT_LIGER_DPO = tuple(Target(metric, name, 1.0) for name in _LIGER_DPO for metric in ("time", "memory"))
 
 REGISTRY["dpo"] = OpBench(make_dpo_inputs, {
@@ -744,6 +745,108 @@ REGISTRY["cpo"] = OpBench(make_dpo_inputs, sequence_loss_modes("CPO fwd+bwd (sig
                                                                 naive_pair_loss(_cpo_loss)))
 REGISTRY["orpo"] = OpBench(make_dpo_inputs, sequence_loss_modes("ORPO fwd+bwd", fused_orpo,
                                                                  naive_pair_loss(_orpo_loss)))
+# --- SFT cross-entropy and distillation -------------------------------------------------------------------------
+
+def naive_ce(x: LogprobInputs) -> Step:
+    """The plain way (transformers' ``ForCausalLMLoss``): materialized logits, ``F.cross_entropy``; fwd + bwd."""
+    hidden, weight = x.hidden.detach().requires_grad_(True), x.weight.detach().requires_grad_(True)
+    return lambda: torch.autograd.grad(F.cross_entropy((hidden @ weight.T).float(), x.targets), [hidden, weight])
+
+
+def cce_ce(x: LogprobInputs) -> Step:
+    """Apple's Cut Cross-Entropy (``linear_cross_entropy``): its Triton kernels on CUDA, its ``torch_compile``
+    implementation elsewhere; fwd + bwd."""
+    from cut_cross_entropy import linear_cross_entropy
+
+    impl = "cce" if x.hidden.is_cuda else "torch_compile"
+    hidden, weight = x.hidden.detach().requires_grad_(True), x.weight.detach().requires_grad_(True)
+    return lambda: torch.autograd.grad(linear_cross_entropy(hidden, weight, x.targets, impl=impl), [hidden, weight])
+
+
+# Liger's fused linear cross-entropy is Triton only (CUDA): not a variant on this CPU-only harness's default device.
+_CE_PEERS = {"cut cross-entropy": cce_ce} if _installed("cut_cross_entropy") else {}
+REGISTRY["ce"] = OpBench(make_logprob_inputs, {"fwd+bwd": Mode(
+    "SFT cross-entropy (mean over the tokens), fwd+bwd",
+    {"fused": fused_loss(lambda x, hidden, weight: fused_linear_cross_entropy(hidden, weight, x.targets,
+                                                                              backend=x.backend)),
+     "naive": naive_ce, **_CE_PEERS, "3 matmuls": matmul_floor(3)},
+    floor="3 matmuls", targets=(Target("time", "3 matmuls", 1.10), Target("memory", "naive", 0.10),
+                                *(Target("time", name, 1.0) for name in _CE_PEERS)))})
+
+DISTILL_BETA = 0.5  # the symmetric JSD: TRL's and Liger's beta agree there
+
+
+class DistillInputs(NamedTuple):
+    """Student ``hidden [N, H]`` and ``weight [V, H]``, teacher ``teacher_hidden [N, 2H]`` and ``teacher_weight
+    [V, 2H]`` (the issue's sizes: a teacher twice as wide), ``targets [N]`` (Liger's API wants them)."""
+
+    hidden: Tensor
+    weight: Tensor
+    teacher_hidden: Tensor
+    teacher_weight: Tensor
+    targets: Tensor
+    backend: str
+
+
+def make_distill_inputs(problem: Problem) -> DistillInputs:
+    """Random inputs with logits of unit scale for both models, from ``problem.seed``."""
+    x = make_logprob_inputs(problem)
+    gen = torch.Generator().manual_seed(problem.seed + 2)
+    n, h, v = problem.tokens, 2 * problem.hidden_size, problem.vocab_size
+    place = placer(problem)
+    return DistillInputs(x.hidden, x.weight, place(torch.randn(n, h, generator=gen)),
+                         place(torch.randn(v, h, generator=gen) * h ** -0.5), x.targets, x.backend)
+
+
+def naive_distill(x: DistillInputs) -> Step:
+    """TRL's non-chunked way: both models' logits materialized, log-softmax, the generalized JSD; fwd + bwd of the
+    student."""
+    from .objectives.distill import divergence_terms
+
+    hidden, weight = x.hidden.detach().requires_grad_(True), x.weight.detach().requires_grad_(True)
+
+    def step():
+        log_ps = torch.log_softmax((hidden @ weight.T).float(), -1)
+        with torch.no_grad():
+            log_pt = torch.log_softmax((x.teacher_hidden @ x.teacher_weight.T).float(), -1)
+        return torch.autograd.grad(divergence_terms(log_ps, log_pt, DISTILL_BETA)[0].mean(), [hidden, weight])
+
+    return step
+
+
+def liger_distill(x: DistillInputs) -> Step:
+    """Liger-Kernel's ``LigerFusedLinearJSDLoss`` (chunked PyTorch, compiled chunks), soft loss only."""
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+    loss_fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=DISTILL_BETA)
+    hidden, weight = x.hidden.detach().requires_grad_(True), x.weight.detach().requires_grad_(True)
+    return lambda: torch.autograd.grad(loss_fn(hidden, weight, x.teacher_hidden, x.teacher_weight, x.targets),
+                                       [hidden, weight])
+
+
+def distill_floor(x: DistillInputs) -> Step:
+    """The distillation loss's four matmuls: the student's and the teacher's logits (the teacher's twice as wide),
+    ``d hidden`` and ``d weight`` of the student, into buffers allocated at set-up."""
+    logits = torch.mm(x.hidden, x.weight.t())
+    d_hidden, d_weight = torch.empty_like(x.hidden), torch.empty_like(x.weight)
+
+    def step():
+        torch.mm(x.hidden, x.weight.t(), out=logits)
+        torch.mm(x.teacher_hidden, x.teacher_weight.t(), out=logits)
+        torch.mm(logits, x.weight, out=d_hidden)
+        torch.mm(logits.t(), x.hidden, out=d_weight)
+
+    return step
+
+
+_DISTILL_PEERS = {"liger": liger_distill} if _installed("liger_kernel") else {}
+REGISTRY["distill"] = OpBench(make_distill_inputs, {"fwd+bwd": Mode(
+    f"Distillation, generalized JSD (beta={DISTILL_BETA}), teacher twice as wide, fwd+bwd of the student",
+    {"fused": fused_loss(lambda x, hidden, weight: fused_linear_distill_loss(
+        hidden, weight, x.teacher_hidden, x.teacher_weight, beta=DISTILL_BETA, backend="torch")),
+     "naive": naive_distill, **_DISTILL_PEERS, "4 matmuls": distill_floor},
+    floor="4 matmuls", targets=(Target("time", "4 matmuls", 1.15), Target("memory", "naive", 0.10),
+                                *(Target("time", name, 1.0) for name in _DISTILL_PEERS)))})
 
 # --- train-long: one DPO training step of a whole model on one long pair ----------------------------------------
 

@@ -1,6 +1,7 @@
 """The public fused ops: functions of hidden states and the lm_head weight that never materialize the logits."""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from functools import partial
 
@@ -12,8 +13,12 @@ from .objectives.grpo import GRPOLossConfig
 from .objectives.kto import KTOOptions
 from .objectives.preference import CPOOptions
 from .objectives.ppo import PPOLossConfig
+from .objectives.distill import DistillConfig
 from .objectives.rloo import RLOOOptions
+from .objectives.sft import CrossEntropyConfig
 from .ops.cpo import fused_cpo_loss, fused_orpo_loss, merge_nll_targets
+from .ops.cross_entropy import CrossEntropyOutput, fused_cross_entropy
+from .ops.distill import DistillLossOutput, fused_distill_loss, validate_teacher
 from .ops.dpo import DPOLossOutput, DPOOpConfig, fused_dpo_loss, validate_preference_layout, validate_reference
 from .ops.grpo import GRPOLossOutput, fused_grpo_loss, validate_grpo_inputs
 from .ops.kto import KTOLossOutput, fused_kto_loss, validate_kto_inputs
@@ -22,7 +27,8 @@ from .ops.segments import check_sequence_count, packed_layout, validate_sequence
 from .ops.ppo import PPOLossOutput, ppo_loss, validate_value_head
 from .ops.rloo import RLOOLossOutput, fused_rloo_loss, validate_rloo_inputs
 from .ops.torch_backend import compute_dtype
-from .ops.validation import masked_token_tensor, require_bool, validate_token_mask
+from .ops.validation import (FLOAT_DTYPES, check_logit_transform, masked_token_tensor, require_bool, require_tensor,
+                             validate_token_mask)
 
 
 def fused_linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None, *,
@@ -645,3 +651,123 @@ def fused_linear_orpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, b
     num_pairs, num_chosen_tokens = _pair_counts(sequences // 2, num_pairs, num_chosen_tokens, tokens.nll)
     return fused_orpo_loss(inputs, opts, beta, tokens, num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens,
                            layout=layout, vocab_metrics=require_bool("vocab_metrics", vocab_metrics))
+
+
+def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None, *,
+                               reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
+                               loss_type: str = "nll", num_items_in_batch=None, temperature: float = 1.0,
+                               logit_scale: float = 1.0, logit_softcap: float | None = None, ignore_index: int = -100,
+                               backend: str = "auto", chunk_size: int | None = None, process_group=None,
+                               deterministic: bool | None = None, check_finite: bool = True,
+                               reduce_hidden_grad: bool = True) -> CrossEntropyOutput:
+    """Cross-entropy of ``softmax((hidden @ weight.T + bias) / temperature)`` against ``targets`` (SFT), without the
+    logits: ``F.cross_entropy``'s semantics plus TRL 1.16's SFT ``dft`` loss and a PaLM z-loss.
+
+    Formulas in ``fastalign.objectives.sft``. On the torch backend one pass (three matmuls) for a scalar reduction,
+    two passes on triton and for ``reduction="none"`` (four matmuls); memory O(chunk) / O(tile). Only the tokens
+    whose target is not ignored get logits.
+
+    Args:
+        hidden: ``[..., H]`` last hidden states at the positions that predict ``targets``.
+        weight: ``[V, H]`` lm_head weight; ``bias``: optional ``[V]``.
+        targets: ``[...]`` int64 token ids, ``ignore_index`` where not trained (prompt, padding).
+        reduction: ``"mean"`` (over the counted tokens; 0 when none, TRL's clamp, where ``F.cross_entropy`` gives
+            NaN), ``"sum"`` or ``"none"`` (per token ``[...]``, 0 at ignored positions).
+        label_smoothing: ``F.cross_entropy``'s: ``(1 - eps) nll + eps * mean_v(-log p_v)``.
+        z_loss: adds ``z_loss * lse^2`` per token (PaLM), reduced like the loss.
+        loss_type: ``"nll"`` or ``"dft"`` (TRL's SFTTrainer: each token's NLL times its detached probability).
+        num_items_in_batch: with ``reduction="mean"``, the sum over this count instead (transformers'
+            ``ForCausalLMLoss`` and TRL's SFT: the tokens of the whole accumulated batch, at least this batch's).
+        temperature: positive divisor of the logits.
+        logit_scale, logit_softcap: the model's logit transform, ``softcap(logit_scale * z)`` before the
+            temperature, ``softcap(x) = logit_softcap * tanh(x / logit_softcap)`` (None: none), as in
+            :func:`fused_linear_logprobs`.
+        ignore_index, backend, chunk_size, process_group, deterministic, check_finite, reduce_hidden_grad: as in
+            :func:`fused_linear_logprobs` (vocab-parallel: every other argument the same on every rank).
+
+    Returns:
+        ``CrossEntropyOutput(loss, metrics, logprobs, lse)``: ``loss`` differentiable w.r.t. ``hidden``, ``weight``
+        and ``bias``; ``metrics`` detached 0-d fp32 tensors (float64 for float64 inputs) under TRL's names
+        ``entropy`` (mean over the counted tokens) and ``mean_token_accuracy`` (share of counted tokens whose
+        arg-max logit is the target); ``logprobs`` and ``lse`` ``[...]`` detached fp32 (0 at ignored positions).
+    """
+    config = CrossEntropyConfig(reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
+                                loss_type=loss_type)
+    inputs, opts = prepare_linear(hidden, weight, targets, bias, temperature=temperature, logit_scale=logit_scale,
+                                  logit_softcap=logit_softcap, ignore_index=ignore_index, backend=backend,
+                                  chunk_size=chunk_size, deterministic=deterministic, check_finite=check_finite,
+                                  process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
+    return fused_cross_entropy(inputs, opts, config, num_items_in_batch)
+
+
+def fused_linear_distill_loss(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
+                              teacher_weight: Tensor, mask: Tensor | None = None, *, beta: float = 1.0,
+                              temperature: float = 1.0, student_bias: Tensor | None = None,
+                              teacher_bias: Tensor | None = None, student_logit_scale: float = 1.0,
+                              teacher_logit_scale: float = 1.0, student_logit_softcap: float | None = None,
+                              teacher_logit_softcap: float | None = None, num_items_in_batch=None,
+                              hard_label_weight: float = 0.0, targets: Tensor | None = None, ignore_index: int = -100,
+                              backend: str = "auto", chunk_size: int | None = None, process_group=None,
+                              deterministic: bool | None = None, check_finite: bool = True,
+                              reduce_hidden_grad: bool = True) -> DistillLossOutput:
+    """On-policy distillation loss between a student and a frozen teacher over one vocabulary, without the logits of
+    either: TRL 1.16's generalized JSD (``DistillationTrainer``, ``ChunkedDivergenceFunction``), term for term.
+
+    Formulas in ``fastalign.objectives.distill``: ``beta`` 0 is the forward ``KL(teacher || student)``, 1 the
+    reverse ``KL(student || teacher)``, in between the generalized JSD with mixture ``(1 - beta) p_s + beta p_t``;
+    both models' logits divided by ``temperature``. Torch backend (any device; ``"auto"`` picks it on CUDA too: no
+    Triton kernels for two heads yet): per chunk of the masked rows, both heads' logits, the divergence and its
+    gradient w.r.t. the student's logits, four matmuls; memory O(chunk), never an ``[N, V]`` of either model.
+
+    Args:
+        student_hidden, student_weight: ``[..., H_s]`` and ``[V, H_s]``; ``student_bias``: optional ``[V]``.
+        teacher_hidden, teacher_weight: ``[..., H_t]`` (same leading shape) and ``[V, H_t]``; ``teacher_bias``
+            optional ``[V]``. The teacher gets no gradient (its tensors are detached); hidden sizes may differ.
+        mask: ``[...]`` bool or 0/1 completion mask (TRL's ``completion_mask``); default every position.
+        beta: in ``[0, 1]``.
+        temperature: positive divisor of both models' logits.
+        student_logit_scale, teacher_logit_scale, student_logit_softcap, teacher_logit_softcap: each model's logit
+            transform, ``softcap(logit_scale * z)`` then the temperature (TRL's order), ``softcap(x) = c tanh(x /
+            c)`` (None: none).
+        num_items_in_batch: the loss is the sum over this count (the accumulated batch's completion tokens), else
+            the mean over the masked tokens (0 when there is none), as TRL.
+        hard_label_weight, targets: ``(1 - w) divergence + w CE(targets)``, the cross-entropy on the student's
+            logits before the temperature (Liger's distillation base), ``targets [...]`` with ``ignore_index``;
+            ``targets`` required when ``w > 0``.
+        ignore_index, chunk_size, check_finite: as in :func:`fused_linear_logprobs`.
+        backend: ``"auto"`` or ``"torch"`` (``"triton"`` is refused: no two-head kernels yet).
+        deterministic: must resolve to False (not supported yet: a ValueError).
+        process_group, reduce_hidden_grad: vocab-parallel, as in :func:`fused_linear_logprobs`: both weights are
+            this rank's rows of the vocabulary (the same split), hidden states the same on every rank.
+
+    Returns:
+        ``DistillLossOutput(loss, metrics, entropy)``: ``loss`` differentiable w.r.t. the student's hidden, weight
+        and bias; ``metrics`` detached 0-d fp32 tensors (float64 for float64 inputs): ``entropy`` (the student's
+        mean, TRL's metric), ``divergence`` (the mean per-token divergence), ``hard_loss`` with ``targets``;
+        ``entropy`` ``[...]`` the student's per-token entropy, detached (0 outside the mask).
+    """
+    student_logit_scale, student_logit_softcap = check_logit_transform(student_logit_scale, student_logit_softcap,
+                                                                       prefix="student_")
+    teacher_logit_scale, teacher_logit_softcap = check_logit_transform(teacher_logit_scale, teacher_logit_softcap,
+                                                                       prefix="teacher_")
+    config = DistillConfig(beta=beta, hard_label_weight=hard_label_weight)
+    if hard_label_weight and targets is None:
+        raise ValueError(f"targets: required when hard_label_weight > 0 (got {hard_label_weight!r}), got None")
+    if backend == "triton":
+        raise ValueError("backend: expected 'auto' or 'torch' (fused_linear_distill_loss has no Triton kernels for "
+                         "two heads yet), got 'triton'")
+    stand_in = targets  # prepare_linear validates targets: without any, zeros stand in (no hard loss)
+    if targets is None:
+        student_hidden = require_tensor("student_hidden", student_hidden, dtypes=FLOAT_DTYPES)
+        stand_in = torch.zeros(student_hidden.shape[:-1], dtype=torch.long, device=student_hidden.device)
+    student, opts = prepare_linear(student_hidden, student_weight, stand_in, student_bias, temperature=temperature,
+                                   logit_scale=student_logit_scale, logit_softcap=student_logit_softcap,
+                                   ignore_index=ignore_index, backend="torch", chunk_size=chunk_size,
+                                   deterministic=deterministic, check_finite=check_finite,
+                                   process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
+    if opts.deterministic:
+        raise ValueError("deterministic: not supported by fused_linear_distill_loss yet (pass deterministic=False, "
+                         "or unset $FASTALIGN_DETERMINISTIC / torch's deterministic algorithms), got True")
+    teacher = validate_teacher(teacher_hidden, teacher_weight, teacher_bias, student, check_finite=check_finite)
+    teacher_opts = dataclasses.replace(opts, logit_scale=teacher_logit_scale, logit_softcap=teacher_logit_softcap)
+    return fused_distill_loss(student, teacher, opts, teacher_opts, config, mask, targets, num_items_in_batch)

@@ -154,28 +154,29 @@ def _cases_lse_forward() -> list[LaunchCase]:
 def _cases_logprobs_backward() -> list[LaunchCase]:
     from .logprobs_backward import linear_logprobs_backward
 
-    def case(bias: bool, entropy_grad: bool, softcap: bool, d_hidden: bool, d_weight: bool, d_bias: bool,
-             deterministic: bool) -> LaunchCase:
+    def case(bias: bool, entropy_grad: bool, softcap: bool, row_grads: bool, d_hidden: bool, d_weight: bool,
+             d_bias: bool, deterministic: bool) -> LaunchCase:
         def call(dtype: torch.dtype, shape: Shape) -> None:
             hidden, weight, b, targets = _lm_head(dtype, shape, bias)
             row = torch.empty(shape.n)
             linear_logprobs_backward(hidden, weight, b, targets, row, row, row if entropy_grad else None,
                                      row if entropy_grad else None, inv_temperature=1.0, ignore_index=-100,
                                      need_grad_hidden=d_hidden, need_grad_weight=d_weight, need_grad_bias=d_bias,
-                                     deterministic=deterministic, logit_softcap=30.0 if softcap else None)
+                                     deterministic=deterministic, logit_softcap=30.0 if softcap else None,
+                                     grad_lse=row if row_grads else None, grad_logit_sum=row if row_grads else None)
 
-        flags = dict(bias=bias, entropy_grad=entropy_grad, softcap=softcap, d_hidden=d_hidden, d_weight=d_weight,
-                     d_bias=d_bias)
+        flags = dict(bias=bias, entropy_grad=entropy_grad, softcap=softcap, row_grads=row_grads, d_hidden=d_hidden,
+                     d_weight=d_weight, d_bias=d_bias)
         # deterministic runs other kernels (the logit-gradient tiles and owned-tile matmuls): a heaviest and a
         # commonest of its own
         return LaunchCase("logprobs_backward", _label(**flags, deterministic=deterministic), call,
                           heaviest=all(flags.values()),
-                          commonest=flags == dict(bias=False, entropy_grad=False, softcap=False, d_hidden=True,
-                                                  d_weight=True, d_bias=False))
+                          commonest=flags == dict(bias=False, entropy_grad=False, softcap=False, row_grads=False,
+                                                  d_hidden=True, d_weight=True, d_bias=False))
 
     # d_bias needs a bias; at least one gradient (else the launcher launches nothing).
-    return [case(bias, ent, cap, dh, dw, db, det)
-            for bias, ent, cap, dh, dw, db, det in itertools.product((False, True), repeat=7)
+    return [case(bias, ent, cap, rg, dh, dw, db, det)
+            for bias, ent, cap, rg, dh, dw, db, det in itertools.product((False, True), repeat=8)
             if (bias or not db) and (dh or dw or db)]
 
 

@@ -81,8 +81,9 @@ def grouped_tile(N, V, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, GROUP_N: tl
 
 @triton.jit
 def logit_grad_tile(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, grad_logprobs_ptr, grad_entropy_ptr,
-                    entropy_ptr, rows, cols, row_ok, col_ok, H, vocab_start, ignore_index, inv_temperature,
-                    tanh_scale, HAS_BIAS: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr, SOFTCAP: tl.constexpr,
+                    entropy_ptr, grad_lse_ptr, grad_logit_sum_ptr, rows, cols, row_ok, col_ok, H, vocab_start,
+                    ignore_index, inv_temperature, tanh_scale, HAS_BIAS: tl.constexpr,
+                    HAS_ENTROPY_GRAD: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ROW_GRADS: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                     DOT_PRECISION: tl.constexpr):
     """Logit gradient dz = d loss / d (hidden @ weight.T + bias), fp32 [BLOCK_N, BLOCK_V], of token rows `rows`
@@ -118,9 +119,13 @@ def logit_grad_tile(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, grad
         g_ent = tl.load(grad_entropy_ptr + rows, mask=row_ok, other=0.0)
         entropy = tl.load(entropy_ptr + rows, mask=row_ok, other=0.0)
         dz -= g_ent[:, None] * p * (z - lse[:, None] + entropy[:, None])
-    # Chain rule through the temperature (and the transform: with a softcap, tanh = z / out_scale, its derivative
-    # 1 - tanh^2). Padding and ignored rows (whose lse may be anything) and padding columns contribute nothing:
-    # where() also drops an inf/nan p there.
+    if HAS_ROW_GRADS:  # + g_lse * p (a z-loss) + g_sum (the sum of logits: label smoothing)
+        g_lse = tl.load(grad_lse_ptr + rows, mask=row_ok, other=0.0)
+        g_sum = tl.load(grad_logit_sum_ptr + rows, mask=row_ok, other=0.0)
+        dz += g_lse[:, None] * p + g_sum[:, None]
+    # dz is the gradient w.r.t. the transformed, tempered z. Chain rule through the temperature (and the transform:
+    # with a softcap, tanh = z / out_scale, its derivative 1 - tanh^2). Padding and ignored rows (whose lse may be
+    # anything) and padding columns contribute nothing: where() also drops an inf/nan p there.
     keep = (row_ok & (t != ignore_index))[:, None] & col_ok[None, :]
     if SOFTCAP:
         tanh = z * (1.0 / inv_temperature)
@@ -134,10 +139,10 @@ def logit_grad_tile(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, grad
 @triton.jit
 def _logprobs_backward_kernel(
     hidden_ptr, weight_ptr, bias_ptr, targets_ptr,  # [N, H], [V, H], [V], [N] (all contiguous)
-    lse_ptr, grad_logprobs_ptr, grad_entropy_ptr, entropy_ptr,  # fp32 [N]
+    lse_ptr, grad_logprobs_ptr, grad_entropy_ptr, entropy_ptr, grad_lse_ptr, grad_logit_sum_ptr,  # fp32 [N]
     grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr,  # fp32 [N, H], [V, H], [V], zero-initialized
     N, V, H, vocab_start, ignore_index, inv_temperature, tanh_scale,
-    HAS_BIAS: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ROW_GRADS: tl.constexpr,
     COMPUTE_GRAD_HIDDEN: tl.constexpr, COMPUTE_GRAD_WEIGHT: tl.constexpr, COMPUTE_GRAD_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -148,9 +153,9 @@ def _logprobs_backward_kernel(
     rows64 = rows.to(tl.int64)  # int64: rows * H and cols * H overflow int32 at scale
     cols64 = cols.to(tl.int64)
     dz = logit_grad_tile(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, grad_logprobs_ptr,
-                         grad_entropy_ptr, entropy_ptr, rows, cols, row_ok, col_ok, H, vocab_start, ignore_index,
-                         inv_temperature, tanh_scale, HAS_BIAS, HAS_ENTROPY_GRAD, SOFTCAP, BLOCK_N, BLOCK_V,
-                         BLOCK_H, DOT_PRECISION)
+                         grad_entropy_ptr, entropy_ptr, grad_lse_ptr, grad_logit_sum_ptr, rows, cols, row_ok, col_ok,
+                         H, vocab_start, ignore_index, inv_temperature, tanh_scale, HAS_BIAS, HAS_ENTROPY_GRAD,
+                         SOFTCAP, HAS_ROW_GRADS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
 
     if COMPUTE_GRAD_BIAS:
         tl.atomic_add(grad_bias_ptr + cols, tl.sum(dz, axis=0), mask=col_ok, sem="relaxed")
@@ -180,19 +185,19 @@ def _logprobs_backward_kernel(
 @triton.jit
 def _logit_grad_kernel(
     hidden_ptr, weight_ptr, bias_ptr, targets_ptr,  # [N, H], [V, H], [V], [N] (all contiguous)
-    lse_ptr, grad_logprobs_ptr, grad_entropy_ptr, entropy_ptr,  # fp32 [N]
+    lse_ptr, grad_logprobs_ptr, grad_entropy_ptr, entropy_ptr, grad_lse_ptr, grad_logit_sum_ptr,  # fp32 [N]
     dz_ptr,  # out: [N, V] in the weight's dtype
     N, V, H, vocab_start, ignore_index, inv_temperature, tanh_scale,
-    HAS_BIAS: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ROW_GRADS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Program p: the logit gradient of one (token block, vocab tile), stored once (no atomics)."""
     rows, cols, row_ok, col_ok = grouped_tile(N, V, BLOCK_N, BLOCK_V, GROUP_N)
     dz = logit_grad_tile(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, grad_logprobs_ptr,
-                         grad_entropy_ptr, entropy_ptr, rows, cols, row_ok, col_ok, H, vocab_start, ignore_index,
-                         inv_temperature, tanh_scale, HAS_BIAS, HAS_ENTROPY_GRAD, SOFTCAP, BLOCK_N, BLOCK_V,
-                         BLOCK_H, DOT_PRECISION)
+                         grad_entropy_ptr, entropy_ptr, grad_lse_ptr, grad_logit_sum_ptr, rows, cols, row_ok, col_ok,
+                         H, vocab_start, ignore_index, inv_temperature, tanh_scale, HAS_BIAS, HAS_ENTROPY_GRAD,
+                         SOFTCAP, HAS_ROW_GRADS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
     tl.store(dz_ptr + rows.to(tl.int64)[:, None] * V + cols[None, :], dz.to(dz_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
@@ -203,15 +208,18 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
                              vocab_start: int = 0, need_grad_hidden: bool = True, need_grad_weight: bool = True,
                              need_grad_bias: bool = False, deterministic: bool = False,
                              workspace_bytes: int | None = None, logit_scale: float = 1.0,
-                             logit_softcap: float | None = None,
+                             logit_softcap: float | None = None, grad_lse: Tensor | None = None,
+                             grad_logit_sum: Tensor | None = None,
                              ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients of sum_n g_lp[n] * logprob[n] + g_ent[n] * entropy[n] w.r.t. hidden, weight and bias.
+    """Gradients of sum_n g_lp[n] * logprob[n] + g_ent[n] * entropy[n] + g_lse[n] * lse[n] + g_sum[n] * logit_sum[n]
+    w.r.t. hidden, weight and bias (`logit_sum` = sum_v z_v).
 
     hidden [N, H], weight [V, H] (rows are global vocab ids vocab_start ..), bias [V] or None, all of one dtype
     (fp32/fp16/bf16) or fp16/bf16 hidden with an fp32 weight and bias; targets [N] int64; lse, grad_logprobs and
-    (both or neither) grad_entropy, entropy: fp32 [N], lse and entropy being the GLOBAL per-row values; the logits
-    transformed by `logit_scale` and `logit_softcap` as in `lse_forward`. Callers zero the upstream gradients at
-    ignored rows; those rows get exactly 0 either way. Non-contiguous inputs are copied (`.contiguous()`).
+    (both or neither) grad_entropy, entropy, and the optional grad_lse, grad_logit_sum: fp32 [N], lse and entropy
+    being the GLOBAL per-row values; the logits transformed by `logit_scale` and `logit_softcap` as in
+    `lse_forward` (lse and logit_sum are of the transformed, tempered logits). Callers zero the upstream gradients
+    at ignored rows; those rows get exactly 0 either way. Non-contiguous inputs are copied (`.contiguous()`).
     Returns fp32 grad_hidden [N, H], grad_weight [V, H], grad_bias [V], each None unless asked for.
 
     Writes (default): program p of the 1-D grid cdiv(N, BLOCK_N) * cdiv(V, BLOCK_V) owns one (token block, vocab
@@ -228,6 +236,9 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
     lse, grad_logprobs = lse.float().contiguous(), grad_logprobs.float().contiguous()
     if grad_entropy is not None:
         grad_entropy, entropy = grad_entropy.float().contiguous(), entropy.float().contiguous()
+    row_grads = None  # [2, N]: g_lse, g_sum (one flag: a missing one is zeros)
+    if grad_lse is not None or grad_logit_sum is not None:
+        row_grads = torch.stack([torch.zeros_like(lse) if g is None else g.float() for g in (grad_lse, grad_logit_sum)])
     (n, h), v = hidden.shape, weight.shape[0]
     need_grad_bias = need_grad_bias and bias is not None
 
@@ -240,7 +251,7 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
         return grad_hidden, grad_weight, grad_bias
 
     if deterministic:
-        _atomic_free_backward(hidden, weight, bias, targets, lse, grad_logprobs, grad_entropy, entropy,
+        _atomic_free_backward(hidden, weight, bias, targets, lse, grad_logprobs, grad_entropy, entropy, row_grads,
                               grad_hidden, grad_weight, grad_bias,
                               transform=transform_args(inv_temperature, logit_scale, logit_softcap),
                               softcap=logit_softcap is not None, ignore_index=ignore_index, vocab_start=vocab_start,
@@ -252,11 +263,13 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
     _logprobs_backward_kernel[grid](
         hidden, weight, bias if bias is not None else unused, targets,
         lse, grad_logprobs, grad_entropy if grad_entropy is not None else unused,
-        entropy if entropy is not None else unused,
+        entropy if entropy is not None else unused, row_grads[0] if row_grads is not None else unused,
+        row_grads[1] if row_grads is not None else unused,
         grad_hidden if grad_hidden is not None else unused, grad_weight if grad_weight is not None else unused,
         grad_bias if grad_bias is not None else unused,
         n, v, h, vocab_start, ignore_index, *transform_args(inv_temperature, logit_scale, logit_softcap),
         HAS_BIAS=bias is not None, HAS_ENTROPY_GRAD=grad_entropy is not None, SOFTCAP=logit_softcap is not None,
+        HAS_ROW_GRADS=row_grads is not None,
         COMPUTE_GRAD_HIDDEN=need_grad_hidden, COMPUTE_GRAD_WEIGHT=need_grad_weight, COMPUTE_GRAD_BIAS=need_grad_bias,
         **cfg.constexprs(), **cfg.launch_options(),
     )
@@ -270,7 +283,7 @@ def workspace_rows(v: int, dtype: torch.dtype, workspace_bytes: int, block_n: in
     return max(1, workspace_bytes // (per_row * block_n)) * block_n
 
 
-def _atomic_free_backward(hidden, weight, bias, targets, lse, grad_logprobs, grad_entropy, entropy,
+def _atomic_free_backward(hidden, weight, bias, targets, lse, grad_logprobs, grad_entropy, entropy, row_grads,
                           grad_hidden, grad_weight, grad_bias, *, transform, softcap, ignore_index, vocab_start,
                           workspace_bytes):
     """The atomic-free scheme, into the zero-initialized fp32 outputs that are not None (`transform`: the scalars of
@@ -295,9 +308,11 @@ def _atomic_free_backward(hidden, weight, bias, targets, lse, grad_logprobs, gra
         _logit_grad_kernel[(triton.cdiv(m, cfg.BLOCK_N) * triton.cdiv(v, cfg.BLOCK_V),)](
             hidden[rows], weight, bias if bias is not None else unused, targets[rows], lse[rows],
             grad_logprobs[rows], grad_entropy[rows] if grad_entropy is not None else unused,
-            entropy[rows] if entropy is not None else unused, dz,
+            entropy[rows] if entropy is not None else unused, row_grads[0, rows] if row_grads is not None else unused,
+            row_grads[1, rows] if row_grads is not None else unused, dz,
             m, v, h, vocab_start, ignore_index, *transform,
             HAS_BIAS=bias is not None, HAS_ENTROPY_GRAD=grad_entropy is not None, SOFTCAP=softcap,
+            HAS_ROW_GRADS=row_grads is not None,
             **cfg.constexprs(), **cfg.launch_options(),
         )
         if grad_hidden is not None:

@@ -80,6 +80,27 @@ def _kto(g):
                 kl=torch.tensor(0.1))
 
 
+def _ce(g):
+    return dict(_lm(B, g), label_smoothing=0.1, z_loss=1e-3)
+
+
+def _distill(g):
+    kw = _lm(B, g)
+    return dict(kw, teacher_hidden=torch.randn(B, T, H + 2, generator=g),
+                teacher_weight=torch.randn(V, H + 2, generator=g) / H ** 0.5, mask=kw["targets"] != -100, beta=0.5,
+                hard_label_weight=0.5)
+
+
+def _distill_op(hidden, weight, teacher_hidden, teacher_weight, mask=None, **kw):
+    return fastalign.fused_linear_distill_loss(hidden, weight, teacher_hidden, teacher_weight, mask, **kw)
+
+
+# the table's names: the student's hidden states and weight as every other op's
+_distill_op.__signature__ = inspect.signature(fastalign.fused_linear_distill_loss).replace(parameters=[
+    p.replace(name={"student_hidden": "hidden", "student_weight": "weight"}.get(p.name, p.name))
+    for p in inspect.signature(fastalign.fused_linear_distill_loss).parameters.values()])
+
+
 def _pack_sequences(kw: dict) -> dict:
     """The padded batch as one packed row whose ``position_ids`` never restart (one sequence, not B)."""
     out = dict(kw)
@@ -108,6 +129,8 @@ OPS = {
     "cpo": Op(fastalign.fused_linear_cpo_loss, _cpo, packed=True),
     "orpo": Op(fastalign.fused_linear_orpo_loss, _orpo, packed=True),
     "kto": Op(fastalign.fused_linear_kto_loss, _kto, packed=True),
+    "ce": Op(fastalign.fused_linear_cross_entropy, _ce),
+    "distill": Op(_distill_op, _distill),
 }
 
 FINITE = "finite"
@@ -193,7 +216,11 @@ ROWS = [
     Row("num_chosen_tokens", 1, (ValueError, "num_chosen_tokens: expected an int >=")),
     Row("num_pairs", 1, (ValueError, "num_pairs: expected an int >= 2")),
     Row("num_examples", 1, (ValueError, "num_examples: expected an int >= 2")),
-    Row("num_items_in_batch", 1, (ValueError, "num_items_in_batch: expected at least"), {"loss_type": "dapo"}),
+    Row("num_items_in_batch", 1, (ValueError, "num_items_in_batch: expected at least"), {"loss_type": "dapo"},
+        only=("grpo",)),
+    Row("num_items_in_batch", 1, (ValueError, "num_items_in_batch: expected at least"), only=("ce", "distill")),
+    Row("num_items_in_batch", torch.ones(2) * 99, (ValueError, "num_items_in_batch: expected a number or a "
+                                                               "one-element tensor"), only=("ce", "distill")),
     Row("num_tokens", 1, (ValueError, "num_tokens: expected at least")),
     Row("num_sequences", 1, (ValueError, "num_sequences: expected at least"), {"loss_agg": "seq-mean-token-sum"}),
     Row("max_completion_length", 2, (ValueError, "max_completion_length: expected at least the longest"),

@@ -77,31 +77,35 @@ def test_opcheck_logprobs_backward(bias, backend, deterministic):
 @pytest.mark.parametrize("frozen", [False, True])
 def test_registered_values_and_grads_match_float64(shape, frozen):
     """The registered statistics op and its registered backward against the float64 reference: log-probs, entropy,
-    lse2, logit sum, argmax, and the gradients of a loss of both log-probs and entropy (temperature, bias, an ignored
-    row, chunks of 3 rows over V = 37; N = H = 1; a frozen weight gets no gradient)."""
+    lse2, logit sum, argmax, and the gradients of a loss of the log-probs, the entropy, the lse and the logit sum
+    (temperature, bias, an ignored row, chunks of 3 rows over V = 37; N = H = 1; a frozen weight gets no
+    gradient)."""
     n, h, v = shape
     hidden, weight, bias, targets = problem(n, h, v)
     weight.requires_grad_(not frozen)
     opts = LinearOptions(temperature=0.7, chunk_size=3)
     spec = registered.RowStatsSpec(entropy=True, lse2=True, logit_sum=True, argmax=True)
     logprobs, entropy, stats = registered.registered_token_stats(hidden, weight, bias, targets, opts, spec)
-    a, c = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
-    ((logprobs.double() * a).sum() + (entropy.double() * c).sum()).backward()
+    a, c, e, f = (torch.randn(n, dtype=torch.float64) for _ in range(4))
+    ((logprobs.double() * a).sum() + (entropy.double() * c).sum() + (stats.lse.double() * e).sum()
+     + (stats.logit_sum.double() * f).sum()).backward()
     got = [hidden.grad, weight.grad, bias.grad]
     for t in (hidden, weight, bias):
         t.grad = None
     ref_lp, ref_ent, z = naive_token_values(hidden, weight, bias, targets, 0.7)
-    ((ref_lp * a).sum() + (ref_ent * c).sum()).backward()
+    valid = targets != -100
+    ((ref_lp * a).sum() + (ref_ent * c).sum() + (torch.where(valid, z.logsumexp(-1), 0) * e).sum()
+     + (torch.where(valid, z.sum(-1), 0) * f).sum()).backward()
     torch.testing.assert_close(logprobs.double(), ref_lp.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(entropy.double(), ref_ent.detach(), rtol=1e-5, atol=1e-5)
-    valid = targets != IGNORE  # the ignored rows get no logits: their statistics are 0
-    z = z.detach()[valid]
+    z = z.detach()[valid]  # the ignored rows get no logits: their statistics are 0
     torch.testing.assert_close(stats.lse.double()[valid], z.logsumexp(-1), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(stats.lse2.double()[valid], (2 * z).logsumexp(-1), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(stats.logit_sum.double()[valid], z.sum(-1), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(stats.max_logit.double()[valid], z.max(-1).values, rtol=1e-5, atol=1e-5)
     assert all(bool((t[~valid] == 0).all()) for t in (stats.lse, stats.lse2, stats.logit_sum, stats.argmax))
-    assert not (logprobs.grad_fn is None) and stats.lse.grad_fn is None
+    assert None not in (logprobs.grad_fn, stats.lse.grad_fn, stats.logit_sum.grad_fn)
+    assert stats.lse2.grad_fn is None and stats.max_logit.grad_fn is None
     for g, t in zip(got, (hidden, weight, bias)):
         if t.grad is None:
             assert g is None

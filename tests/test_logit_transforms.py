@@ -16,9 +16,11 @@ import torch
 from bf16_interpreter import bf16_interpreter  # noqa: F401 (fixture)
 from conftest import BACKENDS
 
-from fastalign import (fused_linear_cpo_loss, fused_linear_dpo_loss, fused_linear_grpo_loss, fused_linear_kto_loss,
-                       fused_linear_logprobs, fused_linear_orpo_loss, fused_linear_ppo_loss, fused_linear_rloo_loss)
+from fastalign import (fused_linear_cpo_loss, fused_linear_cross_entropy, fused_linear_distill_loss,
+                       fused_linear_dpo_loss, fused_linear_grpo_loss, fused_linear_kto_loss, fused_linear_logprobs,
+                       fused_linear_orpo_loss, fused_linear_ppo_loss, fused_linear_rloo_loss)
 from reference import as_f64_leaf
+from test_distill import reference_distill
 
 B, T, H, V = 2, 5, 8, 37  # V not a multiple of any tile
 TEMPERATURE = 0.8
@@ -109,8 +111,18 @@ def _orpo(h, w, t, b, **kw):
     return out.loss, out.metrics
 
 
+def _ce(h, w, t, b, reduction="mean", **kw):
+    """Cross-entropy with label smoothing and a z-loss: the lse's and the logit sum's gradients (``RowGrads``);
+    ``reduction="none"`` takes the two-pass backward."""
+    out = fused_linear_cross_entropy(h, w, t, b, reduction=reduction, label_smoothing=0.1, z_loss=1e-2, **kw)
+    loss = out.loss
+    if reduction == "none":
+        loss = (loss * torch.linspace(-1.0, 1.0, loss.numel(), dtype=loss.dtype).view(loss.shape)).sum()
+    return loss, out.metrics
+
+
 OPS = {"logprobs": _logprobs, "ppo": _ppo, "grpo": _grpo, "rloo": _rloo, "dpo": _dpo, "kto": _kto, "cpo": _cpo,
-       "orpo": _orpo}
+       "orpo": _orpo, "ce": _ce, "ce_none": functools.partial(_ce, reduction="none")}
 
 
 def reference(op, hidden, weight, bias, targets, transform, **kw):
@@ -145,7 +157,7 @@ def test_every_op_float64(op, transform):
     check(OPS[op], "torch", TRANSFORMS[transform])
 
 
-@pytest.mark.parametrize("op", ["logprobs", "grpo", "dpo"])
+@pytest.mark.parametrize("op", ["logprobs", "grpo", "dpo", "ce", "ce_none"])
 def test_two_passes_and_deterministic(op, monkeypatch):
     """The two-pass plan (groups over the chunk budget, chunks of 3 rows) and the deterministic plan."""
     import fastalign.ops.engine as engine
@@ -207,6 +219,46 @@ def test_bad_transform_is_refused(name, value, message):
     hidden, weight, bias, targets = problem(dtype=torch.float32)
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         fused_linear_logprobs(hidden, weight, targets, bias, backend="torch", **{name: value})
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_distill_per_head_transforms(beta):
+    """The distillation loss with a different transform per head (TRL's order: scale, then softcap, then the
+    temperature) and the hard cross-entropy, against TRL's generalized JSD on the materialized float64 transformed
+    logits of both heads: loss, entropy and the student's gradients (one pass, and chunks of 4 rows)."""
+    gen = torch.Generator().manual_seed(5)
+    hidden, weight, bias, targets = problem()
+    teacher_hidden = 1.5 * torch.randn(B, T, H + 3, generator=gen, dtype=torch.float64)
+    teacher_weight = torch.randn(V, H + 3, generator=gen, dtype=torch.float64)
+    mask = torch.rand(B, T, generator=gen) > 0.3
+    student = dict(logit_scale=1.7, logit_softcap=2.0)
+    teacher = dict(logit_scale=0.6, logit_softcap=3.0)
+    leaves = [as_f64_leaf(x) for x in (hidden, weight, bias)]
+    zs = transformed_logits(*leaves, **student)
+    zt = transformed_logits(teacher_hidden, teacher_weight, None, **teacher)
+    eye = torch.eye(V, dtype=torch.float64)
+    want, want_entropy = reference_distill(zs, eye, zt, eye, mask, beta=beta, temperature=TEMPERATURE,
+                                           hard_label_weight=0.3, targets=targets)
+    want_grads = torch.autograd.grad(want, leaves)
+    for chunk_size in (None, 4):
+        got_leaves = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
+        out = fused_linear_distill_loss(got_leaves[0], got_leaves[1], teacher_hidden, teacher_weight, mask, beta=beta,
+                                        temperature=TEMPERATURE, student_bias=got_leaves[2],
+                                        student_logit_scale=1.7, student_logit_softcap=2.0, teacher_logit_scale=0.6,
+                                        teacher_logit_softcap=3.0, hard_label_weight=0.3, targets=targets,
+                                        backend="torch", chunk_size=chunk_size)
+        torch.testing.assert_close(out.loss, want.detach(), rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(out.entropy, want_entropy.detach(), rtol=1e-9, atol=1e-11)
+        for name, grad, expected in zip(("hidden", "weight", "bias"), torch.autograd.grad(out.loss, got_leaves),
+                                        want_grads):
+            torch.testing.assert_close(grad, expected, rtol=1e-9, atol=1e-11, msg=lambda m: f"d {name}: {m}")
+
+
+def test_distill_bad_transform_is_refused():
+    hidden, weight, bias, targets = problem(dtype=torch.float32)
+    for name, value in (("teacher_logit_softcap", 0.0), ("student_logit_scale", float("nan"))):
+        with pytest.raises(ValueError, match=f"{name}: expected a positive finite number"):
+            fused_linear_distill_loss(hidden, weight, hidden, weight, backend="torch", **{name: value})
 
 
 def test_compiled(one_thread):

@@ -66,6 +66,12 @@ def _rloo(hidden, weight, bias, targets, x, **options):
     return {"loss": out.loss, "logprobs": out.logprobs, "logps": out.logps}
 
 
+def _ce(hidden, weight, bias, targets, x, **options):
+    out = F.fused_linear_cross_entropy(hidden, weight, targets, bias, label_smoothing=0.1, z_loss=1e-3,
+                                       temperature=0.7, **options)
+    return {"loss": out.loss, "logprobs": out.logprobs, "lse": out.lse}
+
+
 def _dpo(hidden, weight, bias, targets, x, **options):
     b = targets.shape[0] // 2
     out = F.fused_linear_dpo_loss(hidden, weight, targets, bias=bias, ref_chosen_logps=x["ref_logps"][:b],
@@ -116,6 +122,7 @@ OPS: tuple[OpCase, ...] = (
     OpCase("grpo-dapo", 4, _token_inputs, _grpo(loss_type="dapo")),
     OpCase("grpo-gspo", 4, _token_inputs, _grpo(loss_type="grpo", importance_sampling_level="sequence")),
     OpCase("rloo", 4, _token_inputs, _rloo),
+    OpCase("ce", 3, _token_inputs, _ce),
     OpCase("dpo", 4, _reference_inputs, _dpo),
     OpCase("dpo-ranking", 6, _reference_inputs, _ranking),
     OpCase("kto", 4, _reference_inputs, _kto),

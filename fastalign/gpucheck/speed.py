@@ -1,7 +1,7 @@
-"""Part 3 of the GPU check: time and extra peak memory of log-probs fwd+bwd, DPO and GRPO for fastalign (triton,
-default and deterministic; the torch backend on the same device), naive PyTorch, and Liger-Kernel, Cut Cross-Entropy
-and TRL's ``ChunkedLogProbFunction`` where installed, each with its achieved TFLOPS and, for fastalign triton, the
-cost model's estimate (``fastalign.gpu_model``) beside it.
+"""Part 3 of the GPU check: time and extra peak memory of log-probs fwd+bwd, SFT cross-entropy, DPO and GRPO for
+fastalign (triton, default and deterministic; the torch backend on the same device), naive PyTorch, and
+Liger-Kernel, Cut Cross-Entropy and TRL's ``ChunkedLogProbFunction`` where installed, each with its achieved
+TFLOPS and, for fastalign triton, the cost model's estimate (``fastalign.gpu_model``) beside it.
 
 TFLOPS are *useful* FLOPs over the measured time: the matmuls an op needs at least (``2 N H V`` each): three for a
 trained op (logits, d hidden, d weight), four for DPO (plus the reference's logits), whatever an implementation
@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from .. import bench, gpu_model
-from ..functional import fused_linear_logprobs
+from ..functional import fused_linear_cross_entropy, fused_linear_logprobs
 from .budget import Budget
 
 FASTALIGN_VARIANTS = {"fastalign triton": ("triton", False), "fastalign triton deterministic": ("triton", True),
@@ -34,6 +34,11 @@ def _fused_logprobs(backend: str, deterministic: bool) -> bench.VariantFactory:
         lambda x, hidden, weight, bias: fused_linear_logprobs(hidden, weight, x.targets, bias, backend=backend,
                                                               deterministic=deterministic),
         train_weight=True)
+
+
+def _fused_ce(backend: str, deterministic: bool) -> bench.VariantFactory:
+    return bench.fused_loss(lambda x, hidden, weight: fused_linear_cross_entropy(
+        hidden, weight, x.targets, backend=backend, deterministic=deterministic))
 
 
 def _fused_loss(factory: Callable[..., bench.VariantFactory], **options) -> Callable[..., bench.VariantFactory]:
@@ -96,6 +101,9 @@ def speed_ops() -> dict[str, SpeedOp]:
             "Liger-Kernel (fused linear CE)": optional("liger_kernel", _liger_logprobs),
             "Cut Cross-Entropy": optional("cut_cross_entropy", _cce_logprobs),
             "TRL ChunkedLogProbFunction": optional("trl", _trl_logprobs)}, 3, _forward_backward),
+        "SFT cross-entropy fwd+bwd": SpeedOp(bench.make_logprob_inputs, {
+            **fused(_fused_ce), "naive PyTorch": bench.naive_ce,
+            "Cut Cross-Entropy": bench.cce_ce if _installed("cut_cross_entropy") else None}, 3, _forward_backward),
         "DPO fwd+bwd (reference forward included)": SpeedOp(bench.make_dpo_inputs, {
             **fused(_fused_loss(bench.fused_dpo)), "naive PyTorch": bench.naive_dpo,
             "Liger-Kernel": bench.liger_dpo(False) if _installed("liger_kernel") else None}, 4, _dpo_estimate),

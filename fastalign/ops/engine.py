@@ -33,7 +33,7 @@ from .chunking import rows_per_chunk
 from .linear import LinearOptions, logprobs_backward, lse_forward, scale_precomputed_grads
 from .logprobs import token_outputs
 from .registered import registered_token_stats
-from .torch_backend import RowStats, RowStatsSpec
+from .torch_backend import RowGrads, RowStats, RowStatsSpec
 from .validation import LinearInputs
 
 GROUP_BUDGET_CHUNKS = 8
@@ -47,9 +47,11 @@ terms over consecutive rows, e.g. pairs or sequences), or None (the whole batch,
 
 class RowValues(NamedTuple):
     """What a loss function receives: the log-probs and entropy (0 at ignored rows), differentiable, and the row
-    statistics (detached; in the one-pass plan only those of ``fused_rows_loss``'s ``spec``, 0 at rows not yet
-    computed), ``[M]`` each, or only those of the selected rows ``rows`` (a slice of the M) when ``rows`` is not
-    None."""
+    statistics (in the one-pass plan only those of ``fused_rows_loss``'s ``spec``, 0 at rows not yet computed),
+    ``[M]`` each, or only those of the selected rows ``rows`` (a slice of the M) when ``rows`` is not None. Of the
+    statistics, ``lse`` and ``logit_sum`` are differentiable (a z-loss, label smoothing: their gradients flow
+    through the engine's backward, ``torch_backend.RowGrads``), the others detached: detach ``lse`` where it only
+    normalizes."""
 
     logprobs: Tensor
     entropy: Tensor | None
@@ -100,23 +102,29 @@ def whole_group_chunks(group_rows: Sequence[int], vocab_size: int, chunk_size: i
 
 def _loss_and_grads(loss_fn: LossFn, logprobs: Tensor, entropy: Tensor | None, stats: RowStats | None,
                     valid: Tensor, rows: slice | None = None,
-                    select: slice | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The loss and its gradients w.r.t. the log-probs and the entropy (None when the loss does not use it), 0 at
-    ignored rows; only those of the rows ``select`` when given (``valid`` is then of those rows)."""
+                    select: slice | None = None) -> tuple[Tensor, RowGrads]:
+    """The loss and its gradients w.r.t. the log-probs, the entropy, the lse and the sum of logits (None when the
+    loss does not use them; the log-probs' always a tensor), 0 at ignored rows; only those of the rows ``select``
+    when given (``valid`` is then of those rows)."""
+    def leaf(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.detach().requires_grad_(True)
+
     with torch.enable_grad():
-        lp = logprobs.detach().requires_grad_(True)
-        ent = None if entropy is None else entropy.detach().requires_grad_(True)
-        loss = loss_fn(RowValues(lp, ent, stats, rows))
-        if not loss.requires_grad:  # the loss does not depend on the log-probs at all
-            return loss.detach(), torch.zeros_like(valid, dtype=lp.dtype), None
-        leaves = [lp] if ent is None else [lp, ent]
-        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        leaves = [leaf(logprobs), leaf(entropy)]
+        if stats is not None:
+            leaves += [leaf(stats.lse), leaf(stats.logit_sum)]
+            stats = stats._replace(lse=leaves[2], logit_sum=leaves[3])
+        loss = loss_fn(RowValues(leaves[0], leaves[1], stats, rows))
+        used = [t for t in leaves if t is not None]
+        grads = torch.autograd.grad(loss, used, allow_unused=True) if loss.requires_grad else [None] * len(used)
+    found = iter(grads)
+    grads = [None if t is None else next(found) for t in leaves]
     if select is not None:
         grads = [None if g is None else g[select] for g in grads]
-    grad_lp, grad_ent = grads[0], (grads[1] if ent is not None else None)
-    grad_lp = torch.zeros_like(valid, dtype=lp.dtype) if grad_lp is None else torch.where(valid, grad_lp, 0.0)
-    grad_ent = None if grad_ent is None else torch.where(valid, grad_ent, 0.0)
-    return loss.detach(), grad_lp, grad_ent
+    grads = [None if g is None else torch.where(valid, g, 0.0) for g in grads]
+    if grads[0] is None:  # the loss does not depend on the log-probs
+        grads[0] = torch.zeros_like(valid, dtype=logprobs.dtype)
+    return loss.detach(), RowGrads(*grads)
 
 
 class _Plan(NamedTuple):
@@ -162,9 +170,9 @@ class _EngineLoss(torch.autograd.Function):
             entropy = torch.zeros_like(logprobs) if plan.with_entropy else None
             seen: dict[int, Tensor] = {}  # statistics of the rows computed so far (0 elsewhere), by field
 
-            def token_grads(rows: slice, lp: Tensor, ent: Tensor | None, stats: RowStats):
+            def token_grads(rows: slice, lp: Tensor, ent: Tensor | None, stats: RowStats) -> RowGrads:
                 if plan.chunks == "token":  # the chunk's terms alone
-                    return _loss_and_grads(plan.loss_fn, lp, ent, stats, valid[rows], rows)[1:]
+                    return _loss_and_grads(plan.loss_fn, lp, ent, stats, valid[rows], rows)[1]
                 logprobs[rows] = lp
                 if entropy is not None:
                     entropy[rows] = ent
@@ -174,7 +182,7 @@ class _EngineLoss(torch.autograd.Function):
                             seen[field] = value.new_zeros(targets.shape)
                         seen[field][rows] = value
                 stats = RowStats(*(seen.get(field) for field in range(len(stats))))
-                return _loss_and_grads(plan.loss_fn, logprobs, entropy, stats, valid[rows], select=rows)[1:]
+                return _loss_and_grads(plan.loss_fn, logprobs, entropy, stats, valid[rows], select=rows)[1]
 
             out = torch_backend.linear_logprobs_fused(
                 rows_hidden, weight, bias, targets, token_grads, **opts.logit_args,
@@ -192,36 +200,96 @@ class _EngineLoss(torch.autograd.Function):
         else:
             stats = lse_forward(rows_hidden, weight, bias, targets, opts, spec=plan.spec)
             logprobs, entropy = token_outputs(stats, valid, plan.with_entropy)
-            loss, grad_lp, grad_ent = _loss_and_grads(plan.loss_fn, logprobs, entropy, stats, valid)
-            ctx.has_grad_entropy = grad_ent is not None
+            loss, grads = _loss_and_grads(plan.loss_fn, logprobs, entropy, stats, valid)
+            ctx.grad_present = [g is not None for g in grads]
             saved_rows = () if plan.rows is None else (plan.rows,)
-            ctx.save_for_backward(hidden, weight, bias, *stats_tensors(stats), grad_lp,
-                                  *((grad_ent,) if grad_ent is not None else ()), *saved_rows)
+            ctx.save_for_backward(hidden, weight, bias, *stats_tensors(stats), *(g for g in grads if g is not None),
+                                  *saved_rows)
             plan.outputs[:] = [logprobs, entropy, stats]
         return loss.detach()
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
         plan, saved = ctx.plan, list(ctx.saved_tensors)
-        weight_like = grad_loss  # device and a float dtype for zero gradients (cast to the inputs' dtypes below)
         if ctx.one_pass:
-            grads = scale_precomputed_grads([saved.pop(0) if present else None for present in ctx.present],
-                                            grad_loss)
-            grads = [weight_like.new_zeros(shape) if g is None and need else g
-                     for g, shape, need in zip(grads, ctx.grad_shapes, ctx.needs_input_grad[:3])]
+            grads = _precomputed_grads(ctx, saved, grad_loss)
         else:
             hidden, weight, bias = saved[:3]
             rows = saved.pop() if plan.rows is not None else None
             stats = RowStats(saved[3], saved[4], saved[5] if saved[5].numel() else None)
-            grad_lp = saved[6] * grad_loss
-            grad_ent = saved[7] * grad_loss if ctx.has_grad_entropy else None
+            upstream = iter(saved[6:])
+            row_grads = RowGrads(*(next(upstream) * grad_loss if present else None for present in ctx.grad_present))
             rows_hidden = hidden if rows is None else hidden[rows]
-            grads = logprobs_backward(rows_hidden, weight, bias, plan.targets, stats, grad_lp, grad_ent, plan.opts,
-                                      **ctx.need)
+            grads = logprobs_backward(rows_hidden, weight, bias, plan.targets, stats, row_grads.logprobs,
+                                      row_grads.entropy, plan.opts, **ctx.need, grad_lse=row_grads.lse,
+                                      grad_logit_sum=row_grads.logit_sum)
         grads = [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.input_dtypes)]
         if grads[0] is not None and plan.rows is not None:  # scatter the selected rows' gradient back
             grads[0] = grads[0].new_zeros(ctx.hidden_shape).index_copy_(0, plan.rows, grads[0])
         return grads[0], grads[1], grads[2], None
+
+
+def _precomputed_grads(ctx, saved: list[Tensor], grad_loss: Tensor) -> list[Tensor | None]:
+    """The gradients a one-pass forward saved (``ctx.present`` says which), times ``grad_loss``; zeros of
+    ``ctx.grad_shapes`` for those needed but not formed."""
+    grads = scale_precomputed_grads([saved.pop(0) if present else None for present in ctx.present], grad_loss)
+    return [grad_loss.new_zeros(shape) if g is None and need else g
+            for g, shape, need in zip(grads, ctx.grad_shapes, ctx.needs_input_grad[:3])]
+
+
+class PairPlan(NamedTuple):
+    """A loss of two heads over one vocabulary (``fused_pair_loss``): the frozen head and the loss's pieces."""
+
+    other: tuple[Tensor, Tensor, Tensor | None]  # hidden [N, H'], weight [V, H'], bias [V] | None, detached
+    terms_fn: torch_backend.PairTerms
+    grads_fn: torch_backend.PairGrads
+    row_scale: Tensor  # [N]: the loss is sum_n row_scale[n] terms[0, n] (+ the hard-target part)
+    hard_targets: Tensor | None  # [N]
+    hard_scale: Tensor | None  # [N], 0 at ignored targets
+    opts: LinearOptions  # the trained head's
+    other_opts: LinearOptions  # the frozen head's logit transform (the same temperature)
+    outputs: list  # filled by the forward: [terms [k, N]]
+
+
+class _PairLoss(torch.autograd.Function):
+    """``(hidden [N, H], weight [V, H], bias [V] | None, plan) -> loss``, one pass over both heads; the per-row
+    terms go to ``plan.outputs``."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, plan: PairPlan):
+        opts = plan.opts
+        need = ctx.needs_input_grad[:3]
+        ctx.grad_shapes = (hidden.shape, weight.shape, None if bias is None else bias.shape)
+        ctx.input_dtypes = (hidden.dtype, weight.dtype, weight.dtype)
+        other_hidden, other_weight, other_bias = plan.other
+        out = torch_backend.linear_pair_fused(
+            hidden, torch_backend.linear_head(weight, bias, opts.logit_args), other_hidden,
+            torch_backend.linear_head(other_weight, other_bias, plan.other_opts.logit_args), plan.terms_fn,
+            plan.grads_fn, plan.row_scale, hard_targets=plan.hard_targets, hard_scale=plan.hard_scale,
+            ignore_index=opts.ignore_index, need_grad_hidden=need[0], need_grad_weight=need[1],
+            need_grad_bias=need[2], chunk_size=opts.chunk_size, shard=opts.shard)
+        grads = opts.finish_grads(out.grads)
+        ctx.present = [g is not None for g in grads]
+        ctx.save_for_backward(*(g for g in grads if g is not None))
+        loss = (plan.row_scale * out.terms[0]).sum()
+        if plan.hard_targets is not None:
+            loss = loss + (plan.hard_scale * out.terms[-1]).sum()
+        plan.outputs[:] = [out.terms]
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        grads = _precomputed_grads(ctx, list(ctx.saved_tensors), grad_loss)
+        grads = [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.input_dtypes)]
+        return grads[0], grads[1], grads[2], None
+
+
+def fused_pair_loss(inputs: LinearInputs, plan: PairPlan) -> tuple[Tensor, Tensor]:
+    """A loss of two heads of the same rows over one vocabulary: ``inputs`` the trained head (``targets`` unused),
+    ``plan.other`` the frozen one. Returns the loss (differentiable w.r.t. ``inputs.hidden``, ``weight``, ``bias``)
+    and the detached per-row terms ``[k, N]`` (``torch_backend.linear_pair_fused``; torch backend, one pass)."""
+    loss = _PairLoss.apply(inputs.hidden, inputs.weight, inputs.bias, plan)
+    return loss, plan.outputs[0]
 
 
 def stats_tensors(stats: RowStats) -> tuple[Tensor, Tensor, Tensor]:
@@ -284,4 +352,5 @@ def registered_rows_loss(inputs: LinearInputs, opts: LinearOptions, loss_fn: Los
         hidden, targets = hidden.index_select(0, rows), targets.index_select(0, rows)
     logprobs, entropy, stats = registered_token_stats(hidden, inputs.weight, inputs.bias, targets, opts, spec)
     loss = loss_fn(RowValues(logprobs, entropy, stats))
-    return EngineOutput(loss, logprobs.detach(), None if entropy is None else entropy.detach(), stats)
+    return EngineOutput(loss, logprobs.detach(), None if entropy is None else entropy.detach(),
+                        RowStats(*(None if t is None else t.detach() for t in stats)))

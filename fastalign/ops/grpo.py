@@ -21,8 +21,8 @@ from .engine import RowValues, fused_rows_loss
 from .linear import LinearOptions
 from .segments import PackedLayout
 from .torch_backend import RowStatsSpec, compute_dtype
-from .validation import (FLOAT_DTYPES, LinearInputs, masked_token_tensor, require_finite, require_same_device,
-                         require_tensor, validate_token_mask)
+from .validation import (FLOAT_DTYPES, LinearInputs, check_num_items, masked_token_tensor, require_finite,
+                         require_same_device, require_tensor, validate_token_mask)
 
 
 class GRPOLossOutput(NamedTuple):
@@ -108,7 +108,7 @@ def validate_grpo_inputs(targets: Tensor, num_sequences: int, dtype: torch.dtype
         num_items_in_batch = (num_items_in_batch.reshape(()) if isinstance(num_items_in_batch, Tensor)
                               else float(num_items_in_batch))
     elif num_items_in_batch is not None:
-        num_items_in_batch = _check_num_items(num_items_in_batch, int(completion.sum()))
+        num_items_in_batch = check_num_items(num_items_in_batch, int(completion.sum()))
     sampling = None
     if sampling_logprobs is not None:  # NaN: a token the rollout engine could not score (no evidence, as TRL 1.16)
         sampling = masked_token_tensor("sampling_logprobs", sampling_logprobs, completion, check_finite=False,
@@ -118,23 +118,6 @@ def validate_grpo_inputs(targets: Tensor, num_sequences: int, dtype: torch.dtype
         sampling = sampling.to(dtype)
     return GRPOInputs(advantages, completion, token("old_logprobs", old_logprobs), token("ref_logprobs", ref_logprobs),
                       ratio, sampling, num_items_in_batch)
-
-
-def _check_num_items(value, own: int):
-    """A completion-token count over the whole accumulated batch: a number or one-element tensor >= this batch's."""
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"num_items_in_batch: expected a number or a one-element tensor, got shape "
-                             f"{tuple(value.shape)}")
-        count = float(value)
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        count = float(value)
-    else:
-        raise TypeError(f"num_items_in_batch: expected a number or a one-element tensor, got {type(value).__name__}")
-    if not count >= max(own, 1):
-        raise ValueError(f"num_items_in_batch: expected at least this batch's own completion tokens ({max(own, 1)}; "
-                         f"pass the count over the whole accumulated batch), got {count}")
-    return value.reshape(()) if isinstance(value, Tensor) else count
 
 
 def fused_grpo_loss(inputs: LinearInputs, opts: LinearOptions, config: GRPOLossConfig, tokens: GRPOInputs,

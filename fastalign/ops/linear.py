@@ -70,24 +70,27 @@ def lse_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Te
 
 def logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, stats: RowStats,
                       grad_logprobs: Tensor, grad_entropy: Tensor | None, opts: LinearOptions, *,
-                      need_hidden: bool, need_weight: bool, need_bias: bool) -> LinearGrads:
-    """Gradients of ``hidden``, ``weight`` and ``bias`` for upstream per-token gradients (0 at ignored rows), from the
-    global row statistics ``stats``; with a vocab shard, ``d weight``/``d bias`` of the shard (``finish_grads``)."""
+                      need_hidden: bool, need_weight: bool, need_bias: bool, grad_lse: Tensor | None = None,
+                      grad_logit_sum: Tensor | None = None) -> LinearGrads:
+    """Gradients of ``hidden``, ``weight`` and ``bias`` for upstream per-token gradients (0 at ignored rows) w.r.t.
+    the log-probs, the entropy, the lse and the sum of logits (``torch_backend.RowGrads``), from the global row
+    statistics ``stats``; with a vocab shard, ``d weight``/``d bias`` of the shard (``finish_grads``)."""
     if opts.backend == "triton":
         return triton_logprobs_backward(hidden, weight, bias, targets, stats.lse, stats.entropy, grad_logprobs,
                                         grad_entropy, opts, need_hidden=need_hidden, need_weight=need_weight,
-                                        need_bias=need_bias)
+                                        need_bias=need_bias, grad_lse=grad_lse, grad_logit_sum=grad_logit_sum)
     return opts.finish_grads(torch_backend.linear_logprobs_backward(
         hidden, weight, bias, targets, stats, grad_logprobs, grad_entropy, **opts.logit_args,
         ignore_index=opts.ignore_index, vocab_start=opts.vocab_start, need_grad_hidden=need_hidden,
         need_grad_weight=need_weight, need_grad_bias=need_bias, chunk_size=opts.chunk_size,
-        deterministic=opts.deterministic))
+        deterministic=opts.deterministic, grad_lse=grad_lse, grad_logit_sum=grad_logit_sum))
 
 
 def triton_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, lse: Tensor,
                              entropy: Tensor | None, grad_logprobs: Tensor, grad_entropy: Tensor | None,
                              opts: LinearOptions, *, need_hidden: bool, need_weight: bool,
-                             need_bias: bool) -> LinearGrads:
+                             need_bias: bool, grad_lse: Tensor | None = None,
+                             grad_logit_sum: Tensor | None = None) -> LinearGrads:
     """Triton: ``logprobs_backward`` from the global per-row ``lse`` and ``entropy`` ``[N]`` (the entropy is only
     used with ``grad_entropy``)."""
     from fastalign.kernels.logprobs_backward import linear_logprobs_backward
@@ -96,7 +99,7 @@ def triton_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
         hidden, weight, bias, targets, lse, grad_logprobs, grad_entropy, None if grad_entropy is None else entropy,
         **opts.logit_args, ignore_index=opts.ignore_index, vocab_start=opts.vocab_start,
         need_grad_hidden=need_hidden, need_grad_weight=need_weight, need_grad_bias=need_bias,
-        deterministic=opts.deterministic)))
+        deterministic=opts.deterministic, grad_lse=grad_lse, grad_logit_sum=grad_logit_sum)))
 
 
 def triton_ppo_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, opts: LinearOptions,

@@ -4,9 +4,11 @@
 - ``fastalign::token_stats(hidden [N, H], weight [V, H], bias [V]?, targets [N], <options>, <spec>)``
   ``-> (logprobs [N], entropy [N], lse [N], target_logit [N], lse2 [N], logit_sum [N], max_logit [N], argmax [N])``:
   the statistics pass (``linear.lse_forward``) on the rows whose target is not ignored (all outputs 0 at the
-  others); the statistics the spec does not ask for are empty ``[0]`` tensors. Differentiable in ``logprobs`` and ``entropy`` (the other outputs are not: detach them).
+  others); the statistics the spec does not ask for are empty ``[0]`` tensors. Differentiable in ``logprobs``,
+  ``entropy``, ``lse`` and ``logit_sum`` (the other outputs are not).
 - ``fastalign::logprobs_backward(hidden, weight, bias?, targets, lse, entropy, grad_logprobs, grad_entropy?,
-  <options>, need_hidden, need_weight, need_bias) -> (d_hidden [N, H], d_weight [V, H], d_bias [V])``: the pass
+  <options>, need_hidden, need_weight, need_bias, grad_lse?, grad_logit_sum?) -> (d_hidden [N, H],
+  d_weight [V, H], d_bias [V])``: the pass
   that recomputes the logits (``linear.logprobs_backward``), gradients in the inputs' dtypes, empty ``[0]`` where
   not needed. It is ``token_stats``'s registered backward.
 
@@ -119,19 +121,20 @@ def _setup_stats(ctx, inputs, output):
     count = len(OptionArgs._fields)
     ctx.options, ctx.has_entropy = options[:count], options[count]  # the spec's entropy flag follows the options
     logprobs, entropy, lse = output[:3]
-    ctx.mark_non_differentiable(*output[2:])
+    ctx.mark_non_differentiable(output[3], output[4], output[6], output[7])
     ctx.has_bias = bias is not None
     ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
 
 
-def _stats_backward(ctx, grad_logprobs, grad_entropy, *_):
+def _stats_backward(ctx, grad_logprobs, grad_entropy, grad_lse, _target_logit, _lse2, grad_logit_sum, *_):
     hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
     need = ctx.needs_input_grad[:3]
     if grad_logprobs is None:
         grad_logprobs = torch.zeros_like(lse)
     d_hidden, d_weight, d_bias = torch.ops.fastalign.logprobs_backward(
         hidden, weight, bias, targets, lse, entropy, grad_logprobs, grad_entropy if ctx.has_entropy else None,
-        *ctx.options, need[0], need[1], need[2] and ctx.has_bias)
+        *ctx.options, need[0], need[1], need[2] and ctx.has_bias, grad_lse,
+        grad_logit_sum if grad_logit_sum is not None and grad_logit_sum.numel() else None)
     grads = (d_hidden if need[0] else None, d_weight if need[1] else None,
              d_bias if need[2] and ctx.has_bias else None)
     return (*grads, *([None] * (len(ctx.needs_input_grad) - 3)))
@@ -146,7 +149,8 @@ def registered_logprobs_backward(
         grad_logprobs: Tensor, grad_entropy: Optional[Tensor], backend: str, temperature: float, ignore_index: int,
         chunk_size: Optional[int], deterministic: bool, group_name: str, vocab_start: int, vocab_size: int,
         widest_shard: int, reduce_hidden_grad: bool, logit_scale: float, logit_softcap: Optional[float],
-        need_hidden: bool, need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+        need_hidden: bool, need_weight: bool, need_bias: bool, grad_lse: Optional[Tensor] = None,
+        grad_logit_sum: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     opts = _options(OptionArgs(backend, temperature, ignore_index, chunk_size, deterministic, group_name,
                                vocab_start, vocab_size, widest_shard, reduce_hidden_grad, logit_scale, logit_softcap))
     keep = _kept_rows(targets, ignore_index)
@@ -155,11 +159,13 @@ def registered_logprobs_backward(
     grad_ent = None
     if grad_entropy is not None and bool(grad_entropy.ne(0).any()):  # a zero entropy gradient costs no pass
         grad_ent = _take(grad_entropy, keep).to(dtype)
+    grad_lse, grad_logit_sum = (None if g is None else _take(g, keep).to(dtype) for g in (grad_lse, grad_logit_sum))
     lse = _take(lse, keep)
     stats = RowStats(lse, torch.zeros_like(lse), _take(entropy, keep) if grad_ent is not None else None)
     d_hidden, d_weight, d_bias = logprobs_backward(_take(hidden, keep), weight, bias, _take(targets, keep), stats,
                                                    grad_lp, grad_ent, opts, need_hidden=need_hidden,
-                                                   need_weight=need_weight, need_bias=need_bias)
+                                                   need_weight=need_weight, need_bias=need_bias, grad_lse=grad_lse,
+                                                   grad_logit_sum=grad_logit_sum)
     if d_hidden is not None:
         d_hidden = _put(d_hidden, keep, hidden.shape[0])
     like = (hidden, weight, weight)  # a bias has the weight's dtype
@@ -169,7 +175,7 @@ def registered_logprobs_backward(
 @registered_logprobs_backward.register_fake
 def _(hidden, weight, bias, targets, lse, entropy, grad_logprobs, grad_entropy, backend, temperature, ignore_index,
       chunk_size, deterministic, group_name, vocab_start, vocab_size, widest_shard, reduce_hidden_grad, logit_scale,
-      logit_softcap, need_hidden, need_weight, need_bias):
+      logit_softcap, need_hidden, need_weight, need_bias, grad_lse=None, grad_logit_sum=None):
     def grad(wanted, shape, like):
         return hidden.new_empty(shape if wanted else (0,), dtype=like.dtype)
 
@@ -180,9 +186,12 @@ def _(hidden, weight, bias, targets, lse, entropy, grad_logprobs, grad_entropy, 
 def registered_token_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
                            opts: LinearOptions, spec: RowStatsSpec) -> tuple[Tensor, Tensor | None, RowStats]:
     """``(logprobs [N], entropy [N] | None, stats)`` through ``fastalign::token_stats``: log-probs and entropy
-    differentiable (0 at ignored rows), the row statistics (global with a shard) detached, None where not asked."""
+    differentiable (0 at ignored rows), the row statistics (global with a shard) detached but for ``lse`` and
+    ``logit_sum``, None where not asked."""
     out = torch.ops.fastalign.token_stats(hidden, weight, bias, targets, *options_args(opts), spec.entropy,
                                           spec.lse2, spec.logit_sum, spec.argmax)
     wanted = (True, True, spec.entropy, spec.lse2, spec.logit_sum, spec.argmax, spec.argmax)
-    stats = RowStats(*(t.detach() if keep else None for t, keep in zip(out[2:4] + out[1:2] + out[4:], wanted)))
+    differentiable = (True, False, False, False, True, False, False)  # lse, logit_sum
+    stats = RowStats(*((t if grad else t.detach()) if keep else None
+                       for t, keep, grad in zip(out[2:4] + out[1:2] + out[4:], wanted, differentiable)))
     return out[0], out[1] if spec.entropy else None, stats

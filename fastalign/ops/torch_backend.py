@@ -38,9 +38,27 @@ from fastalign.kernels.row_stats import RowStats, RowStatsSpec, merge_row_stats
 
 from .chunking import rows_per_chunk
 
-TokenGrads = Callable[[slice, Tensor, Tensor | None, RowStats], tuple[Tensor, Tensor | None]]
-"""``(rows, logprobs [C], entropy [C] | None, stats) -> (d loss / d logprobs [C], d loss / d entropy [C] | None)``,
-``stats`` the chunk's (global) row statistics ``[C]``, detached."""
+
+
+class RowGrads(NamedTuple):
+    """A loss's gradients w.r.t. per-row values ``[C]`` (0 at ignored rows; None: the loss does not use the value):
+    the log-probs, the entropy, the log-sum-exp (a z-loss) and the sum of logits (label smoothing). The logits'
+    gradient is ``dz = g_lp (onehot - p) - g_ent p (log p + H) + g_lse p + g_sum`` w.r.t. the transformed, tempered
+    logits, times the transform's derivative (``_Linear.grad_scale``, ``_Linear.softcap_grad``) w.r.t. the raw."""
+
+    logprobs: Tensor
+    entropy: Tensor | None = None
+    lse: Tensor | None = None
+    logit_sum: Tensor | None = None
+
+    def probs_scale(self) -> Tensor:
+        """The coefficient of ``-p`` in ``dz`` besides the entropy's: ``g_lp - g_lse``."""
+        return self.logprobs if self.lse is None else self.logprobs - self.lse
+
+
+TokenGrads = Callable[[slice, Tensor, Tensor | None, RowStats], tuple]
+"""``(rows, logprobs [C], entropy [C] | None, stats) -> RowGrads`` (or its first fields, e.g. ``(d loss / d logprobs
+[C], d loss / d entropy [C] | None)``), ``stats`` the chunk's (global) row statistics ``[C]``, detached."""
 
 VOCAB_TILE = 4096
 TILE_ROWS = 512
@@ -85,6 +103,7 @@ class _Linear:
         upcast = weight.device.type != "cuda" and weight.dtype != self.dtype
         self.weight = weight.to(self.dtype) if upcast else weight
         self.bias = None if bias is None else bias.to(self.dtype)
+        self.inv_temperature, self.logit_scale = inv_temperature, logit_scale
         self.grad_scale = logit_scale * inv_temperature
         self.softcap = logit_softcap
         if logit_softcap is not None:  # z = tanh(raw * tanh_in) * tanh_out
@@ -339,28 +358,36 @@ def _merge_moments(a: RowStats, ma: WeightMoments, b: RowStats, mb: WeightMoment
 
 
 def _entropy_logit_grads(log_p: Tensor, p: Tensor, entropy: Tensor, tgt: _Targets, grad_logprobs: Tensor,
-                         grad_entropy: Tensor, grad_scale: float, softcap_grad: Tensor | None = None) -> Tensor:
+                         grad_entropy: Tensor, grad_scale: float, probs_scale: Tensor | None = None,
+                         softcap_grad: Tensor | None = None, constant: Tensor | None = None) -> Tensor:
     """Gradient w.r.t. the raw logits of a block ``[C, tile]`` from its global ``log p`` and ``p`` and the rows'
     entropy ``[C]``, computed in place of ``log_p``.
 
-    ``dz = g_lp (onehot - p) - g_ent p (z - E_p[z])``, with ``z - E_p[z] = log p + H``, times the transform's
-    derivative ``grad_scale`` (times ``softcap_grad [C, tile]``, ``_Linear``).
+    ``dz = g_lp onehot - (probs_scale + g_ent (z - E_p[z])) p + constant``, with ``z - E_p[z] = log p + H``, times
+    the transform's derivative ``grad_scale`` (times ``softcap_grad [C, tile]``, ``_Linear``); ``probs_scale`` is
+    ``g_lp`` unless the loss also depends on the lse, ``constant`` the sum of logits' gradient (``RowGrads``).
     """
-    grad = log_p.add_(entropy.unsqueeze(1)).mul_(grad_entropy.unsqueeze(1)).add_(grad_logprobs.unsqueeze(1))
+    probs_scale = grad_logprobs if probs_scale is None else probs_scale
+    grad = log_p.add_(entropy.unsqueeze(1)).mul_(grad_entropy.unsqueeze(1)).add_(probs_scale.unsqueeze(1))
     grad.mul_(p).neg_()
     grad.scatter_add_(1, tgt.index, torch.where(tgt.valid, grad_logprobs, 0.0).unsqueeze(1).to(grad.dtype))
+    if constant is not None:
+        grad.add_(constant.unsqueeze(1))
     if grad_scale != 1.0:
         grad.mul_(grad_scale)
     return grad if softcap_grad is None else grad.mul_(softcap_grad)
 
 
 def _dense_softmax_grads(probs: Tensor, scale: Tensor, tgt: _Targets, probs_scale: Tensor | None = None,
-                         softcap_grad: Tensor | None = None) -> Tensor:
-    """The logit gradients ``scale (onehot - probs_scale probs)`` of a block ``[C, tile]`` (``scale``,
-    ``probs_scale`` ``[C]``; times ``softcap_grad [C, tile]`` when given) in place of ``probs``: a scatter with one
-    source per element, deterministic on every device (unlike an accumulating ``index_put_``)."""
-    grad = probs.mul_((-scale if probs_scale is None else -scale * probs_scale).unsqueeze(1))
+                         softcap_grad: Tensor | None = None, constant: Tensor | None = None) -> Tensor:
+    """The logit gradients ``(scale onehot - probs_scale probs + constant) softcap_grad`` of a block ``[C, tile]``
+    (``scale``, ``probs_scale``, ``constant`` ``[C]``, already times the transform's ``grad_scale``; ``probs_scale``
+    ``scale`` by default, no ``constant`` and no ``softcap_grad [C, tile]`` when None) in place of ``probs``: a
+    scatter with one source per element, deterministic on every device (unlike an accumulating ``index_put_``)."""
+    grad = probs.mul_((-scale if probs_scale is None else -probs_scale).unsqueeze(1))
     grad.scatter_add_(1, tgt.index, torch.where(tgt.valid, scale, 0.0).unsqueeze(1).to(grad.dtype))
+    if constant is not None:
+        grad.add_(constant.unsqueeze(1))
     return grad if softcap_grad is None else grad.mul_(softcap_grad)
 
 
@@ -398,10 +425,11 @@ class _GradAccumulator:
             self.bias[cols].add_(logit_grads.sum(dim=0))
 
     def add_softmax(self, rows: slice, cols: slice, hidden_rows: Tensor, probs: Tensor, scale: Tensor,
-                    tgt: _Targets, softcap_grad: Tensor | None = None) -> None:
-        """Add the gradients of the block's logit gradients ``scale (onehot - probs)`` (``scale [C]``; times
-        ``softcap_grad [C, tile]`` when given, ``probs`` then scaled in place) without forming
-        them: the per-row ``-scale`` goes to the ``[C, H]`` side of the products, the one-hot term to a gather and
+                    tgt: _Targets, probs_scale: Tensor | None = None, softcap_grad: Tensor | None = None) -> None:
+        """Add the gradients of the block's logit gradients ``(scale onehot - probs_scale probs) softcap_grad``
+        (``[C]`` each, ``probs_scale`` ``scale`` by default; ``softcap_grad [C, tile]`` when given, ``probs`` then
+        scaled in place) without forming them: the per-row ``-probs_scale`` goes to the ``[C, H]`` side of the
+        products, the one-hot term to a gather and
         an accumulating ``index_put_`` (one ``[C, tile]`` pass less). On CPU, ``index_add_`` runs as a
         ``scatter_add_`` of the expanded index, 15x slower (0.2 s for 384 rows of 512 at V=32k), and indexing a
         slice of the weight 10x slower than an ``index_select`` of the weight itself."""
@@ -410,7 +438,7 @@ class _GradAccumulator:
             probs = probs.mul_(softcap_grad)
             target_scale = scale * softcap_grad.gather(1, tgt.index).squeeze(1)
         on_target = torch.where(tgt.valid, target_scale, 0.0).unsqueeze(1)
-        neg_scale = (-scale).unsqueeze(1)
+        neg_scale = (-(scale if probs_scale is None else probs_scale)).unsqueeze(1)
         target = tgt.index.squeeze(1)
         if self.hidden is not None:
             target_rows = self.lin.weight.index_select(0, target + cols.start).to(self.lin.dtype).mul_(on_target)
@@ -423,6 +451,32 @@ class _GradAccumulator:
             d_bias = self.bias[cols]
             d_bias.addmv_(probs.t(), neg_scale.squeeze(1))
             d_bias.index_put_((target,), on_target.squeeze(1), accumulate=True)
+
+    def add_constant(self, rows: slice, cols: slice, hidden_rows: Tensor, constant: Tensor) -> None:
+        """Add the gradients of logit gradients ``constant [C]`` at every column of the tile (the sum of logits'),
+        without a ``[C, tile]`` pass: ``d hidden += c (sum_v W_v)``, ``d W_v += c^T hidden``, ``d b_v += sum c``.
+        After ``add``/``add_softmax`` of the same block (``d weight`` of the tile is written)."""
+        if self.hidden is not None:
+            self.hidden[rows].addr_(constant, self.lin.weight[cols].sum(0, dtype=self.lin.dtype))
+        if self.weight is not None:
+            self.weight[cols].add_((constant @ hidden_rows.to(self.lin.dtype)).unsqueeze(0))
+        if self.bias is not None:
+            self.bias[cols].add_(constant.sum())
+
+    def add_softmax_block(self, rows: slice, cols: slice, hidden_rows: Tensor, probs: Tensor, tgt: _Targets,
+                          scale: Tensor, probs_scale: Tensor, constant: Tensor | None, softcap_grad: Tensor | None,
+                          dense: bool = False) -> None:
+        """Add the gradients of the block's logit gradients ``(scale onehot - probs_scale probs + constant)
+        softcap_grad`` (``[C]`` each, already times the transform's ``grad_scale``; no constant term when None):
+        formed in place of ``probs`` when ``dense`` (deterministic) or when the softcap's derivative makes the
+        constant's term vary per logit, else through ``add_softmax`` and ``add_constant`` without forming them."""
+        if dense or (constant is not None and softcap_grad is not None):
+            self.add(rows, cols, hidden_rows, _dense_softmax_grads(probs, scale, tgt, probs_scale, softcap_grad,
+                                                                   constant))
+            return
+        self.add_softmax(rows, cols, hidden_rows, probs, scale, tgt, probs_scale, softcap_grad)
+        if constant is not None:
+            self.add_constant(rows, cols, hidden_rows, constant)
 
     def result(self) -> LinearGrads:
         if self.weight is not None and not self._written:
@@ -525,16 +579,21 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
                              ignore_index: int, vocab_start: int = 0, need_grad_hidden: bool = True,
                              need_grad_weight: bool = True, need_grad_bias: bool = False,
                              chunk_size: int | None = None, deterministic: bool = False, logit_scale: float = 1.0,
-                             logit_softcap: float | None = None) -> LinearGrads:
-    """Gradients for upstream ``grad_logprobs [N]`` (and ``grad_entropy [N]``), recomputing the logits block by block
-    (``BLOCK_ROWS`` blocks in a fixed order and a dense one-hot term when ``deterministic``).
+                             logit_softcap: float | None = None, grad_lse: Tensor | None = None,
+                             grad_logit_sum: Tensor | None = None) -> LinearGrads:
+    """Gradients for upstream ``grad_logprobs [N]`` (and ``grad_entropy``, ``grad_lse``, ``grad_logit_sum`` ``[N]``:
+    ``RowGrads``), recomputing the logits block by block (``BLOCK_ROWS`` blocks in a fixed order and a dense one-hot
+    term when ``deterministic``).
 
     ``stats`` are the (global) row statistics of the forward. Callers zero the upstream gradients at ignored rows.
     """
     lin = _Linear(weight, bias, inv_temperature, logit_scale, logit_softcap)
     n = hidden.shape[0]
     acc = _GradAccumulator(hidden, lin, need_grad_hidden, need_grad_weight, need_grad_bias)
+    row_grads = RowGrads(grad_logprobs, grad_entropy, grad_lse, grad_logit_sum)
     scale = grad_logprobs.to(lin.dtype) * lin.grad_scale
+    probs_scale = row_grads.probs_scale().to(lin.dtype)
+    constant = None if grad_logit_sum is None else grad_logit_sum.to(lin.dtype) * lin.grad_scale
     for cols in lin.tiles():
         blocks = (_chunks(n, BLOCK_ROWS) if deterministic else _block_chunks(
             n, cols, chunk_size, buffers=(1 if grad_entropy is None else 2) + lin.buffers))
@@ -542,17 +601,15 @@ def linear_logprobs_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None
             tgt = _Targets.of(targets[rows], ignore_index, vocab_start + cols.start, cols.stop - cols.start)
             z = lin.logits(hidden[rows], cols)
             d = lin.softcap_grad(z)
-            if grad_entropy is None and deterministic:
-                acc.add(rows, cols, hidden[rows], _dense_softmax_grads(
-                    z.sub_(stats.lse[rows].unsqueeze(1)).exp_(), scale[rows], tgt, softcap_grad=d))
-            elif grad_entropy is None:  # dz = g (onehot - p), from p = exp(z - lse) in place
-                acc.add_softmax(rows, cols, hidden[rows], z.sub_(stats.lse[rows].unsqueeze(1)).exp_(), scale[rows],
-                                tgt, d)
+            if grad_entropy is None:  # dz = g (onehot - p), from p = exp(z - lse) in place
+                acc.add_softmax_block(rows, cols, hidden[rows], z.sub_(stats.lse[rows].unsqueeze(1)).exp_(), tgt,
+                                      scale[rows], probs_scale[rows] * lin.grad_scale,
+                                      None if constant is None else constant[rows], d, dense=deterministic)
             else:
                 log_p = z.sub_(stats.lse[rows].unsqueeze(1))
                 acc.add(rows, cols, hidden[rows], _entropy_logit_grads(
                     log_p, log_p.exp(), stats.entropy[rows], tgt, grad_logprobs[rows], grad_entropy[rows],
-                    lin.grad_scale, d))
+                    lin.grad_scale, probs_scale[rows], d, None if grad_logit_sum is None else grad_logit_sum[rows]))
     return acc.result()
 
 
@@ -634,6 +691,9 @@ class ShardMerge(Protocol):
     def all_reduce_stats(self, stats: RowStats) -> RowStats:
         """The chunk's statistics over the whole vocabulary (a collective: every rank calls it for each chunk)."""
 
+    def all_reduce_sum(self, values: Tensor) -> Tensor:
+        """``values`` summed over the group (a collective)."""
+
 
 class FusedResult(NamedTuple):
     """Per-token outputs ``[N]`` (0 at ignored rows), the gradients of the loss and the (global) row statistics."""
@@ -699,16 +759,19 @@ def linear_logprobs_fused(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
         logprobs[rows] = torch.where(valid, stats.target_logit - stats.lse, 0.0)
         if entropy is not None:
             entropy[rows] = torch.where(valid, stats.entropy, 0.0)
-        grad_lp, grad_ent = token_grads(rows, logprobs[rows], None if entropy is None else entropy[rows], stats)
+        row_grads = RowGrads(*token_grads(rows, logprobs[rows], None if entropy is None else entropy[rows], stats))
+        grad_lp, grad_ent = row_grads.logprobs, row_grads.entropy
         if grad_ent is not None and in_place:  # the entropy is trained after all: log p again
             entropy_trained, p = True, None
             z = lin.logits(hidden[rows]).sub_(stats.lse.unsqueeze(1))
         if grad_ent is not None:  # the entropy's gradient needs log p next to p: a second [C, V] buffer
-            acc.add(rows, every_col, hidden[rows], _entropy_logit_grads(z, z.exp(), stats.entropy, tgt, grad_lp,
-                                                                        grad_ent, lin.grad_scale, d))
+            acc.add(rows, every_col, hidden[rows], _entropy_logit_grads(
+                z, z.exp(), stats.entropy, tgt, grad_lp, grad_ent, lin.grad_scale, row_grads.probs_scale(), d,
+                row_grads.logit_sum))
         else:  # dz = g (onehot - p) (entropy, if any, for the metrics only)
-            acc.add_softmax(rows, every_col, hidden[rows], z.exp_() if p is None else p, grad_lp * lin.grad_scale,
-                            tgt, d)
+            acc.add_softmax_block(rows, every_col, hidden[rows], z.exp_() if p is None else p, tgt,
+                                  grad_lp * lin.grad_scale, row_grads.probs_scale() * lin.grad_scale,
+                                  None if row_grads.logit_sum is None else row_grads.logit_sum * lin.grad_scale, d)
         del z, p, d  # chunks may grow (whole sequences): free this chunk's logits before a larger buffer is allocated
     return FusedResult(logprobs, entropy, acc.result(), all_stats)
 
@@ -733,8 +796,10 @@ def _invariant_fused_chunk(lin: _Linear, acc: _GradAccumulator, hidden: Tensor, 
     logprobs[rows] = torch.where(valid, all_stats.target_logit[rows] - all_stats.lse[rows], 0.0)
     if entropy is not None:
         entropy[rows] = torch.where(valid, all_stats.entropy[rows], 0.0)
-    grad_lp, grad_ent = token_grads(rows, logprobs[rows], None if entropy is None else entropy[rows],
-                                    all_stats.rows(rows))
+    row_grads = RowGrads(*token_grads(rows, logprobs[rows], None if entropy is None else entropy[rows],
+                                      all_stats.rows(rows)))
+    grad_lp, grad_ent, probs_scale = row_grads.logprobs, row_grads.entropy, row_grads.probs_scale()
+    constant = row_grads.logit_sum
     for cols, log_ps, tile in chunk.tiles:
         for index, block_rows, local in chunk.blocks():
             tile_log_p = log_ps[index][:local.stop - local.start]
@@ -743,9 +808,92 @@ def _invariant_fused_chunk(lin: _Linear, acc: _GradAccumulator, hidden: Tensor, 
             d = None if lin.softcap is None else lin.softcap_grad(tile_log_p + tile.lse[local].unsqueeze(1))  # z
             if grad_ent is None:  # p = p_tile exp(shift): one [C, tile] pass less than shifting log p
                 grad = _dense_softmax_grads(tile_log_p.exp_(), grad_lp[local] * lin.grad_scale, tgt,
-                                            shift.exp(), d)
+                                            probs_scale[local] * lin.grad_scale * shift.exp(), d,
+                                            None if constant is None else constant[local] * lin.grad_scale)
             else:
                 tile_log_p.add_(shift.unsqueeze(1))
                 grad = _entropy_logit_grads(tile_log_p, tile_log_p.exp(), stats.entropy[local], tgt, grad_lp[local],
-                                            grad_ent[local], lin.grad_scale, d)
+                                            grad_ent[local], lin.grad_scale, probs_scale[local], d,
+                                            None if constant is None else constant[local])
             acc.add(block_rows, cols, hidden[block_rows], grad)
+
+
+PairTerms = Callable[[Tensor, Tensor], Tensor]
+"""``(log_ps [C, V'], log_pt [C, V']) -> [k, C]``: per-row sums over a block of vocabulary columns of two heads'
+global log-probabilities (shards add theirs)."""
+PairGrads = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""``(log_ps, log_pt, terms [k, C]) -> [C, V']``: each row's term's gradient w.r.t. the first head's tempered
+logits, from the rows' whole-vocabulary ``terms``."""
+
+
+class PairResult(NamedTuple):
+    """Per-row terms ``[k, N]`` of two heads (with hard targets one more: the cross-entropy) and the first head's
+    gradients."""
+
+    terms: Tensor
+    grads: LinearGrads
+
+
+def linear_head(weight: Tensor, bias: Tensor | None, logit_args: dict) -> _Linear:
+    """One head of ``linear_pair_fused``: ``weight [V, H]``, ``bias [V]`` and its logit transform
+    (``LinearOptions.logit_args``: ``inv_temperature``, ``logit_scale``, ``logit_softcap``)."""
+    return _Linear(weight, bias, **logit_args)
+
+
+def linear_pair_fused(hidden: Tensor, lin: _Linear, other_hidden: Tensor, other: _Linear, terms_fn: PairTerms,
+                      grads_fn: PairGrads, row_scale: Tensor, *, hard_targets: Tensor | None = None,
+                      hard_scale: Tensor | None = None, ignore_index: int = -100, need_grad_hidden: bool = True,
+                      need_grad_weight: bool = True, need_grad_bias: bool = False, chunk_size: int | None = None,
+                      shard: ShardMerge | None = None) -> PairResult:
+    """Two heads over one vocabulary in one pass (distillation): per chunk of rows the transformed, tempered logits
+    of the first head (``hidden [N, H]`` through ``lin``, trained) and of the other (``other_hidden [N, H']``
+    through ``other``, frozen: no gradient), each head with its own logit transform (``linear_head``: scale, then
+    softcap, then the temperature, TRL's order), their global log-softmax, the rows' ``terms_fn`` and the
+    gradient of ``sum_n row_scale[n] terms[0, n]`` (+ ``hard_scale[n]`` times the cross-entropy of ``hard_targets``
+    on the first head's transformed logits before the temperature) w.r.t. the first head: four matmuls per chunk
+    (two logits, ``d hidden``, ``d weight``), whole ``[chunk, V]`` rows of both heads, so the chunk is sized for six
+    buffers (seven with the first head's softcap: its derivative).
+
+    ``shard``: both weights are the same vocabulary shard; each chunk's lse are merged across the group, the terms
+    summed (``all_reduce_sum``), so that every rank has the whole vocabulary's; ``d hidden`` is this shard's part.
+    """
+    n, vocab = hidden.shape[0], lin.vocab_size
+    every_col = slice(0, vocab)
+    vocab_start = 0 if shard is None else shard.vocab_start
+    acc = _GradAccumulator(hidden, lin, need_grad_hidden, need_grad_weight, need_grad_bias)
+    per_chunk = rows_per_chunk(n, vocab if shard is None else shard.widest_shard, chunk_size=chunk_size,
+                               buffers=6 + lin.buffers)
+    all_terms = []
+    for rows in list(_chunks(n, per_chunk)) or [slice(0, 0)]:  # no row: the terms' shape [k, 0] all the same
+        zs, zt = lin.logits(hidden[rows]), other.logits(other_hidden[rows].to(other.weight.dtype))
+        d = lin.softcap_grad(zs)
+        lse_s, lse_t = torch.logsumexp(zs, 1), torch.logsumexp(zt, 1)
+        hard = None
+        if hard_targets is not None:  # the cross-entropy on the logits before the temperature
+            tgt = _Targets.of(hard_targets[rows], ignore_index, vocab_start, vocab)
+            raw = zs / lin.inv_temperature
+            hard = RowStats(torch.logsumexp(raw, 1), raw.gather(1, tgt.index).squeeze(1).masked_fill(~tgt.valid, 0))
+        if shard is not None:
+            lse_s = shard.all_reduce_stats(RowStats(lse_s, torch.zeros_like(lse_s))).lse
+            lse_t = shard.all_reduce_stats(RowStats(lse_t, torch.zeros_like(lse_t))).lse
+            hard = None if hard is None else shard.all_reduce_stats(hard)
+        log_ps, log_pt = zs.sub_(lse_s.unsqueeze(1)), zt.sub_(lse_t.unsqueeze(1))
+        terms = terms_fn(log_ps, log_pt)
+        if shard is not None:
+            terms = shard.all_reduce_sum(terms)
+        if hard is not None:
+            terms = torch.cat([terms, (hard.lse - hard.target_logit).unsqueeze(0)])
+        all_terms.append(terms)
+        if not (need_grad_hidden or need_grad_weight or need_grad_bias):
+            continue
+        grad = grads_fn(log_ps, log_pt, terms).mul_((row_scale[rows] * lin.grad_scale).unsqueeze(1))
+        if hard is not None:  # + hard_scale (p_raw - onehot) logit_scale, p_raw = exp(z / inv_temperature - lse_raw)
+            p_raw = log_ps.add_(lse_s.unsqueeze(1)).div_(lin.inv_temperature).sub_(hard.lse.unsqueeze(1)).exp_()
+            scale = hard_scale[rows] * lin.logit_scale
+            grad.addcmul_(p_raw, scale.unsqueeze(1))
+            grad.scatter_add_(1, tgt.index, -torch.where(tgt.valid, scale, 0.0).unsqueeze(1).to(grad.dtype))
+        if d is not None:  # the softcap's derivative
+            grad.mul_(d)
+        acc.add(rows, every_col, hidden[rows], grad)
+        del zs, zt, log_ps, log_pt, grad, d
+    return PairResult(torch.cat(all_terms, 1), acc.result())

@@ -78,14 +78,32 @@ def check_lm_head_dtypes(hidden: Tensor, weight: Tensor, bias: Tensor | None, *,
         raise TypeError(f"{prefix}bias: expected dtype {weight.dtype} (the dtype of {prefix}weight), got {bias.dtype}")
 
 
-def check_logit_transform(logit_scale, logit_softcap) -> tuple[float, float | None]:
-    """A positive finite ``logit_scale`` and a positive finite ``logit_softcap`` or None, as floats."""
+def check_num_items(value, own: int):
+    """A completion-token count over the whole accumulated batch: a number or one-element tensor >= this batch's."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"num_items_in_batch: expected a number or a one-element tensor, got shape "
+                             f"{tuple(value.shape)}")
+        count = float(value)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        count = float(value)
+    else:
+        raise TypeError(f"num_items_in_batch: expected a number or a one-element tensor, got {type(value).__name__}")
+    if not count >= max(own, 1):
+        raise ValueError(f"num_items_in_batch: expected at least this batch's own completion tokens ({max(own, 1)}; "
+                         f"pass the count over the whole accumulated batch), got {count}")
+    return value.reshape(()) if isinstance(value, Tensor) else count
+
+
+def check_logit_transform(logit_scale, logit_softcap, prefix: str = "") -> tuple[float, float | None]:
+    """A positive finite ``logit_scale`` and a positive finite ``logit_softcap`` or None, as floats (``prefix``: of
+    the arguments' names, e.g. ``"teacher_"``)."""
     for name, value in (("logit_scale", logit_scale), ("logit_softcap", logit_softcap)):
         if value is None and name == "logit_softcap":
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
             none = " or None" if name == "logit_softcap" else ""
-            raise ValueError(f"{name}: expected a positive finite number{none}, got {value!r}")
+            raise ValueError(f"{prefix}{name}: expected a positive finite number{none}, got {value!r}")
     return float(logit_scale), None if logit_softcap is None else float(logit_softcap)
 
 

@@ -101,6 +101,11 @@ class VocabShard:
             dist.all_reduce(argmax, op=dist.ReduceOp.MIN, group=self.group)
         return RowStats(top + log_sumexp, summed[1], entropy, lse2, logit_sum, max_logit, argmax)
 
+    def all_reduce_sum(self, values: Tensor) -> Tensor:
+        """``values`` summed over the group (in place), e.g. per-row sums over the shards' vocabulary columns."""
+        dist.all_reduce(values, op=dist.ReduceOp.SUM, group=self.group)
+        return values
+
     def finish_grads(self, grads: LinearGrads) -> LinearGrads:
         """This rank's gradients from the global statistics: ``d hidden`` all-reduced (in place) with
         ``reduce_hidden_grad``, else left as this shard's partial sum."""

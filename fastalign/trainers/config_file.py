@@ -1,4 +1,4 @@
-"""``fastalign dpo|kto|ppo|grpo|rloo|reward --config FILE.yaml``: the trainers from a YAML file.
+"""``fastalign sft|distill|dpo|kto|ppo|grpo|rloo|reward --config FILE.yaml``: the trainers from a YAML file.
 
 The file names a model, a tokenizer, data files (and for PPO and GRPO rewards) and, under ``config:``, the fields
 of the trainer's config (:class:`DPOConfig`, :class:`PPOConfig`, :class:`RewardConfig`...). ``example_config(kind)``
@@ -19,12 +19,14 @@ from dataclasses import fields
 import torch
 
 from . import distributed
+from .distill import DistillationConfig, DistillationTrainer
 from .dpo import DPOConfig, DPOTrainer
 from .grpo import GRPOConfig, GRPOTrainer
 from .kto import KTOConfig, KTOTrainer
 from .ppo import PPOConfig, PPOTrainer
 from .reward import RewardConfig, RewardTrainer
 from .rloo import RLOOConfig, RLOOTrainer
+from .sft import SFTConfig, SFTTrainer
 from .tasks import CountingTask
 
 BUILTIN = "builtin:"
@@ -37,6 +39,47 @@ class ConfigError(ValueError):
 
 
 EXAMPLES = {
+    "sft": """\
+# fastalign sft --config sft.yaml      (relative paths are relative to the current directory)
+model: tiny                 # "tiny": a tiny Llama built in code (random init), or a transformers model directory
+tokenizer: counting         # "char", "counting" (the built-in task's words), or a tokenizer directory
+train_file: builtin:counting            # JSONL, one {"prompt": .., "completion": ..} per line (or {"text": ..},
+                                        # or {"messages": [...]} with the tokenizer's chat template)
+eval_file: builtin:counting-heldout     # optional, same format
+config:                     # SFTConfig fields, TRL's names (see `pydoc fastalign.trainers.SFTConfig`)
+  output_dir: fastalign-sft
+  max_steps: 100
+  learning_rate: 3.0e-3
+  warmup_ratio: 0.1
+  per_device_train_batch_size: 16
+  completion_only_loss: true            # train on the completion only (null: on for prompt-completion data)
+  loss_type: nll            # nll or dft
+  label_smoothing_factor: 0.0
+  padding_free: false       # pack each batch into one row without padding (packing: the same here)
+  max_length: 64
+  eval_steps: 50
+  loss_backend: fused       # fused (no logits) or reference (materialized logits, for comparison)
+""",
+    "distill": """\
+# fastalign distill --config distill.yaml    (relative paths are relative to the current directory)
+model: tiny                 # the student: "tiny" (a tiny Llama built in code), or a transformers model directory
+tiny: {hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1}  # a student narrower than the teacher
+tokenizer: counting         # the teacher's vocabulary: "char", "counting", or a tokenizer directory
+prompts_file: builtin:counting          # JSONL, one {"prompt": ..} (or a JSON string) per line
+eval_file: builtin:counting-heldout     # optional prompts, scored by reward every eval_steps and at the end
+reward: counting            # for eval_file only: "counting" or "package.module:function"
+config:                     # DistillationConfig fields, TRL's names (pydoc fastalign.trainers.DistillationConfig)
+  teacher_model_name_or_path: fastalign-sft     # the teacher: here the output of the sft example
+  output_dir: fastalign-distill
+  max_steps: 60
+  learning_rate: 3.0e-3
+  per_device_train_batch_size: 32
+  max_completion_length: 6
+  beta: 0.5                 # 0 forward KL, 1 reverse KL, else the generalized JSD
+  temperature: 1.0
+  eval_steps: 20
+  loss_backend: fused       # fused (no logits of either model) or reference (materialized logits)
+""",
     "dpo": """\
 # fastalign dpo --config dpo.yaml      (relative paths are relative to the current directory)
 model: tiny                 # "tiny": a tiny Llama built in code (random init), or a transformers model directory
@@ -185,6 +228,9 @@ config:                     # RewardConfig fields, TRL's names (see `pydoc fasta
 }
 
 HELP = {
+    "sft": "supervised fine-tuning from a YAML config file (model, data files, SFTConfig fields)",
+    "distill": "on-policy distillation of a teacher into a student from a YAML config file (models, prompts, "
+               "DistillationConfig fields)",
     "dpo": "train a model with DPO from a YAML config file (model, data files, DPOConfig fields)",
     "ppo": "train a model with PPO from a YAML config file (model, prompts, reward, PPOConfig fields)",
     "grpo": "train a model with GRPO from a YAML config file (model, prompts, rewards, GRPOConfig fields)",
@@ -221,6 +267,9 @@ The example file:
 }
 
 _KEYS = {
+    "sft": ("model", "tiny", "tokenizer", "train_file", "eval_file", "config", "resume_from_checkpoint"),
+    "distill": ("model", "tiny", "tokenizer", "prompts_file", "eval_file", "reward", "config",
+                "resume_from_checkpoint"),
     "dpo": ("model", "tiny", "tokenizer", "train_file", "eval_file", "config", "resume_from_checkpoint"),
     "kto": ("model", "tiny", "tokenizer", "train_file", "eval_file", "config", "resume_from_checkpoint"),
     "ppo": ("model", "tiny", "tokenizer", "prompts_file", "eval_file", "reward", "reward_model", "config",
@@ -347,6 +396,9 @@ def load_data(spec: dict, key: str, path: str, kind: str):
         raise ConfigError(f"{path}: {key}: unknown built-in data {value!r}; expected one of "
                           f"{', '.join(BUILTIN + n for n in BUILTIN_DATA)}")
     task, heldout = CountingTask(), name.endswith("heldout")
+    if kind == "sft":  # the right answers
+        return [{"prompt": r["prompt"], "completion": r["chosen"]}
+                for r in task.preference_data(300 if heldout else 4000, seed=2 if heldout else 1, heldout=heldout)]
     if kind in ("dpo", "kto", "reward"):  # KTO unpairs the preference records
         return task.preference_data(300 if heldout else 4000, seed=2 if heldout else 1, heldout=heldout)
     return task.prompts(256 if heldout else 4000, seed=2 if heldout else 1, heldout=heldout)
@@ -387,12 +439,14 @@ def _reward_function(reward, path: str):
                           f"\"package.module:function\"): {error}") from None
 
 
-def run_from_config(kind: str, path: str) -> DPOTrainer | KTOTrainer | PPOTrainer | GRPOTrainer | RewardTrainer:
+def run_from_config(kind: str, path: str) -> (SFTTrainer | DistillationTrainer | DPOTrainer | KTOTrainer
+                                              | PPOTrainer | GRPOTrainer | RewardTrainer):
     """Build the trainer ``path`` describes (``kind``: one of ``KINDS``), train, and return it (its
     ``history`` holds the logged records, the final model is in its ``config.output_dir``)."""
     spec = read_config_file(_check_kind(kind), path)
-    if kind in ("dpo", "kto", "reward"):
-        config_class, trainer_class = {"dpo": (DPOConfig, DPOTrainer), "kto": (KTOConfig, KTOTrainer),
+    if kind in ("sft", "dpo", "kto", "reward"):
+        config_class, trainer_class = {"sft": (SFTConfig, SFTTrainer), "dpo": (DPOConfig, DPOTrainer),
+                                       "kto": (KTOConfig, KTOTrainer),
                                        "reward": (RewardConfig, RewardTrainer)}[kind]
         config = trainer_config(config_class, spec.get("config"), path)
         train = load_data(spec, "train_file", path, kind)
@@ -401,6 +455,15 @@ def run_from_config(kind: str, path: str) -> DPOTrainer | KTOTrainer | PPOTraine
         model, tokenizer = load_model_and_tokenizer(spec, path, kind, seed=config.seed)
         trainer = trainer_class(model, tokenizer, train, config,
                                 eval_dataset=load_data(spec, "eval_file", path, kind))
+    elif kind == "distill":
+        config = trainer_config(DistillationConfig, spec.get("config"), path)
+        prompts = load_data(spec, "prompts_file", path, kind)
+        if prompts is None:
+            raise ConfigError(f"{path}: missing field 'prompts_file' (a JSONL file or builtin:counting)")
+        reward = None if spec.get("reward") is None else _reward_function(spec["reward"], path)
+        model, tokenizer = load_model_and_tokenizer(spec, path)
+        trainer = DistillationTrainer(model, tokenizer, prompts, None, config,
+                                      eval_dataset=load_data(spec, "eval_file", path, kind), reward_fn=reward)
     else:
         config_class, trainer_class = {"ppo": (PPOConfig, PPOTrainer), "grpo": (GRPOConfig, GRPOTrainer),
                                        "rloo": (RLOOConfig, RLOOTrainer)}[kind]

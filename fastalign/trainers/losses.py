@@ -19,13 +19,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..hf import LogitTransform, PackedSequences
-from ..functional import (fused_linear_dpo_loss, fused_linear_grpo_loss, fused_linear_kto_loss, fused_linear_logprobs,
-                          fused_linear_ppo_loss, fused_linear_rloo_loss)
+from ..functional import (fused_linear_cross_entropy, fused_linear_distill_loss, fused_linear_dpo_loss,
+                          fused_linear_grpo_loss, fused_linear_kto_loss, fused_linear_logprobs, fused_linear_ppo_loss,
+                          fused_linear_rloo_loss)
 from ..objectives.aggregation import aggregation_weights
+from ..objectives.distill import divergence_terms
 from ..objectives.dpo import DPOOptions, dpo_metrics, dpo_sequence_loss
 from ..objectives.grpo import GRPOLossConfig, grpo_loss as grpo_objective, high_entropy_mask
 from ..objectives.kto import KTOOptions, kto_loss as kto_objective, kto_metrics
 from ..objectives.rloo import RLOOOptions, rloo_loss as rloo_objective
+from ..objectives.sft import (CrossEntropyConfig, cross_entropy_metrics, mean_over_tokens, reduce_cross_entropy,
+                              token_cross_entropy)
 from ..objectives.ppo import (PPOLossConfig, PPOTokens, ValueHeadInputs, policy_loss_value, ppo_metrics,
                               value_loss_terms)
 from .data import IGNORE_INDEX
@@ -245,3 +249,63 @@ def rloo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tens
     old_logps = None if old_logprobs is None else torch.where(mask, old_logprobs, 0.0).sum(-1)
     result = rloo_objective(logprobs, advantages, mask, options, old_logps=old_logps, entropy=entropy)
     return result.loss, result.metrics
+def sft_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, backend: str, *,
+             loss_type: str = "nll", label_smoothing: float = 0.0, num_items_in_batch: Tensor | None = None,
+             transform: LogitTransform = LogitTransform()) -> tuple[Tensor, dict[str, Tensor]]:
+    """SFT cross-entropy of ``hidden [..., H]`` against ``targets [...]`` (any layout, packed included) and TRL's
+    ``entropy`` / ``mean_token_accuracy``: the sum over the trained tokens divided by ``num_items_in_batch``
+    (default: their count, the mean). ``transform``: the model's logit transform (``hf.logit_transform``)."""
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    if backend == "fused":
+        out = fused_linear_cross_entropy(hidden, weight, targets, bias, reduction=reduction, loss_type=loss_type,
+                                         label_smoothing=label_smoothing, check_finite=False, **transform._asdict())
+        loss, metrics = out.loss, out.metrics
+    else:
+        config = CrossEntropyConfig(reduction=reduction, label_smoothing=label_smoothing, loss_type=loss_type)
+        logits = materialized_logits(hidden, weight, bias, transform)
+        logp = torch.log_softmax(logits, -1)
+        valid = targets != IGNORE_INDEX
+        logprobs = logp.gather(-1, targets.masked_fill(~valid, 0).unsqueeze(-1)).squeeze(-1)
+        per_token = token_cross_entropy(logprobs, torch.logsumexp(logits, -1), logits.sum(-1), logits.shape[-1],
+                                        config)
+        mask = valid.to(per_token.dtype)
+        loss = reduce_cross_entropy(per_token, mask, config)
+        with torch.no_grad():
+            metrics = cross_entropy_metrics(-(logp.exp() * logp).sum(-1), (logits.argmax(-1) == targets).to(
+                mask.dtype), mask)
+    return (loss if num_items_in_batch is None else loss / num_items_in_batch), metrics
+
+
+def distill_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, teacher_hidden: Tensor, teacher_weight: Tensor,
+                 teacher_bias: Tensor | None, mask: Tensor, backend: str, *, beta: float, temperature: float,
+                 num_items_in_batch: Tensor | None = None, transform: LogitTransform = LogitTransform(),
+                 teacher_transform: LogitTransform = LogitTransform()) -> tuple[Tensor, dict[str, Tensor]]:
+    """The generalized JSD of the student (``hidden [B, R, H]``, its lm_head) from the frozen teacher
+    (``teacher_hidden [B, R, H_t]``, its lm_head) over the tokens of ``mask [B, R]``, and the student's ``entropy``
+    and the mean ``divergence``; ``transform`` and ``teacher_transform``: each model's logit transform
+    (``hf.logit_transform``). Under autocast both heads run in the autocast dtype (the fused op accumulates in
+    fp32)."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        hidden, weight, teacher_hidden, teacher_weight = (t.to(dtype) for t in (hidden, weight, teacher_hidden,
+                                                                               teacher_weight))
+        bias, teacher_bias = (None if b is None else b.to(dtype) for b in (bias, teacher_bias))
+    with torch.autocast(device, enabled=False):
+        if backend == "fused":
+            out = fused_linear_distill_loss(hidden, weight, teacher_hidden, teacher_weight, mask, beta=beta,
+                                            temperature=temperature, student_bias=bias, teacher_bias=teacher_bias,
+                                            num_items_in_batch=num_items_in_batch, check_finite=False,
+                                            **{f"student_{k}": v for k, v in transform._asdict().items()},
+                                            **{f"teacher_{k}": v for k, v in teacher_transform._asdict().items()})
+            return out.loss, out.metrics
+        log_ps = torch.log_softmax(materialized_logits(hidden, weight, bias, transform) / temperature, -1)
+        with torch.no_grad():
+            log_pt = torch.log_softmax(materialized_logits(teacher_hidden, teacher_weight, teacher_bias,
+                                                           teacher_transform) / temperature, -1)
+        divergence, _, entropy = divergence_terms(log_ps, log_pt, beta)
+        m = mask.to(divergence.dtype)
+        loss = mean_over_tokens(divergence, m, num_items_in_batch)
+        with torch.no_grad():
+            metrics = {"entropy": mean_over_tokens(entropy, m), "divergence": mean_over_tokens(divergence, m)}
+        return loss, metrics

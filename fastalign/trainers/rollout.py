@@ -76,16 +76,23 @@ class SamplingConfig(TrainingConfig):
     deterministic: bool | None = None
 
 
-def check_group_sampling(config) -> None:
-    """The checks of the fields GRPO's and RLOO's configs share (groups of sampled completions, TRL's names)."""
-    require(config, "num_generations", config.num_generations >= 2, "an int >= 2 (a group needs a baseline)")
-    for name in ("num_iterations", "max_completion_length"):
-        require(config, name, getattr(config, name) >= 1, "an int >= 1")
+def check_generation_fields(config) -> None:
+    """The sampling fields GRPO's, RLOO's and distillation's configs share: ``max_prompt_length``,
+    ``max_completion_length``, ``temperature``, ``top_p``, ``top_k``."""
+    require(config, "max_completion_length", config.max_completion_length >= 1, "an int >= 1")
     require(config, "max_prompt_length", config.max_prompt_length is None or config.max_prompt_length >= 1,
             "None or an int >= 1")
     require(config, "temperature", config.temperature > 0, "a number > 0")
     require(config, "top_p", 0 < config.top_p <= 1, "a number in (0, 1]")
     require(config, "top_k", config.top_k >= 0, "an int >= 0 (0: no top-k filtering)")
+
+
+def check_group_sampling(config) -> None:
+    """The checks of the fields GRPO's and RLOO's configs share (groups of sampled completions, TRL's names): the
+    generation fields, ``num_generations``, ``num_iterations``, ``reward_weights``."""
+    require(config, "num_generations", config.num_generations >= 2, "an int >= 2 (a group needs a baseline)")
+    require(config, "num_iterations", config.num_iterations >= 1, "an int >= 1")
+    check_generation_fields(config)
     require(config, "reward_weights", config.reward_weights is None or all(
         isinstance(w, (int, float)) and not isinstance(w, bool) for w in config.reward_weights),
         "None or a list of numbers")
