@@ -52,3 +52,5 @@ def test_wheel_contains_the_kernels(tmp_path):
     assert kernel_files <= {Path(n).name for n in names if n.startswith("fastalign/kernels/")}
     assert not any(n.startswith("kernels/") for n in names), "kernels must not ship as a top-level package"
     assert "fastalign/ops/torch_backend.py" in names
+    sources = {str(p.relative_to(ROOT)) for p in (ROOT / "fastalign").rglob("*.py")}
+    assert sources <= set(names), f"missing from the wheel: {sorted(sources - set(names))}"
