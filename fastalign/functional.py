@@ -23,12 +23,13 @@ from .ops.dpo import DPOLossOutput, DPOOpConfig, fused_dpo_loss, validate_prefer
 from .ops.grpo import GRPOLossOutput, fused_grpo_loss, validate_grpo_inputs
 from .ops.kto import KTOLossOutput, fused_kto_loss, validate_kto_inputs
 from .ops.logprobs import linear_logprobs, prepare_linear
-from .ops.segments import check_sequence_count, packed_layout, validate_sequence_layout
+from .ops.linear import LinearOptions
+from .ops.segments import PackedLayout, check_sequence_count, packed_layout, validate_sequence_layout
 from .ops.ppo import PPOLossOutput, ppo_loss, validate_value_head
 from .ops.rloo import RLOOLossOutput, fused_rloo_loss, validate_rloo_inputs
 from .ops.torch_backend import compute_dtype
-from .ops.validation import (FLOAT_DTYPES, check_logit_transform, masked_token_tensor, require_bool, require_tensor,
-                             validate_token_mask)
+from .ops.validation import (FLOAT_DTYPES, LinearInputs, check_logit_transform, masked_token_tensor, require_bool,
+                             require_tensor, validate_token_mask)
 
 
 def fused_linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None, *,
@@ -287,6 +288,22 @@ def fused_linear_dpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
     return fused_dpo_loss(inputs, opts, config, reference, layout)
 
 
+def _prepare_sequences(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None, *, cu_seqlens,
+                       position_ids, per_sequence: dict,
+                       **linear) -> tuple[LinearInputs, LinearOptions, PackedLayout | None]:
+    """:func:`prepare_linear` for a batch of sequences, padded (``hidden [B, T, H]``) or packed (``cu_seqlens`` or
+    ``position_ids``): the inputs, the options and the packed layout (None when padded). The count of each
+    per-sequence argument (``per_sequence``: name -> value) is checked against the layout first, so that a layout
+    that does not match them is blamed, not the argument."""
+    validate_sequence_layout(hidden, targets, cu_seqlens is not None or position_ids is not None)
+    inputs, opts = prepare_linear(hidden, weight, targets, bias, **linear)
+    layout = packed_layout(inputs.targets.numel(), inputs.hidden.device, cu_seqlens=cu_seqlens,
+                           position_ids=position_ids)
+    for name, value in per_sequence.items():
+        check_sequence_count(name, value, layout, cu_seqlens)
+    return inputs, opts, layout
+
+
 def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tensor, *,
                            old_logprobs: Tensor | None = None, mask: Tensor | None = None, bias: Tensor | None = None,
                            loss_type: str = "dapo", importance_sampling_level: str = "token", epsilon: float = 0.2,
@@ -358,19 +375,19 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, adva
 
     Returns:
         ``GRPOLossOutput(loss, metrics, logprobs, entropy)``: ``loss`` differentiable w.r.t. ``hidden``, ``weight``
-        and ``bias``; ``metrics`` detached 0-d fp32 tensors (float64 for float64 inputs) under TRL's names (``entropy``, ``kl``,
-        ``clip_ratio/low_mean``, ``clip_ratio/low_min``, ``clip_ratio/high_mean``, ``clip_ratio/high_max``,
+        and ``bias``; ``metrics`` detached 0-d fp32 tensors (float64 for float64 inputs) under TRL's names
+        (``entropy``, ``kl``, ``clip_ratio/low_mean``, ``clip_ratio/low_min``, ``clip_ratio/high_mean``,
+        ``clip_ratio/high_max``,
         ``clip_ratio/region_mean``, ``cispo_clip_ratio``, ``vespo/phi_seq_mean``, ``policy_loss``; floats:
         ``{k: v.item() for k, v in out.metrics.items()}``); ``logprobs`` and ``entropy`` ``[B, T]`` detached fp32
         (0 outside the completion mask; ``[N]`` packed): the next iteration's ``old_logprobs`` need no extra forward.
     """
-    packed = cu_seqlens is not None or position_ids is not None
-    validate_sequence_layout(hidden, targets, packed)
-    inputs, opts = prepare_linear(hidden, weight, targets, bias, temperature=temperature, logit_scale=logit_scale,
-                                  logit_softcap=logit_softcap, ignore_index=ignore_index,
-                                  backend=backend, chunk_size=chunk_size, deterministic=deterministic,
-                                  check_finite=check_finite,
-                                  process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
+    inputs, opts, layout = _prepare_sequences(
+        hidden, weight, targets, bias, cu_seqlens=cu_seqlens, position_ids=position_ids,
+        per_sequence=dict(advantages=advantages, importance_sampling_ratio=importance_sampling_ratio),
+        temperature=temperature, logit_scale=logit_scale, logit_softcap=logit_softcap, ignore_index=ignore_index,
+        backend=backend, chunk_size=chunk_size, deterministic=deterministic, check_finite=check_finite,
+        process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
     config = GRPOLossConfig(
         loss_type=loss_type, importance_sampling_level=importance_sampling_level, epsilon=epsilon,
         epsilon_high=epsilon_high, delta=delta, beta=beta, use_bias_correction_kl=use_bias_correction_kl,
@@ -378,10 +395,6 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, adva
         entropy_coef=entropy_coef, sapo_temperature_pos=sapo_temperature_pos,
         sapo_temperature_neg=sapo_temperature_neg, vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos,
         vespo_k_neg=vespo_k_neg, vespo_lambda_neg=vespo_lambda_neg, max_completion_length=max_completion_length)
-    layout = packed_layout(inputs.targets.numel(), inputs.hidden.device, cu_seqlens=cu_seqlens,
-                           position_ids=position_ids)
-    for name, value in (("advantages", advantages), ("importance_sampling_ratio", importance_sampling_ratio)):
-        check_sequence_count(name, value, layout, cu_seqlens)
     tokens = validate_grpo_inputs(
         targets, targets.shape[0] if layout is None else layout.num_sequences, compute_dtype(inputs.hidden.dtype),
         config, advantages=advantages, mask=mask, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
@@ -437,18 +450,13 @@ def fused_linear_rloo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, adva
         ``clip_ratio/high_max``, ``clip_ratio/region_mean``); ``logprobs`` and ``entropy`` ``[B, T]`` detached fp32
         (0 outside the completion mask; ``[N]`` packed); ``logps [B]`` the completions' log-probs, detached.
     """
-    packed = cu_seqlens is not None or position_ids is not None
-    validate_sequence_layout(hidden, targets, packed)
-    inputs, opts = prepare_linear(hidden, weight, targets, bias, temperature=temperature, logit_scale=logit_scale,
-                                  logit_softcap=logit_softcap, ignore_index=ignore_index,
-                                  backend=backend, chunk_size=chunk_size, deterministic=deterministic,
-                                  check_finite=check_finite,
-                                  process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
+    inputs, opts, layout = _prepare_sequences(
+        hidden, weight, targets, bias, cu_seqlens=cu_seqlens, position_ids=position_ids,
+        per_sequence=dict(advantages=advantages, old_logprobs=old_logprobs),
+        temperature=temperature, logit_scale=logit_scale, logit_softcap=logit_softcap, ignore_index=ignore_index,
+        backend=backend, chunk_size=chunk_size, deterministic=deterministic, check_finite=check_finite,
+        process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
     options = RLOOOptions(epsilon=epsilon, epsilon_high=epsilon_high)
-    layout = packed_layout(inputs.targets.numel(), inputs.hidden.device, cu_seqlens=cu_seqlens,
-                           position_ids=position_ids)
-    for name, value in (("advantages", advantages), ("old_logprobs", old_logprobs)):
-        check_sequence_count(name, value, layout, cu_seqlens)
     tokens = validate_rloo_inputs(targets, layout, compute_dtype(inputs.hidden.dtype), advantages=advantages,
                                   mask=mask, old_logprobs=old_logprobs, ignore_index=int(ignore_index),
                                   check_finite=check_finite)
@@ -508,20 +516,15 @@ def fused_linear_kto_loss(hidden: Tensor, weight: Tensor, targets: Tensor, label
         (sides present only; ``fastalign.objectives.kto.kto_metric_means`` turns summed ones into TRL's logged
         means). All but ``loss`` detached, fp32 (float64 for float64 inputs).
     """
-    packed = cu_seqlens is not None or position_ids is not None
-    validate_sequence_layout(hidden, targets, packed)
-    inputs, opts = prepare_linear(hidden, weight, targets, bias, temperature=temperature, logit_scale=logit_scale,
-                                  logit_softcap=logit_softcap, ignore_index=ignore_index,
-                                  backend=backend, chunk_size=chunk_size, deterministic=deterministic,
-                                  check_finite=check_finite,
-                                  process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
+    inputs, opts, layout = _prepare_sequences(
+        hidden, weight, targets, bias, cu_seqlens=cu_seqlens, position_ids=position_ids,
+        per_sequence=dict(labels=labels, ref_logps=ref_logps),
+        temperature=temperature, logit_scale=logit_scale, logit_softcap=logit_softcap, ignore_index=ignore_index,
+        backend=backend, chunk_size=chunk_size, deterministic=deterministic, check_finite=check_finite,
+        process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
     options = KTOOptions(beta=beta, loss_type=loss_type, desirable_weight=desirable_weight,
                          undesirable_weight=undesirable_weight)
-    layout = packed_layout(inputs.targets.numel(), inputs.hidden.device, cu_seqlens=cu_seqlens,
-                           position_ids=position_ids)
     average_log_prob = require_bool("average_log_prob", average_log_prob)
-    for name, value in (("labels", labels), ("ref_logps", ref_logps)):
-        check_sequence_count(name, value, layout, cu_seqlens)
     examples = validate_kto_inputs(targets, targets.shape[0] if layout is None else layout.num_sequences,
                                    compute_dtype(inputs.hidden.dtype), options, labels=labels, ref_logps=ref_logps,
                                    kl=kl, num_examples=num_examples, check_finite=check_finite,
