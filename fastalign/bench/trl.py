@@ -1,0 +1,104 @@
+"""``--op trl``: TRL 1.16's DPO and GRPO trainer steps against fastalign.trl's subclasses (needs fastalign[trl])."""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from .harness import REGISTRY, Mode, OpBench, Problem, Step, Target, VariantFactory
+
+
+TRL_DPO_PAIRS, TRL_GRPO_COMPLETIONS, TRL_GRPO_PROMPT = 2, 8, 64
+
+
+class TRLInputs(NamedTuple):
+    """A 2-layer Llama's config and word-level tokenizer (``problem``'s H and V) and one batch per trainer, laid out
+    as TRL's collators / generation give them: DPO ``input_ids [2B, T]`` (B = ``TRL_DPO_PAIRS``, chosen rows first,
+    T = N / 2B, the second half of each row the completion); GRPO ``TRL_GRPO_COMPLETIONS`` completions of
+    N / ``TRL_GRPO_COMPLETIONS`` tokens after ``TRL_GRPO_PROMPT`` prompt tokens, random advantages."""
+
+    problem: Problem
+    tokenizer: Any
+    config: Any
+    dpo_batch: dict
+    grpo_batch: dict
+
+
+def make_trl_inputs(problem: Problem) -> TRLInputs:
+    from ..trainers.tiny import tiny_config, word_tokenizer
+
+    tokenizer = word_tokenizer([f"w{i}" for i in range(problem.vocab_size - 3)])
+    heads = max(1, problem.hidden_size // 64)
+    config = tiny_config(tokenizer, hidden_size=problem.hidden_size, intermediate_size=2 * problem.hidden_size,
+                         num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=max(4096, problem.tokens))
+    g = torch.Generator().manual_seed(problem.seed)
+    place = lambda t: t.to(problem.device)  # noqa: E731
+    length = max(2, problem.tokens // (2 * TRL_DPO_PAIRS))
+    ids = torch.randint(3, problem.vocab_size, (2 * TRL_DPO_PAIRS, length), generator=g)
+    completion = (torch.arange(length) >= length // 2).long().expand_as(ids)
+    dpo = {"input_ids": place(ids), "attention_mask": place(torch.ones_like(ids)), "completion_mask": place(completion)}
+    rows, length = TRL_GRPO_COMPLETIONS, max(1, problem.tokens // TRL_GRPO_COMPLETIONS)
+    prompt = torch.randint(3, problem.vocab_size, (rows, TRL_GRPO_PROMPT), generator=g)
+    completion = torch.randint(3, problem.vocab_size, (rows, length), generator=g)
+    grpo = {"prompt_ids": place(prompt), "prompt_mask": place(torch.ones_like(prompt)),
+            "completion_ids": place(completion), "completion_mask": place(torch.ones_like(completion)),
+            "advantages": place(torch.randn(rows, generator=g)),
+            "num_items_in_batch": place(torch.tensor(float(completion.numel())))}
+    return TRLInputs(problem, tokenizer, config, dpo, grpo)
+
+
+def trl_step(kind: str, fused: bool) -> VariantFactory:
+    """One training step (the trainer's ``compute_loss`` on the batch, then the gradients of the weights, returned) of
+    TRL 1.16's ``DPOTrainer`` (a reference model) or ``GRPOTrainer`` (dapo, on-policy), or of fastalign.trl's
+    subclass; the same random Llama for both (seeded)."""
+
+    def factory(x: TRLInputs) -> Step:
+        import tempfile
+
+        import trl
+        from datasets import Dataset
+        from transformers import LlamaForCausalLM
+
+        import fastalign.trl as fatrl
+
+        torch.manual_seed(x.problem.seed)
+        model = LlamaForCausalLM(x.config).to(x.problem.device, x.problem.torch_dtype)
+        common = dict(output_dir=tempfile.mkdtemp(prefix="fastalign-bench-trl-"), report_to="none",
+                      use_cpu=x.problem.device == "cpu", bf16=False, disable_tqdm=True)
+        extra = {"fastalign_options": {"backend": x.problem.backend}} if fused else {}
+        module = fatrl if fused else trl
+        if kind == "dpo":
+            ref = LlamaForCausalLM(x.config).to(x.problem.device, x.problem.torch_dtype)
+            trainer = module.DPOTrainer(model=model, ref_model=ref, args=trl.DPOConfig(**common),
+                                        train_dataset=Dataset.from_dict({"prompt": ["w1"], "chosen": [" w2"],
+                                                                         "rejected": [" w3"]}),
+                                        processing_class=x.tokenizer, **extra)
+            batch = x.dpo_batch
+        else:
+            trainer = module.GRPOTrainer(model=model, reward_funcs=lambda completions, **_: [0.0] * len(completions),
+                                         args=trl.GRPOConfig(**common, per_device_train_batch_size=8,
+                                                             num_generations=8, loss_type="dapo"),
+                                         train_dataset=Dataset.from_dict({"prompt": ["w1"]}),
+                                         processing_class=x.tokenizer, **extra)
+            trainer.current_gradient_accumulation_steps = 1
+            batch = x.grpo_batch
+        trainer.model.train()
+        params = [p for p in trainer.model.parameters() if p.requires_grad]
+        return lambda: torch.autograd.grad(trainer.compute_loss(trainer.model, batch), params)
+
+    return factory
+
+
+def _trl_mode(kind: str, title: str) -> Mode:
+    return Mode(title, {"fastalign.trl": trl_step(kind, True), "trl": trl_step(kind, False)}, floor=None,
+                targets=(Target("time", "trl", 0.90), Target("memory", "trl", 1.0)), candidate="fastalign.trl",
+                baseline="trl")
+
+
+REGISTRY["trl"] = OpBench(make_trl_inputs, {
+    "dpo": _trl_mode("dpo", f"TRL 1.16 DPOTrainer step ({TRL_DPO_PAIRS} pairs of 2 x N/{2 * TRL_DPO_PAIRS} tokens, "
+                            f"reference model) vs fastalign.trl's, 2-layer Llama"),
+    "grpo": _trl_mode("grpo", f"TRL 1.16 GRPOTrainer loss step ({TRL_GRPO_COMPLETIONS} completions of "
+                              f"N/{TRL_GRPO_COMPLETIONS} tokens, dapo) vs fastalign.trl's, 2-layer Llama"),
+}, issue_problem=Problem(tokens=8192, hidden_size=512, vocab_size=32768))
