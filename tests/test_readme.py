@@ -82,12 +82,21 @@ def test_bash_blocks_run_as_written(tmp_path):
         assert done.returncode == 0, f"{page.name}:{line}: {done.stderr[-2000:]}"
 
 
+def anchors(page: Path) -> set[str]:
+    """GitHub's anchors of ``page``'s headings: lower case, punctuation dropped, spaces to hyphens."""
+    text = FENCE.sub("", page.read_text())
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.*)$", text, re.M)}
+
+
 def test_readme_is_short_and_every_relative_link_resolves():
     assert len(README.read_text().splitlines()) <= 300
     for page in PAGES:
-        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
-            if not re.match(r"[a-z]+:", target):
-                assert (page.parent / target).exists(), f"{page.name}: link to {target} does not resolve"
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", page.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue
+            linked = page.parent / target if target else page
+            assert linked.is_file(), f"{page.name}: link to {target} does not resolve"
+            assert not anchor or anchor in anchors(linked), f"{page.name}: no heading #{anchor} in {linked.name}"
 
 
 def readme_block(heading: str) -> str:
