@@ -8,7 +8,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastalign
 from fastalign.ops import engine
-from fastalign.ops.logprobs import prepare_linear
 
 B, T, H, V = 4, 6, 8, 23
 
@@ -100,9 +99,9 @@ CASES = {
 }
 
 
-def _run(case, chunk_size, rows=2 * B, packed=False):
+def _run(monkeypatch, case, chunk_size, rows=2 * B, packed=False):
     h, w, t, g = _batch(rows)
-    if packed:  # the same completions packed by position_ids
+    if packed:  # the same completions packed by position_ids (no padding rows)
         ends = (t != -100).long().cumsum(1).argmax(1) + 1
         keep = torch.arange(T) < ends[:, None]
         pos = torch.cat([torch.arange(int(n)) for n in ends])
@@ -119,15 +118,10 @@ def _run(case, chunk_size, rows=2 * B, packed=False):
         finally:
             mode.inside = False
 
-    engine._loss_and_grads = counted
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "_loss_and_grads", counted)
         with mode:
-            if packed:
-                loss = PACKED[case](chunk_size, h, w, t, pos)
-            else:
-                loss = CASES[case](chunk_size, h, w, t, g)
-    finally:
-        engine._loss_and_grads = loss_and_grads
+            loss = PACKED[case](chunk_size, h, w, t, pos) if packed else CASES[case](chunk_size, h, w, t, g)
     hg, wg = torch.autograd.grad(loss, (h, w))
     return loss.detach(), hg, wg, mode
 
@@ -150,13 +144,12 @@ PACKED = {"grpo": _packed_grpo, "dpo": _packed_dpo}
 @pytest.mark.parametrize("case", [*CASES, *(f"packed-{name}" for name in PACKED)])
 def test_chunks_see_their_groups_only_and_sum_to_the_whole(case, monkeypatch):
     """Chunks of at most 10 rows (whole pairs or sequences; parts of sequences with a per-token loss) against one
-    chunk of all rows: the same
-    loss and gradients (float64, 1e-12), each chunk's loss forms no tensor of the batch's padded size ([2B, T]), and
-    the loss was called once per chunk plus once for the returned value."""
+    chunk of all rows: the same loss and gradients (float64, 1e-12), each chunk's loss forms no tensor of the
+    batch's padded size ([2B, T]), and the loss was called once per chunk plus once for the returned value."""
     packed = case.startswith("packed-")
     name = case.removeprefix("packed-")
-    whole = _run(name, None, packed=packed)
-    parts = _run(name, 10, packed=packed)
+    whole = _run(monkeypatch, name, None, packed=packed)
+    parts = _run(monkeypatch, name, 10, packed=packed)
     for a, b in zip(whole[:3], parts[:3]):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
     assert parts[3].calls > whole[3].calls >= 1  # several chunks, each seen by the loss
