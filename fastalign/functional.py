@@ -264,8 +264,10 @@ def fused_linear_dpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, *, bi
                          f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
                          discopop_tau=discopop_tau, ld_alpha=ld_alpha, use_weighting=use_weighting,
                          num_responses=num_responses)
-    sequences, layout = validate_preference_layout(hidden, targets, options.num_responses, cu_seqlens=cu_seqlens,
-                                                   position_ids=position_ids)
+    given = ref_logps if ref_logps is not None else ref_chosen_logps  # the sequences: a compiled position_ids' count
+    sequences, layout = validate_preference_layout(
+        hidden, targets, options.num_responses, cu_seqlens=cu_seqlens, position_ids=position_ids,
+        num_sequences=given.numel() * (2 if ref_logps is None else 1) if isinstance(given, Tensor) else None)
     inputs, opts = prepare_linear(hidden, weight, targets, bias, temperature=temperature, logit_scale=logit_scale,
                                   logit_softcap=logit_softcap, ignore_index=ignore_index,
                                   backend=backend, chunk_size=chunk_size, deterministic=deterministic,
@@ -297,8 +299,10 @@ def _prepare_sequences(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Te
     that does not match them is blamed, not the argument."""
     validate_sequence_layout(hidden, targets, cu_seqlens is not None or position_ids is not None)
     inputs, opts = prepare_linear(hidden, weight, targets, bias, **linear)
+    counts = [value.numel() for value in per_sequence.values()  # [S] (or [S, 1]), not per token [N]
+              if isinstance(value, Tensor) and value.dim() <= 2 and value.numel() != inputs.targets.numel()]
     layout = packed_layout(inputs.targets.numel(), inputs.hidden.device, cu_seqlens=cu_seqlens,
-                           position_ids=position_ids)
+                           position_ids=position_ids, num_sequences=counts[0] if counts else None)
     for name, value in per_sequence.items():
         check_sequence_count(name, value, layout, cu_seqlens)
     return inputs, opts, layout

@@ -389,30 +389,31 @@ def _packed(length=T):
     x = _inputs(length)
     lengths = [length - (row == 1) for row in range(2 * B)]
     keep = torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]
-    x = {**x, "old": x["old"][keep], "cu_seqlens": torch.tensor([0, *lengths]).cumsum(0).int()}
+    cu_seqlens = torch.tensor([0, *lengths]).cumsum(0).int()
+    x = {**x, "old": x["old"][keep], "cu_seqlens": cu_seqlens, "packing": {"cu_seqlens": cu_seqlens}}
     return hidden.detach()[keep].requires_grad_(True), weight, targets[keep], x
 
 
 def packed_dpo(hidden, weight, targets, x):
     out = fused_linear_dpo_loss(hidden, weight, targets, ref_logps=x["ref"].view(2, B), vocab_metrics=True,
-                                cu_seqlens=x["cu_seqlens"])
+                                **x["packing"])
     return out.loss, {**out.metrics, "logps": out.logps}
 
 
 def packed_grpo(hidden, weight, targets, x):
     out = fused_linear_grpo_loss(hidden, weight, targets, x["adv"], old_logprobs=x["old"], beta=0.04,
-                                 ref_logprobs=x["old"] + 0.1, cu_seqlens=x["cu_seqlens"])
+                                 ref_logprobs=x["old"] + 0.1, **x["packing"])
     return out.loss, {**out.metrics, "logprobs": out.logprobs, "entropy": out.entropy}
 
 
 def packed_kto(hidden, weight, targets, x):
     out = fused_linear_kto_loss(hidden, weight, targets, torch.tensor([True, False, True, True]),
-                                ref_logps=x["ref"], kl=torch.tensor(0.1), cu_seqlens=x["cu_seqlens"])
+                                ref_logps=x["ref"], kl=torch.tensor(0.1), **x["packing"])
     return out.loss, out.metrics
 
 
 def packed_orpo(hidden, weight, targets, x):
-    out = fused_linear_orpo_loss(hidden, weight, targets, cu_seqlens=x["cu_seqlens"])
+    out = fused_linear_orpo_loss(hidden, weight, targets, **x["packing"])
     return out.loss, out.metrics
 
 
@@ -427,8 +428,7 @@ def packed_ppo(hidden, weight, targets, x):
                          ids=lambda f: f.__name__)
 def test_packed_batch_compiles_fullgraph(fn):
     """A packed batch (``cu_seqlens``) compiles without a graph break and gives eager's loss, outputs, metrics and
-    gradients (eager packed equals padded: test_packed.py). ``position_ids`` under compile raise (the number of
-    sequences they hold is data-dependent)."""
+    gradients (eager packed equals padded: test_packed.py)."""
     hidden, weight, targets, x = _packed()
     explained = torch._dynamo.explain(fn)(hidden, weight, targets, x)
     assert explained.graph_break_count == 0, explained.break_reasons
@@ -436,14 +436,28 @@ def test_packed_batch_compiles_fullgraph(fn):
     _assert_same(_run(compiled, hidden, weight, targets, x), _run(fn, hidden, weight, targets, x))
 
 
-def test_position_ids_under_compile_raise_clearly():
-    """With ``fullgraph=True`` (without it, dynamo breaks the graph at the raise and runs that part eagerly)."""
+@pytest.mark.slow
+@pytest.mark.parametrize("fn", [packed_dpo, packed_grpo], ids=lambda f: f.__name__)
+def test_position_ids_compile_fullgraph(fn):
+    """Packed by ``position_ids`` (the number of sequences from a per-sequence argument: ``ref_logps``,
+    ``advantages``; KTO's ``labels`` take GRPO's path), compiled with ``fullgraph=True``: eager's loss, outputs, metrics and gradients with
+    ``cu_seqlens``."""
+    hidden, weight, targets, x = _packed()
+    by_positions = {**x, "packing": {"position_ids": torch.cat([torch.arange(int(n))
+                                                                for n in x["cu_seqlens"].diff()])}}
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    _assert_same(_run(compiled, hidden, weight, targets, by_positions), _run(fn, hidden, weight, targets, x))
+
+
+def test_position_ids_without_a_sequence_count_raise_clearly_under_compile():
+    """ORPO has no per-sequence argument: ``position_ids`` under compile raise (the number of sequences they hold is
+    a data-dependent size), with ``fullgraph=True`` (without it, dynamo breaks the graph at the raise)."""
     hidden, weight, targets, x = _packed()
     position_ids = torch.cat([torch.arange(int(n)) for n in x["cu_seqlens"].diff()])
 
     def fn(hidden, weight, targets):
-        return fused_linear_kto_loss(hidden, weight, targets, torch.tensor([True, False, True, True]),
-                                     ref_logps=x["ref"], kl=torch.tensor(0.1), position_ids=position_ids).loss
+        return fused_linear_orpo_loss(hidden, weight, targets, position_ids=position_ids).loss
 
-    with pytest.raises(Exception, match="position_ids: a packed batch under torch.compile needs cu_seqlens"):
+    with pytest.raises(Exception, match="position_ids: a packed batch under torch.compile needs cu_seqlens, or a "
+                                        "per-sequence argument"):
         torch.compile(fn, backend="aot_eager", fullgraph=True)(hidden, weight, targets)

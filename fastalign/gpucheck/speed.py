@@ -56,6 +56,15 @@ def _liger_logprobs(x, hidden, weight, bias):
     return -LigerFusedLinearCrossEntropyLoss(reduction="none")(weight, hidden, x.targets, bias)
 
 
+def _liger_ce(x) -> bench.Step:
+    """Liger-Kernel's fused linear cross-entropy, mean over the tokens; fwd + bwd."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    hidden, weight = x.hidden.detach().requires_grad_(True), x.weight.detach().requires_grad_(True)
+    loss = LigerFusedLinearCrossEntropyLoss()
+    return lambda: torch.autograd.grad(loss(weight, hidden, x.targets), [hidden, weight])
+
+
 def _cce_logprobs(x, hidden, weight, bias):
     from cut_cross_entropy import linear_cross_entropy
 
@@ -103,6 +112,7 @@ def speed_ops() -> dict[str, SpeedOp]:
             "TRL ChunkedLogProbFunction": optional("trl", _trl_logprobs)}, 3, _forward_backward),
         "SFT cross-entropy fwd+bwd": SpeedOp(bench.make_logprob_inputs, {
             **fused(_fused_ce), "naive PyTorch": bench.naive_ce,
+            "Liger-Kernel (fused linear CE)": _liger_ce if _installed("liger_kernel") else None,
             "Cut Cross-Entropy": bench.cce_ce if _installed("cut_cross_entropy") else None}, 3, _forward_backward),
         "DPO fwd+bwd (reference forward included)": SpeedOp(bench.make_dpo_inputs, {
             **fused(_fused_loss(bench.fused_dpo)), "naive PyTorch": bench.naive_dpo,

@@ -248,18 +248,35 @@ class GRPOLossType:
     takes_is_ratio: bool = True
 
 
-def _normalize_by_items(x: Tensor, m: Tensor, config: GRPOLossConfig, num_items_in_batch) -> Tensor:
-    count = m.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=m.dtype)
+class BatchTotals(NamedTuple):
+    """The counts the aggregations divide by, of the whole batch: its sequences, its completion tokens and those of
+    each sequence at hand (``[B]``; a part of a batch, e.g. the engine's chunk of sequences, passes its whole
+    batch's, so that the parts' gradients are the whole's)."""
+
+    sequences: int
+    tokens: Tensor
+    sequence_tokens: Tensor
+
+    @classmethod
+    def of(cls, m: Tensor) -> BatchTotals:
+        """Those of the float mask ``m [B, T]`` itself."""
+        return cls(m.shape[0], m.sum(), m.sum(-1))
+
+
+def _normalize_by_items(x: Tensor, totals: BatchTotals, config: GRPOLossConfig, num_items_in_batch) -> Tensor:
+    count = totals.tokens if num_items_in_batch is None else torch.as_tensor(num_items_in_batch,
+                                                                              dtype=totals.tokens.dtype)
     return x.sum() / count.clamp(min=1.0)
 
 
-# Each takes the masked per-token loss ``[B, T]``, the mask, the options and num_items_in_batch: TRL's aggregations.
+# Each takes the masked per-token loss ``[B, T]``, the batch's counts (``BatchTotals``), the options and
+# num_items_in_batch: TRL's aggregations.
 NORMALIZERS: dict[str, Callable[..., Tensor]] = {
-    "sequence_mean": lambda x, m, config, n: (x.sum(-1) / m.sum(-1).clamp(min=1.0)).mean(),  # grpo, sapo
-    "token_mean": lambda x, m, config, n: x.sum() / m.sum().clamp(min=1.0),  # bnpo
-    "max_completion_length": lambda x, m, config, n: x.sum() / (m.shape[0] * config.max_completion_length),  # dr_grpo
+    "sequence_mean": lambda x, n, config, items: (x.sum(-1) / n.sequence_tokens.clamp(min=1.0)).sum() / n.sequences,
+    "token_mean": lambda x, n, config, items: x.sum() / n.tokens.clamp(min=1.0),  # bnpo
+    "max_completion_length": lambda x, n, config, items: x.sum() / (n.sequences * config.max_completion_length),
     "num_items_in_batch": _normalize_by_items,  # dapo, cispo, vespo
-    "sequence_sum": lambda x, m, config, n: x.sum(-1).mean(),  # luspo
+    "sequence_sum": lambda x, n, config, items: x.sum(-1).sum() / n.sequences,  # luspo
 }
 GRPO_LOSSES: dict[str, GRPOLossType] = {}
 
@@ -330,7 +347,7 @@ GRPO_LOSS_TYPES = tuple(GRPO_LOSSES)  # the built-in loss types (TRL 1.16's), in
 def grpo_loss(logprobs: Tensor, advantages: Tensor, mask: Tensor, config: GRPOLossConfig = GRPOLossConfig(), *,
               old_logprobs: Tensor | None = None, ref_logprobs: Tensor | None = None, entropy: Tensor | None = None,
               importance_sampling_ratio: Tensor | None = None, sampling_logprobs: Tensor | None = None,
-              num_items_in_batch: Tensor | float | None = None) -> GRPOResult:
+              num_items_in_batch: Tensor | float | None = None, totals: BatchTotals | None = None) -> GRPOResult:
     """The GRPO-family loss of a batch and TRL's metrics.
 
     Args:
@@ -347,6 +364,9 @@ def grpo_loss(logprobs: Tensor, advantages: Tensor, mask: Tensor, config: GRPOLo
             ``old_logprobs``).
         num_items_in_batch: completion tokens of the whole accumulated batch (dapo, cispo, vespo; default this
             batch's).
+        totals: when these are whole sequences of a larger batch (without the top-entropy quantile, which needs
+            them all): that batch's counts, and those sequences' (``BatchTotals``); default ``mask``'s own. Parts of a
+            per-token loss may hold a sequence in part: ``sequence_tokens`` counts it whole.
 
     Returns:
         ``GRPOResult(loss, metrics)``; metrics under TRL's names: ``kl`` (beta != 0), ``entropy`` (entropy given),
@@ -393,12 +413,14 @@ def grpo_loss(logprobs: Tensor, advantages: Tensor, mask: Tensor, config: GRPOLo
         per_token = per_token * importance_sampling_ratio
     if kl is not None:
         per_token = per_token + config.beta * kl
-    loss = NORMALIZERS[kind.normalizer](per_token * m, m, config, num_items_in_batch)
+    totals = BatchTotals.of(m) if totals is None else totals
+    loss = NORMALIZERS[kind.normalizer](per_token * m, totals, config, num_items_in_batch)
 
     metrics = dict(metrics)
     if config.entropy_coef != 0:
         effective = m if entropy_mask is None else m * entropy_mask
-        entropy_loss = (entropy * effective).sum() / effective.sum().clamp(min=1.0)
+        count = totals.tokens if entropy_mask is None else effective.sum()
+        entropy_loss = (entropy * effective).sum() / count.clamp(min=1.0)
         metrics["policy_loss"] = loss.detach()
         loss = loss - config.entropy_coef * entropy_loss
 

@@ -148,7 +148,8 @@ class RLOOResult(NamedTuple):
 
 
 def rloo_loss(logprobs: Tensor, advantages: Tensor, mask: Tensor, options: RLOOOptions = RLOOOptions(), *,
-              old_logps: Tensor | None = None, entropy: Tensor | None = None) -> RLOOResult:
+              old_logps: Tensor | None = None, entropy: Tensor | None = None,
+              num_sequences: int | None = None) -> RLOOResult:
     """The RLOO loss of a micro-batch of ``B`` completions and TRL's metrics.
 
     Args:
@@ -159,6 +160,8 @@ def rloo_loss(logprobs: Tensor, advantages: Tensor, mask: Tensor, options: RLOOO
         old_logps: ``[B]`` the completions' log-probs at sampling time (TRL's ``old_logps``: sums over the mask);
             None: on-policy (``logps`` detached, ratio exactly 1).
         entropy: ``[B, T]`` per-token entropy, for the ``entropy`` metric only.
+        num_sequences: the completions of the whole batch when these are a part of it (the loss's mean divides by
+            it); default B.
 
     Returns:
         ``RLOOResult(loss, metrics, logps)``; metrics under TRL's names: ``entropy`` (entropy given),
@@ -171,7 +174,8 @@ def rloo_loss(logprobs: Tensor, advantages: Tensor, mask: Tensor, options: RLOOO
     old = logps.detach() if old_logps is None else old_logps.to(logps.dtype)
     coef_1 = torch.exp(logps - old)
     coef_2 = torch.clamp(coef_1, 1 - options.epsilon, 1 + options.eps_high)
-    loss = -torch.min(coef_1 * adv, coef_2 * adv).mean()
+    losses = -torch.min(coef_1 * adv, coef_2 * adv)
+    loss = losses.mean() if num_sequences is None else losses.sum() / num_sequences
     with torch.no_grad():
         metrics = {}
         if entropy is not None:

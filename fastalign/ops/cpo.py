@@ -18,7 +18,7 @@ from torch import Tensor
 from ..objectives.dpo import DPOResult, dpo_metrics, rpo_nll
 from ..objectives.preference import CPOOptions, cpo_loss, orpo_loss, orpo_metrics
 from .dpo import DPOLossOutput, PreferenceRows, token_logit_means
-from .engine import fused_rows_loss
+from .engine import RowValues, fused_rows_loss
 from .linear import LinearOptions
 from .segments import PackedLayout
 from .torch_backend import RowStatsSpec, compute_dtype
@@ -76,11 +76,12 @@ def merge_nll_targets(targets: Tensor, nll_targets, ignore_index: int,
 
 
 def fused_pair_loss(inputs: LinearInputs, opts: LinearOptions, tokens: PairTokens,
-                    loss_of: Callable[[Tensor, Tensor, Tensor], DPOResult], average_log_prob: bool,
+                    loss_of: Callable[[Tensor, Tensor, Tensor, slice | None], DPOResult], average_log_prob: bool,
                     layout: PackedLayout | None, vocab_metrics: bool = False
                     ) -> tuple[Tensor, DPOResult, Tensor, dict[str, Tensor]]:
-    """A pair loss through the engine: ``loss_of(chosen_logps [B], rejected_logps [B], chosen_nll_sums [B])`` on
-    the per-sequence response sums (means with ``average_log_prob``) and the chosen NLL tokens' log-prob sums.
+    """A pair loss through the engine: ``loss_of(chosen_logps [G], rejected_logps [G], chosen_nll_sums [G], part)``
+    on the per-sequence response sums (means with ``average_log_prob``) and the chosen NLL tokens' log-prob sums of
+    the pairs ``part`` (None: all B; else a chunk's pairs, whose loss takes the whole batch's normalizers).
     ``inputs.targets`` hold the response targets and the chosen rows' NLL targets (``merge_nll_targets``). Returns
     the engine's loss, the (detached) result, the per-sequence log-probs ``[2, B]`` and, with ``vocab_metrics``,
     TRL's ``logits/chosen`` and ``logits/rejected`` (the mean untempered logit over the chosen / rejected response
@@ -91,17 +92,23 @@ def fused_pair_loss(inputs: LinearInputs, opts: LinearOptions, tokens: PairToken
     response, nll = tokens.response.to(dtype), tokens.nll.to(dtype)
     counts = tokens.response.sum(1).to(dtype)
 
-    def result_of(logprobs: Tensor) -> tuple[DPOResult, Tensor]:
-        batch = rows.as_batch(logprobs)
-        sums = (batch * response).sum(-1)
-        logps = (sums / counts.clamp(min=1) if average_log_prob else sums).view(2, b)
-        return loss_of(logps[0], logps[1], (batch[:b] * nll).sum(-1)), logps
+    def result_of(values: RowValues) -> tuple[DPOResult, Tensor]:
+        batch, _ = rows.part(values.logprobs, values.rows, values.groups)
+        part = values.groups
 
-    out = fused_rows_loss(inputs, opts, lambda values: result_of(values.logprobs)[0].loss, rows=rows.rows,
+        def pairs(t: Tensor) -> Tensor:  # [2B, ...] -> the part's [2G, ...]
+            return t if part is None else t.view(2, b, *t.shape[1:])[:, part].reshape(-1, *t.shape[1:])
+
+        sums = (batch * pairs(response)).sum(-1)
+        logps = (sums / pairs(counts).clamp(min=1) if average_log_prob else sums).view(2, -1)
+        chosen_nll = (batch[:logps.shape[1]] * (nll if part is None else nll[part])).sum(-1)
+        return loss_of(logps[0], logps[1], chosen_nll, part), logps
+
+    out = fused_rows_loss(inputs, opts, lambda values: result_of(values)[0].loss, rows=rows.rows,
                           coupling=rows.group_rows, spec=RowStatsSpec(logit_sum=vocab_metrics))
     metrics = {}
     with torch.no_grad():
-        result, logps = result_of(out.logprobs)
+        result, logps = result_of(RowValues(out.logprobs, None, out.stats))
         if vocab_metrics:
             means = out.logprobs.new_zeros(0) if out.stats is None else token_logit_means(out.stats, inputs, opts)
             side = torch.div(rows.index, tokens.response.numel() // 2, rounding_mode="floor")  # 0: chosen
@@ -112,10 +119,11 @@ def fused_pair_loss(inputs: LinearInputs, opts: LinearOptions, tokens: PairToken
     return out.loss, result, logps, metrics
 
 
-def nll_of(sums: Tensor, counts: Tensor, num_chosen_tokens) -> Tensor:
-    """The chosen NLL ``-sum(sums) / num_chosen_tokens`` (default this batch's NLL tokens, at least 1)."""
+def nll_of(sums: Tensor, counts: Tensor, num_chosen_tokens, part: slice | None = None) -> Tensor:
+    """The chosen NLL ``-sum(sums) / num_chosen_tokens`` (default this batch's NLL tokens, ``counts [B]``, at least
+    1), of the pairs ``part`` (``sums [G]``; None: all B)."""
     total = counts.sum().clamp(min=1) if num_chosen_tokens is None else num_chosen_tokens
-    return rpo_nll(sums, counts, num_tokens=total)
+    return rpo_nll(sums, counts if part is None else counts[part], num_tokens=total)
 
 
 def fused_cpo_loss(inputs: LinearInputs, opts: LinearOptions, options: CPOOptions, tokens: PairTokens, *,
@@ -124,10 +132,11 @@ def fused_cpo_loss(inputs: LinearInputs, opts: LinearOptions, options: CPOOption
     """The fused CPO / SimPO / AlphaPO loss on validated inputs (``inputs.lead_shape == (2B, T)``, or N packed rows
     with their ``layout``)."""
     counts = tokens.nll.sum(1).to(compute_dtype(inputs.hidden.dtype))
+    pairs = counts.shape[0] if num_pairs is None else num_pairs  # a part of the pairs: the whole batch's count
 
-    def loss_of(chosen: Tensor, rejected: Tensor, nll_sums: Tensor) -> DPOResult:
-        nll = None if options.cpo_alpha == 0 else nll_of(nll_sums, counts, num_chosen_tokens)
-        return cpo_loss(chosen, rejected, options, chosen_nll=nll, num_pairs=num_pairs)
+    def loss_of(chosen: Tensor, rejected: Tensor, nll_sums: Tensor, part: slice | None) -> DPOResult:
+        nll = None if options.cpo_alpha == 0 else nll_of(nll_sums, counts, num_chosen_tokens, part)
+        return cpo_loss(chosen, rejected, options, chosen_nll=nll, num_pairs=num_pairs if part is None else pairs)
 
     loss, result, logps, vocab = fused_pair_loss(inputs, opts, tokens, loss_of, options.average_log_prob, layout,
                                                  vocab_metrics)
@@ -142,10 +151,12 @@ def fused_orpo_loss(inputs: LinearInputs, opts: LinearOptions, beta: float, toke
     (``orpo_loss``'s ``valid``)."""
     counts = tokens.nll.sum(1).to(compute_dtype(inputs.hidden.dtype))
     valid = tokens.response.view(2, -1, tokens.response.shape[-1]).any(-1).all(0)  # [B]: both responses have tokens
+    pairs = counts.shape[0] if num_pairs is None else num_pairs  # a part of the pairs: the whole batch's count
 
-    def loss_of(chosen: Tensor, rejected: Tensor, nll_sums: Tensor) -> DPOResult:
-        return orpo_loss(chosen, rejected, nll_of(nll_sums, counts, num_chosen_tokens), beta, num_pairs=num_pairs,
-                         valid=valid)
+    def loss_of(chosen: Tensor, rejected: Tensor, nll_sums: Tensor, part: slice | None) -> DPOResult:
+        return orpo_loss(chosen, rejected, nll_of(nll_sums, counts, num_chosen_tokens, part), beta,
+                         num_pairs=num_pairs if part is None else pairs,
+                         valid=valid if part is None else valid[part])
 
     loss, result, logps, vocab = fused_pair_loss(inputs, opts, tokens, loss_of, True, layout, vocab_metrics)
     return pair_output(loss, result, logps, {**orpo_metrics(result, logps[0], logps[1], valid), **vocab})

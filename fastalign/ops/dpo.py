@@ -15,6 +15,7 @@ sequences in the same order (the chosen ones, then the rejected ones: TRL's conc
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -91,6 +92,20 @@ class PreferenceRows(NamedTuple):
         batch = values.new_zeros(self.mask.numel()).index_put((self.index,), values).view(self.mask.shape)
         return torch.where(self.mask, batch, 0.0) if self.group_rows is None else batch  # compiled: every row
 
+    def part(self, values: Tensor, rows: slice | None, groups: slice | None) -> tuple[Tensor, Tensor]:
+        """The values of the rows ``rows`` (``RowValues``; whole prompts ``groups``, G of the B) as ``[K*G, T]``
+        (0 off the completion mask), differentiably, and those G prompts' completion mask ``[K*G, T]``: K groups of
+        G rows as the whole batch's layout. Without ``groups``, ``as_batch`` and the whole mask."""
+        if groups is None:
+            return self.as_batch(values), self.mask
+        b, length = len(self.group_rows), self.mask.shape[1]
+        k, g = self.mask.shape[0] // b, groups.stop - groups.start
+        index = self.index[rows]  # the chunk's positions (k, prompt, t) in [K*B*T], to (k, prompt - start, t)
+        rank, position = torch.div(index, b * length, rounding_mode="floor"), index % (b * length)
+        local = (rank * g - groups.start) * length + position
+        mask = self.mask.view(k, b, length)[:, groups].reshape(k * g, length)
+        return values.new_zeros(mask.numel()).index_put((local,), values).view(mask.shape), mask
+
 
 class DPOLossOutput(NamedTuple):
     """What :func:`fastalign.fused_linear_dpo_loss` returns."""
@@ -127,25 +142,41 @@ def fused_dpo_loss(inputs: LinearInputs, opts: LinearOptions, config: DPOOpConfi
     elif reference is not None:
         reference = reference.to(dtype)
 
-    def loss_of(logprobs: Tensor, stats: RowStats | None) -> tuple[DPOResult, Tensor]:
+    b = rows.mask.shape[0] // options.num_responses
+    # a chunk's prompts (``RowValues.groups``) take the whole batch's normalizers, known before any logit
+    num_pairs = b if config.num_pairs is None else config.num_pairs
+    num_chosen_tokens = config.num_chosen_tokens
+    if num_chosen_tokens is None and options.needs_nll:
+        num_chosen_tokens = rows.mask[:b].sum().clamp(min=1)
+    sft_weight = sum(weight for name, weight in zip(options.loss_types, options.weights) if name == "sft")
+
+    def loss_of(values: RowValues) -> tuple[DPOResult, Tensor]:
+        batch, mask = rows.part(values.logprobs, values.rows, values.groups)
+        stats, part = values.stats, values.groups
         # WPO: log sum_v p_v^2 = lse(2z) - 2 lse(z) of each completion token, from the pass's row statistics
         denoms = None if not options.use_weighting else (
-            logprobs.new_zeros(rows.mask.shape) if stats is None  # no completion token at all
-            else rows.as_batch((stats.lse2 - 2 * stats.lse).detach()))
-        return dpo_sequence_loss(rows.as_batch(logprobs), rows.mask, reference, options,
-                                 average_log_prob=config.average_log_prob, num_pairs=config.num_pairs,
-                                 num_chosen_tokens=config.num_chosen_tokens, token_log_denoms=denoms,
-                                 bco_state=config.bco_state)
+            batch.new_zeros(mask.shape) if stats is None  # no completion token at all
+            else rows.part((stats.lse2 - 2 * stats.lse).detach(), values.rows, part)[0])
+        ref = reference if reference is None or part is None else reference[:, part]
+        result, logps = dpo_sequence_loss(
+            batch, mask, ref, options, average_log_prob=config.average_log_prob,
+            num_pairs=config.num_pairs if part is None else num_pairs,
+            num_chosen_tokens=config.num_chosen_tokens if part is None else num_chosen_tokens,
+            token_log_denoms=denoms, bco_state=config.bco_state)
+        if part is not None and sft_weight:  # sft's term is the batch's NLL once per pair: B times, not G
+            result = dataclasses.replace(result, loss=result.loss + sft_weight * (b - logps.shape[1]) / num_pairs
+                                         * result.nll)
+        return result, logps
 
     def loss_fn(values: RowValues) -> Tensor:
-        return loss_of(values.logprobs, values.stats)[0].loss
+        return loss_of(values)[0].loss
 
     coupling: Coupling = None if config.batch_coupled else rows.group_rows
     spec = RowStatsSpec(entropy=config.vocab_metrics, lse2=options.use_weighting, logit_sum=config.vocab_metrics,
                         argmax=config.vocab_metrics)
     out = fused_rows_loss(inputs, opts, loss_fn, rows=rows.rows, coupling=coupling, spec=spec)
     with torch.no_grad():
-        result, logps = loss_of(out.logprobs, out.stats)
+        result, logps = loss_of(RowValues(out.logprobs, None, out.stats))
         metrics = dpo_metrics(result, logps)
         if config.vocab_metrics and out.stats is not None:
             rank = torch.div(rows.index, rows.mask.numel() // options.num_responses, rounding_mode="floor")
@@ -167,16 +198,18 @@ def token_logit_means(stats: RowStats, inputs: LinearInputs, opts: LinearOptions
     return stats.logit_sum * (opts.temperature / vocab)
 
 
-def validate_preference_layout(hidden, targets, num_responses: int, *, cu_seqlens=None,
-                               position_ids=None) -> tuple[int, PackedLayout | None]:
+def validate_preference_layout(hidden, targets, num_responses: int, *, cu_seqlens=None, position_ids=None,
+                               num_sequences: int | None = None) -> tuple[int, PackedLayout | None]:
     """``hidden [K*B, T, H]`` and ``targets [K*B, T]``: K groups of B sequences of T tokens, best first; or packed,
     ``hidden [N, H]`` (``[1, N, H]``) and ``targets [N]`` (``[1, N]``) of the K*B sequences of ``cu_seqlens`` or
-    ``position_ids`` in the same order. Returns the number of sequences K*B and the packed layout (or None)."""
+    ``position_ids`` in the same order (``num_sequences``: K*B from a per-sequence argument, which ``position_ids``
+    need under ``torch.compile``). Returns the number of sequences K*B and the packed layout (or None)."""
     layout = "B chosen then B rejected sequences" if num_responses == 2 else \
         f"{num_responses} groups of B sequences, best first"
     if cu_seqlens is not None or position_ids is not None:
         validate_sequence_layout(hidden, targets, packed=True)
-        packed = packed_layout(targets.numel(), hidden.device, cu_seqlens=cu_seqlens, position_ids=position_ids)
+        packed = packed_layout(targets.numel(), hidden.device, cu_seqlens=cu_seqlens, position_ids=position_ids,
+                               num_sequences=num_sequences)
         if packed.num_sequences % num_responses:
             name = "cu_seqlens" if cu_seqlens is not None else "position_ids"
             raise ValueError(f"{name}: expected a multiple {num_responses}B of packed sequences ({layout}), got "

@@ -8,7 +8,8 @@ values; how the loss couples the rows decides the plan:
 - **one pass** (torch backend, gradient needed, coupling ``"token"`` or groups that fit the chunk budget): chunks
   of whole groups; each chunk's logits are formed once and give its log-probs, the loss's gradient at its rows
   (known in the forward: the loss is a scalar, and a sum of per-group terms) and the gradients of the three
-  matmuls (``linear_logprobs_fused``). The autograd backward only scales them.
+  matmuls (``linear_logprobs_fused``). The autograd backward only scales them. The loss sees one chunk's rows at
+  a time (``RowValues.rows``, and ``RowValues.groups`` the range of its groups): no work of all M rows per chunk.
 - **two passes** (triton, batch-level coupling, or a group too large for the budget): the statistics pass over
   all rows, the loss and its per-token gradient, then in the autograd backward the pass that recomputes the
   logits (four matmuls in all, memory O(chunk) whatever the group sizes).
@@ -22,6 +23,8 @@ shard's. Rows that are not selected get no logits and a zero ``d hidden``.
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -47,23 +50,25 @@ terms over consecutive rows, e.g. pairs or sequences), or None (the whole batch,
 
 class RowValues(NamedTuple):
     """What a loss function receives: the log-probs and entropy (0 at ignored rows), differentiable, and the row
-    statistics (in the one-pass plan only those of ``fused_rows_loss``'s ``spec``, 0 at rows not yet computed),
-    ``[M]`` each, or only those of the selected rows ``rows`` (a slice of the M) when ``rows`` is not None. Of the
-    statistics, ``lse`` and ``logit_sum`` are differentiable (a z-loss, label smoothing: their gradients flow
-    through the engine's backward, ``torch_backend.RowGrads``), the others detached: detach ``lse`` where it only
-    normalizes."""
+    statistics (those of ``fused_rows_loss``'s ``spec``) of the rows ``rows`` (a slice of the M; None: all M), and
+    ``groups``, the range of the groups (``fused_rows_loss``'s ``coupling`` or ``groups``) those rows belong to (None
+    with ``rows`` None, or without groups). Of the statistics, ``lse`` and ``logit_sum`` are differentiable (a
+    z-loss, label smoothing: their gradients flow through the engine's backward, ``torch_backend.RowGrads``), the
+    others detached: detach ``lse`` where it only normalizes."""
 
     logprobs: Tensor
     entropy: Tensor | None
     stats: RowStats | None
     rows: slice | None = None
+    groups: slice | None = None
 
 
 LossFn = Callable[[RowValues], Tensor]
-"""``loss_fn(values) -> scalar``. In the one-pass plan it is called once per chunk: with coupling ``"token"`` on that
-chunk's values alone (``values.rows`` says which; the loss of those rows' terms), otherwise on full-length values
-whose not-yet-computed rows hold 0: the gradient at a computed group's rows must depend on that group alone (true
-of any sum of per-group terms whose normalizers come from masks and counts, never from log-prob values)."""
+"""``loss_fn(values) -> scalar``. In the one-pass plan it is called once per chunk on that chunk's values alone
+(``values.rows``, ``values.groups`` say which): it returns the terms of those rows (coupling ``"token"``) or of those
+whole groups, over the WHOLE batch's normalizers (counts known before any logit: tokens, sequences, pairs), so that
+its gradient at those rows is the whole loss's; it must not form values of all M rows. Otherwise (two passes, no
+gradient, the returned loss) it is called once on all M rows, ``rows`` and ``groups`` None."""
 
 
 class EngineOutput(NamedTuple):
@@ -101,11 +106,10 @@ def whole_group_chunks(group_rows: Sequence[int], vocab_size: int, chunk_size: i
 
 
 def _loss_and_grads(loss_fn: LossFn, logprobs: Tensor, entropy: Tensor | None, stats: RowStats | None,
-                    valid: Tensor, rows: slice | None = None,
-                    select: slice | None = None) -> tuple[Tensor, RowGrads]:
-    """The loss and its gradients w.r.t. the log-probs, the entropy, the lse and the sum of logits (None when the
-    loss does not use them; the log-probs' always a tensor), 0 at ignored rows; only those of the rows ``select``
-    when given (``valid`` is then of those rows)."""
+                    valid: Tensor, rows: slice | None = None, groups: slice | None = None) -> tuple[Tensor, RowGrads]:
+    """The loss of ``RowValues(logprobs, entropy, stats, rows, groups)`` and its gradients w.r.t. the log-probs, the
+    entropy, the lse and the sum of logits (None when the loss does not use them; the log-probs' always a tensor),
+    0 at ignored rows (``valid``)."""
     def leaf(t: Tensor | None) -> Tensor | None:
         return None if t is None else t.detach().requires_grad_(True)
 
@@ -114,17 +118,30 @@ def _loss_and_grads(loss_fn: LossFn, logprobs: Tensor, entropy: Tensor | None, s
         if stats is not None:
             leaves += [leaf(stats.lse), leaf(stats.logit_sum)]
             stats = stats._replace(lse=leaves[2], logit_sum=leaves[3])
-        loss = loss_fn(RowValues(leaves[0], leaves[1], stats, rows))
+        loss = loss_fn(RowValues(leaves[0], leaves[1], stats, rows, groups))
         used = [t for t in leaves if t is not None]
         grads = torch.autograd.grad(loss, used, allow_unused=True) if loss.requires_grad else [None] * len(used)
     found = iter(grads)
     grads = [None if t is None else next(found) for t in leaves]
-    if select is not None:
-        grads = [None if g is None else g[select] for g in grads]
     grads = [None if g is None else torch.where(valid, g, 0.0) for g in grads]
     if grads[0] is None:  # the loss does not depend on the log-probs
         grads[0] = torch.zeros_like(valid, dtype=logprobs.dtype)
     return loss.detach(), RowGrads(*grads)
+
+
+class GroupIndex(NamedTuple):
+    """The first row of each group (python ints), to name the groups of a chunk of rows without a device sync."""
+
+    starts: list[int]
+
+    @classmethod
+    def of(cls, group_rows: Sequence[int] | None) -> GroupIndex | None:
+        return None if group_rows is None else cls(list(itertools.accumulate(group_rows, initial=0))[:-1])
+
+    def of_rows(self, rows: slice) -> slice:
+        """The groups holding rows ``rows`` (those of none in between included): the last group starting at or
+        before ``rows.start`` (a non-empty one) to the last starting before ``rows.stop``."""
+        return slice(bisect.bisect_right(self.starts, rows.start) - 1, bisect.bisect_left(self.starts, rows.stop))
 
 
 class _Plan(NamedTuple):
@@ -134,6 +151,7 @@ class _Plan(NamedTuple):
     targets: Tensor  # [M] targets of the selected rows
     loss_fn: LossFn
     chunks: list[slice] | str | None  # one pass over these chunks ("token": any), None: two passes
+    groups: GroupIndex | None  # the groups the loss names chunks by (``RowValues.groups``)
     spec: RowStatsSpec  # the statistics to compute (entropy: for the loss or the metrics)
     opts: LinearOptions
     outputs: list  # filled by the forward: [logprobs, entropy, stats]
@@ -165,24 +183,9 @@ class _EngineLoss(torch.autograd.Function):
             plan.outputs[:] = [empty, empty if plan.with_entropy else None, None]
             return loss.detach()
         if ctx.one_pass:
-            logprobs = torch.zeros(targets.shape, dtype=torch_backend.compute_dtype(hidden.dtype),
-                                   device=hidden.device)
-            entropy = torch.zeros_like(logprobs) if plan.with_entropy else None
-            seen: dict[int, Tensor] = {}  # statistics of the rows computed so far (0 elsewhere), by field
-
             def token_grads(rows: slice, lp: Tensor, ent: Tensor | None, stats: RowStats) -> RowGrads:
-                if plan.chunks == "token":  # the chunk's terms alone
-                    return _loss_and_grads(plan.loss_fn, lp, ent, stats, valid[rows], rows)[1]
-                logprobs[rows] = lp
-                if entropy is not None:
-                    entropy[rows] = ent
-                for field, value in enumerate(stats):
-                    if value is not None:
-                        if field not in seen:  # allocated once, not per chunk
-                            seen[field] = value.new_zeros(targets.shape)
-                        seen[field][rows] = value
-                stats = RowStats(*(seen.get(field) for field in range(len(stats))))
-                return _loss_and_grads(plan.loss_fn, logprobs, entropy, stats, valid[rows], select=rows)[1]
+                groups = None if plan.groups is None else plan.groups.of_rows(rows)
+                return _loss_and_grads(plan.loss_fn, lp, ent, stats, valid[rows], rows, groups)[1]
 
             out = torch_backend.linear_logprobs_fused(
                 rows_hidden, weight, bias, targets, token_grads, **opts.logit_args,
@@ -299,7 +302,8 @@ def stats_tensors(stats: RowStats) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def fused_rows_loss(inputs: LinearInputs, opts: LinearOptions, loss_fn: LossFn, *, rows: Tensor | None = None,
-                    coupling: Coupling = "token", spec: RowStatsSpec = RowStatsSpec()) -> EngineOutput:
+                    coupling: Coupling = "token", groups: Sequence[int] | None = None,
+                    spec: RowStatsSpec = RowStatsSpec()) -> EngineOutput:
     """The loss ``loss_fn`` of the per-token values of rows ``rows`` of the lm_head problem ``inputs``.
 
     Args:
@@ -308,6 +312,8 @@ def fused_rows_loss(inputs: LinearInputs, opts: LinearOptions, loss_fn: LossFn, 
         rows: ``[M]`` int64 flat rows to compute, in the order the loss wants them (groups consecutive); None: all
             ``N`` rows in order.
         coupling: ``"token"``, a list of group sizes in row order (summing to M), or None (see ``Coupling``).
+        groups: with coupling ``"token"``, group sizes (summing to M) by which ``values.groups`` names a chunk's
+            rows (a chunk may then hold a group in part); with a list ``coupling``, that list.
         spec: the row statistics to compute in the same pass: ``entropy`` (``values.entropy``, for the loss or only
             for the metrics) and ``lse2``, ``logit_sum``, ``argmax`` (``values.stats``, detached, for the loss; and
             ``EngineOutput.stats`` for the metrics).
@@ -338,7 +344,8 @@ def fused_rows_loss(inputs: LinearInputs, opts: LinearOptions, loss_fn: LossFn, 
             # (and one for the softcap's derivative).
             chunks = whole_group_chunks(list(coupling), width, opts.chunk_size,
                                         buffers=1 if opts.logit_softcap is None else 2)
-    plan = _Plan(rows, targets, loss_fn, chunks, spec, opts, [])
+    group_rows = coupling if coupling not in ("token", None) else groups
+    plan = _Plan(rows, targets, loss_fn, chunks, GroupIndex.of(group_rows), spec, opts, [])
     loss = _EngineLoss.apply(hidden, weight, bias, plan)
     return EngineOutput(loss, *plan.outputs)
 

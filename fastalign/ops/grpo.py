@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..objectives.grpo import GRPOLossConfig, grpo_loss
+from ..objectives.grpo import BatchTotals, GRPOLossConfig, grpo_loss
 from .engine import RowValues, fused_rows_loss
 from .linear import LinearOptions
 from .segments import PackedLayout
@@ -132,15 +132,34 @@ def fused_grpo_loss(inputs: LinearInputs, opts: LinearOptions, config: GRPOLossC
             raise ValueError(f"max_completion_length: expected at least the longest completion ({longest} tokens; "
                              f"dr_grpo divides by B * max_completion_length), got {config.max_completion_length}")
     float_mask = tokens.mask.to(compute_dtype(inputs.hidden.dtype))
+    totals = BatchTotals.of(float_mask)  # a chunk's sequences take the whole batch's counts
 
-    def loss_of(logprobs: Tensor, entropy: Tensor | None):
-        return grpo_loss(logprobs, tokens.advantages, float_mask, config, old_logprobs=tokens.old_logprobs,
-                         ref_logprobs=tokens.ref_logprobs, entropy=entropy,
-                         importance_sampling_ratio=tokens.importance_sampling_ratio,
-                         sampling_logprobs=tokens.sampling_logprobs, num_items_in_batch=tokens.num_items_in_batch)
+    def loss_of(logprobs: Tensor, entropy: Tensor | None, part: CompletionPart | None = None):
+        if part is None:
+            return grpo_loss(logprobs, tokens.advantages, float_mask, config, old_logprobs=tokens.old_logprobs,
+                             ref_logprobs=tokens.ref_logprobs, entropy=entropy,
+                             importance_sampling_ratio=tokens.importance_sampling_ratio,
+                             sampling_logprobs=tokens.sampling_logprobs, num_items_in_batch=tokens.num_items_in_batch)
+        sequences = part.sequences
+        take = lambda t: None if t is None else t[sequences]  # noqa: E731
+        return grpo_loss(logprobs, tokens.advantages[sequences], part.mask.to(float_mask.dtype), config,
+                         old_logprobs=take(tokens.old_logprobs), ref_logprobs=take(tokens.ref_logprobs),
+                         entropy=entropy, importance_sampling_ratio=take(tokens.importance_sampling_ratio),
+                         sampling_logprobs=take(tokens.sampling_logprobs),
+                         num_items_in_batch=tokens.num_items_in_batch,
+                         totals=totals._replace(sequence_tokens=totals.sequence_tokens[sequences]))
 
     out = fused_completion_loss(inputs, opts, tokens.mask, loss_of, config.coupling, layout)
     return GRPOLossOutput(out.loss, out.result.metrics, out.logprobs, out.entropy)
+
+
+class CompletionPart(NamedTuple):
+    """A chunk's part of a completion batch: the sequences ``sequences`` (a slice of the S) and which of their
+    tokens the chunk holds, ``mask [S', T]`` (all of them but with a per-token loss, whose chunks may split a
+    sequence)."""
+
+    sequences: slice
+    mask: Tensor
 
 
 class CompletionLoss(NamedTuple):
@@ -155,7 +174,9 @@ class CompletionLoss(NamedTuple):
 def fused_completion_loss(inputs: LinearInputs, opts: LinearOptions, mask: Tensor, loss_of, coupling: str,
                           layout: PackedLayout | None = None) -> CompletionLoss:
     """A loss of the completion tokens' log-probs and entropy in the padded ``[S, T]`` layout, through the engine:
-    ``loss_of(logprobs [S, T], entropy [S, T])`` returns the objective's output (with ``.loss`` and ``.metrics``),
+    ``loss_of(logprobs [S, T], entropy [S, T], part=None)`` returns the objective's output (with ``.loss`` and
+    ``.metrics``); in the one-pass plan, once per chunk, ``loss_of(logprobs [S', T], entropy [S', T], part)`` of
+    the chunk's sequences (``CompletionPart``) must return their terms over the whole batch's normalizers.
     ``mask [S, T]`` (bool) the completion tokens (``targets`` not ignored), ``coupling`` what one token's gradient
     depends on (``"token"``, ``"sequence"``: whole sequences per chunk, ``"batch"``: two passes). ``inputs`` are
     ``[S, T]`` rows, or N packed rows with their ``layout``."""
@@ -169,24 +190,34 @@ def fused_completion_loss(inputs: LinearInputs, opts: LinearOptions, mask: Tenso
         else:
             positions = mask.reshape(-1).nonzero().squeeze(1)  # completion tokens in [S, T], by sequence
         rows = positions if layout is None else layout.packed_rows(positions)  # their rows of hidden
-    if coupling == "sequence" and not compiling:  # whole sequences per chunk
-        groups = mask.sum(-1).tolist()
-    else:
-        groups = "token" if coupling == "token" else None
+    # the sequences' completion tokens: the engine's groups (one pass on the torch backend only)
+    lengths = mask.sum(-1).tolist() if opts.backend == "torch" and not compiling and coupling != "batch" else None
+    length = shape[1]
 
-    def as_batch(values: Tensor | None, part: slice | None = None) -> Tensor | None:
-        """Row values (``[M]``, or those of the rows ``part`` of them) as ``[S, T]`` (0 elsewhere), differentiably."""
+    def as_batch(values: Tensor | None) -> Tensor | None:
+        """Row values ``[M]`` as ``[S, T]`` (0 elsewhere), differentiably."""
         if values is None:
             return None
-        where = positions if part is None else positions[part]
-        batch = values.new_zeros(shape.numel()).index_put((where,), values).view(shape)
+        batch = values.new_zeros(shape.numel()).index_put((positions,), values).view(shape)
         return torch.where(mask, batch, 0.0) if compiling else batch  # compiled: every row was computed
 
     def loss_fn(values: RowValues) -> Tensor:
-        return loss_of(as_batch(values.logprobs, values.rows), as_batch(values.entropy, values.rows)).loss
+        if values.groups is None:
+            return loss_of(as_batch(values.logprobs), as_batch(values.entropy)).loss
+        # a chunk: its sequences' [S', T] alone
+        sequences = values.groups
+        where = positions[values.rows] - sequences.start * length
+        size = (sequences.stop - sequences.start) * length
 
-    out = fused_rows_loss(inputs, opts, loss_fn, rows=rows, coupling=groups,
-                          spec=RowStatsSpec(entropy=True))
+        def place(v: Tensor | None) -> Tensor | None:
+            return None if v is None else v.new_zeros(size).index_put((where,), v).view(-1, length)
+
+        part = mask.new_zeros(size).index_fill_(0, where, True).view(-1, length)
+        return loss_of(place(values.logprobs), place(values.entropy), CompletionPart(sequences, part)).loss
+
+    engine_coupling = {"token": "token", "sequence": lengths, "batch": None}[coupling]
+    out = fused_rows_loss(inputs, opts, loss_fn, rows=rows, coupling=engine_coupling,
+                          groups=lengths if coupling == "token" else None, spec=RowStatsSpec(entropy=True))
     logprobs, entropy = as_batch(out.logprobs), as_batch(out.entropy)
     with torch.no_grad():
         result = loss_of(logprobs, entropy)  # fp32 (float64 for float64 inputs)

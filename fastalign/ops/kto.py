@@ -15,7 +15,7 @@ from torch import Tensor
 from ..objectives.dpo import check_count
 from ..objectives.kto import KTOOptions, kto_logit_metrics, kto_loss, kto_metrics
 from .dpo import PreferenceRows, token_logit_means
-from .engine import fused_rows_loss
+from .engine import RowValues, fused_rows_loss
 from .linear import LinearOptions
 from .segments import PackedLayout
 from .torch_backend import RowStatsSpec
@@ -84,18 +84,22 @@ def fused_kto_loss(inputs: LinearInputs, opts: LinearOptions, options: KTOOption
     without tokens); ``vocab_metrics``: TRL's ``logits/*`` sums (``kto_logit_metrics``) from the same pass."""
     rows = PreferenceRows.of(inputs.targets.view(inputs.lead_shape), opts.ignore_index, 1, layout)  # group: sequence
     counts = rows.mask.sum(-1)
+    num_examples = rows.mask.shape[0] if examples.num_examples is None else examples.num_examples
 
-    def loss_of(logprobs: Tensor):
-        logps = rows.as_batch(logprobs).sum(-1)
+    def loss_of(values: RowValues):
+        """The loss of the completions ``values.groups`` (all without) over the whole batch's example count."""
+        batch, mask = rows.part(values.logprobs, values.rows, values.groups)
+        part = slice(None) if values.groups is None else values.groups
+        logps = batch.sum(-1)
         if average_log_prob:
-            logps = logps / counts.clamp(min=1).to(logps.dtype)
-        return kto_loss(logps, examples.ref_logps, examples.labels, examples.kl, options,
-                        num_examples=examples.num_examples), logps
+            logps = logps / counts[part].clamp(min=1).to(logps.dtype)
+        return kto_loss(logps, examples.ref_logps[part], examples.labels[part], examples.kl, options,
+                        num_examples=examples.num_examples if values.groups is None else num_examples), logps
 
-    out = fused_rows_loss(inputs, opts, lambda values: loss_of(values.logprobs)[0].loss, rows=rows.rows,
+    out = fused_rows_loss(inputs, opts, lambda values: loss_of(values)[0].loss, rows=rows.rows,
                           coupling=rows.group_rows, spec=RowStatsSpec(logit_sum=vocab_metrics))
     with torch.no_grad():
-        result, logps = loss_of(out.logprobs)
+        result, logps = loss_of(RowValues(out.logprobs, None, out.stats))
         metrics = kto_metrics(result, logps)
         if vocab_metrics:
             means = out.logprobs.new_zeros(0) if out.stats is None else token_logit_means(out.stats, inputs, opts)

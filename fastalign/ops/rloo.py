@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..objectives.rloo import RLOOOptions, rloo_loss
-from .grpo import fused_completion_loss
+from .grpo import CompletionPart, fused_completion_loss
 from .linear import LinearOptions
 from .segments import PackedLayout
 from .torch_backend import compute_dtype
@@ -80,9 +80,13 @@ def fused_rloo_loss(inputs: LinearInputs, opts: LinearOptions, options: RLOOOpti
     their ``layout``; ``tokens`` in the padded layout."""
     float_mask = tokens.mask.to(compute_dtype(inputs.hidden.dtype))
 
-    def loss_of(logprobs: Tensor, entropy: Tensor | None):
-        return rloo_loss(logprobs, tokens.advantages, float_mask, options, old_logps=tokens.old_logps,
-                         entropy=entropy)
+    def loss_of(logprobs: Tensor, entropy: Tensor | None, part: CompletionPart | None = None):
+        if part is None:
+            return rloo_loss(logprobs, tokens.advantages, float_mask, options, old_logps=tokens.old_logps,
+                             entropy=entropy)
+        old = None if tokens.old_logps is None else tokens.old_logps[part.sequences]  # a chunk's whole sequences
+        return rloo_loss(logprobs, tokens.advantages[part.sequences], part.mask.to(float_mask.dtype), options,
+                         old_logps=old, entropy=entropy, num_sequences=float_mask.shape[0])
 
     out = fused_completion_loss(inputs, opts, tokens.mask, loss_of, "sequence", layout)
     return RLOOLossOutput(out.loss, out.result.metrics, out.logprobs, out.entropy, out.result.logps)

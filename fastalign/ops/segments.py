@@ -41,11 +41,13 @@ class PackedLayout(NamedTuple):
         return row[positions]
 
 
-def packed_layout(num_rows: int, device: torch.device, *, cu_seqlens=None, position_ids=None) -> PackedLayout | None:
+def packed_layout(num_rows: int, device: torch.device, *, cu_seqlens=None, position_ids=None,
+                  num_sequences: int | None = None) -> PackedLayout | None:
     """The layout of a packed batch of ``num_rows`` rows from exactly one of ``cu_seqlens`` and ``position_ids``
     (None when neither is given: the batch is padded). Empty sequences are allowed in ``cu_seqlens``. Under
-    ``torch.compile``: ``cu_seqlens`` only, unchecked, and every sequence padded to ``num_rows`` (static shapes; the
-    padded layout holds per-token numbers only)."""
+    ``torch.compile``: unchecked, and every sequence padded to ``num_rows`` (static shapes; the padded layout holds
+    per-token numbers only); ``position_ids`` then need ``num_sequences`` (the count of a per-sequence argument: in
+    ``position_ids`` it is a data-dependent size)."""
     if cu_seqlens is not None and position_ids is not None:
         raise ValueError("cu_seqlens: expected either cu_seqlens or position_ids to describe a packed batch, got both")
     if cu_seqlens is None and position_ids is None:
@@ -66,9 +68,6 @@ def packed_layout(num_rows: int, device: torch.device, *, cu_seqlens=None, posit
         position = torch.arange(num_rows, device=device) - cu[:-1][segment]
         if compiling:  # the longest sequence is a data-dependent size: pad every sequence to N instead
             return PackedLayout(segment * num_rows + position, (lengths.numel(), num_rows))
-    elif compiling:
-        raise ValueError("position_ids: a packed batch under torch.compile needs cu_seqlens (the number of sequences "
-                         "in position_ids is a data-dependent size), got position_ids")
     else:
         pos = require_tensor("position_ids", position_ids, dtypes=INT_DTYPES)
         if pos.device != device:
@@ -77,6 +76,13 @@ def packed_layout(num_rows: int, device: torch.device, *, cu_seqlens=None, posit
             raise ValueError(f"position_ids: expected shape ({num_rows},) or (1, {num_rows}) (one per packed row), "
                              f"got {tuple(pos.shape)}")
         position = pos.reshape(-1).long()
+        if compiling:  # S from a per-sequence argument; each sequence padded to N as with cu_seqlens
+            if num_sequences is None:
+                raise ValueError("position_ids: a packed batch under torch.compile needs cu_seqlens, or a "
+                                 "per-sequence argument that gives the number of sequences (the number in "
+                                 "position_ids is a data-dependent size), got position_ids alone")
+            segment = torch.cumsum((position == 0).long(), 0) - 1
+            return PackedLayout(segment * num_rows + position, (num_sequences, num_rows))
         starts = position == 0
         steps_ok = (position[1:] == position[:-1] + 1) | starts[1:]
         if num_rows == 0 or not bool(starts[0]) or not bool(steps_ok.all()):
