@@ -26,8 +26,9 @@ class DPOTrainer(trl.DPOTrainer):
             ``check_finite``; see ``fastalign.trl.head.FASTALIGN_OPTIONS``), default None.
         *args, **kwargs: ``trl.DPOTrainer``'s.
 
+    Models that scale or soft-cap their logits get their transform in the op (``fastalign.hf.logit_transform``).
     Refused at construction (``ValueError``): DeepSpeed ZeRO-3, vision-language models, the MoE router auxiliary loss,
-    models that scale or soft-cap their logits.
+    a logit transform the ops cannot reproduce (two scales or soft-caps at once, a non-positive one).
     """
 
     def __init__(self, *args, fastalign_options: dict | None = None, **kwargs):
@@ -66,7 +67,7 @@ class DPOTrainer(trl.DPOTrainer):
         ref_chosen_logps, ref_rejected_logps = self._reference_logps(inputs)
         args = self.args
 
-        def dpo_loss(hidden, targets, weight, bias, cu_seqlens=None):
+        def dpo_loss(hidden, targets, weight, bias, cu_seqlens=None, **transform):
             if cu_seqlens is None:  # prompt-learning peft prepends virtual tokens: keep the real tokens' positions
                 hidden, targets = hidden[:, -seq_len:], targets[:, -seq_len:]
             return fused_linear_dpo_loss(
@@ -75,7 +76,7 @@ class DPOTrainer(trl.DPOTrainer):
                 loss_weights=list(self.loss_weights), label_smoothing=self.label_smoothing,
                 f_divergence_type=self.f_divergence_type, f_alpha_divergence_coef=self.f_alpha_divergence_coef,
                 discopop_tau=args.discopop_tau, ld_alpha=self.ld_alpha, use_weighting=self.use_weighting,
-                vocab_metrics=True, **self._fastalign_options)
+                vocab_metrics=True, **transform, **self._fastalign_options)
 
         out = model(**model_kwargs, labels=labels, fastalign_loss=dpo_loss, fastalign_packed=self._packed)
         self._log_metrics(mode, out, inputs)

@@ -30,7 +30,6 @@ from ..ops.dispatch import BACKENDS
 FASTALIGN_OPTIONS = ("backend", "chunk_size", "deterministic", "check_finite")
 """Keys of ``fastalign_options=``: the fused ops' own options (see :func:`fastalign.fused_linear_logprobs`)."""
 
-# Config fields (besides those ``fastalign.hf.get_lm_head`` refuses) by which TRL's fused head scales the logits
 def check_fastalign_options(options) -> dict:
     """``fastalign_options`` as keyword arguments of the fused ops, checked: a dict with keys in
     ``FASTALIGN_OPTIONS`` (``backend`` one of ``"auto"``, ``"triton"``, ``"torch"``; ``chunk_size`` a positive int
@@ -55,8 +54,9 @@ def check_fastalign_options(options) -> dict:
     return options
 
 
-def check_supported(trainer) -> None:
-    """Refuse, at construction, what the fused losses cannot honor inside this TRL trainer (clear errors)."""
+def check_supported(trainer, *, logit_transforms: bool = True) -> None:
+    """Refuse, at construction, what the fused losses cannot honor inside this TRL trainer (clear errors).
+    ``logit_transforms``: whether the trainer passes the model's logit transform to its op (False: refused)."""
     name = type(trainer).__name__
     if is_deepspeed_zero3_enabled():
         raise ValueError(f"{name}: DeepSpeed ZeRO-3 is not supported by fastalign.trl: the fused op's backward "
@@ -68,26 +68,27 @@ def check_supported(trainer) -> None:
     if getattr(trainer, "aux_loss_enabled", False):
         raise ValueError(f"{name}: the MoE router auxiliary loss (router_aux_loss_coef != 0) is not supported by "
                          f"fastalign.trl; set router_aux_loss_coef=0.0 or use trl.{name}")
-    if getattr(trainer.args, "cast_lm_head_to_fp32", False):
-        raise ValueError(f"{name}: cast_lm_head_to_fp32=True is not wired in fastalign.trl yet (the fused ops accept "
-                         f"an fp32 lm_head with 16-bit hidden states, this wrapper does not pass one); use trl.{name}")
     model = trainer.accelerator.unwrap_model(trainer.model)
     get_lm_head(model)  # refuses an adapted lm_head
     transform = logit_transform(model)  # refuses, naming the config field, a head no fused op can reproduce
-    if transform != LogitTransform():
-        raise ValueError(f"{name}: the model transforms its logits ({transform}); fastalign.trl does not pass logit "
-                         f"transforms to the fused ops yet (fastalign's own trainers do); use trl.{name}")
+    if not logit_transforms and transform != LogitTransform():
+        raise ValueError(f"{name}: the model transforms its logits ({transform}); fastalign.trl's {name} does not "
+                         f"reproduce TRL's logits/* metrics (the model's own logits, every position) under a "
+                         f"transform; use trl.{name}")
 
 
-def add_fused_loss(model) -> None:
+def add_fused_loss(model, cast_lm_head_to_fp32: bool = False) -> None:
     """Patch ``model`` (the causal LM, a peft model's base model) so that ``model(..., labels=labels,
-    fastalign_loss=fn)`` returns ``fn(hidden [B, T-1, H], targets [B, T-1], weight [V, H], bias [V] | None)``
-    (``shift_labels [B, T]``: ``hidden [B, T, H]`` unshifted, as TRL). With ``fastalign_packed=True`` (and
-    ``input_ids``, ``attention_mask`` keywords) the batch's real tokens run padding-free, packed into one row
+    fastalign_loss=fn)`` returns ``fn(hidden [B, T-1, H], targets [B, T-1], weight [V, H], bias [V] | None,
+    logit_scale=s, logit_softcap=c)`` (``shift_labels [B, T]``: ``hidden [B, T, H]`` unshifted, as TRL), with the
+    model's logit transform (:func:`fastalign.hf.logit_transform`, the config fields TRL's fused head reads). With
+    ``fastalign_packed=True`` (and ``input_ids``, ``attention_mask`` keywords) the batch's real tokens run padding-free, packed into one row
     (``fastalign.hf.packed_hidden_states``): ``fn(hidden [1, N, H], targets [1, N], weight, bias,
     cu_seqlens=[B + 1])``, each sequence's last token ignored. Under autocast the hidden states and the
-    lm_head are cast to the autocast dtype (TRL's fused head computes in it too) and the op runs outside autocast."""
+    lm_head are cast to the autocast dtype (TRL's fused head computes in it too), with ``cast_lm_head_to_fp32``
+    (TRL's GRPO option, whose trainer has cast the lm_head to fp32) to fp32; the op runs outside autocast."""
     trl_forward = model.forward
+    transform = logit_transform(model)._asdict()
 
     @functools.wraps(type(model).forward)  # generate() validates its kwargs against this signature
     def forward(self, *args, fastalign_loss=None, fastalign_packed=False, **kwargs):
@@ -116,9 +117,11 @@ def add_fused_loss(model) -> None:
             bias = None if bias is None else bias.full_tensor()
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        if cast_lm_head_to_fp32:
+            dtype = torch.float32
         with torch.autocast(device, enabled=False):
             return fastalign_loss(hidden.to(weight.device, dtype), targets.to(weight.device), weight.to(dtype),
-                                  None if bias is None else bias.to(dtype), **extra)
+                                  None if bias is None else bias.to(dtype), **transform, **extra)
 
     model.forward = types.MethodType(forward, model)
 

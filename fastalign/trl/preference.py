@@ -22,7 +22,7 @@ class _FusedPairs:
     def __init__(self, *args, fastalign_options: dict | None = None, **kwargs):
         options = check_fastalign_options(fastalign_options)
         super().__init__(*args, **kwargs)
-        check_supported(self)
+        check_supported(self, logit_transforms=False)
         if self.is_encoder_decoder:
             raise ValueError(f"{type(self).__name__}: encoder-decoder models are not supported by fastalign.trl")
         self._fastalign_options = options
@@ -39,7 +39,7 @@ class _FusedPairs:
         # Every position's hidden state (the last one predicts nothing): TRL's logits/* average over all of them
         targets = F.pad(batch["concatenated_labels"][:, 1:], (0, 1), value=-100)
 
-        def pair_loss(hidden, targets, weight, bias):
+        def pair_loss(hidden, targets, weight, bias, **transform):  # refused unless neutral
             out = self._fused_loss(hidden, weight, targets, bias, input_ids, attention_mask)
             with torch.no_grad():
                 mean_logits = hidden[:, :self._logit_positions] @ weight.mean(0)
