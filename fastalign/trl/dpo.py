@@ -27,7 +27,7 @@ class DPOTrainer(trl.DPOTrainer):
         *args, **kwargs: ``trl.DPOTrainer``'s.
 
     Models that scale or soft-cap their logits get their transform in the op (``fastalign.hf.logit_transform``).
-    Refused at construction (``ValueError``): DeepSpeed ZeRO-3, vision-language models, the MoE router auxiliary loss,
+    Refused at construction (``ValueError``): vision-language models, the MoE router auxiliary loss,
     a logit transform the ops cannot reproduce (two scales or soft-caps at once, a non-positive one).
     """
 

@@ -5,10 +5,11 @@ log-probs from the last hidden states, ``model(..., labels=labels, fused_lm_head
 ORPO trainers keep the model's own forward). :func:`add_fused_loss` wraps that forward once more:
 ``model(..., labels=labels, fastalign_loss=fn)`` runs the backbone and returns ``fn(hidden, targets, weight, bias)``,
 a fastalign op on the shifted last hidden states and the lm_head, inside the model's forward: the call goes through
-the DDP / FSDP2 wrapper like any forward, so their hooks stay armed. Under FSDP2 a sharded lm_head (a ``DTensor``)
-is gathered with ``full_tensor()``, an autograd op: the op's backward recompute reads the gathered weight saved by
-autograd (never an empty shard) and the gradient is reduce-scattered back. Without ``fastalign_loss`` the forward is
-TRL's own (reference log-probs, generation).
+the DDP / FSDP2 / DeepSpeed wrapper like any forward, so their hooks stay armed. Under FSDP2 a sharded lm_head (a
+``DTensor``) is gathered with ``full_tensor()``, an autograd op: the op's backward recompute reads the gathered
+weight saved by autograd (never an empty shard) and the gradient is reduce-scattered back. Under ZeRO-3 it is
+cloned inside TRL's gather context (``maybe_gather_lm_head_ctx``): the same, the clone's gradient flowing to the
+partitioned parameter. Without ``fastalign_loss`` the forward is TRL's own (reference log-probs, generation).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from transformers import ProcessorMixin
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from ..hf import LogitTransform, get_backbone, get_lm_head, logit_transform, packed_hidden_states
 from ..ops.chunking import check_chunk_size
@@ -58,10 +60,6 @@ def check_supported(trainer, *, logit_transforms: bool = True) -> None:
     """Refuse, at construction, what the fused losses cannot honor inside this TRL trainer (clear errors).
     ``logit_transforms``: whether the trainer passes the model's logit transform to its op (False: refused)."""
     name = type(trainer).__name__
-    if is_deepspeed_zero3_enabled():
-        raise ValueError(f"{name}: DeepSpeed ZeRO-3 is not supported by fastalign.trl: the fused op's backward "
-                         f"recomputes the logits from the lm_head weight, which ZeRO-3 has re-partitioned by then; "
-                         f"use FSDP2, ZeRO-1/2 or trl.{name}")
     if isinstance(trainer.processing_class, ProcessorMixin):
         raise ValueError(f"{name}: vision-language models (a processor as processing_class) are not supported by "
                          f"fastalign.trl; use trl.{name}")
@@ -115,6 +113,9 @@ def add_fused_loss(model, cast_lm_head_to_fp32: bool = False) -> None:
         if isinstance(weight, DTensor):  # FSDP2: gathered for the forward, kept by autograd for the backward
             weight = weight.full_tensor()
             bias = None if bias is None else bias.full_tensor()
+        elif is_deepspeed_zero3_enabled():  # ZeRO-3: a gathered copy (clone: the gradient flows to the partition)
+            with maybe_gather_lm_head_ctx(weight, bias):
+                weight, bias = weight.clone(), None if bias is None else bias.clone()
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         if cast_lm_head_to_fp32:
