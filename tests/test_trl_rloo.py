@@ -20,13 +20,7 @@ UNTIMED = {"train_runtime", "train_samples_per_second", "train_steps_per_second"
 RTOL, ATOL = 1e-5, 1e-6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread: tiny models stall on a busy 2-core machine with two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from distributed import run_ranks  # noqa: E402
 
 WORDS = "the a cat dog sat ran on under mat rug big small red blue fast slow yes no".split()
 RTOL = 1e-5
-# Wall-clock numbers differ; DeepSpeed's scheduler logs the learning rate of the step after (its own bookkeeping)
+# Wall-clock numbers differ; under DeepSpeed the Trainer logs the learning rate after the step's scheduler update
 UNCOMPARED = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "learning_rate"}
 
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 import trl
 
 from ..functional import fused_linear_dpo_loss
-from ..hf import unwrap_model
-from .head import add_fused_loss, check_fastalign_options, check_supported, gathered_mean, loss_and_outputs
+from .head import FusedLoss, gathered_mean, loss_and_outputs
 
 
-class DPOTrainer(trl.DPOTrainer):
+class DPOTrainer(FusedLoss, trl.DPOTrainer):
     """TRL 1.16's ``DPOTrainer`` (same constructor, ``trl.DPOConfig``) whose loss is fastalign's fused DPO op.
 
     The policy's forward returns the DPO loss and TRL's metrics computed from its last hidden states and lm_head
@@ -31,8 +30,7 @@ class DPOTrainer(trl.DPOTrainer):
     a logit transform the ops cannot reproduce (two scales or soft-caps at once, a non-positive one).
     """
 
-    def __init__(self, *args, fastalign_options: dict | None = None, **kwargs):
-        options = check_fastalign_options(fastalign_options)
+    def __init__(self, *args, **kwargs):
         config = kwargs["args"] if "args" in kwargs else args[1] if len(args) > 1 else None
         # padding_free: TRL 1.16 falls back to padding (with a warning); here the policy runs packed on TRL's padded
         # batches (the collator pads as TRL's; the reference passes stay TRL's, padded)
@@ -44,10 +42,7 @@ class DPOTrainer(trl.DPOTrainer):
         finally:
             if packed:
                 config.padding_free = True
-        check_supported(self)
-        self._fastalign_options = options
         self._packed = packed
-        add_fused_loss(unwrap_model(self.model))  # the causal LM whose forward TRL patched
 
     def _reference_logps(self, inputs):
         """TRL's reference sequence log-probs ``([B], [B])`` of the chosen and rejected completions."""

@@ -7,11 +7,10 @@ from trl.trainer.utils import nanmax, nanmin
 
 from ..functional import fused_linear_grpo_loss
 from ..objectives.grpo import GRPO_LOSSES, high_entropy_mask
-from ..hf import unwrap_model
-from .head import add_fused_loss, check_fastalign_options, check_supported, gathered_mean
+from .head import FusedLoss, gathered_mean
 
 
-class GRPOTrainer(trl.GRPOTrainer):
+class GRPOTrainer(FusedLoss, trl.GRPOTrainer):
     """TRL 1.16's ``GRPOTrainer`` (same constructor, ``trl.GRPOConfig``) whose loss is fastalign's fused GRPO op.
 
     The policy's forward returns the loss, the per-token log-probs and entropies and TRL's metrics computed from its
@@ -34,16 +33,12 @@ class GRPOTrainer(trl.GRPOTrainer):
     quantile over its own batch, TRL over every process's).
     """
 
-    def __init__(self, *args, fastalign_options: dict | None = None, **kwargs):
-        options = check_fastalign_options(fastalign_options)
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        check_supported(self)
         if self.top_entropy_quantile < 1 and self.accelerator.num_processes > 1:
             raise ValueError("GRPOTrainer: top_entropy_quantile < 1 with several processes is not supported by "
                              "fastalign.trl (the fused op takes the entropy quantile over the process's batch, TRL "
                              "over every process's); use one process or trl.GRPOTrainer")
-        self._fastalign_options = options
-        add_fused_loss(unwrap_model(self.model), self.args.cast_lm_head_to_fp32)  # the causal LM TRL patched
 
     def _compute_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"

@@ -25,7 +25,7 @@ from transformers import ProcessorMixin
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from ..hf import LogitTransform, get_backbone, get_lm_head, logit_transform, packed_hidden_states
+from ..hf import LogitTransform, get_backbone, get_lm_head, logit_transform, packed_hidden_states, unwrap_model
 from ..ops.chunking import check_chunk_size
 from ..ops.dispatch import BACKENDS
 
@@ -73,6 +73,23 @@ def check_supported(trainer, *, logit_transforms: bool = True) -> None:
         raise ValueError(f"{name}: the model transforms its logits ({transform}); fastalign.trl's {name} does not "
                          f"reproduce TRL's logits/* metrics (the model's own logits, every position) under a "
                          f"transform; use trl.{name}")
+
+
+class FusedLoss:
+    """Mixin before a TRL trainer class: takes ``fastalign_options=`` (checked before anything is built), builds TRL's
+    trainer, refuses what the fused ops cannot honor (:func:`check_supported`; ``_logit_transforms = False`` on a
+    trainer that refuses logit transforms) and patches the causal LM whose forward TRL patched
+    (:func:`add_fused_loss`, with the config's ``cast_lm_head_to_fp32``). The options land in
+    ``self._fastalign_options``."""
+
+    _logit_transforms = True
+
+    def __init__(self, *args, fastalign_options: dict | None = None, **kwargs):
+        options = check_fastalign_options(fastalign_options)
+        super().__init__(*args, **kwargs)
+        check_supported(self, logit_transforms=self._logit_transforms)
+        self._fastalign_options = options
+        add_fused_loss(unwrap_model(self.model), getattr(self.args, "cast_lm_head_to_fp32", False))
 
 
 def add_fused_loss(model, cast_lm_head_to_fp32: bool = False) -> None:

@@ -5,11 +5,10 @@ import torch
 import trl
 
 from ..functional import fused_linear_kto_loss, fused_linear_logprobs
-from ..hf import unwrap_model
-from .head import add_fused_loss, check_fastalign_options, check_supported, loss_and_outputs
+from .head import FusedLoss, loss_and_outputs
 
 
-class KTOTrainer(trl.KTOTrainer):
+class KTOTrainer(FusedLoss, trl.KTOTrainer):
     """TRL 1.16's ``KTOTrainer`` (same constructor, ``trl.KTOConfig``) whose loss is fastalign's fused KTO op.
 
     The policy's forward returns the KTO loss from its last hidden states and lm_head, without the logits; the batch
@@ -27,13 +26,6 @@ class KTOTrainer(trl.KTOTrainer):
 
     Refused at construction (``ValueError``): as :class:`fastalign.trl.DPOTrainer`.
     """
-
-    def __init__(self, *args, fastalign_options: dict | None = None, **kwargs):
-        options = check_fastalign_options(fastalign_options)
-        super().__init__(*args, **kwargs)
-        check_supported(self)
-        self._fastalign_options = options
-        add_fused_loss(unwrap_model(self.model))  # the causal LM whose forward TRL patched
 
     def _reference(self, batch):
         """TRL's reference completion log-probs ``[B]`` and KL-pair log-probs (None without the KL term)."""

@@ -6,11 +6,10 @@ import trl
 from trl.trainer.utils import nanmax, nanmin
 
 from ..functional import fused_linear_rloo_loss
-from ..hf import unwrap_model
-from .head import add_fused_loss, check_fastalign_options, check_supported, gathered_mean
+from .head import FusedLoss, gathered_mean
 
 
-class RLOOTrainer(trl.RLOOTrainer):
+class RLOOTrainer(FusedLoss, trl.RLOOTrainer):
     """TRL 1.16's ``RLOOTrainer`` (same constructor, ``trl.RLOOConfig``) whose loss is fastalign's fused RLOO op.
 
     The policy's forward returns the clipped sequence-level loss (``mean_b -min(r A, clip(r) A)``, ``r`` the ratio
@@ -29,13 +28,6 @@ class RLOOTrainer(trl.RLOOTrainer):
 
     Refused at construction (``ValueError``): as :class:`fastalign.trl.DPOTrainer`.
     """
-
-    def __init__(self, *args, fastalign_options: dict | None = None, **kwargs):
-        options = check_fastalign_options(fastalign_options)
-        super().__init__(*args, **kwargs)
-        check_supported(self)
-        self._fastalign_options = options
-        add_fused_loss(unwrap_model(self.model))  # the causal LM whose forward TRL patched
 
     def _compute_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"
