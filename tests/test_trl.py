@@ -305,23 +305,3 @@ def test_grpo_loss_gradients_and_metrics_of_every_loss_type_match_trl(grpo_pair,
 def test_bad_fastalign_options_are_refused_before_anything_is_built(options, error, message, tmp_path):
     with pytest.raises(error, match=message):
         fatrl.DPOTrainer(model="unused", args=None, fastalign_options=options)
-
-
-@pytest.mark.parametrize("field, value, message", [("logit_scale", 0.5, "logit_scale=0.5"),
-                                                   ("final_logit_softcapping", 30.0, "logit_softcap=30.0")])
-def test_logit_transforms_are_refused(tmp_path, field, value, message):
-    tokenizer = word_tokenizer(WORDS)
-    torch.manual_seed(0)
-    model = tiny_llama(tokenizer, **{field: value})
-    args = trl.DPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False,
-                         precompute_ref_log_probs=False)
-    with pytest.raises(ValueError, match=message):
-        fatrl.DPOTrainer(model=model, ref_model=tiny_llama(tokenizer, **{field: value}), args=args,
-                         train_dataset=_dpo_dataset(2), processing_class=tokenizer)
-
-
-def test_cast_lm_head_to_fp32_is_refused(model_dir, tmp_path):
-    args = trl.GRPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False,
-                          per_device_train_batch_size=4, num_generations=4, cast_lm_head_to_fp32=True)
-    with pytest.raises(ValueError, match="cast_lm_head_to_fp32"):
-        fatrl.GRPOTrainer(model=model_dir, reward_funcs=count_cats, args=args, train_dataset=_grpo_dataset())

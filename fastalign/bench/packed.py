@@ -26,15 +26,22 @@ def packed_lengths(problem: Problem) -> list[int]:
 
 
 def make_packed_inputs(problem: Problem) -> PackedStepInputs:
-    """The tiny Llama (``fastalign.trainers.tiny``: 2 layers, hidden H, MLP 2H, 4 heads, vocabulary V, sdpa) and a
-    DPO batch of ``PACKED_PAIRS`` pairs of random tokens with :func:`packed_lengths` (each pair's prompt: the first
-    quarter of its shorter sequence, shared)."""
+    """The tiny Llama (``fastalign.trainers.tiny``: 2 layers, hidden H, MLP 2H, 4 heads, vocabulary V, sdpa) and
+    :func:`packed_batch`."""
     from ..trainers.tiny import tiny_llama, word_tokenizer
 
     torch.manual_seed(problem.seed)
     h, v = problem.hidden_size, problem.vocab_size
     model = tiny_llama(word_tokenizer([]), vocab_size=v, hidden_size=h, intermediate_size=2 * h,
                        max_position_embeddings=problem.tokens, pad_token_id=0).to(problem.device)
+    return PackedStepInputs(model, {k: t.to(problem.device) for k, t in packed_batch(problem).items()})
+
+
+def packed_batch(problem: Problem) -> dict:
+    """A DPO batch (CPU, right padding with token 0) of ``PACKED_PAIRS`` pairs of random tokens in ``[1, V)`` with
+    :func:`packed_lengths` (each pair's prompt: the first quarter of its shorter sequence, shared): ``input_ids``,
+    ``attention_mask``, ``labels [2B, T]`` (chosen rows first) and constant ``ref_logps [2, B]``."""
+    v = problem.vocab_size
     lengths = packed_lengths(problem)
     ids = torch.randint(1, v, (2 * PACKED_PAIRS, max(lengths)))
     labels = torch.full_like(ids, -100)
@@ -45,9 +52,8 @@ def make_packed_inputs(problem: Problem) -> PackedStepInputs:
         ids[i, :prompt] = ids[pair, :prompt]
         mask[i, :length] = 1
         labels[i, prompt:length] = ids[i, prompt:length]
-    batch = {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask, "labels": labels,
-             "ref_logps": -torch.tensor(lengths, dtype=torch.float32).view(2, PACKED_PAIRS)}
-    return PackedStepInputs(model, {k: t.to(problem.device) for k, t in batch.items()})
+    return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask, "labels": labels,
+            "ref_logps": -torch.tensor(lengths, dtype=torch.float32).view(2, PACKED_PAIRS)}
 
 
 def packed_step(padding_free: bool) -> VariantFactory:

@@ -1,11 +1,13 @@
 """``--op trl``: TRL 1.16's DPO and GRPO trainer steps against fastalign.trl's subclasses (needs fastalign[trl])."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import torch
 
 from .harness import REGISTRY, Mode, OpBench, Problem, Step, Target, VariantFactory
+from .packed import PACKED_PAIRS, packed_batch
 
 
 TRL_DPO_PAIRS, TRL_GRPO_COMPLETIONS, TRL_GRPO_PROMPT = 2, 8, 64
@@ -15,13 +17,16 @@ class TRLInputs(NamedTuple):
     """A 2-layer Llama's config and word-level tokenizer (``problem``'s H and V) and one batch per trainer, laid out
     as TRL's collators / generation give them: DPO ``input_ids [2B, T]`` (B = ``TRL_DPO_PAIRS``, chosen rows first,
     T = N / 2B, the second half of each row the completion); GRPO ``TRL_GRPO_COMPLETIONS`` completions of
-    N / ``TRL_GRPO_COMPLETIONS`` tokens after ``TRL_GRPO_PROMPT`` prompt tokens, random advantages."""
+    N / ``TRL_GRPO_COMPLETIONS`` tokens after ``TRL_GRPO_PROMPT`` prompt tokens, random advantages; and a DPO batch of
+    ``PACKED_PAIRS`` pairs on ``bench --op packed``'s length mix (:func:`packed_lengths` at N/2: ``[64, 4096]`` at
+    the issue's N=8192), right-padded as TRL's collator pads, each pair's prompt shared (``dpo_mix_batch``)."""
 
     problem: Problem
     tokenizer: Any
     config: Any
     dpo_batch: dict
     grpo_batch: dict
+    dpo_mix_batch: dict
 
 
 def make_trl_inputs(problem: Problem) -> TRLInputs:
@@ -45,13 +50,18 @@ def make_trl_inputs(problem: Problem) -> TRLInputs:
             "completion_ids": place(completion), "completion_mask": place(torch.ones_like(completion)),
             "advantages": place(torch.randn(rows, generator=g)),
             "num_items_in_batch": place(torch.tensor(float(completion.numel())))}
-    return TRLInputs(problem, tokenizer, config, dpo, grpo)
+    torch.manual_seed(problem.seed)
+    mix = packed_batch(replace(problem, tokens=max(problem.tokens // 2, 2)))
+    completion = (mix["labels"] != -100).long()
+    dpo_mix = {"input_ids": place(mix["input_ids"]), "attention_mask": place(mix["attention_mask"]),
+               "completion_mask": place(completion)}
+    return TRLInputs(problem, tokenizer, config, dpo, grpo, dpo_mix)
 
 
-def trl_step(kind: str, fused: bool) -> VariantFactory:
+def trl_step(kind: str, fused: bool, padding_free: bool = False) -> VariantFactory:
     """One training step (the trainer's ``compute_loss`` on the batch, then the gradients of the weights, returned) of
-    TRL 1.16's ``DPOTrainer`` (a reference model) or ``GRPOTrainer`` (dapo, on-policy), or of fastalign.trl's
-    subclass; the same random Llama for both (seeded)."""
+    TRL 1.16's ``DPOTrainer`` (a reference model; ``kind="dpo-mix"``: on ``dpo_mix_batch``, with ``padding_free``)
+    or ``GRPOTrainer`` (dapo, on-policy), or of fastalign.trl's subclass; the same random Llama for both (seeded)."""
 
     def factory(x: TRLInputs) -> Step:
         import tempfile
@@ -68,13 +78,14 @@ def trl_step(kind: str, fused: bool) -> VariantFactory:
                       use_cpu=x.problem.device == "cpu", bf16=False, disable_tqdm=True)
         extra = {"fastalign_options": {"backend": x.problem.backend}} if fused else {}
         module = fatrl if fused else trl
-        if kind == "dpo":
+        if kind in ("dpo", "dpo-mix"):
             ref = LlamaForCausalLM(x.config).to(x.problem.device, x.problem.torch_dtype)
-            trainer = module.DPOTrainer(model=model, ref_model=ref, args=trl.DPOConfig(**common),
+            trainer = module.DPOTrainer(model=model, ref_model=ref,
+                                        args=trl.DPOConfig(**common, padding_free=padding_free),
                                         train_dataset=Dataset.from_dict({"prompt": ["w1"], "chosen": [" w2"],
                                                                          "rejected": [" w3"]}),
                                         processing_class=x.tokenizer, **extra)
-            batch = x.dpo_batch
+            batch = x.dpo_batch if kind == "dpo" else x.dpo_mix_batch
         else:
             trainer = module.GRPOTrainer(model=model, reward_funcs=lambda completions, **_: [0.0] * len(completions),
                                          args=trl.GRPOConfig(**common, per_device_train_batch_size=8,
@@ -101,4 +112,10 @@ REGISTRY["trl"] = OpBench(make_trl_inputs, {
                             f"reference model) vs fastalign.trl's, 2-layer Llama"),
     "grpo": _trl_mode("grpo", f"TRL 1.16 GRPOTrainer loss step ({TRL_GRPO_COMPLETIONS} completions of "
                               f"N/{TRL_GRPO_COMPLETIONS} tokens, dapo) vs fastalign.trl's, 2-layer Llama"),
+    "dpo-padding-free": Mode(f"fastalign.trl DPOTrainer step, {PACKED_PAIRS} pairs on bench --op packed's length mix "
+                             f"(log-uniform in [N/128, N/2]): padding_free=True vs padded",
+                             {"padding_free": trl_step("dpo-mix", True, True),
+                              "padded": trl_step("dpo-mix", True, False)}, floor=None,
+                             targets=(Target("time", "padded", 1.0), Target("memory", "padded", 1.0)),
+                             candidate="padding_free", baseline="padded"),
 }, issue_problem=Problem(tokens=8192, hidden_size=512, vocab_size=32768))

@@ -9,5 +9,6 @@ from .dpo import DPOTrainer
 from .grpo import GRPOTrainer
 from .kto import KTOTrainer
 from .preference import CPOTrainer, ORPOTrainer
+from .rloo import RLOOTrainer
 
-__all__ = ["CPOTrainer", "DPOTrainer", "GRPOTrainer", "KTOTrainer", "ORPOTrainer"]
+__all__ = ["CPOTrainer", "DPOTrainer", "GRPOTrainer", "KTOTrainer", "ORPOTrainer", "RLOOTrainer"]

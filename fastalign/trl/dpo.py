@@ -4,11 +4,10 @@ from __future__ import annotations
 import trl
 
 from ..functional import fused_linear_dpo_loss
-from ..hf import unwrap_model
-from .head import add_fused_loss, check_fastalign_options, check_supported, gathered_mean, loss_and_outputs
+from .head import FusedLoss, gathered_mean, loss_and_outputs
 
 
-class DPOTrainer(trl.DPOTrainer):
+class DPOTrainer(FusedLoss, trl.DPOTrainer):
     """TRL 1.16's ``DPOTrainer`` (same constructor, ``trl.DPOConfig``) whose loss is fastalign's fused DPO op.
 
     The policy's forward returns the DPO loss and TRL's metrics computed from its last hidden states and lm_head
@@ -26,12 +25,12 @@ class DPOTrainer(trl.DPOTrainer):
             ``check_finite``; see ``fastalign.trl.head.FASTALIGN_OPTIONS``), default None.
         *args, **kwargs: ``trl.DPOTrainer``'s.
 
-    Refused at construction (``ValueError``): DeepSpeed ZeRO-3, vision-language models, the MoE router auxiliary loss,
-    models that scale or soft-cap their logits.
+    Models that scale or soft-cap their logits get their transform in the op (``fastalign.hf.logit_transform``).
+    Refused at construction (``ValueError``): vision-language models, the MoE router auxiliary loss,
+    a logit transform the ops cannot reproduce (two scales or soft-caps at once, a non-positive one).
     """
 
-    def __init__(self, *args, fastalign_options: dict | None = None, **kwargs):
-        options = check_fastalign_options(fastalign_options)
+    def __init__(self, *args, **kwargs):
         config = kwargs["args"] if "args" in kwargs else args[1] if len(args) > 1 else None
         # padding_free: TRL 1.16 falls back to padding (with a warning); here the policy runs packed on TRL's padded
         # batches (the collator pads as TRL's; the reference passes stay TRL's, padded)
@@ -43,10 +42,7 @@ class DPOTrainer(trl.DPOTrainer):
         finally:
             if packed:
                 config.padding_free = True
-        check_supported(self)
-        self._fastalign_options = options
         self._packed = packed
-        add_fused_loss(unwrap_model(self.model))  # the causal LM whose forward TRL patched
 
     def _reference_logps(self, inputs):
         """TRL's reference sequence log-probs ``([B], [B])`` of the chosen and rejected completions."""
@@ -66,7 +62,7 @@ class DPOTrainer(trl.DPOTrainer):
         ref_chosen_logps, ref_rejected_logps = self._reference_logps(inputs)
         args = self.args
 
-        def dpo_loss(hidden, targets, weight, bias, cu_seqlens=None):
+        def dpo_loss(hidden, targets, weight, bias, cu_seqlens=None, **transform):
             if cu_seqlens is None:  # prompt-learning peft prepends virtual tokens: keep the real tokens' positions
                 hidden, targets = hidden[:, -seq_len:], targets[:, -seq_len:]
             return fused_linear_dpo_loss(
@@ -75,7 +71,7 @@ class DPOTrainer(trl.DPOTrainer):
                 loss_weights=list(self.loss_weights), label_smoothing=self.label_smoothing,
                 f_divergence_type=self.f_divergence_type, f_alpha_divergence_coef=self.f_alpha_divergence_coef,
                 discopop_tau=args.discopop_tau, ld_alpha=self.ld_alpha, use_weighting=self.use_weighting,
-                vocab_metrics=True, **self._fastalign_options)
+                vocab_metrics=True, **transform, **self._fastalign_options)
 
         out = model(**model_kwargs, labels=labels, fastalign_loss=dpo_loss, fastalign_packed=self._packed)
         self._log_metrics(mode, out, inputs)

@@ -7,11 +7,10 @@ from trl.trainer.utils import nanmax, nanmin
 
 from ..functional import fused_linear_grpo_loss
 from ..objectives.grpo import GRPO_LOSSES, high_entropy_mask
-from ..hf import unwrap_model
-from .head import add_fused_loss, check_fastalign_options, check_supported, gathered_mean
+from .head import FusedLoss, gathered_mean
 
 
-class GRPOTrainer(trl.GRPOTrainer):
+class GRPOTrainer(FusedLoss, trl.GRPOTrainer):
     """TRL 1.16's ``GRPOTrainer`` (same constructor, ``trl.GRPOConfig``) whose loss is fastalign's fused GRPO op.
 
     The policy's forward returns the loss, the per-token log-probs and entropies and TRL's metrics computed from its
@@ -28,21 +27,18 @@ class GRPOTrainer(trl.GRPOTrainer):
             ``check_finite``; see ``fastalign.trl.head.FASTALIGN_OPTIONS``), default None.
         *args, **kwargs: ``trl.GRPOTrainer``'s.
 
-    Refused at construction (``ValueError``): DeepSpeed ZeRO-3, vision-language models, the MoE router auxiliary loss,
-    ``cast_lm_head_to_fp32``, models that scale or soft-cap their logits, and ``top_entropy_quantile < 1`` with
-    several processes (the op takes the quantile over its own batch, TRL over every process's).
+    ``cast_lm_head_to_fp32`` as TRL (the op on fp32 hidden states and lm_head, outside autocast); models that scale
+    or soft-cap their logits get their transform in the op. Refused at construction (``ValueError``): as
+    :class:`fastalign.trl.DPOTrainer`, and ``top_entropy_quantile < 1`` with several processes (the op takes the
+    quantile over its own batch, TRL over every process's).
     """
 
-    def __init__(self, *args, fastalign_options: dict | None = None, **kwargs):
-        options = check_fastalign_options(fastalign_options)
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        check_supported(self)
         if self.top_entropy_quantile < 1 and self.accelerator.num_processes > 1:
             raise ValueError("GRPOTrainer: top_entropy_quantile < 1 with several processes is not supported by "
                              "fastalign.trl (the fused op takes the entropy quantile over the process's batch, TRL "
                              "over every process's); use one process or trl.GRPOTrainer")
-        self._fastalign_options = options
-        add_fused_loss(unwrap_model(self.model))  # the causal LM whose forward TRL patched
 
     def _compute_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"
@@ -72,7 +68,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         use_is_ratio = self.loss_type == "vespo" or (self.use_vllm and self.vllm_importance_sampling_correction)
         off_policy = self.off_policy_mask_threshold is not None
 
-        def grpo_loss(hidden, targets, weight, bias):
+        def grpo_loss(hidden, targets, weight, bias, **transform):
             return fused_linear_grpo_loss(
                 hidden[:, -length:], weight, targets[:, -length:], inputs["advantages"],
                 old_logprobs=inputs.get("old_per_token_logps"), mask=mask, bias=bias, loss_type=self.loss_type,
@@ -87,7 +83,7 @@ class GRPOTrainer(trl.GRPOTrainer):
                 sapo_temperature_pos=args.sapo_temperature_pos, sapo_temperature_neg=args.sapo_temperature_neg,
                 vespo_k_pos=args.vespo_k_pos, vespo_lambda_pos=args.vespo_lambda_pos, vespo_k_neg=args.vespo_k_neg,
                 vespo_lambda_neg=args.vespo_lambda_neg, max_completion_length=self.max_completion_length,
-                temperature=self.temperature, **self._fastalign_options)
+                temperature=self.temperature, **transform, **self._fastalign_options)
 
         with self.accelerator.autocast():
             out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fastalign_loss=grpo_loss)

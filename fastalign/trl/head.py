@@ -5,10 +5,11 @@ log-probs from the last hidden states, ``model(..., labels=labels, fused_lm_head
 ORPO trainers keep the model's own forward). :func:`add_fused_loss` wraps that forward once more:
 ``model(..., labels=labels, fastalign_loss=fn)`` runs the backbone and returns ``fn(hidden, targets, weight, bias)``,
 a fastalign op on the shifted last hidden states and the lm_head, inside the model's forward: the call goes through
-the DDP / FSDP2 wrapper like any forward, so their hooks stay armed. Under FSDP2 a sharded lm_head (a ``DTensor``)
-is gathered with ``full_tensor()``, an autograd op: the op's backward recompute reads the gathered weight saved by
-autograd (never an empty shard) and the gradient is reduce-scattered back. Without ``fastalign_loss`` the forward is
-TRL's own (reference log-probs, generation).
+the DDP / FSDP2 / DeepSpeed wrapper like any forward, so their hooks stay armed. Under FSDP2 a sharded lm_head (a
+``DTensor``) is gathered with ``full_tensor()``, an autograd op: the op's backward recompute reads the gathered
+weight saved by autograd (never an empty shard) and the gradient is reduce-scattered back. Under ZeRO-3 it is
+cloned inside TRL's gather context (``maybe_gather_lm_head_ctx``): the same, the clone's gradient flowing to the
+partitioned parameter. Without ``fastalign_loss`` the forward is TRL's own (reference log-probs, generation).
 """
 from __future__ import annotations
 
@@ -22,15 +23,15 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from transformers import ProcessorMixin
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from ..hf import LogitTransform, get_backbone, get_lm_head, logit_transform, packed_hidden_states
+from ..hf import LogitTransform, get_backbone, get_lm_head, logit_transform, packed_hidden_states, unwrap_model
 from ..ops.chunking import check_chunk_size
 from ..ops.dispatch import BACKENDS
 
 FASTALIGN_OPTIONS = ("backend", "chunk_size", "deterministic", "check_finite")
 """Keys of ``fastalign_options=``: the fused ops' own options (see :func:`fastalign.fused_linear_logprobs`)."""
 
-# Config fields (besides those ``fastalign.hf.get_lm_head`` refuses) by which TRL's fused head scales the logits
 def check_fastalign_options(options) -> dict:
     """``fastalign_options`` as keyword arguments of the fused ops, checked: a dict with keys in
     ``FASTALIGN_OPTIONS`` (``backend`` one of ``"auto"``, ``"triton"``, ``"torch"``; ``chunk_size`` a positive int
@@ -55,39 +56,54 @@ def check_fastalign_options(options) -> dict:
     return options
 
 
-def check_supported(trainer) -> None:
-    """Refuse, at construction, what the fused losses cannot honor inside this TRL trainer (clear errors)."""
+def check_supported(trainer, *, logit_transforms: bool = True) -> None:
+    """Refuse, at construction, what the fused losses cannot honor inside this TRL trainer (clear errors).
+    ``logit_transforms``: whether the trainer passes the model's logit transform to its op (False: refused)."""
     name = type(trainer).__name__
-    if is_deepspeed_zero3_enabled():
-        raise ValueError(f"{name}: DeepSpeed ZeRO-3 is not supported by fastalign.trl: the fused op's backward "
-                         f"recomputes the logits from the lm_head weight, which ZeRO-3 has re-partitioned by then; "
-                         f"use FSDP2, ZeRO-1/2 or trl.{name}")
     if isinstance(trainer.processing_class, ProcessorMixin):
         raise ValueError(f"{name}: vision-language models (a processor as processing_class) are not supported by "
                          f"fastalign.trl; use trl.{name}")
     if getattr(trainer, "aux_loss_enabled", False):
         raise ValueError(f"{name}: the MoE router auxiliary loss (router_aux_loss_coef != 0) is not supported by "
                          f"fastalign.trl; set router_aux_loss_coef=0.0 or use trl.{name}")
-    if getattr(trainer.args, "cast_lm_head_to_fp32", False):
-        raise ValueError(f"{name}: cast_lm_head_to_fp32=True is not wired in fastalign.trl yet (the fused ops accept "
-                         f"an fp32 lm_head with 16-bit hidden states, this wrapper does not pass one); use trl.{name}")
     model = trainer.accelerator.unwrap_model(trainer.model)
     get_lm_head(model)  # refuses an adapted lm_head
     transform = logit_transform(model)  # refuses, naming the config field, a head no fused op can reproduce
-    if transform != LogitTransform():
-        raise ValueError(f"{name}: the model transforms its logits ({transform}); fastalign.trl does not pass logit "
-                         f"transforms to the fused ops yet (fastalign's own trainers do); use trl.{name}")
+    if not logit_transforms and transform != LogitTransform():
+        raise ValueError(f"{name}: the model transforms its logits ({transform}); fastalign.trl's {name} does not "
+                         f"reproduce TRL's logits/* metrics (the model's own logits, every position) under a "
+                         f"transform; use trl.{name}")
 
 
-def add_fused_loss(model) -> None:
+class FusedLoss:
+    """Mixin before a TRL trainer class: takes ``fastalign_options=`` (checked before anything is built), builds TRL's
+    trainer, refuses what the fused ops cannot honor (:func:`check_supported`; ``_logit_transforms = False`` on a
+    trainer that refuses logit transforms) and patches the causal LM whose forward TRL patched
+    (:func:`add_fused_loss`, with the config's ``cast_lm_head_to_fp32``). The options land in
+    ``self._fastalign_options``."""
+
+    _logit_transforms = True
+
+    def __init__(self, *args, fastalign_options: dict | None = None, **kwargs):
+        options = check_fastalign_options(fastalign_options)
+        super().__init__(*args, **kwargs)
+        check_supported(self, logit_transforms=self._logit_transforms)
+        self._fastalign_options = options
+        add_fused_loss(unwrap_model(self.model), getattr(self.args, "cast_lm_head_to_fp32", False))
+
+
+def add_fused_loss(model, cast_lm_head_to_fp32: bool = False) -> None:
     """Patch ``model`` (the causal LM, a peft model's base model) so that ``model(..., labels=labels,
-    fastalign_loss=fn)`` returns ``fn(hidden [B, T-1, H], targets [B, T-1], weight [V, H], bias [V] | None)``
-    (``shift_labels [B, T]``: ``hidden [B, T, H]`` unshifted, as TRL). With ``fastalign_packed=True`` (and
-    ``input_ids``, ``attention_mask`` keywords) the batch's real tokens run padding-free, packed into one row
+    fastalign_loss=fn)`` returns ``fn(hidden [B, T-1, H], targets [B, T-1], weight [V, H], bias [V] | None,
+    logit_scale=s, logit_softcap=c)`` (``shift_labels [B, T]``: ``hidden [B, T, H]`` unshifted, as TRL), with the
+    model's logit transform (:func:`fastalign.hf.logit_transform`, the config fields TRL's fused head reads). With
+    ``fastalign_packed=True`` (and ``input_ids``, ``attention_mask`` keywords) the batch's real tokens run padding-free, packed into one row
     (``fastalign.hf.packed_hidden_states``): ``fn(hidden [1, N, H], targets [1, N], weight, bias,
     cu_seqlens=[B + 1])``, each sequence's last token ignored. Under autocast the hidden states and the
-    lm_head are cast to the autocast dtype (TRL's fused head computes in it too) and the op runs outside autocast."""
+    lm_head are cast to the autocast dtype (TRL's fused head computes in it too), with ``cast_lm_head_to_fp32``
+    (TRL's GRPO option, whose trainer has cast the lm_head to fp32) to fp32; the op runs outside autocast."""
     trl_forward = model.forward
+    transform = logit_transform(model)._asdict()
 
     @functools.wraps(type(model).forward)  # generate() validates its kwargs against this signature
     def forward(self, *args, fastalign_loss=None, fastalign_packed=False, **kwargs):
@@ -114,11 +130,16 @@ def add_fused_loss(model) -> None:
         if isinstance(weight, DTensor):  # FSDP2: gathered for the forward, kept by autograd for the backward
             weight = weight.full_tensor()
             bias = None if bias is None else bias.full_tensor()
+        elif is_deepspeed_zero3_enabled():  # ZeRO-3: a gathered copy (clone: the gradient flows to the partition)
+            with maybe_gather_lm_head_ctx(weight, bias):
+                weight, bias = weight.clone(), None if bias is None else bias.clone()
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        if cast_lm_head_to_fp32:
+            dtype = torch.float32
         with torch.autocast(device, enabled=False):
             return fastalign_loss(hidden.to(weight.device, dtype), targets.to(weight.device), weight.to(dtype),
-                                  None if bias is None else bias.to(dtype), **extra)
+                                  None if bias is None else bias.to(dtype), **transform, **extra)
 
     model.forward = types.MethodType(forward, model)
 

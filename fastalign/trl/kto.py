@@ -5,11 +5,10 @@ import torch
 import trl
 
 from ..functional import fused_linear_kto_loss, fused_linear_logprobs
-from ..hf import unwrap_model
-from .head import add_fused_loss, check_fastalign_options, check_supported, loss_and_outputs
+from .head import FusedLoss, loss_and_outputs
 
 
-class KTOTrainer(trl.KTOTrainer):
+class KTOTrainer(FusedLoss, trl.KTOTrainer):
     """TRL 1.16's ``KTOTrainer`` (same constructor, ``trl.KTOConfig``) whose loss is fastalign's fused KTO op.
 
     The policy's forward returns the KTO loss from its last hidden states and lm_head, without the logits; the batch
@@ -17,7 +16,8 @@ class KTOTrainer(trl.KTOTrainer):
     adapter disabled, or ``precompute_ref_log_probs``), the data, callbacks and checkpoints are TRL's own. Options:
     ``loss_type`` (``kto``, ``apo_zero_unpaired``), ``beta``, ``desirable_weight``, ``undesirable_weight``. Metrics
     under TRL's names and aggregation; the ``entropy`` metric takes one more forward-only pass over the vocabulary
-    (the KTO op does not return it yet), ``logits/*`` are exact linear means (``h . mean_v w_v + mean_v b_v``).
+    (the KTO op does not return it yet), ``logits/*`` (the mean transformed logit, as TRL's fused head) come from
+    the op's own pass (``vocab_metrics``). Models that scale or soft-cap their logits get their transform.
 
     Args:
         fastalign_options: the fused op's own options (``backend``, ``chunk_size``, ``deterministic``,
@@ -26,13 +26,6 @@ class KTOTrainer(trl.KTOTrainer):
 
     Refused at construction (``ValueError``): as :class:`fastalign.trl.DPOTrainer`.
     """
-
-    def __init__(self, *args, fastalign_options: dict | None = None, **kwargs):
-        options = check_fastalign_options(fastalign_options)
-        super().__init__(*args, **kwargs)
-        check_supported(self)
-        self._fastalign_options = options
-        add_fused_loss(unwrap_model(self.model))  # the causal LM whose forward TRL patched
 
     def _reference(self, batch):
         """TRL's reference completion log-probs ``[B]`` and KL-pair log-probs (None without the KL term)."""
@@ -59,24 +52,24 @@ class KTOTrainer(trl.KTOTrainer):
         seq_len = batch["input_ids"].size(1) - 1
         options = self._fastalign_options
 
-        def kto_loss(hidden, targets, weight, bias):
+        def kto_loss(hidden, targets, weight, bias, **transform):
             # Prompt-learning peft prepends virtual tokens: keep the positions of the real tokens
             hidden, targets = hidden[:, -seq_len:], targets[:, -seq_len:]
             out = fused_linear_kto_loss(hidden, weight, targets, labels, ref_logps=ref_logps,
                                         kl=kl if self.loss_type == "kto" else None, bias=bias, beta=self.beta,
                                         desirable_weight=self.desirable_weight,
                                         undesirable_weight=self.undesirable_weight, loss_type=self.loss_type,
-                                        **options)
+                                        vocab_metrics=True, **transform, **options)
             with torch.no_grad():
-                _, entropy = fused_linear_logprobs(hidden, weight, targets, bias, return_entropy=True, **options)
-                mean_logits = hidden @ weight.mean(0) + (0.0 if bias is None else bias.mean())
-            return out, entropy, mean_logits
+                _, entropy = fused_linear_logprobs(hidden, weight, targets, bias, return_entropy=True, **transform,
+                                                   **options)
+            return out, entropy
 
-        out, entropy, mean_logits = model(**model_kwargs, labels=completion_labels, fastalign_loss=kto_loss)
-        self._log_metrics(mode, batch, labels, kl, out, entropy, mean_logits)
+        out, entropy = model(**model_kwargs, labels=completion_labels, fastalign_loss=kto_loss)
+        self._log_metrics(mode, batch, labels, kl, out, entropy)
         return loss_and_outputs(model, model_kwargs, out.loss, return_outputs)
 
-    def _log_metrics(self, mode, batch, labels, kl, out, entropy, mean_logits) -> None:
+    def _log_metrics(self, mode, batch, labels, kl, out, entropy) -> None:
         """TRL's ``KTOTrainer`` metrics, aggregated as TRL does across processes."""
         metrics, gather = self._metrics[mode], self.accelerator.gather_for_metrics
         metrics["kl"].append(kl.item())
@@ -88,10 +81,10 @@ class KTOTrainer(trl.KTOTrainer):
         metrics["num_tokens"] = [self._total_train_tokens]
         means = {}
         for side, rows in (("chosen", labels), ("rejected", ~labels)):
-            side_mask = mask & rows[:, None]
-            side_tokens = gather(side_mask.sum()).sum().item()
+            side_tokens = gather(out.metrics[f"count/{side}_tokens"].float()).sum().item()
             if side_tokens > 0:
-                metrics[f"logits/{side}"].append(gather(mean_logits[side_mask].sum()).sum().item() / side_tokens)
+                logits = gather(out.metrics[f"logits/{side}_sum"].float()).sum().item()
+                metrics[f"logits/{side}"].append(logits / side_tokens)
             count = gather(rows.sum()).sum().item()
             if count > 0:
                 means[side] = gather(out.rewards[rows].nansum()).nansum().item() / count

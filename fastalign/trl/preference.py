@@ -7,11 +7,10 @@ import torch.nn.functional as F
 from trl.experimental import cpo, orpo
 
 from ..functional import fused_linear_cpo_loss, fused_linear_orpo_loss
-from ..hf import unwrap_model
-from .head import add_fused_loss, check_fastalign_options, check_supported
+from .head import FusedLoss
 
 
-class _FusedPairs:
+class _FusedPairs(FusedLoss):
     """``get_batch_loss_metrics`` of TRL's experimental reference-free pair trainers through a fused op: chosen and
     rejected sequences concatenated as TRL does, the op on every position's hidden state (TRL's ``logits/*`` are the
     mean logit over every position and the vocabulary: ``h . mean_v w_v + mean_v b_v``, exact, without the logits).
@@ -19,14 +18,12 @@ class _FusedPairs:
     ``-1`` all but the last), ``_padding_value`` and ``_fused_loss(hidden [2B, T, H], weight, targets [2B, T], bias,
     input_ids, attention_mask)``, the op's ``DPOLossOutput`` (chosen rows first)."""
 
-    def __init__(self, *args, fastalign_options: dict | None = None, **kwargs):
-        options = check_fastalign_options(fastalign_options)
+    _logit_transforms = False  # TRL's logits/* are the model's own logits at every position
+
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        check_supported(self)
         if self.is_encoder_decoder:
             raise ValueError(f"{type(self).__name__}: encoder-decoder models are not supported by fastalign.trl")
-        self._fastalign_options = options
-        add_fused_loss(unwrap_model(self.model))
 
     def _extra_metrics(self, out) -> dict:
         return {}
@@ -39,7 +36,7 @@ class _FusedPairs:
         # Every position's hidden state (the last one predicts nothing): TRL's logits/* average over all of them
         targets = F.pad(batch["concatenated_labels"][:, 1:], (0, 1), value=-100)
 
-        def pair_loss(hidden, targets, weight, bias):
+        def pair_loss(hidden, targets, weight, bias, **transform):  # refused unless neutral
             out = self._fused_loss(hidden, weight, targets, bias, input_ids, attention_mask)
             with torch.no_grad():
                 mean_logits = hidden[:, :self._logit_positions] @ weight.mean(0)
