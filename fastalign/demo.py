@@ -280,41 +280,28 @@ def plot(path: str, sft_history: list[dict], dpo_history: list[dict], ppo_histor
         points = [(r["step"], r[key]) for r in history if key in r]
         return [p[0] for p in points], [p[1] for p in points]
 
+    panels = [  # (title, history, [(key, line style, label)])
+        ("SFT on the right answers", sft_history, [("loss", "-", "train loss"), ("eval_loss", "o-", "held-out loss"),
+                                                   ("eval_mean_token_accuracy", "s--", "held-out token accuracy")]),
+        ("DPO (+RPO) loss", dpo_history, [("loss", "-", "train loss"), ("eval_loss", "o-", "held-out loss")]),
+        ("DPO implicit reward", dpo_history, [("rewards/accuracies", "-", "train accuracy"),
+                                              ("eval_rewards/accuracies", "o-", "held-out accuracy"),
+                                              ("eval_rewards/margins", "s--", "held-out margin")]),
+        ("PPO (learned reward; scores from the reward model)", ppo_history,
+         [("objective/scores", "-", "rollout score"), ("eval_objective/scores", "o-", "held-out score"),
+          ("objective/kl", "-", "KL to reference")]),
+        ("GRPO (rule-based reward, 8 answers per prompt)", grpo_history,
+         [("reward", "-", "rollout reward"), ("eval_reward", "o-", "held-out reward")]),
+        ("On-policy distillation of the GRPO policy", distill_history,
+         [("loss", "-", "train loss (generalized JSD)"), ("eval_reward", "o-", "student's held-out rule score")]),
+    ]
     fig, axes = plt.subplots(2, 4, figsize=(22, 8))
     axes = axes.ravel()
-    ax = axes[0]
-    ax.plot(*series(sft_history, "loss"), label="train loss")
-    ax.plot(*series(sft_history, "eval_loss"), "o-", label="held-out loss")
-    ax.plot(*series(sft_history, "eval_mean_token_accuracy"), "s--", label="held-out token accuracy")
-    ax.set(title="SFT on the right answers", xlabel="step")
-    ax.legend()
-    ax = axes[1]
-    ax.plot(*series(dpo_history, "loss"), label="train loss")
-    ax.plot(*series(dpo_history, "eval_loss"), "o-", label="held-out loss")
-    ax.set(title="DPO (+RPO) loss", xlabel="step")
-    ax.legend()
-    ax = axes[2]
-    ax.plot(*series(dpo_history, "rewards/accuracies"), label="train accuracy")
-    ax.plot(*series(dpo_history, "eval_rewards/accuracies"), "o-", label="held-out accuracy")
-    ax.plot(*series(dpo_history, "eval_rewards/margins"), "s--", label="held-out margin")
-    ax.set(title="DPO implicit reward", xlabel="step")
-    ax.legend()
-    ax = axes[3]
-    ax.plot(*series(ppo_history, "objective/scores"), label="rollout score")
-    ax.plot(*series(ppo_history, "eval_objective/scores"), "o-", label="held-out score")
-    ax.plot(*series(ppo_history, "objective/kl"), label="KL to reference")
-    ax.set(title="PPO (learned reward; scores from the reward model)", xlabel="step")
-    ax.legend()
-    ax = axes[4]
-    ax.plot(*series(grpo_history, "reward"), label="rollout reward")
-    ax.plot(*series(grpo_history, "eval_reward"), "o-", label="held-out reward")
-    ax.set(title="GRPO (rule-based reward, 8 answers per prompt)", xlabel="step")
-    ax.legend()
-    ax = axes[5]
-    ax.plot(*series(distill_history, "loss"), label="train loss (generalized JSD)")
-    ax.plot(*series(distill_history, "eval_reward"), "o-", label="student's held-out rule score")
-    ax.set(title="On-policy distillation of the GRPO policy", xlabel="step")
-    ax.legend()
+    for ax, (title, history, curves) in zip(axes, panels):
+        for key, style, label in curves:
+            ax.plot(*series(history, key), style, label=label)
+        ax.set(title=title, xlabel="step")
+        ax.legend()
     ax = axes[6]
     bars = ax.bar(["fused", "reference"], [memory["fused_mb"], memory["reference_mb"]], color=["C2", "C3"])
     ax.bar_label(bars, fmt="%.0f MiB")
