@@ -23,7 +23,8 @@ from torch.distributed.tensor import DTensor
 from transformers import ProcessorMixin
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-from ..hf import LogitTransform, get_backbone, get_lm_head, logit_transform, packed_hidden_states
+from ..hf import (LogitTransform, PackedSequences, get_backbone, get_lm_head, logit_transform, packed_hidden_states,
+                  packed_row_hidden_states)
 from ..ops.chunking import check_chunk_size
 from ..ops.dispatch import BACKENDS
 
@@ -85,7 +86,9 @@ def add_fused_loss(model) -> None:
     (``shift_labels [B, T]``: ``hidden [B, T, H]`` unshifted, as TRL). With ``fastalign_packed=True`` (and
     ``input_ids``, ``attention_mask`` keywords) the batch's real tokens run padding-free, packed into one row
     (``fastalign.hf.packed_hidden_states``): ``fn(hidden [1, N, H], targets [1, N], weight, bias,
-    cu_seqlens=[B + 1])``, each sequence's last token ignored. Under autocast the hidden states and the
+    cu_seqlens=[B + 1])``, each sequence's last token ignored. A row the collator already packed (TRL's SFT
+    ``padding_free``: ``position_ids`` and ``cu_seq_lens_q``, no ``attention_mask``) runs through the same attention
+    paths (``fastalign.hf.packed_row_hidden_states``). Under autocast the hidden states and the
     lm_head are cast to the autocast dtype (TRL's fused head computes in it too) and the op runs outside autocast."""
     trl_forward = model.forward
 
@@ -104,7 +107,13 @@ def add_fused_loss(model) -> None:
                                         value=-100))
             extra["cu_seqlens"] = packed.cu_seqlens
         else:
-            hidden = get_backbone(self)(*args, **kwargs).last_hidden_state
+            if kwargs.get("attention_mask") is None and "cu_seq_lens_q" in kwargs:  # a row the collator packed
+                position_ids = kwargs.pop("position_ids")
+                row = PackedSequences(torch.ones_like(position_ids, dtype=torch.bool), position_ids,
+                                      kwargs["cu_seq_lens_q"])
+                hidden = packed_row_hidden_states(self, kwargs.pop("input_ids"), row, **kwargs)
+            else:
+                hidden = get_backbone(self)(*args, **kwargs).last_hidden_state
             if shift_labels is None:
                 hidden, targets = hidden[:, :-1], labels[:, 1:]
             else:
