@@ -13,6 +13,7 @@ import torch
 
 trl = pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
+from peft import LoraConfig  # noqa: E402
 
 import fastalign.trl as fatrl  # noqa: E402
 from fastalign.trainers.tiny import tiny_llama, word_tokenizer  # noqa: E402
@@ -56,17 +57,23 @@ def _args(where, **config):
                                   per_device_train_batch_size=2, max_completion_length=5, **config)
 
 
-def test_distillation_trainer_matches_trl(student_dir, tmp_path):
+@pytest.mark.parametrize("peft", [False, True], ids=["full", "lora_checkpointing"])
+def test_distillation_trainer_matches_trl(student_dir, tmp_path, peft):
     """On-policy: the student samples, the teacher (an object, wider) scores; JSD(beta=0.25) at temperature 0.7 with
-    gradient accumulation."""
+    gradient accumulation; and LoRA (frozen lm_head) with gradient checkpointing, reverse KL."""
     config = dict(beta=0.25, temperature=0.7, gradient_accumulation_steps=2)
+    extra = {}
+    if peft:
+        config = dict(beta=1.0, gradient_checkpointing=True)
+        extra["peft_config"] = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                          init_lora_weights=False)
     dataset = _prompts(12)
 
     def run(cls, where):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             trainer = cls(model=student_dir, teacher_model=_teacher(), args=_args(where, **config),
-                          train_dataset=dataset)
+                          train_dataset=dataset, **extra)
             trainer.train()
         return trainer
 
