@@ -57,6 +57,7 @@ def _args(where, **config):
                                   per_device_train_batch_size=2, max_completion_length=5, **config)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("peft", [False, True], ids=["full", "lora_checkpointing"])
 def test_distillation_trainer_matches_trl(student_dir, tmp_path, peft):
     """On-policy: the student samples, the teacher (an object, wider) scores; JSD(beta=0.25) at temperature 0.7 with

@@ -12,7 +12,7 @@ import torch
 
 trl = pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
-from peft import LoraConfig  # noqa: E402
+from peft import LoraConfig, PromptTuningConfig, TaskType  # noqa: E402
 from transformers.trainer_pt_utils import LabelSmoother  # noqa: E402
 
 import fastalign.trl as fatrl  # noqa: E402
@@ -84,6 +84,7 @@ RUNS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", RUNS)
 def test_sft_trainer_matches_trl(case, model_dir, tmp_path, monkeypatch):
     kind, n, peft, config = RUNS[case]
@@ -127,10 +128,27 @@ def sft_pair(model_dir, tmp_path_factory):
     ("dft", 0.2, None)])  # TRL smooths the nll loss only
 def test_sft_loss_gradients_and_metrics_match_trl(sft_pair, loss_type, smoothing, num_items):
     trainers, batch = sft_pair
-    results = []
     for trainer in trainers:
         trainer.args.loss_type, trainer.args.label_smoothing_factor = loss_type, smoothing
         trainer.label_smoother = LabelSmoother(epsilon=smoothing) if smoothing else None
+    _assert_same_step(trainers, batch, num_items)
+
+
+def test_sft_prompt_tuning_matches_trl(model_dir, tmp_path):
+    """A prompt-learning adapter: peft prepends virtual tokens (and -100 labels) in its forward."""
+    dataset = _dataset("prompt_completion", 3)
+    trainers = [cls(model=model_dir, args=_args(tmp_path / cls.__module__), train_dataset=dataset,
+                    peft_config=PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=3))
+                for cls in (trl.SFTTrainer, fatrl.SFTTrainer)]
+    prepared = trainers[0].train_dataset
+    _assert_same_step(trainers, trainers[0].data_collator([prepared[i] for i in range(3)]), 17.0)
+
+
+def _assert_same_step(trainers, batch, num_items):
+    """One ``compute_loss`` of TRL's trainer and of fastalign's: the loss, the trained parameters' gradients and
+    every metric equal."""
+    results = []
+    for trainer in trainers:
         trainer.model.train()
         trainer._metrics["train"].clear()
         params = [p for p in trainer.model.parameters() if p.requires_grad]
@@ -138,6 +156,7 @@ def test_sft_loss_gradients_and_metrics_match_trl(sft_pair, loss_type, smoothing
         results.append((loss.item(), torch.autograd.grad(loss, params), dict(trainer._metrics["train"])))
     (ref_loss, ref_grads, ref_metrics), (loss, grads, metrics) = results
     assert math.isclose(loss, ref_loss, rel_tol=RTOL), (loss, ref_loss)
+    assert max(float(g.abs().max()) for g in ref_grads) > 1e-6  # not vacuous
     for grad, ref in zip(grads, ref_grads, strict=True):
         assert (grad - ref).norm() <= RTOL * ref.norm() + 1e-9
     assert metrics.keys() == ref_metrics.keys() == {"entropy", "mean_token_accuracy", "num_tokens"}
