@@ -113,9 +113,26 @@ def test_distill_loss_gradients_and_metrics_match_trl(distill_pair, beta, temper
     inputs = dict(batch)
     if tool_mask:
         inputs["tool_mask"] = torch.tensor([[1, 1, 0, 0, 1], [1, 1, 1, 1, 1], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    results = []
     for trainer in trainers:
         trainer.beta, trainer.temperature = beta, temperature
+    _assert_same_step(trainers, inputs, mode)
+
+
+def test_distill_with_a_bf16_teacher_matches_trl(distill_pair, student_dir, tmp_path):
+    """A bf16 teacher (``teacher_model_init_kwargs={"dtype": "bfloat16"}``) for an fp32 student: its lm_head is not
+    widened; TRL projects it chunk by chunk in fp32 on CPU."""
+    _, batch = distill_pair
+    teacher = _teacher().to(torch.bfloat16)
+    trainers = [cls(model=student_dir, teacher_model=teacher, args=_args(tmp_path / cls.__module__, beta=0.5),
+                    train_dataset=_prompts(4)) for cls in (trl.DistillationTrainer, fatrl.DistillationTrainer)]
+    _assert_same_step(trainers, batch, "train")
+
+
+def _assert_same_step(trainers, inputs, mode):
+    """One ``compute_loss`` of TRL's trainer and of fastalign's: the loss, the student's gradients and the metrics
+    equal."""
+    results = []
+    for trainer in trainers:
         trainer.model.train(mode == "train")
         trainer._metrics[mode].clear()
         params = [p for p in trainer.model.parameters() if p.requires_grad]

@@ -76,7 +76,11 @@ class DistillationTrainer(trl.DistillationTrainer):
         student_transform, teacher_transform = self._logit_transforms
 
         def distill_loss(hidden, targets, weight, bias):
-            dtype, device = hidden.dtype, hidden.device
+            # The teacher in the student's compute dtype (the autocast dtype under mixed precision, as TRL), but a
+            # 16-bit teacher is not widened: no fp32 copy of its lm_head (the op widens chunk by chunk, as TRL's)
+            device, dtype = hidden.device, hidden.dtype
+            if teacher_weight.dtype.itemsize < dtype.itemsize:
+                dtype = teacher_weight.dtype
             return fused_linear_distill_loss(
                 hidden[:, -length:], weight, teacher_hidden.to(device, dtype), teacher_weight.to(device, dtype),
                 mask.to(device), beta=self.beta, temperature=self.temperature, student_bias=bias,
