@@ -85,8 +85,8 @@ class DistillationTrainer(trl.DistillationTrainer):
                 hidden[:, -length:], weight, teacher_hidden.to(device, dtype), teacher_weight.to(device, dtype),
                 mask.to(device), beta=self.beta, temperature=self.temperature, student_bias=bias,
                 teacher_bias=None if teacher_bias is None else teacher_bias.to(device, dtype),
-                student_logit_scale=student_transform.logit_scale, student_logit_softcap=student_transform.logit_softcap,
-                teacher_logit_scale=teacher_transform.logit_scale, teacher_logit_softcap=teacher_transform.logit_softcap,
+                **{f"student_{k}": v for k, v in student_transform._asdict().items()},
+                **{f"teacher_{k}": v for k, v in teacher_transform._asdict().items()},
                 num_items_in_batch=num_items_in_batch, **self._fastalign_options)
 
         out = model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids, fastalign_loss=distill_loss)

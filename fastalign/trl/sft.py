@@ -30,8 +30,8 @@ class SFTTrainer(trl.SFTTrainer):
             ``check_finite``; see ``fastalign.trl.head.FASTALIGN_OPTIONS``), default None.
         *args, **kwargs: ``trl.SFTTrainer``'s.
 
-    Refused at construction (``ValueError``): ``compute_loss_func`` (it takes the full logits), DeepSpeed ZeRO-3 and
-    DeepSpeed sequence parallelism, vision-language models, the MoE router auxiliary loss, models that scale or
+    Refused at construction (``ValueError``): ``compute_loss_func`` (it takes the full logits), sequence parallelism
+    (untested here), DeepSpeed ZeRO-3, vision-language models, the MoE router auxiliary loss, models that scale or
     soft-cap their logits.
     """
 
@@ -46,8 +46,9 @@ class SFTTrainer(trl.SFTTrainer):
         check_supported(self)
         parallelism = self.accelerator.parallelism_config
         if parallelism is not None and parallelism.sp_enabled:
-            raise ValueError("SFTTrainer: sequence parallelism (Ulysses/ALST) is not supported by fastalign.trl (the "
-                             "loss would be the model's own, reduced across ranks); use trl.SFTTrainer")
+            raise ValueError("SFTTrainer: sequence parallelism (parallelism_config sp_size > 1) is not supported by "
+                             "fastalign.trl (under DeepSpeed's Ulysses/ALST the loss is the model's own, reduced "
+                             "across ranks); use trl.SFTTrainer")
         self._fastalign_options = options
         add_fused_loss(unwrap_model(self.model))  # the causal LM whose forward TRL patched
 
