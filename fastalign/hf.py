@@ -292,14 +292,21 @@ def packed_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Te
     :class:`PackedSequences`), each sequence attending to itself only: the same states as :func:`hidden_states` of
     the padded batch at its real tokens."""
     packed = PackedSequences.of(attention_mask)
+    return packed_row_hidden_states(model, packed.pack(input_ids), packed), packed
+
+
+def packed_row_hidden_states(model: nn.Module, input_ids: Tensor, packed: PackedSequences, **kwargs) -> Tensor:
+    """Last hidden states ``[1, N, H]`` of ``input_ids [1, N]``, sequences already packed into one row as ``packed``
+    says (its ``position_ids`` and ``cu_seqlens``), each sequence attending to itself only (:func:`packed_attention`);
+    ``kwargs`` go to the backbone (the attention arguments are :func:`packed_attention`'s)."""
     embeddings = get_backbone(model).get_input_embeddings().weight
     dtype = torch.get_autocast_dtype(embeddings.device.type) if torch.is_autocast_enabled(
         embeddings.device.type) else embeddings.dtype
-    implementation, kwargs = packed_attention(model, packed, dtype)
+    implementation, attention = packed_attention(model, packed, dtype)
     with attention_implementation(model, implementation):
-        out = get_backbone(model)(input_ids=packed.pack(input_ids), position_ids=packed.position_ids,
-                                  use_cache=False, **kwargs)
-    return out.last_hidden_state, packed
+        out = get_backbone(model)(input_ids=input_ids, **{**kwargs, "position_ids": packed.position_ids,
+                                                          "use_cache": False, **attention})
+    return out.last_hidden_state
 
 
 def shifted_labels(input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None,

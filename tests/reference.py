@@ -52,3 +52,32 @@ def reference_row_stats(hidden, weight, targets, bias=None, *, temperature=1.0, 
                  entropy=-(logp.exp() * logp).sum(-1), lse2=torch.logsumexp(2 * z, -1), logit_sum=z.sum(-1),
                  max_logit=z.max(-1).values, argmax=(z == z.max(-1, keepdim=True).values).to(torch.uint8).argmax(-1))
     return stats, z
+
+
+UNTIMED_LOGS = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "eval_runtime",
+                "eval_samples_per_second", "eval_steps_per_second", "step_time", "total_flos"}
+"""Keys of a Hugging Face trainer's ``log_history`` that are wall-clock numbers (they differ run to run)."""
+
+
+def assert_same_training_run(ours, theirs, *, rtol: float = 1e-5, atol: float = 1e-6, min_logs: int = 3) -> None:
+    """Two Hugging Face trainers after ``train()``: every logged number but the timings equal (``rtol``; ``atol``
+    for numbers that are zero up to rounding), the same keys at every log, and the final weights equal in norm
+    (``|w_ours - w_theirs| <= rtol |w_theirs|`` per parameter), with some trainable."""
+    import math
+
+    def logs(trainer):
+        return [{k: v for k, v in log.items() if k not in UNTIMED_LOGS} for log in trainer.state.log_history]
+
+    got, want = logs(ours), logs(theirs)
+    assert [sorted(log) for log in got] == [sorted(log) for log in want]
+    assert len(want) >= min_logs
+    for step, (log, ref) in enumerate(zip(got, want)):
+        for key, value in ref.items():
+            assert math.isclose(log[key], value, rel_tol=rtol, abs_tol=atol) or (
+                math.isnan(value) and math.isnan(log[key])), f"log {step} {key}: {log[key]} vs {value}"
+    ours_params, their_params = dict(ours.model.named_parameters()), dict(theirs.model.named_parameters())
+    assert ours_params.keys() == their_params.keys()
+    for name, param in their_params.items():
+        diff = (ours_params[name].detach() - param.detach()).norm()
+        assert diff <= rtol * param.detach().norm() + 1e-12, f"{name}: |diff| {diff} vs |w| {param.norm()}"
+    assert any(p.requires_grad for p in ours.model.parameters())

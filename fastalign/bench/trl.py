@@ -1,4 +1,5 @@
-"""``--op trl``: TRL 1.16's DPO and GRPO trainer steps against fastalign.trl's subclasses (needs fastalign[trl])."""
+"""``--op trl``: TRL 1.16's DPO, GRPO, SFT and distillation trainer steps against fastalign.trl's subclasses, and
+fastalign.trl's DPO padded vs padding-free (needs fastalign[trl])."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -10,14 +11,16 @@ from .harness import REGISTRY, Mode, OpBench, Problem, Step, Target, VariantFact
 from .packed import PACKED_PAIRS, packed_batch
 
 
-TRL_DPO_PAIRS, TRL_GRPO_COMPLETIONS, TRL_GRPO_PROMPT = 2, 8, 64
+TRL_DPO_PAIRS, TRL_GRPO_COMPLETIONS, TRL_GRPO_PROMPT, TRL_SFT_ROWS = 2, 8, 64, 4
 
 
 class TRLInputs(NamedTuple):
     """A 2-layer Llama's config and word-level tokenizer (``problem``'s H and V) and one batch per trainer, laid out
     as TRL's collators / generation give them: DPO ``input_ids [2B, T]`` (B = ``TRL_DPO_PAIRS``, chosen rows first,
     T = N / 2B, the second half of each row the completion); GRPO ``TRL_GRPO_COMPLETIONS`` completions of
-    N / ``TRL_GRPO_COMPLETIONS`` tokens after ``TRL_GRPO_PROMPT`` prompt tokens, random advantages; and a DPO batch of
+    N / ``TRL_GRPO_COMPLETIONS`` tokens after ``TRL_GRPO_PROMPT`` prompt tokens, random advantages (the distillation
+    batch too); SFT ``TRL_SFT_ROWS`` rows of N / ``TRL_SFT_ROWS`` tokens, the first quarter of each a prompt (label
+    -100); ``teacher_config``: the distillation teacher, twice as wide; and a DPO batch of
     ``PACKED_PAIRS`` pairs on ``bench --op packed``'s length mix (:func:`packed_lengths` at N/2: ``[64, 4096]`` at
     the issue's N=8192), right-padded as TRL's collator pads, each pair's prompt shared (``dpo_mix_batch``)."""
 
@@ -26,6 +29,8 @@ class TRLInputs(NamedTuple):
     config: Any
     dpo_batch: dict
     grpo_batch: dict
+    sft_batch: dict
+    teacher_config: Any
     dpo_mix_batch: dict
 
 
@@ -34,9 +39,11 @@ def make_trl_inputs(problem: Problem) -> TRLInputs:
 
     tokenizer = word_tokenizer([f"w{i}" for i in range(problem.vocab_size - 3)])
     heads = max(1, problem.hidden_size // 64)
-    config = tiny_config(tokenizer, hidden_size=problem.hidden_size, intermediate_size=2 * problem.hidden_size,
-                         num_attention_heads=heads, num_key_value_heads=heads,
-                         max_position_embeddings=max(4096, problem.tokens))
+
+    def llama(width: int):
+        return tiny_config(tokenizer, hidden_size=width * problem.hidden_size,
+                           intermediate_size=2 * width * problem.hidden_size, num_attention_heads=width * heads,
+                           num_key_value_heads=width * heads, max_position_embeddings=max(4096, problem.tokens))
     g = torch.Generator().manual_seed(problem.seed)
     place = lambda t: t.to(problem.device)  # noqa: E731
     length = max(2, problem.tokens // (2 * TRL_DPO_PAIRS))
@@ -50,18 +57,23 @@ def make_trl_inputs(problem: Problem) -> TRLInputs:
             "completion_ids": place(completion), "completion_mask": place(torch.ones_like(completion)),
             "advantages": place(torch.randn(rows, generator=g)),
             "num_items_in_batch": place(torch.tensor(float(completion.numel())))}
+    ids = torch.randint(3, problem.vocab_size, (TRL_SFT_ROWS, max(2, problem.tokens // TRL_SFT_ROWS)), generator=g)
+    labels = ids.clone()
+    labels[:, :ids.size(1) // 4] = -100
+    sft = {"input_ids": place(ids), "attention_mask": place(torch.ones_like(ids)), "labels": place(labels)}
     torch.manual_seed(problem.seed)
     mix = packed_batch(replace(problem, tokens=max(problem.tokens // 2, 2)))
     completion = (mix["labels"] != -100).long()
     dpo_mix = {"input_ids": place(mix["input_ids"]), "attention_mask": place(mix["attention_mask"]),
                "completion_mask": place(completion)}
-    return TRLInputs(problem, tokenizer, config, dpo, grpo, dpo_mix)
+    return TRLInputs(problem, tokenizer, llama(1), dpo, grpo, sft, llama(2), dpo_mix)
 
 
 def trl_step(kind: str, fused: bool, padding_free: bool = False) -> VariantFactory:
     """One training step (the trainer's ``compute_loss`` on the batch, then the gradients of the weights, returned) of
-    TRL 1.16's ``DPOTrainer`` (a reference model; ``kind="dpo-mix"``: on ``dpo_mix_batch``, with ``padding_free``)
-    or ``GRPOTrainer`` (dapo, on-policy), or of fastalign.trl's subclass; the same random Llama for both (seeded)."""
+    TRL 1.16's ``DPOTrainer`` (a reference model; ``kind="dpo-mix"``: on ``dpo_mix_batch``, with ``padding_free``),
+    ``GRPOTrainer`` (dapo, on-policy), ``SFTTrainer`` (nll) or ``DistillationTrainer`` (JSD, beta 0.5, a twice wider
+    teacher), or of fastalign.trl's subclass; the same random Llama for both (seeded)."""
 
     def factory(x: TRLInputs) -> Step:
         import tempfile
@@ -86,7 +98,7 @@ def trl_step(kind: str, fused: bool, padding_free: bool = False) -> VariantFacto
                                                                          "rejected": [" w3"]}),
                                         processing_class=x.tokenizer, **extra)
             batch = x.dpo_batch if kind == "dpo" else x.dpo_mix_batch
-        else:
+        elif kind == "grpo":
             trainer = module.GRPOTrainer(model=model, reward_funcs=lambda completions, **_: [0.0] * len(completions),
                                          args=trl.GRPOConfig(**common, per_device_train_batch_size=8,
                                                              num_generations=8, loss_type="dapo"),
@@ -94,9 +106,21 @@ def trl_step(kind: str, fused: bool, padding_free: bool = False) -> VariantFacto
                                          processing_class=x.tokenizer, **extra)
             trainer.current_gradient_accumulation_steps = 1
             batch = x.grpo_batch
+        elif kind == "sft":
+            trainer = module.SFTTrainer(model=model, args=trl.SFTConfig(**common),
+                                        train_dataset=Dataset.from_dict({"text": ["w1 w2"]}),
+                                        processing_class=x.tokenizer, **extra)
+            batch = x.sft_batch
+        else:
+            teacher = LlamaForCausalLM(x.teacher_config).to(x.problem.device, x.problem.torch_dtype)
+            trainer = module.DistillationTrainer(model=model, teacher_model=teacher,
+                                                 args=trl.DistillationConfig(**common, beta=0.5),
+                                                 train_dataset=Dataset.from_dict({"prompt": ["w1"]}),
+                                                 processing_class=x.tokenizer, **extra)
+            batch = x.grpo_batch
         trainer.model.train()
         params = [p for p in trainer.model.parameters() if p.requires_grad]
-        return lambda: torch.autograd.grad(trainer.compute_loss(trainer.model, batch), params)
+        return lambda: torch.autograd.grad(trainer.compute_loss(trainer.model, dict(batch)), params)
 
     return factory
 
@@ -112,6 +136,11 @@ REGISTRY["trl"] = OpBench(make_trl_inputs, {
                             f"reference model) vs fastalign.trl's, 2-layer Llama"),
     "grpo": _trl_mode("grpo", f"TRL 1.16 GRPOTrainer loss step ({TRL_GRPO_COMPLETIONS} completions of "
                               f"N/{TRL_GRPO_COMPLETIONS} tokens, dapo) vs fastalign.trl's, 2-layer Llama"),
+    "sft": _trl_mode("sft", f"TRL 1.16 SFTTrainer step ({TRL_SFT_ROWS} rows of N/{TRL_SFT_ROWS} tokens, nll) vs "
+                            f"fastalign.trl's, 2-layer Llama"),
+    "distill": _trl_mode("distill", f"TRL 1.16 DistillationTrainer loss step ({TRL_GRPO_COMPLETIONS} completions of "
+                                    f"N/{TRL_GRPO_COMPLETIONS} tokens, beta 0.5, teacher 2H wide) vs fastalign.trl's, "
+                                    f"2-layer Llama"),
     "dpo-padding-free": Mode(f"fastalign.trl DPOTrainer step, {PACKED_PAIRS} pairs on bench --op packed's length mix "
                              f"(log-uniform in [N/128, N/2]): padding_free=True vs padded",
                              {"padding_free": trl_step("dpo-mix", True, True),

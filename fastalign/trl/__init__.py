@@ -5,10 +5,13 @@ runs through fastalign's fused op from the model's last hidden states and lm_hea
 (:mod:`fastalign.trl.head`). One extra keyword, ``fastalign_options=``, reaches the op's own options. Needs
 ``fastalign[trl]`` (``trl==1.16.*``). Option mapping: ``docs/trl.md``.
 """
+from .distill import DistillationTrainer
 from .dpo import DPOTrainer
 from .grpo import GRPOTrainer
 from .kto import KTOTrainer
 from .preference import CPOTrainer, ORPOTrainer
 from .rloo import RLOOTrainer
+from .sft import SFTTrainer
 
-__all__ = ["CPOTrainer", "DPOTrainer", "GRPOTrainer", "KTOTrainer", "ORPOTrainer", "RLOOTrainer"]
+__all__ = ["CPOTrainer", "DPOTrainer", "DistillationTrainer", "GRPOTrainer", "KTOTrainer", "ORPOTrainer", "RLOOTrainer",
+           "SFTTrainer"]

@@ -25,7 +25,8 @@ from transformers import ProcessorMixin
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from ..hf import LogitTransform, get_backbone, get_lm_head, logit_transform, packed_hidden_states, unwrap_model
+from ..hf import (LogitTransform, PackedSequences, get_backbone, get_lm_head, logit_transform, packed_hidden_states,
+                  packed_row_hidden_states, unwrap_model)
 from ..ops.chunking import check_chunk_size
 from ..ops.dispatch import BACKENDS
 
@@ -99,9 +100,11 @@ def add_fused_loss(model, cast_lm_head_to_fp32: bool = False) -> None:
     model's logit transform (:func:`fastalign.hf.logit_transform`, the config fields TRL's fused head reads). With
     ``fastalign_packed=True`` (and ``input_ids``, ``attention_mask`` keywords) the batch's real tokens run padding-free, packed into one row
     (``fastalign.hf.packed_hidden_states``): ``fn(hidden [1, N, H], targets [1, N], weight, bias,
-    cu_seqlens=[B + 1])``, each sequence's last token ignored. Under autocast the hidden states and the
-    lm_head are cast to the autocast dtype (TRL's fused head computes in it too), with ``cast_lm_head_to_fp32``
-    (TRL's GRPO option, whose trainer has cast the lm_head to fp32) to fp32; the op runs outside autocast."""
+    cu_seqlens=[B + 1])``, each sequence's last token ignored. A row the collator already packed (TRL's SFT
+    ``padding_free``: ``position_ids`` and ``cu_seq_lens_q``, no ``attention_mask``) runs through the same attention
+    paths (``fastalign.hf.packed_row_hidden_states``). Under autocast the hidden states and the lm_head are cast to
+    the autocast dtype (TRL's fused head computes in it too), with ``cast_lm_head_to_fp32`` (TRL's GRPO option,
+    whose trainer has cast the lm_head to fp32) to fp32; the op runs outside autocast."""
     trl_forward = model.forward
     transform = logit_transform(model)._asdict()
 
@@ -120,7 +123,13 @@ def add_fused_loss(model, cast_lm_head_to_fp32: bool = False) -> None:
                                         value=-100))
             extra["cu_seqlens"] = packed.cu_seqlens
         else:
-            hidden = get_backbone(self)(*args, **kwargs).last_hidden_state
+            if kwargs.get("attention_mask") is None and "cu_seq_lens_q" in kwargs:  # a row the collator packed
+                position_ids = kwargs.pop("position_ids")
+                row = PackedSequences(torch.ones_like(position_ids, dtype=torch.bool), position_ids,
+                                      kwargs["cu_seq_lens_q"])
+                hidden = packed_row_hidden_states(self, kwargs.pop("input_ids"), row, **kwargs)
+            else:
+                hidden = get_backbone(self)(*args, **kwargs).last_hidden_state
             if shift_labels is None:
                 hidden, targets = hidden[:, :-1], labels[:, 1:]
             else:
