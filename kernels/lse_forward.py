@@ -78,6 +78,38 @@ def transform_tile(acc, out_scale, tanh_scale, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def transform_grad(dz, z, out_scale, tanh_scale, SOFTCAP: tl.constexpr):
+    """The gradient w.r.t. the raw tile `acc` of `dz`, the gradient w.r.t. its transform `z = transform_tile(acc)`:
+    times `out_scale`, or with a softcap (tanh = z / out_scale) times `out_scale * tanh_scale * (1 - tanh^2)`."""
+    if SOFTCAP:
+        tanh = z * (1.0 / out_scale)
+        return dz * (out_scale * tanh_scale) * (1.0 - tanh * tanh)
+    return dz * out_scale
+
+
+@triton.jit
+def logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok, H, out_scale, tanh_scale,
+               HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+               BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The transformed, tempered logit tile fp32 [BLOCK_N, BLOCK_V] of token rows `rows` against vocab columns `cols`
+    (`transform_tile` of hidden @ weight.T + bias over H chunks, fp32 accumulator); rows and columns outside
+    `row_ok` / `col_ok` hold finite values (their loads give 0)."""
+    hidden_rows = hidden_ptr + rows.to(tl.int64)[:, None] * H  # int64: rows * H overflows int32 at scale
+    weight_rows = weight_ptr + cols.to(tl.int64)[:, None] * H
+    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    for k0 in range(0, H, BLOCK_H):
+        ks = k0 + tl.arange(0, BLOCK_H)
+        k_ok = ks < H
+        h = tl.load(hidden_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        h = h.to(weight_ptr.dtype.element_ty)  # 16-bit hidden with an fp32 weight: an fp32 product
+        w = tl.load(weight_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return transform_tile(acc, out_scale, tanh_scale, SOFTCAP)
+
+
+@triton.jit
 def _lse_forward_kernel(
     hidden_ptr, weight_ptr, bias_ptr, targets_ptr,  # [N, H], [V, H], [V], [N] (all contiguous)
     max_ptr, sumexp_ptr, sum_ez_ptr, target_logit_ptr,  # partial statistics, fp32 [num_splits, N]

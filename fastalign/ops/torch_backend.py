@@ -64,6 +64,9 @@ VOCAB_TILE = 4096
 TILE_ROWS = 512
 """Block shape on CPU: a ``[512, 4096]`` fp32 block of logits (8 MiB) is still in cache for the elementwise passes
 after its matmul; a whole ``[chunk, V]`` block (64 MiB) streams from DRAM in each."""
+PAIR_BLOCK_ROWS = 64
+"""Rows of every chunk of ``linear_pair_fused`` in deterministic mode: whole ``[rows, V]`` rows of two heads, six
+or seven buffers (56 MiB at V = 32k, 220 MiB at V = 128k), so fewer rows than ``BLOCK_ROWS``."""
 BLOCK_ROWS = TILE_ROWS
 """Rows of every block in deterministic mode (fixed whatever N, the chunk size and the memory budget). On this
 project's AMD EPYC a ``[128, 512] x [512, 4096]`` matmul takes 2.2x the time per row of a 512-row one (1.6x at 256
@@ -844,7 +847,7 @@ def linear_pair_fused(hidden: Tensor, lin: _Linear, other_hidden: Tensor, other:
                       grads_fn: PairGrads, row_scale: Tensor, *, hard_targets: Tensor | None = None,
                       hard_scale: Tensor | None = None, ignore_index: int = -100, need_grad_hidden: bool = True,
                       need_grad_weight: bool = True, need_grad_bias: bool = False, chunk_size: int | None = None,
-                      shard: ShardMerge | None = None) -> PairResult:
+                      shard: ShardMerge | None = None, deterministic: bool = False) -> PairResult:
     """Two heads over one vocabulary in one pass (distillation): per chunk of rows the transformed, tempered logits
     of the first head (``hidden [N, H]`` through ``lin``, trained) and of the other (``other_hidden [N, H']``
     through ``other``, frozen: no gradient), each head with its own logit transform (``linear_head``: scale, then
@@ -856,15 +859,26 @@ def linear_pair_fused(hidden: Tensor, lin: _Linear, other_hidden: Tensor, other:
 
     ``shard``: both weights are the same vocabulary shard; each chunk's lse are merged across the group, the terms
     summed (``all_reduce_sum``), so that every rank has the whole vocabulary's; ``d hidden`` is this shard's part.
+
+    ``deterministic``: chunks of exactly ``PAIR_BLOCK_ROWS`` rows whatever N, the chunk size or the budget (the
+    last one padded with zero rows of scale 0), so that a row's terms and ``d hidden`` do not depend on its batch.
     """
     n, vocab = hidden.shape[0], lin.vocab_size
     every_col = slice(0, vocab)
     vocab_start = 0 if shard is None else shard.vocab_start
+    if deterministic:
+        per_chunk, pad = PAIR_BLOCK_ROWS, -n % PAIR_BLOCK_ROWS
+        hidden, other_hidden, row_scale = (torch.cat([t, t.new_zeros(pad, *t.shape[1:])])
+                                           for t in (hidden, other_hidden, row_scale))
+        if hard_targets is not None:
+            hard_targets = torch.cat([hard_targets, hard_targets.new_full((pad,), ignore_index)])
+            hard_scale = torch.cat([hard_scale, hard_scale.new_zeros(pad)])
+    else:
+        per_chunk = rows_per_chunk(n, vocab if shard is None else shard.widest_shard, chunk_size=chunk_size,
+                                   buffers=6 + lin.buffers)
     acc = _GradAccumulator(hidden, lin, need_grad_hidden, need_grad_weight, need_grad_bias)
-    per_chunk = rows_per_chunk(n, vocab if shard is None else shard.widest_shard, chunk_size=chunk_size,
-                               buffers=6 + lin.buffers)
     all_terms = []
-    for rows in list(_chunks(n, per_chunk)) or [slice(0, 0)]:  # no row: the terms' shape [k, 0] all the same
+    for rows in list(_chunks(hidden.shape[0], per_chunk)) or [slice(0, 0)]:  # no row: the terms' shape [k, 0]
         zs, zt = lin.logits(hidden[rows]), other.logits(other_hidden[rows].to(other.weight.dtype))
         d = lin.softcap_grad(zs)
         lse_s, lse_t = torch.logsumexp(zs, 1), torch.logsumexp(zt, 1)
@@ -896,4 +910,6 @@ def linear_pair_fused(hidden: Tensor, lin: _Linear, other_hidden: Tensor, other:
             grad.mul_(d)
         acc.add(rows, every_col, hidden[rows], grad)
         del zs, zt, log_ps, log_pt, grad, d
-    return PairResult(torch.cat(all_terms, 1), acc.result())
+    grads = acc.result()
+    return PairResult(torch.cat(all_terms, 1)[:, :n], grads._replace(hidden=None if grads.hidden is None
+                                                                        else grads.hidden[:n]))
