@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..objectives.distill import DistillConfig, divergence_logit_grads, divergence_terms
+from ..objectives.distill import DistillConfig, divergence_block_
 from ..objectives.sft import mean_over_tokens
 from .engine import PairPlan, fused_pair_loss
 from .linear import LinearOptions, lse_forward
@@ -76,9 +76,9 @@ def fused_distill_loss(student: LinearInputs, teacher: tuple[Tensor, Tensor, Ten
     if targets is not None:
         hard_targets = student.targets[rows]
         hard_scale = (hard_targets != opts.ignore_index).to(dtype) * config.hard_label_weight / normalizer
-    plan = PairPlan((teacher[0][rows], teacher[1], teacher[2]), partial(divergence_terms, beta=config.beta),
-                    partial(divergence_logit_grads, beta=config.beta), row_scale, hard_targets, hard_scale, opts,
-                    teacher_opts, [], partial(triton_divergence_pass, beta=config.beta))
+    plan = PairPlan((teacher[0][rows], teacher[1], teacher[2]), partial(divergence_block_, beta=config.beta),
+                    row_scale, hard_targets, hard_scale, opts, teacher_opts, [],
+                    partial(triton_divergence_pass, beta=config.beta))
     loss, terms = fused_pair_loss(student._replace(hidden=student.hidden[rows]), plan)
     with torch.no_grad():
         entropy = terms.new_zeros(counted.numel()).index_put((rows,), terms[2])

@@ -241,8 +241,7 @@ class PairPlan(NamedTuple):
     """A loss of two heads over one vocabulary (``fused_pair_loss``): the frozen head and the loss's pieces."""
 
     other: tuple[Tensor, Tensor, Tensor | None]  # hidden [N, H'], weight [V, H'], bias [V] | None, detached
-    terms_fn: torch_backend.PairTerms
-    grads_fn: torch_backend.PairGrads
+    block_fn: torch_backend.PairBlock
     row_scale: Tensor  # [N]: the loss is sum_n row_scale[n] terms[0, n] (+ the hard-target part)
     hard_targets: Tensor | None  # [N]
     hard_scale: Tensor | None  # [N], 0 at ignored targets
@@ -268,8 +267,8 @@ class _PairLoss(torch.autograd.Function):
         else:
             out = torch_backend.linear_pair_fused(
                 hidden, torch_backend.linear_head(weight, bias, opts.logit_args), other_hidden,
-                torch_backend.linear_head(other_weight, other_bias, plan.other_opts.logit_args), plan.terms_fn,
-                plan.grads_fn, plan.row_scale, hard_targets=plan.hard_targets, hard_scale=plan.hard_scale,
+                torch_backend.linear_head(other_weight, other_bias, plan.other_opts.logit_args), plan.block_fn,
+                plan.row_scale, hard_targets=plan.hard_targets, hard_scale=plan.hard_scale,
                 ignore_index=opts.ignore_index, need_grad_hidden=need[0], need_grad_weight=need[1],
                 need_grad_bias=need[2], chunk_size=opts.chunk_size, shard=opts.shard,
                 deterministic=opts.deterministic)
