@@ -29,7 +29,8 @@ from torch import Tensor
 from .launches import check_device, interpreting
 from .logprobs_backward import (WORKSPACE_BYTES, add_tile_grads, add_workspace_grads, grouped_tile,
                                 workspace_rows)
-from .lse_forward import TileConfig, logit_tile, lse_forward_config, tiles_per_split, transform_args, transform_grad
+from .lse_forward import (TileConfig, logit_tile, lse_forward_config, split_program, tiles_per_split, transform_args,
+                          transform_grad)
 
 FORWARD_KL, REVERSE_KL, JSD = 0, 1, 2  # the kernels' MODE: beta 0, beta 1, in between
 
@@ -57,13 +58,15 @@ def divergence_config(student: Head, teacher: Head, *, interpret: bool = False, 
     """Tiles of the kernels (two logit tiles live at once): the forward's H chunk for the wider of the two dtypes
     (fp32 anywhere: 3xTF32 dots) and hidden sizes that are multiples of 16 or not; 64 x 64 logit tiles, 8 warps,
     on sm_80 and sm_90 alike (docs/kernels.md lists their registers); small tiles under the interpreter. `terms`:
-    the terms kernel's, 16-bit at 4 stages (at 3, ptxas capped it at 128 registers on sm_80 and spilled 8-24 B)."""
+    the terms kernel's, 16-bit at 4 stages (at 3, ptxas capped it at 128 registers on sm_80 and spilled 8-24 B);
+    the fp32 gradient tiles at 2 stages (at 3 the atomic backward spilled 40 B on sm_80 at 255 registers)."""
     wide = torch.float32 if torch.float32 in (student.weight.dtype, teacher.weight.dtype) else student.weight.dtype
     aligned = student.hidden.shape[1] % 16 == 0 and teacher.hidden.shape[1] % 16 == 0
     cfg = lse_forward_config(wide, h=16 if aligned else 1, interpret=interpret)
     if interpret:
         return cfg
-    return replace(cfg, BLOCK_N=64, BLOCK_V=64, num_warps=8, num_stages=4 if terms and wide != torch.float32 else 3)
+    stages = (4 if wide != torch.float32 else 3) if terms else (2 if wide == torch.float32 else 3)
+    return replace(cfg, BLOCK_N=64, BLOCK_V=64, num_warps=8, num_stages=stages)
 
 
 def _mode(beta: float) -> int:
@@ -108,15 +111,9 @@ def _divergence_terms_kernel(
 ):
     """Program p: one (token block, vocab split) in grouped order (as `_lse_forward_kernel`); the split's sums of
     the divergence and (JSD) of KL(p_s || m) per row."""
-    pid = tl.program_id(0)
-    num_splits = tl.cdiv(tl.cdiv(V, BLOCK_V), tiles_per_split)
-    pid_n, split = tl.swizzle2d(pid // num_splits, pid % num_splits, tl.cdiv(N, BLOCK_N), num_splits, GROUP_N)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
+    split, rows, row_ok, v_begin, v_end = split_program(N, V, tiles_per_split, BLOCK_N, BLOCK_V, GROUP_N)
     div = tl.zeros([BLOCK_N], tl.float32)
     aux = tl.zeros([BLOCK_N], tl.float32)
-    v_begin = split * tiles_per_split * BLOCK_V
-    v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, V)
     for v0 in range(v_begin, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < V
@@ -181,45 +178,29 @@ def _divergence_backward_kernel(
     s_hidden_ptr, s_weight_ptr, s_bias_ptr, t_hidden_ptr, t_weight_ptr, t_bias_ptr, lse_s_ptr, lse_t_ptr, aux_ptr,
     row_scale_ptr, targets_ptr, lse_raw_ptr, hard_scale_ptr,  # fp32 [N] (targets int64)
     grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr,  # fp32 [N, HS], [V, HS], [V], zero-initialized
+    dz_ptr,  # STORE_DZ: out [N, V] in the student weight's dtype
     N, V, HS, HT, vocab_start, ignore_index, temperature, s_out_scale, s_tanh_scale, t_out_scale, t_tanh_scale, beta,
     log_1mb, log_b,
     S_BIAS: tl.constexpr, T_BIAS: tl.constexpr, S_SOFTCAP: tl.constexpr, T_SOFTCAP: tl.constexpr,
-    MODE: tl.constexpr, HARD: tl.constexpr, COMPUTE_GRAD_HIDDEN: tl.constexpr, COMPUTE_GRAD_WEIGHT: tl.constexpr,
-    COMPUTE_GRAD_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    GROUP_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MODE: tl.constexpr, HARD: tl.constexpr, STORE_DZ: tl.constexpr, COMPUTE_GRAD_HIDDEN: tl.constexpr,
+    COMPUTE_GRAD_WEIGHT: tl.constexpr, COMPUTE_GRAD_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Program p: one (token block, vocab tile); adds its share to the student's gradients with atomics."""
+    """Program p: one (token block, vocab tile); adds its share to the student's gradients with atomics, or with
+    STORE_DZ stores its logit gradient once (no atomics)."""
     rows, cols, row_ok, col_ok = grouped_tile(N, V, BLOCK_N, BLOCK_V, GROUP_N)
     dz = _divergence_grad_tile(
         s_hidden_ptr, s_weight_ptr, s_bias_ptr, t_hidden_ptr, t_weight_ptr, t_bias_ptr, lse_s_ptr, lse_t_ptr, aux_ptr,
         row_scale_ptr, targets_ptr, lse_raw_ptr, hard_scale_ptr, rows, cols, row_ok, col_ok, HS, HT, vocab_start,
         ignore_index, temperature, s_out_scale, s_tanh_scale, t_out_scale, t_tanh_scale, beta, log_1mb, log_b,
         S_BIAS, T_BIAS, S_SOFTCAP, T_SOFTCAP, MODE, HARD, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
-    add_tile_grads(dz, s_hidden_ptr, s_weight_ptr, grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr, rows, cols,
-                   row_ok, col_ok, HS, COMPUTE_GRAD_HIDDEN, COMPUTE_GRAD_WEIGHT, COMPUTE_GRAD_BIAS, BLOCK_H,
-                   DOT_PRECISION)
-
-
-@triton.jit
-def _divergence_logit_grad_kernel(
-    s_hidden_ptr, s_weight_ptr, s_bias_ptr, t_hidden_ptr, t_weight_ptr, t_bias_ptr, lse_s_ptr, lse_t_ptr, aux_ptr,
-    row_scale_ptr, targets_ptr, lse_raw_ptr, hard_scale_ptr,  # fp32 [N] (targets int64)
-    dz_ptr,  # out: [N, V] in the student weight's dtype
-    N, V, HS, HT, vocab_start, ignore_index, temperature, s_out_scale, s_tanh_scale, t_out_scale, t_tanh_scale, beta,
-    log_1mb, log_b,
-    S_BIAS: tl.constexpr, T_BIAS: tl.constexpr, S_SOFTCAP: tl.constexpr, T_SOFTCAP: tl.constexpr,
-    MODE: tl.constexpr, HARD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    GROUP_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """Program p: the logit gradient of one (token block, vocab tile), stored once (no atomics)."""
-    rows, cols, row_ok, col_ok = grouped_tile(N, V, BLOCK_N, BLOCK_V, GROUP_N)
-    dz = _divergence_grad_tile(
-        s_hidden_ptr, s_weight_ptr, s_bias_ptr, t_hidden_ptr, t_weight_ptr, t_bias_ptr, lse_s_ptr, lse_t_ptr, aux_ptr,
-        row_scale_ptr, targets_ptr, lse_raw_ptr, hard_scale_ptr, rows, cols, row_ok, col_ok, HS, HT, vocab_start,
-        ignore_index, temperature, s_out_scale, s_tanh_scale, t_out_scale, t_tanh_scale, beta, log_1mb, log_b,
-        S_BIAS, T_BIAS, S_SOFTCAP, T_SOFTCAP, MODE, HARD, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
-    tl.store(dz_ptr + rows.to(tl.int64)[:, None] * V + cols[None, :], dz.to(dz_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+    if STORE_DZ:
+        tl.store(dz_ptr + rows.to(tl.int64)[:, None] * V + cols[None, :], dz.to(dz_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
+    else:
+        add_tile_grads(dz, s_hidden_ptr, s_weight_ptr, grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr, rows, cols,
+                       row_ok, col_ok, HS, COMPUTE_GRAD_HIDDEN, COMPUTE_GRAD_WEIGHT, COMPUTE_GRAD_BIAS, BLOCK_H,
+                       DOT_PRECISION)
 
 
 def _contiguous(head: Head) -> Head:
@@ -292,8 +273,8 @@ def divergence_backward(student: Head, teacher: Head, lse_s: Tensor, lse_t: Tens
 
     Writes (default): program p of the 1-D grid cdiv(N, BLOCK_N) * cdiv(V, BLOCK_V) owns one (token block, vocab
     tile) and adds into the three outputs with fp32 atomic adds only (they start at zero).
-    `deterministic=True`: no atomics: per chunk of rows (`workspace_rows`), `_divergence_logit_grad_kernel` writes
-    each dz tile once into a workspace, then `add_workspace_grads` (owned output tiles, K in order).
+    `deterministic=True`: no atomics: per chunk of rows (`workspace_rows`), `_divergence_backward_kernel` with
+    STORE_DZ writes each dz tile once into a workspace, then `add_workspace_grads` (owned output tiles, K in order).
     """
     check_device(student.hidden.device)
     student, teacher = _contiguous(student), _contiguous(teacher)
@@ -315,13 +296,13 @@ def divergence_backward(student: Head, teacher: Head, lse_s: Tensor, lse_t: Tens
     flags["HARD"] = hard is not None
     cfg = divergence_config(student, teacher, interpret=interpreting())
     sizes = (v, hs, teacher.hidden.shape[1], vocab_start, ignore_index, 1.0 / inv_temperature)
+    unused = rowwise[0]
     if not deterministic:
-        grad_hidden, grad_weight, grad_bias = grads
-        unused = rowwise[0]
         _divergence_backward_kernel[(triton.cdiv(n, cfg.BLOCK_N) * triton.cdiv(v, cfg.BLOCK_V),)](
-            *pointers, *rowwise, *(unused if g is None else g for g in grads), n, *sizes, *scalars,
-            **flags, COMPUTE_GRAD_HIDDEN=grad_hidden is not None, COMPUTE_GRAD_WEIGHT=grad_weight is not None,
-            COMPUTE_GRAD_BIAS=grad_bias is not None, **cfg.constexprs(), **cfg.launch_options(),
+            *pointers, *rowwise, *(unused if g is None else g for g in grads), unused, n, *sizes, *scalars,
+            **flags, STORE_DZ=False, COMPUTE_GRAD_HIDDEN=grads[0] is not None,
+            COMPUTE_GRAD_WEIGHT=grads[1] is not None, COMPUTE_GRAD_BIAS=grads[2] is not None,
+            **cfg.constexprs(), **cfg.launch_options(),
         )
         return grads
     interpret = interpreting()
@@ -331,9 +312,10 @@ def divergence_backward(student: Head, teacher: Head, lse_s: Tensor, lse_t: Tens
     for start in range(0, n, chunk):
         rows = slice(start, min(start + chunk, n))
         m = rows.stop - start
-        _divergence_logit_grad_kernel[(triton.cdiv(m, cfg.BLOCK_N) * triton.cdiv(v, cfg.BLOCK_V),)](
+        _divergence_backward_kernel[(triton.cdiv(m, cfg.BLOCK_N) * triton.cdiv(v, cfg.BLOCK_V),)](
             student.hidden[rows], *pointers[1:3], teacher.hidden[rows], *pointers[4:], *(t[rows] for t in rowwise),
-            dz, m, *sizes, *scalars, **flags, **cfg.constexprs(), **cfg.launch_options(),
+            unused, unused, unused, dz, m, *sizes, *scalars, **flags, STORE_DZ=True, COMPUTE_GRAD_HIDDEN=False,
+            COMPUTE_GRAD_WEIGHT=False, COMPUTE_GRAD_BIAS=False, **cfg.constexprs(), **cfg.launch_options(),
         )
         add_workspace_grads(dz[:m], student.hidden[rows], student.weight,
                             None if grads[0] is None else grads[0][rows], grads[1], grads[2], interpret=interpret)
