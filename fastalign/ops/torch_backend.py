@@ -64,10 +64,11 @@ VOCAB_TILE = 4096
 TILE_ROWS = 512
 """Block shape on CPU: a ``[512, 4096]`` fp32 block of logits (8 MiB) is still in cache for the elementwise passes
 after its matmul; a whole ``[chunk, V]`` block (64 MiB) streams from DRAM in each."""
-PAIR_BUDGET_CHUNKS = 4
-"""Chunk budgets a chunk of ``linear_pair_fused`` may take (192 MiB by default: 300 rows at V = 32k): its rows are
-whole ``[rows, V]`` rows of two heads, and on this project's AMD EPYC its four matmuls took 2.4x the time at 61
-rows (one budget) than at 512, 1.25x at 256 (the GEMMs' row blocks; as ``GROUP_BUDGET_CHUNKS`` for whole groups)."""
+PAIR_BUDGET_CHUNKS = 8
+"""Chunk budgets a chunk of ``linear_pair_fused`` may take (384 MiB by default: 614 rows at V = 32k, 153 at 128k;
+as the engine's ``GROUP_BUDGET_CHUNKS`` for whole groups): its rows are whole ``[rows, V]`` rows of two heads, and
+on this project's AMD EPYC (loaded) its four matmuls took 2.4x the time at 61 rows (one budget) than at 512, 1.25x
+at 256; the op at N=2048 took 1.38-1.53x the 4-matmul floor at 8 budgets, 1.67-1.77x at 4."""
 PAIR_BLOCK_ROWS = 64
 """Rows of every chunk of ``linear_pair_fused`` in deterministic mode: whole ``[rows, V]`` rows of two heads, six
 or seven buffers (56 MiB at V = 32k, 220 MiB at V = 128k), so fewer rows than ``BLOCK_ROWS``."""
