@@ -722,9 +722,10 @@ def fused_linear_distill_loss(student_hidden: Tensor, student_weight: Tensor, te
 
     Formulas in ``fastalign.objectives.distill``: ``beta`` 0 is the forward ``KL(teacher || student)``, 1 the
     reverse ``KL(student || teacher)``, in between the generalized JSD with mixture ``(1 - beta) p_s + beta p_t``;
-    both models' logits divided by ``temperature``. Torch backend (any device; ``"auto"`` picks it on CUDA too: no
-    Triton kernels for two heads yet): per chunk of the masked rows, both heads' logits, the divergence and its
-    gradient w.r.t. the student's logits, four matmuls; memory O(chunk), never an ``[N, V]`` of either model.
+    both models' logits divided by ``temperature``. Torch backend: per chunk of the masked rows, both heads'
+    logits, the divergence and its gradient w.r.t. the student's logits, four matmuls; memory O(chunk). Triton
+    (``fastalign.kernels.divergence``): each head's lse, the per-row terms, then the student's gradients, tile by
+    tile (eight tile products); memory O(tile). Never an ``[N, V]`` of either model.
 
     Args:
         student_hidden, student_weight: ``[..., H_s]`` and ``[V, H_s]``; ``student_bias``: optional ``[V]``.
@@ -742,8 +743,8 @@ def fused_linear_distill_loss(student_hidden: Tensor, student_weight: Tensor, te
             logits before the temperature (Liger's distillation base), ``targets [...]`` with ``ignore_index``;
             ``targets`` required when ``w > 0``.
         ignore_index, chunk_size, check_finite: as in :func:`fused_linear_logprobs`.
-        backend: ``"auto"`` or ``"torch"`` (``"triton"`` is refused: no two-head kernels yet).
-        deterministic: must resolve to False (not supported yet: a ValueError).
+        backend, deterministic: as in :func:`fused_linear_logprobs` (deterministic: a row's terms and gradients
+            bitwise the same alone or in any batch, the weight's gradient the same on every run).
         process_group, reduce_hidden_grad: vocab-parallel, as in :func:`fused_linear_logprobs`: both weights are
             this rank's rows of the vocabulary (the same split), hidden states the same on every rank.
 
@@ -760,21 +761,15 @@ def fused_linear_distill_loss(student_hidden: Tensor, student_weight: Tensor, te
     config = DistillConfig(beta=beta, hard_label_weight=hard_label_weight)
     if hard_label_weight and targets is None:
         raise ValueError(f"targets: required when hard_label_weight > 0 (got {hard_label_weight!r}), got None")
-    if backend == "triton":
-        raise ValueError("backend: expected 'auto' or 'torch' (fused_linear_distill_loss has no Triton kernels for "
-                         "two heads yet), got 'triton'")
     stand_in = targets  # prepare_linear validates targets: without any, zeros stand in (no hard loss)
     if targets is None:
         student_hidden = require_tensor("student_hidden", student_hidden, dtypes=FLOAT_DTYPES)
         stand_in = torch.zeros(student_hidden.shape[:-1], dtype=torch.long, device=student_hidden.device)
     student, opts = prepare_linear(student_hidden, student_weight, stand_in, student_bias, temperature=temperature,
                                    logit_scale=student_logit_scale, logit_softcap=student_logit_softcap,
-                                   ignore_index=ignore_index, backend="torch", chunk_size=chunk_size,
+                                   ignore_index=ignore_index, backend=backend, chunk_size=chunk_size,
                                    deterministic=deterministic, check_finite=check_finite,
                                    process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
-    if opts.deterministic:
-        raise ValueError("deterministic: not supported by fused_linear_distill_loss yet (pass deterministic=False, "
-                         "or unset $FASTALIGN_DETERMINISTIC / torch's deterministic algorithms), got True")
     teacher = validate_teacher(teacher_hidden, teacher_weight, teacher_bias, student, check_finite=check_finite)
     teacher_opts = dataclasses.replace(opts, logit_scale=teacher_logit_scale, logit_softcap=teacher_logit_softcap)
     return fused_distill_loss(student, teacher, opts, teacher_opts, config, mask, targets, num_items_in_batch)

@@ -203,10 +203,54 @@ def _cases_ppo_epilogue() -> list[LaunchCase]:
     return [case(dual, kl, ent) for dual in (False, True) for kl in (None, *KL_ESTIMATORS) for ent in (False, True)]
 
 
+def _cases_divergence() -> list[LaunchCase]:
+    from .divergence import Head, HardLabels, divergence_backward, divergence_terms
+
+    def heads(dtype: torch.dtype, shape: Shape, bias: bool, softcap: bool) -> tuple[Head, Head]:
+        # The teacher twice as wide as the student (the bench's 512 / 1024), its transform the student's.
+        student, teacher = Shape(shape.n, shape.h, shape.v), Shape(shape.n, 2 * shape.h, shape.v)
+        return tuple(Head(*_lm_head(dtype, s, bias)[:3], 1.0, 30.0 if softcap else None) for s in (student, teacher))
+
+    def terms_case(bias: bool, softcap: bool, mode: str, deterministic: bool) -> LaunchCase:
+        def call(dtype: torch.dtype, shape: Shape) -> None:
+            student, teacher = heads(dtype, shape, bias, softcap)
+            row = torch.empty(shape.n)
+            divergence_terms(student, teacher, row, row, inv_temperature=1.0, beta=BETAS[mode],
+                             deterministic=deterministic)
+
+        flags = _label(bias=bias, softcap=softcap, **{mode: True}, deterministic=deterministic)
+        return LaunchCase("divergence_terms", flags, call, DTYPES,
+                          heaviest=bias and softcap and mode == "jsd" and not deterministic)
+
+    def backward_case(bias: bool, softcap: bool, mode: str, hard: bool, d_bias: bool,
+                      deterministic: bool) -> LaunchCase:
+        def call(dtype: torch.dtype, shape: Shape) -> None:
+            student, teacher = heads(dtype, shape, bias, softcap)
+            row = torch.empty(shape.n)
+            labels = HardLabels(torch.zeros(shape.n, dtype=torch.int64), row, row) if hard else None
+            divergence_backward(student, teacher, row, row, row, row, inv_temperature=1.0, beta=BETAS[mode],
+                                hard=labels, need_grad_bias=d_bias, deterministic=deterministic)
+
+        flags = dict(bias=bias, softcap=softcap, hard=hard, d_bias=d_bias)
+        # deterministic runs other kernels (the logit-gradient tiles and owned-tile matmuls): a heaviest of its own
+        return LaunchCase("divergence_backward", _label(**flags, **{mode: True}, deterministic=deterministic), call,
+                          DTYPES, heaviest=all(flags.values()) and mode == "jsd")
+
+    # Only the heaviest cases in bf16 are in the compile test's default builds (12 builds: each takes tens of
+    # seconds); `python tests/aot.py --sweep` builds the rest (docs/kernels.md), fp32 / fp16 by hand.
+    BETAS, DTYPES = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": 0.5}, (torch.bfloat16,)
+    return ([terms_case(bias, cap, mode, det) for bias, cap, det in itertools.product((False, True), repeat=3)
+             for mode in BETAS] +
+            [backward_case(bias, cap, mode, hard, db, det)
+             for bias, cap, hard, db, det in itertools.product((False, True), repeat=5) for mode in BETAS
+             if bias or not db])
+
+
 LAUNCHES: dict[str, Callable[[], list[LaunchCase]]] = {
     "lse_forward": _cases_lse_forward,
     "logprobs_backward": _cases_logprobs_backward,
     "ppo_epilogue": _cases_ppo_epilogue,
+    "divergence": _cases_divergence,
 }
 
 

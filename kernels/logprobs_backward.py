@@ -23,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .launches import check_device, interpreting, target_arch
-from .lse_forward import TileConfig, lse_forward_config, transform_args, transform_tile
+from .lse_forward import TileConfig, logit_tile, lse_forward_config, transform_args, transform_grad
 from .matmul import matmul_into
 
 
@@ -91,19 +91,8 @@ def logit_grad_tile(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, grad
     or ignored rows and invalid columns. Pointers and scalars as in `_logprobs_backward_kernel`; `inv_temperature`
     and `tanh_scale` are the transform's scalars (`lse_forward.transform_args`)."""
     # Recompute the logit tile z = (hidden @ weight.T + bias) * inv_temperature (transformed), fp32 accumulator.
-    hidden_rows = hidden_ptr + rows.to(tl.int64)[:, None] * H  # int64: rows * H overflows int32 at scale
-    weight_rows = weight_ptr + cols.to(tl.int64)[:, None] * H
-    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-    for k0 in range(0, H, BLOCK_H):
-        ks = k0 + tl.arange(0, BLOCK_H)
-        k_ok = ks < H
-        h = tl.load(hidden_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        h = h.to(weight_ptr.dtype.element_ty)  # 16-bit hidden with an fp32 weight: an fp32 product
-        w = tl.load(weight_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    z = transform_tile(acc, inv_temperature, tanh_scale, SOFTCAP)
+    z = logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok, H, inv_temperature, tanh_scale,
+                   HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
 
     # Shard-local target column (int32: compared over a whole tile). Ignored rows and targets past V match
     # nothing that survives the `keep` mask below.
@@ -127,13 +116,7 @@ def logit_grad_tile(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, grad
     # with a softcap, tanh = z / out_scale, its derivative 1 - tanh^2). Padding and ignored rows (whose lse may be
     # anything) and padding columns contribute nothing: where() also drops an inf/nan p there.
     keep = (row_ok & (t != ignore_index))[:, None] & col_ok[None, :]
-    if SOFTCAP:
-        tanh = z * (1.0 / inv_temperature)
-        dz = dz * (inv_temperature * tanh_scale) * (1.0 - tanh * tanh)
-    else:
-        dz = dz * inv_temperature
-    dz = tl.where(keep, dz, 0.0)
-    return dz
+    return tl.where(keep, transform_grad(dz, z, inv_temperature, tanh_scale, SOFTCAP), 0.0)
 
 
 @triton.jit
@@ -150,13 +133,24 @@ def _logprobs_backward_kernel(
     """Program p: one (token block, vocab block) tile; adds its share to the gradients with atomics."""
     # Grouped order also spreads the atomics of the programs running together over several blocks of rows.
     rows, cols, row_ok, col_ok = grouped_tile(N, V, BLOCK_N, BLOCK_V, GROUP_N)
-    rows64 = rows.to(tl.int64)  # int64: rows * H and cols * H overflow int32 at scale
-    cols64 = cols.to(tl.int64)
     dz = logit_grad_tile(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, grad_logprobs_ptr,
                          grad_entropy_ptr, entropy_ptr, grad_lse_ptr, grad_logit_sum_ptr, rows, cols, row_ok, col_ok,
                          H, vocab_start, ignore_index, inv_temperature, tanh_scale, HAS_BIAS, HAS_ENTROPY_GRAD,
                          SOFTCAP, HAS_ROW_GRADS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
 
+    add_tile_grads(dz, hidden_ptr, weight_ptr, grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr, rows, cols, row_ok,
+                   col_ok, H, COMPUTE_GRAD_HIDDEN, COMPUTE_GRAD_WEIGHT, COMPUTE_GRAD_BIAS, BLOCK_H, DOT_PRECISION)
+
+
+@triton.jit
+def add_tile_grads(dz, hidden_ptr, weight_ptr, grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr, rows, cols, row_ok,
+                   col_ok, H, COMPUTE_GRAD_HIDDEN: tl.constexpr, COMPUTE_GRAD_WEIGHT: tl.constexpr,
+                   COMPUTE_GRAD_BIAS: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Add the products of the logit-gradient tile `dz` fp32 [BLOCK_N, BLOCK_V] (0 at invalid rows and columns) to
+    the fp32 gradients with atomics: dz @ weight[cols] to grad_hidden[rows], dz.T @ hidden[rows] to
+    grad_weight[cols], its column sums to grad_bias[cols]."""
+    rows64 = rows.to(tl.int64)  # int64: rows * H and cols * H overflow int32 at scale
+    cols64 = cols.to(tl.int64)
     if COMPUTE_GRAD_BIAS:
         tl.atomic_add(grad_bias_ptr + cols, tl.sum(dz, axis=0), mask=col_ok, sem="relaxed")
     dz_in = dz.to(weight_ptr.dtype.element_ty)  # tensor-core operand in the weight's dtype, fp32 accumulation
@@ -300,7 +294,6 @@ def _atomic_free_backward(hidden, weight, bias, targets, lse, grad_logprobs, gra
     cfg = logit_grad_config(weight.dtype, h=h, interpret=interpret, softcap=softcap)
     chunk = workspace_rows(v, weight.dtype, workspace_bytes, cfg.BLOCK_N)
     dz = torch.empty(min(chunk, n), v, device=hidden.device, dtype=weight.dtype)
-    ones = torch.ones(min(chunk, n), 1, device=hidden.device, dtype=weight.dtype)
     unused = lse
     for start in range(0, n, chunk):
         rows = slice(start, min(start + chunk, n))
@@ -315,9 +308,19 @@ def _atomic_free_backward(hidden, weight, bias, targets, lse, grad_logprobs, gra
             HAS_ROW_GRADS=row_grads is not None,
             **cfg.constexprs(), **cfg.launch_options(),
         )
-        if grad_hidden is not None:
-            matmul_into(grad_hidden[rows], dz[:m], weight, accumulate=False, interpret=interpret)
-        if grad_weight is not None:
-            matmul_into(grad_weight, dz[:m].T, hidden[rows], accumulate=True, interpret=interpret)
-        if grad_bias is not None:
-            matmul_into(grad_bias[:, None], dz[:m].T, ones[:m], accumulate=True, interpret=interpret)
+        add_workspace_grads(dz[:m], hidden[rows], weight, None if grad_hidden is None else grad_hidden[rows],
+                            grad_weight, grad_bias, interpret=interpret)
+
+
+def add_workspace_grads(dz: Tensor, hidden: Tensor, weight: Tensor, grad_hidden: Tensor | None,
+                        grad_weight: Tensor | None, grad_bias: Tensor | None, *, interpret: bool) -> None:
+    """The atomic-free products of one chunk's logit gradients `dz [M, V]` (the weight's dtype) and its rows
+    `hidden [M, H]`: grad_hidden [M, H] = dz @ weight, grad_weight += dz.T @ hidden, grad_bias += dz.T @ 1 (each
+    None: skipped), with `matmul_into` (owned tiles, K in order)."""
+    if grad_hidden is not None:
+        matmul_into(grad_hidden, dz, weight, accumulate=False, interpret=interpret)
+    if grad_weight is not None:
+        matmul_into(grad_weight, dz.T, hidden, accumulate=True, interpret=interpret)
+    if grad_bias is not None:
+        ones = torch.ones(dz.shape[0], 1, device=dz.device, dtype=dz.dtype)
+        matmul_into(grad_bias[:, None], dz.T, ones, accumulate=True, interpret=interpret)

@@ -78,6 +78,53 @@ def transform_tile(acc, out_scale, tanh_scale, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def transform_grad(dz, z, out_scale, tanh_scale, SOFTCAP: tl.constexpr):
+    """The gradient w.r.t. the raw tile `acc` of `dz`, the gradient w.r.t. its transform `z = transform_tile(acc)`:
+    times `out_scale`, or with a softcap (tanh = z / out_scale) times `out_scale * tanh_scale * (1 - tanh^2)`."""
+    if SOFTCAP:
+        tanh = z * (1.0 / out_scale)
+        return dz * (out_scale * tanh_scale) * (1.0 - tanh * tanh)
+    return dz * out_scale
+
+
+@triton.jit
+def logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok, H, out_scale, tanh_scale,
+               HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+               BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The transformed, tempered logit tile fp32 [BLOCK_N, BLOCK_V] of token rows `rows` against vocab columns `cols`
+    (`transform_tile` of hidden @ weight.T + bias over H chunks, fp32 accumulator); rows and columns outside
+    `row_ok` / `col_ok` hold finite values (their loads give 0)."""
+    hidden_rows = hidden_ptr + rows.to(tl.int64)[:, None] * H  # int64: rows * H overflows int32 at scale
+    weight_rows = weight_ptr + cols.to(tl.int64)[:, None] * H
+    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    for k0 in range(0, H, BLOCK_H):
+        ks = k0 + tl.arange(0, BLOCK_H)
+        k_ok = ks < H
+        h = tl.load(hidden_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        h = h.to(weight_ptr.dtype.element_ty)  # 16-bit hidden with an fp32 weight: an fp32 product
+        w = tl.load(weight_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return transform_tile(acc, out_scale, tanh_scale, SOFTCAP)
+
+
+@triton.jit
+def split_program(N, V, tiles_per_split, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, GROUP_N: tl.constexpr):
+    """This program's (vocab split, token rows [BLOCK_N], their mask, first column, end column) of a 1-D grid of
+    cdiv(N, BLOCK_N) * num_splits programs in grouped order: consecutive programs take GROUP_N token blocks across
+    the splits, so the programs running together share GROUP_N blocks of hidden rows and a few weight tiles per
+    step in L2 (with the token blocks fastest, every SM would stream its own [BLOCK_N, H] block once per vocab
+    tile; `fastalign.gpu_model`)."""
+    pid = tl.program_id(0)
+    num_splits = tl.cdiv(tl.cdiv(V, BLOCK_V), tiles_per_split)
+    pid_n, split = tl.swizzle2d(pid // num_splits, pid % num_splits, tl.cdiv(N, BLOCK_N), num_splits, GROUP_N)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    v_begin = split * tiles_per_split * BLOCK_V
+    return split, rows, rows < N, v_begin, tl.minimum(v_begin + tiles_per_split * BLOCK_V, V)
+
+
+@triton.jit
 def _lse_forward_kernel(
     hidden_ptr, weight_ptr, bias_ptr, targets_ptr,  # [N, H], [V, H], [V], [N] (all contiguous)
     max_ptr, sumexp_ptr, sum_ez_ptr, target_logit_ptr,  # partial statistics, fp32 [num_splits, N]
@@ -90,16 +137,7 @@ def _lse_forward_kernel(
 ):
     """Program p: one (token block i, vocab split s), rows [i*BLOCK_N, (i+1)*BLOCK_N) against the s-th run of
     `tiles_per_split` vocab tiles."""
-    # 1-D grid in grouped order: consecutive programs take GROUP_N token blocks across the splits, so the programs
-    # running together share GROUP_N blocks of hidden rows and a few weight tiles per step in L2 (with the token
-    # blocks fastest, every SM would stream its own [BLOCK_N, H] block once per vocab tile; `fastalign.gpu_model`).
-    pid = tl.program_id(0)
-    num_splits = tl.cdiv(tl.cdiv(V, BLOCK_V), tiles_per_split)
-    pid_n, split = tl.swizzle2d(pid // num_splits, pid % num_splits, tl.cdiv(N, BLOCK_N), num_splits, GROUP_N)
-
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    hidden_rows = hidden_ptr + rows.to(tl.int64)[:, None] * H  # int64: rows * H overflows int32 at scale
+    split, rows, row_ok, v_begin, v_end = split_program(N, V, tiles_per_split, BLOCK_N, BLOCK_V, GROUP_N)
 
     # Shard-local target column; -1 when the row is ignored or its target lives in another shard.
     t = tl.load(targets_ptr + rows, mask=row_ok, other=ignore_index)
@@ -116,25 +154,12 @@ def _lse_forward_kernel(
     logit_sum = tl.zeros([BLOCK_N], tl.float32)
     argmax = tl.zeros([BLOCK_N], tl.int32)
 
-    v_begin = split * tiles_per_split * BLOCK_V
-    v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, V)
     for v0 in range(v_begin, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < V
-        weight_rows = weight_ptr + cols.to(tl.int64)[:, None] * H
-
-        # Logit tile: hidden[rows] @ weight[cols].T over H chunks, fp32 accumulator.
-        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-        for k0 in range(0, H, BLOCK_H):
-            ks = k0 + tl.arange(0, BLOCK_H)
-            k_ok = ks < H
-            h = tl.load(hidden_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            h = h.to(weight_ptr.dtype.element_ty)  # 16-bit hidden with an fp32 weight: an fp32 product
-            w = tl.load(weight_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        z = transform_tile(acc, inv_temperature, tanh_scale, SOFTCAP)  # `transform_args`' out_scale
+        # Logit tile: hidden[rows] @ weight[cols].T over H chunks, fp32 accumulator (`transform_args`' out_scale).
+        z = logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok, H, inv_temperature, tanh_scale,
+                       HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
 
         # At most one column of the whole vocabulary matches y, so summing picks it.
         target_logit += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)

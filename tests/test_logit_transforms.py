@@ -19,8 +19,7 @@ from conftest import BACKENDS
 from fastalign import (fused_linear_cpo_loss, fused_linear_cross_entropy, fused_linear_distill_loss,
                        fused_linear_dpo_loss, fused_linear_grpo_loss, fused_linear_kto_loss, fused_linear_logprobs,
                        fused_linear_orpo_loss, fused_linear_ppo_loss, fused_linear_rloo_loss)
-from reference import as_f64_leaf
-from test_distill import reference_distill
+from reference import as_f64_leaf, reference_distill
 
 B, T, H, V = 2, 5, 8, 37  # V not a multiple of any tile
 TEMPERATURE = 0.8

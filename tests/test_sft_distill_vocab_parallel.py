@@ -1,4 +1,4 @@
-"""The fused cross-entropy (both backends) and distillation loss (torch) on 2 and 4 gloo ranks, each holding an uneven
+"""The fused cross-entropy and distillation loss (both backends) on 2 and 4 gloo ranks, each holding an uneven
 vocabulary shard of the weights, against the single-process ops: loss, metrics, ``d hidden`` and each rank's
 ``d weight`` / ``d bias`` shard. One run of the ranks per world size checks every op (spawning ranks is the cost)."""
 from __future__ import annotations
@@ -42,13 +42,15 @@ def run_ops(rows: slice, group) -> dict[str, torch.Tensor]:
                         f"{key}/db": grads[2], f"{key}/accuracy": res.metrics["mean_token_accuracy"],
                         f"{key}/entropy": res.metrics["entropy"], f"{key}/lse": res.lse})
     p = distill_problem(v=37)
-    for name, options in DISTILL_CASES.items():
-        h, w, bb = leaves(p["sh"], p["sw"][rows], p["sb"][rows])
-        res = fused_linear_distill_loss(h, w, p["th"], p["tw"][rows], p["mask"], student_bias=bb,
-                                        teacher_bias=p["tb"][rows], targets=p["targets"], backend="torch",
-                                        process_group=group, **options)
+    for backend, name in ((backend, name) for backend in BACKENDS for name in DISTILL_CASES):
+        dtype = torch.float64 if backend == "torch" else torch.float32
+        q = {k: v.to(dtype) if v.is_floating_point() else v for k, v in p.items()}
+        h, w, bb = leaves(q["sh"], q["sw"][rows], q["sb"][rows])
+        res = fused_linear_distill_loss(h, w, q["th"], q["tw"][rows], q["mask"], student_bias=bb,
+                                        teacher_bias=q["tb"][rows], targets=q["targets"], backend=backend,
+                                        process_group=group, **DISTILL_CASES[name])
         grads = torch.autograd.grad(res.loss, [h, w, bb])
-        key = f"distill/{name}"
+        key = f"distill/{backend}/{name}"
         out.update({f"{key}/loss": res.loss.detach(), f"{key}/dh": grads[0], f"{key}/dw": grads[1],
                     f"{key}/db": grads[2], f"{key}/entropy": res.entropy,
                     **{f"{key}/metric/{k}": v for k, v in res.metrics.items()}})

@@ -5,17 +5,18 @@ gradient w.r.t. the student's logits, four matmuls; never an ``[N, V]`` of eithe
 """
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from ..objectives.distill import DistillConfig, divergence_logit_grads, divergence_terms
+from ..objectives.distill import DistillConfig, divergence_block_
 from ..objectives.sft import mean_over_tokens
 from .engine import PairPlan, fused_pair_loss
-from .linear import LinearOptions
-from .torch_backend import compute_dtype
+from .linear import LinearOptions, lse_forward
+from .torch_backend import LinearGrads, PairResult, RowStatsSpec, compute_dtype
 from .validation import (FLOAT_DTYPES, LinearInputs, check_num_items, require_finite, require_tensor,
                          validate_token_mask)
 
@@ -75,9 +76,9 @@ def fused_distill_loss(student: LinearInputs, teacher: tuple[Tensor, Tensor, Ten
     if targets is not None:
         hard_targets = student.targets[rows]
         hard_scale = (hard_targets != opts.ignore_index).to(dtype) * config.hard_label_weight / normalizer
-    plan = PairPlan((teacher[0][rows], teacher[1], teacher[2]), partial(divergence_terms, beta=config.beta),
-                    partial(divergence_logit_grads, beta=config.beta), row_scale, hard_targets, hard_scale, opts,
-                    teacher_opts, [])
+    plan = PairPlan((teacher[0][rows], teacher[1], teacher[2]), partial(divergence_block_, beta=config.beta),
+                    row_scale, hard_targets, hard_scale, opts, teacher_opts, [],
+                    partial(triton_divergence_pass, beta=config.beta))
     loss, terms = fused_pair_loss(student._replace(hidden=student.hidden[rows]), plan)
     with torch.no_grad():
         entropy = terms.new_zeros(counted.numel()).index_put((rows,), terms[2])
@@ -86,3 +87,40 @@ def fused_distill_loss(student: LinearInputs, teacher: tuple[Tensor, Tensor, Ten
         if targets is not None:
             metrics["hard_loss"] = mean_over_tokens(terms[-1], (hard_targets != opts.ignore_index).to(dtype))
     return DistillLossOutput(loss, metrics, entropy.view(student.lead_shape))
+
+
+def triton_divergence_pass(hidden: Tensor, weight: Tensor, bias: Tensor | None, plan: PairPlan,
+                           need: tuple[bool, bool, bool], *, beta: float) -> PairResult:
+    """The engine's two-head pass on the Triton kernels (``fastalign.kernels.divergence``): the statistics pass
+    (each head's lse, the student's entropy, with hard targets the student's lse and target logit before the
+    temperature: ``lse_forward``, merged across the group with a vocab shard), the per-row terms (summed across the
+    group), then the student's gradients (this shard's) when ``need`` asks for any. Returns what
+    ``torch_backend.linear_pair_fused`` does: terms ``[3 (+1), N]`` and the student's gradients."""
+    from fastalign.kernels.divergence import Head, HardLabels, divergence_backward, divergence_terms as pair_terms
+
+    opts, other_opts = plan.opts, plan.other_opts
+    other_hidden, other_weight, other_bias = plan.other
+    zeros = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)  # no target: lse only
+    stats_s = lse_forward(hidden, weight, bias, zeros, opts, spec=RowStatsSpec(entropy=True))
+    stats_t = lse_forward(other_hidden, other_weight, other_bias, zeros, other_opts)
+    student = Head(hidden, weight, bias, opts.logit_scale, opts.logit_softcap)
+    teacher = Head(other_hidden, other_weight, other_bias, other_opts.logit_scale, other_opts.logit_softcap)
+    terms = pair_terms(student, teacher, stats_s.lse, stats_t.lse, inv_temperature=opts.inv_temperature, beta=beta,
+                       deterministic=opts.deterministic)
+    if opts.shard is not None:
+        terms = opts.shard.all_reduce_sum(terms)
+    dtype = compute_dtype(hidden.dtype)
+    terms = [terms[0], terms[1], stats_s.entropy]
+    hard = None
+    if plan.hard_targets is not None:  # the cross-entropy on the logits before the temperature
+        raw = lse_forward(hidden, weight, bias, plan.hard_targets, dataclasses.replace(opts, temperature=1.0))
+        terms.append(raw.lse - raw.target_logit)
+        hard = HardLabels(plan.hard_targets, raw.lse, plan.hard_scale)
+    grads = LinearGrads(None, None, None)
+    if any(need):
+        grads = LinearGrads(*(None if g is None else g.to(dtype) for g in divergence_backward(
+            student, teacher, stats_s.lse, stats_t.lse, terms[1], plan.row_scale, inv_temperature=opts.inv_temperature,
+            beta=beta, hard=hard, ignore_index=opts.ignore_index, vocab_start=opts.vocab_start,
+            need_grad_hidden=need[0], need_grad_weight=need[1], need_grad_bias=need[2],
+            deterministic=opts.deterministic)))
+    return PairResult(torch.stack([t.to(dtype) for t in terms]), grads)

@@ -244,14 +244,14 @@ class PairPlan(NamedTuple):
     """A loss of two heads over one vocabulary (``fused_pair_loss``): the frozen head and the loss's pieces."""
 
     other: tuple[Tensor, Tensor, Tensor | None]  # hidden [N, H'], weight [V, H'], bias [V] | None, detached
-    terms_fn: torch_backend.PairTerms
-    grads_fn: torch_backend.PairGrads
+    block_fn: torch_backend.PairBlock
     row_scale: Tensor  # [N]: the loss is sum_n row_scale[n] terms[0, n] (+ the hard-target part)
     hard_targets: Tensor | None  # [N]
     hard_scale: Tensor | None  # [N], 0 at ignored targets
     opts: LinearOptions  # the trained head's
     other_opts: LinearOptions  # the frozen head's logit transform (the same temperature)
     outputs: list  # filled by the forward: [terms [k, N]]
+    triton_pass: Callable | None = None  # backend "triton": (hidden, weight, bias, plan, need) -> PairResult
 
 
 class _PairLoss(torch.autograd.Function):
@@ -265,12 +265,16 @@ class _PairLoss(torch.autograd.Function):
         ctx.grad_shapes = (hidden.shape, weight.shape, None if bias is None else bias.shape)
         ctx.input_dtypes = (hidden.dtype, weight.dtype, weight.dtype)
         other_hidden, other_weight, other_bias = plan.other
-        out = torch_backend.linear_pair_fused(
-            hidden, torch_backend.linear_head(weight, bias, opts.logit_args), other_hidden,
-            torch_backend.linear_head(other_weight, other_bias, plan.other_opts.logit_args), plan.terms_fn,
-            plan.grads_fn, plan.row_scale, hard_targets=plan.hard_targets, hard_scale=plan.hard_scale,
-            ignore_index=opts.ignore_index, need_grad_hidden=need[0], need_grad_weight=need[1],
-            need_grad_bias=need[2], chunk_size=opts.chunk_size, shard=opts.shard)
+        if opts.backend == "triton":
+            out = plan.triton_pass(hidden, weight, bias, plan, need)
+        else:
+            out = torch_backend.linear_pair_fused(
+                hidden, torch_backend.linear_head(weight, bias, opts.logit_args), other_hidden,
+                torch_backend.linear_head(other_weight, other_bias, plan.other_opts.logit_args), plan.block_fn,
+                plan.row_scale, hard_targets=plan.hard_targets, hard_scale=plan.hard_scale,
+                ignore_index=opts.ignore_index, need_grad_hidden=need[0], need_grad_weight=need[1],
+                need_grad_bias=need[2], chunk_size=opts.chunk_size, shard=opts.shard,
+                deterministic=opts.deterministic)
         grads = opts.finish_grads(out.grads)
         ctx.present = [g is not None for g in grads]
         ctx.save_for_backward(*(g for g in grads if g is not None))
@@ -290,7 +294,8 @@ class _PairLoss(torch.autograd.Function):
 def fused_pair_loss(inputs: LinearInputs, plan: PairPlan) -> tuple[Tensor, Tensor]:
     """A loss of two heads of the same rows over one vocabulary: ``inputs`` the trained head (``targets`` unused),
     ``plan.other`` the frozen one. Returns the loss (differentiable w.r.t. ``inputs.hidden``, ``weight``, ``bias``)
-    and the detached per-row terms ``[k, N]`` (``torch_backend.linear_pair_fused``; torch backend, one pass)."""
+    and the detached per-row terms ``[k, N]`` (``torch_backend.linear_pair_fused``, one pass; triton:
+    ``plan.triton_pass``)."""
     loss = _PairLoss.apply(inputs.hidden, inputs.weight, inputs.bias, plan)
     return loss, plan.outputs[0]
 

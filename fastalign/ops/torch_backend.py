@@ -64,6 +64,14 @@ VOCAB_TILE = 4096
 TILE_ROWS = 512
 """Block shape on CPU: a ``[512, 4096]`` fp32 block of logits (8 MiB) is still in cache for the elementwise passes
 after its matmul; a whole ``[chunk, V]`` block (64 MiB) streams from DRAM in each."""
+PAIR_BUDGET_CHUNKS = 8
+"""Chunk budgets a chunk of ``linear_pair_fused`` may take (384 MiB by default: 614 rows at V = 32k, 153 at 128k;
+as the engine's ``GROUP_BUDGET_CHUNKS`` for whole groups): its rows are whole ``[rows, V]`` rows of two heads, and
+on this project's AMD EPYC (loaded) its four matmuls took 2.4x the time at 61 rows (one budget) than at 512, 1.25x
+at 256; the op at N=2048 took 1.38-1.53x the 4-matmul floor at 8 budgets, 1.67-1.77x at 4."""
+PAIR_BLOCK_ROWS = 64
+"""Rows of every chunk of ``linear_pair_fused`` in deterministic mode: whole ``[rows, V]`` rows of two heads, six
+or seven buffers (56 MiB at V = 32k, 220 MiB at V = 128k), so fewer rows than ``BLOCK_ROWS``."""
 BLOCK_ROWS = TILE_ROWS
 """Rows of every block in deterministic mode (fixed whatever N, the chunk size and the memory budget). On this
 project's AMD EPYC a ``[128, 512] x [512, 4096]`` matmul takes 2.2x the time per row of a 512-row one (1.6x at 256
@@ -818,12 +826,11 @@ def _invariant_fused_chunk(lin: _Linear, acc: _GradAccumulator, hidden: Tensor, 
             acc.add(block_rows, cols, hidden[block_rows], grad)
 
 
-PairTerms = Callable[[Tensor, Tensor], Tensor]
-"""``(log_ps [C, V'], log_pt [C, V']) -> [k, C]``: per-row sums over a block of vocabulary columns of two heads'
-global log-probabilities (shards add theirs)."""
-PairGrads = Callable[[Tensor, Tensor, Tensor], Tensor]
-"""``(log_ps, log_pt, terms [k, C]) -> [C, V']``: each row's term's gradient w.r.t. the first head's tempered
-logits, from the rows' whole-vocabulary ``terms``."""
+PairBlock = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Callable[[Tensor, Tensor], Tensor]]]
+"""``(log_ps [C, V'], log_pt [C, V'], work [3, C, V']) -> (terms [k, C], grads)``: per-row sums over a block of
+vocabulary columns of two heads' global log-probabilities (shards add theirs), and ``grads(terms, scale [C])``: each
+row's ``scale`` times its term's gradient w.r.t. the first head's tempered logits ``[C, V']``, from the rows'
+whole-vocabulary ``terms`` (``objectives.distill.divergence_block_``: ``log_pt`` and ``work`` overwritten)."""
 
 
 class PairResult(NamedTuple):
@@ -840,15 +847,15 @@ def linear_head(weight: Tensor, bias: Tensor | None, logit_args: dict) -> _Linea
     return _Linear(weight, bias, **logit_args)
 
 
-def linear_pair_fused(hidden: Tensor, lin: _Linear, other_hidden: Tensor, other: _Linear, terms_fn: PairTerms,
-                      grads_fn: PairGrads, row_scale: Tensor, *, hard_targets: Tensor | None = None,
+def linear_pair_fused(hidden: Tensor, lin: _Linear, other_hidden: Tensor, other: _Linear, block_fn: PairBlock,
+                      row_scale: Tensor, *, hard_targets: Tensor | None = None,
                       hard_scale: Tensor | None = None, ignore_index: int = -100, need_grad_hidden: bool = True,
                       need_grad_weight: bool = True, need_grad_bias: bool = False, chunk_size: int | None = None,
-                      shard: ShardMerge | None = None) -> PairResult:
+                      shard: ShardMerge | None = None, deterministic: bool = False) -> PairResult:
     """Two heads over one vocabulary in one pass (distillation): per chunk of rows the transformed, tempered logits
     of the first head (``hidden [N, H]`` through ``lin``, trained) and of the other (``other_hidden [N, H']``
     through ``other``, frozen: no gradient), each head with its own logit transform (``linear_head``: scale, then
-    softcap, then the temperature, TRL's order), their global log-softmax, the rows' ``terms_fn`` and the
+    softcap, then the temperature, TRL's order), their global log-softmax, the rows' ``block_fn`` terms and the
     gradient of ``sum_n row_scale[n] terms[0, n]`` (+ ``hard_scale[n]`` times the cross-entropy of ``hard_targets``
     on the first head's transformed logits before the temperature) w.r.t. the first head: four matmuls per chunk
     (two logits, ``d hidden``, ``d weight``), whole ``[chunk, V]`` rows of both heads, so the chunk is sized for six
@@ -856,29 +863,45 @@ def linear_pair_fused(hidden: Tensor, lin: _Linear, other_hidden: Tensor, other:
 
     ``shard``: both weights are the same vocabulary shard; each chunk's lse are merged across the group, the terms
     summed (``all_reduce_sum``), so that every rank has the whole vocabulary's; ``d hidden`` is this shard's part.
+
+    ``deterministic``: chunks of exactly ``PAIR_BLOCK_ROWS`` rows whatever N, the chunk size or the budget (the
+    last one padded with zero rows of scale 0), so that a row's terms and ``d hidden`` do not depend on its batch.
     """
     n, vocab = hidden.shape[0], lin.vocab_size
     every_col = slice(0, vocab)
     vocab_start = 0 if shard is None else shard.vocab_start
+    if deterministic:
+        per_chunk, pad = PAIR_BLOCK_ROWS, -n % PAIR_BLOCK_ROWS
+        hidden, other_hidden, row_scale = (torch.cat([t, t.new_zeros(pad, *t.shape[1:])])
+                                           for t in (hidden, other_hidden, row_scale))
+        if hard_targets is not None:
+            hard_targets = torch.cat([hard_targets, hard_targets.new_full((pad,), ignore_index)])
+            hard_scale = torch.cat([hard_scale, hard_scale.new_zeros(pad)])
+    else:  # zs, zt, block_fn's work (three), with hard targets the raw logits, with a softcap its derivative
+        per_chunk = int(rows_per_chunk(n, vocab if shard is None else shard.widest_shard, chunk_size=chunk_size,
+                                       buffers=5 + (hard_targets is not None) + lin.buffers,
+                                       element_bytes=lin.weight.element_size() / PAIR_BUDGET_CHUNKS))
     acc = _GradAccumulator(hidden, lin, need_grad_hidden, need_grad_weight, need_grad_bias)
-    per_chunk = rows_per_chunk(n, vocab if shard is None else shard.widest_shard, chunk_size=chunk_size,
-                               buffers=6 + lin.buffers)
+    work = torch.empty(3, min(per_chunk, hidden.shape[0]) * vocab, dtype=lin.dtype, device=hidden.device)
     all_terms = []
-    for rows in list(_chunks(n, per_chunk)) or [slice(0, 0)]:  # no row: the terms' shape [k, 0] all the same
+    for rows in list(_chunks(hidden.shape[0], per_chunk)) or [slice(0, 0)]:  # no row: the terms' shape [k, 0]
         zs, zt = lin.logits(hidden[rows]), other.logits(other_hidden[rows].to(other.weight.dtype))
         d = lin.softcap_grad(zs)
-        lse_s, lse_t = torch.logsumexp(zs, 1), torch.logsumexp(zt, 1)
         hard = None
         if hard_targets is not None:  # the cross-entropy on the logits before the temperature
             tgt = _Targets.of(hard_targets[rows], ignore_index, vocab_start, vocab)
             raw = zs / lin.inv_temperature
             hard = RowStats(torch.logsumexp(raw, 1), raw.gather(1, tgt.index).squeeze(1).masked_fill(~tgt.valid, 0))
-        if shard is not None:
-            lse_s = shard.all_reduce_stats(RowStats(lse_s, torch.zeros_like(lse_s))).lse
-            lse_t = shard.all_reduce_stats(RowStats(lse_t, torch.zeros_like(lse_t))).lse
-            hard = None if hard is None else shard.all_reduce_stats(hard)
-        log_ps, log_pt = zs.sub_(lse_s.unsqueeze(1)), zt.sub_(lse_t.unsqueeze(1))
-        terms = terms_fn(log_ps, log_pt)
+        if shard is not None or hard is not None:  # the lse themselves: merged across the group, or for p_raw
+            lse_s, lse_t = torch.logsumexp(zs, 1), torch.logsumexp(zt, 1)
+            if shard is not None:
+                lse_s = shard.all_reduce_stats(RowStats(lse_s, torch.zeros_like(lse_s))).lse
+                lse_t = shard.all_reduce_stats(RowStats(lse_t, torch.zeros_like(lse_t))).lse
+                hard = None if hard is None else shard.all_reduce_stats(hard)
+            log_ps, log_pt = zs.sub_(lse_s.unsqueeze(1)), zt.sub_(lse_t.unsqueeze(1))
+        else:  # in place, one fused pass each (a fifth of logsumexp + sub on CPU)
+            log_ps, log_pt = (torch.ops.aten._log_softmax.out(z, 1, False, out=z) for z in (zs, zt))
+        terms, grads_of = block_fn(log_ps, log_pt, work[:, :log_ps.numel()].view(3, *log_ps.shape))
         if shard is not None:
             terms = shard.all_reduce_sum(terms)
         if hard is not None:
@@ -886,7 +909,7 @@ def linear_pair_fused(hidden: Tensor, lin: _Linear, other_hidden: Tensor, other:
         all_terms.append(terms)
         if not (need_grad_hidden or need_grad_weight or need_grad_bias):
             continue
-        grad = grads_fn(log_ps, log_pt, terms).mul_((row_scale[rows] * lin.grad_scale).unsqueeze(1))
+        grad = grads_of(terms, row_scale[rows] * lin.grad_scale)
         if hard is not None:  # + hard_scale (p_raw - onehot) logit_scale, p_raw = exp(z / inv_temperature - lse_raw)
             p_raw = log_ps.add_(lse_s.unsqueeze(1)).div_(lin.inv_temperature).sub_(hard.lse.unsqueeze(1)).exp_()
             scale = hard_scale[rows] * lin.logit_scale
@@ -895,5 +918,7 @@ def linear_pair_fused(hidden: Tensor, lin: _Linear, other_hidden: Tensor, other:
         if d is not None:  # the softcap's derivative
             grad.mul_(d)
         acc.add(rows, every_col, hidden[rows], grad)
-        del zs, zt, log_ps, log_pt, grad, d
-    return PairResult(torch.cat(all_terms, 1), acc.result())
+        del zs, zt, log_ps, log_pt, grad, d, grads_of
+    grads = acc.result()
+    return PairResult(torch.cat(all_terms, 1)[:, :n], grads._replace(hidden=None if grads.hidden is None
+                                                                        else grads.hidden[:n]))
