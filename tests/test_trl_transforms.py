@@ -146,3 +146,31 @@ def test_cpo_with_a_logit_transform_is_refused(tmp_path):
     with pytest.raises(ValueError, match="CPOTrainer: the model transforms its logits"):
         fatrl.CPOTrainer(model=_model("cohere_logit_scale", tokenizer), args=args, train_dataset=data,
                          processing_class=tokenizer)
+
+
+@pytest.mark.parametrize("family", ["gemma2_softcap", "cohere_logit_scale"])
+def test_sft_with_logit_transforms_matches_trl(family, tmp_path):
+    """SFT (nll with label smoothing: the smoothing term reads every transformed logit) on a model that scales or
+    soft-caps its logits: the loss, every gradient and TRL's ``entropy`` / ``mean_token_accuracy``."""
+    tokenizer = word_tokenizer(WORDS)
+    data = Dataset.from_dict({"text": _sentences(5, 4)})
+    trainers = []
+    for cls in (trl.SFTTrainer, fatrl.SFTTrainer):
+        args = trl.SFTConfig(output_dir=str(tmp_path / cls.__module__), report_to="none", use_cpu=True, bf16=False,
+                             label_smoothing_factor=0.1)
+        trainers.append(cls(model=_model(family, tokenizer), args=args, train_dataset=data,
+                            processing_class=tokenizer))
+    results = []
+    for trainer in trainers:
+        trainer._metrics["train"].clear()
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        loss = trainer.compute_loss(trainer.model, batch)
+        results.append((loss, {k: list(v) for k, v in trainer._metrics["train"].items()}))
+    (ref_loss, ref_metrics), (loss, metrics) = results
+    assert math.isclose(loss.item(), ref_loss.item(), rel_tol=RTOL), (loss.item(), ref_loss.item())
+    grads = torch.autograd.grad(loss, [p for p in trainers[1].model.parameters() if p.requires_grad])
+    ref_grads = torch.autograd.grad(ref_loss, [p for p in trainers[0].model.parameters() if p.requires_grad])
+    for grad, ref in zip(grads, ref_grads, strict=True):
+        assert (grad - ref).norm() <= RTOL * ref.norm() + 1e-9
+    for key in ("entropy", "mean_token_accuracy"):
+        assert math.isclose(metrics[key][0], ref_metrics[key][0], rel_tol=RTOL, abs_tol=ATOL), key
