@@ -743,10 +743,8 @@ def linear_logprobs_fused(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
     per-token gradient is known.
 
     ``token_grads(rows, logprobs, entropy, stats)`` returns ``d loss / d logprobs`` (and ``d loss / d entropy``) for
-    the chunk ``rows``; it must give 0 at ignored rows. Three matmuls per chunk: logits, ``d hidden``, ``d weight``,
-    vocabulary tile by tile (``_fused_tiles``) into one ``[chunk, V]`` buffer: a chunk's gradient needs its
-    statistics over the whole vocabulary first (whole rows of ``log p`` once the entropy is trained: its gradient
-    needs ``log p`` next to ``p``). ``chunks``: the row ranges to walk, in this order, together covering every row once
+    the chunk ``rows``; it must give 0 at ignored rows. Three matmuls per chunk: logits, ``d hidden``, ``d weight``, on
+    whole ``[chunk, V]`` rows. ``chunks``: the row ranges to walk, in this order, together covering every row once
     (e.g. whole sequences); default: equal chunks of ``chunk_size`` rows or sized from the memory budget.
     ``shard``: the weight is one vocabulary shard; each chunk's statistics are merged across the group before its
     gradient is formed (``d hidden`` is then this shard's partial sum). ``deterministic``: each chunk in the
@@ -755,6 +753,7 @@ def linear_logprobs_fused(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
     """
     lin = _Linear(weight, bias, inv_temperature, logit_scale, logit_softcap)
     n, vocab = hidden.shape[0], weight.shape[0]
+    every_col = slice(0, vocab)
     vocab_start = 0 if shard is None else shard.vocab_start
     acc = _GradAccumulator(hidden, lin, need_grad_hidden, need_grad_weight, need_grad_bias)
     logprobs = torch.empty(n, dtype=lin.dtype, device=hidden.device)
@@ -773,93 +772,38 @@ def linear_logprobs_fused(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
             _invariant_fused_chunk(lin, acc, hidden, targets, rows, token_grads, logprobs, entropy, all_stats,
                                    spec, ignore_index, vocab_start, shard)
             continue
+        tgt = _Targets.of(targets[rows], ignore_index, vocab_start, vocab)
         valid = targets[rows] != ignore_index
-        if not entropy_trained:  # tile by tile, each tile's statistics while it is in cache; z <- q
-            stats, tiles = _fused_tiles(lin, hidden[rows], targets[rows], spec, ignore_index, vocab_start)
-        else:  # whole rows of log p (of this shard's softmax until rescaled)
-            z = lin.logits(hidden[rows])
-            d = lin.softcap_grad(z)
-            stats = _row_stats(z, _Targets.of(targets[rows], ignore_index, vocab_start, vocab), spec, vocab_start,
-                               softmax=False)[0]
-        if shard is not None:
+        z = lin.logits(hidden[rows])
+        d = lin.softcap_grad(z)
+        # p in place of log p in the statistics' pass, unless a shard must rescale log p first or the entropy is
+        # trained (known from the first chunk's gradients: a wrong guess recomputes that chunk's log p)
+        in_place = shard is None and not entropy_trained
+        # z <- p (or p / p_norm) or log p
+        stats, p, p_norm = _row_stats(z, tgt, spec, vocab_start, softmax=in_place, keep_log_p=False)
+        if shard is not None:  # rescale log p from the shard's softmax to the whole vocabulary's
             shard_lse, stats = stats.lse, shard.all_reduce_stats(stats)
-            if entropy_trained:  # rescale log p from the shard's softmax to the whole vocabulary's
-                z.add_((shard_lse - stats.lse).unsqueeze(1))
+            z.add_((shard_lse - stats.lse).unsqueeze(1))
         _store(all_stats, rows, stats)
         logprobs[rows] = torch.where(valid, stats.target_logit - stats.lse, 0.0)
         if entropy is not None:
             entropy[rows] = torch.where(valid, stats.entropy, 0.0)
         row_grads = RowGrads(*token_grads(rows, logprobs[rows], None if entropy is None else entropy[rows], stats))
         grad_lp, grad_ent = row_grads.logprobs, row_grads.entropy
-        if grad_ent is not None and not entropy_trained:  # the entropy is trained (known from the first chunk's
-            entropy_trained, tiles = True, None  # gradients): log p again, whole rows from now on
-            z = lin.logits(hidden[rows])
-            d = lin.softcap_grad(z)
-            z.sub_(stats.lse.unsqueeze(1))
+        if grad_ent is not None and in_place:  # the entropy is trained after all: log p again
+            entropy_trained, p = True, None
+            z = lin.logits(hidden[rows]).sub_(stats.lse.unsqueeze(1))
         if grad_ent is not None:  # the entropy's gradient needs log p next to p: a second [C, V] buffer
-            grad = _entropy_logit_grads(z, z.exp(), stats.entropy, _Targets.of(targets[rows], ignore_index,
-                                        vocab_start, vocab), grad_lp, grad_ent, lin.grad_scale,
-                                        row_grads.probs_scale(), d, row_grads.logit_sum)
-            for cols in lin.tiles():  # d weight tile by tile, as the tiled chunks write it
-                acc.add(rows, cols, hidden[rows], grad[:, cols])
-            del z, d, grad
-            continue
-        if entropy_trained:  # p = exp(log p), no tile factor
-            p = z.exp_()
-            tiles = [_FusedTile(cols, p[:, cols], None if d is None else d[:, cols], _Targets.of(
-                targets[rows], ignore_index, vocab_start + cols.start, cols.stop - cols.start), None)
-                for cols in lin.tiles()]
-        # dz = g (onehot - p) (entropy, if any, for the metrics only), p = the tile's q times its row factor
-        probs_scale = row_grads.probs_scale() * lin.grad_scale
-        constant = None if row_grads.logit_sum is None else row_grads.logit_sum * lin.grad_scale
-        for tile in tiles:
-            acc.add_softmax_block(rows, tile.cols, hidden[rows], tile.q, tile.tgt, grad_lp * lin.grad_scale,
-                                  probs_scale if tile.lse is None else probs_scale * tile.factor(stats.lse),
-                                  constant, tile.softcap_grad)
-        del tiles  # chunks may grow (whole sequences): free this chunk's logits before a larger buffer is allocated
-        if entropy_trained:
-            del z, p, d
+            acc.add(rows, every_col, hidden[rows], _entropy_logit_grads(
+                z, z.exp(), stats.entropy, tgt, grad_lp, grad_ent, lin.grad_scale, row_grads.probs_scale(), d,
+                row_grads.logit_sum))
+        else:  # dz = g (onehot - p) (entropy, if any, for the metrics only); p = p * p_norm when given
+            probs_scale = row_grads.probs_scale() * lin.grad_scale
+            acc.add_softmax_block(rows, every_col, hidden[rows], z.exp_() if p is None else p, tgt,
+                                  grad_lp * lin.grad_scale, probs_scale if p_norm is None else probs_scale * p_norm,
+                                  None if row_grads.logit_sum is None else row_grads.logit_sum * lin.grad_scale, d)
+        del z, p, d  # chunks may grow (whole sequences): free this chunk's logits before a larger buffer is allocated
     return FusedResult(logprobs, entropy, acc.result(), all_stats)
-
-
-class _FusedTile(NamedTuple):
-    """One vocabulary tile of a chunk of ``linear_logprobs_fused``: its columns, its probabilities up to a row
-    factor ``q [C, tile]`` (a view of the logits buffer), the softcap's derivative there, its targets and, when
-    ``q`` is not the global ``p``, the tile's lse and ``p_norm`` (``_row_stats``: ``q p_norm`` is the tile's own
-    softmax)."""
-
-    cols: slice
-    q: Tensor
-    softcap_grad: Tensor | None
-    tgt: _Targets
-    lse: Tensor | None
-    p_norm: Tensor | None = None
-
-    def factor(self, lse: Tensor) -> Tensor:
-        """``p / q`` ``[C]`` for the rows' global ``lse``: ``p_norm exp(lse_tile - lse)``."""
-        factor = (self.lse - lse).exp_()
-        return factor if self.p_norm is None else factor.mul_(self.p_norm)
-
-
-def _fused_tiles(lin: _Linear, hidden: Tensor, targets: Tensor, spec: RowStatsSpec, ignore_index: int,
-                 vocab_start: int) -> tuple[RowStats, list[_FusedTile]]:
-    """The logits of rows ``hidden [C, H]`` tile by tile into one ``[C, V]`` buffer (each tile contiguous), each
-    tile's statistics (``_row_stats``, in place: the tile becomes its ``q``) while it is still in cache after its
-    matmul, and the statistics merged over the tiles (those of this shard's vocabulary): the row passes never read
-    the whole ``[C, V]`` block from memory, and the gradient's matmuls take each tile's ``q`` with a row factor
-    (``_FusedTile.factor``) instead of a pass that would rescale it."""
-    rows = hidden.shape[0]
-    lin.reserve(rows * lin.vocab_size, hidden.device)
-    stats, tiles = None, []
-    for cols in lin.tiles():
-        width = cols.stop - cols.start
-        z = lin.logits(hidden, cols, rows * cols.start)
-        d = lin.softcap_grad(z)
-        tgt = _Targets.of(targets, ignore_index, vocab_start + cols.start, width)
-        tile, q, p_norm = _row_stats(z, tgt, spec, vocab_start + cols.start, softmax=True, keep_log_p=False)
-        tiles.append(_FusedTile(cols, q, d, tgt, tile.lse, p_norm))
-        stats = tile if stats is None else merge_row_stats(stats, tile)
-    return stats, tiles
 
 
 def _invariant_fused_chunk(lin: _Linear, acc: _GradAccumulator, hidden: Tensor, targets: Tensor, rows: slice,
