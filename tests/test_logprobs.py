@@ -422,8 +422,8 @@ def test_row_pass_slice_size_follows_the_level2_cache(monkeypatch):
     results = []
     for slice_bytes in (300 * 4, 7 * 300 * 4, 1 << 20):  # 1 row, 7 rows, every row at a time
         monkeypatch.setattr(tb, "_STAT_BYTES", slice_bytes)
-        stats, p = tb._row_stats(z.clone(), tgt, spec, 0, softmax=True, keep_log_p=False)
-        results.append((stats, p))
+        stats, q, p_norm = tb._row_stats(z.clone(), tgt, spec, 0, softmax=True, keep_log_p=False)
+        results.append((stats, q * p_norm.unsqueeze(1)))
     for stats, p in results[1:]:
         assert torch.equal(p, results[0][1])
         assert all(torch.equal(a, b) for a, b in zip(stats, results[0][0]) if a is not None)
@@ -438,8 +438,9 @@ def test_one_pass_statistics_with_p_in_place_to_fp32_accuracy():
     z = torch.randn(rows, vocab, generator=g) * torch.linspace(0.1, 6.0, rows).unsqueeze(1)
     z[::3, 7] += 25.0  # peaked rows
     tgt = tb._Targets.of(torch.randint(0, vocab, (rows,), generator=g), -100, 0, vocab)
-    stats, p = tb._row_stats(z.clone(), tgt, RowStatsSpec(entropy=True, lse2=True), 0, softmax=True,
-                             keep_log_p=False)
+    stats, q, p_norm = tb._row_stats(z.clone(), tgt, RowStatsSpec(entropy=True, lse2=True), 0, softmax=True,
+                                     keep_log_p=False)
+    p = q * p_norm.unsqueeze(1)
     z64 = z.double()
     log_p = torch.log_softmax(z64, 1)
     entropy = -(log_p.exp() * log_p).sum(1)

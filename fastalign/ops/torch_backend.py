@@ -221,9 +221,10 @@ def _store(dst: Sequence[Tensor | None], rows: slice, src: Sequence[Tensor | Non
 
 
 def _row_stats(z: Tensor, tgt: _Targets, spec: RowStatsSpec, id_start: int, softmax: bool,
-               keep_log_p: bool = True) -> tuple[RowStats, Tensor | None]:
+               keep_log_p: bool = True) -> tuple[RowStats, Tensor | None, Tensor | None]:
     """Statistics of one block of tempered logits ``z [C, tile]`` (``id_start``: the global id of its first column)
-    and, with ``softmax``, its probabilities ``p``.
+    and, with ``softmax``, its probabilities: ``(stats, p, p_norm)``, the probabilities being ``p`` times the rows'
+    ``p_norm [C]`` (None: ``p`` itself).
 
     ``z`` is replaced by ``log_softmax(z)``, or with ``softmax`` by ``p`` itself unless optional statistics are
     computed and ``keep_log_p`` asks for ``log p`` (then ``p`` is a new tensor). Every row-wise pass runs
@@ -232,10 +233,12 @@ def _row_stats(z: Tensor, tgt: _Targets, spec: RowStatsSpec, id_start: int, soft
     Without optional statistics, the lse is the first column's ``z - log p``. With them, the lse comes from the row
     max (``log p`` there is small: no rounding of the size of ``|z|``), the entropy is ``-sum_v p_v log p_v``
     (terms of one sign, not ``lse - E_p[z]``, a difference of two numbers of size ``|z|``),
-    ``lse2 = 2 lse + log sum_v p_v^2``. When ``p`` replaces ``z`` and no ``log p`` is kept, one ``exp`` instead of
-    two (the log-softmax's and ``p``'s): ``x = z - max``, ``q = exp(x)``, ``s = sum_v q_v``, ``lse = max + log s``,
-    entropy ``log s - sum_v q_v x_v / s`` (two terms >= 0: no cancellation), ``sum_v p_v^2 = sum_v q_v^2 / s^2``,
-    ``p = q / s``.
+    ``lse2 = 2 lse + log sum_v p_v^2``, the arg-max from the maxima of groups of columns (``_max_argmax``). When
+    ``p`` replaces ``z`` and no ``log p`` is kept, one ``exp`` instead of two (the log-softmax's and ``p``'s):
+    ``x = z - max``, ``q = exp(x)``, ``s = sum_v q_v``, ``lse = max + log s``, entropy ``log s - sum_v q_v x_v / s``
+    (two terms >= 0: no cancellation), ``sum_v p_v^2 = sum_v q_v^2 / s^2``; ``z`` is then replaced by ``q`` and
+    ``p_norm = 1 / s`` (``_shifted_softmax_stats``): the caller folds it into its per-row scales, a division pass
+    less.
     """
     num_rows = len(z)
     target_logit = z.gather(1, tgt.index).squeeze(1).masked_fill(~tgt.valid, 0.0)
@@ -253,27 +256,30 @@ def _row_stats(z: Tensor, tgt: _Targets, spec: RowStatsSpec, id_start: int, soft
             torch.sub(first[rows], block[:, 0], out=lse[rows])
             if softmax:
                 block.exp_()
-        return RowStats(lse, target_logit), (z if softmax else None)
+        return RowStats(lse, target_logit), (z if softmax else None), None
     logit_sum, entropy, sum_p2 = vector(spec.logit_sum), vector(spec.entropy), vector(spec.lse2)
     row_max, at_max = vector(), vector(spec.argmax, torch.int64)  # ties: the first (smallest) column
     p = None if not softmax else (z.new_empty(z.shape) if keep_log_p else z)
     dots = spec.entropy or spec.lse2
+    shifted = p is z and dots  # z <- q = exp(z - max), p_norm = 1 / s
+    p_norm = vector(shifted)
     # p of a few rows at a time when it is not kept next to log p (no second [C, tile] buffer), and the products
-    # summed by the dots: two workspaces of a few rows, allocated once (no allocation per slice: allocations
-    # interleaved with 4 MiB temporaries fragment the CPU heap, +90 MiB of peak RSS seen)
+    # summed by the dots (the shifted path forms them in place of x): workspaces of a few rows, allocated once (no
+    # allocation per slice: allocations interleaved with 4 MiB temporaries fragment the CPU heap, +90 MiB of peak
+    # RSS seen)
     work = z.new_empty(step, z.shape[1]) if dots and (p is None or p is z) else None
-    products = z.new_empty(step, z.shape[1]) if dots else None
+    products = z.new_empty(step, z.shape[1]) if dots and not shifted else None
     for rows in _chunks(num_rows, step):
         block = z[rows]
         if logit_sum is not None:
             torch.sum(block, 1, out=logit_sum[rows])
         if spec.argmax:
-            torch.max(block, 1, out=(row_max[rows], at_max[rows]))
-        else:  # no indices: a max with them is 8x slower
+            _max_argmax(block, row_max[rows], at_max[rows])
+        else:
             torch.amax(block, 1, out=row_max[rows])
-        if p is z and dots:
+        if shifted:
             _shifted_softmax_stats(block, row_max[rows], lse[rows], None if entropy is None else entropy[rows],
-                                   None if sum_p2 is None else sum_p2[rows], work, products)
+                                   None if sum_p2 is None else sum_p2[rows], work, p_norm[rows])
             continue
         torch._log_softmax(block, 1, False, out=block)  # log p
         # log p = z - c row by row is monotonic in z: its max sits at the max logit
@@ -292,7 +298,7 @@ def _row_stats(z: Tensor, tgt: _Targets, spec: RowStatsSpec, id_start: int, soft
         entropy.neg_()
     return RowStats(lse, target_logit, entropy, None if sum_p2 is None else sum_p2.log_().add_(2 * lse), logit_sum,
                     row_max if spec.argmax else None,
-                    at_max.add_(id_start) if spec.argmax else None), p
+                    at_max.add_(id_start) if spec.argmax else None), p, p_norm
 
 
 def _level2_cache_bytes() -> int | None:
@@ -317,22 +323,44 @@ def _stat_bytes(level2: int | None) -> int:
 
 
 def _shifted_softmax_stats(block: Tensor, row_max: Tensor, lse: Tensor, neg_entropy: Tensor | None,
-                           sum_p2: Tensor | None, work: Tensor, products: Tensor) -> None:
-    """``_row_stats``'s in-place path for the rows ``block [c, tile]`` of logits (replaced by ``p``): fills ``lse``,
-    ``-entropy`` and ``sum_v p_v^2`` ``[c]`` from ``x = z - row_max`` and ``q = exp(x)`` (``work``, ``products``:
-    workspaces of at least c rows)."""
-    block.sub_(row_max.unsqueeze(1))
-    q = torch.exp(block, out=work[:len(block)])
+                           sum_p2: Tensor | None, work: Tensor, p_norm: Tensor) -> None:
+    """``_row_stats``'s in-place path for the rows ``block [c, tile]`` of logits (replaced by ``q = exp(z - max)``):
+    fills ``lse``, ``-entropy``, ``sum_v p_v^2`` and ``p_norm = 1 / s`` ``[c]`` from ``x = z - row_max`` (in
+    ``work``, a workspace of at least c rows, then the dots' products in its place) and ``q``: five passes over the
+    rows, no division of ``q`` (its ``1 / s`` goes to the caller's per-row scales)."""
+    x = torch.sub(block, row_max.unsqueeze(1), out=work[:len(block)])
+    q = torch.exp(x, out=block)
     total = q.sum(1)
     log_total = total.log()
     torch.add(row_max, log_total, out=lse)
     if neg_entropy is not None:  # sum_v p_v x_v - log s
-        _dot(q, block, neg_entropy, products)
+        torch.sum(x.mul_(q), 1, out=neg_entropy)
         neg_entropy.div_(total).sub_(log_total)
     if sum_p2 is not None:
-        _dot(q, q, sum_p2, products)
+        torch.sum(torch.mul(q, q, out=x), 1, out=sum_p2)
         sum_p2.div_(total.square())
-    torch.div(q, total.unsqueeze(1), out=block)
+    torch.reciprocal(total, out=p_norm)
+
+
+ARGMAX_GROUP = 64
+"""Columns per group of ``_max_argmax``: a max over groups of 64 runs vectorized at about the speed of a plain row
+max, while ``torch.max`` with indices is a scalar loop (8-13x slower per ``[32, 32768]`` slice on the AMD EPYC)."""
+
+
+def _max_argmax(block: Tensor, row_max: Tensor, at_max: Tensor) -> None:
+    """Row max and arg-max (the first column holding the max) of ``block [c, tile]`` into ``row_max``, ``at_max``
+    ``[c]``: the maxima of groups of ``ARGMAX_GROUP`` consecutive columns (the last group shorter), the row max as
+    theirs, the first group that holds it, and the first of that group's columns that does (columns past the tile
+    clamped to its last, which only repeats that column after its own place)."""
+    c, width = block.shape
+    whole = width // ARGMAX_GROUP * ARGMAX_GROUP
+    groups = block[:, :whole].unflatten(1, (whole // ARGMAX_GROUP, ARGMAX_GROUP)).amax(2)
+    if whole < width:
+        groups = torch.cat([groups, block[:, whole:].amax(1, keepdim=True)], 1)
+    torch.amax(groups, 1, out=row_max)
+    first_group = (groups == row_max.unsqueeze(1)).to(torch.uint8).argmax(1, keepdim=True)
+    cols = (first_group * ARGMAX_GROUP + torch.arange(ARGMAX_GROUP, device=block.device)).clamp_(max=width - 1)
+    at_max.copy_(cols.gather(1, block.gather(1, cols).argmax(1, keepdim=True)).squeeze(1))
 
 
 _STAT_BYTES = _stat_bytes(_level2_cache_bytes())
@@ -649,7 +677,7 @@ def linear_weight_moments(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
                      else _block_chunks(rows_all, cols, chunk_size, buffers=2 if spec.any_extra else 1)):
             z = lin.logits(hidden[rows], cols)
             tgt = _Targets.of(targets[rows], ignore_index, cols.start, cols.stop - cols.start)
-            block, p = _row_stats(z, tgt, spec, cols.start, softmax=True)  # z <- p, or log p next to p
+            block, p, _ = _row_stats(z, tgt, spec, cols.start, softmax=True)  # log p next to p: p normalized
             mean[rows] = lin.times_weight(p, cols)
             if spec.entropy:
                 tile_moments.entropy[rows] = lin.times_weight(z.add_(block.entropy.unsqueeze(1)).mul_(p), cols)
@@ -759,7 +787,8 @@ def linear_logprobs_fused(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
         # p in place of log p in the statistics' pass, unless a shard must rescale log p first or the entropy is
         # trained (known from the first chunk's gradients: a wrong guess recomputes that chunk's log p)
         in_place = shard is None and not entropy_trained
-        stats, p = _row_stats(z, tgt, spec, vocab_start, softmax=in_place, keep_log_p=False)  # z <- p or log p
+        # z <- p (or p / p_norm) or log p
+        stats, p, p_norm = _row_stats(z, tgt, spec, vocab_start, softmax=in_place, keep_log_p=False)
         if shard is not None:  # rescale log p from the shard's softmax to the whole vocabulary's
             shard_lse, stats = stats.lse, shard.all_reduce_stats(stats)
             z.add_((shard_lse - stats.lse).unsqueeze(1))
@@ -776,9 +805,10 @@ def linear_logprobs_fused(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
             acc.add(rows, every_col, hidden[rows], _entropy_logit_grads(
                 z, z.exp(), stats.entropy, tgt, grad_lp, grad_ent, lin.grad_scale, row_grads.probs_scale(), d,
                 row_grads.logit_sum))
-        else:  # dz = g (onehot - p) (entropy, if any, for the metrics only)
+        else:  # dz = g (onehot - p) (entropy, if any, for the metrics only); p = p * p_norm when given
+            probs_scale = row_grads.probs_scale() * lin.grad_scale
             acc.add_softmax_block(rows, every_col, hidden[rows], z.exp_() if p is None else p, tgt,
-                                  grad_lp * lin.grad_scale, row_grads.probs_scale() * lin.grad_scale,
+                                  grad_lp * lin.grad_scale, probs_scale if p_norm is None else probs_scale * p_norm,
                                   None if row_grads.logit_sum is None else row_grads.logit_sum * lin.grad_scale, d)
         del z, p, d  # chunks may grow (whole sequences): free this chunk's logits before a larger buffer is allocated
     return FusedResult(logprobs, entropy, acc.result(), all_stats)
