@@ -72,6 +72,14 @@ def _ce(hidden, weight, bias, targets, x, **options):
     return {"loss": out.loss, "logprobs": out.logprobs, "lse": out.lse}
 
 
+def _distill(hidden, weight, bias, targets, x, **options):
+    """The student's head against a teacher of the same rows (its hidden states rolled, its weight rows scaled: a
+    row shard of the student's weight gives the teacher's shard)."""
+    out = F.fused_linear_distill_loss(hidden, weight, hidden.detach().roll(1, -1), 1.5 * weight.detach(),
+                                      targets != -100, beta=0.5, temperature=0.7, student_bias=bias, **options)
+    return {"loss": out.loss, "entropy": out.entropy}
+
+
 def _dpo(hidden, weight, bias, targets, x, **options):
     b = targets.shape[0] // 2
     out = F.fused_linear_dpo_loss(hidden, weight, targets, bias=bias, ref_chosen_logps=x["ref_logps"][:b],
@@ -123,6 +131,7 @@ OPS: tuple[OpCase, ...] = (
     OpCase("grpo-gspo", 4, _token_inputs, _grpo(loss_type="grpo", importance_sampling_level="sequence")),
     OpCase("rloo", 4, _token_inputs, _rloo),
     OpCase("ce", 3, _token_inputs, _ce),
+    OpCase("distill", 3, _token_inputs, _distill),
     OpCase("dpo", 4, _reference_inputs, _dpo),
     OpCase("dpo-ranking", 6, _reference_inputs, _ranking),
     OpCase("kto", 4, _reference_inputs, _kto),
