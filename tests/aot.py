@@ -3,8 +3,8 @@ compiler output says.
 
 A `Build` names a registered `fastalign.kernels.launches.LaunchCase`, an lm_head dtype, a shape of `SHAPES`, an
 arch (80: A100, 90: H100) and optional launch-option overrides (the deliberately broken builds of the tests). The
-worker runs the launcher under `capture_launches()` and binds the recorded `kernel[grid](...)` call with Triton's
-own binder for that arch, exactly as `JITFunction.run` does on a GPU: the signature, the constexprs and the
+worker runs the launcher under `runtime.capture_launches()` and binds the recorded `kernel[grid](...)` call with
+Triton's own binder for that arch, exactly as `JITFunction.run` does on a GPU: the signature, the constexprs and the
 divisibility-by-16 / equal-to-1 specializations of the real tensors. `compile_builds` returns a `BuildResult` per
 build: registers, stack / local memory (spills), shared memory, SASS opcodes, and how each `tl.dot` of the source
 was lowered, read from the TTGIR: `wgmma` (ttng.warp_group_dot), `mma` (tt.dot on an nvidia_mma layout:
@@ -117,7 +117,8 @@ def _bind(build: Build) -> list:
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    from fastalign.kernels.launches import SHAPES, capture_launches, launch_cases
+    from fastalign.kernels.launches import SHAPES, launch_cases
+    from fastalign.kernels.runtime import capture_launches
 
     case = next(c for c in launch_cases() if c.name == build.case)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[build.dtype]
