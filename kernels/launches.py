@@ -1,6 +1,6 @@
 """The registry of every launch the kernels' launchers make (`LAUNCHES`).
 
-The registry is what the sm_80/sm_90 compile test (tests/test_kernels_compile.py) and the kernel table
+The registry is what the sm_80/sm_90 compile test (tests/kernels/test_kernels_compile.py) and the kernel table
 (docs/kernels.md) compile: each `LaunchCase` calls a public launcher with real tensors of a given dtype and
 `Shape`, under `runtime.capture_launches()`, which records the `kernel[grid](...)` calls instead of running them. The
 compile test then binds the recorded arguments with Triton's own binder, so the signature, the constexprs and the

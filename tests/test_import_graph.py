@@ -1,4 +1,5 @@
-"""The import graph of the package: no circle in `fastalign/` and `kernels/` (`fastalign.kernels`).
+"""The import graph of the package: no circle in `fastalign/` and `kernels/` (`fastalign.kernels`), and no test
+module importing another (what tests share lives in `tests/helpers/`).
 
 Read from the source with `ast`: every `import` / `from ... import` statement of a module, at any depth (a
 function-level import ties two modules as surely as a top-level one: `kernels/launches.py` once imported the kernel
@@ -105,3 +106,14 @@ def test_the_circle_check_can_fail(tmp_path):
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert circles(graph) == [["a", "b", "c"]]
 
+
+def test_no_test_module_imports_another():
+    tests = sorted((ROOT / "tests").rglob("test_*.py"))
+    stems = {path.stem for path in tests}
+    offenders = {}
+    for path in tests:
+        parts = {part for name in imported_names(path, path.stem) for part in name.split(".")}
+        if parts & (stems - {path.stem}):
+            offenders[str(path.relative_to(ROOT))] = sorted(parts & stems)
+    assert len(tests) > 40
+    assert offenders == {}, "move what these share to tests/helpers/"

@@ -14,7 +14,7 @@ The compiles run in subprocesses with TRITON_INTERPRET unset: under the interpre
 `InterpretedFunction`s, which neither launch through `JITFunction.run` nor compile. Results are cached for the
 session here and across sessions by Triton's own cache.
 
-`python tests/aot.py --doc docs/kernels.md` writes the per-kernel table (`--sweep` adds every flag combination).
+`python tests/helpers/aot.py --doc docs/kernels.md` writes the per-kernel table (`--sweep` adds every flag combination).
 """
 from __future__ import annotations
 
@@ -222,6 +222,6 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["--worker"]:
         _worker()
     else:
-        from kernel_table import main  # the doc generator (tests/kernel_table.py)
+        from kernel_table import main  # the doc generator (tests/helpers/kernel_table.py)
 
         main(sys.argv[1:])

@@ -16,8 +16,15 @@ import contextlib
 
 import numpy as np
 import pytest
+import torch
 import triton.language as tl
 from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+
+BF16 = torch.bfloat16
+U_BF16 = 2.0**-8
+FP32_REL = 1e-5
+# (n, h, v, bias, inv_temperature, n_ignored): none a multiple of the interpreter tiles (16 x 32 x 16).
+SHAPES = {"odd": (37, 19, 97, True, 1 / 0.7, 5), "multi_tile": (40, 40, 130, False, 2.0, 3)}
 
 
 def bf16_bits_to_fp32(bits: np.ndarray) -> np.ndarray:
@@ -61,3 +68,28 @@ def exact_bf16():
 def bf16_interpreter():
     with exact_bf16():
         yield
+
+
+def reference(hidden, weight, bias, targets, inv_t, loss_fn):
+    """float64 autograd of `loss_fn(logp [N, V], z [N, V])` over the logits z = (h W^T + b) inv_t; returns the
+    gradients of hidden, weight, bias and of the untempered logits h W^T + b (the dz the kernels round)."""
+    leaves = [x.double().requires_grad_() for x in (hidden, weight) + ((bias,) if bias is not None else ())]
+    raw = leaves[0] @ leaves[1].T + (leaves[2] if bias is not None else 0.0)
+    raw.retain_grad()
+    z = raw * inv_t
+    loss_fn(torch.log_softmax(z, 1), z).backward()
+    grads = [x.grad for x in leaves] + [None] * (3 - len(leaves))
+    return grads + [raw.grad]
+
+
+def assert_within_bf16_bound(actual, expected, dz, operand, rounded_to_bf16=False):
+    """|actual - expected| <= (u_bf16 + 1e-5) (|dz| @ |operand|) elementwise (+ u_bf16 |expected| when the result
+    itself is rounded to bf16); the bound under 5% of max |expected|."""
+    bound = (U_BF16 + FP32_REL) * (dz.abs() @ operand.double().abs()) + (U_BF16 * expected.abs() if rounded_to_bf16
+                                                                           else 0.0)
+    assert bound.max() < 0.05 * expected.abs().max(), "tolerance too loose to catch a sign or a factor"
+    assert actual.dtype == (BF16 if rounded_to_bf16 else torch.float32) and torch.isfinite(actual).all()
+    excess = (actual.double() - expected).abs() - bound
+    assert excess.max() <= 0, f"over the bf16 bound by {excess.max():.3g} (max |g| {expected.abs().max():.3g})"
+
+

@@ -1,7 +1,7 @@
 """Ahead-of-time compile of the registered kernel launches (`fastalign.kernels.launches`) for A100 (sm_80) and H100
-(sm_90) in fp32, fp16 and bf16, each bound from real tensors by Triton's own binder (tests/aot.py), at two shapes:
-"llama" (N, H, V multiples of 16, Llama-3's vocabulary) and "odd" (N = 37, H = 100, V = 1001: nothing a multiple
-of 16, so no vectorized loads on the hidden dimension).
+(sm_90) in fp32, fp16 and bf16, each bound from real tensors by Triton's own binder (tests/helpers/aot.py), at two
+shapes: "llama" (N, H, V multiples of 16, Llama-3's vocabulary) and "odd" (N = 37, H = 100, V = 1001: nothing a
+multiple of 16, so no vectorized loads on the hidden dimension).
 
 A build fails on a compile error, on any register spill (cubin STACK or LOCAL non-zero), on shared memory past
 what one block may use, or on a `tl.dot` of the source that does not lower to tensor cores: `mma` (mma.sync) on
@@ -10,7 +10,7 @@ sm_80; `wgmma` on sm_90 (for fp32 inputs too: their tf32x3 dots run on tensor co
 Which flag combinations: each family's heaviest (every optional block on: each flag only adds code) and its
 commonest (no bias, no entropy, both gradients for the backward), at every dtype, shape and arch. Every other flag
 combination (656 builds at the odd shape, the one with the most registers: too slow for the suite) is compiled by
-`python tests/aot.py --doc docs/kernels.md --sweep`. Its last run, before main's grouped-order forward and
+`python tests/helpers/aot.py --doc docs/kernels.md --sweep`. Its last run, before main's grouped-order forward and
 128-wide logit-gradient tiles, found no spill, each kernel's register maximum the heaviest's or up to 11 above it
 (the allocation is not monotone in the code); docs/kernels.md now holds the default builds only.
 """
@@ -18,7 +18,7 @@ import pkgutil
 from importlib import import_module
 
 import pytest
-from aot import ARCHS, Build, BuildResult, compile_builds, registered_builds
+from helpers.aot import ARCHS, Build, BuildResult, compile_builds, registered_builds
 
 import fastalign.kernels
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from fastalign.kernels.lse_forward import LsePartials
-from reference import random_split_partials
-from noise import near
+from helpers.noise import near
+from helpers.reference import random_split_partials
 from fastalign.kernels.ppo_epilogue import ppo_epilogue
 from fastalign.objectives.ppo import LOG_RATIO_CLAMP, PPOLossConfig, kl_penalty, ppo_token_losses
 

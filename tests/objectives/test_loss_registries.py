@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 from fastalign import fused_linear_dpo_loss, fused_linear_grpo_loss
 from fastalign.objectives import dpo, grpo
-from reference import reference_logprobs
+from helpers.reference import reference_logprobs
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "loss-registries.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "loss-registries.md"
 
 
 def snippets() -> list[str]:

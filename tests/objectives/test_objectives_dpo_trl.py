@@ -10,7 +10,7 @@ import torch
 
 from fastalign.objectives.dpo import (DPO_LOSS_TYPES, F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCE_TYPES, DPOOptions,
                                       RunningMean, dpo_loss, dpo_metrics, dpo_sequence_loss, sequence_logps)
-from reference_dpo import plackett_luce_reference, trl_dpo
+from helpers.reference_dpo import plackett_luce_reference, trl_dpo
 
 F64 = torch.float64
 SMOOTHING = {"sigmoid": 0.1, "robust": 0.2, "exo_pair": 1e-3, "aot": 0.15, "aot_unpaired": 0.05}

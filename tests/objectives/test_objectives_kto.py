@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fastalign.objectives.kto import KTO_LOSS_TYPES, KTOOptions, kto_kl, kto_loss, kto_metric_means, kto_metrics
+from helpers.reference import trl_kto
 
 F64 = torch.float64
 
@@ -16,34 +16,6 @@ def trl_kl(policy_kl, ref_kl, loss_type):
     if loss_type == "kto":
         return (policy_kl - ref_kl).mean().detach().clamp(min=0)
     return torch.zeros(1, dtype=F64)
-
-
-def trl_kto(policy, ref, labels, kl, beta, loss_type, w_d, w_u):
-    """TRL's kto_loss (split by label, chosen then rejected, concatenated), ``losses.nanmean()`` and the metrics
-    its ``get_batch_loss_metrics`` and ``log`` give for one step."""
-    chosen_idx = torch.nonzero(labels).view(-1)
-    rejected_idx = torch.nonzero(~labels).view(-1)
-    pc, pr = policy.index_select(0, chosen_idx), policy.index_select(0, rejected_idx)
-    rc, rr = ref.index_select(0, chosen_idx), ref.index_select(0, rejected_idx)
-    chosen_losses, rejected_losses = torch.zeros(0, dtype=F64), torch.zeros(0, dtype=F64)
-    chosen_rewards, rejected_rewards = torch.zeros(0, dtype=F64), torch.zeros(0, dtype=F64)
-    if pc.shape[0] != 0:
-        cl = pc - rc
-        chosen_losses = 1 - F.sigmoid(beta * (cl - kl)) if loss_type == "kto" else 1 - F.sigmoid(beta * cl)
-        chosen_rewards = beta * cl.detach()
-    if pr.shape[0] != 0:
-        rl = pr - rr
-        rejected_losses = 1 - F.sigmoid(beta * (kl - rl)) if loss_type == "kto" else F.sigmoid(beta * rl)
-        rejected_rewards = beta * rl.detach()
-    losses = torch.cat((w_d * chosen_losses, w_u * rejected_losses), 0)
-    metrics = {"kl": kl.item()}
-    for side, rewards, logps in (("chosen", chosen_rewards, pc), ("rejected", rejected_rewards, pr)):
-        if rewards.numel() > 0:
-            metrics[f"rewards/{side}"] = rewards.nansum().item() / rewards.numel()
-            metrics[f"logps/{side}"] = logps.detach().nansum().item() / rewards.numel()
-    if "rewards/chosen" in metrics and "rewards/rejected" in metrics:
-        metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
-    return losses.nanmean(), metrics
 
 
 LABEL_MIXES = {

@@ -6,66 +6,13 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fastalign.objectives.dpo import dpo_metrics, rpo_nll
 from fastalign.objectives.preference import (CPO_LOSS_TYPES, CPOOptions, cpo_loss, log1mexp, orpo_loss,
                                              orpo_metrics)
+from helpers.reference import trl_cpo, trl_orpo
 
 F64 = torch.float64
-
-
-def trl_cpo(chosen, rejected, nll, beta, loss_type, eps, gamma, cpo_alpha, alpha):
-    """TRL's cpo_loss, then ``losses.mean() + cpo_alpha * policy_nll_loss``."""
-    if alpha != 0.0:
-        rc = (1 - torch.exp(chosen).pow(-alpha)) / alpha
-        rr = (1 - torch.exp(rejected).pow(-alpha)) / alpha
-        logits = rc - rr
-    else:
-        logits = chosen - rejected
-    if loss_type == "simpo":
-        logits = logits - gamma / beta
-        losses = -F.logsigmoid(beta * logits) * (1 - eps) - F.logsigmoid(-beta * logits) * eps
-    elif loss_type == "sigmoid":
-        losses = -F.logsigmoid(beta * logits) * (1 - eps) - F.logsigmoid(-beta * logits) * eps
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - beta * logits)
-    else:
-        losses = (logits - 1 / (2 * beta)) ** 2
-    if alpha != 0.0:
-        chosen_rewards, rejected_rewards = beta * rc.detach(), beta * rr.detach()
-    else:
-        chosen_rewards, rejected_rewards = beta * chosen.detach(), beta * rejected.detach()
-    nll = nll if cpo_alpha != 0 else torch.tensor(0.0, dtype=F64)
-    loss = losses.mean() + cpo_alpha * nll
-    metrics = {
-        "rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).double().mean(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        "logps/rejected": rejected.detach().mean(), "logps/chosen": chosen.detach().mean(), "nll_loss": nll.detach(),
-    }
-    return loss, metrics
-
-
-def _trl_log1mexp(x):
-    t = -0.6931471805599453
-    return torch.where(x < t, torch.log1p(-torch.exp(x.clamp_max(t))), torch.log(-torch.expm1(x)))
-
-
-def trl_orpo(chosen, rejected, nll, beta):
-    """TRL's odds_ratio_loss, then ``policy_nll_loss - losses.mean()``."""
-    log_odds = (chosen - rejected) - (_trl_log1mexp(chosen) - _trl_log1mexp(rejected))
-    ratio = F.logsigmoid(log_odds)
-    losses = beta * ratio
-    chosen_rewards, rejected_rewards = beta * chosen.detach(), beta * rejected.detach()
-    metrics = {
-        "rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).double().mean(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        "logps/rejected": rejected.detach().mean(), "logps/chosen": chosen.detach().mean(), "nll_loss": nll.detach(),
-        "log_odds_ratio": ratio.mean().detach(), "log_odds_chosen": log_odds.mean().detach(),
-    }
-    return nll - losses.mean(), metrics
 
 
 def _pairs(averaged: bool, seed: int = 0):

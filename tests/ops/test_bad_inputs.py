@@ -18,8 +18,7 @@ import torch
 
 import fastalign
 from fastalign.objectives.kto import kto_metric_means
-from reference import reference_logprobs
-from test_objectives_kto import trl_kto
+from helpers.reference import reference_logprobs, trl_kto
 
 F64 = torch.float64
 B, T, H, V = 2, 6, 8, 16

@@ -17,7 +17,7 @@ from conftest import BACKENDS
 from fastalign.ops import registered
 from fastalign.ops.linear import LinearOptions
 
-from distributed import run_ranks
+from helpers.distributed import run_ranks
 
 IGNORE = -100
 

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from fastalign import fused_linear_cpo_loss, fused_linear_orpo_loss
-from reference import as_f64_leaf, reference_logprobs
-from test_objectives_preference import trl_cpo, trl_orpo
+from helpers.reference import as_f64_leaf, reference_logprobs, trl_cpo, trl_orpo
 
 F64 = torch.float64
 

@@ -1,14 +1,15 @@
 """The fused cross-entropy (SFT) against ``F.cross_entropy`` on materialized float64 logits (+ TRL's dft, a z-loss,
 ``num_items_in_batch``): loss, metrics and the gradients of hidden, weight and bias, on every backend (vocab-parallel:
-tests/test_sft_distill_vocab_parallel.py)."""
+tests/ops/test_sft_distill_vocab_parallel.py)."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from bf16_interpreter import bf16_interpreter  # noqa: F401 (fixture)
+from helpers.bf16_interpreter import bf16_interpreter  # noqa: F401 (fixture)
 from fastalign import fused_linear_cross_entropy
+from helpers.cross_entropy import problem
 
 IGNORE = -100
 
@@ -34,16 +35,6 @@ def reference_ce(hidden, weight, targets, bias=None, *, reduction="mean", label_
     if num_items_in_batch is not None:
         return per_token.sum() / num_items_in_batch
     return per_token.sum() if reduction == "sum" else per_token.sum() / valid.sum().clamp(min=1)
-
-
-def problem(lead=(3, 5), h=6, v=37, *, ignore_frac=0.3, dtype=torch.float64, bias=True):
-    gen = torch.Generator().manual_seed(sum(lead) + h + v)
-    hidden = torch.randn(*lead, h, generator=gen, dtype=torch.float64)
-    weight = torch.randn(v, h, generator=gen, dtype=torch.float64) / h ** 0.5 * 2
-    b = torch.randn(v, generator=gen, dtype=torch.float64) if bias else None
-    targets = torch.randint(0, v, lead, generator=gen)
-    targets[torch.rand(lead, generator=gen) < ignore_frac] = IGNORE
-    return [None if x is None else x.to(dtype) for x in (hidden, weight, b)] + [targets]
 
 
 def leaves(*tensors, requires_grad=(True, True, True)):
@@ -172,7 +163,7 @@ def test_row_grads_of_the_backward_kernels_in_half_precision(bf16_interpreter, d
     """The Triton backward's lse and logit-sum gradients (``HAS_ROW_GRADS``, a z-loss and label smoothing) with
     the log-prob one, fp16 and bf16 (the exact-bf16 interpreter fixture), against float64 autograd within the
     bf16 bound of the kernels' rounding of dz (the fp16 one is tighter still)."""
-    from test_kernels_bf16 import SHAPES, assert_within_bf16_bound, reference
+    from helpers.bf16_interpreter import SHAPES, assert_within_bf16_bound, reference
 
     from fastalign.kernels.logprobs_backward import linear_logprobs_backward
 

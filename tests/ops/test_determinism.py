@@ -11,7 +11,7 @@ import fastalign
 from fastalign.kernels.row_stats import RowStatsSpec
 from fastalign.ops import torch_backend
 from conftest import BACKENDS
-from reference import as_f64_leaf, reference_logprobs
+from helpers.reference import as_f64_leaf, reference_logprobs
 
 H, V = 32, 300
 SIZES = (2, 7, 64, 513)

@@ -13,9 +13,9 @@ from fastalign.objectives.dpo import DPO_LOSS_TYPES, DPOOptions, RunningMean, dp
     sequence_logps
 from fastalign.ops import torch_backend
 from fastalign.ops.dispatch import available_backends
-from noise import assert_share_close, near
-from reference import as_f64_leaf, reference_logprobs
-from reference_dpo import plackett_luce_reference, trl_dpo
+from helpers.noise import assert_share_close, near
+from helpers.reference import as_f64_leaf, reference_logprobs
+from helpers.reference_dpo import (plackett_luce_reference, trl_dpo)
 
 # fp32 against float64: sums of a few token log-probs, errors ~1e-6 relative; bounds 100x that.
 F32 = dict(rtol=1e-4, atol=1e-5)

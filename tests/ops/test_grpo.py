@@ -10,7 +10,7 @@ import torch
 
 from fastalign import fused_linear_grpo_loss
 from fastalign.objectives.grpo import GRPO_LOSS_TYPES, GRPOLossConfig, grpo_loss
-from reference import as_f64_leaf, reference_logprobs
+from helpers.reference import as_f64_leaf, check, reference_logprobs
 
 B, T, H, V = 4, 6, 12, 37  # V not a multiple of any tile
 
@@ -226,18 +226,6 @@ def run_op(p, args, backend, *, dtype=None, temperature=1.0, with_bias=True, chu
                                  temperature=temperature, backend=backend, chunk_size=chunk_size, **args)
     leaves = [h] + ([] if frozen_weight else [w]) + ([b] if with_bias else [])
     return out, torch.autograd.grad(out.loss, leaves)
-
-
-def check(out, grads, want, *, rtol, atol):
-    loss, metrics, want_grads = want
-    torch.testing.assert_close(out.loss.double(), loss, rtol=rtol, atol=atol)
-    assert set(out.metrics) == set(metrics)
-    for k, v in metrics.items():
-        torch.testing.assert_close(out.metrics[k].double(), v.double(), rtol=rtol, atol=atol, equal_nan=True,
-                                   msg=lambda m: f"{k}: {m}")
-    for got, ref in zip(grads, want_grads):
-        scale = float(ref.abs().max())
-        torch.testing.assert_close(got.double(), ref, rtol=rtol, atol=atol * max(scale, 1.0))
 
 
 ALL_OPTIONS = dict(beta=0.04, use_bias_correction_kl=True, delta=3.0, epsilon_high=0.28, max_completion_length=T)

@@ -8,9 +8,9 @@ import torch
 import torch.distributed as dist
 
 from conftest import BACKENDS
-from distributed import TIMEOUT, run_ranks
+from helpers.distributed import TIMEOUT, run_ranks
+from helpers.vocab_parallel import SHARDS, compare_ranks, leaves, problem
 from fastalign import fused_linear_grpo_loss
-from test_vocab_parallel import SHARDS, compare_ranks, leaves, problem
 
 CASES = {
     "dapo-token": dict(loss_type="dapo", beta=0.05, entropy_coef=0.01, epsilon_high=0.28),

@@ -8,8 +8,7 @@ import torch
 
 from fastalign import fused_linear_kto_loss
 from fastalign.objectives.kto import kto_metric_means
-from reference import as_f64_leaf, reference_logprobs
-from test_objectives_kto import trl_kto
+from helpers.reference import as_f64_leaf, reference_logprobs, trl_kto
 
 F64 = torch.float64
 

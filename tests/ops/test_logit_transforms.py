@@ -13,14 +13,14 @@ import functools
 
 import pytest
 import torch
-from bf16_interpreter import bf16_interpreter  # noqa: F401 (fixture)
+from helpers.bf16_interpreter import bf16_interpreter  # noqa: F401 (fixture)
 from conftest import BACKENDS
 
 from fastalign import (fused_linear_cpo_loss, fused_linear_cross_entropy, fused_linear_distill_loss,
                        fused_linear_dpo_loss, fused_linear_grpo_loss, fused_linear_kto_loss, fused_linear_logprobs,
                        fused_linear_orpo_loss, fused_linear_ppo_loss, fused_linear_rloo_loss)
-from reference import as_f64_leaf
-from test_distill import reference_distill
+from helpers.distill import reference_distill
+from helpers.reference import as_f64_leaf
 
 B, T, H, V = 2, 5, 8, 37  # V not a multiple of any tile
 TEMPERATURE = 0.8
@@ -304,7 +304,7 @@ def _sharded_rank(rank: int, world_size: int) -> dict:
 def test_vocab_parallel_softcap():
     """2 gloo ranks, an uneven vocabulary split: each rank's loss and d hidden equal the unsharded op's, its d weight
     and d bias the rows of its shard."""
-    from distributed import run_ranks
+    from helpers.distributed import run_ranks
 
     ranks = run_ranks(_sharded_rank, 2)
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ from fastalign import FusedLinearLogProbs, fused_linear_logprobs
 from fastalign.ops.linear import LinearOptions, lse_forward
 from fastalign.ops.torch_backend import RowStatsSpec
 from conftest import BACKENDS
-from reference import as_f64_leaf, reference_logprobs, reference_row_stats
+from helpers.reference import (as_f64_leaf, reference_logprobs, reference_row_stats)
 
 # fp32 against float64: errors are ~1e-6 relative; these bounds are 100x that and far below any formula error.
 F32 = dict(rtol=1e-4, atol=1e-5)

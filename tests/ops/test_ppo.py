@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from fastalign import fused_linear_ppo_loss
-from noise import assert_share_close
-from reference import as_f64_leaf, reference_logprobs
+from helpers.noise import assert_share_close
+from helpers.reference import as_f64_leaf, reference_logprobs
 
 F32 = dict(rtol=1e-4, atol=1e-5)
 

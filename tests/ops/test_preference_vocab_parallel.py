@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from conftest import BACKENDS
-from distributed import TIMEOUT, run_ranks
+from helpers.distributed import TIMEOUT, run_ranks
 from fastalign import fused_linear_cpo_loss, fused_linear_kto_loss, fused_linear_orpo_loss
 
 SIZES = [50, 47]  # V = 97

@@ -12,8 +12,7 @@ import torch
 
 from fastalign import fused_linear_rloo_loss
 from fastalign.objectives.rloo import RLOOOptions, nanstd, rloo_advantages, rloo_loss
-from reference import as_f64_leaf, reference_logprobs
-from test_grpo import check
+from helpers.reference import as_f64_leaf, check, reference_logprobs
 
 B, T, H, V = 5, 7, 10, 37  # odd sizes: V not a multiple of any tile
 NAN = float("nan")

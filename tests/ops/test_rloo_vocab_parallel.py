@@ -8,9 +8,9 @@ import torch
 import torch.distributed as dist
 
 from conftest import BACKENDS
-from distributed import TIMEOUT, run_ranks
+from helpers.distributed import TIMEOUT, run_ranks
+from helpers.vocab_parallel import SHARDS, compare_ranks, leaves, problem
 from fastalign import fused_linear_rloo_loss
-from test_vocab_parallel import SHARDS, compare_ranks, leaves, problem
 
 CASES = {"one-pass": dict(epsilon_high=0.28), "two-pass": dict(epsilon=0.1, chunk_size=2)}
 

@@ -8,10 +8,10 @@ import torch
 import torch.distributed as dist
 
 from conftest import BACKENDS
-from distributed import run_ranks
+from helpers.cross_entropy import problem
+from helpers.distill import problem as distill_problem
+from helpers.distributed import run_ranks
 from fastalign import fused_linear_cross_entropy, fused_linear_distill_loss
-from test_cross_entropy import problem
-from test_distill import problem as distill_problem
 
 SHARDS = {2: [20, 17], 4: [11, 9, 10, 7]}  # V = 37
 CE_CASES = {"mean": dict(label_smoothing=0.2, z_loss=0.01),

@@ -22,7 +22,7 @@ from fastalign.trainers import DPOConfig, DPOTrainer, common
 from fastalign.trainers.config_file import load_model_and_tokenizer
 from fastalign.trainers.tasks import CountingTask
 from fastalign.trainers.tiny import tiny_llama, word_tokenizer
-from noise import recorded_calls
+from helpers.noise import recorded_calls
 
 TASK = CountingTask()
 

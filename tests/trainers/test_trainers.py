@@ -1,6 +1,5 @@
 """End-to-end runs of the DPO and PPO trainers on a tiny model: learning, metrics, backends, gradient accumulation,
 no lm_head forward, LoRA, reward model, exact resume, non-finite steps skipped."""
-import json
 import math
 import os
 
@@ -11,12 +10,11 @@ from transformers import LlamaConfig, LlamaForSequenceClassification
 from fastalign import hf
 from fastalign.objectives.dpo import DPO_LOSS_TYPES
 from fastalign.objectives.ppo import clipped_policy_loss
-from fastalign.trainers import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer
-from fastalign.trainers.tasks import CountingTask
-from fastalign.trainers.tiny import tiny_llama, word_tokenizer
-from noise import SEPARATED, assert_share_close, near, recorded_calls
+from fastalign.trainers import DPOTrainer, GRPOConfig, GRPOTrainer, PPOTrainer
+from helpers.noise import SEPARATED, assert_share_close, near, recorded_calls
+from helpers.trainers import (TASK, capture_gradients, dpo_config, ppo_config, read_jsonl, tiny, train_until_killed,
+                              weights)
 
-TASK = CountingTask()
 DPO_METRICS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                "logps/rejected", "grad_norm", "learning_rate", "epoch"}
 PPO_METRICS = {"objective/kl", "objective/entropy", "objective/scores", "objective/non_score_reward",
@@ -25,33 +23,6 @@ PPO_METRICS = {"objective/kl", "objective/entropy", "objective/scores", "objecti
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny(seed=0):
-    tokenizer = word_tokenizer(TASK.words)
-    torch.manual_seed(seed)
-    return tiny_llama(tokenizer, hidden_size=32, intermediate_size=64), tokenizer
-
-
-def dpo_config(tmp_path, **overrides):
-    fields = dict(output_dir=str(tmp_path / "dpo"), learning_rate=3e-3, per_device_train_batch_size=8,
-                  max_steps=4, disable_tqdm=True, max_length=32, max_prompt_length=16)
-    return DPOConfig(**{**fields, **overrides})
-
-
-def ppo_config(tmp_path, **overrides):
-    fields = dict(output_dir=str(tmp_path / "ppo"), learning_rate=1e-3, per_device_train_batch_size=8,
-                  max_steps=3, disable_tqdm=True, response_length=6, temperature=1.0, num_ppo_epochs=2)
-    return PPOConfig(**{**fields, **overrides})
-
-
-def read_jsonl(path):
-    with open(path) as lines:
-        return [json.loads(line) for line in lines]
-
-
-def weights(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def fail_on_lm_head(model):
@@ -117,18 +88,6 @@ def test_dpo_fused_and_reference_backends_agree(tmp_path, loss_type):
     assert any(g.abs().sum() > 0 for g in grads_f)
     for g_f, g_r in zip(grads_f, grads_r):
         torch.testing.assert_close(g_f, g_r, rtol=1e-4, atol=1e-5)
-
-
-def capture_gradients(trainer):
-    """Record the gradients at each optimizer step (before clipping)."""
-    captured, step = [], trainer.optimizer_step
-
-    def capture(finite):
-        captured.append([p.grad.clone() for p in trainer.params])
-        return step(finite)
-
-    trainer.optimizer_step = capture
-    return captured
 
 
 def test_dpo_gradient_accumulation_matches_one_big_batch(tmp_path):
@@ -299,21 +258,6 @@ def make_trainer(kind, tmp_path, **overrides):
     fields = dict(max_steps=4, save_steps=2, per_device_train_batch_size=4, num_mini_batches=2,
                   gradient_accumulation_steps=2)
     return PPOTrainer(model, tok, TASK.prompts(40, seed=3), TASK.score, ppo_config(tmp_path, **fields | overrides))
-
-
-def train_until_killed(trainer, method: str, step: int) -> None:
-    """Train ``trainer``, killed (KeyboardInterrupt) when its ``method`` is called at ``step``, after the checkpoint
-    saved at ``step``."""
-    original = getattr(trainer, method)
-
-    def crash(*args):
-        if trainer.step == step:
-            raise KeyboardInterrupt("killed")
-        return original(*args)
-
-    setattr(trainer, method, crash)
-    with pytest.raises(KeyboardInterrupt):
-        trainer.train()
 
 
 LONG = {"gradient_checkpointing": True, "bf16": True}

@@ -1,5 +1,4 @@
 """`fastalign dpo|ppo|reward --config FILE.yaml`: the example files run, mistakes get clear errors (CLI smoke tests)."""
-import argparse
 import json
 import os
 
@@ -7,33 +6,11 @@ import pytest
 import yaml
 
 from fastalign.trainers import DPOConfig
-from fastalign.trainers.config_file import (DESCRIPTIONS, ConfigError, add_arguments, example_config,
-                                            run_command, run_from_config, trainer_config)
+from fastalign.trainers.config_file import DESCRIPTIONS, ConfigError, example_config, run_from_config, trainer_config
+from helpers.trainers import command, write_config
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def write_config(tmp_path, kind, config=(), **changes):
-    """The example config of ``kind`` with top-level ``changes`` (None: drop the key), ``config`` field changes,
-    and a short run into ``tmp_path``."""
-    spec = yaml.safe_load(example_config(kind))
-    spec["config"].update(output_dir=str(tmp_path / kind), max_steps=3, eval_steps=0, disable_tqdm=True,
-                          **dict(config))
-    for key, value in changes.items():
-        if value is None:
-            spec.pop(key, None)
-        else:
-            spec[key] = value
-    path = tmp_path / f"{kind}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return str(path)
-
-
-def command(kind, *argv):
-    parser = argparse.ArgumentParser(prog=f"fastalign {kind}")
-    add_arguments(parser, kind)
-    return run_command(parser.parse_args(list(argv)))
 
 
 def test_the_examples_run_dpo_then_ppo_from_its_output(tmp_path, capsys):

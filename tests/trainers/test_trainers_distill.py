@@ -91,7 +91,7 @@ def test_distill_config_and_arguments_are_checked(tmp_path):
 def test_the_sft_then_distill_examples_run(tmp_path, capsys):
     """``fastalign sft`` with its example config, then ``fastalign distill`` of its output into the narrower tiny
     student (short runs, no evaluation)."""
-    from test_trainers_config_file import command, write_config
+    from helpers.trainers import command, write_config
 
     sft = write_config(tmp_path, "sft", eval_file=None)
     assert command("sft", "--config", sft) == 0

@@ -14,8 +14,9 @@ import torch
 import yaml
 from torch.distributed.tensor import DTensor
 
-from distributed import free_port, run_ranks
-from noise import SEPARATED, recorded_calls, reward_margins
+from helpers.distributed import free_port, run_ranks
+from helpers.noise import SEPARATED, recorded_calls, reward_margins
+from helpers.trainers import scripted_generate
 from fastalign import hf
 from fastalign.trainers import (DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, KTOConfig, KTOTrainer, PPOConfig,
                                 PPOTrainer, RLOOConfig, RLOOTrainer)
@@ -81,28 +82,6 @@ def make_trainer(kind: str, output_dir: str, per_device: int, accumulation: int 
     if scripted:
         trainer.policy.generate = scripted_generate(trainer)
     return trainer
-
-
-def scripted_generate(trainer, period: int | None = None):
-    """A ``generate`` whose response to a prompt depends on that prompt only (1 to 4 words of the task's answer,
-    reversed for some prompts, without EOS for others): rollouts then do not depend on how the prompts are split
-    over ranks. ``period``: also on the row's index modulo ``period`` (the same on every rank when ``period``
-    divides each rank's batch), so that the completions of one prompt differ."""
-    tok, width = trainer.tokenizer, trainer.generation_config.max_new_tokens
-
-    def generate(input_ids, attention_mask, **_):
-        rows = []
-        for i, (ids, mask) in enumerate(zip(input_ids, attention_mask)):
-            prompt = ids[mask.bool()].tolist()
-            key = sum(prompt) + (i % period if period else 0)
-            words = TASK.answer(tok.decode(prompt))[:1 + key // 2 % 4]
-            words = words[::-1] if key % 3 == 0 else words
-            response = tok(" ".join(words), add_special_tokens=False)["input_ids"]
-            response += [] if key % 4 == 0 else [tok.eos_token_id]
-            rows.append((response + [tok.pad_token_id] * width)[:width])
-        return torch.cat([input_ids, torch.tensor(rows)], 1)
-
-    return generate
 
 
 def capture_gradients(trainer) -> list[list[torch.Tensor]]:

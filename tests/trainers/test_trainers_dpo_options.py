@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastalign.trainers import DPOConfig, DPOTrainer
-from test_trainers import TASK, tiny
+from helpers.trainers import TASK, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,32 +10,14 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, LlamaConfig
 
-from fastalign.trainers import GRPOConfig, GRPOTrainer
+from fastalign.trainers import GRPOConfig
 from fastalign.trainers.tasks import CountingTask
-from fastalign.trainers.tiny import tiny_llama, word_tokenizer
-from noise import near, recorded_calls
-from test_trainers import capture_gradients
-from test_trainers_distributed import scripted_generate
+from fastalign.trainers.tiny import word_tokenizer
+from helpers.noise import near, recorded_calls
+from helpers.trainers import capture_gradients, length, make_trainer
 
 TASK = CountingTask()
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def make_trainer(tmp_path, reward_funcs=TASK.score, scripted=False, prompts=32, **overrides):
-    tokenizer = word_tokenizer(TASK.words)
-    torch.manual_seed(0)
-    model = tiny_llama(tokenizer, hidden_size=32, intermediate_size=64)
-    fields = dict(output_dir=str(tmp_path / "grpo"), learning_rate=1e-3, per_device_train_batch_size=8,
-                  num_generations=4, max_completion_length=6, max_steps=2, disable_tqdm=True) | overrides
-    trainer = GRPOTrainer(model, tokenizer, TASK.prompts(prompts, seed=3), reward_funcs, GRPOConfig(**fields))
-    if scripted:
-        trainer.policy.generate = scripted_generate(trainer)
-    return trainer
-
-
-def length(prompts, completions):
-    """A reward that varies from the start (the counting task's is 0 for a random model): the word count / 6."""
-    return [len(c.split()) / 6 for c in completions]
 
 
 def first_number(prompt: str) -> int:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastalign.trainers.rollout import group_advantages
-from test_trainers_grpo import length, make_trainer
+from helpers.trainers import length, make_trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

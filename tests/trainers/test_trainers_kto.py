@@ -3,7 +3,6 @@ estimate, fused == reference backend, exact resume, config and data errors."""
 import json
 import os
 import pathlib
-import random
 
 import pytest
 import torch
@@ -15,20 +14,13 @@ from fastalign.trainers import KTOConfig, KTOTrainer
 from fastalign.trainers.data import PairTokens, encode_response, pad
 from fastalign.trainers.kto import unpair_preference_data
 from fastalign.trainers.tasks import CountingTask
-from test_trainers import read_jsonl, tiny, weights
+from helpers.trainers import read_jsonl, tiny, unpaired, weights
 
 TASK = CountingTask()
 KTO_METRICS = {"loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
                "logps/rejected", "grad_norm", "learning_rate", "epoch"}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def unpaired(n, seed):
-    """``2n`` shuffled unpaired records: each pair's chosen answer (desirable) and rejected one, apart."""
-    records = unpair_preference_data(TASK.preference_data(n, seed=seed))
-    random.Random(seed).shuffle(records)
-    return records
 
 
 def kto_config(tmp_path, **overrides):
@@ -234,7 +226,7 @@ def test_two_ranks_ddp_and_fsdp():
     sharded too) are compared with each other."""
     import tempfile
 
-    from distributed import run_ranks
+    from helpers.distributed import run_ranks
 
     with tempfile.TemporaryDirectory() as tmp:
         apo = {"loss_type": "apo_zero_unpaired"}

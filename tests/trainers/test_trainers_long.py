@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastalign.trainers import DPOTrainer, PPOTrainer
-from test_trainers import TASK, dpo_config, ppo_config, tiny, train_until_killed, weights
+from helpers.trainers import TASK, dpo_config, ppo_config, tiny, train_until_killed, weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

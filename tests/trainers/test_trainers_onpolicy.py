@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastalign.trainers import GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer, RLOOConfig, RLOOTrainer, losses
-from test_trainers import TASK, tiny
+from helpers.trainers import TASK, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 OPTIONS = [{}, {"gradient_checkpointing": True, "bf16": True}]

@@ -10,9 +10,8 @@ from fastalign.trainers import (DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, 
                                 PPOTrainer, RLOOConfig, RLOOTrainer)
 from fastalign.trainers.tasks import CountingTask
 from fastalign.trainers.tiny import tiny_llama, word_tokenizer
-from test_trainers import capture_gradients, weights
-from noise import recorded_calls
-from test_trainers_kto import unpaired
+from helpers.noise import recorded_calls
+from helpers.trainers import capture_gradients, unpaired, weights
 
 TASK = CountingTask()
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -14,7 +14,7 @@ from fastalign.objectives.reward import bradley_terry_loss, reward_metrics
 from fastalign.trainers import PPOConfig, PPOTrainer, RewardConfig, RewardTrainer
 from fastalign.trainers.tasks import CountingTask
 from fastalign.trainers.tiny import tiny_llama, tiny_reward_model, word_tokenizer
-from test_trainers import read_jsonl, train_until_killed, weights
+from helpers.trainers import read_jsonl, train_until_killed, weights
 
 TASK = CountingTask()
 pytestmark = pytest.mark.usefixtures("one_thread")

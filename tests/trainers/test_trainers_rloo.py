@@ -13,8 +13,7 @@ from fastalign.trainers import RLOOConfig, RLOOTrainer
 from fastalign.trainers.config_file import example_config, trainer_config
 from fastalign.trainers.tasks import CountingTask
 from fastalign.trainers.tiny import tiny_llama, word_tokenizer
-from test_trainers import read_jsonl, train_until_killed, weights
-from test_trainers_config_file import command, write_config
+from helpers.trainers import command, read_jsonl, train_until_killed, weights, write_config
 
 TASK = CountingTask()
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from distributed import run_ranks
+from helpers.distributed import run_ranks
 from fastalign.objectives.kto import kto_kl
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -17,19 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 import fastalign.trl as fatrl  # noqa: E402
 from fastalign.trl import head  # noqa: E402
 from fastalign.trainers.tiny import tiny_llama, word_tokenizer  # noqa: E402
-
-WORDS = "the a cat dog sat ran on under mat rug big small red blue fast slow yes no".split()
-# Wall-clock numbers differ run to run; everything else logged must match
-UNTIMED = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "step_time", "total_flos"}
-RTOL, ATOL = 1e-5, 1e-6
-
-
-def _saved_tiny_llama(directory, seed: int) -> str:
-    tokenizer = word_tokenizer(WORDS)
-    torch.manual_seed(seed)
-    tiny_llama(tokenizer).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return str(directory)
+from helpers.trl import ATOL, RTOL, UNTIMED, WORDS, _dpo_dataset, _saved_tiny_llama, _sentences
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +31,6 @@ def ref_dir(tmp_path_factory):
     """Another one, the DPO reference: a reference equal to the policy gives rewards that are 0 up to rounding at
     the first step, whose signs (``rewards/accuracies``) are then rounding noise."""
     return _saved_tiny_llama(tmp_path_factory.mktemp("ref"), 1)
-
-
-def _sentences(seed: int, n: int, low: int, high: int) -> list[str]:
-    g = torch.Generator().manual_seed(seed)
-    return [" ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (int(torch.randint(low, high, (1,),
-                                                                                            generator=g)),),
-                                                          generator=g)) for _ in range(n)]
 
 
 def _assert_same_run(ours, theirs) -> None:
@@ -95,11 +76,6 @@ def _train(trainer_cls, config_cls, model_dir, tmp_path, dataset, peft, ref_dir=
 
 
 # --- DPO ---------------------------------------------------------------------------------------------------------
-
-def _dpo_dataset(n: int = 8) -> Dataset:
-    space = lambda texts: [" " + text for text in texts]  # noqa: E731 (the word tokenizer splits on spaces)
-    return Dataset.from_dict({"prompt": _sentences(1, n, 2, 5), "chosen": space(_sentences(2, n, 1, 6)),
-                              "rejected": space(_sentences(3, n, 1, 6))})
 
 
 @pytest.mark.slow

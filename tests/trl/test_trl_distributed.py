@@ -9,8 +9,8 @@ import torch
 
 pytest.importorskip("trl")
 
-from distributed import run_ranks  # noqa: E402
-from test_trl import RTOL, UNTIMED, _dpo_dataset, _saved_tiny_llama  # noqa: E402
+from helpers.distributed import run_ranks  # noqa: E402
+from helpers.trl import RTOL, UNTIMED, _dpo_dataset, _saved_tiny_llama  # noqa: E402
 
 WORLD = 2
 PARALLELISM = {"ddp": {}, "fsdp2": dict(fsdp="full_shard", fsdp_config={"fsdp_version": 2})}
