@@ -171,7 +171,7 @@ def ppo_epilogue(partials: LsePartials, targets: Tensor, old_logprobs: Tensor, a
     if kl_coef != 0 and ref_logprobs is None:
         raise ValueError(f"ref_logprobs: required when kl_coef != 0 (kl_coef={kl_coef}), got None")
     if entropy_coef != 0 and not with_entropy:
-        raise ValueError(f"with_entropy: must be True when entropy_coef != 0 (entropy_coef={entropy_coef})")
+        raise ValueError(f"with_entropy: expected True when entropy_coef != 0 (entropy_coef={entropy_coef}), got False")
     if with_entropy and partials.sum_ez is None:
         raise ValueError("partials.sum_ez: required with with_entropy (run lse_forward_partials with_entropy=True)")
     device, n = partials.max.device, partials.max.shape[1]

@@ -39,7 +39,7 @@ def load_unpaired_data(data, name: str = "train_dataset") -> list[dict]:
     for i, r in enumerate(records):
         if not (isinstance(r, dict) and isinstance(r.get("prompt"), str) and isinstance(r.get("completion"), str)
                 and isinstance(r.get("label"), bool)):
-            raise ValueError(f"{record_name(data, name, i)} must have string fields 'prompt' and 'completion' and "
+            raise ValueError(f"{record_name(data, name, i)}: expected string fields 'prompt' and 'completion' and "
                              f"a bool 'label', got {r!r:.200}")
         if r["label"]:
             check_nonempty(data, name, i, "completion", r["completion"])

@@ -97,7 +97,7 @@ def token_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets:
     transform (``hf.logit_transform``), as every loss here takes it."""
     hidden, targets = unpacked(packed, hidden, targets)
     if backend == "fused":
-        return fused_linear_logprobs(hidden, weight, targets, bias, temperature=temperature,
+        return fused_linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
                                      return_entropy=return_entropy, check_finite=False, deterministic=deterministic,
                                      **transform._asdict())
     return materialized_logprobs(hidden, weight, bias, targets, temperature=temperature,
@@ -257,7 +257,7 @@ def sft_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tenso
     (default: their count, the mean). ``transform``: the model's logit transform (``hf.logit_transform``)."""
     reduction = "mean" if num_items_in_batch is None else "sum"
     if backend == "fused":
-        out = fused_linear_cross_entropy(hidden, weight, targets, bias, reduction=reduction, loss_type=loss_type,
+        out = fused_linear_cross_entropy(hidden, weight, targets, bias=bias, reduction=reduction, loss_type=loss_type,
                                          label_smoothing=label_smoothing, check_finite=False, **transform._asdict())
         loss, metrics = out.loss, out.metrics
     else:

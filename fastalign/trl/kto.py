@@ -68,7 +68,7 @@ class KTOTrainer(trl.KTOTrainer):
                                         undesirable_weight=self.undesirable_weight, loss_type=self.loss_type,
                                         **options)
             with torch.no_grad():
-                _, entropy = fused_linear_logprobs(hidden, weight, targets, bias, return_entropy=True, **options)
+                _, entropy = fused_linear_logprobs(hidden, weight, targets, bias=bias, return_entropy=True, **options)
                 mean_logits = hidden @ weight.mean(0) + (0.0 if bias is None else bias.mean())
             return out, entropy, mean_logits
 

@@ -137,7 +137,7 @@ def test_inconsistent_options_raise():
     common = dict(ignore_index=IGNORE, **kernel_options(PPOLossConfig()))
     with pytest.raises(ValueError, match="ref_logprobs: required"):
         ppo_epilogue(partials, targets, x, x, None, x, with_entropy=False, **{**common, "kl_coef": 0.1})
-    with pytest.raises(ValueError, match="with_entropy: must be True"):
+    with pytest.raises(ValueError, match="with_entropy: expected True"):
         ppo_epilogue(partials, targets, x, x, None, x, with_entropy=False, **{**common, "entropy_coef": 0.1})
     with pytest.raises(ValueError, match="partials.sum_ez"):
         ppo_epilogue(partials._replace(sum_ez=None), targets, x, x, None, x, with_entropy=True, **common)

@@ -515,9 +515,9 @@ def test_aggregation_validation():
     with pytest.raises(ValueError, match="loss_agg"):
         local_normalizer(MASK, "seq-sum")
     for bad in (0, -1, 0.0, torch.tensor(0), torch.tensor(-2.0)):
-        with pytest.raises(ValueError, match="num_tokens must be positive"):
+        with pytest.raises(ValueError, match="num_tokens: expected a positive number"):
             aggregation_weights(MASK, "token-mean", num_tokens=bad)
-        with pytest.raises(ValueError, match="num_sequences must be positive"):
+        with pytest.raises(ValueError, match="num_sequences: expected a positive number"):
             aggregation_weights(MASK, "seq-mean-token-mean", num_sequences=bad)
     with pytest.raises(ValueError, match="num_tokens does not apply"):
         aggregation_weights(MASK, "seq-mean-token-sum", num_tokens=3)

@@ -58,7 +58,7 @@ def check(backend, *, lead=(3, 5), v=37, bias=True, frozen=False, ignore_frac=0.
     args = (strided(h1), strided(w1), strided(targets)) if non_contiguous else (h1, w1, targets)
     assert not non_contiguous or not any(t.is_contiguous() for t in args)
     walk = {k: options.pop(k) for k in ("chunk_size", "deterministic") if k in options}  # the op's alone
-    out = fused_linear_cross_entropy(*args, b1, backend=backend, **walk, **options)
+    out = fused_linear_cross_entropy(*args, bias=b1, backend=backend, **walk, **options)
     ref = reference_ce(h0, w0, targets, b0, **options)
     torch.testing.assert_close(out.loss.double(), ref, **tol)
     upstream = torch.randn_like(ref) if ref.dim() else torch.ones_like(ref)
@@ -134,7 +134,8 @@ def test_cross_entropy_compiled_matches_eager():
     h1, w1, b1 = leaves(hidden, weight, b)
     h0, w0, b0 = leaves(hidden, weight, b)
     options = dict(label_smoothing=0.2, z_loss=0.01, backend="torch")
-    compiled = torch.compile(lambda *a: fused_linear_cross_entropy(*a, **options).loss, fullgraph=True)
+    compiled = torch.compile(lambda h, w, t, b: fused_linear_cross_entropy(h, w, t, bias=b, **options).loss,
+                             fullgraph=True)
     loss = compiled(h1, w1, targets, b1)
     ref = reference_ce(h0, w0, targets, b0, label_smoothing=0.2, z_loss=0.01)
     torch.testing.assert_close(loss, ref)
@@ -154,7 +155,7 @@ def test_cross_entropy_compiled_matches_eager():
 def test_cross_entropy_bad_options(kwargs, error):
     hidden, weight, b, targets = problem()
     with pytest.raises(ValueError, match=error):
-        fused_linear_cross_entropy(hidden, weight, targets, b, backend="torch", **kwargs)
+        fused_linear_cross_entropy(hidden, weight, targets, bias=b, backend="torch", **kwargs)
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "atomic_free"])

@@ -84,8 +84,8 @@ def test_deterministic_mode_matches_float64_reference(backend):
     hidden, weight, bias, targets = problem(131)
     targets[::4] = -100
     leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
-    lp, ent = fastalign.fused_linear_logprobs(*leaves[:2], targets, leaves[2], temperature=0.8, return_entropy=True,
-                                              backend=backend, deterministic=True)
+    lp, ent = fastalign.fused_linear_logprobs(*leaves[:2], targets, bias=leaves[2], temperature=0.8,
+                                              return_entropy=True, backend=backend, deterministic=True)
     g = torch.Generator().manual_seed(1)
     up_lp, up_ent = torch.randn(131, generator=g), torch.randn(131, generator=g)
     grads = torch.autograd.grad((lp * up_lp + ent * up_ent).sum(), leaves)
@@ -97,7 +97,7 @@ def test_deterministic_mode_matches_float64_reference(backend):
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
     # Log-prob upstream only, frozen weight (on torch the weight moments' path).
-    frozen = fastalign.fused_linear_logprobs(leaves[0], weight, targets, bias, backend=backend, deterministic=True)
+    frozen = fastalign.fused_linear_logprobs(leaves[0], weight, targets, bias=bias, backend=backend, deterministic=True)
     (grad_h,) = torch.autograd.grad((frozen * up_lp).sum(), [leaves[0]])
     ref_h = as_f64_leaf(hidden)
     (want_h,) = torch.autograd.grad((reference_logprobs(ref_h, weight, targets, bias)[0] * up_lp.double()).sum(),
@@ -116,11 +116,11 @@ def test_frozen_weight_is_batch_invariant(vocab_tile, small_blocks):
 
     def run(h, t, rows):
         leaf = h.clone().requires_grad_(True)
-        lp, ent = fastalign.fused_linear_logprobs(leaf, weight, t, bias, temperature=0.8, return_entropy=True,
+        lp, ent = fastalign.fused_linear_logprobs(leaf, weight, t, bias=bias, temperature=0.8, return_entropy=True,
                                                   backend="torch", deterministic=True)
         (grad,) = torch.autograd.grad((lp[rows] * up_lp).sum() + (ent[rows] * up_ent).sum(), [leaf])
         with torch.no_grad():
-            no_grad = fastalign.fused_linear_logprobs(h, weight, t, bias, temperature=0.8, return_entropy=True,
+            no_grad = fastalign.fused_linear_logprobs(h, weight, t, bias=bias, temperature=0.8, return_entropy=True,
                                                       backend="torch", deterministic=True)
         assert same(lp, no_grad[0]) and same(ent, no_grad[1])
         return lp[rows], ent[rows], grad[rows]
@@ -173,7 +173,7 @@ def test_ops_are_batch_invariant_padded_and_packed():
     probe_h, weight, bias, probe_t = problem(3, seed=7)
     differs = {False: 0, True: 0}
     for deterministic in (False, True):
-        alone_lp, alone_ent = fastalign.fused_linear_logprobs(probe_h[:1], weight, probe_t[:1], bias,
+        alone_lp, alone_ent = fastalign.fused_linear_logprobs(probe_h[:1], weight, probe_t[:1], bias=bias,
                                                               return_entropy=True, backend="torch",
                                                               deterministic=deterministic)
         seq_alone = _grpo(probe_h, weight, bias, probe_t, torch.ones(1), torch.tensor([0, 3]), deterministic, None)
@@ -183,7 +183,7 @@ def test_ops_are_batch_invariant_padded_and_packed():
         for n in SIZES:
             for chunk_size in (None, 4, 50):
                 hid, tgt, rows = embed(probe_h[:1], probe_t[:1], n, seed=n)
-                lp, ent = fastalign.fused_linear_logprobs(hid, weight, tgt, bias, return_entropy=True,
+                lp, ent = fastalign.fused_linear_logprobs(hid, weight, tgt, bias=bias, return_entropy=True,
                                                           backend="torch", chunk_size=chunk_size,
                                                           deterministic=deterministic)
                 differs[deterministic] += (not same(lp[rows], alone_lp)) + (not same(ent[rows], alone_ent))
@@ -239,7 +239,7 @@ def _every_op(deterministic):
     h3, t3 = hidden.view(4, 3, H), targets.view(4, 3)
     kw = dict(backend="auto", deterministic=deterministic)
     zeros = torch.zeros(2)
-    fastalign.fused_linear_logprobs(hidden, weight, targets, bias, **kw)
+    fastalign.fused_linear_logprobs(hidden, weight, targets, bias=bias, **kw)
     fastalign.FusedLinearLogProbs(**kw)(hidden, weight, targets, bias)
     fastalign.fused_linear_ppo_loss(h3, weight, t3, torch.zeros(4, 3), torch.ones(4, 3), **kw)
     fastalign.fused_linear_grpo_loss(h3, weight, t3, torch.ones(4), **kw)
@@ -353,7 +353,7 @@ def test_triton_gradients_repeat_bit_for_bit(monkeypatch):
     runs = []
     for _ in range(3):
         leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
-        lp, ent = fastalign.fused_linear_logprobs(*leaves[:2], targets, leaves[2], temperature=0.9,
+        lp, ent = fastalign.fused_linear_logprobs(*leaves[:2], targets, bias=leaves[2], temperature=0.9,
                                                   return_entropy=True, backend="triton", deterministic=True)
         grads = torch.autograd.grad((lp * up[0] + ent * up[1]).sum(), leaves)
         out = fastalign.fused_linear_ppo_loss(leaves[0].view(4, 10, H), leaves[1], targets.view(4, 10),

@@ -51,7 +51,7 @@ def values_dtype(h):
 
 
 def _logprobs(h, w, t, b, **kw):
-    lp, ent = fused_linear_logprobs(h, w, t, b, return_entropy=True, **kw)
+    lp, ent = fused_linear_logprobs(h, w, t, bias=b, return_entropy=True, **kw)
     coef = torch.linspace(-1.0, 1.0, lp.numel(), dtype=lp.dtype).view(lp.shape)
     return (lp * coef).sum() + 0.3 * (ent * coef.flip(0)).sum(), {}
 
@@ -114,7 +114,7 @@ def _orpo(h, w, t, b, **kw):
 def _ce(h, w, t, b, reduction="mean", **kw):
     """Cross-entropy with label smoothing and a z-loss: the lse's and the logit sum's gradients (``RowGrads``);
     ``reduction="none"`` takes the two-pass backward."""
-    out = fused_linear_cross_entropy(h, w, t, b, reduction=reduction, label_smoothing=0.1, z_loss=1e-2, **kw)
+    out = fused_linear_cross_entropy(h, w, t, bias=b, reduction=reduction, label_smoothing=0.1, z_loss=1e-2, **kw)
     loss = out.loss
     if reduction == "none":
         loss = (loss * torch.linspace(-1.0, 1.0, loss.numel(), dtype=loss.dtype).view(loss.shape)).sum()
@@ -185,7 +185,7 @@ def test_logprobs_against_log_softmax(backend):
         want = torch.where(valid, log_p.gather(-1, targets.clamp(min=0)[..., None])[..., 0], 0.0)
         want_ent = torch.where(valid, -(log_p.exp() * log_p).sum(-1), 0.0)
         h = hidden.clone().requires_grad_(True)
-        lp, ent = fused_linear_logprobs(h, weight, targets, bias, return_entropy=True, temperature=TEMPERATURE,
+        lp, ent = fused_linear_logprobs(h, weight, targets, bias=bias, return_entropy=True, temperature=TEMPERATURE,
                                         backend=backend, **transform)
         torch.testing.assert_close(lp.double(), want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ent.double(), want_ent, rtol=1e-5, atol=1e-5)
@@ -203,7 +203,7 @@ def test_module_wrapper_takes_the_transform():
     hidden, weight, bias, targets = problem(dtype=torch.float32)
     module = FusedLinearLogProbs(temperature=TEMPERATURE, backend="torch", **TRANSFORMS["both"])
     assert "logit_softcap=2.0" in repr(module) and "logit_scale=1.7" in repr(module)
-    want = fused_linear_logprobs(hidden, weight, targets, bias, temperature=TEMPERATURE, backend="torch",
+    want = fused_linear_logprobs(hidden, weight, targets, bias=bias, temperature=TEMPERATURE, backend="torch",
                                  **TRANSFORMS["both"])
     assert torch.equal(module(hidden, weight, targets, bias), want)
 
@@ -218,7 +218,7 @@ def test_module_wrapper_takes_the_transform():
 def test_bad_transform_is_refused(name, value, message):
     hidden, weight, bias, targets = problem(dtype=torch.float32)
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-        fused_linear_logprobs(hidden, weight, targets, bias, backend="torch", **{name: value})
+        fused_linear_logprobs(hidden, weight, targets, bias=bias, backend="torch", **{name: value})
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
@@ -375,7 +375,7 @@ def test_other_dtype_mixtures_are_refused(hidden_dtype, weight_dtype, bias_dtype
     hidden, weight, bias, targets = problem(dtype=torch.float32)
     with pytest.raises(TypeError, match=message):
         fused_linear_logprobs(hidden.to(hidden_dtype), weight.to(weight_dtype), targets,
-                              None if bias_dtype is None else bias.to(bias_dtype), backend="torch")
+                              bias=None if bias_dtype is None else bias.to(bias_dtype), backend="torch")
 
 
 CHEAP_OPCHECK = ("test_faketensor",)

@@ -31,7 +31,7 @@ def check_against_reference(backend, hidden, weight, targets, bias=None, *, temp
     ours = {n: (None if t is None else t.detach().clone().requires_grad_(n in train))
             for n, t in zip(names, (hidden, weight, bias))}
     ref = {n: None if t is None else as_f64_leaf(t) for n, t in zip(names, (hidden, weight, bias))}
-    out = fused_linear_logprobs(ours["hidden"], ours["weight"], targets, ours["bias"], temperature=temperature,
+    out = fused_linear_logprobs(ours["hidden"], ours["weight"], targets, bias=ours["bias"], temperature=temperature,
                                 return_entropy=entropy, backend=backend, chunk_size=chunk_size)
     logp, ent = out if entropy else (out, None)
     ref_logp, ref_ent = reference_logprobs(ref["hidden"], ref["weight"], targets, ref["bias"],
@@ -84,7 +84,7 @@ def test_fully_ignored_batch_gives_zeros_and_zero_grads(backend):
     hidden, weight, targets, bias = make_problem((2, 5), 8, 13, bias=True)
     targets.fill_(-100)
     hidden.requires_grad_(True), weight.requires_grad_(True), bias.requires_grad_(True)
-    logp, ent = fused_linear_logprobs(hidden, weight, targets, bias, return_entropy=True, backend=backend)
+    logp, ent = fused_linear_logprobs(hidden, weight, targets, bias=bias, return_entropy=True, backend=backend)
     assert torch.equal(logp, torch.zeros_like(logp)) and torch.equal(ent, torch.zeros_like(ent))
     (logp.sum() + ent.sum()).backward()
     for t in (hidden, weight, bias):
@@ -219,7 +219,7 @@ def test_gradcheck_float64_torch_backend(frozen_weight):
     targets = torch.tensor([[0, 6, -100], [3, 3, 1]])
 
     def fn(h, w, b):
-        return fused_linear_logprobs(h, w, targets, b, temperature=0.8, return_entropy=True, backend="torch",
+        return fused_linear_logprobs(h, w, targets, bias=b, temperature=0.8, return_entropy=True, backend="torch",
                                      chunk_size=2)
 
     assert torch.autograd.gradcheck(fn, (hidden, weight, bias))

@@ -34,7 +34,7 @@ def run_ops(rows: slice, group) -> dict[str, torch.Tensor]:
         hidden, weight, b, targets = problem(dtype=dtype)
         for name, options in CE_CASES.items():
             h, w, bb = leaves(hidden, weight[rows], b[rows])
-            res = fused_linear_cross_entropy(h, w, targets, bb, backend=backend, process_group=group, **options)
+            res = fused_linear_cross_entropy(h, w, targets, bias=bb, backend=backend, process_group=group, **options)
             upstream = torch.linspace(-1, 1, res.loss.numel(), dtype=dtype).view(res.loss.shape)
             grads = torch.autograd.grad(res.loss, [h, w, bb], upstream)
             key = f"ce/{backend}/{name}"

@@ -33,11 +33,11 @@ def run_ops(p: dict, rows: slice, backend: str, group) -> dict[str, torch.Tensor
 
     # Log-probs and entropy with bias and temperature, upstream gradients on both outputs.
     h, wl, bl = leaves(p["hidden"], w, b)
-    lp, ent = fused_linear_logprobs(h, wl, p["targets"], bl, temperature=0.7, return_entropy=True, **kw)
+    lp, ent = fused_linear_logprobs(h, wl, p["targets"], bias=bl, temperature=0.7, return_entropy=True, **kw)
     grads = torch.autograd.grad((p["g_lp"] * lp + p["g_ent"] * ent).sum(), [h, wl, bl])
     out.update({"lp": lp, "lp/ent": ent, "lp/dh": grads[0], "lp/dw": grads[1], "lp/db": grads[2]})
     with torch.no_grad():
-        out["lp/no_grad"] = fused_linear_logprobs(p["hidden"], w, p["targets"], b, temperature=0.7, **kw)
+        out["lp/no_grad"] = fused_linear_logprobs(p["hidden"], w, p["targets"], bias=b, temperature=0.7, **kw)
 
     # Frozen lm_head (no moments shortcut when sharded), another ignore_index, d hidden left to the caller.
     (h,) = leaves(p["hidden"])

@@ -89,9 +89,9 @@ def test_load_records_errors_name_the_problem(tmp_path):
     bad.write_text('{"prompt": "p", "chosen": "c", "rejected": "r"}\n{oops\n')
     with pytest.raises(ValueError, match="line 2 is not JSON"):
         load_preference_data(str(bad))
-    with pytest.raises(ValueError, match="record 0 must have string fields"):
+    with pytest.raises(ValueError, match="record 0: expected string fields"):
         load_preference_data([{"prompt": "p", "chosen": "c"}])
-    with pytest.raises(ValueError, match="item 1 must be a string"):
+    with pytest.raises(ValueError, match="item 1: expected a string"):
         load_prompts(["p", {"text": "q"}])
     with pytest.raises(TypeError, match="expected a list of records"):
         load_prompts(42)

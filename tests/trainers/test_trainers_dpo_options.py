@@ -73,7 +73,7 @@ def test_wpo_on_both_backends(tmp_path):
 
 def test_bad_ranked_records(tmp_path):
     model, tok = tiny()
-    with pytest.raises(ValueError, match="record 0 must have a string 'prompt' and 'completions', a list of 3"):
+    with pytest.raises(ValueError, match="record 0: expected a string 'prompt' and 'completions', a list of 3"):
         DPOTrainer(model, tok, [{"prompt": "a", "completions": ["b", "c"]}], config(tmp_path, num_responses=3))
     with pytest.raises(ValueError, match="loss_type: with num_responses=3"):
         config(tmp_path, num_responses=3, loss_type="ipo")

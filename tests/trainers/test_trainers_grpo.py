@@ -292,7 +292,7 @@ def test_trainer_errors(tmp_path):
         make_trainer(tmp_path, [TASK.score, TASK.score], reward_weights=[1.0])
     with pytest.raises(TypeError, match="reward_funcs: expected a callable"):
         make_trainer(tmp_path, [])
-    with pytest.raises(ValueError, match="the step's 6 completions .* must be a multiple of num_generations, got 4"):
+    with pytest.raises(ValueError, match="expected a divisor of the step's 6 completions .*, got 4"):
         make_trainer(tmp_path, per_device_train_batch_size=6).train()
     with pytest.raises(ValueError, match="reward_funcs\\[0\\]: returned 1 scores for 4 completions"):
         make_trainer(tmp_path, lambda p, c: [1.0]).rollout([0, 0, 0, 0])

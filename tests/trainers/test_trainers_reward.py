@@ -154,7 +154,7 @@ def test_errors_name_the_problem(tmp_path, tok):
                       TASK.preference_data(8, seed=1), config(tmp_path))
     records = TASK.preference_data(8, seed=1)
     records[3]["margin"] = "big"
-    with pytest.raises(ValueError, match=r"train_dataset: record 3: 'margin' must be a number, got 'big'"):
+    with pytest.raises(ValueError, match=r"train_dataset: record 3: 'margin': expected a number, got 'big'"):
         RewardTrainer(small_reward_model(tok), tok, records, config(tmp_path))
     with pytest.raises(ValueError, match=r"train_dataset: every pair has more than max_length=3 tokens"):
         RewardTrainer(small_reward_model(tok), tok, TASK.preference_data(8, seed=1), config(tmp_path, max_length=3))

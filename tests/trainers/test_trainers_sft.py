@@ -89,7 +89,7 @@ def test_sft_text_and_messages_records():
     tokenizer.chat_template = "{% for m in messages %}{{ m.content }} {% endfor %}"
     with pytest.raises(ValueError, match="assistant_only_loss=True needs a chat template"):
         tokenize_sft(tokenizer, record, SFTConfig(assistant_only_loss=True), 0, "train_dataset")
-    with pytest.raises(ValueError, match="must have a string 'text'"):
+    with pytest.raises(ValueError, match="expected a string 'text'"):
         tokenize_sft(tokenizer, {"answer": "1"}, config, 3, "train_dataset")
 
 
