@@ -2,7 +2,7 @@
 the KTO loss out (TRL's ``KTOTrainer`` names, defaults and KL construction)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor, nn
@@ -85,8 +85,7 @@ class KTOConfig(TrainingConfig):
 
     @property
     def options(self) -> KTOOptions:
-        return KTOOptions(beta=self.beta, loss_type=self.loss_type, desirable_weight=self.desirable_weight,
-                          undesirable_weight=self.undesirable_weight)
+        return KTOOptions(**{f.name: getattr(self, f.name) for f in fields(KTOOptions)})
 
 
 class KTOTrainer(Trainer):
