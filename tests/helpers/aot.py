@@ -80,11 +80,18 @@ _CACHE: dict[str, tuple[BuildResult, ...]] = {}
 
 def compile_builds(builds: list[Build]) -> dict[Build, tuple[BuildResult, ...]]:
     """Compile every build not compiled yet in this session (in parallel subprocesses, one per CPU): a result per
-    distinct kernel launch of the build's case, in launch order."""
+    distinct kernel launch of the build's case, in launch order. Builds of one dtype, shape and arch go to the same
+    worker, which compiles a launch that several of them make (the matmuls of the deterministic backward...) once."""
     todo = sorted({b.to_json() for b in builds} - _CACHE.keys())
     if todo:
         workers = min(len(todo), os.cpu_count() or 1)
-        batches = [todo[i::workers] for i in range(workers)]
+        groups = collections.defaultdict(list)
+        for build in todo:
+            fields = json.loads(build)
+            groups[fields["dtype"], fields["shape"], fields["arch"]].append(build)
+        batches = [[] for _ in range(workers)]
+        for group in sorted(groups.values(), key=len, reverse=True):  # the largest first, to the emptiest worker
+            min(batches, key=len).extend(group)
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             for batch, results in zip(batches, pool.map(_compile_in_subprocess, batches)):
                 _CACHE.update(zip(batch, (tuple(BuildResult(**r) for r in launches) for launches in results)))
@@ -212,10 +219,19 @@ def _compile_one(kernel, target, options, signature: dict, constexprs: dict, att
 
 
 def _worker() -> None:
-    """JSON builds on stdin, one per line; a JSON list of results as the last stdout line."""
+    """JSON builds on stdin, one per line; a JSON list of results as the last stdout line. A launch that several
+    builds make is compiled once."""
     builds = [Build(**{**json.loads(line), "overrides": tuple(map(tuple, json.loads(line)["overrides"]))})
               for line in sys.stdin.read().splitlines() if line.strip()]
-    print(json.dumps([[_compile_one(*launch) for launch in _bind(b)] for b in builds]))
+    done: dict[tuple, dict] = {}
+
+    def compiled(kernel, target, options, signature, constexprs, attrs) -> dict:
+        key = (kernel.fn.__qualname__, target.arch, repr(options), repr(signature), repr(constexprs), repr(attrs))
+        if key not in done:
+            done[key] = _compile_one(kernel, target, options, signature, constexprs, attrs)
+        return done[key]
+
+    print(json.dumps([[compiled(*launch) for launch in _bind(b)] for b in builds]))
 
 
 if __name__ == "__main__":

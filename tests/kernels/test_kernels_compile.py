@@ -26,6 +26,12 @@ MAX_SHARED = {80: 163 * 1024, 90: 227 * 1024}  # opt-in shared memory per block,
 WANTED_DOT = {80: "mma", 90: "wgmma"}
 
 BUILDS = registered_builds()
+# The deliberately broken builds: registered launches with their launch options overridden.
+FMA_DOTS = [Build("logprobs_backward[d_hidden,d_weight]", "fp32", "llama", arch, (("DOT_PRECISION", "ieee"),))
+            for arch in ARCHS]  # fp32 dots forced onto FMA
+HUGE_TILE = Build("lse_forward[plain]", "bf16", "llama", 90, (("BLOCK_N", 256), ("BLOCK_V", 256), ("BLOCK_H", 64),
+                                                               ("num_warps", 4)))  # accumulator: 512 fp32/thread
+BROKEN = FMA_DOTS + [HUGE_TILE]
 
 
 def problems(build: Build, r: BuildResult) -> list[str]:
@@ -42,8 +48,9 @@ def problems(build: Build, r: BuildResult) -> list[str]:
 
 @pytest.fixture(scope="session")
 def compiled() -> dict:
-    """Every default build compiled once per session (in parallel; Triton's disk cache makes later sessions quick)."""
-    return compile_builds(BUILDS)
+    """Every default build compiled once per session (in parallel; Triton's disk cache makes later sessions quick),
+    in the same round of workers as the deliberately broken builds (`BROKEN`)."""
+    return {build: results for build, results in compile_builds(BUILDS + BROKEN).items() if build not in BROKEN}
 
 
 def build_id(b: Build) -> str:
@@ -83,16 +90,9 @@ def test_every_kernel_is_registered_and_built_as_the_runtime_binds_it(compiled):
                 assert r.dots and r.count("HMMA", "HGMMA") > 0
 
 
-# The deliberately broken builds: registered launches with their launch options overridden.
-FMA_DOTS = [Build("logprobs_backward[d_hidden,d_weight]", "fp32", "llama", arch, (("DOT_PRECISION", "ieee"),))
-            for arch in ARCHS]  # fp32 dots forced onto FMA
-HUGE_TILE = Build("lse_forward[plain]", "bf16", "llama", 90, (("BLOCK_N", 256), ("BLOCK_V", 256), ("BLOCK_H", 64),
-                                                               ("num_warps", 4)))  # accumulator: 512 fp32/thread
-
-
 @pytest.fixture(scope="module")
 def broken() -> dict:
-    return compile_builds(FMA_DOTS + [HUGE_TILE])
+    return compile_builds(BROKEN)
 
 
 @pytest.mark.parametrize("build", FMA_DOTS, ids=build_id)
