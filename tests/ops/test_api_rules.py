@@ -7,6 +7,7 @@ import torch
 
 import fastalign
 from fastalign import functional
+from helpers.cross_entropy import problem
 
 OPS = [getattr(functional, name) for name in fastalign.__all__ if name.startswith("fused_linear_")]
 
@@ -20,12 +21,9 @@ def test_bias_is_keyword_only(op):
 
 
 def _problem(dtype):
-    g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(3, 5, 8, generator=g, dtype=dtype, requires_grad=True)
-    weight = torch.randn(13, 8, generator=g, dtype=dtype, requires_grad=True)
-    targets = torch.randint(0, 13, (3, 5), generator=g)
-    targets[0, :2] = -100
-    return hidden, weight, targets, torch.randn(3, 5, generator=g, dtype=dtype)
+    """The cross-entropy tests' problem (``[3, 5]`` tokens, some ignored) with advantages ``[3, 5]``."""
+    hidden, weight, _, targets = problem(dtype=dtype)
+    return hidden.requires_grad_(), weight.requires_grad_(), targets, torch.linspace(-1, 1, 15, dtype=dtype).view(3, 5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
