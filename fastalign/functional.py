@@ -136,9 +136,9 @@ def fused_linear_ppo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_l
 
     Returns:
         ``PPOLossOutput(loss, metrics, logprobs, entropy, values)``: ``loss`` differentiable w.r.t. hidden,
-        weight, bias and the value head; the rest detached. Metrics use TRL's names (``policy/clipfrac``,
-        ``policy/approxkl``, ``objective/kl``, ``objective/entropy``, ``loss/policy``, ``loss/value``,
-        ``val/clipfrac``, ``val/vpred``, ``policy/ratio_mean`` ...).
+        weight, bias and the value head; the rest detached. Metrics: 0-d fp32 tensors (float64 for float64 inputs)
+        under TRL's names (``policy/clipfrac``, ``policy/approxkl``, ``objective/kl``, ``objective/entropy``,
+        ``loss/policy``, ``loss/value``, ``val/clipfrac``, ``val/vpred``, ``policy/ratio_mean`` ...).
     """
     if cu_seqlens is not None or position_ids is not None:
         validate_sequence_layout(hidden, targets, packed=True)
@@ -167,7 +167,8 @@ def fused_linear_ppo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_l
                                      mask, check_finite)
     with_entropy = entropy_coef != 0 if compute_entropy is None else require_bool("compute_entropy", compute_entropy)
     if entropy_coef != 0 and not with_entropy:
-        raise ValueError(f"compute_entropy: must not be False when entropy_coef != 0 (entropy_coef={entropy_coef})")
+        raise ValueError(f"compute_entropy: expected True when entropy_coef != 0 (entropy_coef={entropy_coef}), "
+                         "got False")
     return ppo_loss(inputs, opts, config, old_logprobs=old_logprobs, advantages=advantages, mask=mask,
                     ref_logprobs=ref_logprobs, value_head=value_head, num_tokens=num_tokens,
                     num_sequences=num_sequences, with_entropy=with_entropy, layout=layout)
@@ -324,7 +325,8 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, adva
                            logit_softcap: float | None = None, ignore_index: int = -100,
                            backend: str = "auto", chunk_size: int | None = None,
                            deterministic: bool | None = None, check_finite: bool = True,
-                           process_group=None, reduce_hidden_grad: bool = True) -> GRPOLossOutput:
+                           process_group=None, reduce_hidden_grad: bool = True,
+                           compute_entropy: bool = True) -> GRPOLossOutput:
     """GRPO-family loss from hidden states, with every option of TRL's ``GRPOTrainer``, without the logits.
 
     Semantics are TRL 1.16's ``GRPOTrainer._compute_loss`` term for term, for one process and without the division
@@ -373,6 +375,9 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, adva
         <= 1, ``beta`` < 0, ``off_policy_mask_threshold`` < 0; dr_grpo's ``max_completion_length`` must be at least
         the longest completion (TRL truncates to it).
         deterministic: as in :func:`fused_linear_logprobs`.
+        compute_entropy: compute the entropy (the ``entropy`` metric and output, as TRL logs it); False skips it
+            (``entropy`` None, no ``entropy`` metric), refused when ``entropy_coef != 0`` or
+            ``top_entropy_quantile < 1`` use it.
         temperature, logit_scale, logit_softcap, ignore_index, backend, chunk_size, check_finite, process_group,
         reduce_hidden_grad: as in
             :func:`fused_linear_logprobs` (vocab-parallel: every other argument the same on every rank).
@@ -404,7 +409,11 @@ def fused_linear_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, adva
         config, advantages=advantages, mask=mask, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
         importance_sampling_ratio=importance_sampling_ratio, sampling_logprobs=sampling_logprobs,
         num_items_in_batch=num_items_in_batch, ignore_index=int(ignore_index), check_finite=check_finite)
-    return fused_grpo_loss(inputs, opts, config, tokens, layout)
+    with_entropy = require_bool("compute_entropy", compute_entropy)
+    if config.uses_entropy and not with_entropy:
+        raise ValueError(f"compute_entropy: expected True when entropy_coef != 0 or top_entropy_quantile < 1 "
+                         f"(entropy_coef={entropy_coef}, top_entropy_quantile={top_entropy_quantile}), got False")
+    return fused_grpo_loss(inputs, opts, config, tokens, layout, with_entropy)
 
 
 def fused_linear_rloo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tensor, *,

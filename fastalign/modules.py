@@ -26,7 +26,7 @@ class FusedLinearLogProbs(nn.Module):
                             process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
 
     def forward(self, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None):
-        return fused_linear_logprobs(hidden, weight, targets, bias, **self.options)
+        return fused_linear_logprobs(hidden, weight, targets, bias=bias, **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launches import check_device, interpreting
+from .runtime import check_device, interpreting
 from .logprobs_backward import (WORKSPACE_BYTES, add_tile_grads, add_workspace_grads, grouped_tile,
                                 workspace_rows)
 from .lse_forward import (TileConfig, logit_tile, lse_forward_config, split_program, tiles_per_split, transform_args,

@@ -1,96 +1,29 @@
-"""Where the kernels may run (`check_device`, `interpreting`), which GPU their launchers tile for (`target_arch`), and
-the registry of every launch the launchers make.
+"""The registry of every launch the kernels' launchers make (`LAUNCHES`).
 
-The registry (`LAUNCHES`) is what the sm_80/sm_90 compile test (tests/test_kernels_compile.py) and the kernel table
+The registry is what the sm_80/sm_90 compile test (tests/kernels/test_kernels_compile.py) and the kernel table
 (docs/kernels.md) compile: each `LaunchCase` calls a public launcher with real tensors of a given dtype and
-`Shape`, under `capture_launches()`, which records the `kernel[grid](...)` calls instead of running them. The
+`Shape`, under `runtime.capture_launches()`, which records the `kernel[grid](...)` calls instead of running them. The
 compile test then binds the recorded arguments with Triton's own binder, so the signature, the constexprs and the
 divisibility / equal-to-1 specializations are those the runtime builds on a GPU for those tensors.
 
 A new kernel joins by adding one `_cases_*` function to `LAUNCHES`: a `LaunchCase` per flag combination its
 launcher can reach, the heaviest (every optional block on) and the commonest marked; the compile test fails on a
 `*_kernel` of `fastalign.kernels` that no case launches. A launcher whose tiles depend on the GPU asks
-`target_arch(device)`.
+`runtime.target_arch(device)`. This module sits on top of the kernel modules (it imports them); none imports it.
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
-import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import torch
 
-_captured: list | None = None  # the launches recorded by an active `capture_launches()`
-_capture_arch = 0  # the arch an active `capture_launches()` compiles for
-
-
-class KernelConfig:
-    """Base of the kernels' launch configs (frozen dataclasses): every field but ``num_warps`` and ``num_stages`` (the
-    launch options) is a constexpr of the kernel."""
-
-    def constexprs(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("num_warps", "num_stages")}
-
-    def launch_options(self) -> dict:
-        return {"num_warps": self.num_warps, "num_stages": self.num_stages, "enable_fp_fusion": True}
-
-
-def interpreting() -> bool:
-    """True under the Triton CPU interpreter (TRITON_INTERPRET=1 when the kernel modules were imported)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def check_device(device: torch.device) -> None:
-    """ValueError unless the kernels can run on `device`: CUDA, or any device under the interpreter (or during
-    `capture_launches`, which runs nothing)."""
-    if device.type != "cuda" and not interpreting() and _captured is None:
-        raise ValueError(f"fastalign.kernels: expected CUDA tensors (or TRITON_INTERPRET=1), got {device}")
-
-
-def target_arch(device: torch.device) -> int:
-    """The compute capability the launch compiles for, as 80 (A100) or 90 (H100): the CUDA device's, the one an
-    active `capture_launches(arch)` names, or 0 (the interpreter). The tile choices of the launchers depend on it."""
-    if _captured is not None:
-        return _capture_arch
-    if device.type != "cuda":
-        return 0
-    major, minor = torch.cuda.get_device_capability(device)
-    return 10 * major + minor
-
-
-class Launch(NamedTuple):
-    """One recorded `kernel[grid](*args, **kwargs)` call."""
-
-    kernel: object  # triton.runtime.jit.JITFunction
-    args: tuple
-    kwargs: dict
-
-
-@contextlib.contextmanager
-def capture_launches(arch: int):
-    """Record the kernel launches made inside the block (a list of `Launch`) instead of running them, the launchers
-    choosing their tiles for a GPU of compute capability `arch` (80, 90); their outputs stay unwritten. For AOT
-    compiles on a machine without a GPU, with TRITON_INTERPRET unset."""
-    from triton.runtime.jit import JITFunction
-
-    global _captured, _capture_arch
-    if interpreting():
-        raise RuntimeError("capture_launches: unset TRITON_INTERPRET (the interpreter launches no JITFunction)")
-    run = JITFunction.run
-    _captured = []
-
-    def record(self, *args, grid, warmup, **kwargs):
-        _captured.append(Launch(self, args, kwargs))
-
-    JITFunction.run = record
-    _capture_arch = arch
-    try:
-        yield _captured
-    finally:
-        JITFunction.run = run
-        _captured, _capture_arch = None, 0
+from .divergence import Head, HardLabels, divergence_backward, divergence_terms
+from .logprobs_backward import linear_logprobs_backward
+from .lse_forward import LsePartials, lse_forward_partials
+from .ppo_epilogue import KL_ESTIMATORS, ppo_epilogue
+from .row_stats import RowStatsSpec
 
 
 class Shape(NamedTuple):
@@ -131,9 +64,6 @@ def _lm_head(dtype: torch.dtype, shape: Shape, bias: bool):
 
 
 def _cases_lse_forward() -> list[LaunchCase]:
-    from .lse_forward import lse_forward_partials
-    from .row_stats import RowStatsSpec
-
     def case(bias: bool, stats: RowStatsSpec, softcap: bool, deterministic: bool) -> LaunchCase:
         def call(dtype: torch.dtype, shape: Shape) -> None:
             hidden, weight, b, targets = _lm_head(dtype, shape, bias)
@@ -152,8 +82,6 @@ def _cases_lse_forward() -> list[LaunchCase]:
 
 
 def _cases_logprobs_backward() -> list[LaunchCase]:
-    from .logprobs_backward import linear_logprobs_backward
-
     def case(bias: bool, entropy_grad: bool, softcap: bool, row_grads: bool, d_hidden: bool, d_weight: bool,
              d_bias: bool, deterministic: bool) -> LaunchCase:
         def call(dtype: torch.dtype, shape: Shape) -> None:
@@ -181,9 +109,6 @@ def _cases_logprobs_backward() -> list[LaunchCase]:
 
 
 def _cases_ppo_epilogue() -> list[LaunchCase]:
-    from .lse_forward import LsePartials
-    from .ppo_epilogue import KL_ESTIMATORS, ppo_epilogue
-
     def case(dual_clip: bool, kl_estimator: str | None, entropy: bool) -> LaunchCase:
         def call(dtype: torch.dtype, shape: Shape) -> None:
             splits = torch.empty(2, shape.n)
@@ -204,7 +129,6 @@ def _cases_ppo_epilogue() -> list[LaunchCase]:
 
 
 def _cases_divergence() -> list[LaunchCase]:
-    from .divergence import Head, HardLabels, divergence_backward, divergence_terms
 
     def heads(dtype: torch.dtype, shape: Shape, bias: bool, softcap: bool) -> tuple[Head, Head]:
         # The teacher twice as wide as the student (the bench's 512 / 1024), its transform the student's.
@@ -237,7 +161,7 @@ def _cases_divergence() -> list[LaunchCase]:
                           DTYPES, heaviest=all(flags.values()) and mode == "jsd")
 
     # Only the heaviest cases in bf16 are in the compile test's default builds (12 builds: each takes tens of
-    # seconds); `python tests/aot.py --sweep` builds the rest (docs/kernels.md), fp32 / fp16 by hand.
+    # seconds); `python tests/helpers/aot.py --sweep` builds the rest (docs/kernels.md), fp32 / fp16 by hand.
     BETAS, DTYPES = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": 0.5}, (torch.bfloat16,)
     return ([terms_case(bias, cap, mode, det) for bias, cap, det in itertools.product((False, True), repeat=3)
              for mode in BETAS] +

@@ -22,9 +22,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launches import check_device, interpreting, target_arch
 from .lse_forward import TileConfig, logit_tile, lse_forward_config, transform_args, transform_grad
 from .matmul import matmul_into
+from .runtime import check_device, interpreting, target_arch
 
 
 def logprobs_backward_config(dtype: torch.dtype, *, h: int, arch: int,

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launches import KernelConfig, check_device, interpreting
+from .runtime import KernelConfig, check_device, interpreting
 from .row_stats import RowStats, RowStatsSpec
 
 

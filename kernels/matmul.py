@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launches import KernelConfig, target_arch
+from .runtime import KernelConfig, target_arch
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ branches and clamps. The backward kernel (`logprobs_backward`) then takes them a
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -14,11 +15,27 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launches import check_device, interpreting
 from .lse_forward import LsePartials, merge_split_partials
-from .token_epilogue import token_epilogue_config
+from .runtime import KernelConfig, check_device, interpreting
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+@dataclass(frozen=True)
+class TokenEpilogueConfig(KernelConfig):
+    """Block size and launch options of the epilogue kernel (the compile test builds exactly these)."""
+
+    BLOCK_N: int
+    num_warps: int
+    num_stages: int
+
+
+def token_epilogue_config(interpret: bool = False) -> TokenEpilogueConfig:
+    """GPU config (4 tokens per thread); `interpret=True` gives small blocks, so that short test inputs still span
+    several programs."""
+    if interpret:
+        return TokenEpilogueConfig(16, num_warps=1, num_stages=1)
+    return TokenEpilogueConfig(512, num_warps=4, num_stages=1)
 
 
 @triton.jit
@@ -154,7 +171,7 @@ def ppo_epilogue(partials: LsePartials, targets: Tensor, old_logprobs: Tensor, a
     if kl_coef != 0 and ref_logprobs is None:
         raise ValueError(f"ref_logprobs: required when kl_coef != 0 (kl_coef={kl_coef}), got None")
     if entropy_coef != 0 and not with_entropy:
-        raise ValueError(f"with_entropy: must be True when entropy_coef != 0 (entropy_coef={entropy_coef})")
+        raise ValueError(f"with_entropy: expected True when entropy_coef != 0 (entropy_coef={entropy_coef}), got False")
     if with_entropy and partials.sum_ez is None:
         raise ValueError("partials.sum_ez: required with with_entropy (run lse_forward_partials with_entropy=True)")
     device, n = partials.max.device, partials.max.shape[1]

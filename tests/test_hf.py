@@ -66,7 +66,7 @@ def test_logprobs_from_hidden_match_the_models_logits(name):
     input_ids, attention_mask = batch()
     handle = fail_on_lm_head(model)
     parts = hf.causal_lm_parts(model, input_ids, attention_mask)
-    logprobs = fused_linear_logprobs(parts.hidden, parts.weight, parts.targets, parts.bias)
+    logprobs = fused_linear_logprobs(parts.hidden, parts.weight, parts.targets, bias=parts.bias)
     handle.remove()
     assert parts.hidden.shape == (2, 9, 32) and parts.targets.shape == (2, 9)
     assert torch.equal(parts.targets[0], input_ids[0, 1:])
@@ -80,7 +80,7 @@ def test_gradients_reach_the_backbone_and_the_tied_embedding():
     input_ids, attention_mask = batch()
     parts = hf.causal_lm_parts(model, input_ids, attention_mask)
     assert parts.weight is model.model.embed_tokens.weight
-    fused_linear_logprobs(parts.hidden, parts.weight, parts.targets, parts.bias).sum().backward()
+    fused_linear_logprobs(parts.hidden, parts.weight, parts.targets, bias=parts.bias).sum().backward()
     assert model.model.embed_tokens.weight.grad.abs().sum() > 0
     assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
 
@@ -92,7 +92,7 @@ def test_lm_head_bias_is_used():
     input_ids, attention_mask = batch()
     parts = hf.causal_lm_parts(model, input_ids, attention_mask)
     assert parts.bias is model.lm_head.bias
-    logprobs = fused_linear_logprobs(parts.hidden, parts.weight, parts.targets, parts.bias)
+    logprobs = fused_linear_logprobs(parts.hidden, parts.weight, parts.targets, bias=parts.bias)
     torch.testing.assert_close(logprobs, logits_logprobs(model, input_ids, attention_mask, parts.targets),
                                rtol=1e-5, atol=1e-5)
 
@@ -134,10 +134,11 @@ def test_transformed_logits_match_the_models_logits(name):
     input_ids, attention_mask = batch()
     parts = hf.causal_lm_parts(model, input_ids, attention_mask)
     assert parts.transform == EXPECTED_TRANSFORMS[name]
-    logprobs = fused_linear_logprobs(parts.hidden, parts.weight, parts.targets, parts.bias, **parts.transform._asdict())
+    logprobs = fused_linear_logprobs(parts.hidden, parts.weight, parts.targets, bias=parts.bias,
+                                     **parts.transform._asdict())
     torch.testing.assert_close(logprobs, logits_logprobs(model, input_ids, attention_mask, parts.targets),
                                rtol=1e-5, atol=1e-5)
-    plain = fused_linear_logprobs(parts.hidden, parts.weight, parts.targets, parts.bias)  # the transform matters
+    plain = fused_linear_logprobs(parts.hidden, parts.weight, parts.targets, bias=parts.bias)  # the transform matters
     assert (plain - logprobs).abs().max() > 0.1
 
 

@@ -12,11 +12,14 @@ import warnings
 import pytest
 
 from fastalign import functional, trainers
+from fastalign.objectives.distill import DistillConfig
 from fastalign.objectives.dpo import DPOOptions
 from fastalign.objectives.grpo import GRPOLossConfig
 from fastalign.objectives.kto import KTOOptions
 from fastalign.objectives.ppo import PPOLossConfig
 from fastalign.objectives.preference import CPOOptions
+from fastalign.objectives.rloo import RLOOOptions
+from fastalign.objectives.sft import CrossEntropyConfig
 
 trl = pytest.importorskip("trl")
 
@@ -38,7 +41,7 @@ def signature_defaults(fn) -> dict:
 def trl_config(name: str):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if name in ("CPOConfig", "ORPOConfig"):
+        if name in ("CPOConfig", "ORPOConfig", "DistillationConfig"):
             module = __import__(f"trl.experimental.{name[:-6].lower()}", fromlist=[name])
             return getattr(module, name)
         return getattr(trl, name)
@@ -64,14 +67,23 @@ FAMILIES = {  # options class, public op, trainer config (None: no trainer), its
     # the PPO trainer puts the KL in the rewards (TRL's PPO: kl_coef 0.05, k1); the loss' kl_coef is a loss term
     "ppo": (PPOLossConfig, functional.fused_linear_ppo_loss, "PPOConfig", {"kl_coef": 0.05, "kl_estimator": "k1"}),
     "cpo": (CPOOptions, functional.fused_linear_cpo_loss, None, {}),
+    "rloo": (RLOOOptions, functional.fused_linear_rloo_loss, "RLOOConfig", {}),
+    "sft": (CrossEntropyConfig, functional.fused_linear_cross_entropy, "SFTConfig", {}),
+    "distill": (DistillConfig, functional.fused_linear_distill_loss, "DistillationConfig", {}),
 }
-TRAINER_ONLY_LOSS_OPTIONS = {"ppo": {"entropy_coef", "loss_agg", "cliprange_high", "dual_clip"}}  # not exposed
+TRAINER_ONLY_LOSS_OPTIONS = {  # loss options a trainer does not expose (it keeps the objective's default)
+    "ppo": {"entropy_coef", "loss_agg", "cliprange_high", "dual_clip"},
+    "sft": {"reduction", "label_smoothing", "z_loss"},
+    "distill": {"hard_label_weight"},
+}
+NOT_OP_OPTIONS = {"rloo": {"beta", "num_generations", "normalize_advantages", "reward_clip_range"}}  # advantages'
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_op_signature_defaults_are_the_objectives(family):
     options, op, _, _ = FAMILIES[family]
-    same_defaults(field_defaults(options), signature_defaults(op), op.__name__)
+    source = {k: v for k, v in field_defaults(options).items() if k not in NOT_OP_OPTIONS.get(family, ())}
+    same_defaults(source, signature_defaults(op), op.__name__)
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if FAMILIES[f][2]])
@@ -81,14 +93,15 @@ def test_trainer_config_defaults_are_the_objectives(family):
     same_defaults(source, field_defaults(getattr(trainers, config)), f"fastalign.trainers.{config}", differ=differ)
 
 
-@pytest.mark.parametrize("family, config", [("grpo", "GRPOConfig"), ("dpo", "DPOConfig"), ("kto", "KTOConfig"),
-                                            ("cpo", "CPOConfig")])
-def test_objectives_defaults_are_trl_116(family, config):
+@pytest.mark.parametrize("family, config, shared", [
+    ("grpo", "GRPOConfig", 3), ("dpo", "DPOConfig", 3), ("kto", "KTOConfig", 3), ("cpo", "CPOConfig", 3),
+    ("rloo", "RLOOConfig", 6), ("sft", "SFTConfig", 1), ("distill", "DistillationConfig", 1)])
+def test_objectives_defaults_are_trl_116(family, config, shared):
     theirs = field_defaults(trl_config(config))
     if family == "dpo":  # TRL keeps loss_type as a list
         theirs["loss_type"] = theirs["loss_type"][0] if len(theirs["loss_type"]) == 1 else tuple(theirs["loss_type"])
     ours = {k: v for k, v in field_defaults(FAMILIES[family][0]).items() if k in theirs}
-    assert len(ours) >= 3
+    assert len(ours) >= shared
     differ = {"max_completion_length": None} if family == "grpo" else {}  # the op's dr_grpo normalizer: required
     same_defaults(ours, theirs, f"trl.{config}", differ={k: theirs[k] for k in differ})
     for name, value in differ.items():
@@ -106,3 +119,23 @@ def test_trainer_defaults_are_trl_116():
         assert ours[name] == theirs[name], f"GRPOConfig.{name}: {ours[name]!r}, TRL 1.16 {theirs[name]!r}"
     assert field_defaults(trl_config("ORPOConfig"))["beta"] == signature_defaults(
         functional.fused_linear_orpo_loss)["beta"]
+
+
+# a trainer config's property that builds its loss options, and the names it leaves out on purpose
+LOSS_OPTIONS = {"DPOConfig": ("options", ()), "KTOConfig": ("options", ()), "GRPOConfig": ("loss_config", ()),
+                "RLOOConfig": ("options", ()), "PPOConfig": ("loss_config", ("kl_coef", "kl_estimator"))}
+
+
+@pytest.mark.parametrize("config", LOSS_OPTIONS)
+def test_trainer_configs_hand_every_loss_option_on(config, tmp_path):
+    """Each field a trainer config shares with its loss options reaches them: a changed value (every number of the
+    config moved) arrives, none is dropped or rebuilt by hand."""
+    cls, (prop, left_out) = getattr(trainers, config), LOSS_OPTIONS[config]
+    defaults = field_defaults(cls)
+    options = getattr(cls(output_dir=str(tmp_path)), prop)
+    shared = [f.name for f in dataclasses.fields(options) if f.name in defaults and f.name not in left_out]
+    moved = {n: defaults[n] * 0.5 + 0.25 for n in shared
+             if isinstance(defaults[n], float) and not isinstance(defaults[n], bool)}
+    assert len(moved) >= 2, (config, shared)
+    options = getattr(cls(output_dir=str(tmp_path), **moved), prop)
+    assert {n: getattr(options, n) for n in shared} == {n: moved.get(n, defaults[n]) for n in shared}

@@ -39,7 +39,7 @@ def make_logprob_inputs(problem: Problem) -> LogprobInputs:
 
 def fused_logprobs(x: LogprobInputs, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``[N]`` log-probs from the fused op."""
-    return fused_linear_logprobs(hidden, weight, x.targets, bias, backend=x.backend)
+    return fused_linear_logprobs(hidden, weight, x.targets, bias=bias, backend=x.backend)
 
 
 def naive_logprobs(x: LogprobInputs, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

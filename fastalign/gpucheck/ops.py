@@ -38,8 +38,8 @@ def _seq_logps(targets: Tensor, vocab: int, gen: torch.Generator) -> Tensor:
 
 
 def _logprobs(hidden, weight, bias, targets, x, **options):
-    logprobs, entropy = F.fused_linear_logprobs(hidden, weight, targets, bias, temperature=0.7, return_entropy=True,
-                                                **options)
+    logprobs, entropy = F.fused_linear_logprobs(hidden, weight, targets, bias=bias, temperature=0.7,
+                                                return_entropy=True, **options)
     return {"loss": (logprobs * x["grad_logprobs"]).sum() + (entropy * x["grad_entropy"]).sum(),
             "logprobs": logprobs, "entropy": entropy}
 
@@ -67,7 +67,7 @@ def _rloo(hidden, weight, bias, targets, x, **options):
 
 
 def _ce(hidden, weight, bias, targets, x, **options):
-    out = F.fused_linear_cross_entropy(hidden, weight, targets, bias, label_smoothing=0.1, z_loss=1e-3,
+    out = F.fused_linear_cross_entropy(hidden, weight, targets, bias=bias, label_smoothing=0.1, z_loss=1e-3,
                                        temperature=0.7, **options)
     return {"loss": out.loss, "logprobs": out.logprobs, "lse": out.lse}
 

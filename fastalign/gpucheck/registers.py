@@ -1,6 +1,6 @@
 """Part 2 of the GPU check: the registers and spills of the kernels the check actually ran (``kernel.n_regs``,
 ``kernel.n_spills`` of each compiled specialization in Triton's cache) against the ahead-of-time compile's table
-(docs/kernels.md, written by ``python tests/aot.py``): per kernel, dtype and arch, the range of registers of the
+(docs/kernels.md, written by ``python tests/helpers/aot.py``): per kernel, dtype and arch, the range of registers of the
 builds there. A spill fails; registers outside the table's range are reported (the table holds the heaviest and
 commonest flag combinations, the run may take others)."""
 from __future__ import annotations

@@ -31,7 +31,7 @@ def _installed(module: str) -> bool:
 
 def _fused_logprobs(backend: str, deterministic: bool) -> bench.VariantFactory:
     return bench.logprobs_forward_backward(
-        lambda x, hidden, weight, bias: fused_linear_logprobs(hidden, weight, x.targets, bias, backend=backend,
+        lambda x, hidden, weight, bias: fused_linear_logprobs(hidden, weight, x.targets, bias=bias, backend=backend,
                                                               deterministic=deterministic),
         train_weight=True)
 

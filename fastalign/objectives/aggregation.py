@@ -20,7 +20,7 @@ Normalizer = int | float | torch.Tensor
 def check_loss_agg(loss_agg: str) -> None:
     """Raise ``ValueError`` unless ``loss_agg`` is one of ``LOSS_AGG_MODES``."""
     if loss_agg not in LOSS_AGG_MODES:
-        raise ValueError(f"loss_agg must be one of {LOSS_AGG_MODES}, got {loss_agg!r}")
+        raise ValueError(f"loss_agg: expected one of {LOSS_AGG_MODES}, got {loss_agg!r}")
 
 
 def _nonzero_or_one(x: torch.Tensor) -> torch.Tensor:
@@ -61,7 +61,7 @@ def _check_normalizer(name: str, value: Normalizer | None, loss_agg: str, applie
     if torch.compiler.is_compiling():  # the value checks below sync: not in a compiled graph
         return
     if float(value) <= 0:
-        raise ValueError(f"{name} must be positive, got {float(value)}")
+        raise ValueError(f"{name}: expected a positive number, got {float(value)}")
     own = int(local_normalizer(mask, loss_agg))
     if float(value) < own:
         what = "unmasked tokens" if loss_agg == "token-mean" else "sequences with an unmasked token"

@@ -27,16 +27,16 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 
 def _check_clip_args(cliprange: float, cliprange_high: float | None, dual_clip: float | None) -> None:
     if not cliprange >= 0:
-        raise ValueError(f"cliprange must be >= 0, got {cliprange}")
+        raise ValueError(f"cliprange: expected a number >= 0, got {cliprange}")
     if cliprange_high is not None and not cliprange_high >= 0:
-        raise ValueError(f"cliprange_high must be >= 0 or None, got {cliprange_high}")
+        raise ValueError(f"cliprange_high: expected a number >= 0 or None, got {cliprange_high}")
     if dual_clip is not None and not dual_clip > 1:
-        raise ValueError(f"dual_clip must be > 1 or None, got {dual_clip}")
+        raise ValueError(f"dual_clip: expected a number > 1 or None, got {dual_clip}")
 
 
 def _check_kl_estimator(estimator: str) -> None:
     if estimator not in KL_ESTIMATORS:
-        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+        raise ValueError(f"kl_estimator: expected one of {KL_ESTIMATORS}, got {estimator!r}")
 
 
 def policy_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor) -> torch.Tensor:
@@ -113,7 +113,7 @@ def clipped_value_loss(
     ``loss = 0.5 max((v - R)^2, (clip(v, v_old - c, v_old + c) - R)^2)``, ``c = cliprange_value``.
     """
     if not cliprange_value >= 0:
-        raise ValueError(f"cliprange_value must be >= 0, got {cliprange_value}")
+        raise ValueError(f"cliprange_value: expected a number >= 0, got {cliprange_value}")
     values_clipped = torch.clamp(values, old_values - cliprange_value, old_values + cliprange_value)
     unclipped_loss = (values - returns) ** 2
     clipped_loss = (values_clipped - returns) ** 2
@@ -163,10 +163,10 @@ class PPOLossConfig:
         _check_kl_estimator(self.kl_estimator)
         check_loss_agg(self.loss_agg)
         if not self.cliprange_value >= 0:
-            raise ValueError(f"cliprange_value must be >= 0, got {self.cliprange_value}")
+            raise ValueError(f"cliprange_value: expected a number >= 0, got {self.cliprange_value}")
         for name in ("kl_coef", "entropy_coef", "vf_coef"):
             if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name} must be finite, got {getattr(self, name)}")
+                raise ValueError(f"{name}: expected a finite number, got {getattr(self, name)}")
         for name in ("kl_coef", "vf_coef"):  # a negative weight rewards the KL / the value error (TRL: >= 0)
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected a number >= 0, got {getattr(self, name)}")
@@ -246,7 +246,8 @@ def policy_loss_value(tokens: PPOTokens, config: PPOLossConfig, logprobs: Tensor
 
 def ppo_metrics(tokens: PPOTokens, config: PPOLossConfig, mask: Tensor, logprobs: Tensor, entropy: Tensor | None,
                 value_terms: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Detached scalar metrics under TRL's names, masked means over the response tokens."""
+    """Detached scalar metrics under TRL's names, masked means over the response tokens: fp32 (float64 for float64
+    log-probs), as every op's metrics."""
     parts = ppo_token_losses(logprobs, tokens.old_logprobs, tokens.advantages, config,
                              ref_logprobs=tokens.ref_logprobs, entropy=entropy)
     log_ratio = logprobs - tokens.old_logprobs
@@ -263,7 +264,8 @@ def ppo_metrics(tokens: PPOTokens, config: PPOLossConfig, mask: Tensor, logprobs
     if entropy is not None:
         metrics["objective/entropy"] = masked_mean(entropy, mask)
     metrics.update(value_terms)
-    return {k: v.detach().float() for k, v in metrics.items()}
+    dtype = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
+    return {k: v.detach().to(dtype) for k, v in metrics.items()}
 
 
 class ValueHeadInputs(NamedTuple):

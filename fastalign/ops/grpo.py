@@ -31,7 +31,7 @@ class GRPOLossOutput(NamedTuple):
     loss: Tensor  # scalar, differentiable w.r.t. hidden, weight and bias
     metrics: dict[str, Tensor]  # detached 0-d fp32 tensors (float64 for float64 inputs), TRL names
     logprobs: Tensor  # [B, T] detached fp32 log-probs (0 outside the completion mask)
-    entropy: Tensor  # [B, T] detached fp32 entropy (0 outside the completion mask)
+    entropy: Tensor | None  # [B, T] detached fp32 entropy (0 outside the completion mask), when computed
 
 
 class GRPOInputs(NamedTuple):
@@ -121,9 +121,10 @@ def validate_grpo_inputs(targets: Tensor, num_sequences: int, dtype: torch.dtype
 
 
 def fused_grpo_loss(inputs: LinearInputs, opts: LinearOptions, config: GRPOLossConfig, tokens: GRPOInputs,
-                    layout: PackedLayout | None = None) -> GRPOLossOutput:
+                    layout: PackedLayout | None = None, with_entropy: bool = True) -> GRPOLossOutput:
     """The fused GRPO loss on validated inputs: ``inputs.lead_shape == (B, T)`` (padded), or N packed rows with
-    their ``layout``; ``tokens`` in the layout of ``targets``."""
+    their ``layout``; ``tokens`` in the layout of ``targets``. ``with_entropy=False`` (the loss must not use the
+    entropy) skips the entropy statistic and its metric."""
     tokens = tokens.padded(layout)
     # TRL truncates every completion to max_completion_length
     if config.loss_type == "dr_grpo" and not torch.compiler.is_compiling():
@@ -149,7 +150,7 @@ def fused_grpo_loss(inputs: LinearInputs, opts: LinearOptions, config: GRPOLossC
                          num_items_in_batch=tokens.num_items_in_batch,
                          totals=totals._replace(sequence_tokens=totals.sequence_tokens[sequences]))
 
-    out = fused_completion_loss(inputs, opts, tokens.mask, loss_of, config.coupling, layout)
+    out = fused_completion_loss(inputs, opts, tokens.mask, loss_of, config.coupling, layout, with_entropy)
     return GRPOLossOutput(out.loss, out.result.metrics, out.logprobs, out.entropy)
 
 
@@ -168,18 +169,19 @@ class CompletionLoss(NamedTuple):
     loss: Tensor  # scalar, differentiable w.r.t. hidden, weight and bias
     result: NamedTuple  # the objective's output on the detached log-probs and entropy (its metrics...)
     logprobs: Tensor  # [B, T] (packed: [N]) detached, 0 outside the completion mask
-    entropy: Tensor
+    entropy: Tensor | None  # the same, when computed
 
 
 def fused_completion_loss(inputs: LinearInputs, opts: LinearOptions, mask: Tensor, loss_of, coupling: str,
-                          layout: PackedLayout | None = None) -> CompletionLoss:
+                          layout: PackedLayout | None = None, with_entropy: bool = True) -> CompletionLoss:
     """A loss of the completion tokens' log-probs and entropy in the padded ``[S, T]`` layout, through the engine:
     ``loss_of(logprobs [S, T], entropy [S, T], part=None)`` returns the objective's output (with ``.loss`` and
     ``.metrics``); in the one-pass plan, once per chunk, ``loss_of(logprobs [S', T], entropy [S', T], part)`` of
     the chunk's sequences (``CompletionPart``) must return their terms over the whole batch's normalizers.
     ``mask [S, T]`` (bool) the completion tokens (``targets`` not ignored), ``coupling`` what one token's gradient
     depends on (``"token"``, ``"sequence"``: whole sequences per chunk, ``"batch"``: two passes). ``inputs`` are
-    ``[S, T]`` rows, or N packed rows with their ``layout``."""
+    ``[S, T]`` rows, or N packed rows with their ``layout``. ``with_entropy=False``: ``loss_of`` gets None for the
+    entropy, which is not computed."""
     shape = mask.shape  # [S, T]
     compiling = torch.compiler.is_compiling()
     if compiling and layout is not None:  # every packed row, in packed order: the loss masks them
@@ -217,10 +219,11 @@ def fused_completion_loss(inputs: LinearInputs, opts: LinearOptions, mask: Tenso
 
     engine_coupling = {"token": "token", "sequence": lengths, "batch": None}[coupling]
     out = fused_rows_loss(inputs, opts, loss_fn, rows=rows, coupling=engine_coupling,
-                          groups=lengths if coupling == "token" else None, spec=RowStatsSpec(entropy=True))
+                          groups=lengths if coupling == "token" else None, spec=RowStatsSpec(entropy=with_entropy))
     logprobs, entropy = as_batch(out.logprobs), as_batch(out.entropy)
     with torch.no_grad():
         result = loss_of(logprobs, entropy)  # fp32 (float64 for float64 inputs)
     if layout is not None:
-        logprobs, entropy = layout.to_packed(logprobs), layout.to_packed(entropy)
-    return CompletionLoss(out.loss, result, logprobs.view(inputs.lead_shape), entropy.view(inputs.lead_shape))
+        logprobs, entropy = layout.to_packed(logprobs), None if entropy is None else layout.to_packed(entropy)
+    return CompletionLoss(out.loss, result, logprobs.view(inputs.lead_shape),
+                          None if entropy is None else entropy.view(inputs.lead_shape))

@@ -103,7 +103,7 @@ def ppo_loss(inputs: LinearInputs, opts: LinearOptions, config: PPOLossConfig, *
         value_metrics, values = vt.metrics, vt.values.reshape(value_head.old_values.shape)
     with torch.no_grad():
         metrics = ppo_metrics(tokens, config, flat_mask, logprobs, entropy, value_metrics)
-        metrics["loss/total"] = loss.detach().float()
+        metrics["loss/total"] = loss.detach().to(dtype)
     shape = inputs.lead_shape
     return PPOLossOutput(loss, metrics, logprobs.view(shape),
                          None if entropy is None else entropy.view(shape), values)

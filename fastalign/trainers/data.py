@@ -67,7 +67,7 @@ def check_preference_records(records: list, data, name: str) -> list[dict[str, s
     for i, record in enumerate(records):
         if not isinstance(record, dict) or not all(isinstance(record.get(k), str)
                                                    for k in ("prompt", "chosen", "rejected")):
-            raise ValueError(f"{record_name(data, name, i)} must have string fields 'prompt', 'chosen' and "
+            raise ValueError(f"{record_name(data, name, i)}: expected string fields 'prompt', 'chosen' and "
                              f"'rejected', got {record!r:.200}")
         check_nonempty(data, name, i, "chosen", record["chosen"])
     return records
@@ -83,7 +83,7 @@ def load_ranked_data(data, num_responses: int, name: str = "train_dataset") -> l
         completions = record.get("completions") if isinstance(record, dict) else None
         if not (isinstance(record, dict) and isinstance(record.get("prompt"), str) and isinstance(completions, list)
                 and len(completions) == num_responses and all(isinstance(c, str) for c in completions)):
-            raise ValueError(f"{record_name(data, name, i)} must have a string 'prompt' and 'completions', a list "
+            raise ValueError(f"{record_name(data, name, i)}: expected a string 'prompt' and 'completions', a list "
                              f"of {num_responses} strings (best first), got {record!r:.200}")
         check_nonempty(data, name, i, "completions[0]", completions[0])
     return records
@@ -97,7 +97,8 @@ def load_prompts(data, name: str = "prompts") -> list[str]:
     prompts = [r.get("prompt") if isinstance(r, dict) else r for r in records]
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
-            raise ValueError(f"{name}: item {i} must be a string or have a string 'prompt', got {records[i]!r:.200}")
+            raise ValueError(f"{name}: item {i}: expected a string or a dict with a string 'prompt', "
+                             f"got {records[i]!r:.200}")
     return prompts
 
 

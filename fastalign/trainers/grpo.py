@@ -318,9 +318,9 @@ class GRPOTrainer(SamplingTrainer):
         micro, world = c.per_device_train_batch_size, distributed.world_size()
         local = micro * c.gradient_accumulation_steps
         if local * world % c.num_generations:
-            raise ValueError(f"{type(c).__name__}.num_generations: the step's {local * world} completions "
-                             f"(per_device_train_batch_size x gradient_accumulation_steps x {world} process(es)) must "
-                             f"be a multiple of num_generations, got {c.num_generations}")
+            raise ValueError(f"{type(c).__name__}.num_generations: expected a divisor of the step's {local * world} "
+                             f"completions (per_device_train_batch_size x gradient_accumulation_steps x {world} "
+                             f"process(es)), got {c.num_generations}")
         groups = local * world // c.num_generations
         per_epoch = steps_per_epoch(len(self.prompts), groups, "prompts")
         total = c.total_steps(per_epoch)

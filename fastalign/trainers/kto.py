@@ -2,7 +2,7 @@
 the KTO loss out (TRL's ``KTOTrainer`` names, defaults and KL construction)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +39,7 @@ def load_unpaired_data(data, name: str = "train_dataset") -> list[dict]:
     for i, r in enumerate(records):
         if not (isinstance(r, dict) and isinstance(r.get("prompt"), str) and isinstance(r.get("completion"), str)
                 and isinstance(r.get("label"), bool)):
-            raise ValueError(f"{record_name(data, name, i)} must have string fields 'prompt' and 'completion' and "
+            raise ValueError(f"{record_name(data, name, i)}: expected string fields 'prompt' and 'completion' and "
                              f"a bool 'label', got {r!r:.200}")
         if r["label"]:
             check_nonempty(data, name, i, "completion", r["completion"])
@@ -85,8 +85,7 @@ class KTOConfig(TrainingConfig):
 
     @property
     def options(self) -> KTOOptions:
-        return KTOOptions(beta=self.beta, loss_type=self.loss_type, desirable_weight=self.desirable_weight,
-                          undesirable_weight=self.undesirable_weight)
+        return KTOOptions(**{f.name: getattr(self, f.name) for f in fields(KTOOptions)})
 
 
 class KTOTrainer(Trainer):

@@ -97,7 +97,7 @@ def token_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets:
     transform (``hf.logit_transform``), as every loss here takes it."""
     hidden, targets = unpacked(packed, hidden, targets)
     if backend == "fused":
-        return fused_linear_logprobs(hidden, weight, targets, bias, temperature=temperature,
+        return fused_linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
                                      return_entropy=return_entropy, check_finite=False, deterministic=deterministic,
                                      **transform._asdict())
     return materialized_logprobs(hidden, weight, bias, targets, temperature=temperature,
@@ -116,14 +116,10 @@ def dpo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tenso
     ``num_pairs``, ``num_chosen_tokens``: divisors of the pair losses' sum and of the chosen NLL (default: this
     batch's groups and chosen tokens, the means)."""
     if backend == "fused":
-        o = options
         out = fused_linear_dpo_loss(
-            hidden, weight, targets, bias=bias, ref_logps=ref_logps, beta=o.beta, loss_type=o.loss_type,
-            loss_weights=o.loss_weights, label_smoothing=o.label_smoothing, f_divergence_type=o.f_divergence_type,
-            f_alpha_divergence_coef=o.f_alpha_divergence_coef, discopop_tau=o.discopop_tau, ld_alpha=o.ld_alpha,
-            use_weighting=o.use_weighting, num_responses=o.num_responses, rpo_alpha=o.rpo_alpha,
-            reference_free=o.reference_free, num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens,
-            check_finite=False, **layout_of(packed), **transform._asdict())
+            hidden, weight, targets, bias=bias, ref_logps=ref_logps, num_pairs=num_pairs,
+            num_chosen_tokens=num_chosen_tokens, check_finite=False, **asdict(options), **layout_of(packed),
+            **transform._asdict())
         return out.loss, out.metrics
     hidden, targets = unpacked(packed, hidden, targets)
     logp = torch.log_softmax(materialized_logits(hidden, weight, bias, transform), dim=-1)
@@ -148,11 +144,10 @@ def ppo_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tenso
     op's log-probs are batch-invariant (``deterministic``) for one set of row statistics, not across sets."""
     if backend == "fused":
         out = fused_linear_ppo_loss(
-            hidden, weight, targets, old_logprobs, advantages, bias=bias, cliprange=config.cliprange,
-            value_head_weight=value_head.weight, value_head_bias=value_head.bias, old_values=old_values,
-            returns=returns, cliprange_value=config.cliprange_value, vf_coef=config.vf_coef,
-            temperature=temperature, num_tokens=num_tokens, compute_entropy=True, check_finite=False,
-            deterministic=deterministic, **layout_of(packed), **transform._asdict())
+            hidden, weight, targets, old_logprobs, advantages, bias=bias, value_head_weight=value_head.weight,
+            value_head_bias=value_head.bias, old_values=old_values, returns=returns, temperature=temperature,
+            num_tokens=num_tokens, compute_entropy=True, check_finite=False, deterministic=deterministic,
+            **asdict(config), **layout_of(packed), **transform._asdict())
         return out.loss, out.metrics
     hidden, targets, old_logprobs, advantages, old_values, returns = unpacked(
         packed, hidden, targets, old_logprobs, advantages, old_values, returns)
@@ -217,10 +212,8 @@ def kto_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tenso
     (``kto_kl``; None for ``apo_zero_unpaired``). ``num_examples``: divisor of the losses' sum (default ``B``)."""
     if backend == "fused":
         out = fused_linear_kto_loss(hidden, weight, targets, labels, ref_logps=ref_logps, kl=kl, bias=bias,
-                                    beta=options.beta, desirable_weight=options.desirable_weight,
-                                    undesirable_weight=options.undesirable_weight, loss_type=options.loss_type,
-                                    num_examples=num_examples, check_finite=False, **layout_of(packed),
-                                    **transform._asdict())
+                                    num_examples=num_examples, check_finite=False, **asdict(options),
+                                    **layout_of(packed), **transform._asdict())
         return out.loss, out.metrics
     hidden, targets = unpacked(packed, hidden, targets)
     logps = materialized_logprobs(hidden, weight, bias, targets, transform=transform).sum(-1)  # 0 off the completion
@@ -257,7 +250,7 @@ def sft_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tenso
     (default: their count, the mean). ``transform``: the model's logit transform (``hf.logit_transform``)."""
     reduction = "mean" if num_items_in_batch is None else "sum"
     if backend == "fused":
-        out = fused_linear_cross_entropy(hidden, weight, targets, bias, reduction=reduction, loss_type=loss_type,
+        out = fused_linear_cross_entropy(hidden, weight, targets, bias=bias, reduction=reduction, loss_type=loss_type,
                                          label_smoothing=label_smoothing, check_finite=False, **transform._asdict())
         loss, metrics = out.loss, out.metrics
     else:

@@ -1,7 +1,7 @@
 """PPO trainer: prompts and a reward in, a policy with a shared-backbone value head out (TRL's names)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import torch
@@ -64,8 +64,10 @@ class PPOConfig(SamplingConfig):
 
     @property
     def loss_config(self) -> PPOLossConfig:
-        """The loss options (the KL penalty is in the rewards, not in the loss)."""
-        return PPOLossConfig(cliprange=self.cliprange, cliprange_value=self.cliprange_value, vf_coef=self.vf_coef)
+        """The loss options: the fields of the same names but the KL ones (the KL penalty is in the rewards, not in
+        the loss)."""
+        return PPOLossConfig(**{f.name: getattr(self, f.name) for f in fields(PPOLossConfig)
+                                if hasattr(self, f.name) and f.name not in ("kl_coef", "kl_estimator")})
 
 
 class Rollout(NamedTuple):

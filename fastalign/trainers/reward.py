@@ -83,7 +83,7 @@ class RewardTrainer(Trainer):
         for i, record in enumerate(load_preference_data(dataset, name)):
             margin = record.get("margin", 0.0)
             if isinstance(margin, bool) or not isinstance(margin, (int, float)):
-                raise ValueError(f"{name}: record {i}: 'margin' must be a number, got {margin!r:.100}")
+                raise ValueError(f"{name}: record {i}: 'margin': expected a number, got {margin!r:.100}")
             tokens = tokenize_ranking(self.tokenizer, record["prompt"], [record["chosen"], record["rejected"]],
                                       None, None)
             if max_length is None or max(len(tokens.prompt) + len(r) for r in tokens.responses) <= max_length:

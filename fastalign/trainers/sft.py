@@ -69,7 +69,7 @@ def tokenize_sft(tokenizer, record, config: SFTConfig, index: int, name: str) ->
     completion (as TRL)."""
     eos = [tokenizer.eos_token_id]
     if not isinstance(record, dict):
-        raise ValueError(f"{name}: record {index} must be a dict, got {record!r:.200}")
+        raise ValueError(f"{name}: record {index}: expected a dict, got {record!r:.200}")
     if isinstance(record.get("messages"), list):
         ids, labels = _tokenize_messages(tokenizer, record["messages"], config, index, name)
     elif isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
@@ -82,7 +82,7 @@ def tokenize_sft(tokenizer, record, config: SFTConfig, index: int, name: str) ->
         ids = tokenizer(record[config.dataset_text_field])["input_ids"] + eos
         labels = ids
     else:
-        raise ValueError(f"{name}: record {index} must have a string {config.dataset_text_field!r}, string 'prompt' "
+        raise ValueError(f"{name}: record {index}: expected a string {config.dataset_text_field!r}, string 'prompt' "
                          f"and 'completion', or a list 'messages', got {record!r:.200}")
     limit = config.max_length or len(ids)
     return SFTTokens(ids[:limit], labels[:limit])

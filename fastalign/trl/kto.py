@@ -61,8 +61,8 @@ class KTOTrainer(FusedLoss, trl.KTOTrainer):
                                         undesirable_weight=self.undesirable_weight, loss_type=self.loss_type,
                                         vocab_metrics=True, **transform, **options)
             with torch.no_grad():
-                _, entropy = fused_linear_logprobs(hidden, weight, targets, bias, return_entropy=True, **transform,
-                                                   **options)
+                _, entropy = fused_linear_logprobs(hidden, weight, targets, bias=bias, return_entropy=True,
+                                                   **transform, **options)
             return out, entropy
 
         out, entropy = model(**model_kwargs, labels=completion_labels, fastalign_loss=kto_loss)
