@@ -13,6 +13,9 @@ from .harness import ISSUE_PROBLEM, QUICK_PROBLEM, REGISTRY, Problem, memory_wor
 from .ppo import PPO_SEQUENCES
 from .train_long import TRAIN_LONG_LAYERS
 
+DESCRIPTION = ("Benchmark harness: each fused op against naive PyTorch and plain-matmul floors, in time and extra peak "
+               "memory.")
+
 
 ALL_OPS = ("logprobs", "ppo", "grpo", "dpo")
 """What ``--op all`` runs, in order (not ``dpo-long-pair`` nor ``train-long``: their reference variants need over
@@ -102,9 +105,7 @@ def run_from_arguments(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import __doc__ as package_doc
-
-    parser = argparse.ArgumentParser(prog="python -m fastalign.bench", description=package_doc.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fastalign.bench", description=DESCRIPTION)
     add_bench_arguments(parser)
     parser.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)

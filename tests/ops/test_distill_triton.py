@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bf16_interpreter import bf16_interpreter  # noqa: F401 (fixture)
+from helpers.bf16_interpreter import bf16_interpreter  # noqa: F401 (fixture)
 from conftest import BACKENDS
 from fastalign import fused_linear_distill_loss
 from fastalign.ops import torch_backend
