@@ -1,6 +1,6 @@
 # Two entry points, both doing their own set-up in .venv (idempotent: a second run skips what is installed).
 #   make demo   - the main job
-#   make test   - the whole test suite (what CI runs)
+#   make test   - the whole test suite (what CI runs), on two pytest-xdist workers
 #   make gpu-check - on a GPU machine, what only a GPU can settle (report in fastalign-gpu-check/)
 # The venv sees the system site-packages, so an existing torch (e.g. a CUDA build) is kept; only when no torch is
 # importable is torch==2.13.0 installed (the CPU build on this kind of machine).
@@ -30,4 +30,4 @@ gpu-check: setup
 	$(VENV)/bin/fastalign gpu-check $(ARGS)
 
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2
