@@ -28,6 +28,7 @@ the one-hot term densely (no accumulating ``index_put_``, non-deterministic on C
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -65,13 +66,16 @@ TILE_ROWS = 512
 """Block shape on CPU: a ``[512, 4096]`` fp32 block of logits (8 MiB) is still in cache for the elementwise passes
 after its matmul; a whole ``[chunk, V]`` block (64 MiB) streams from DRAM in each."""
 PAIR_BUDGET_CHUNKS = 8
-"""Chunk budgets a chunk of ``linear_pair_fused`` may take (384 MiB by default: 614 rows at V = 32k, 153 at 128k;
-as the engine's ``GROUP_BUDGET_CHUNKS`` for whole groups): its rows are whole ``[rows, V]`` rows of two heads, and
-on this project's AMD EPYC (loaded) its four matmuls took 2.4x the time at 61 rows (one budget) than at 512, 1.25x
-at 256; the op at N=2048 took 1.38-1.53x the 4-matmul floor at 8 budgets, 1.67-1.77x at 4."""
+"""Chunk budgets a chunk of ``linear_pair_fused`` may take (384 MiB by default: the two heads' ``[rows, V]`` logits
+of 1536 rows at V = 32k, 384 at 128k; as the engine's ``GROUP_BUDGET_CHUNKS`` for whole groups): on this project's
+AMD EPYC (quiet, N=4096, 2026-12-07) the op took 1.14x the 4-matmul floor at 8 budgets, 1.19x at 4, 1.22x at 2."""
+PAIR_PART_BYTES = 8 << 20
+"""Bytes of the ``[rows, V]`` buffers (five or six) the elementwise work of ``linear_pair_fused`` walks at a time: a
+chunk's rows are many for its matmuls, its dozen elementwise passes run on parts that stay in the CPU's cache (on
+the AMD EPYC, 32 MiB of L3: 1.32x the floor in parts of 1 MiB, 1.04-1.06x at 4 to 16 MiB, 1.27x in whole chunks)."""
 PAIR_BLOCK_ROWS = 64
-"""Rows of every chunk of ``linear_pair_fused`` in deterministic mode: whole ``[rows, V]`` rows of two heads, six
-or seven buffers (56 MiB at V = 32k, 220 MiB at V = 128k), so fewer rows than ``BLOCK_ROWS``."""
+"""Rows of every chunk of ``linear_pair_fused`` in deterministic mode (56 MiB of fp32 chunk buffers at V = 32k,
+220 MiB at V = 128k), fewer rows than ``BLOCK_ROWS``: whatever N, the chunk size or the budget."""
 BLOCK_ROWS = TILE_ROWS
 """Rows of every block in deterministic mode (fixed whatever N, the chunk size and the memory budget). On this
 project's AMD EPYC a ``[128, 512] x [512, 4096]`` matmul takes 2.2x the time per row of a 512-row one (1.6x at 256
@@ -123,12 +127,12 @@ class _Linear:
         """``[rows, V]`` temporaries the softcap adds to a pass that forms gradients (its derivative's)."""
         return 0 if self.softcap is None else 1
 
-    def softcap_grad(self, z: Tensor) -> Tensor | None:
-        """``1 - tanh^2`` ``[C, tile]`` of the softcap at the (transformed) logits ``z``, a new tensor; None
-        without a softcap."""
+    def softcap_grad(self, z: Tensor, out: Tensor | None = None) -> Tensor | None:
+        """``1 - tanh^2`` ``[C, tile]`` of the softcap at the (transformed) logits ``z``, a new tensor or ``out``;
+        None without a softcap."""
         if self.softcap is None:
             return None
-        return z.mul(1.0 / self.tanh_out).square_().neg_().add_(1.0)
+        return torch.mul(z, 1.0 / self.tanh_out, out=out).square_().neg_().add_(1.0)
 
     @property
     def vocab_size(self) -> int:
@@ -858,9 +862,10 @@ def _invariant_fused_chunk(lin: _Linear, acc: _GradAccumulator, hidden: Tensor, 
 
 PairBlock = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Callable[[Tensor, Tensor], Tensor]]]
 """``(log_ps [C, V'], log_pt [C, V'], work [3, C, V']) -> (terms [k, C], grads)``: per-row sums over a block of
-vocabulary columns of two heads' global log-probabilities (shards add theirs), and ``grads(terms, scale [C])``: each
-row's ``scale`` times its term's gradient w.r.t. the first head's tempered logits ``[C, V']``, from the rows'
-whole-vocabulary ``terms`` (``objectives.distill.divergence_block_``: ``log_pt`` and ``work`` overwritten)."""
+vocabulary columns of two heads' global log-probabilities (shards add theirs; ``work[0]``, ``work[1]`` hold their
+probabilities), and ``grads(terms, scale [C])``: each row's ``scale`` times its term's gradient w.r.t. the first
+head's tempered logits ``[C, V']`` in ``log_pt``'s storage, from the rows' whole-vocabulary ``terms``
+(``objectives.distill.divergence_block_``: ``log_pt`` and ``work`` overwritten)."""
 
 
 class PairResult(NamedTuple):
@@ -888,18 +893,20 @@ def linear_pair_fused(hidden: Tensor, lin: _Linear, other_hidden: Tensor, other:
     softcap, then the temperature, TRL's order), their global log-softmax, the rows' ``block_fn`` terms and the
     gradient of ``sum_n row_scale[n] terms[0, n]`` (+ ``hard_scale[n]`` times the cross-entropy of ``hard_targets``
     on the first head's transformed logits before the temperature) w.r.t. the first head: four matmuls per chunk
-    (two logits, ``d hidden``, ``d weight``), whole ``[chunk, V]`` rows of both heads, so the chunk is sized for six
-    buffers (seven with the first head's softcap: its derivative).
+    (two logits, ``d hidden``, ``d weight``) on whole ``[chunk, V]`` rows of both heads (the gradient lands in the
+    other head's logits), the elementwise work in parts of ``PAIR_PART_BYTES`` (``_pair_part``).
 
     ``shard``: both weights are the same vocabulary shard; each chunk's lse are merged across the group, the terms
     summed (``all_reduce_sum``), so that every rank has the whole vocabulary's; ``d hidden`` is this shard's part.
+    The chunk is then one part (the collectives per chunk), sized for all its buffers.
 
     ``deterministic``: chunks of exactly ``PAIR_BLOCK_ROWS`` rows whatever N, the chunk size or the budget (the
     last one padded with zero rows of scale 0), so that a row's terms and ``d hidden`` do not depend on its batch.
     """
     n, vocab = hidden.shape[0], lin.vocab_size
-    every_col = slice(0, vocab)
-    vocab_start = 0 if shard is None else shard.vocab_start
+    width = vocab if shard is None else shard.widest_shard
+    # the part's buffers: both heads' rows, block_fn's work (three), with a softcap its derivative
+    part_buffers = 5 + lin.buffers
     if deterministic:
         per_chunk, pad = PAIR_BLOCK_ROWS, -n % PAIR_BLOCK_ROWS
         hidden, other_hidden, row_scale = (torch.cat([t, t.new_zeros(pad, *t.shape[1:])])
@@ -907,48 +914,82 @@ def linear_pair_fused(hidden: Tensor, lin: _Linear, other_hidden: Tensor, other:
         if hard_targets is not None:
             hard_targets = torch.cat([hard_targets, hard_targets.new_full((pad,), ignore_index)])
             hard_scale = torch.cat([hard_scale, hard_scale.new_zeros(pad)])
-    else:  # zs, zt, block_fn's work (three), with hard targets the raw logits, with a softcap its derivative
-        per_chunk = int(rows_per_chunk(n, vocab if shard is None else shard.widest_shard, chunk_size=chunk_size,
-                                       buffers=5 + (hard_targets is not None) + lin.buffers,
+    else:
+        per_chunk = int(rows_per_chunk(n, width, chunk_size=chunk_size,
+                                       buffers=2 if shard is None else part_buffers,
                                        element_bytes=lin.weight.element_size() / PAIR_BUDGET_CHUNKS))
+    per_chunk = max(1, min(per_chunk, hidden.shape[0]))
+    per_part = per_chunk if shard is not None else \
+        max(1, min(per_chunk, PAIR_PART_BYTES // (part_buffers * width * lin.weight.element_size())))
     acc = _GradAccumulator(hidden, lin, need_grad_hidden, need_grad_weight, need_grad_bias)
-    work = torch.empty(3, min(per_chunk, hidden.shape[0]) * vocab, dtype=lin.dtype, device=hidden.device)
+    work = torch.empty(3 + lin.buffers, per_part * vocab, dtype=lin.dtype, device=hidden.device)
+    part = partial(_pair_part, lin=lin, block_fn=block_fn, ignore_index=ignore_index,
+                   vocab_start=0 if shard is None else shard.vocab_start, shard=shard,
+                   need_grads=need_grad_hidden or need_grad_weight or need_grad_bias)
     all_terms = []
     for rows in list(_chunks(hidden.shape[0], per_chunk)) or [slice(0, 0)]:  # no row: the terms' shape [k, 0]
         zs, zt = lin.logits(hidden[rows]), other.logits(other_hidden[rows].to(other.weight.dtype))
-        d = lin.softcap_grad(zs)
-        hard = None
-        if hard_targets is not None:  # the cross-entropy on the logits before the temperature
-            tgt = _Targets.of(hard_targets[rows], ignore_index, vocab_start, vocab)
-            raw = zs / lin.inv_temperature
-            hard = RowStats(torch.logsumexp(raw, 1), raw.gather(1, tgt.index).squeeze(1).masked_fill(~tgt.valid, 0))
-        if shard is not None or hard is not None:  # the lse themselves: merged across the group, or for p_raw
-            lse_s, lse_t = torch.logsumexp(zs, 1), torch.logsumexp(zt, 1)
-            if shard is not None:
-                lse_s = shard.all_reduce_stats(RowStats(lse_s, torch.zeros_like(lse_s))).lse
-                lse_t = shard.all_reduce_stats(RowStats(lse_t, torch.zeros_like(lse_t))).lse
-                hard = None if hard is None else shard.all_reduce_stats(hard)
-            log_ps, log_pt = zs.sub_(lse_s.unsqueeze(1)), zt.sub_(lse_t.unsqueeze(1))
-        else:  # in place, one fused pass each (a fifth of logsumexp + sub on CPU)
-            log_ps, log_pt = (torch.ops.aten._log_softmax.out(z, 1, False, out=z) for z in (zs, zt))
-        terms, grads_of = block_fn(log_ps, log_pt, work[:, :log_ps.numel()].view(3, *log_ps.shape))
-        if shard is not None:
-            terms = shard.all_reduce_sum(terms)
-        if hard is not None:
-            terms = torch.cat([terms, (hard.lse - hard.target_logit).unsqueeze(0)])
-        all_terms.append(terms)
-        if not (need_grad_hidden or need_grad_weight or need_grad_bias):
-            continue
-        grad = grads_of(terms, row_scale[rows] * lin.grad_scale)
-        if hard is not None:  # + hard_scale (p_raw - onehot) logit_scale, p_raw = exp(z / inv_temperature - lse_raw)
-            p_raw = log_ps.add_(lse_s.unsqueeze(1)).div_(lin.inv_temperature).sub_(hard.lse.unsqueeze(1)).exp_()
-            scale = hard_scale[rows] * lin.logit_scale
-            grad.addcmul_(p_raw, scale.unsqueeze(1))
-            grad.scatter_add_(1, tgt.index, -torch.where(tgt.valid, scale, 0.0).unsqueeze(1).to(grad.dtype))
-        if d is not None:  # the softcap's derivative
-            grad.mul_(d)
-        acc.add(rows, every_col, hidden[rows], grad)
-        del zs, zt, log_ps, log_pt, grad, d, grads_of
+        scale, targets = row_scale[rows] * lin.grad_scale, None if hard_targets is None else hard_targets[rows]
+        for sub in list(_chunks(zs.shape[0], per_part)) or [slice(0, 0)]:
+            part_work = work[:, :zs[sub].numel()].view(work.shape[0], *zs[sub].shape)
+            all_terms.append(part(zs[sub], zt[sub], part_work, scale[sub], None if targets is None else targets[sub],
+                                  None if hard_scale is None else hard_scale[rows][sub]))
+        if need_grad_hidden or need_grad_weight or need_grad_bias:  # zt holds the chunk's logit gradients
+            acc.add(rows, slice(0, vocab), hidden[rows], zt)
+        del zs, zt
     grads = acc.result()
     return PairResult(torch.cat(all_terms, 1)[:, :n], grads._replace(hidden=None if grads.hidden is None
                                                                         else grads.hidden[:n]))
+
+
+def _softmax_(z: Tensor, probs: Tensor) -> Tensor:
+    """In place: ``z [P, V]`` becomes its log-softmax and ``probs`` its softmax; returns the rows' lse ``[P]``. One
+    exponential per element, the softmax's (on CPU twice as fast as ``exp``): the lse is the top logit minus the log
+    of the top probability (``1 / sum exp(z - top)``)."""
+    top = z.amax(1)
+    torch.ops.aten._softmax.out(z, 1, False, out=probs)
+    lse = top - probs.amax(1).log_()
+    z.sub_(lse.unsqueeze(1))
+    return lse
+
+
+def _pair_part(zs: Tensor, zt: Tensor, work: Tensor, scale: Tensor, hard_targets: Tensor | None,
+               hard_scale: Tensor | None, *, lin: _Linear, block_fn: PairBlock, ignore_index: int, vocab_start: int,
+               shard: ShardMerge | None, need_grads: bool) -> Tensor:
+    """``linear_pair_fused``'s elementwise work on a part ``[P, V']`` of a chunk's rows, in place: ``zs``, ``zt``
+    the two heads' tempered logits, ``work [3 (+1), P, V']``, ``scale [P]`` the rows' ``row_scale`` times the
+    first head's ``grad_scale``. Returns the part's terms ``[k, P]``; with ``need_grads``, ``zt`` then holds the
+    loss's gradient w.r.t. the first head's raw logits."""
+    d = None if lin.softcap is None else lin.softcap_grad(zs, out=work[3])
+    hard = None
+    if hard_targets is not None:  # the cross-entropy on the logits before the temperature
+        tgt = _Targets.of(hard_targets, ignore_index, vocab_start, zs.shape[1])
+        raw = torch.div(zs, lin.inv_temperature, out=work[0])
+        hard = RowStats(torch.logsumexp(raw, 1), raw.gather(1, tgt.index).squeeze(1).masked_fill(~tgt.valid, 0))
+    if shard is None:
+        lse_s = _softmax_(zs, work[0])
+        _softmax_(zt, work[1])
+    else:  # the lse merged across the group first
+        lse_s, lse_t = torch.logsumexp(zs, 1), torch.logsumexp(zt, 1)
+        lse_s = shard.all_reduce_stats(RowStats(lse_s, torch.zeros_like(lse_s))).lse
+        lse_t = shard.all_reduce_stats(RowStats(lse_t, torch.zeros_like(lse_t))).lse
+        hard = None if hard is None else shard.all_reduce_stats(hard)
+        for z, lse, probs in ((zs, lse_s, work[0]), (zt, lse_t, work[1])):
+            torch.exp(z.sub_(lse.unsqueeze(1)), out=probs)
+    log_ps, log_pt = zs, zt
+    terms, grads_of = block_fn(log_ps, log_pt, work[:3])
+    if shard is not None:
+        terms = shard.all_reduce_sum(terms)
+    if hard is not None:
+        terms = torch.cat([terms, (hard.lse - hard.target_logit).unsqueeze(0)])
+    if not need_grads:
+        return terms
+    grad = grads_of(terms, scale)  # in log_pt's storage: zt
+    if hard is not None:  # + hard_scale (p_raw - onehot) logit_scale, p_raw = exp(z / inv_temperature - lse_raw)
+        p_raw = log_ps.add_(lse_s.unsqueeze(1)).div_(lin.inv_temperature).sub_(hard.lse.unsqueeze(1)).exp_()
+        hard_scale = hard_scale * lin.logit_scale
+        grad.addcmul_(p_raw, hard_scale.unsqueeze(1))
+        grad.scatter_add_(1, tgt.index, -torch.where(tgt.valid, hard_scale, 0.0).unsqueeze(1).to(grad.dtype))
+    if d is not None:  # the softcap's derivative
+        grad.mul_(d)
+    return terms

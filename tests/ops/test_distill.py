@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fastalign import fused_linear_distill_loss
+from fastalign.ops import torch_backend
 from helpers.distill import problem, reference_distill
 
 IGNORE = -100
@@ -41,11 +42,16 @@ def test_distill_matches_trl_generalized_jsd(beta, temperature):
     check(problem(seed=int(beta * 4) + int(temperature * 10)), beta=beta, temperature=temperature)
 
 
-@pytest.mark.parametrize("variant", ["chunks_no_bias", "no_mask_num_items", "fully_masked", "hard_labels",
+@pytest.mark.parametrize("variant", ["chunks_no_bias", "parts", "no_mask_num_items", "fully_masked", "hard_labels",
                                      "same_hidden_size"])
-def test_distill_variants(variant):
+def test_distill_variants(variant, monkeypatch):
     if variant == "chunks_no_bias":  # odd sizes, chunks of 2 rows
         check(problem((1, 7), hs=5, ht=3, v=13, bias=False), beta=0.5, chunk_size=2)
+    elif variant == "parts":  # a chunk's elementwise work in parts of 2 rows (5 buffers of 13 float64 columns)
+        monkeypatch.setattr(torch_backend, "PAIR_PART_BYTES", 2 * 5 * 13 * 8)
+        p = problem((1, 7), hs=5, ht=3, v=13)
+        for beta in (0.0, 0.5, 1.0):
+            check(p, beta=beta, hard_label_weight=0.2, targets=p["targets"])
     elif variant == "no_mask_num_items":
         check(problem(), mask=False, beta=0.25, num_items_in_batch=40)
     elif variant == "fully_masked":

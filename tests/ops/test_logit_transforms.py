@@ -20,6 +20,7 @@ from fastalign import (fused_linear_cpo_loss, fused_linear_cross_entropy, fused_
                        fused_linear_dpo_loss, fused_linear_grpo_loss, fused_linear_kto_loss, fused_linear_logprobs,
                        fused_linear_orpo_loss, fused_linear_ppo_loss, fused_linear_rloo_loss)
 from helpers.distill import reference_distill
+from fastalign.ops import torch_backend
 from helpers.reference import as_f64_leaf
 
 B, T, H, V = 2, 5, 8, 37  # V not a multiple of any tile
@@ -222,10 +223,14 @@ def test_bad_transform_is_refused(name, value, message):
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-def test_distill_per_head_transforms(beta):
+@pytest.mark.parametrize("one_row_parts", [False, True])
+def test_distill_per_head_transforms(beta, one_row_parts, monkeypatch):
     """The distillation loss with a different transform per head (TRL's order: scale, then softcap, then the
     temperature) and the hard cross-entropy, against TRL's generalized JSD on the materialized float64 transformed
-    logits of both heads: loss, entropy and the student's gradients (one pass, and chunks of 4 rows)."""
+    logits of both heads: loss, entropy and the student's gradients (one pass, and chunks of 4 rows; each chunk's
+    elementwise work in one part, or in parts of one row)."""
+    if one_row_parts:
+        monkeypatch.setattr(torch_backend, "PAIR_PART_BYTES", 1)
     gen = torch.Generator().manual_seed(5)
     hidden, weight, bias, targets = problem()
     teacher_hidden = 1.5 * torch.randn(B, T, H + 3, generator=gen, dtype=torch.float64)
