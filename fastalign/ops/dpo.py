@@ -71,8 +71,8 @@ class PreferenceRows(NamedTuple):
            layout: PackedLayout | None = None) -> PreferenceRows:
         """``targets [K*B, T]``, or packed ``[N]`` (any shape of N elements) with its ``layout``. Under
         ``torch.compile`` every position, prompt by prompt (no data-dependent shape: the ignored rows' log-probs
-        are 0), or every packed row in packed order, and ``group_rows`` None (the compiled engine takes two passes
-        anyway)."""
+        are 0; ``group_rows`` K*T each), or every packed row in packed order with ``group_rows`` None (the
+        sequences' lengths are data: the compiled engine takes two passes)."""
         if layout is not None:
             targets = layout.to_padded(targets.reshape(-1), ignore_index)
         rows, length = targets.shape
@@ -82,7 +82,7 @@ class PreferenceRows(NamedTuple):
         if torch.compiler.is_compiling():
             if layout is not None:  # every packed row, in packed order (the compiled plan has no groups)
                 return cls(layout.index, mask, None, torch.arange(layout.index.numel(), device=targets.device))
-            return cls(order, mask, None, order)
+            return cls(order, mask, [num_responses * length] * (rows // num_responses), order)
         index = order[mask.reshape(-1)[order]]
         group_rows = mask.sum(dim=1).view(num_responses, -1).sum(dim=0).tolist()
         return cls(index, mask, group_rows, index if layout is None else layout.packed_rows(index))
@@ -90,7 +90,7 @@ class PreferenceRows(NamedTuple):
     def as_batch(self, values: Tensor) -> Tensor:
         """``[M]`` gathered values as ``[K*B, T]`` (0 off the completion mask), differentiably."""
         batch = values.new_zeros(self.mask.numel()).index_put((self.index,), values).view(self.mask.shape)
-        return torch.where(self.mask, batch, 0.0) if self.group_rows is None else batch  # compiled: every row
+        return torch.where(self.mask, batch, 0.0) if torch.compiler.is_compiling() else batch  # compiled: every row
 
     def part(self, values: Tensor, rows: slice | None, groups: slice | None) -> tuple[Tensor, Tensor]:
         """The values of the rows ``rows`` (``RowValues``; whole prompts ``groups``, G of the B) as ``[K*G, T]``

@@ -14,16 +14,16 @@ values; how the loss couples the rows decides the plan:
   all rows, the loss and its per-token gradient, then in the autograd backward the pass that recomputes the
   logits (four matmuls in all, memory O(chunk) whatever the group sizes).
 - **forward only** (no gradient needed): the statistics pass and the loss.
-- **compiled** (under ``torch.compile``): the two-pass plan as registered operators (``ops.registered``), so that
-  dynamo traces the whole op: ``fastalign::token_stats``, the loss in plain PyTorch, then in the backward
-  ``fastalign::logprobs_backward`` (four matmuls, whatever the coupling).
+- **compiled** (under ``torch.compile``), as registered operators (``ops.registered``) so that dynamo traces the
+  whole op: where eager would take one pass, one pass (``compiled_one_pass``: per chunk ``fastalign::chunk_log_probs``,
+  the loss's row gradients by ``torch.func.grad``, ``fastalign::chunk_grads``; three matmuls), otherwise two
+  (``fastalign::token_stats``, the loss in plain PyTorch, then ``fastalign::logprobs_backward``; four matmuls).
 
 Vocab parallelism (``opts.shard``) is handled below this module: the statistics are global, the gradients the
 shard's. Rows that are not selected get no logits and a zero ``d hidden``.
 """
 from __future__ import annotations
 
-import bisect
 import itertools
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -35,7 +35,7 @@ from . import torch_backend
 from .chunking import rows_per_chunk
 from .linear import LinearOptions, logprobs_backward, lse_forward, scale_precomputed_grads
 from .logprobs import token_outputs
-from .registered import registered_token_stats
+from .registered import one_pass_chunk, registered_token_stats
 from .torch_backend import RowGrads, RowStats, RowStatsSpec
 from .validation import LinearInputs
 
@@ -88,7 +88,7 @@ def whole_group_chunks(group_rows: Sequence[int], vocab_size: int, chunk_size: i
     ``[rows, V]`` fp32 temporaries: 2 with entropy), or of the largest group's rows when it is larger but within
     ``GROUP_BUDGET_CHUNKS`` budgets. Empty groups are allowed.
     """
-    total, largest = sum(group_rows), max(group_rows, default=0)
+    total, largest = sum(group_rows), max([0, *group_rows])  # max(..., default=0): not traced by dynamo
     limit = rows_per_chunk(max(total, 1), vocab_size, chunk_size=chunk_size, buffers=buffers)
     if chunk_size is None and largest <= GROUP_BUDGET_CHUNKS * limit:
         limit = max(limit, largest)
@@ -141,7 +141,16 @@ class GroupIndex(NamedTuple):
     def of_rows(self, rows: slice) -> slice:
         """The groups holding rows ``rows`` (those of none in between included): the last group starting at or
         before ``rows.start`` (a non-empty one) to the last starting before ``rows.stop``."""
-        return slice(bisect.bisect_right(self.starts, rows.start) - 1, bisect.bisect_left(self.starts, rows.stop))
+        return slice(self._count(lambda start: start <= rows.start) - 1, self._count(lambda start: start < rows.stop))
+
+    def _count(self, before: Callable[[int], bool]) -> int:
+        """How many of the sorted starts satisfy ``before`` (true on a prefix): a binary search in plain Python,
+        which ``torch.compile`` traces (the C ``bisect`` it cannot)."""
+        low, high = 0, len(self.starts)
+        while low < high:
+            middle = (low + high) // 2
+            low, high = (middle + 1, high) if before(self.starts[middle]) else (low, middle)
+        return low
 
 
 class _Plan(NamedTuple):
@@ -328,11 +337,19 @@ def fused_rows_loss(inputs: LinearInputs, opts: LinearOptions, loss_fn: LossFn, 
         ``inputs.hidden``, ``inputs.weight`` and ``inputs.bias``; the per-row values detached (fp32, float64 for
         float64 inputs).
     """
-    if torch.compiler.is_compiling():
-        return registered_rows_loss(inputs, opts, loss_fn, rows=rows, spec=spec)
-    targets = inputs.targets if rows is None else inputs.targets[rows]
     hidden, weight, bias = inputs.hidden, inputs.weight, inputs.bias
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if torch.compiler.is_compiling():
+        count = inputs.targets.shape[0] if rows is None else rows.shape[0]
+        chunks = None
+        if needs_grad and opts.backend == "torch" and opts.shard is None and not opts.deterministic and count:
+            chunks = _one_pass_chunks(count, coupling, weight.shape[0], opts)
+        if chunks is None:
+            return registered_rows_loss(inputs, opts, loss_fn, rows=rows, spec=spec)
+        group_rows = coupling if coupling not in ("token", None) else groups
+        return compiled_one_pass(inputs, opts, loss_fn, rows=rows, chunks=chunks, groups=GroupIndex.of(group_rows),
+                                 spec=spec)
+    targets = inputs.targets if rows is None else inputs.targets[rows]
     if not needs_grad:
         stats = lse_forward(hidden if rows is None else hidden[rows], weight, bias, targets, opts, spec=spec)
         logprobs, entropy = token_outputs(stats, targets != opts.ignore_index, spec.entropy)
@@ -353,6 +370,72 @@ def fused_rows_loss(inputs: LinearInputs, opts: LinearOptions, loss_fn: LossFn, 
     plan = _Plan(rows, targets, loss_fn, chunks, GroupIndex.of(group_rows), spec, opts, [])
     loss = _EngineLoss.apply(hidden, weight, bias, plan)
     return EngineOutput(loss, *plan.outputs)
+
+
+def _one_pass_chunks(count: int, coupling: Coupling, vocab_size: int, opts: LinearOptions) -> list[slice] | None:
+    """The chunks of the one-pass plan over ``count`` rows (``linear_logprobs_fused``'s for coupling ``"token"``,
+    whole groups for a list), None where it takes two passes (batch coupling, a group too large)."""
+    buffers = 1 if opts.logit_softcap is None else 2
+    if coupling == "token":
+        step = rows_per_chunk(count, vocab_size, chunk_size=opts.chunk_size, buffers=buffers)
+        return [slice(start, min(start + step, count)) for start in range(0, count, step)]
+    return None if coupling is None else whole_group_chunks(list(coupling), vocab_size, opts.chunk_size, buffers)
+
+
+def compiled_one_pass(inputs: LinearInputs, opts: LinearOptions, loss_fn: LossFn, *, rows: Tensor | None,
+                      chunks: list[slice], groups: GroupIndex | None, spec: RowStatsSpec) -> EngineOutput:
+    """``fused_rows_loss``'s one-pass plan under ``torch.compile`` (three matmuls per row, as eager): per chunk the
+    registered ``fastalign::chunk_log_probs``, the loss's gradients at the chunk's rows by ``torch.func.grad`` of
+    ``loss_fn`` on them (traced, the one-pass contract of ``LossFn``), then ``fastalign::chunk_grads`` while the
+    chunk's ``log p`` lives. The loss returned is ``loss_fn`` on all rows (differentiable in the op's own tensors,
+    e.g. a value head's) plus, for ``hidden``, ``weight`` and ``bias``, a term of value 0 whose gradient is the one
+    formed in the chunks."""
+    hidden, targets, weight, bias = inputs.hidden, inputs.targets, inputs.weight, inputs.bias
+    if rows is not None:
+        hidden, targets = hidden.index_select(0, rows), targets.index_select(0, rows)
+    need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    detached = (hidden.detach(), weight.detach(), None if bias is None else bias.detach())
+    dtype = torch_backend.compute_dtype(weight.dtype)
+    d_weight = weight.new_zeros(weight.shape if need[1] else (0,), dtype=dtype)  # the chunks add theirs
+    parts = []
+    for chunk in chunks:
+        def row_grads_of(logprobs, entropy, stats, chunk=chunk):
+            return _traced_row_grads(loss_fn, RowValues(logprobs, entropy, stats, chunk,
+                                                        None if groups is None else groups.of_rows(chunk)))
+
+        parts.append(one_pass_chunk(detached[0][chunk], *detached[1:], targets[chunk], opts, spec, need[0], d_weight,
+                                    need[2], row_grads_of))
+    logprobs = torch.cat([part[0] for part in parts])
+    entropy = torch.cat([part[1] for part in parts]) if spec.entropy else None
+    stats = RowStats(*(None if field[0] is None else torch.cat(field) for field in zip(*(part[2] for part in parts))))
+    loss = loss_fn(RowValues(logprobs, entropy, stats))
+    grads = (torch.cat([part[3][0] for part in parts]) if need[0] else None, d_weight if need[1] else None,
+             sum(part[3][1] for part in parts) if need[2] else None)
+    for leaf, grad in zip((hidden, weight, bias), grads):
+        if grad is not None:
+            carrier = (leaf.to(grad.dtype) * grad).sum()
+            loss = loss + (carrier - carrier.detach())
+    return EngineOutput(loss, logprobs, entropy, stats)
+
+
+def _traced_row_grads(loss_fn: LossFn, values: RowValues) -> RowGrads:
+    """``loss_fn``'s gradients w.r.t. the log-probs, the entropy, the lse and the sum of logits of a chunk's
+    ``values`` (``torch.func.grad``, traced under compile; 0 for values the loss does not use; the chunk op drops
+    the ignored rows)."""
+    stats = values.stats
+    leaves = [values.logprobs, values.entropy, stats.lse, stats.logit_sum]
+    present = [k for k, leaf in enumerate(leaves) if leaf is not None]
+
+    def chunk_loss(*args):
+        filled = list(leaves)
+        for k, arg in zip(present, args):
+            filled[k] = arg
+        return loss_fn(values._replace(logprobs=filled[0], entropy=filled[1],
+                                       stats=stats._replace(lse=filled[2], logit_sum=filled[3])))
+
+    grads = torch.func.grad(chunk_loss, argnums=tuple(range(len(present))))(*(leaves[k] for k in present))
+    found = dict(zip(present, grads))
+    return RowGrads(*(found.get(k) for k in range(4)))
 
 
 def registered_rows_loss(inputs: LinearInputs, opts: LinearOptions, loss_fn: LossFn, *, rows: Tensor | None,

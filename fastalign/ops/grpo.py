@@ -192,9 +192,12 @@ def fused_completion_loss(inputs: LinearInputs, opts: LinearOptions, mask: Tenso
         else:
             positions = mask.reshape(-1).nonzero().squeeze(1)  # completion tokens in [S, T], by sequence
         rows = positions if layout is None else layout.packed_rows(positions)  # their rows of hidden
-    # the sequences' completion tokens: the engine's groups (one pass on the torch backend only)
-    lengths = mask.sum(-1).tolist() if opts.backend == "torch" and not compiling and coupling != "batch" else None
+    # the sequences' rows: the engine's groups (one pass on the torch backend only); compiled, every row of each
+    # sequence (a packed batch's lengths are data: two passes)
     length = shape[1]
+    lengths = None
+    if opts.backend == "torch" and coupling != "batch" and (layout is None or not compiling):
+        lengths = [length] * shape[0] if compiling else mask.sum(-1).tolist()
 
     def as_batch(values: Tensor | None) -> Tensor | None:
         """Row values ``[M]`` as ``[S, T]`` (0 elsewhere), differentiably."""
@@ -214,10 +217,11 @@ def fused_completion_loss(inputs: LinearInputs, opts: LinearOptions, mask: Tenso
         def place(v: Tensor | None) -> Tensor | None:
             return None if v is None else v.new_zeros(size).index_put((where,), v).view(-1, length)
 
-        part = mask.new_zeros(size).index_fill_(0, where, True).view(-1, length)
+        part = mask.new_zeros(size).index_fill_(0, where, True).view(-1, length) & mask[sequences]
         return loss_of(place(values.logprobs), place(values.entropy), CompletionPart(sequences, part)).loss
 
-    engine_coupling = {"token": "token", "sequence": lengths, "batch": None}[coupling]
+    engine_coupling = {"token": "token" if lengths is not None or not compiling else None, "sequence": lengths,
+                       "batch": None}[coupling]
     out = fused_rows_loss(inputs, opts, loss_fn, rows=rows, coupling=engine_coupling,
                           groups=lengths if coupling == "token" else None, spec=RowStatsSpec(entropy=with_entropy))
     logprobs, entropy = as_batch(out.logprobs), as_batch(out.entropy)

@@ -12,12 +12,20 @@
   that recomputes the logits (``linear.logprobs_backward``), gradients in the inputs' dtypes, empty ``[0]`` where
   not needed. It is ``token_stats``'s registered backward.
 
-Under ``torch.compile`` the engine's plan is therefore always the two-pass one (``engine.registered_rows_loss``):
-``token_stats``, the loss in plain PyTorch (traced by dynamo), then ``logprobs_backward``: four matmuls per row whose
-target is not ignored (both ops drop the ignored rows inside, where data-dependent shapes cost nothing).
-``<options>`` are ``LinearOptions`` as plain values (``options_args``); a vocabulary shard travels as its process
-group's name and its bounds, and the ops run the shard's collectives inside. Both ops only read their inputs and
-return fresh tensors.
+  With them the engine's compiled two-pass plan (``engine.registered_rows_loss``): ``token_stats``, the loss in
+  plain PyTorch (traced by dynamo), then ``logprobs_backward``: four matmuls per row whose target is not ignored.
+- ``fastalign::chunk_log_probs(hidden [C, H], weight, bias?, targets [C], <transform>, <spec>, softmax)`` ``->
+  (the 7 statistics [C], block [C, V], p_norm [C]?, softcap_grad [C, V]?)`` and ``fastalign::chunk_grads(...,
+  block, ..., row gradients [C], ..., grad_weight [V, H]) -> (d_hidden [C, H], d_bias [V])``: one chunk of the
+  one-pass plan (``torch_backend.chunk_log_probs`` / ``chunk_grads``), the loss's row gradients traced between
+  them (``one_pass_chunk``, ``engine.compiled_one_pass``): three matmuls per row. ``chunk_grads`` overwrites the
+  block and adds the chunk's ``d weight`` to ``grad_weight`` (both declared mutated); no autograd formula (the
+  engine carries the gradients).
+
+Every op drops the rows whose target is ignored inside, where data-dependent shapes cost nothing (the chunk ops keep
+the others' rows first in the block). ``<options>`` are ``LinearOptions`` as plain values (``options_args``); a
+vocabulary shard travels as its process group's name and its bounds, and the ops run the shard's collectives inside
+(the chunk ops take no shard). Outputs are fresh tensors.
 """
 from typing import NamedTuple, Optional
 
@@ -26,7 +34,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .linear import LinearOptions, logprobs_backward, lse_forward
-from .torch_backend import RowStats, RowStatsSpec, compute_dtype
+from .torch_backend import RowGrads, RowStats, RowStatsSpec, chunk_grads, chunk_log_probs, compute_dtype
 from .vocab_parallel import VocabShard
 
 
@@ -195,3 +203,95 @@ def registered_token_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, 
     stats = RowStats(*((t if grad else t.detach()) if keep else None
                        for t, keep, grad in zip(out[2:4] + out[1:2] + out[4:], wanted, differentiable)))
     return out[0], out[1] if spec.entropy else None, stats
+
+
+@torch.library.custom_op("fastalign::chunk_log_probs", mutates_args=())
+def registered_chunk_log_probs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                               temperature: float, ignore_index: int, logit_scale: float,
+                               logit_softcap: Optional[float], entropy: bool, lse2: bool, logit_sum: bool,
+                               argmax: bool, softmax: bool) -> list[Tensor]:
+    n, vocab, dtype = hidden.shape[0], weight.shape[0], compute_dtype(hidden.dtype)
+    keep = _kept_rows(targets, ignore_index)
+    block = hidden.new_empty(n * vocab, dtype=dtype)  # the kept rows first (no logits for the others)
+    softcap = hidden.new_empty(n * vocab if logit_softcap is not None else 0, dtype=dtype)
+    stats, _, p_norm, _ = chunk_log_probs(
+        _take(hidden, keep), weight, bias, _take(targets, keep), inv_temperature=1.0 / temperature,
+        ignore_index=ignore_index, spec=RowStatsSpec(entropy, lse2, logit_sum, argmax), softmax=softmax,
+        logit_scale=logit_scale, logit_softcap=logit_softcap, out=block,
+        softcap_out=softcap if logit_softcap is not None else None)
+    kinds = [dtype] * 6 + [torch.int64]
+    rows = [block.new_empty(0, dtype=kind) if t is None else _fresh(_put(t, keep, n)) for t, kind in zip(stats, kinds)]
+    return [*rows, block.view(n, vocab), block.new_empty(0) if p_norm is None else _fresh(_put(p_norm, keep, n)),
+            softcap.view(n, vocab) if softcap.numel() else softcap]
+
+
+@registered_chunk_log_probs.register_fake
+def _(hidden, weight, bias, targets, temperature, ignore_index, logit_scale, logit_softcap, entropy, lse2, logit_sum,
+      argmax, softmax):
+    n, dtype = hidden.shape[0], compute_dtype(hidden.dtype)
+    row = lambda wanted=True, kind=dtype: hidden.new_empty(n if wanted else 0, dtype=kind)  # noqa: E731
+    block = lambda wanted=True: hidden.new_empty((n, weight.shape[0]) if wanted else (0,), dtype=dtype)  # noqa: E731
+    return [row(), row(), row(entropy), row(lse2), row(logit_sum), row(argmax), row(argmax, torch.int64), block(),
+            row(softmax and (entropy or lse2)), block(logit_softcap is not None)]
+
+
+@torch.library.custom_op("fastalign::chunk_grads", mutates_args=("block", "grad_weight"))
+def registered_chunk_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, block: Tensor,
+                           p_norm: Tensor, softcap_grad: Tensor, lse: Tensor, entropy: Tensor, grad_logprobs: Tensor,
+                           grad_entropy: Optional[Tensor], grad_lse: Optional[Tensor],
+                           grad_logit_sum: Optional[Tensor], temperature: float, ignore_index: int,
+                           logit_scale: float, logit_softcap: Optional[float], softmax: bool, need_hidden: bool,
+                           grad_weight: Tensor, need_bias: bool) -> tuple[Tensor, Tensor]:
+    keep = _kept_rows(targets, ignore_index)
+    kept = hidden.shape[0] if keep is None else keep.numel()
+
+    def first_rows(t: Tensor) -> Tensor | None:  # the kept rows' part of a [C, V] block
+        return t.view(-1)[:kept * t.shape[1]].view(kept, t.shape[1]) if t.numel() else None
+
+    stats = RowStats(_take(lse, keep), torch.zeros_like(lse), _take(entropy, keep) if entropy.numel() else None)
+    # the traced loss gives zeros for values it does not use: a zero gradient costs no pass here
+    used = [None if g is None or not bool(g.ne(0).any()) else _take(g, keep)
+            for g in (grad_entropy, grad_lse, grad_logit_sum)]
+    rows = first_rows(block)
+    grads = chunk_grads(_take(hidden, keep), weight, bias, _take(targets, keep), None if softmax else rows,
+                        rows if softmax else None, _take(p_norm, keep) if p_norm.numel() else None,
+                        first_rows(softcap_grad), stats, RowGrads(_take(grad_logprobs, keep), *used),
+                        inv_temperature=1.0 / temperature, ignore_index=ignore_index, need_grad_hidden=need_hidden,
+                        grad_weight=grad_weight if grad_weight.numel() else None, need_grad_bias=need_bias,
+                        logit_scale=logit_scale, logit_softcap=logit_softcap)
+    d_hidden = None if grads.hidden is None else _put(grads.hidden, keep, hidden.shape[0])
+    return tuple(hidden.new_empty(0, dtype=lse.dtype) if g is None else g for g in (d_hidden, grads.bias))
+
+
+@registered_chunk_grads.register_fake
+def _(hidden, weight, bias, targets, block, p_norm, softcap_grad, lse, entropy, grad_logprobs, grad_entropy, grad_lse,
+      grad_logit_sum, temperature, ignore_index, logit_scale, logit_softcap, softmax, need_hidden, grad_weight,
+      need_bias):
+    def grad(wanted, shape):
+        return hidden.new_empty(shape if wanted else (0,), dtype=lse.dtype)
+
+    return grad(need_hidden, hidden.shape), grad(need_bias, (weight.shape[0],))
+
+
+def one_pass_chunk(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, opts: LinearOptions,
+                   spec: RowStatsSpec, need_hidden: bool, grad_weight: Tensor, need_bias: bool,
+                   row_grads_of) -> tuple[Tensor, Tensor | None, RowStats, tuple]:
+    """One chunk of the compiled one-pass plan (``engine.compiled_one_pass``): ``fastalign::chunk_log_probs`` on
+    the chunk's rows ``hidden [C, H]`` (all three inputs detached), ``row_grads_of(logprobs, entropy, stats) ->
+    RowGrads`` (traced: the loss's gradients at these rows), then ``fastalign::chunk_grads``, which adds the chunk's
+    ``d weight`` to ``grad_weight [V, H]`` (unless empty). Without the entropy the chunk keeps ``p`` (the loss
+    cannot train an entropy it does not get), with it ``log p``. Returns the rows' log-probs and entropy (0 at
+    ignored rows), statistics and the chunk's ``(d hidden [C, H], d bias [V])`` (empty where not needed)."""
+    args = (opts.temperature, opts.ignore_index, opts.logit_scale, opts.logit_softcap)
+    softmax = not spec.entropy
+    *fields, block, p_norm, softcap_grad = torch.ops.fastalign.chunk_log_probs(
+        hidden, weight, bias, targets, *args, spec.entropy, spec.lse2, spec.logit_sum, spec.argmax, softmax)
+    wanted = (True, True, spec.entropy, spec.lse2, spec.logit_sum, spec.argmax, spec.argmax)
+    stats = RowStats(*(t if keep else None for t, keep in zip(fields, wanted)))
+    valid = targets != opts.ignore_index
+    logprobs = torch.where(valid, stats.target_logit - stats.lse, 0.0)
+    entropy = torch.where(valid, stats.entropy, 0.0) if spec.entropy else None
+    grads = row_grads_of(logprobs, entropy, stats)
+    chunk = torch.ops.fastalign.chunk_grads(hidden, weight, bias, targets, block, p_norm, softcap_grad, stats.lse,
+                                            fields[2], *grads, *args, softmax, need_hidden, grad_weight, need_bias)
+    return logprobs, entropy, stats, chunk

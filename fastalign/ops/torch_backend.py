@@ -447,6 +447,12 @@ class _GradAccumulator:
         self.bias = torch.zeros(vocab, **kw) if need_bias else None
         self._written: set[tuple[int, int]] = set()  # the (start, stop) columns of the tiles of d weight written
 
+    def add_weight_to(self, d_weight: Tensor) -> None:
+        """Accumulate ``d weight`` into ``d_weight [V, H]`` (compute dtype; whole-vocabulary blocks) instead of a new
+        buffer."""
+        self.weight = d_weight
+        self._written.add((0, d_weight.shape[0]))
+
     def _add_weight(self, cols: slice, logit_grads_t: Tensor, hidden_rows: Tensor) -> Tensor:
         """``d weight[cols] (+)= logit_grads_t [tile, C] @ hidden_rows [C, H]``; returns ``d weight[cols]``."""
         d_weight, key = self.weight[cols], (cols.start, cols.stop)
@@ -765,7 +771,6 @@ def linear_logprobs_fused(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
     """
     lin = _Linear(weight, bias, inv_temperature, logit_scale, logit_softcap)
     n, vocab = hidden.shape[0], weight.shape[0]
-    every_col = slice(0, vocab)
     vocab_start = 0 if shard is None else shard.vocab_start
     acc = _GradAccumulator(hidden, lin, need_grad_hidden, need_grad_weight, need_grad_bias)
     logprobs = torch.empty(n, dtype=lin.dtype, device=hidden.device)
@@ -801,21 +806,68 @@ def linear_logprobs_fused(hidden: Tensor, weight: Tensor, bias: Tensor | None, t
         if entropy is not None:
             entropy[rows] = torch.where(valid, stats.entropy, 0.0)
         row_grads = RowGrads(*token_grads(rows, logprobs[rows], None if entropy is None else entropy[rows], stats))
-        grad_lp, grad_ent = row_grads.logprobs, row_grads.entropy
-        if grad_ent is not None and in_place:  # the entropy is trained after all: log p again
+        if row_grads.entropy is not None and in_place:  # the entropy is trained after all: log p again
             entropy_trained, p = True, None
             z = lin.logits(hidden[rows]).sub_(stats.lse.unsqueeze(1))
-        if grad_ent is not None:  # the entropy's gradient needs log p next to p: a second [C, V] buffer
-            acc.add(rows, every_col, hidden[rows], _entropy_logit_grads(
-                z, z.exp(), stats.entropy, tgt, grad_lp, grad_ent, lin.grad_scale, row_grads.probs_scale(), d,
-                row_grads.logit_sum))
-        else:  # dz = g (onehot - p) (entropy, if any, for the metrics only); p = p * p_norm when given
-            probs_scale = row_grads.probs_scale() * lin.grad_scale
-            acc.add_softmax_block(rows, every_col, hidden[rows], z.exp_() if p is None else p, tgt,
-                                  grad_lp * lin.grad_scale, probs_scale if p_norm is None else probs_scale * p_norm,
-                                  None if row_grads.logit_sum is None else row_grads.logit_sum * lin.grad_scale, d)
+        _add_chunk_grads(acc, lin, rows, hidden[rows], z, p, p_norm, d, stats, tgt, row_grads)
         del z, p, d  # chunks may grow (whole sequences): free this chunk's logits before a larger buffer is allocated
     return FusedResult(logprobs, entropy, acc.result(), all_stats)
+
+
+def _add_chunk_grads(acc: _GradAccumulator, lin: _Linear, rows: slice, hidden_rows: Tensor, z: Tensor,
+                     p: Tensor | None, p_norm: Tensor | None, d: Tensor | None, stats: RowStats, tgt: _Targets,
+                     row_grads: RowGrads) -> None:
+    """Add the gradients of a chunk of whole ``[C, V]`` rows from its loss's ``row_grads``: ``z`` holds ``log p``
+    (overwritten), or with ``p`` given (times the rows' ``p_norm`` when given) anything; ``d`` the softcap's
+    derivative. With an entropy gradient ``z`` must hold ``log p`` (its gradient needs both)."""
+    grad_lp, grad_ent, every_col = row_grads.logprobs, row_grads.entropy, slice(0, lin.vocab_size)
+    if grad_ent is not None:  # the entropy's gradient needs log p next to p: a second [C, V] buffer
+        acc.add(rows, every_col, hidden_rows, _entropy_logit_grads(
+            z, z.exp(), stats.entropy, tgt, grad_lp, grad_ent, lin.grad_scale, row_grads.probs_scale(), d,
+            row_grads.logit_sum))
+    else:  # dz = g (onehot - p) (entropy, if any, for the metrics only); p = p * p_norm when given
+        probs_scale = row_grads.probs_scale() * lin.grad_scale
+        acc.add_softmax_block(rows, every_col, hidden_rows, z.exp_() if p is None else p, tgt,
+                              grad_lp * lin.grad_scale, probs_scale if p_norm is None else probs_scale * p_norm,
+                              None if row_grads.logit_sum is None else row_grads.logit_sum * lin.grad_scale, d)
+
+
+def chunk_log_probs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *, inv_temperature: float,
+                    ignore_index: int, spec: RowStatsSpec = RowStatsSpec(), softmax: bool = False,
+                    logit_scale: float = 1.0, logit_softcap: float | None = None, out: Tensor | None = None,
+                    softcap_out: Tensor | None = None) -> tuple[RowStats, Tensor, Tensor | None, Tensor | None]:
+    """The first half of one chunk of ``linear_logprobs_fused``, for a caller that computes the loss's row
+    gradients in between (the compiled one-pass plan, ``ops.registered``): the rows' statistics ``[C]``, their
+    ``log p [C, V]`` or with ``softmax`` their ``p`` (times the rows' ``p_norm [C]`` when given: ``_row_stats``),
+    and with a softcap its derivative ``[C, V]``; the whole vocabulary of ``hidden [C, H]``'s rows. ``out``,
+    ``softcap_out``: flat storage of at least ``C * V`` elements for the two blocks (default: new tensors)."""
+    lin = _Linear(weight, bias, inv_temperature, logit_scale, logit_softcap)
+    lin._buffer = out
+    z = lin.logits(hidden)
+    if out is not None and z.data_ptr() != out.data_ptr():  # a low-precision CUDA matmul: no out= variant
+        z = out[:z.numel()].view(z.shape).copy_(z)
+    d = lin.softcap_grad(z, out=None if softcap_out is None else softcap_out[:z.numel()].view(z.shape))
+    stats, p, p_norm = _row_stats(z, _Targets.of(targets, ignore_index, 0, lin.vocab_size), spec, 0,
+                                  softmax=softmax, keep_log_p=False)
+    return stats, z if p is None else p, p_norm, d
+
+
+def chunk_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, log_p: Tensor | None,
+                p: Tensor | None, p_norm: Tensor | None, d: Tensor | None, stats: RowStats, row_grads: RowGrads, *,
+                inv_temperature: float, ignore_index: int, need_grad_hidden: bool = True,
+                grad_weight: Tensor | None = None, need_grad_bias: bool = False, logit_scale: float = 1.0,
+                logit_softcap: float | None = None) -> LinearGrads:
+    """The second half (``chunk_log_probs``'s): the chunk's gradients ``d hidden [C, H]`` and ``d bias [V]``, its
+    ``d weight`` added to ``grad_weight [V, H]`` when given, from its ``log p [C, V]`` or ``p`` (and ``p_norm``),
+    overwritten, the softcap's derivative ``d``, ``stats`` (``lse``, ``entropy``) and the loss's ``row_grads`` (0
+    at ignored rows; no entropy gradient with ``p``)."""
+    lin = _Linear(weight, bias, inv_temperature, logit_scale, logit_softcap)
+    acc = _GradAccumulator(hidden, lin, need_grad_hidden, False, need_grad_bias)
+    if grad_weight is not None:
+        acc.add_weight_to(grad_weight)
+    _add_chunk_grads(acc, lin, slice(0, hidden.shape[0]), hidden, log_p, p, p_norm, d, stats,
+                     _Targets.of(targets, ignore_index, 0, lin.vocab_size), row_grads)
+    return acc.result()
 
 
 def _invariant_fused_chunk(lin: _Linear, acc: _GradAccumulator, hidden: Tensor, targets: Tensor, rows: slice,

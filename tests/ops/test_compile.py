@@ -257,6 +257,40 @@ def test_public_op_compiles_fullgraph(fn):
     _assert_same(_run(compiled, hidden, weight, targets, x), _run(fn, hidden, weight, targets, x))
 
 
+TWO_PASSES = {op_logprobs, op_grpo}  # per-token outputs for the caller's loss; a batch quantile (top_entropy_quantile)
+
+
+@pytest.mark.parametrize("fn", OPS, ids=lambda f: f.__name__)
+def test_compiled_plan(fn, monkeypatch):
+    """Under torch.compile a loss whose coupling allows it takes the one-pass plan, ``fastalign::chunk_log_probs``
+    then ``fastalign::chunk_grads`` per chunk (three matmuls per row, as eager), the others the two registered
+    passes (``fastalign::token_stats``, ``fastalign::logprobs_backward``); loss and gradients equal eager's, also
+    in chunks of 5 rows (whole groups, or any 5 tokens)."""
+    calls = {"one pass": 0, "two passes": 0}
+
+    def counted(plan, impl):
+        def call(*args, **kwargs):
+            calls[plan] += 1
+            return impl(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(registered, "chunk_log_probs", counted("one pass", registered.chunk_log_probs))
+    monkeypatch.setattr(registered, "lse_forward", counted("two passes", registered.lse_forward))
+    hidden, weight, targets = _batch()
+    x = _inputs()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    _assert_same(_run(compiled, hidden, weight, targets, x), _run(fn, hidden, weight, targets, x))
+    plan = "two passes" if fn in TWO_PASSES else "one pass"
+    assert calls[plan] > 0 and calls[({"one pass", "two passes"} - {plan}).pop()] == 0, calls
+    if plan == "one pass":
+        monkeypatch.setenv("FASTALIGN_CHUNK_BUDGET_MB", str(5 * V * 4 / 2 ** 20))  # 5 rows of [C, V] fp32
+        torch._dynamo.reset()
+        calls["one pass"] = 0
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        _assert_same(_run(compiled, hidden, weight, targets, x), _run(fn, hidden, weight, targets, x))
+        assert calls["one pass"] > 1, calls
+
+
 def test_logprobs_compiles_with_inductor():
     hidden, weight, targets = _batch()
     compiled = torch.compile(op_logprobs, fullgraph=True)
