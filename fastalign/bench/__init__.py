@@ -30,6 +30,7 @@ Measurements:
 from . import logprobs, ppo, grpo, dpo, kto, cpo, ce, distill, train_long, packed, compiled, trl  # noqa: F401, I001
 from .ce import cce_ce, naive_ce
 from .cli import ALL_OPS, add_bench_arguments, main, run_from_arguments
+from .distill import DISTILL_BETA, liger_distill, make_distill_inputs, naive_distill
 from .dpo import fused_dpo, liger_dpo, make_dpo_inputs, naive_dpo
 from .grpo import fused_grpo, make_grpo_inputs, naive_grpo
 from .harness import (ISSUE_PROBLEM, MiB, QUICK_PROBLEM, QUICK_VERDICT, REGISTRY, Mode, OpBench, Problem, Step, Target,
@@ -38,9 +39,9 @@ from .harness import (ISSUE_PROBLEM, MiB, QUICK_PROBLEM, QUICK_VERDICT, REGISTRY
 from .logprobs import logprobs_forward_backward, make_logprob_inputs, naive_logprobs
 from .variants import fused_loss, matmul_floor
 
-__all__ = ["ALL_OPS", "ISSUE_PROBLEM", "MiB", "QUICK_PROBLEM", "QUICK_VERDICT", "REGISTRY", "Mode", "OpBench",
-           "Problem", "Step", "Target", "VariantFactory", "add_bench_arguments", "cce_ce", "cpu_model",
-           "extra_peak_bytes", "fused_dpo", "fused_grpo", "fused_loss", "liger_dpo", "logprobs_forward_backward",
-           "main", "make_dpo_inputs", "make_grpo_inputs", "make_logprob_inputs", "matmul_floor",
-           "memory_in_subprocess", "naive_ce", "naive_dpo", "naive_grpo", "naive_logprobs", "render_markdown",
-           "run_benchmark", "run_from_arguments"]
+__all__ = ["ALL_OPS", "DISTILL_BETA", "ISSUE_PROBLEM", "MiB", "QUICK_PROBLEM", "QUICK_VERDICT", "REGISTRY", "Mode",
+           "OpBench", "Problem", "Step", "Target", "VariantFactory", "add_bench_arguments", "cce_ce", "cpu_model",
+           "extra_peak_bytes", "fused_dpo", "fused_grpo", "fused_loss", "liger_distill", "liger_dpo",
+           "logprobs_forward_backward", "main", "make_distill_inputs", "make_dpo_inputs", "make_grpo_inputs",
+           "make_logprob_inputs", "matmul_floor", "memory_in_subprocess", "naive_ce", "naive_distill", "naive_dpo",
+           "naive_grpo", "naive_logprobs", "render_markdown", "run_benchmark", "run_from_arguments"]

@@ -1,11 +1,13 @@
-"""Part 3 of the GPU check: time and extra peak memory of log-probs fwd+bwd, SFT cross-entropy, DPO and GRPO for
-fastalign (triton, default and deterministic; the torch backend on the same device), naive PyTorch, and
-Liger-Kernel, Cut Cross-Entropy and TRL's ``ChunkedLogProbFunction`` where installed, each with its achieved
-TFLOPS and, for fastalign triton, the cost model's estimate (``fastalign.gpu_model``) beside it.
+"""Part 3 of the GPU check: time and extra peak memory of log-probs fwd+bwd, SFT cross-entropy, DPO, GRPO and
+distillation for fastalign (triton, default and deterministic; the torch backend on the same device), naive
+PyTorch, and Liger-Kernel, Cut Cross-Entropy and TRL's ``ChunkedLogProbFunction`` where installed, each with its
+achieved TFLOPS and, for fastalign triton, the cost model's estimate (``fastalign.gpu_model``) beside it where the
+model covers the op (not the two-head distillation).
 
 TFLOPS are *useful* FLOPs over the measured time: the matmuls an op needs at least (``2 N H V`` each): three for a
-trained op (logits, d hidden, d weight), four for DPO (plus the reference's logits), whatever an implementation
-really runs (a two-pass plan recomputes the logits: four or five).
+trained op (logits, d hidden, d weight), four for DPO (plus the reference's logits), five for distillation from a
+teacher twice as wide (its logits count twice), whatever an implementation really runs (a two-pass plan recomputes
+the logits).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import Callable
 import torch
 
 from .. import bench, gpu_model
-from ..functional import fused_linear_cross_entropy, fused_linear_logprobs
+from ..functional import fused_linear_cross_entropy, fused_linear_distill_loss, fused_linear_logprobs
 from .budget import Budget
 
 FASTALIGN_VARIANTS = {"fastalign triton": ("triton", False), "fastalign triton deterministic": ("triton", True),
@@ -39,6 +41,12 @@ def _fused_logprobs(backend: str, deterministic: bool) -> bench.VariantFactory:
 def _fused_ce(backend: str, deterministic: bool) -> bench.VariantFactory:
     return bench.fused_loss(lambda x, hidden, weight: fused_linear_cross_entropy(
         hidden, weight, x.targets, backend=backend, deterministic=deterministic))
+
+
+def _fused_distill(backend: str, deterministic: bool) -> bench.VariantFactory:
+    return bench.fused_loss(lambda x, hidden, weight: fused_linear_distill_loss(
+        hidden, weight, x.teacher_hidden, x.teacher_weight, beta=bench.DISTILL_BETA, backend=backend,
+        deterministic=deterministic))
 
 
 def _fused_loss(factory: Callable[..., bench.VariantFactory], **options) -> Callable[..., bench.VariantFactory]:
@@ -83,7 +91,7 @@ class SpeedOp:
     make_inputs: Callable[[bench.Problem], object]
     variants: dict[str, bench.VariantFactory | None]  # None: not installed here
     useful_matmuls: int
-    estimate: Callable[[dict, bool], float]  # (cost model passes' seconds, deterministic) -> seconds
+    estimate: Callable[[dict, bool], float] | None  # (cost model passes' seconds, deterministic) -> seconds
 
 
 def _forward_backward(seconds: dict, deterministic: bool) -> float:
@@ -120,6 +128,9 @@ def speed_ops() -> dict[str, SpeedOp]:
         "GRPO fwd+bwd (dapo)": SpeedOp(bench.make_grpo_inputs, {
             **fused(_fused_loss(bench.fused_grpo, loss_type="dapo")),
             "naive PyTorch": bench.naive_grpo(loss_type="dapo")}, 3, _forward_backward),
+        "distillation fwd+bwd (generalized JSD, teacher 2H)": SpeedOp(bench.make_distill_inputs, {
+            **fused(_fused_distill), "naive PyTorch": bench.naive_distill,
+            "Liger-Kernel (fused linear JSD)": bench.liger_distill if _installed("liger_kernel") else None}, 5, None),
     }
 
 
@@ -177,7 +188,7 @@ def check_speed(problem: bench.Problem, rounds: int, budget: Budget) -> dict:
                 row.update(time_variant(factory, inputs, device, rounds, budget))
                 flops = spec.useful_matmuls * 2 * problem.tokens * problem.hidden_size * problem.vocab_size
                 row["tflops"] = flops / row["seconds"] / 1e12
-                if name.startswith("fastalign triton"):
+                if name.startswith("fastalign triton") and spec.estimate is not None:
                     row["model_seconds"] = spec.estimate(passes, name.endswith("deterministic"))
             except torch.cuda.OutOfMemoryError:
                 row["error"] = "out of memory"

@@ -64,10 +64,11 @@ def divergence_block_(log_ps: Tensor, log_pt: Tensor, work: Tensor,
                       beta: float) -> tuple[Tensor, Callable[[Tensor, Tensor], Tensor]]:
     """The fused op's form of ``divergence_terms`` and of the gradient: on a block ``[C, V']`` of the global
     ``log p_s``, ``log p_t`` (as ``divergence_terms``) and ``work [3, C, V']`` whose ``work[0]``, ``work[1]`` hold
-    ``p_s``, ``p_t``, in place, allocating no ``[C, V']``: ``log_pt`` and ``work`` are overwritten, ``log_ps`` kept. Returns the block's terms ``[3, C]`` (as ``divergence_terms``)
-    and ``grads(terms, scale)``: from the rows' whole-vocabulary terms (the block's, or summed over the shards),
-    ``scale [C]`` times ``d divergence / d z_s`` ``[C, V']`` of each row (the tempered student logits ``z_s``), in
-    ``log_pt``'s storage; call it once, before ``work`` is reused.
+    ``p_s``, ``p_t``, in place, allocating no ``[C, V']``: ``log_pt`` and ``work`` are overwritten, ``log_ps`` kept.
+    Returns the block's terms ``[3, C]`` (as ``divergence_terms``) and ``grads(terms, scale)``: from the rows'
+    whole-vocabulary terms (the block's, or summed over the shards), ``scale [C]`` times ``d divergence / d z_s``
+    ``[C, V']`` of each row (the tempered student logits ``z_s``), in ``log_pt``'s storage; call it once, before
+    ``work`` is reused.
 
     The JSD's ``log m`` is ``log((1 - beta) p_s + beta p_t)`` (TRL: a logsumexp of the two weighted log-probs; the
     same within rounding), floored at the dtype's smallest normal number: where both probabilities underflow, every
