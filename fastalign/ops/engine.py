@@ -387,9 +387,8 @@ def compiled_one_pass(inputs: LinearInputs, opts: LinearOptions, loss_fn: LossFn
     """``fused_rows_loss``'s one-pass plan under ``torch.compile`` (three matmuls per row, as eager): per chunk the
     registered ``fastalign::chunk_log_probs``, the loss's gradients at the chunk's rows by ``torch.func.grad`` of
     ``loss_fn`` on them (traced, the one-pass contract of ``LossFn``), then ``fastalign::chunk_grads`` while the
-    chunk's ``log p`` lives. The loss returned is ``loss_fn`` on all rows (differentiable in the op's own tensors,
-    e.g. a value head's) plus, for ``hidden``, ``weight`` and ``bias``, a term of value 0 whose gradient is the one
-    formed in the chunks."""
+    chunk's ``log p`` lives. The loss returned is ``loss_fn`` on all rows (not differentiated, as in eager) plus,
+    for ``hidden``, ``weight`` and ``bias``, a term of value 0 whose gradient is the one formed in the chunks."""
     hidden, targets, weight, bias = inputs.hidden, inputs.targets, inputs.weight, inputs.bias
     if rows is not None:
         hidden, targets = hidden.index_select(0, rows), targets.index_select(0, rows)
@@ -408,7 +407,8 @@ def compiled_one_pass(inputs: LinearInputs, opts: LinearOptions, loss_fn: LossFn
     logprobs = torch.cat([part[0] for part in parts])
     entropy = torch.cat([part[1] for part in parts]) if spec.entropy else None
     stats = RowStats(*(None if field[0] is None else torch.cat(field) for field in zip(*(part[2] for part in parts))))
-    loss = loss_fn(RowValues(logprobs, entropy, stats))
+    with torch.no_grad():
+        loss = loss_fn(RowValues(logprobs, entropy, stats))
     grads = (torch.cat([part[3][0] for part in parts]) if need[0] else None, d_weight if need[1] else None,
              sum(part[3][1] for part in parts) if need[2] else None)
     for leaf, grad in zip((hidden, weight, bias), grads):
