@@ -203,6 +203,11 @@ def op_dpo(hidden, weight, targets, x):
     return out.loss, {**out.metrics, "logps": out.logps}
 
 
+def op_wpo(hidden, weight, targets, x):  # the lse2 statistic without the entropy: p kept scaled (p_norm)
+    out = fused_linear_dpo_loss(hidden, weight, targets, ref_logps=x["ref"].view(2, B), use_weighting=True)
+    return out.loss, {**out.metrics, "logps": out.logps}
+
+
 def op_kto(hidden, weight, targets, x):
     out = fused_linear_kto_loss(hidden, weight, targets, torch.tensor([True, False, True, True]),
                                 ref_logps=x["ref"], kl=torch.tensor(0.1))
@@ -224,7 +229,7 @@ def op_rloo(hidden, weight, targets, x):
     return out.loss, {**out.metrics, "logprobs": out.logprobs, "entropy": out.entropy, "logps": out.logps}
 
 
-OPS = [op_logprobs, op_ppo, op_grpo, op_gspo, op_dpo, op_kto, op_cpo, op_orpo, op_rloo]
+OPS = [op_logprobs, op_ppo, op_grpo, op_gspo, op_dpo, op_wpo, op_kto, op_cpo, op_orpo, op_rloo]
 
 
 def _run(fn, hidden, weight, targets, x):
