@@ -339,6 +339,7 @@ def fused_rows_loss(inputs: LinearInputs, opts: LinearOptions, loss_fn: LossFn, 
     """
     hidden, weight, bias = inputs.hidden, inputs.weight, inputs.bias
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    group_index = GroupIndex.of(coupling if coupling not in ("token", None) else groups)
     if torch.compiler.is_compiling():
         count = inputs.targets.shape[0] if rows is None else rows.shape[0]
         chunks = None
@@ -346,9 +347,7 @@ def fused_rows_loss(inputs: LinearInputs, opts: LinearOptions, loss_fn: LossFn, 
             chunks = _one_pass_chunks(count, coupling, weight.shape[0], opts)
         if chunks is None:
             return registered_rows_loss(inputs, opts, loss_fn, rows=rows, spec=spec)
-        group_rows = coupling if coupling not in ("token", None) else groups
-        return compiled_one_pass(inputs, opts, loss_fn, rows=rows, chunks=chunks, groups=GroupIndex.of(group_rows),
-                                 spec=spec)
+        return compiled_one_pass(inputs, opts, loss_fn, rows=rows, chunks=chunks, groups=group_index, spec=spec)
     targets = inputs.targets if rows is None else inputs.targets[rows]
     if not needs_grad:
         stats = lse_forward(hidden if rows is None else hidden[rows], weight, bias, targets, opts, spec=spec)
@@ -358,28 +357,29 @@ def fused_rows_loss(inputs: LinearInputs, opts: LinearOptions, loss_fn: LossFn, 
         return EngineOutput(loss, logprobs, entropy, stats)
     chunks = None
     if opts.backend == "torch" and targets.numel() > 0:
-        if coupling == "token":
-            chunks = "token"
-        elif coupling is not None:
-            width = weight.shape[0] if opts.shard is None else opts.shard.widest_shard
-            # One [rows, V] buffer: the one pass forms p in place of log p unless the entropy itself is trained
-            # (and one for the softcap's derivative).
-            chunks = whole_group_chunks(list(coupling), width, opts.chunk_size,
-                                        buffers=1 if opts.logit_softcap is None else 2)
-    group_rows = coupling if coupling not in ("token", None) else groups
-    plan = _Plan(rows, targets, loss_fn, chunks, GroupIndex.of(group_rows), spec, opts, [])
+        width = weight.shape[0] if opts.shard is None else opts.shard.widest_shard
+        chunks = "token" if coupling == "token" else _group_chunks(coupling, width, opts)
+    plan = _Plan(rows, targets, loss_fn, chunks, group_index, spec, opts, [])
     loss = _EngineLoss.apply(hidden, weight, bias, plan)
     return EngineOutput(loss, *plan.outputs)
 
 
+def _group_chunks(coupling: Coupling, width: int, opts: LinearOptions) -> list[slice] | None:
+    """The one pass's chunks of whole groups for a list ``coupling`` (vocabulary ``width`` columns), None where it
+    takes two passes (batch coupling, a group too large). One ``[rows, V]`` buffer: the one pass forms p in place of
+    log p unless the entropy itself is trained (and one for the softcap's derivative)."""
+    if coupling is None:
+        return None
+    return whole_group_chunks(list(coupling), width, opts.chunk_size, buffers=1 if opts.logit_softcap is None else 2)
+
+
 def _one_pass_chunks(count: int, coupling: Coupling, vocab_size: int, opts: LinearOptions) -> list[slice] | None:
-    """The chunks of the one-pass plan over ``count`` rows (``linear_logprobs_fused``'s for coupling ``"token"``,
-    whole groups for a list), None where it takes two passes (batch coupling, a group too large)."""
-    buffers = 1 if opts.logit_softcap is None else 2
-    if coupling == "token":
-        step = rows_per_chunk(count, vocab_size, chunk_size=opts.chunk_size, buffers=buffers)
-        return [slice(start, min(start + step, count)) for start in range(0, count, step)]
-    return None if coupling is None else whole_group_chunks(list(coupling), vocab_size, opts.chunk_size, buffers)
+    """The chunks of the compiled one-pass plan over ``count`` rows (``linear_logprobs_fused``'s for coupling
+    ``"token"``, else ``_group_chunks``)."""
+    if coupling != "token":
+        return _group_chunks(coupling, vocab_size, opts)
+    step = rows_per_chunk(count, vocab_size, chunk_size=opts.chunk_size, buffers=1 if opts.logit_softcap is None else 2)
+    return [slice(start, min(start + step, count)) for start in range(0, count, step)]
 
 
 def compiled_one_pass(inputs: LinearInputs, opts: LinearOptions, loss_fn: LossFn, *, rows: Tensor | None,
